@@ -1,0 +1,1 @@
+"""Backends: build and run quantized models (ONNX Runtime, TensorRT) and compare them."""

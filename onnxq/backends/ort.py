@@ -1,0 +1,131 @@
+"""ONNX Runtime backend: sessions, runs, latency and the integer-kernel check."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from onnxq.errors import ModelError
+
+Optimization = Literal["disable", "basic", "extended", "all"]
+
+#: ONNX Runtime ops that compute in integers (what QDQ groups fuse into on the CPU EP)
+INTEGER_OPS = frozenset(
+    {
+        "QLinearConv", "NhwcQLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
+        "MatMulInteger", "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat",
+        "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+        "QLinearSoftmax", "MatMulNBits", "QAttention", "QLinearReduceMean",
+    }
+)
+#: float compute ops that should have become integer ops in a quantized model
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm", "FusedGemm"})
+
+
+def _level(opt: Optimization):
+    import onnxruntime as ort
+
+    return {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt]
+
+
+def session_options(optimization: Optimization = "all", threads: int | None = None, optimized_path: str | None = None):
+    """SessionOptions with a given optimization level and intra-op thread count."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _level(optimization)
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return so
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike[str], optimization: Optimization = "all", threads: int | None = None, optimized_path: str | None = None):
+    """Create a CPU InferenceSession from a ModelProto or a path; errors become ModelError."""
+    import onnxruntime as ort
+
+    so = session_options(optimization, threads, optimized_path)
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() > 2**31 - 1:
+                tmp = tempfile.mkdtemp(prefix="onnxq-")
+                path = os.path.join(tmp, "model.onnx")
+                onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from None
+
+
+def optimized_op_counts(model: onnx.ModelProto | str | os.PathLike[str], optimization: Optimization = "extended") -> Counter[str]:
+    """Op types of the graph ONNX Runtime actually runs after its optimizations.
+
+    ``extended`` is used by default: it applies the QDQ fusions (QLinearConv, QGemm, ...) without
+    the platform-specific layout transforms of ``all``.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        make_session(model, optimization, optimized_path=path)
+        optimized = onnx.load(path, load_external_data=False)
+    return Counter(n.op_type for n in optimized.graph.node)
+
+
+def integer_kernel_report(model: onnx.ModelProto | str | os.PathLike[str]) -> dict[str, object]:
+    """How many compute ops ONNX Runtime runs on integer kernels vs in float."""
+    counts = optimized_op_counts(model)
+    integer = {k: v for k, v in counts.items() if k in INTEGER_OPS}
+    float_ = {k: v for k, v in counts.items() if k in FLOAT_COMPUTE_OPS}
+    return {
+        "integer_ops": integer,
+        "float_compute_ops": float_,
+        "integer_fraction": sum(integer.values()) / max(1, sum(integer.values()) + sum(float_.values())),
+        "dequantize_nodes": counts.get("DequantizeLinear", 0),
+    }
+
+
+def run(session, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Run a session; ORT errors become ModelError with one line."""
+    try:
+        return session.run(list(outputs) if outputs else None, feeds)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"ONNX Runtime failed to run the model: {msg}") from None
+
+
+def latency_ms(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray], threads: int = 1, repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall time in milliseconds of one run, after warm-up, with full optimizations."""
+    sess = make_session(model, "all", threads=threads)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def file_size(path: str | Path) -> int:
+    """Model size on disk, external data included."""
+    from onnxq.graph.model_io import model_size_bytes
+
+    return model_size_bytes(path)

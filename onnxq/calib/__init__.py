@@ -1,0 +1,1 @@
+"""Calibration layer: data readers, feed validation, streaming statistics and their cache."""

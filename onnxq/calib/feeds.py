@@ -1,0 +1,117 @@
+"""Validate reader output against the model's inputs and re-batch it.
+
+Every batch is checked before ONNX Runtime sees it, so a mismatch is a one-line error naming the
+input and the data file instead of an ORT stack trace: missing/unknown input names, dtype, rank,
+static dimensions, and NaN/Inf values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxq.calib.readers import Batch, InputSpec
+from onnxq.errors import DataError
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs are excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        specs.append(InputSpec(vi.name, dtype, tuple(dims)))
+    return specs
+
+
+def validate_batch(batch: Batch, inputs: list[InputSpec]) -> Batch:
+    """Check one batch against the model's inputs; raise :class:`DataError` naming the problem."""
+    where = f" in {batch.source}" if batch.source else ""
+    names = {i.name for i in inputs}
+    missing = [n for n in names if n not in batch.feeds]
+    if missing:
+        raise DataError(f"data{where} has no value for model input '{missing[0]}' (it has: {', '.join(sorted(batch.feeds)) or 'nothing'})")
+    unknown = [k for k in batch.feeds if k not in names]
+    if unknown:
+        raise DataError(f"data{where} has '{unknown[0]}', which is not a model input (inputs: {', '.join(sorted(names))})")
+    n = None
+    for spec in inputs:
+        arr = batch.feeds[spec.name]
+        if not isinstance(arr, np.ndarray):
+            arr = np.asarray(arr)
+            batch.feeds[spec.name] = arr
+        if arr.dtype != spec.dtype:
+            raise DataError(f"input '{spec.name}'{where} has dtype {arr.dtype}, the model expects {spec.dtype}")
+        if spec.shape and arr.ndim != len(spec.shape):
+            raise DataError(f"input '{spec.name}'{where} has shape {list(arr.shape)}, the model expects rank {len(spec.shape)} {_fmt(spec.shape)}")
+        for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise DataError(f"input '{spec.name}'{where} has shape {list(arr.shape)}, the model expects {_fmt(spec.shape)} (axis {axis})")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            bad = "NaN" if np.isnan(arr).any() else "Inf"
+            raise DataError(f"input '{spec.name}'{where} contains {bad} values")
+        if arr.ndim:
+            n = arr.shape[0] if n is None else n
+    if batch.labels is not None and n is not None and len(batch.labels) != n:
+        raise DataError(f"data{where} has {len(batch.labels)} labels for {n} samples")
+    return batch
+
+
+def _fmt(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def batch_is_dynamic(inputs: list[InputSpec]) -> bool:
+    """True if every input has a non-static leading (batch) dimension."""
+    return all(s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in inputs)
+
+
+def rebatch(batches: Iterable[Batch], inputs: list[InputSpec], batch_size: int) -> Iterator[Batch]:
+    """Validate every batch, then regroup samples into batches of ``batch_size``.
+
+    Models with a static batch dimension keep the reader's batches as they are. Samples of
+    different shapes (variable-length inputs) are never concatenated together.
+    """
+    dynamic = batch_is_dynamic(inputs)
+    pending: list[Batch] = []
+    count = 0
+
+    def flush() -> Batch:
+        feeds = {k: np.concatenate([b.feeds[k] for b in pending]) for k in pending[0].feeds}
+        labels = None
+        if all(b.labels is not None for b in pending):
+            labels = np.concatenate([b.labels for b in pending])  # type: ignore[misc]
+        return Batch(feeds, labels, pending[0].source)
+
+    for raw in batches:
+        b = validate_batch(raw, inputs)
+        if not dynamic:
+            yield b
+            continue
+        size = next(iter(b.feeds.values())).shape[0] if b.feeds else 1
+        for start in range(0, size, batch_size):
+            piece = Batch({k: v[start : start + batch_size] for k, v in b.feeds.items()},
+                          b.labels[start : start + batch_size] if b.labels is not None else None, b.source)
+            if pending and any(piece.feeds[k].shape[1:] != pending[0].feeds[k].shape[1:] for k in piece.feeds):
+                yield flush()
+                pending, count = [], 0
+            pending.append(piece)
+            count += next(iter(piece.feeds.values())).shape[0]
+            while count >= batch_size:
+                merged = flush()
+                head = Batch({k: v[:batch_size] for k, v in merged.feeds.items()}, merged.labels[:batch_size] if merged.labels is not None else None, merged.source)
+                rest_n = count - batch_size
+                pending = [Batch({k: v[batch_size:] for k, v in merged.feeds.items()}, merged.labels[batch_size:] if merged.labels is not None else None, merged.source)] if rest_n else []
+                count = rest_n
+                yield head
+    if pending and count:
+        yield flush()

@@ -1,0 +1,337 @@
+"""Data readers: where calibration and evaluation feeds come from.
+
+A reader yields :class:`Batch` objects: a dict of model inputs (each array with the batch on
+axis 0) and optional labels. Built-in readers (registered through the ``register_data_readers``
+hook like any plugin's):
+
+* ``npz``    — a folder of ``.npz``/``.npy`` files or one such file; keys are input names, a key
+  named ``label``/``labels`` that is not a model input holds labels; a ``.npy`` file feeds a
+  single-input model;
+* ``images`` — a folder of images (subfolders named by class index give labels), with resize,
+  mean/std, layout and colour options;
+* ``python`` — ``module:function`` (or ``path/file.py:function``) returning an iterable of feed
+  dicts (or of ``(feeds, labels)`` pairs);
+* ``random`` — random feeds for smoke runs only (warns: scales from random data are meaningless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from onnxq.errors import DataError
+from onnxq.options import NoOptions, option
+
+log = logging.getLogger(__name__)
+
+LABEL_KEYS = ("label", "labels")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class Batch:
+    """Model inputs (batch on axis 0) and optional integer labels, with where they came from."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects for one input."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+class DataReader:
+    """Base class of data readers. Subclasses set ``name``, ``summary`` and ``Options``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, spec: str, options: Any, inputs: list[InputSpec]) -> None:
+        self.spec = spec
+        self.options = options
+        self.inputs = inputs
+
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        """True if this reader understands ``spec`` (used when no reader is named)."""
+        return False
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str | None:
+        """A string that changes whenever the data changes (for the statistics cache), or None."""
+        return None
+
+
+def _files_fingerprint(files: list[Path], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _split_labels(arrays: Mapping[str, np.ndarray], input_names: set[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    feeds, labels = {}, None
+    for k, v in arrays.items():
+        if k in input_names:
+            feeds[k] = v
+        elif k in LABEL_KEYS:
+            labels = np.asarray(v).reshape(-1)
+        else:
+            feeds[k] = v  # left for validation to report as an unknown input
+    return feeds, labels
+
+
+class NpzReader(DataReader):
+    """Folder of .npz/.npy files (sorted by name) or a single file."""
+
+    name = "npz"
+    summary = "folder of .npz/.npy feeds keyed by input name (a 'label' key holds labels)"
+
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        p = Path(spec)
+        if p.is_file():
+            return p.suffix in (".npz", ".npy")
+        return p.is_dir() and any(f.suffix in (".npz", ".npy") for f in p.iterdir())
+
+    def files(self) -> list[Path]:
+        p = Path(self.spec)
+        if not p.exists():
+            raise DataError(f"data path '{p}' does not exist")
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in (".npz", ".npy"))
+        if not files:
+            raise DataError(f"no .npz or .npy files in '{p}'")
+        return files
+
+    def __iter__(self) -> Iterator[Batch]:
+        names = {i.name for i in self.inputs}
+        for f in self.files():
+            try:
+                if f.suffix == ".npy":
+                    if len(self.inputs) != 1:
+                        raise DataError(f"'{f.name}' is a .npy file but the model has {len(self.inputs)} inputs; use .npz keyed by input name")
+                    arrays = {self.inputs[0].name: np.load(f, allow_pickle=False)}
+                else:
+                    with np.load(f, allow_pickle=False) as z:
+                        arrays = {k: z[k] for k in z.files}
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"cannot read data file '{f}': {type(exc).__name__}: {exc}") from None
+            feeds, labels = _split_labels(arrays, names)
+            yield Batch(feeds, labels, source=f.name)
+
+    def fingerprint(self) -> str | None:
+        return _files_fingerprint(self.files(), "npz")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Preprocessing for the images reader."""
+
+    size: str = option("", "resize to HxW (e.g. 224x224); default: the model's static input size")
+    mean: tuple[float, ...] = option((0.0,), "per-channel mean subtracted after scaling to [0,1] (one value or one per channel)")
+    std: tuple[float, ...] = option((1.0,), "per-channel std divided by after the mean")
+    layout: Literal["nchw", "nhwc"] = option("nchw", "input layout")
+    color: Literal["rgb", "bgr", "gray"] = option("rgb", "colour order (gray: one channel)")
+    batch: int = option(16, "images per batch")
+
+    def validate(self) -> None:
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+
+
+class ImageFolderReader(DataReader):
+    """Folder of images; subfolders named by integer class give labels."""
+
+    name = "images"
+    summary = "folder of images (class subfolders give labels) with resize/mean/std/layout options"
+    Options = ImageOptions
+
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        p = Path(spec)
+        return p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*"))
+
+    def files(self) -> list[Path]:
+        p = Path(self.spec)
+        if not p.is_dir():
+            raise DataError(f"image folder '{p}' does not exist")
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"no images in '{p}'")
+        return files
+
+    def _size(self) -> tuple[int, int]:
+        o = self.options
+        if o.size:
+            try:
+                h, w = (int(v) for v in o.size.lower().split("x"))
+                return h, w
+            except ValueError:
+                raise DataError(f"image size '{o.size}' is not HxW") from None
+        shape = self.inputs[0].shape
+        hw = shape[2:4] if o.layout == "nchw" else shape[1:3]
+        if len(hw) == 2 and all(isinstance(d, int) for d in hw):
+            return int(hw[0]), int(hw[1])
+        raise DataError("the model's image size is dynamic; give it with --data-opt size=HxW")
+
+    def __iter__(self) -> Iterator[Batch]:
+        from PIL import Image
+
+        if len(self.inputs) != 1:
+            raise DataError(f"the images reader feeds single-input models; this model has {len(self.inputs)} inputs")
+        o = self.options
+        h, w = self._size()
+        files = self.files()
+        root = Path(self.spec)
+        for start in range(0, len(files), o.batch):
+            chunk = files[start : start + o.batch]
+            arrays, labels = [], []
+            for f in chunk:
+                try:
+                    with Image.open(f) as im:
+                        im = im.convert("L" if o.color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
+                        a = np.asarray(im, dtype=np.float32) / 255.0
+                except Exception as exc:
+                    raise DataError(f"cannot read image '{f}': {exc}") from None
+                if a.ndim == 2:
+                    a = a[:, :, None]
+                if o.color == "bgr":
+                    a = a[:, :, ::-1]
+                a = (a - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
+                arrays.append(a.transpose(2, 0, 1) if o.layout == "nchw" else a)
+                rel = f.relative_to(root).parts
+                labels.append(int(rel[0]) if len(rel) > 1 and rel[0].isdigit() else -1)
+            lab = np.asarray(labels, np.int64)
+            batch = np.stack(arrays).astype(self.inputs[0].dtype)
+            yield Batch({self.inputs[0].name: batch}, lab if (lab >= 0).all() else None, source=chunk[0].name)
+
+    def fingerprint(self) -> str | None:
+        return _files_fingerprint(self.files(), f"images:{self.options}")
+
+
+class PythonReader(DataReader):
+    """``module:function`` or ``file.py:function`` returning an iterable of feeds."""
+
+    name = "python"
+    summary = "module:function (or file.py:function) yielding feed dicts or (feeds, labels) pairs"
+
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        if ":" not in spec or Path(spec).exists():
+            return False
+        mod, _, func = spec.rpartition(":")
+        return bool(mod) and func.isidentifier()
+
+    def _function(self):
+        mod_name, _, func_name = self.spec.rpartition(":")
+        try:
+            if mod_name.endswith(".py"):
+                path = Path(mod_name)
+                if not path.is_file():
+                    raise DataError(f"data script '{path}' does not exist")
+                spec = importlib.util.spec_from_file_location(f"onnxq_data_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            else:
+                if os.getcwd() not in sys.path:
+                    sys.path.insert(0, os.getcwd())
+                module = importlib.import_module(mod_name)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"cannot import data module '{mod_name}': {type(exc).__name__}: {exc}") from None
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise DataError(f"'{mod_name}' has no function '{func_name}'")
+        return func
+
+    def __iter__(self) -> Iterator[Batch]:
+        names = {i.name for i in self.inputs}
+        try:
+            items = self._function()()
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"data function '{self.spec}' failed: {type(exc).__name__}: {exc}") from None
+        for k, item in enumerate(items):
+            labels = None
+            if isinstance(item, tuple) and len(item) == 2:
+                item, labels = item
+            if not isinstance(item, Mapping):
+                raise DataError(f"data function '{self.spec}' yielded a {type(item).__name__} at item {k}; expected a dict of input arrays")
+            feeds, extra = _split_labels({n: np.asarray(v) for n, v in item.items()}, names)
+            yield Batch(feeds, np.asarray(labels).reshape(-1) if labels is not None else extra, source=f"item {k}")
+
+
+@dataclass(frozen=True)
+class RandomOptions:
+    """Options of the random reader."""
+
+    samples: int = option(32, "number of random samples")
+    seed: int = option(0, "random seed")
+    batch: int = option(8, "samples per batch")
+
+
+class RandomReader(DataReader):
+    """Random normal float inputs / small integers; for smoke runs only."""
+
+    name = "random"
+    summary = "random feeds for smoke runs only (scales from random data are not meaningful)"
+    Options = RandomOptions
+
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        return spec == "random" or spec.startswith("random:")
+
+    def __iter__(self) -> Iterator[Batch]:
+        log.warning("calibrating on random data: the scales will not suit real inputs (smoke runs only)")
+        o = self.options
+        n = o.samples
+        if self.spec.startswith("random:"):
+            try:
+                n = int(self.spec.split(":", 1)[1])
+            except ValueError:
+                raise DataError(f"'{self.spec}': expected random:N") from None
+        rng = np.random.default_rng(o.seed)
+        for start in range(0, n, o.batch):
+            b = min(o.batch, n - start)
+            feeds = {}
+            for spec in self.inputs:
+                shape = [b] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+                if spec.dtype.kind == "f":
+                    feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                elif spec.dtype.kind == "b":
+                    feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+                else:
+                    feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
+            yield Batch(feeds, None, source=f"random batch {start // o.batch}")
+
+    def fingerprint(self) -> str | None:
+        return f"random:{self.spec}:{self.options}"
+
+
+BUILTIN_READERS: tuple[type[DataReader], ...] = (NpzReader, ImageFolderReader, PythonReader, RandomReader)

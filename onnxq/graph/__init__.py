@@ -1,0 +1,1 @@
+"""Graph layer: loading and saving models, preparation, placement and QDQ rewriting."""

@@ -1,0 +1,242 @@
+"""Choose where Q/DQ pairs go, from the graph and the target profile (methods.md §0.3).
+
+Rules, in order:
+1. Weighted ops (Conv, ConvTranspose, Gemm, MatMul): every float activation input gets a Q/DQ
+   pair; a constant weight becomes integers + DequantizeLinear (per output channel).
+2. Profiles with ``quantize_outputs`` (ONNX Runtime) also quantize the outputs of quantized ops,
+   folding a sole following Relu into the quantized tensor when the grid is asymmetric (ORT then
+   drops the Relu and runs QLinearConv); ``extra_ops`` (Add, Concat, pooling...) get Q/DQ on float
+   inputs and outputs so ORT can keep whole int8 islands.
+3. ``residual_add`` (TensorRT): the non-conv input of an Add fed by a weighted op is quantized so
+   Conv+Add fuses.
+4. Scale-preserving ops (MaxPool, Reshape, ...) between two quantized tensors share one scale; so do
+   Concat inputs under ``share_concat_scales``.
+Graph outputs are never replaced: a Q/DQ pair feeds the consumers, the output name stays float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.graph.plan import Layer, QuantPlan, WeightSite
+from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
+from onnxq.graph.prepare import tensor_types
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+RELU_LIKE = {"Relu", "Clip"}
+
+
+class GraphIndex:
+    """Producer/consumer lookups over a graph (node names must be unique and non-empty)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.nodes = {n.name: n for n in g.node}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for n in g.node:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for i, name in enumerate(n.input):
+                if name:
+                    self.consumers[name].append((n, i))
+        self.initializers = {t.name: t for t in g.initializer}
+        self.constants = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+        self.graph_inputs = {i.name for i in g.input} - set(self.initializers)
+        self.graph_outputs = {o.name for o in g.output}
+        self.types = tensor_types(model)
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constants
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.constants.get(name)
+        if node is not None:
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def is_float(self, name: str) -> bool:
+        """Known float tensor; unknown types count as float (weighted-op inputs in a float model)."""
+        t = self.types.get(name)
+        return t is None or t in FLOAT_TYPES
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        cons = self.consumers.get(name, [])
+        if len(cons) == 1 and name not in self.graph_outputs:
+            return cons[0][0]
+        return None
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique, non-empty name (placement and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        n.name = name
+        seen.add(name)
+
+
+def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
+    """The output-channel axis of a weight input, or None if it is not a weight slot."""
+    if node.op_type == "Conv" and index == 1:
+        return 0
+    if node.op_type == "ConvTranspose" and index == 1:
+        return 1
+    if node.op_type == "Gemm" and index == 1:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul" and index == 1 and rank >= 2:
+        return rank - 1
+    return None
+
+
+def _matches(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(node.name, p) or node.op_type == p for p in patterns)
+
+
+def _objective_tensor(idx: GraphIndex, output: str) -> str:
+    nxt = idx.sole_consumer(output)
+    if nxt is not None and nxt.op_type in RELU_LIKE | {"LeakyRelu"}:
+        return nxt.output[0]
+    return output
+
+
+def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable[str] = ()) -> QuantPlan:
+    """Place Q/DQ sites for ``profile``. ``exclude`` holds node-name globs or op types kept in float."""
+    exclude = tuple(exclude)
+    idx = GraphIndex(model)
+    plan = QuantPlan(profile)
+
+    def quantizable_activation(name: str) -> bool:
+        return bool(name) and not idx.is_constant(name) and idx.is_float(name)
+
+    def add_input_site(node: onnx.NodeProto, i: int, reason: str) -> None:
+        name = node.input[i]
+        if quantizable_activation(name):
+            # one shared pair: every consumer that is itself quantized reads the DQ output
+            plan.add_activation(name, [(node.name, i)], reason)
+
+    # 1. weighted ops
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        if _matches(node, exclude):
+            plan.skipped.append((node.name, "excluded by the user"))
+            continue
+        w_index = 1 if len(node.input) > 1 else None
+        weight_name = None
+        if node.op_type == "Gemm" and idx.is_constant(node.input[0]):
+            plan.skipped.append((node.name, "Gemm with a constant A input"))
+            continue
+        if w_index is not None and idx.is_constant(node.input[w_index]):
+            value = idx.constant_value(node.input[w_index])
+            if value is None or value.dtype.kind != "f":
+                plan.skipped.append((node.name, "weight is not a float constant"))
+                continue
+            axis = weight_axis(node, w_index, value.ndim)
+            if node.op_type == "Gemm" and value.ndim != 2:
+                axis = None
+            weight_name = node.input[w_index]
+            prior = plan.weights.get(weight_name)
+            if prior is not None and prior.axis != axis:
+                plan.skipped.append((node.name, f"weight '{weight_name}' is shared with '{prior.node}' on another axis"))
+                continue
+            if prior is None:
+                plan.weights[weight_name] = WeightSite(weight_name, node.name, w_index, axis)
+        act_inputs = [i for i in range(min(len(node.input), 2)) if node.input[i] and not idx.is_constant(node.input[i])]
+        if not act_inputs:
+            continue
+        for i in act_inputs:
+            add_input_site(node, i, f"input of {node.op_type} '{node.name}'")
+        plan.layers.append(
+            Layer(node.name, node.op_type, tuple(node.input[i] for i in act_inputs), weight_name, node.output[0], _objective_tensor(idx, node.output[0]))
+        )
+
+    quantized_nodes = {layer.node for layer in plan.layers}
+
+    # 2. extra ops (ORT int8 islands) — inputs
+    if profile.extra_ops:
+        for node in model.graph.node:
+            if node.op_type in profile.extra_ops and not _matches(node, exclude):
+                float_inputs = [i for i, n in enumerate(node.input) if quantizable_activation(n)]
+                if not float_inputs:
+                    continue
+                for i in float_inputs:
+                    add_input_site(node, i, f"input of {node.op_type} '{node.name}'")
+                quantized_nodes.add(node.name)
+
+    # 2b. outputs of quantized ops (ORT): fold a sole Relu when the grid is asymmetric
+    if profile.quantize_outputs:
+        for name in list(quantized_nodes):
+            node = idx.nodes[name]
+            if node.op_type in SCALE_PRESERVING_OPS:
+                continue
+            out = node.output[0]
+            target = out
+            nxt = idx.sole_consumer(out)
+            if nxt is not None and nxt.op_type == "Relu" and not profile.activation_signed:
+                target = nxt.output[0]
+            if target in idx.graph_outputs or not quantizable_activation(target):
+                continue
+            consumers = [(c.name, i) for c, i in idx.consumers.get(target, [])]
+            if consumers:
+                plan.add_activation(target, consumers, f"output of {node.op_type} '{node.name}'")
+
+    # 3. residual Add (TensorRT)
+    if profile.residual_add:
+        for node in model.graph.node:
+            if node.op_type != "Add" or len(node.input) != 2 or _matches(node, exclude):
+                continue
+            prods = [idx.producer.get(n) for n in node.input]
+            from_weighted = [p is not None and p.name in quantized_nodes and p.op_type in WEIGHTED_OPS for p in prods]
+            if any(from_weighted) and not all(from_weighted):
+                other = from_weighted.index(False)
+                add_input_site(node, other, f"residual input of Add '{node.name}'")
+
+    # 4. shared scales: scale-preserving ops between quantized tensors, and Concat inputs
+    sites = plan.activations
+    for node in model.graph.node:
+        if node.op_type in SCALE_PRESERVING_OPS and node.input and node.input[0] in sites and node.output[0] in sites:
+            plan.share_groups.append([node.input[0], node.output[0]])
+        if node.op_type == "Concat" and profile.share_concat_scales:
+            members = [n for n in node.input if n in sites]
+            if node.output[0] in sites:
+                members.append(node.output[0])
+            if len(members) >= 2:
+                plan.share_groups.append(members)
+    plan.share_groups = _merge_groups(plan.share_groups)
+    return plan
+
+
+def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
+    """Union-find merge of overlapping share groups."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for g in groups:
+        for m in g[1:]:
+            parent[find(m)] = find(g[0])
+    merged: dict[str, list[str]] = defaultdict(list)
+    for x in list(parent):
+        merged[find(x)].append(x)
+    return [sorted(v) for v in merged.values() if len(v) > 1]

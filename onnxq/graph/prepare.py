@@ -1,0 +1,92 @@
+"""Prepare a float model for quantization: shapes and opset.
+
+Shape inference never aborts the run: ONNX's strict inference is tried first, then the lenient
+mode, and where both fail onnxq keeps going with what the model already declares (ONNX
+Runtime's ``quant_pre_process`` fails outright on many real models). Tensor types that are still
+unknown are filled in later by running the model (see :func:`onnxq.calib.statistics`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+from onnx import version_converter
+
+from onnxq.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: per-channel DequantizeLinear (``axis``) needs opset 13.
+MIN_QDQ_OPSET = 13
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset for the default ONNX domain."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """Return the model with inferred shapes and a word on how inference went.
+
+    The status is ``"full"``, ``"partial"`` (lenient mode) or ``"none"`` (kept the declared shapes).
+    """
+    if model.ByteSize() > 2**31 - 1:
+        log.info("model over 2 GB: skipping in-memory shape inference")
+        return model, "none"
+    for strict, status in ((True, "full"), (False, "partial")):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=strict, data_prop=True)
+            return inferred, status
+        except Exception as exc:  # inference errors come in many types
+            log.info("shape inference (strict=%s) failed: %s", strict, str(exc).splitlines()[0] if str(exc) else exc)
+    return model, "none"
+
+
+def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
+    """Convert the model to at least opset ``minimum`` (no-op if already there)."""
+    current = default_opset(model)
+    if current >= minimum:
+        return model
+    try:
+        converted = version_converter.convert_version(model, minimum)
+    except Exception as exc:
+        raise ModelError(f"cannot upgrade the model from opset {current} to {minimum}, which quantized output needs: {exc}") from None
+    log.info("upgraded opset %d -> %d", current, minimum)
+    return converted
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type is known (inputs, outputs, value_info, initializers)."""
+    types: dict[str, int] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Shape of every tensor with a known rank: ints for static dims, names or None for dynamic."""
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims: list[int | str | None] = []
+            for d in tt.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(d.dim_value)
+                elif d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
+            shapes[vi.name] = tuple(dims)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes

@@ -1,0 +1,238 @@
+"""QDQ rewriting: methods emit commands, one transformer applies them.
+
+Commands are plain data. :func:`apply_commands` checks them for conflicts (two methods quantizing
+one tensor differently is an error naming both), inserts QuantizeLinear/DequantizeLinear (and a
+Clip where the integer range is narrower than the container, e.g. INT7), rewires consumers,
+drops float weights nobody uses any more, and topologically sorts the result.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.errors import PlanConflictError
+from onnxq.graph.plan import QuantPlan
+from onnxq.qparams import QParams
+
+_ONNX_DTYPE = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
+
+
+@dataclass(frozen=True)
+class QuantizeActivation:
+    """Insert (Clip →) QuantizeLinear → DequantizeLinear on ``tensor`` for ``consumers``."""
+
+    tensor: str
+    qparams: QParams
+    consumers: tuple[tuple[str, int], ...]
+    origin: str = "onnxq"
+
+
+@dataclass(frozen=True)
+class QuantizeWeight:
+    """Replace a float constant by integers + DequantizeLinear for ``consumers``."""
+
+    initializer: str
+    qparams: QParams
+    consumers: tuple[tuple[str, int], ...]
+    origin: str = "onnxq"
+
+
+Command = QuantizeActivation | QuantizeWeight
+
+
+def _same(a: QParams, b: QParams) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.axis == b.axis
+        and (a.qmin, a.qmax) == (b.qmin, b.qmax)
+        and a.scale.shape == b.scale.shape
+        and np.array_equal(a.scale, b.scale)
+        and np.array_equal(a.zero_point, b.zero_point)
+    )
+
+
+def commands_from_plan(plan: QuantPlan, origin: str) -> list[Command]:
+    """Turn a finished plan (every site has qparams) into rewrite commands."""
+    cmds: list[Command] = []
+    for site in plan.activations.values():
+        if site.qparams is None:
+            raise ValueError(f"activation '{site.tensor}' has no qparams")
+        cmds.append(QuantizeActivation(site.tensor, site.qparams, tuple(site.consumers), origin))
+    consumers: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for site in plan.weights.values():
+        consumers[site.initializer].append((site.node, site.input_index))
+    for site in plan.weights.values():
+        if site.qparams is None:
+            raise ValueError(f"weight '{site.initializer}' has no qparams")
+        cmds.append(QuantizeWeight(site.initializer, site.qparams, tuple(consumers[site.initializer]), origin))
+    return cmds
+
+
+def _merge(commands: list[Command]) -> list[Command]:
+    by_tensor: dict[tuple[type, str], Command] = {}
+    order: list[tuple[type, str]] = []
+    for c in commands:
+        key = (type(c), c.tensor if isinstance(c, QuantizeActivation) else c.initializer)
+        prior = by_tensor.get(key)
+        if prior is None:
+            by_tensor[key] = c
+            order.append(key)
+            continue
+        if not _same(prior.qparams, c.qparams):
+            raise PlanConflictError(
+                f"'{key[1]}' is quantized differently by '{prior.origin}' and '{c.origin}'; drop one of them or exclude the tensor from one"
+            )
+        merged = tuple(dict.fromkeys(prior.consumers + c.consumers))
+        by_tensor[key] = type(prior)(key[1], prior.qparams, merged, prior.origin)  # type: ignore[arg-type]
+    return [by_tensor[k] for k in order]
+
+
+def _qparam_initializers(base: str, q: QParams) -> list[onnx.TensorProto]:
+    scale = numpy_helper.from_array(np.asarray(q.scale, np.float32), f"{base}_scale")
+    zp_values = np.asarray(q.zero_point)
+    if q.dtype in ("int4", "uint4"):
+        zp = helper.make_tensor(f"{base}_zero_point", _ONNX_DTYPE[q.dtype], list(zp_values.shape), zp_values.astype(np.int32).ravel().tolist())
+    else:
+        zp = numpy_helper.from_array(zp_values.astype(q.np_dtype), f"{base}_zero_point")
+    return [scale, zp]
+
+
+def _axis_attrs(q: QParams) -> dict[str, int]:
+    return {"axis": int(q.axis)} if q.axis is not None and q.scale.ndim == 1 else {}
+
+
+def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.ModelProto:
+    """Return a copy of ``model`` with every command applied (the input is not modified)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes_by_name = {n.name: n for n in g.node}
+    inits = {t.name: t for t in g.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    used = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+
+    def fresh(name: str) -> str:
+        candidate, k = name, 1
+        while candidate in used:
+            candidate = f"{name}_{k}"
+            k += 1
+        used.add(candidate)
+        return candidate
+
+    def rewire(consumers: tuple[tuple[str, int], ...], old: str, new: str) -> None:
+        for node_name, idx in consumers:
+            node = nodes_by_name.get(node_name)
+            if node is None or idx >= len(node.input) or node.input[idx] != old:
+                raise PlanConflictError(f"rewrite target {node_name}[{idx}] does not read '{old}' any more")
+            node.input[idx] = new
+
+    for cmd in _merge(commands):
+        q = cmd.qparams
+        if isinstance(cmd, QuantizeActivation):
+            base = fresh(f"{cmd.tensor}_q")
+            new_inits += _qparam_initializers(base, q)
+            src = cmd.tensor
+            if q.narrowed:
+                lo, hi = q.real_range()
+                clipped = fresh(f"{cmd.tensor}_clipped")
+                new_inits += [numpy_helper.from_array(np.float32(lo), f"{base}_clip_min"), numpy_helper.from_array(np.float32(hi), f"{base}_clip_max")]
+                new_nodes.append(helper.make_node("Clip", [src, f"{base}_clip_min", f"{base}_clip_max"], [clipped], name=fresh(f"{base}/Clip")))
+                src = clipped
+            qname, dqname = fresh(f"{cmd.tensor}_quantized"), fresh(f"{cmd.tensor}_dequantized")
+            new_nodes.append(helper.make_node("QuantizeLinear", [src, f"{base}_scale", f"{base}_zero_point"], [qname], name=fresh(f"{base}/QuantizeLinear"), **_axis_attrs(q)))
+            new_nodes.append(helper.make_node("DequantizeLinear", [qname, f"{base}_scale", f"{base}_zero_point"], [dqname], name=fresh(f"{base}/DequantizeLinear"), **_axis_attrs(q)))
+            rewire(cmd.consumers, cmd.tensor, dqname)
+        else:
+            init = inits.get(cmd.initializer)
+            if init is None:
+                raise PlanConflictError(f"weight '{cmd.initializer}' is not an initializer")
+            value = numpy_helper.to_array(init)
+            ints = q.quantize(value)
+            base = fresh(f"{cmd.initializer}_q")
+            qname = fresh(f"{cmd.initializer}_quantized")
+            if q.dtype in ("int4", "uint4"):
+                new_inits.append(helper.make_tensor(qname, _ONNX_DTYPE[q.dtype], list(ints.shape), ints.astype(np.int32).ravel().tolist()))
+            else:
+                new_inits.append(numpy_helper.from_array(ints, qname))
+            new_inits += _qparam_initializers(base, q)
+            dqname = fresh(f"{cmd.initializer}_dequantized")
+            new_nodes.append(helper.make_node("DequantizeLinear", [qname, f"{base}_scale", f"{base}_zero_point"], [dqname], name=fresh(f"{base}/DequantizeLinear"), **_axis_attrs(q)))
+            rewire(cmd.consumers, cmd.initializer, dqname)
+
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    _drop_unused_initializers(g)
+    _toposort(g)
+    return out
+
+
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for sub in (n for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)):
+        read |= _subgraph_reads(sub)
+    keep = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    inputs = [i for i in g.input if i.name in read or i.name not in {t.name for t in keep} and not _was_initializer(i.name, g)]
+    if len(inputs) != len(g.input):
+        del g.input[:]
+        g.input.extend(inputs)
+
+
+def _was_initializer(name: str, g: onnx.GraphProto) -> bool:
+    return False
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sg in graphs:
+            for n in sg.node:
+                names.update(n.input)
+                if any(x.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for x in n.attribute):
+                    names |= _subgraph_reads(n)
+    return names
+
+
+def _toposort(g: onnx.GraphProto) -> None:
+    """Stable Kahn sort of ``g.node`` by tensor dependencies (subgraph reads included)."""
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps: list[set[int]] = []
+    for n in nodes:
+        reads = set(n.input)
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            reads |= _subgraph_reads(n)
+        deps.append({producer[r] for r in reads if r in producer})
+    users: dict[int, list[int]] = defaultdict(list)
+    indeg = [0] * len(nodes)
+    for i, d in enumerate(deps):
+        d.discard(i)
+        indeg[i] = len(d)
+        for j in d:
+            users[j].append(i)
+    ready = deque(i for i in range(len(nodes)) if indeg[i] == 0)
+    order: list[int] = []
+    import heapq
+
+    heap = list(ready)
+    heapq.heapify(heap)
+    while heap:
+        i = heapq.heappop(heap)
+        order.append(i)
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(heap, u)
+    if len(order) != len(nodes):
+        raise PlanConflictError("the rewritten graph has a cycle")
+    sorted_nodes = [nodes[i] for i in order]
+    del g.node[:]
+    g.node.extend(sorted_nodes)

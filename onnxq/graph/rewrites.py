@@ -1,0 +1,71 @@
+"""Output-preserving float rewrites the host applies for a target before placement."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.graph.placement import GraphIndex
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def gemm_outputs_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Rewrite ``Gemm(A, B_const[, c])`` whose output is a graph output as ``MatMul`` (+ ``Add``).
+
+    ONNX Runtime fuses a quantized Gemm only when its output is quantized too (QGemm), which would
+    put the model's final outputs on an 8-bit grid; a quantized MatMul with a float output runs as
+    MatMulIntegerToFloat instead, keeping the outputs in float. Only plain Gemms (alpha = beta = 1,
+    no transA, constant B, 1-D or absent C) are rewritten. Returns the model and the rewritten names.
+    """
+    idx = GraphIndex(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    changed: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        ok = (
+            node.op_type == "Gemm"
+            and node.output[0] in idx.graph_outputs
+            and _attr(node, "alpha", 1.0) == 1.0
+            and _attr(node, "beta", 1.0) == 1.0
+            and not _attr(node, "transA", 0)
+            and len(node.input) >= 2
+            and node.input[1] in inits
+        )
+        bias = None
+        if ok and len(node.input) > 2 and node.input[2]:
+            bias = idx.constant_value(node.input[2])
+            ok = bias is not None and bias.ndim <= 1
+        if not ok:
+            new_nodes.append(node)
+            continue
+        b = numpy_helper.to_array(inits[node.input[1]])
+        if _attr(node, "transB", 0):
+            b = np.ascontiguousarray(b.T)
+        w_name = f"{node.input[1]}_matmul"
+        g.initializer.append(numpy_helper.from_array(b, w_name))
+        y = node.output[0]
+        if bias is None:
+            new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [y], name=node.name))
+        else:
+            mid = f"{y}_matmul"
+            new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mid], name=node.name))
+            new_nodes.append(helper.make_node("Add", [mid, node.input[2]], [y], name=f"{node.name}_bias"))
+        changed.append(node.name)
+    if changed:
+        del g.node[:]
+        g.node.extend(new_nodes)
+        used = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return out, changed

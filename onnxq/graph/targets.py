@@ -1,0 +1,109 @@
+"""Target profiles: the constraints a backend publishes and methods read (design.md §2).
+
+A profile says which integer types, symmetry and placement the deployed runtime needs. Methods
+and the placement pass read the profile instead of branching on backend names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from onnxq import qparams as qp
+from onnxq.errors import OptionError
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+#: ops whose output is its input rearranged or subsampled: input and output share one scale so
+#: runtimes can drop the Q/DQ pair around them (ORT "drop QDQ", TensorRT Q/DQ propagation).
+SCALE_PRESERVING_OPS = frozenset(
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Resize", "Split", "DepthToSpace", "SpaceToDepth"}
+)
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """Quantization constraints of one deployment target."""
+
+    name: str
+    bits: int = 8
+    #: activation storage: signed symmetric (zero point 0) or unsigned asymmetric
+    activation_signed: bool = True
+    weight_narrow: bool = True
+    weight_per_channel: bool = True
+    #: quantize the outputs of quantized ops too (ORT needs Q after Conv to run QLinearConv)
+    quantize_outputs: bool = False
+    #: ops besides the weighted ones whose float activation inputs/outputs are quantized
+    extra_ops: frozenset[str] = field(default_factory=frozenset)
+    #: quantize the non-conv input of a residual Add (TensorRT Conv+Add fusion)
+    residual_add: bool = False
+    #: all quantized inputs of a Concat share one scale
+    share_concat_scales: bool = False
+    #: int32 bias DequantizeLinear (ORT only; TensorRT rejects it)
+    int32_bias: bool = False
+    #: rewrite Gemms that produce graph outputs as MatMul(+Add) so ORT keeps them integer with float outputs
+    gemm_outputs_as_matmul: bool = False
+    description: str = ""
+
+    def validate_bits(self) -> None:
+        if self.bits not in (8, 7):
+            raise OptionError(f"--bits {self.bits} is not supported for activations and weights (use 8 or 7; 4-bit weight-only comes with its own method)")
+
+    @property
+    def activation_levels(self) -> int:
+        """Quantization levels on one side of zero for a symmetric grid (128 at INT8, 64 at INT7)."""
+        return 2 ** (self.bits - 1)
+
+    def activation_qparams(self, lo: float, hi: float) -> qp.QParams:
+        """QParams for an activation whose (clipped) real range is ``[lo, hi]``."""
+        if self.activation_signed:
+            t = max(abs(float(lo)), abs(float(hi)))
+            # TensorRT and ONNX int8 Q saturate to [-128, 127]; INT7 narrows to [-63, 63] by Clip
+            return qp.symmetric(t, self.bits, narrow=self.bits < 8)
+        return qp.asymmetric(lo, hi, self.bits)
+
+    def weight_qparams(self, absmax: np.ndarray, axis: int | None) -> qp.QParams:
+        """Symmetric per-channel (or per-tensor) weight qparams from max-abs values."""
+        if not self.weight_per_channel or axis is None:
+            return qp.symmetric(float(np.max(absmax)), self.bits, self.weight_narrow, None)
+        return qp.symmetric(absmax, self.bits, self.weight_narrow, axis)
+
+    def with_bits(self, bits: int) -> "TargetProfile":
+        return replace(self, bits=bits)
+
+
+TRT = TargetProfile(
+    name="trt",
+    activation_signed=True,
+    quantize_outputs=False,
+    residual_add=True,
+    share_concat_scales=True,
+    description="TensorRT explicit quantization: int8 symmetric, Q/DQ on inputs of Conv/Gemm/MatMul and residual Add, one scale per Concat",
+)
+
+ORT_EXTRA_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool", "Sigmoid", "LeakyRelu"})
+
+ORT_U8 = TargetProfile(
+    name="ort",
+    activation_signed=False,
+    quantize_outputs=True,
+    extra_ops=ORT_EXTRA_OPS,
+    gemm_outputs_as_matmul=True,
+    description="ONNX Runtime CPU: uint8 asymmetric activations, int8 per-channel weights (U8S8), integer kernels for Conv/MatMul/Gemm/Add/Concat/pooling",
+)
+
+ORT_S8 = replace(ORT_U8, name="ort-s8", activation_signed=True, description="ONNX Runtime CPU with int8 symmetric activations (S8S8)")
+
+PROFILES: dict[str, TargetProfile] = {p.name: p for p in (TRT, ORT_U8, ORT_S8)}
+
+
+def get_profile(name: str, bits: int = 8) -> TargetProfile:
+    """Look up a target profile by name and set its bit width."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise OptionError(f"unknown target '{name}' (targets: {', '.join(PROFILES)})") from None
+    profile = profile.with_bits(bits)
+    profile.validate_bits()
+    return profile

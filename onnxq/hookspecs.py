@@ -1,0 +1,55 @@
+"""Every hook a plugin can implement (pluggy project name ``onnxq``).
+
+A plugin is a module (or object) with functions marked ``@onnxq.hookspecs.hookimpl``, exposed
+through an entry point in the ``onnxq`` group::
+
+    [project.entry-points.onnxq]
+    my_method = "my_package.plugin"
+
+Registration hooks receive a ``register`` callback; call it once per class you provide. Method
+steps (float rewrites, statistics, qparams, refinement, QDQ commands) are methods of
+:class:`onnxq.method.QuantMethod`, because the user picks which method drives a run; the hooks
+below are for things that extend onnxq as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from onnxq.calib.readers import DataReader
+    from onnxq.method import QuantMethod
+
+PROJECT = "onnxq"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_methods(register: Callable[[type[QuantMethod]], None]) -> None:
+    """Register quantization methods: call ``register(MyMethod)`` for each QuantMethod subclass."""
+
+
+@hookspec
+def register_data_readers(register: Callable[[type[DataReader]], None]) -> None:
+    """Register data readers: call ``register(MyReader)`` for each DataReader subclass."""
+
+
+@hookspec
+def register_backends(register: Callable[[Any], None]) -> None:
+    """Register backends (objects with ``name`` and ``evaluate``) used by ``onnxq compare``."""
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add click commands to the ``onnxq`` command group."""
+
+
+@hookspec
+def report_sections(report: dict[str, Any]) -> dict[str, Any] | None:
+    """Return extra sections (a dict) to merge into a finished run's report, or None."""

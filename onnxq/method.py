@@ -1,0 +1,137 @@
+"""The method API: what a quantization method is, and what the host gives it.
+
+A method is one :class:`QuantMethod` subclass with a ``name``, a one-line ``summary``, a typed
+``Options`` dataclass and the steps it overrides. The host runs the steps of every selected method
+in order (``-p cfws -p easyquant`` composes):
+
+1. :meth:`QuantMethod.float_rewrite` — change the float graph (must preserve its outputs; the host checks);
+2. :meth:`QuantMethod.declare_statistics` — say which statistics of which tensors it needs;
+3. :meth:`QuantMethod.choose_qparams` — fill ranges/qparams into the plan (the first method that
+   calibrates activations does; weights default to per-channel max-abs);
+4. :meth:`QuantMethod.refine` — improve the plan (searches get ``ctx.evaluator``);
+5. the host turns the plan into QDQ rewrite commands (:meth:`QuantMethod.commands` may add more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxq.calib.statistics import BatchSource, StatRequest, StatsMap, TensorStats
+from onnxq.graph.plan import QuantPlan
+from onnxq.graph.targets import TargetProfile
+from onnxq.options import NoOptions
+from onnxq.qparams import per_channel_absmax
+
+
+@dataclass
+class RunContext:
+    """What the host hands a method during a run."""
+
+    model: onnx.ModelProto
+    profile: TargetProfile
+    plan: QuantPlan
+    calibration: BatchSource
+    stats: StatsMap = field(default_factory=dict)
+    #: free-form per-method report sections, keyed by method name
+    report: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+    def weight(self, name: str) -> np.ndarray:
+        """The float value of a weight initializer."""
+        from onnx import numpy_helper
+
+        for t in self.model.graph.initializer:
+            if t.name == name:
+                return numpy_helper.to_array(t)
+        raise KeyError(name)
+
+
+class QuantMethod:
+    """Base class of quantization methods. Override the steps you need."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: True if this method sets activation ranges in :meth:`choose_qparams`
+    calibrates: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def float_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
+        """Return a rewritten float model (outputs must match the input's to 1e-5), or None."""
+        return None
+
+    def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
+        """Statistics this method needs; by default min/max of every activation site."""
+        return [StatRequest(t, "minmax") for t in ctx.plan.activations]
+
+    def choose_qparams(self, ctx: RunContext) -> None:
+        """Set ``site.range``/``site.qparams`` for activations (and weights, if it wants)."""
+
+    def refine(self, ctx: RunContext) -> None:
+        """Improve the finished plan in place (scale searches)."""
+
+    def commands(self, ctx: RunContext) -> list[Any]:
+        """Extra QDQ rewrite commands beyond the plan (rarely needed)."""
+        return []
+
+
+class RangeMethod(QuantMethod):
+    """A calibrator: picks one clip threshold per activation from its statistics.
+
+    Subclasses implement :meth:`threshold`. The activation grid covers
+    ``[max(min, −T), min(max, T)]``: symmetric targets use ``T`` (capped at the observed
+    max-abs) on both sides, asymmetric ones keep the observed sign range inside the clip.
+    """
+
+    calibrates = True
+    needs_histogram: ClassVar[bool] = True
+
+    def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
+        kind = "histogram" if self.needs_histogram else "minmax"
+        return [StatRequest(t, kind) for t in ctx.plan.activations]  # type: ignore[arg-type]
+
+    def threshold(self, stats: TensorStats, ctx: RunContext) -> float:
+        raise NotImplementedError
+
+    def levels(self, stats: TensorStats, profile: TargetProfile) -> int:
+        """Grid levels over [0, T]: 2^(b−1) symmetric; 2^b for a one-sided unsigned grid."""
+        if not profile.activation_signed and stats.min >= 0:
+            return 2**profile.bits
+        return profile.activation_levels
+
+    def choose_qparams(self, ctx: RunContext) -> None:
+        set_activation_ranges(ctx, lambda s: self.threshold(s, ctx))
+        set_weight_qparams(ctx)
+
+
+def set_activation_ranges(ctx: RunContext, threshold_of) -> None:
+    """Set range and qparams of every activation site from a threshold function, honouring share groups."""
+    plan = ctx.plan
+    for name, site in plan.activations.items():
+        s = ctx.stats[name]
+        t = float(threshold_of(s))
+        t = min(t, s.amax) if s.amax > 0 else 0.0
+        site.range = (max(s.min, -t), min(s.max, t))
+    for group in plan.share_groups:
+        lo = min(plan.activations[t].range[0] for t in group)  # type: ignore[index]
+        hi = max(plan.activations[t].range[1] for t in group)  # type: ignore[index]
+        for t in group:
+            plan.activations[t].range = (lo, hi)
+    for site in plan.activations.values():
+        site.qparams = ctx.profile.activation_qparams(*site.range)  # type: ignore[misc]
+
+
+def set_weight_qparams(ctx: RunContext, overwrite: bool = False) -> None:
+    """Per-channel max-abs symmetric weight qparams for every weight site that has none."""
+    for site in ctx.plan.weights.values():
+        if site.qparams is not None and not overwrite:
+            continue
+        w = ctx.weight(site.initializer)
+        absmax = per_channel_absmax(w, site.axis) if site.axis is not None else np.array(np.abs(w).max())
+        site.qparams = ctx.profile.weight_qparams(absmax, site.axis)

@@ -1,0 +1,5 @@
+"""Built-in methods. Each module is a plugin registered through the ``onnxq`` entry-point group,
+exactly like a third-party package's."""
+
+#: built-in plugin modules, in the order their entry points are declared in pyproject.toml
+BUILTIN_PLUGINS = ("onnxq.plugins.minmax", "onnxq.plugins.percentile", "onnxq.plugins.mse", "onnxq.plugins.trt_entropy", "onnxq.calib.builtin_readers")

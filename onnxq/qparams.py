@@ -1,0 +1,122 @@
+"""Quantization parameters and the numeric quantizers that match ONNX QuantizeLinear.
+
+onnxq always stores a *step* (ONNX ``y_scale``), never a multiplier. Simulation uses exactly the
+arithmetic of the deployed graph: round half to even, saturate to the integer range, and the
+narrowed ranges of INT7 (see methods.md §0.1–0.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: smallest step onnxq emits; guards all-zero tensors (a zero scale is invalid ONNX/TensorRT).
+MIN_SCALE = 1e-8
+
+
+@dataclass(frozen=True)
+class QParams:
+    """How one tensor is quantized.
+
+    ``scale`` and ``zero_point`` are scalars (per-tensor) or 1-D along ``axis`` (per-channel).
+    ``qmin``/``qmax`` are the integer range actually used; it may be narrower than the container
+    dtype (INT7 in int8, narrow-range weights), in which case the graph enforces it with a Clip
+    (activations) or the stored integers already respect it (weights).
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str  # "int8" | "uint8" | "int4" | "uint4"
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        scale = np.asarray(self.scale, dtype=np.float32)
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise ValueError(f"quantization scale must be finite and positive, got {scale.ravel()[:4]}")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "zero_point", np.asarray(self.zero_point, dtype=self.np_dtype))
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype({"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8}[self.dtype])
+
+    @property
+    def container_range(self) -> tuple[int, int]:
+        return {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}[self.dtype]
+
+    @property
+    def narrowed(self) -> bool:
+        """True when the used integer range is narrower than what QuantizeLinear saturates to."""
+        return (self.qmin, self.qmax) != self.container_range
+
+    @property
+    def symmetric(self) -> bool:
+        return bool(np.all(self.zero_point == 0)) and self.dtype in ("int8", "int4")
+
+    def real_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The representable real interval ``[scale·(qmin−zp), scale·(qmax−zp)]``."""
+        zp = self.zero_point.astype(np.float64)
+        return self.scale * (self.qmin - zp), self.scale * (self.qmax - zp)
+
+    def _broadcast(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = self.scale.astype(np.float32)
+        z = self.zero_point.astype(np.float32)
+        if self.axis is not None and s.ndim == 1:
+            shape = [1] * x.ndim
+            shape[self.axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        return s, z
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Integers as the deployed graph stores them (round half to even, saturated)."""
+        s, z = self._broadcast(x)
+        q = np.rint(np.asarray(x, np.float32) / s) + z
+        return np.clip(q, self.qmin, self.qmax).astype(self.np_dtype)
+
+    def fake_quantize(self, x: np.ndarray) -> np.ndarray:
+        """Quantize then dequantize, in float32."""
+        s, z = self._broadcast(x)
+        q = np.clip(np.rint(np.asarray(x, np.float32) / s) + z, self.qmin, self.qmax)
+        return ((q - z) * s).astype(np.float32)
+
+
+def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide grid: signed narrow [−(2^(b−1)−1), 2^(b−1)−1]."""
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        return (-qmax if narrow else -qmax - 1), qmax
+    return 0, 2**bits - 1
+
+
+def container_for(bits: int, signed: bool) -> str:
+    """The ONNX storage type for a grid of ``bits`` (INT7 lives in int8)."""
+    if bits <= 4:
+        return "int4" if signed else "uint4"
+    return "int8" if signed else "uint8"
+
+
+def symmetric(threshold: np.ndarray | float, bits: int, narrow: bool, axis: int | None = None) -> QParams:
+    """Symmetric signed qparams with clip threshold ``T``: step = T / qmax, zero point 0."""
+    qmin, qmax = int_range(bits, True, narrow)
+    t = np.maximum(np.asarray(threshold, dtype=np.float64), MIN_SCALE * qmax)
+    scale = (t / qmax).astype(np.float32)
+    return QParams(scale, np.zeros_like(scale, dtype=np.int8), container_for(bits, True), qmin, qmax, axis)
+
+
+def asymmetric(lo: float, hi: float, bits: int) -> QParams:
+    """Unsigned asymmetric qparams covering ``[lo, hi]`` (the range is widened to include 0)."""
+    qmin, qmax = int_range(bits, False, False)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / (qmax - qmin), MIN_SCALE)
+    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return QParams(np.float32(scale), np.array(zp, dtype=np.uint8), container_for(bits, False), qmin, qmax)
+
+
+def per_channel_absmax(weight: np.ndarray, axis: int) -> np.ndarray:
+    """max |w| over every axis but ``axis``."""
+    w = np.abs(np.asarray(weight, dtype=np.float32))
+    w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return w.max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
