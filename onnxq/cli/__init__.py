@@ -1,0 +1,1 @@
+"""The ``onnxq`` command line (click), a thin layer over the Python API."""

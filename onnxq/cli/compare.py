@@ -1,0 +1,79 @@
+"""``onnxq compare``: FP32 against quantized models (and ORT's quantizer) on the same data."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from onnxq.cli.common import data_options, emit_json, parse_key_values
+
+
+@click.command("compare")
+@click.argument("fp32_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("quantized", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="Evaluation data (labels give accuracy).")
+@data_options
+@click.option("--calib-data", default=None, help="Calibration data for --baseline ort (default: --data).")
+@click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Add ONNX Runtime's quantize_static output, calibrated on --calib-data.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="Runtime to evaluate on (trt needs a GPU and TensorRT).")
+@click.option("--threads", default="1", show_default=True, help="Comma-separated intra-op thread counts for latency.")
+@click.option("--layers", is_flag=True, help="Also print per-layer SQNR of each quantized model vs FP32.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
+            max_samples: int | None, calib_data: str | None, baseline: str, backend: str, threads: str, layers: bool, as_json: bool) -> None:
+    """Evaluate FP32_MODEL and each QUANTIZED model side by side."""
+    from onnxq.backends.compare import evaluate, layer_errors
+    from onnxq.calib.feeds import model_inputs
+    from onnxq.errors import OptionError
+    from onnxq.graph import model_io
+    from onnxq.host import get_host
+    from onnxq.pipeline import batch_source, make_reader
+    from onnxq.report import evaluation_table, table
+
+    if backend == "trt":
+        from onnxq.errors import OnnxqError
+
+        raise OnnxqError("the TensorRT backend is not available in this build (it needs an NVIDIA GPU and the tensorrt package)")
+    try:
+        thread_counts = tuple(int(t) for t in threads.split(","))
+    except ValueError:
+        raise OptionError(f"--threads '{threads}' is not a comma-separated list of integers") from None
+    ref = model_io.load_model(fp32_model)
+    candidates: dict[str, object] = {}
+    for q in quantized:
+        model_io.load_model(q)
+        candidates[q.name] = q
+    inputs = model_inputs(ref)
+    host = get_host()
+    opts = parse_key_values(data_opt, "--data-opt")
+    source = batch_source(make_reader(data, inputs, host, opts, reader), inputs, batch_size, max_samples)
+    first = next(iter(source()))
+    with tempfile.TemporaryDirectory(prefix="onnxq-compare-") as tmp:
+        extra = {}
+        if baseline == "ort":
+            from onnxq.backends.ort_quantizer import quantize_with_ort
+
+            cal = batch_source(make_reader(calib_data or data, inputs, host, opts, reader), inputs, batch_size, max_samples)
+            t0 = time.perf_counter()
+            candidates["ort quantize_static"] = quantize_with_ort(fp32_model, Path(tmp) / "ort.onnx", cal)
+            extra["ort quantize_static"] = {"calibration_seconds": round(time.perf_counter() - t0, 3)}
+        evals = evaluate(fp32_model, candidates, source, latency_feeds={k: v[:1] for k, v in first.feeds.items()}, threads=thread_counts)  # type: ignore[arg-type]
+        per_layer = {}
+        if layers:
+            for name, path in candidates.items():
+                qm = model_io.load_model(path)  # type: ignore[arg-type]
+                tensors = [n.output[0] for n in ref.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+                per_layer[name] = layer_errors(ref, qm, tensors, source)
+    for e in evals:
+        e.extra.update(extra.get(e.name, {}))
+    if as_json:
+        emit_json({"evaluations": [dataclasses.asdict(e) for e in evals], "layers": per_layer})
+        return
+    click.echo(evaluation_table(evals))
+    for name, rows in per_layer.items():
+        click.echo(f"\nper-layer error of {name} (layer output vs FP32):")
+        click.echo(table([[t, f"{v['sqnr_db']:.1f}", f"{v['cosine']:.5f}"] for t, v in rows.items()], ["tensor", "sqnr-dB", "cosine"]))

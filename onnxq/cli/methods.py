@@ -1,0 +1,42 @@
+"""``onnxq methods [NAME]``: list methods, or show one method's options."""
+
+from __future__ import annotations
+
+import click
+
+from onnxq.cli.common import emit_json
+
+
+@click.command("methods")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def command(name: str | None, as_json: bool) -> None:
+    """List quantization methods, or show NAME's options."""
+    from onnxq.host import get_host
+    from onnxq.options import describe_options
+    from onnxq.report import table
+
+    host = get_host()
+    if name is None:
+        rows = [[n, cls.summary] for n, cls in sorted(host.methods.items())]
+        if as_json:
+            emit_json([{"name": n, "summary": s} for n, s in rows])
+            return
+        click.echo(table(rows, ["method", "summary"]))
+        for p in host.broken():
+            click.echo(f"(plugin '{p.name}' failed to load: {p.error})")
+        return
+    cls = host.method(name)
+    opts = describe_options(cls.Options)
+    if as_json:
+        emit_json({"name": name, "summary": cls.summary, "options": [o.__dict__ for o in opts]})
+        return
+    click.echo(f"{name}: {cls.summary}")
+    doc = (cls.__doc__ or "").strip()
+    if doc:
+        click.echo(doc)
+    if not opts:
+        click.echo("options: none")
+        return
+    click.echo("options (-o KEY VALUE):")
+    click.echo(table([[o.name, o.type, repr(o.default) if isinstance(o.default, str) else str(o.default), o.help] for o in opts], ["option", "type", "default", "help"]))

@@ -1,0 +1,78 @@
+"""``onnxq optimize``: quantize a model, optionally evaluate it and gate on its quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxq.cli.common import data_options, default_cache_dir, emit_json, parse_key_values
+from onnxq.errors import OptionError, QualityGateError
+
+
+@click.command("optimize")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-p", "--method", "methods", multiple=True, default=("trt-entropy",), show_default=True, help="Method; repeat to compose (e.g. -p cfws -p easyquant).")
+@click.option("-o", "--option", "opts", multiple=True, type=(str, str), metavar="KEY VALUE", help="Method option (see `onnxq methods NAME`); METHOD.KEY targets one method.")
+@click.option("--data", default=None, help="Calibration data: folder/file of .npz/.npy, image folder, module:function, or random.")
+@data_options
+@click.option("--target", type=click.Choice(["ort", "trt", "ort-s8"]), default="ort", show_default=True, help="Deployment target profile.")
+@click.option("--bits", type=click.Choice(["8", "7"]), default="8", show_default=True, help="Bit width of weights and activations (7 = INT7 in an int8 container).")
+@click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output model (default: MODEL's folder, <stem>.<target>-int<bits>.onnx).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep nodes in float: node-name glob or op type. Repeatable.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Statistics cache folder (default ~/.cache/onnxq/stats).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the statistics cache.")
+@click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
+@click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
+@click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed.")
+@click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Also run ONNX Runtime's quantize_static and show it beside onnxq.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
+            batch_size: int, max_samples: int | None, target: str, bits: str, output: Path | None, force: bool, exclude: tuple[str, ...],
+            cache_dir: Path | None, no_cache: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, baseline: str,
+            as_json: bool, quiet: bool) -> None:
+    """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
+    from onnxq.pipeline import optimize
+    from onnxq.graph.model_io import ensure_output_path, save_model_atomic
+
+    if data is None:
+        raise OptionError("--data is required (use --data random for a smoke run)")
+    if (max_drop is not None or min_cosine is not None) and eval_data is None:
+        raise OptionError("--max-drop/--min-cosine need --eval-data")
+    options: dict[str, str] = {}
+    for k, v in opts:
+        options[k] = v
+    out = output or model.with_name(f"{model.stem}.{target}-int{bits}.onnx")
+    ensure_output_path(out, [model], force)
+    result = optimize(
+        model, None, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"), reader=reader,
+        target=target, bits=int(bits), batch_size=batch_size, max_samples=max_samples, exclude=exclude,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
+    )
+    report = result.report
+    doc: dict = {"report": report}
+    text = []
+    gate_error = None
+    if eval_data is not None or baseline == "ort":
+        from onnxq.cli.evaluation import evaluate_run
+
+        evals, table_text, gate_error = evaluate_run(model, result.model, eval_data or data, data_opt, reader, batch_size, max_drop, min_cosine,
+                                                     baseline, data, max_samples, target, bits)
+        doc["evaluation"] = evals
+        text.append(table_text)
+    if gate_error is None:
+        save_model_atomic(result.model, out)
+        report["output"] = str(out)
+    if as_json:
+        doc["quality_gate"] = "failed" if gate_error else ("passed" if (max_drop is not None or min_cosine is not None) else None)
+        emit_json(doc)
+    else:
+        from onnxq.report import run_summary
+
+        click.echo(run_summary(report))
+        for t in text:
+            click.echo(t)
+    if gate_error is not None:
+        raise QualityGateError(gate_error + "; the quantized model was not written")
