@@ -118,8 +118,8 @@ def ensure_output_path(output: str | os.PathLike[str], inputs: list[str | os.Pat
         raise OutputError(f"output '{out}' already exists (use --force to replace it)")
     if out.exists() and out.is_dir():
         raise OutputError(f"output '{out}' is a directory")
-    if not out.parent.exists():
-        raise OutputError(f"output folder '{out.parent}' does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputError(f"output folder '{out.parent}' is not a folder")
     return out
 
 

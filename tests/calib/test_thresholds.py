@@ -1,0 +1,97 @@
+"""TensorRT entropy, percentile and MSE thresholds against methods.md §1.5 and first principles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxq.calib.statistics import TensorStats, _bincount
+from onnxq.calib.thresholds import entropy_divergences, entropy_threshold, mse_threshold, percentile_threshold
+from onnxq.qparams import symmetric
+
+
+def stats_of(x: np.ndarray, bins: int = 2048) -> TensorStats:
+    amax = float(np.abs(x).max())
+    return TensorStats(float(x.min()), float(x.max()), 1, _bincount(x, amax, 2 * bins))
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_outliers_are_clipped_between_p99_and_half_amax(rng):
+    x = rng.standard_normal(10**6)
+    x[rng.choice(x.size, 1000, replace=False)] *= 30
+    s = stats_of(x)
+    t = entropy_threshold(s, 128)
+    assert np.percentile(np.abs(x), 99) < t < 0.5 * s.amax
+
+
+def test_uniform_keeps_full_range(rng):
+    s = stats_of(rng.uniform(-1, 1, 10**6))
+    assert entropy_threshold(s, 128) / s.amax >= 0.95
+
+
+def test_worked_merge_example_reproduces_q():
+    # methods.md §1.2: H = [2,0,4,6,1,1,0,2], i = 8, L = 2 -> Q = [4,0,4,4,4/3,4/3,0,4/3]
+    h = np.array([2, 0, 4, 6, 1, 1, 0, 2], float)
+    i, levels = 8, 2
+    lvl = (np.arange(i) * levels) // i
+    tot = np.bincount(lvl, weights=h, minlength=levels)
+    nz = np.bincount(lvl, weights=h > 0, minlength=levels)
+    q = np.where(h > 0, tot[lvl] / nz[lvl], 0)
+    np.testing.assert_allclose(q, [4, 0, 4, 4, 4 / 3, 4 / 3, 0, 4 / 3])
+    # and the library computes the KL of exactly that P/Q pair
+    d = entropy_divergences(h, levels, zero_bin="keep")
+    p = h / h.sum()
+    qn = q / q.sum()
+    m = p > 0
+    assert d[8] == pytest.approx(np.sum(p[m] * np.log(p[m] / qn[m])))
+
+
+def test_kl_is_infinite_when_clipped_mass_lands_on_an_empty_bin():
+    # bin i-1 = 3 is empty but there is mass beyond it: P[3] > 0, Q[3] = 0
+    h = np.array([5, 3, 2, 0, 4, 1], float)
+    d = entropy_divergences(h, 2, zero_bin="keep")
+    assert np.isinf(d[4])
+    assert np.isfinite(d[5])
+
+
+def test_zero_bin_policy_changes_relu_threshold(rng):
+    s = stats_of(np.maximum(rng.standard_normal(10**6), 0))
+    t_copy = entropy_threshold(s, 128, zero_bin="copy_next")
+    t_keep = entropy_threshold(s, 128, zero_bin="keep")
+    assert t_copy > t_keep
+    assert t_copy == pytest.approx(4.34, abs=0.15)
+    assert t_keep == pytest.approx(2.05, abs=0.15)
+
+
+def test_ties_take_the_largest_bin_count():
+    h = np.zeros(256)
+    h[:10] = 1.0  # everything in the first bins: every candidate >= 10 has KL 0
+    s = TensorStats(0.0, 1.0, 1, np.concatenate([np.zeros(256), h]))
+    assert entropy_threshold(s, 8) == pytest.approx(1.0)
+
+
+def test_percentile_threshold(rng):
+    x = rng.standard_normal(10**6)
+    s = stats_of(x)
+    t = percentile_threshold(s, 99.0)
+    assert t == pytest.approx(np.percentile(np.abs(x), 99.0), rel=0.01)
+    assert percentile_threshold(s, 100.0) == pytest.approx(s.amax)
+
+
+def test_mse_threshold_beats_max_and_is_near_optimal(rng):
+    x = rng.laplace(size=10**6).astype(np.float32)
+    s = stats_of(x)
+
+    def grid(t):
+        return symmetric(t, 4, narrow=True).fake_quantize
+
+    t = mse_threshold(s, grid)
+    err = lambda th: float(np.mean((x - grid(th)(x)) ** 2))  # noqa: E731
+    assert t < 0.6 * s.amax
+    assert err(t) < 0.5 * err(s.amax)
+    brute = min(err(c) for c in np.linspace(0.02, 1, 200) * s.amax)
+    assert err(t) <= brute * 1.05

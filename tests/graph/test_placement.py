@@ -1,0 +1,72 @@
+"""Placement follows the target profile (design.md §2, methods.md §0.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.graph.placement import build_plan, name_nodes, weight_axis
+from onnxq.graph.prepare import infer_shapes
+from onnxq.graph.targets import get_profile
+from onnxq.testing.models import residual_concat_model
+
+
+def test_trt_quantizes_weighted_inputs_and_residual_only():
+    plan = build_plan(residual_concat_model(), get_profile("trt"))
+    assert set(plan.activations) == {"x", "a", "r", "cat", "flat"}
+    assert set(plan.weights) == {"w1", "w2", "w3", "w4", "w5", "fc"}
+    # 'a' feeds conv2 and the residual Add: one shared pair rewires both
+    assert ("add", 1) in plan.activations["a"].consumers and ("conv2", 0) in plan.activations["a"].consumers
+    assert not any(t in plan.activations for t in ("c1", "c2", "logits"))
+    assert plan.weights["fc"].axis == 0 and plan.weights["w1"].axis == 0
+
+
+def test_trt_concat_inputs_share_a_scale_when_quantized():
+    m = residual_concat_model()
+    # make the concat inputs quantized by feeding them to convs as well
+    plan = build_plan(m, get_profile("trt"))
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m)
+    m2.graph.node.append(helper.make_node("Conv", ["c3", "w3x"], ["extra"], name="extra"))
+    m2.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w3x"))
+    m2.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    plan2 = build_plan(m2, get_profile("trt"))
+    assert any({"c3", "cat"} <= set(g) for g in plan2.share_groups)
+    assert plan.share_groups == []
+
+
+def test_ort_quantizes_outputs_and_folds_relu():
+    plan = build_plan(residual_concat_model(), get_profile("ort"))
+    acts = set(plan.activations)
+    assert "a" in acts and "c1" not in acts  # Relu folded into the asymmetric output grid
+    assert {"c2", "r", "c3", "c4", "cat", "c5", "gap"} <= acts  # int8 islands for Add/Concat/pool
+    assert "logits" not in acts  # graph outputs stay float
+
+
+def test_exclude_keeps_nodes_in_float():
+    plan = build_plan(residual_concat_model(), get_profile("trt"), exclude=["conv5", "Gemm"])
+    assert "w5" not in plan.weights and "fc" not in plan.weights
+    assert {n for n, _ in plan.skipped} == {"conv5", "fc"}
+
+
+def test_weight_axes():
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    convt = helper.make_node("ConvTranspose", ["x", "w"], ["y"])
+    gemm_t = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+    gemm = helper.make_node("Gemm", ["x", "w"], ["y"])
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"])
+    assert weight_axis(conv, 1, 4) == 0 and weight_axis(convt, 1, 4) == 1
+    assert weight_axis(gemm_t, 1, 2) == 0 and weight_axis(gemm, 1, 2) == 1
+    assert weight_axis(matmul, 1, 2) == 1 and weight_axis(matmul, 1, 3) == 2
+    assert weight_axis(conv, 0, 4) is None
+
+
+def test_name_nodes_gives_unique_names():
+    m = residual_concat_model()
+    for n in m.graph.node[:3]:
+        n.name = ""
+    m.graph.node[3].name = m.graph.node[4].name
+    name_nodes(m)
+    names = [n.name for n in m.graph.node]
+    assert all(names) and len(set(names)) == len(names)
