@@ -16,18 +16,75 @@ from onnxq.calib.statistics import TensorStats
 ZeroBin = Literal["copy_next", "keep", "drop"]
 
 
-def entropy_divergences(hist: np.ndarray, levels: int, zero_bin: ZeroBin = "copy_next", kl: Literal["trt", "smoothed", "cfws"] = "trt",
-                        merge: Literal["even", "mxnet"] = "even") -> np.ndarray:
-    """KL divergence for every candidate bin count ``i = levels..B`` (methods.md §1.2 step 4).
-
-    Returns an array ``D`` of length ``B + 1`` with ``D[i]`` the divergence of clipping after bin
-    ``i`` (``inf`` where undefined or not a candidate).
-    """
+def _prepare_hist(hist: np.ndarray, zero_bin: ZeroBin) -> np.ndarray:
     h = np.asarray(hist, dtype=np.float64).copy()
     if zero_bin == "copy_next" and len(h) > 1:
         h[0] = h[1]
     elif zero_bin == "drop":
         h[0] = 0.0
+    return h
+
+
+def entropy_divergences(hist: np.ndarray, levels: int, zero_bin: ZeroBin = "copy_next", kl: Literal["trt", "smoothed", "cfws"] = "trt",
+                        merge: Literal["even", "mxnet"] = "even") -> np.ndarray:
+    """KL divergence for every candidate bin count ``i = levels..B`` (methods.md §1.2 step 4).
+
+    Returns an array ``D`` of length ``B + 1`` with ``D[i]`` the divergence of clipping after bin
+    ``i`` (``inf`` where undefined or not a candidate). The ``trt`` and ``cfws`` divergences are
+    computed for all candidates at once from prefix sums (the same numbers as the per-candidate
+    loop of :func:`entropy_divergences_reference`, to rounding); ``smoothed`` uses the loop.
+    """
+    if kl == "smoothed":
+        return entropy_divergences_reference(hist, levels, zero_bin, kl, merge)
+    h = _prepare_hist(hist, zero_bin)
+    nbins = len(h)
+    out = np.full(nbins + 1, np.inf)
+    total = h.sum()
+    if nbins < levels or total <= 0:
+        return out
+    i = np.arange(levels, nbins + 1)[:, None]  # candidates (rows) x levels (columns)
+    lv = np.arange(levels)[None, :]
+    if merge == "even":  # bins j with floor(j·L/i) = l: j in [ceil(l·i/L), ceil((l+1)·i/L))
+        start = -((-lv * i) // levels)
+        end = -((-(lv + 1) * i) // levels)
+    else:  # runs of floor(i/L) bins, the remainder appended to the last run
+        run = i // levels
+        start = lv * run
+        end = np.where(lv == levels - 1, i, (lv + 1) * run)
+    csum = np.concatenate([[0.0], np.cumsum(h)])
+    cnz = np.concatenate([[0.0], np.cumsum(h > 0)])
+    safe_h = np.where(h > 0, h, 1.0)
+    chl = np.concatenate([[0.0], np.cumsum(np.where(h > 0, h * np.log(safe_h), 0.0))])
+    tot = csum[end] - csum[start]
+    nz = cnz[end] - cnz[start]
+    logq = np.where(nz > 0, np.log(np.where(tot > 0, tot, 1.0) / np.where(nz > 0, nz, 1.0)), 0.0)
+    i1 = i[:, 0]
+    last = i1 - 1
+    h_last = h[last]
+    p_last = h_last + (total - csum[i1])  # the clipped mass lands on the last kept bin
+    lvl_last = (last * levels) // i1 if merge == "even" else np.minimum(last // (i1 // levels), levels - 1)
+    logq_last = logq[np.arange(len(i1)), lvl_last]
+    sum_plogq = (tot * logq).sum(axis=1) - h_last * logq_last  # over bins j < i-1
+    sum_plogp = chl[last]
+    sq = csum[i1]  # Q spreads each run's unclipped mass over its non-empty bins: Σ Q = Σ_{j<i} H
+    term_last = np.where(p_last > 0, p_last * (np.log(np.where(p_last > 0, p_last, 1.0)) - logq_last), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kl == "trt":
+            d = (sum_plogp - sum_plogq + term_last) / total + np.log(sq / total)
+            d = np.where((p_last > 0) & (h_last == 0), np.inf, d)
+        else:  # cfws: only bins where both P and Q are non-zero
+            has_last = h_last > 0
+            term_last = np.where(has_last, term_last, 0.0)
+            mass = (csum[last] + np.where(has_last, p_last, 0.0)) / total
+            d = (sum_plogp - sum_plogq + term_last) / total + mass * np.log(sq / total)
+    out[levels:] = np.where(sq > 0, d, np.inf)
+    return out
+
+
+def entropy_divergences_reference(hist: np.ndarray, levels: int, zero_bin: ZeroBin = "copy_next", kl: Literal["trt", "smoothed", "cfws"] = "trt",
+                                  merge: Literal["even", "mxnet"] = "even") -> np.ndarray:
+    """Per-candidate loop, written as methods.md §1.2 states it (the reference for the fast path)."""
+    h = _prepare_hist(hist, zero_bin)
     nbins = len(h)
     out = np.full(nbins + 1, np.inf)
     suffix = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # suffix[i] = sum(h[i:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,19 @@ def data_options(f: Callable) -> Callable:
 
 
 def emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=_json_default))
+    """Print ``doc`` as strict JSON: non-finite numbers (e.g. the SQNR of identical outputs) become null."""
+    click.echo(json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False))
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with every NaN/Inf float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -48,9 +61,9 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
-        return float(o)
+        return _finite(float(o))
     if isinstance(o, np.ndarray):
-        return o.tolist()
+        return _finite(o.tolist())
     if isinstance(o, Path):
         return str(o)
     return str(o)

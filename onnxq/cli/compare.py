@@ -51,7 +51,11 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     host = get_host()
     opts = parse_key_values(data_opt, "--data-opt")
     source = batch_source(make_reader(data, inputs, host, opts, reader), inputs, batch_size, max_samples)
-    first = next(iter(source()))
+    first = next(iter(source()), None)
+    if first is None:
+        from onnxq.errors import DataError
+
+        raise DataError(f"the evaluation data '{data}' is empty")
     with tempfile.TemporaryDirectory(prefix="onnxq-compare-") as tmp:
         extra = {}
         if baseline == "ort":

@@ -13,7 +13,7 @@ import onnx
 from onnxq.backends.compare import Evaluation, evaluate
 from onnxq.calib.feeds import model_inputs
 from onnxq.cli.common import parse_key_values
-from onnxq.errors import OptionError
+from onnxq.errors import DataError, OptionError
 from onnxq.graph import model_io
 from onnxq.host import get_host
 from onnxq.pipeline import batch_source, make_reader
@@ -49,7 +49,9 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
     inputs = model_inputs(ref)
     opts = parse_key_values(data_opt, "--data-opt")
     ev_source = batch_source(make_reader(eval_data, inputs, host, opts, reader), inputs, max(batch_size, 64))
-    first = next(iter(ev_source()))
+    first = next(iter(ev_source()), None)
+    if first is None:
+        raise DataError(f"the evaluation data '{eval_data}' is empty")
     latency_feeds = {k: v[:1] for k, v in first.feeds.items()}
     candidates: dict[str, Any] = {f"onnxq {target} int{bits}": quantized}
     extra: dict[str, dict[str, Any]] = {}

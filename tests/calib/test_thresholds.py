@@ -95,3 +95,19 @@ def test_mse_threshold_beats_max_and_is_near_optimal(rng):
     assert err(t) < 0.5 * err(s.amax)
     brute = min(err(c) for c in np.linspace(0.02, 1, 200) * s.amax)
     assert err(t) <= brute * 1.05
+
+
+@pytest.mark.parametrize("kl", ["trt", "cfws"])
+@pytest.mark.parametrize("merge", ["even", "mxnet"])
+@pytest.mark.parametrize("zero_bin", ["copy_next", "keep", "drop"])
+def test_vectorised_divergences_equal_the_reference_loop(kl, merge, zero_bin):
+    from onnxq.calib.thresholds import entropy_divergences_reference
+
+    rng = np.random.default_rng(5)
+    h = rng.poisson(rng.exponential(40, 2048)).astype(float)
+    h[rng.random(2048) < 0.3] = 0
+    fast = entropy_divergences(h, 128, zero_bin, kl, merge)
+    ref = entropy_divergences_reference(h, 128, zero_bin, kl, merge)
+    np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(ref))
+    ok = np.isfinite(ref)
+    np.testing.assert_allclose(fast[ok], ref[ok], rtol=1e-6, atol=1e-9)

@@ -1,0 +1,366 @@
+"""``easyquant``: EasyQuant scale search (arXiv 2006.16669; methods.md §2).
+
+Starting from calibrated scales, alternately search every layer's per-output-channel weight
+steps and then every layer's input activation step so that the layer's output (after its Relu,
+by default) has the highest mean per-sample cosine similarity with the FP32 output, with the
+layer's input taken from the *already quantized* earlier layers. Layers are visited in
+topological order; the initial scale is always a candidate and wins ties, so no search step can
+lower the objective it measured.
+
+Where the paper and the released code disagree, each choice is an option (methods.md §2, §7.4):
+``act_init`` (paper: max; code and onnxq default: KL, i.e. ``trt-entropy``), ``grid`` (paper
+[0.5, 2]×S with 100 points — the default — or the code's narrower one-sided grids) and
+``objective_tensor`` (code and default: post-activation; paper formula: conv output).
+
+An activation tensor read by several weighted layers keeps one shared scale (TensorRT needs it),
+chosen with the objective averaged over those layers (methods.md §0.3 rule 4 option b).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from onnxq.calib.evaluator import GraphRunner, LayerRunner
+from onnxq.calib.progress import progress
+from onnxq.calib.statistics import StatRequest
+from onnxq.errors import OptionError
+from onnxq.graph.plan import Layer
+from onnxq.graph.placement import GraphIndex
+from onnxq.hookspecs import hookimpl
+from onnxq.method import QuantMethod, RunContext
+from onnxq.options import option
+from onnxq.qparams import QParams
+
+COSINE_GUARD = 1e-5
+
+
+@dataclass(frozen=True)
+class EasyQuantOptions:
+    """Options of EasyQuant (defaults: methods.md §2.5)."""
+
+    act_init: str = option("trt-entropy", "calibrator giving the initial activation scales (any calibrating method, e.g. minmax = the paper's max init)")
+    samples: int = option(50, "calibration samples used by the search")
+    search: Literal["golden", "grid"] = option("golden", "golden: 7-point coarse grid over [lo, hi] then golden-section refinement per channel (onnxq default, ~16 evaluations); grid: every candidate of the grid below")
+    grid: Literal["paper", "code"] = option("paper", "candidates for search=grid — paper: n points in [lo, hi]×S; code: the released code's one-sided grids")
+    search_lo: float = option(0.5, "lowest scale multiplier of the paper grid")
+    search_hi: float = option(2.0, "highest scale multiplier of the paper grid")
+    n_candidates: int = option(100, "points of the paper grid")
+    rounds: int = option(1, "alternation rounds (weights of all layers, then activations of all layers)")
+    objective_tensor: Literal["post_activation", "conv_output"] = option("post_activation", "compare the layer output after a sole following Relu/Clip (code) or the raw output (paper formula)")
+    search_weights: bool = option(True, "search per-channel weight steps")
+    search_activations: bool = option(True, "search activation steps")
+    refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
+    chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.rounds < 1 or self.n_candidates < 2:
+            raise ValueError("samples and rounds must be >= 1, n_candidates >= 2")
+        if not 0 < self.search_lo < 1 < self.search_hi:
+            raise ValueError("need 0 < search_lo < 1 < search_hi")
+        if self.chunk_mb < 1:
+            raise ValueError("chunk_mb must be >= 1")
+
+
+def _grid(lo: float, hi: float, n: int) -> np.ndarray:
+    g = np.linspace(lo, hi, n)
+    g[np.argmin(np.abs(g - 1.0))] = 1.0  # exactly 1: the initial scale is a candidate
+    return g
+
+
+def cosine_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Cosine of matching rows along the last axis (``cand`` may carry leading candidate axes).
+
+    Guard from the released code: when either vector sums to zero in L1, 1e-5 is added to every
+    element of both before the cosine is taken (done algebraically, without copies).
+    """
+    ref = np.asarray(ref, np.float32)
+    cand = np.asarray(cand, np.float32)
+    size = ref.shape[-1]
+    dot = np.einsum("...i,...i->...", cand, np.broadcast_to(ref, cand.shape), dtype=np.float64)
+    nr2 = np.einsum("...i,...i->...", ref, ref, dtype=np.float64)
+    nc2 = np.einsum("...i,...i->...", cand, cand, dtype=np.float64)
+    l1r = np.broadcast_to(np.abs(ref).sum(-1, dtype=np.float64), nc2.shape)
+    l1c = np.abs(cand).sum(-1, dtype=np.float64)
+    nr2 = np.broadcast_to(nr2, nc2.shape)
+    guard = (l1r == 0) | (l1c == 0)
+    if np.any(guard):
+        e = COSINE_GUARD
+        sr = np.broadcast_to(ref.sum(-1, dtype=np.float64), nc2.shape)
+        sc = cand.sum(-1, dtype=np.float64)
+        dot = np.where(guard, dot + e * (sr + sc) + e * e * size, dot)
+        nr2 = np.where(guard, nr2 + 2 * e * sr + e * e * size, nr2)
+        nc2 = np.where(guard, nc2 + 2 * e * sc + e * e * size, nc2)
+    return dot / np.sqrt(np.maximum(nr2 * nc2, 1e-300))
+
+
+class EasyQuant(QuantMethod):
+    """Alternating per-channel weight / per-tensor activation scale search maximising layer-output cosine."""
+
+    name = "easyquant"
+    summary = "EasyQuant: alternating weight/activation scale search maximising per-layer output cosine (INT8/INT7)"
+    Options = EasyQuantOptions
+    calibrates = True
+
+    def _calibrator(self, ctx: RunContext) -> QuantMethod:
+        from onnxq.host import get_host
+
+        cls = get_host().method(self.options.act_init)
+        if not cls.calibrates or cls is EasyQuant:
+            raise OptionError(f"easyquant: act_init '{self.options.act_init}' is not a calibrator")
+        return cls()
+
+    def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
+        return self._calibrator(ctx).declare_statistics(ctx)
+
+    def choose_qparams(self, ctx: RunContext) -> None:
+        self._calibrator(ctx).choose_qparams(ctx)
+
+    # -- the search ------------------------------------------------------------------------
+    def refine(self, ctx: RunContext) -> None:
+        o = self.options
+        self._sessions: dict[str, object] = {}
+        chunks = _take_samples(ctx, o.samples)
+        idx = GraphIndex(ctx.model)
+        layers = [self._objective(l) for l in ctx.plan.layers]
+        runners = {l.node: LayerRunner(ctx.model, l, idx) for l in layers if l.weight in ctx.plan.weights}
+        w_init = {w: s.qparams for w, s in ctx.plan.weights.items()}
+        a_init = {t: s.range for t, s in ctx.plan.activations.items()}
+        report: dict[str, dict[str, Any]] = {l.node: {} for l in layers}
+        skipped = [l.node for l in layers if l.node not in runners]
+        for _ in range(o.rounds):
+            if o.search_weights:
+                self._weight_pass(ctx, chunks, layers, runners, w_init, report)
+            if o.search_activations:
+                self._activation_pass(ctx, chunks, layers, runners, a_init, report)
+        ctx.report[self.name] = {
+            "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
+            "layers": report,
+            "skipped_layers": skipped,
+            "note": "INT7 runs on INT8 kernels in ONNX Runtime and TensorRT" if ctx.profile.bits == 7 else None,
+        }
+
+    def _objective(self, layer: Layer) -> Layer:
+        if self.options.objective_tensor == "conv_output":
+            return dataclasses.replace(layer, objective=layer.output)
+        return layer
+
+    def _weight_grid(self, s0: np.ndarray, qmax: int) -> np.ndarray:
+        """Multipliers g (step = Δ0 / g); the code grid is per channel: [K, C]."""
+        o = self.options
+        if o.grid == "paper":
+            return _grid(o.search_lo, o.search_hi, o.n_candidates)[:, None] * np.ones_like(s0)[None, :]
+        # released code: 98 multipliers linearly between 1 and S0 (= 1/Δ0), plus S0 itself
+        mult0 = 1.0 / s0
+        mults = np.linspace(1.0, mult0, 98)
+        return np.concatenate([np.ones((1,) + s0.shape), mults * s0[None, :]])
+
+    def _act_grid(self) -> np.ndarray:
+        o = self.options
+        if o.grid == "paper":
+            return _grid(o.search_lo, o.search_hi, o.n_candidates)
+        return np.concatenate([[1.0], np.linspace(0.8, 1.0, 198)])
+
+    def _chunk(self, per_candidate_bytes: int, total: int) -> int:
+        return int(max(1, min(total, self.options.chunk_mb * 2**20 // max(per_candidate_bytes, 1))))
+
+    def _weight_pass(self, ctx, chunks, layers, runners, w_init, report) -> None:
+        plan = ctx.plan
+        q_run = GraphRunner(ctx.model, chunks, plan, self._sessions)
+        f_run = GraphRunner(ctx.model, chunks, None, self._sessions)
+        with progress("easyquant: weights", ctx.show_progress, total=len(layers), unit="layer") as bar:
+            for layer in layers:
+                bar.update(1)
+                runner = runners.get(layer.node)
+                if runner is None or not runner.stackable:
+                    continue
+                site = plan.weights[layer.weight]
+                x = self._layer_input(q_run, layer, plan)
+                ref = f_run.value(layer.objective)
+                w = ctx.weight(layer.weight)
+                q0: QParams = w_init[layer.weight]
+                s0 = np.asarray(q0.scale, np.float64).reshape(-1)
+                axis = site.axis if site.axis is not None else 0
+                ch_axis = runner.channel_axis % ref.ndim
+                ref_c = _channels(ref, ch_axis)
+                step = self._chunk(ref.nbytes * 2, 10**9)
+
+                def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, C] multipliers -> per-channel cosines [k, C]
+                    out = np.empty(g.shape)
+                    for start in range(0, len(g), step):
+                        part = g[start : start + step]
+                        cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
+                        y = runner.run_stacked(x, cands, axis)  # [k, N, ..., C, ...]
+                        y_c = np.stack([_channels(yk, ch_axis) for yk in y])
+                        out[start : start + step] = _channel_cosine(ref_c, y_c)
+                    return out
+
+                ncols = s0.size
+                chosen, before, after = self._search(evaluate, ncols, self._weight_grid(s0, q0.qmax) if self.options.search == "grid" else None)
+                new_scale = (s0 / chosen).astype(np.float32)
+                site.qparams = dataclasses.replace(q0, scale=new_scale if q0.scale.ndim else np.float32(new_scale[0]))
+                r = report[layer.node]
+                r["weight_cosine_before"] = float(before.mean())
+                r["weight_cosine_after"] = float(after.mean())
+                r["weight_multiplier_mean"] = float(chosen.mean())
+
+    def _search(self, evaluate, ncols: int, grid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Maximise ``evaluate`` per column over multipliers; returns (chosen g, score at g=1, best score).
+
+        ``grid`` given: evaluate every row of it. Otherwise a 7-point coarse grid over
+        [search_lo, search_hi] and golden-section refinement inside each column's best bracket.
+        g = 1 is always evaluated and kept unless something is strictly better.
+        """
+        o = self.options
+        if grid is None:
+            grid = np.repeat(_grid(o.search_lo, o.search_hi, 7)[:, None], ncols, axis=1)
+        scores = evaluate(grid)
+        base = _base_index(grid)
+        base_score = scores[base].copy()
+        best = _pick(scores, base)
+        cols = np.arange(ncols)
+        best_g = grid[best, cols].copy()
+        best_s = scores[best, cols].copy()
+        if o.search == "golden":
+            lo = grid[np.maximum(best - 1, 0), cols]
+            hi = grid[np.minimum(best + 1, len(grid) - 1), cols]
+            phi = (np.sqrt(5) - 1) / 2
+            c, d = hi - phi * (hi - lo), lo + phi * (hi - lo)
+            sc_cd = evaluate(np.stack([c, d]))
+            fc, fd = sc_cd[0], sc_cd[1]
+            for g_arr, f_arr in ((c, fc), (d, fd)):
+                better = f_arr > best_s
+                best_g[better], best_s[better] = g_arr[better], f_arr[better]
+            for _ in range(max(0, o.refine_steps - 1)):
+                left = fc >= fd  # maximum lies in [lo, d]
+                hi = np.where(left, d, hi)
+                lo = np.where(left, lo, c)
+                new = np.where(left, hi - phi * (hi - lo), lo + phi * (hi - lo))
+                f_new = evaluate(new[None, :])[0]
+                d, fd, c, fc = np.where(left, c, new), np.where(left, fc, f_new), np.where(left, new, d), np.where(left, f_new, fd)
+                better = f_new > best_s
+                best_g[better], best_s[better] = new[better], f_new[better]
+        return best_g, base_score, best_s
+
+    def _layer_input(self, run: GraphRunner, layer: Layer, plan) -> np.ndarray:
+        t = layer.inputs[0]
+        x = run.value(t)
+        site = plan.activations.get(t)
+        if site is not None and site.qparams is not None and (layer.node, 0) in [tuple(c) for c in site.consumers]:
+            return site.qparams.fake_quantize(x)
+        return x
+
+    def _activation_pass(self, ctx, chunks, layers, runners, a_init, report) -> None:
+        plan = ctx.plan
+        q_run = GraphRunner(ctx.model, chunks, plan, self._sessions)
+        f_run = GraphRunner(ctx.model, chunks, None, self._sessions)
+        readers: dict[str, list[Layer]] = {}
+        for l in layers:
+            if l.node in runners and l.inputs and l.inputs[0] in plan.activations:
+                readers.setdefault(l.inputs[0], []).append(l)
+        groups = {t: g for g in plan.share_groups for t in g}
+        done: set[str] = set()
+        with progress("easyquant: activations", ctx.show_progress, total=len(layers), unit="layer") as bar:
+            for layer in layers:
+                bar.update(1)
+                t = layer.inputs[0] if layer.inputs else None
+                if t is None or t in done or t not in readers:
+                    continue
+                done.add(t)
+                x = q_run.value(t)
+                consumers = readers[t]
+                refs = [f_run.value(c.objective) for c in consumers]
+                wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
+                lo0, hi0 = a_init[t]
+                n = x.shape[0]
+                step = self._chunk(x.nbytes + sum(r.nbytes for r in refs), 10**9)
+
+                def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, 1] -> layer cosine [k, 1]
+                    out = np.zeros((len(g), 1))
+                    for start in range(0, len(g), step):
+                        part = g[start : start + step, 0]
+                        qps = [ctx.profile.activation_qparams(lo0 / gk, hi0 / gk) for gk in part]
+                        xs = np.concatenate([q.fake_quantize(x) for q in qps])
+                        for c, ref, w in zip(consumers, refs, wq):
+                            y = runners[c.node].run(xs, w).reshape(len(part), n, -1)
+                            out[start : start + step, 0] += cosine_rows(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
+                    return out
+
+                chosen, before, after = self._search(evaluate, 1, self._act_grid()[:, None] if self.options.search == "grid" else None)
+                g_best = float(chosen[0])
+                new = ctx.profile.activation_qparams(lo0 / g_best, hi0 / g_best)
+                for member in groups.get(t, [t]):
+                    plan.activations[member].qparams = new
+                    plan.activations[member].range = (lo0 / g_best, hi0 / g_best)
+                for c in consumers:
+                    r = report[c.node]
+                    r["activation_cosine_before"] = float(before[0])
+                    r["activation_cosine_after"] = float(after[0])
+                    r["activation_multiplier"] = g_best
+
+
+def _channels(y: np.ndarray, ch_axis: int) -> np.ndarray:
+    """[N, C, rest] view of an output with its channel axis at ``ch_axis``."""
+    y = np.moveaxis(y, ch_axis, 1)
+    return y.reshape(y.shape[0], y.shape[1], -1)
+
+
+def _channel_cosine(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Per-channel objective, [k, C]: mean over samples of the cosine over each channel's positions.
+
+    A channel with a single position per sample (fully connected layers) would give a cosine of
+    ±1; there the cosine is taken over the samples instead [D].
+    """
+    if ref.shape[-1] == 1:
+        return cosine_rows(ref[..., 0].T, np.swapaxes(cand[..., 0], 1, 2))
+    return cosine_rows(ref, cand).mean(axis=1)
+
+
+def _base_index(grid: np.ndarray) -> int:
+    g = grid if grid.ndim == 1 else grid[:, 0]
+    return int(np.flatnonzero(np.isclose(g, 1.0))[0]) if np.any(np.isclose(g, 1.0)) else 0
+
+
+def _pick(scores: np.ndarray, base: int) -> np.ndarray:
+    """Per column: the best candidate, but the initial one unless another is strictly better."""
+    best = np.argmax(scores, axis=0)
+    keep = scores[best, np.arange(scores.shape[1])] <= scores[base]
+    best[keep] = base
+    return best
+
+
+def _fq_weight(w: np.ndarray, scale: np.ndarray, q0: QParams, axis: int) -> np.ndarray:
+    s = np.asarray(scale, np.float32)
+    if s.ndim == 1 and s.size > 1:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        s = s.reshape(shape)
+    q = np.clip(np.rint(w / s), q0.qmin, q0.qmax)
+    return (q * s).astype(np.float32)
+
+
+def _take_samples(ctx: RunContext, n: int) -> list[dict[str, np.ndarray]]:
+    chunks, seen = [], 0
+    for b in ctx.calibration():
+        size = next(iter(b.feeds.values())).shape[0]
+        take = min(size, n - seen)
+        chunks.append({k: v[:take] for k, v in b.feeds.items()})
+        seen += take
+        if seen >= n:
+            break
+    from onnxq.calib.feeds import batch_is_dynamic, model_inputs
+
+    if len(chunks) > 1 and batch_is_dynamic(model_inputs(ctx.model)):
+        try:
+            return [{k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}]
+        except ValueError:
+            pass
+    return chunks
+
+
+@hookimpl
+def register_methods(register) -> None:
+    register(EasyQuant)
