@@ -83,6 +83,7 @@ class Host:
             record.ok = True
         except Exception as exc:  # any failure of a third-party plugin is contained here
             record.error = f"{type(exc).__name__}: {exc}".strip()
+            record.provides.clear()  # whatever it registered before failing was rolled back
             log.debug("plugin %s failed:\n%s", name, traceback.format_exc())
             self._restore(before)
             try:
@@ -92,10 +93,10 @@ class Host:
         return record
 
     def _snapshot(self):
-        return dict(self.methods), dict(self.readers), dict(self.backends)
+        return dict(self.methods), dict(self.readers), dict(self.backends), dict(self._origin)
 
     def _restore(self, snap) -> None:
-        self.methods, self.readers, self.backends = (dict(x) for x in snap)
+        self.methods, self.readers, self.backends, self._origin = (dict(x) for x in snap)
 
     def _call_registration(self, obj: Any, record: PluginRecord) -> None:
         def reg(kind: str, table: dict[str, Any], base: type | None):
@@ -160,8 +161,15 @@ class Host:
         raise DataError(f"no data reader understands '{spec}' (a folder or file of .npz/.npy, an image folder, module:function, or random)")
 
     def report_sections(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Extra report sections from every plugin; a plugin whose hook fails is skipped with a warning."""
         extra: dict[str, Any] = {}
-        for result in self.pm.hook.report_sections(report=report):
+        for impl in reversed(self.pm.hook.report_sections.get_hookimpls()):  # pluggy's call order
+            try:
+                result = impl.function(report=report)
+            except Exception as exc:  # a broken report hook must not lose a finished run
+                log.warning("plugin '%s' failed to add its report section: %s: %s", impl.plugin_name, type(exc).__name__, exc)
+                log.debug("report_sections of %s failed:\n%s", impl.plugin_name, traceback.format_exc())
+                continue
             if result:
                 extra.update(result)
         return extra

@@ -307,8 +307,12 @@ class RandomReader(DataReader):
     def accepts(cls, spec: str) -> bool:
         return spec == "random" or spec.startswith("random:")
 
+    _warned = False
+
     def __iter__(self) -> Iterator[Batch]:
-        log.warning("calibrating on random data: the scales will not suit real inputs (smoke runs only)")
+        if not self._warned:  # a run iterates the data several times (passes); say it once
+            self._warned = True
+            log.warning("calibrating on random data: the scales will not suit real inputs (smoke runs only)")
         o = self.options
         n = o.samples
         if self.spec.startswith("random:"):
