@@ -164,8 +164,10 @@ class Host:
         """Extra report sections from every plugin; a plugin whose hook fails is skipped with a warning."""
         extra: dict[str, Any] = {}
         for impl in reversed(self.pm.hook.report_sections.get_hookimpls()):  # pluggy's call order
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                continue
             try:
-                result = impl.function(report=report)
+                result = impl.function(**{k: v for k, v in {"report": report}.items() if k in impl.argnames})
             except Exception as exc:  # a broken report hook must not lose a finished run
                 log.warning("plugin '%s' failed to add its report section: %s: %s", impl.plugin_name, type(exc).__name__, exc)
                 log.debug("report_sections of %s failed:\n%s", impl.plugin_name, traceback.format_exc())
