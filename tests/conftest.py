@@ -6,6 +6,7 @@ whole session (``XDG_CACHE_HOME``), so tests never write to the user's ``~/.cach
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -227,12 +228,18 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> CliRunner:
 
     def run(argv: Sequence[str]) -> tuple[int, str, str]:
         capsys.readouterr()  # drop anything printed before
+        # the CLI points the 'onnxq' logger at the current sys.stderr; put it back afterwards so
+        # later tests do not log into this test's (closed) capture stream
+        logger = logging.getLogger("onnxq")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
         try:
             main([str(a) for a in argv])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         else:  # main() always exits; returning means a bug in the entry point
             raise AssertionError("onnxq.cli.main.main returned instead of exiting")
+        finally:
+            logger.handlers[:], logger.level, logger.propagate = saved
         out, err = capsys.readouterr()
         return code, out, err
 

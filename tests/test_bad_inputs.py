@@ -116,6 +116,31 @@ def case_corrupt_npz(work: Path, model: Path, calib: Path) -> list[str]:
     return [model, "--data", folder]
 
 
+def case_zero_samples(work: Path, model: Path, calib: Path) -> list[str]:
+    return [model, "--data", _npz_dir(work, "data", input=np.zeros((0, 1, 16, 16), np.float32))]
+
+
+def case_zero_eval_samples(work: Path, model: Path, calib: Path) -> list[str]:
+    return [model, "--data", calib, "--eval-data", _npz_dir(work, "eval", input=np.zeros((0, 1, 16, 16), np.float32), label=np.zeros(0, np.int64))]
+
+
+def case_extra_key(work: Path, model: Path, calib: Path) -> list[str]:
+    return [model, "--data", _npz_dir(work, "data", input=_good_input(), mask=np.ones(4, np.float32))]
+
+
+def case_object_array(work: Path, model: Path, calib: Path) -> list[str]:
+    folder = work / "data"
+    folder.mkdir()
+    np.savez(folder / "data_000.npz", input=np.array([{"a": 1}, None], dtype=object))
+    return [model, "--data", folder]
+
+
+def case_failing_data_function(work: Path, model: Path, calib: Path) -> list[str]:
+    script = work / "mydata.py"
+    script.write_text("def feeds():\n    raise RuntimeError('the database is down')\n")
+    return [model, "--data", f"{script}:feeds"]
+
+
 def case_labels_mismatch(work: Path, model: Path, calib: Path) -> list[str]:
     return [model, "--data", calib, "--eval-data", _npz_dir(work, "eval", input=_good_input(4), label=np.arange(3))]
 
@@ -171,6 +196,11 @@ CASES: dict[str, tuple[Setup, str]] = {
     "empty-data-folder": (case_empty_data_folder, "data"),
     "missing-data-folder": (case_missing_data_folder, "no-such-data"),
     "corrupt-npz": (case_corrupt_npz, "data_000.npz"),
+    "zero-samples": (case_zero_samples, "empty"),
+    "zero-eval-samples": (case_zero_eval_samples, "empty"),
+    "extra-key": (case_extra_key, "mask"),
+    "object-array": (case_object_array, "data_000.npz"),
+    "failing-data-function": (case_failing_data_function, "the database is down"),
     "labels-mismatch": (case_labels_mismatch, "labels"),
     "bad-eval-data": (case_bad_eval_data, "shape"),
     "unknown-method": (case_unknown_method, "nosuch"),
@@ -205,6 +235,31 @@ def test_bad_input_is_one_error_line(case, run_cli, digits_model, digits_calib, 
     assert must_mention in lines[0], lines[0]
     assert list(out_dir.iterdir()) == [], "output folder is not empty"
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == work_before, "files appeared beside the inputs"
+
+
+def test_random_data_warns_once(run_cli, digits_model, tmp_path):
+    """--data random is allowed for smoke runs and says so exactly once (the data is read in several passes)."""
+    code, _, stderr = run_cli(["optimize", digits_model, "--data", "random", "--output", tmp_path / "q.onnx", "--no-cache"])
+    assert code == 0, stderr
+    assert stderr.splitlines() == ["onnxq: warning: calibrating on random data: the scales will not suit real inputs (smoke runs only)"]
+
+
+def test_compare_with_empty_data(run_cli, digits_model, tmp_path):
+    data = _npz_dir(tmp_path, "eval", input=np.zeros((0, 1, 16, 16), np.float32))
+    code, stdout, stderr = run_cli(["compare", digits_model, digits_model, "--data", data])
+    assert code == 1 and stdout == ""
+    assert stderr.splitlines() == [f"onnxq: error: the evaluation data '{data}' is empty"]
+
+
+@pytest.mark.xfail(reason="BUG: onnxq.compare() (backends/compare.py) calls next() on the data without a default, "
+                          "so empty evaluation data escapes as StopIteration instead of a DataError", strict=True)
+def test_python_compare_with_empty_data_is_a_data_error(digits_model, tmp_path):
+    import onnxq
+    from onnxq.errors import DataError
+
+    data = _npz_dir(tmp_path, "eval", input=np.zeros((0, 1, 16, 16), np.float32))
+    with pytest.raises(DataError, match="empty"):
+        onnxq.compare(digits_model, {"same": digits_model}, str(data))
 
 
 def test_bits_5_is_a_usage_error(run_cli, digits_model, digits_calib, tmp_path):

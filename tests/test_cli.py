@@ -35,6 +35,15 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     raise AssertionError(f"no evaluation table in:\n{text}")
 
 
+def _strict_json(text: str):
+    """Parse JSON the way strict parsers (jq, JavaScript) do: no NaN/Infinity literals."""
+
+    def refuse(token: str):
+        raise AssertionError(f"non-standard JSON constant {token!r} in --json output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _percent(cell: str) -> float:
     assert cell.endswith("%"), cell
     return float(cell[:-1])
@@ -78,7 +87,7 @@ def test_optimize_json_is_one_document(run_cli, digits_model, digits_calib, digi
     code, stdout, stderr = run_cli(["optimize", digits_model, "-p", "percentile", "-o", "percentile", "99.9", "--target", "trt",
                                     "--data", digits_calib, "--eval-data", digits_eval, "--output", out, "--json", "--no-cache"])
     assert code == 0, stderr
-    doc = json.loads(stdout)  # the whole of stdout is one JSON document
+    doc = _strict_json(stdout)  # the whole of stdout is one JSON document
     report = doc["report"]
     assert report["method"] == ["percentile"]
     assert report["options"]["percentile"]["percentile"] == pytest.approx(99.9)
@@ -90,7 +99,9 @@ def test_optimize_json_is_one_document(run_cli, digits_model, digits_calib, digi
     assert set(evals) == {"fp32", "onnxq trt int8"}
     head = next(iter(evals["onnxq trt int8"]["outputs"].values()))
     assert head["accuracy"] >= 0.994 - MAX_DROP_POINTS / 100
-    assert head["cosine"] > 0.99
+    assert head["cosine"] > 0.99 and head["sqnr_db"] > 20
+    fp32 = next(iter(evals["fp32"]["outputs"].values()))
+    assert fp32["sqnr_db"] is None and fp32["cosine"] == 1.0  # infinite SQNR is null in strict JSON
     assert doc["quality_gate"] is None
 
 
@@ -160,9 +171,30 @@ def test_quality_gate_json_reports_failure(run_cli, digits_model, digits_calib, 
     code, stdout, _ = run_cli(["optimize", digits_model, "--data", digits_calib, "--eval-data", digits_eval, "--max-drop", "-1",
                                "--output", out, "--no-cache", "--json"])
     assert code == 3 and not out.exists()
-    doc = json.loads(stdout)
+    doc = _strict_json(stdout)
     assert doc["quality_gate"] == "failed"
     assert doc["report"].get("output") is None
+
+
+def test_quality_gate_failure_keeps_an_existing_output(run_cli, digits_model, digits_calib, digits_eval, tmp_path):
+    out = tmp_path / "q.onnx"
+    out.write_bytes(b"previous model")
+    code, _, _ = run_cli(["optimize", digits_model, "--data", digits_calib, "--eval-data", digits_eval, "--max-drop", "-1",
+                          "--output", out, "--force", "--no-cache", "--quiet"])
+    assert code == 3
+    assert out.read_bytes() == b"previous model" and sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+
+
+def test_quality_gate_on_unlabelled_eval_data(run_cli, digits_model, digits_calib, tmp_path):
+    """Without labels the gate uses top-1 disagreement with FP32."""
+    out = tmp_path / "q.onnx"
+    code, stdout, stderr = run_cli(["optimize", digits_model, "--data", digits_calib, "--eval-data", digits_calib, "--max-drop", "2",
+                                    "--output", out, "--no-cache", "--json"])
+    assert code == 0, stderr
+    doc = _strict_json(stdout)
+    head = next(iter({e["name"]: e for e in doc["evaluation"]}["onnxq ort int8"]["outputs"].values()))
+    assert "accuracy" not in head and head["top1_agreement"] >= 0.98
+    assert doc["quality_gate"] == "passed" and out.is_file()
 
 
 def test_quality_gate_passes(run_cli, digits_model, digits_calib, digits_eval, tmp_path):
@@ -195,7 +227,7 @@ def test_methods_lists_the_builtins(run_cli):
     assert {"minmax", "percentile", "mse", "trt-entropy"} <= listed
     code, stdout, _ = run_cli(["methods", "--json"])
     assert code == 0
-    names = {m["name"] for m in json.loads(stdout)}
+    names = {m["name"] for m in _strict_json(stdout)}
     assert {"minmax", "percentile", "mse", "trt-entropy"} <= names
 
 
@@ -206,7 +238,7 @@ def test_methods_shows_options(run_cli):
     assert {"zero_bin", "kl"} <= option_rows
     assert "copy_next" in stdout
     code, stdout, _ = run_cli(["methods", "trt-entropy", "--json"])
-    opts = {o["name"]: o for o in json.loads(stdout)["options"]}
+    opts = {o["name"]: o for o in _strict_json(stdout)["options"]}
     assert opts["zero_bin"]["default"] == "copy_next" and opts["kl"]["default"] == "trt"
     code, stdout, _ = run_cli(["methods", "minmax"])
     assert code == 0 and "options: none" in stdout
@@ -222,7 +254,7 @@ def test_methods_unknown_name(run_cli):
 def test_plugins_json(run_cli):
     code, stdout, stderr = run_cli(["plugins", "--json"])
     assert code == 0, stderr
-    plugins = {p["name"]: p for p in json.loads(stdout)}
+    plugins = {p["name"]: p for p in _strict_json(stdout)}
     for name in ("minmax", "percentile", "mse", "trt-entropy", "readers"):
         assert plugins[name]["ok"] is True, plugins[name]
         assert plugins[name]["distribution"] == "onnxq"
@@ -238,7 +270,7 @@ def test_env(run_cli):
     assert code == 0, stderr
     assert "onnxruntime" in stdout and "CPUExecutionProvider" in stdout
     code, stdout, _ = run_cli(["env", "--json"])
-    info = json.loads(stdout)
+    info = _strict_json(stdout)
     import onnxruntime
 
     assert code == 0 and info["onnxruntime"] == onnxruntime.__version__
@@ -273,7 +305,7 @@ def test_compare_prints_both_rows(run_cli, digits_model, digits_eval, trt_model)
 def test_compare_json_with_layers(run_cli, digits_model, digits_eval, trt_model):
     code, stdout, stderr = run_cli(["compare", digits_model, trt_model, "--data", digits_eval, "--layers", "--json"])
     assert code == 0, stderr
-    doc = json.loads(stdout)
+    doc = _strict_json(stdout)
     names = [e["name"] for e in doc["evaluations"]]
     assert names == ["fp32", trt_model.name]
     layers = doc["layers"][trt_model.name]
@@ -293,7 +325,7 @@ def test_lint_passes_on_trt_output(run_cli, trt_model):
     assert code == 0, stdout + stderr
     assert "no TensorRT Q/DQ rule findings" in stdout
     code, stdout, _ = run_cli(["lint", trt_model, "--json"])
-    assert code == 0 and json.loads(stdout) == []
+    assert code == 0 and _strict_json(stdout) == []
 
 
 def _ort_quantize_static_default(model: Path, calib: Path, out: Path) -> Path:
@@ -333,7 +365,7 @@ def test_lint_fails_on_ort_quantize_static_default(run_cli, digits_model, digits
     assert re.search(r"^error zero-point ", stdout, re.M)  # asymmetric activations
     assert re.search(r"^error int32-bias ", stdout, re.M)  # int32 bias DequantizeLinear
     code, stdout, _ = run_cli(["lint", ortq, "--json"])
-    findings = json.loads(stdout)
+    findings = _strict_json(stdout)
     assert code == 1 and sum(f["severity"] == "error" for f in findings) == int(m.group(1))
 
 
@@ -360,7 +392,7 @@ def test_console_script_end_to_end(run_proc, onnxq_exe, digits_model, digits_cal
                      "--eval-data", digits_eval, "--max-drop", "1", "--output", out, "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    doc = json.loads(proc.stdout)
+    doc = _strict_json(proc.stdout)
     assert doc["quality_gate"] == "passed" and doc["report"]["output"] == str(out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["digits.onnx"]
     assert accuracy_of(out) >= digits_fp32_accuracy - MAX_DROP_POINTS / 100

@@ -115,12 +115,64 @@ def test_failing_registration_is_contained_and_rolled_back():
     rec = host.register_module("halfbroken", _module("halfbroken_mod", register_methods=register_methods))
     assert not rec.ok and rec.error == "RuntimeError: boom during registration"
     assert "good-from-broken" not in host.methods
+    assert rec.provides == []  # nothing it registered survived, so it lists nothing as provided
     assert host.broken() == [rec]
     with pytest.raises(UnknownNameError) as info:
         host.method("good-from-broken")
     msg = str(info.value)
     assert "unknown method 'good-from-broken'" in msg and "halfbroken (RuntimeError: boom during registration)" in msg
     assert "\n" not in msg
+
+
+def test_name_of_a_rolled_back_plugin_is_free_again():
+    class Good(HalfRange):
+        name = "contested"
+
+    @hookimpl
+    def broken(register):
+        register(Good)
+        raise RuntimeError("boom")
+
+    @hookimpl
+    def fine(register):
+        register(Good)
+
+    host = Host(load_entry_points=False)
+    assert not host.register_module("first", _module("a", register_methods=broken)).ok
+    rec = host.register_module("second", _module("b", register_methods=fine))
+    assert rec.ok, rec.error
+    assert host.method("contested") is Good
+
+
+def test_failing_report_hook_does_not_lose_the_run(tiny_model, tiny_feeds, caplog):
+    """A plugin whose report_sections raises is skipped with a warning; other sections still arrive."""
+
+    @hookimpl
+    def register_methods(register):
+        register(HalfRange)
+
+    @hookimpl
+    def good_section(report):
+        return {"good": {"bits": report["bits"]}}
+
+    @hookimpl
+    def bad_section(report):
+        raise KeyError("no such field")
+
+    @hookimpl
+    def no_args_section():
+        return {"noargs": True}
+
+    host = Host(load_entry_points=False)
+    host.register_module("methods", _module("m", register_methods=register_methods))
+    host.register_module("good", _module("g", report_sections=good_section))
+    host.register_module("bad", _module("b", report_sections=bad_section))
+    host.register_module("noargs", _module("n", report_sections=no_args_section))
+    with caplog.at_level("WARNING", logger="onnxq"):
+        res = onnxq.optimize(tiny_model, method="halfrange", data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
+    assert res.report["good"] == {"bits": 8} and res.report["noargs"] is True
+    assert "bad" not in res.report
+    assert any("bad" in r.getMessage() and "KeyError" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_plugin_validation_errors_are_recorded():
