@@ -133,5 +133,8 @@ def set_weight_qparams(ctx: RunContext, overwrite: bool = False) -> None:
         if site.qparams is not None and not overwrite:
             continue
         w = ctx.weight(site.initializer)
+        if ctx.profile.weight_only:
+            site.qparams = ctx.profile.weight_block_qparams(w, site.axis or 0)
+            continue
         absmax = per_channel_absmax(w, site.axis) if site.axis is not None else np.array(np.abs(w).max())
         site.qparams = ctx.profile.weight_qparams(absmax, site.axis)

@@ -155,11 +155,12 @@ def optimize(
     *,
     method: str | Sequence[str] = "trt-entropy",
     options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-    data: DataSpec = "random",
+    data: DataSpec | None = "random",
     data_options: Mapping[str, Any] | None = None,
     reader: str | None = None,
     target: str | TargetProfile = "ort",
     bits: int = 8,
+    block_size: int | None = None,
     batch_size: int = 16,
     max_samples: int | None = None,
     exclude: Sequence[str] = (),
@@ -176,7 +177,7 @@ def optimize(
     """
     host = host or get_host()
     t_start = time.perf_counter()
-    profile = target if isinstance(target, TargetProfile) else get_profile(target, bits)
+    profile = target if isinstance(target, TargetProfile) else get_profile(target, bits, block_size)
     if isinstance(target, TargetProfile) and bits != target.bits:
         profile = target.with_bits(bits)
         profile.validate_bits()
@@ -196,9 +197,14 @@ def optimize(
     work = onnx.ModelProto()
     work.CopyFrom(float_model)
     name_nodes(work)
-    work = prepare.upgrade_opset(work, prepare.MIN_QDQ_OPSET)
+    work = prepare.upgrade_opset(work, prepare.MIN_INT4_OPSET if profile.weight_only else prepare.MIN_QDQ_OPSET)
     work, shape_status = prepare.infer_shapes(work)
     inputs = model_inputs(work)
+    if data is None:
+        if not profile.weight_only:
+            raise DataError("calibration data is required (use data='random' for a smoke run)")
+        data = "random:1"  # 4-bit weight-only scales do not depend on data; one batch validates the output
+        data_options = {"warn": False}
     rdr = make_reader(data, inputs, host, data_options, reader)
     source = batch_source(rdr, inputs, batch_size, max_samples)
     first = next(iter(source()), None)
@@ -208,8 +214,8 @@ def optimize(
 
     # float rewrites (each must preserve outputs): the target's own, then the methods'
     rewritten_gemms: list[str] = []
-    if profile.gemm_outputs_as_matmul:
-        candidate, rewritten_gemms = gemm_outputs_to_matmul(work)
+    if profile.gemm_outputs_as_matmul or profile.weight_only:
+        candidate, rewritten_gemms = gemm_outputs_to_matmul(work, every_gemm=profile.weight_only)
         if rewritten_gemms:
             _check_rewrite("target " + profile.name, work, candidate, first)
             work = candidate
@@ -251,6 +257,10 @@ def optimize(
     origin = "+".join(m.name for m in methods)
     commands = commands_from_plan(ctx.plan, origin) + [c for m in methods for c in m.commands(ctx)]
     quantized = apply_commands(ctx.model, commands)
+    if profile.weight_only and profile.int4_matmulnbits:
+        from onnxq.graph.int4 import dq_matmul_to_matmulnbits
+
+        quantized, _ = dq_matmul_to_matmulnbits(quantized)
     quantized.producer_name = "onnxq"
     from onnxq import __version__
 
@@ -270,6 +280,7 @@ def optimize(
         "target": profile.name,
         "bits": profile.bits,
         "int7_note": "INT7 is an int8 container restricted to 7-bit ranges; ONNX Runtime and TensorRT run it on INT8 kernels" if profile.bits == 7 else None,
+        "weight_only": {"bits": 4, "block_size": profile.block_size, "format": "int4 symmetric" if profile.activation_signed else "uint4 with zero points"} if profile.weight_only else None,
         "shape_inference": shape_status,
         "quantized_activations": len(ctx.plan.activations),
         "quantized_weights": len(ctx.plan.weights),

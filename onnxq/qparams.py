@@ -31,6 +31,8 @@ class QParams:
     qmin: int
     qmax: int
     axis: int | None = None
+    #: block quantization (opset 21): ``scale`` has the input's shape with ``axis`` divided by this
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         scale = np.asarray(self.scale, dtype=np.float32)
@@ -64,6 +66,11 @@ class QParams:
     def _broadcast(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = self.scale.astype(np.float32)
         z = self.zero_point.astype(np.float32)
+        if self.block_size:
+            n = x.shape[self.axis]  # type: ignore[index]
+            s = np.repeat(s, self.block_size, axis=self.axis).take(range(n), axis=self.axis)
+            z = np.repeat(z, self.block_size, axis=self.axis).take(range(n), axis=self.axis)
+            return s, z
         if self.axis is not None and s.ndim == 1:
             shape = [1] * x.ndim
             shape[self.axis] = -1
@@ -113,6 +120,34 @@ def asymmetric(lo: float, hi: float, bits: int) -> QParams:
     scale = max((hi - lo) / (qmax - qmin), MIN_SCALE)
     zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
     return QParams(np.float32(scale), np.array(zp, dtype=np.uint8), container_for(bits, False), qmin, qmax)
+
+
+def blockwise(weight: np.ndarray, axis: int, block_size: int, bits: int, signed: bool) -> QParams:
+    """Block-wise qparams along ``axis`` (blocks of ``block_size``; the last may be shorter).
+
+    Signed grids are symmetric (zero point 0, [−2^(b−1), 2^(b−1)−1] with step max|w|/(2^(b−1)−1));
+    unsigned grids are asymmetric min/max per block with an integer zero point.
+    """
+    w = np.moveaxis(np.asarray(weight, np.float32), axis, 0)
+    n = w.shape[0]
+    nblocks = -(-n // block_size)
+    pad = nblocks * block_size - n
+    if pad:
+        w = np.concatenate([w, np.zeros((pad,) + w.shape[1:], np.float32)])
+    blocks = w.reshape((nblocks, block_size) + w.shape[1:])
+    if signed:
+        qmin, qmax = int_range(bits, True, False)
+        scale = np.maximum(np.abs(blocks).max(axis=1) / qmax, MIN_SCALE)
+        zp = np.zeros(scale.shape, np.int8)
+    else:
+        qmin, qmax = int_range(bits, False, False)
+        lo = np.minimum(blocks.min(axis=1), 0.0)
+        hi = np.maximum(blocks.max(axis=1), 0.0)
+        scale = np.maximum((hi - lo) / (qmax - qmin), MIN_SCALE)
+        zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.uint8)
+    scale = np.moveaxis(scale.astype(np.float32), 0, axis)
+    zp = np.moveaxis(zp, 0, axis)
+    return QParams(scale, zp, container_for(bits, signed), qmin, qmax, axis, block_size)
 
 
 def per_channel_absmax(weight: np.ndarray, axis: int) -> np.ndarray:

@@ -294,6 +294,7 @@ class RandomOptions:
     samples: int = option(32, "number of random samples")
     seed: int = option(0, "random seed")
     batch: int = option(8, "samples per batch")
+    warn: bool = option(True, "warn that random data gives meaningless activation scales")
 
 
 class RandomReader(DataReader):
@@ -310,10 +311,10 @@ class RandomReader(DataReader):
     _warned = False
 
     def __iter__(self) -> Iterator[Batch]:
-        if not self._warned:  # a run iterates the data several times (passes); say it once
+        o = self.options
+        if o.warn and not self._warned:  # a run iterates the data several times (passes); say it once
             self._warned = True
             log.warning("calibrating on random data: the scales will not suit real inputs (smoke runs only)")
-        o = self.options
         n = o.samples
         if self.spec.startswith("random:"):
             try:

@@ -17,7 +17,8 @@ from onnxq.errors import OptionError, QualityGateError
 @click.option("--data", default=None, help="Calibration data: folder/file of .npz/.npy, image folder, module:function, or random.")
 @data_options
 @click.option("--target", type=click.Choice(["ort", "trt", "ort-s8"]), default="ort", show_default=True, help="Deployment target profile.")
-@click.option("--bits", type=click.Choice(["8", "7"]), default="8", show_default=True, help="Bit width of weights and activations (7 = INT7 in an int8 container).")
+@click.option("--bits", type=click.Choice(["8", "7", "4"]), default="8", show_default=True, help="8 or 7: weights and activations (7 = INT7 in an int8 container); 4: block-wise int4 weight-only MatMul/Gemm.")
+@click.option("--block-size", type=int, default=None, help="Block size of --bits 4 (power of two >= 16; default 32).")
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output model (default: MODEL's folder, <stem>.<target>-int<bits>.onnx).")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep nodes in float: node-name glob or op type. Repeatable.")
@@ -30,14 +31,14 @@ from onnxq.errors import OptionError, QualityGateError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
-            batch_size: int, max_samples: int | None, target: str, bits: str, output: Path | None, force: bool, exclude: tuple[str, ...],
+            batch_size: int, max_samples: int | None, target: str, bits: str, block_size: int | None, output: Path | None, force: bool, exclude: tuple[str, ...],
             cache_dir: Path | None, no_cache: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, baseline: str,
             as_json: bool, quiet: bool) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
     from onnxq.pipeline import optimize
     from onnxq.graph.model_io import ensure_output_path, save_model_atomic
 
-    if data is None:
+    if data is None and bits != "4":
         raise OptionError("--data is required (use --data random for a smoke run)")
     if (max_drop is not None or min_cosine is not None) and eval_data is None:
         raise OptionError("--max-drop/--min-cosine need --eval-data")
@@ -48,7 +49,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
     ensure_output_path(out, [model], force)
     result = optimize(
         model, None, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"), reader=reader,
-        target=target, bits=int(bits), batch_size=batch_size, max_samples=max_samples, exclude=exclude,
+        target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
     )
     report = result.report

@@ -115,9 +115,39 @@ def _objective_tensor(idx: GraphIndex, output: str) -> str:
     return output
 
 
+def build_weight_only_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable[str] = ()) -> QuantPlan:
+    """4-bit weight-only: every MatMul with a constant 2-D float weight, blocked along K (axis 0)."""
+    idx = GraphIndex(model)
+    plan = QuantPlan(profile)
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        if _matches(node, exclude):
+            plan.skipped.append((node.name, "excluded by the user"))
+            continue
+        if node.op_type == "Gemm":
+            plan.skipped.append((node.name, "Gemm that could not be rewritten as MatMul (alpha/beta/transA)"))
+            continue
+        value = idx.constant_value(node.input[1]) if len(node.input) > 1 else None
+        if value is None or value.dtype.kind != "f" or value.ndim != 2:
+            if value is not None:
+                plan.skipped.append((node.name, "weight is not a 2-D float constant"))
+            continue
+        if node.input[1] in plan.weights:
+            continue
+        if value.shape[0] < profile.block_size:
+            plan.skipped.append((node.name, f"K = {value.shape[0]} is smaller than the block size {profile.block_size}"))
+            continue
+        plan.weights[node.input[1]] = WeightSite(node.input[1], node.name, 1, 0)
+        plan.layers.append(Layer(node.name, node.op_type, (node.input[0],), node.input[1], node.output[0], node.output[0]))
+    return plan
+
+
 def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable[str] = ()) -> QuantPlan:
     """Place Q/DQ sites for ``profile``. ``exclude`` holds node-name globs or op types kept in float."""
     exclude = tuple(exclude)
+    if profile.weight_only:
+        return build_weight_only_plan(model, profile, exclude)
     idx = GraphIndex(model)
     plan = QuantPlan(profile)
 

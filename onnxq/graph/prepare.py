@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 #: per-channel DequantizeLinear (``axis``) needs opset 13.
 MIN_QDQ_OPSET = 13
+#: int4 types and block-wise DequantizeLinear (``block_size``) need opset 21.
+MIN_INT4_OPSET = 21
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -103,6 +103,8 @@ def _qparam_initializers(base: str, q: QParams) -> list[onnx.TensorProto]:
 
 
 def _axis_attrs(q: QParams) -> dict[str, int]:
+    if q.block_size:
+        return {"axis": int(q.axis), "block_size": int(q.block_size)}  # type: ignore[arg-type]
     return {"axis": int(q.axis)} if q.axis is not None and q.scale.ndim == 1 else {}
 
 

@@ -16,13 +16,15 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def gemm_outputs_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """Rewrite ``Gemm(A, B_const[, c])`` whose output is a graph output as ``MatMul`` (+ ``Add``).
 
     ONNX Runtime fuses a quantized Gemm only when its output is quantized too (QGemm), which would
     put the model's final outputs on an 8-bit grid; a quantized MatMul with a float output runs as
     MatMulIntegerToFloat instead, keeping the outputs in float. Only plain Gemms (alpha = beta = 1,
-    no transA, constant B, 1-D or absent C) are rewritten. Returns the model and the rewritten names.
+    no transA, constant B, 1-D or absent C) are rewritten; ``every_gemm`` rewrites them wherever
+    their output goes (4-bit weight-only mode: ORT's 4-bit kernel is a MatMul). Returns the model
+    and the rewritten names.
     """
     idx = GraphIndex(model)
     out = onnx.ModelProto()
@@ -34,7 +36,7 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
     for node in g.node:
         ok = (
             node.op_type == "Gemm"
-            and node.output[0] in idx.graph_outputs
+            and (every_gemm or node.output[0] in idx.graph_outputs)
             and _attr(node, "alpha", 1.0) == 1.0
             and _attr(node, "beta", 1.0) == 1.0
             and not _attr(node, "transA", 0)

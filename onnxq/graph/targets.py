@@ -44,11 +44,30 @@ class TargetProfile:
     int32_bias: bool = False
     #: rewrite Gemms that produce graph outputs as MatMul(+Add) so ORT keeps them integer with float outputs
     gemm_outputs_as_matmul: bool = False
+    #: block size of 4-bit weight-only quantization (``bits == 4``)
+    block_size: int = 32
+    #: write 4-bit MatMuls as com.microsoft.MatMulNBits (ORT) instead of DQ -> MatMul (portable, TensorRT)
+    int4_matmulnbits: bool = False
     description: str = ""
 
     def validate_bits(self) -> None:
-        if self.bits not in (8, 7):
-            raise OptionError(f"--bits {self.bits} is not supported for activations and weights (use 8 or 7; 4-bit weight-only comes with its own method)")
+        if self.bits not in (8, 7, 4):
+            raise OptionError(f"--bits {self.bits} is not supported (8 or 7: weights and activations; 4: weight-only MatMul/Gemm)")
+        if self.weight_only and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise OptionError(f"block size {self.block_size} must be a power of two >= 16 (ONNX Runtime's 4-bit MatMul kernel needs it)")
+
+    @property
+    def weight_only(self) -> bool:
+        """4-bit mode: block-wise int4 weights of MatMul/Gemm, activations stay float."""
+        return self.bits == 4
+
+    def weight_block_qparams(self, weight: np.ndarray, axis: int) -> qp.QParams:
+        """Block-wise 4-bit qparams along the reduction axis ``axis``.
+
+        TensorRT accepts only symmetric int4; ONNX Runtime's MatMulNBits also takes uint4 with
+        zero points, which fits skewed blocks better.
+        """
+        return qp.blockwise(weight, axis, self.block_size, 4, signed=self.activation_signed)
 
     @property
     def activation_levels(self) -> int:
@@ -90,6 +109,7 @@ ORT_U8 = TargetProfile(
     quantize_outputs=True,
     extra_ops=ORT_EXTRA_OPS,
     gemm_outputs_as_matmul=True,
+    int4_matmulnbits=True,
     description="ONNX Runtime CPU: uint8 asymmetric activations, int8 per-channel weights (U8S8), integer kernels for Conv/MatMul/Gemm/Add/Concat/pooling",
 )
 
@@ -98,12 +118,14 @@ ORT_S8 = replace(ORT_U8, name="ort-s8", activation_signed=True, description="ONN
 PROFILES: dict[str, TargetProfile] = {p.name: p for p in (TRT, ORT_U8, ORT_S8)}
 
 
-def get_profile(name: str, bits: int = 8) -> TargetProfile:
-    """Look up a target profile by name and set its bit width."""
+def get_profile(name: str, bits: int = 8, block_size: int | None = None) -> TargetProfile:
+    """Look up a target profile by name and set its bit width (and 4-bit block size)."""
     try:
         profile = PROFILES[name]
     except KeyError:
         raise OptionError(f"unknown target '{name}' (targets: {', '.join(PROFILES)})") from None
     profile = profile.with_bits(bits)
+    if block_size is not None:
+        profile = replace(profile, block_size=block_size)
     profile.validate_bits()
     return profile

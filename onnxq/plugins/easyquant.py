@@ -122,6 +122,8 @@ class EasyQuant(QuantMethod):
     # -- the search ------------------------------------------------------------------------
     def refine(self, ctx: RunContext) -> None:
         o = self.options
+        if ctx.profile.weight_only:
+            raise OptionError("easyquant searches 8- and 7-bit weights and activations; for --bits 4 use minmax (round to nearest) or mse")
         self._sessions: dict[str, object] = {}
         chunks = _take_samples(ctx, o.samples)
         idx = GraphIndex(ctx.model)

@@ -1,0 +1,96 @@
+"""4-bit weight-only MatMul in the form ONNX Runtime runs on its 4-bit kernel.
+
+onnxq's 4-bit plan is written as block-wise int4/uint4 ``DequantizeLinear`` (opset 21) feeding
+``MatMul``: portable, and what TensorRT accepts. ONNX Runtime 1.32 fuses that pattern into
+``com.microsoft.MatMulNBits`` only in some graph contexts: a MatMul followed by Add + Relu is
+first turned into a FusedGemm, and a MatMul whose output feeds a Relu directly is left as float,
+so for the ``ort`` target onnxq writes ``MatMulNBits`` itself (the same op ORT's own
+MatMulNBitsQuantizer emits) and the 4-bit kernel is used in every context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Pack uint4 values (last axis, even length) two per byte, first value in the low nibble."""
+    v = values.astype(np.uint8)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _int4_value(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t).astype(np.int32)
+
+
+def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) -> tuple[onnx.ModelProto, list[str]]:
+    """Replace every block-wise 4-bit ``DequantizeLinear(axis=0) -> MatMul`` weight by ``MatMulNBits``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    replaced: list[str] = []
+    drop: set[int] = set()
+    new_inits: list[onnx.TensorProto] = []
+    for node in g.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or consumers.get(dq.output[0], 0) != 1:
+            continue
+        attrs = {a.name: a.i for a in dq.attribute}
+        q = inits.get(dq.input[0])
+        if q is None or q.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or attrs.get("axis") != 0 or not attrs.get("block_size"):
+            continue
+        bs = attrs["block_size"]
+        ints = _int4_value(q)  # [K, N]
+        if ints.ndim != 2:
+            continue
+        k, n = ints.shape
+        nblocks = -(-k // bs)
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)  # [nblocks, N]
+        zp = _int4_value(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, np.int32)
+        signed = q.data_type == onnx.TensorProto.INT4
+        # MatMulNBits stores unsigned nibbles; its default zero point is 8
+        u = ints + 8 if signed else ints
+        pad = nblocks * bs - k
+        if pad:
+            u = np.concatenate([u, np.full((pad, n), 8 if signed else 0, np.int32)])
+        blob = _pack_nibbles(u.T.reshape(n, nblocks, bs))  # [N, nblocks, bs/2]
+        base = node.name or node.output[0]
+        b_name, s_name = f"{base}_nbits_B", f"{base}_nbits_scales"
+        new_inits += [numpy_helper.from_array(blob, b_name), numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), s_name)]
+        inputs = [node.input[0], b_name, s_name]
+        if not signed:
+            zpu = zp.T  # [N, nblocks]
+            if nblocks % 2:
+                zpu = np.concatenate([zpu, np.zeros((n, 1), np.int32)], axis=1)
+            z_name = f"{base}_nbits_zero_points"
+            new_inits.append(numpy_helper.from_array(_pack_nibbles(zpu).reshape(-1), z_name))
+            inputs.append(z_name)
+        new = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
+                               K=k, N=n, bits=4, block_size=bs, accuracy_level=accuracy_level)
+        node.CopyFrom(new)
+        drop.add(id(dq))
+        replaced.append(node.name)
+    if replaced:
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        g.initializer.extend(new_inits)
+        used = {i for n in g.node for i in n.input}
+        kept = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+        if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return out, replaced
