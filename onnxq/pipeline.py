@@ -196,8 +196,9 @@ def optimize(
     # prepare
     work = onnx.ModelProto()
     work.CopyFrom(float_model)
-    name_nodes(work)
     work = prepare.upgrade_opset(work, prepare.MIN_INT4_OPSET if profile.weight_only else prepare.MIN_QDQ_OPSET)
+    prepare.constants_to_initializers(work)
+    name_nodes(work)  # after the opset upgrade, which may add unnamed nodes
     work, shape_status = prepare.infer_shapes(work)
     inputs = model_inputs(work)
     if data is None:

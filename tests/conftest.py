@@ -239,7 +239,9 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> CliRunner:
         else:  # main() always exits; returning means a bug in the entry point
             raise AssertionError("onnxq.cli.main.main returned instead of exiting")
         finally:
-            logger.handlers[:], logger.level, logger.propagate = saved
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
         out, err = capsys.readouterr()
         return code, out, err
 

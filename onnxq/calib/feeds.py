@@ -75,11 +75,38 @@ def batch_is_dynamic(inputs: list[InputSpec]) -> bool:
     return all(s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in inputs)
 
 
+def split_static(batch: Batch, inputs: list[InputSpec]) -> list[Batch]:
+    """Split a reader batch of k·B samples into k batches for a model whose batch dimension is a static B.
+
+    Only when every input has the same static leading dimension B and every array holds a whole
+    multiple of B samples along axis 0 (e.g. a batch-1 model fed .npz files of 16 samples); any other
+    batch is returned as it is, for :func:`validate_batch` to judge.
+    """
+    leading = {s.shape[0] if s.shape else None for s in inputs}
+    if len(leading) != 1:
+        return [batch]
+    (b,) = leading
+    if not (isinstance(b, int) and b > 0) or set(batch.feeds) != {s.name for s in inputs}:
+        return [batch]
+    arrays = [batch.feeds[s.name] for s in inputs]
+    if any(not isinstance(a, np.ndarray) or a.ndim != len(s.shape) for a, s in zip(arrays, inputs)):
+        return [batch]
+    counts = {a.shape[0] for a in arrays}
+    if len(counts) != 1:
+        return [batch]
+    (n,) = counts
+    if n == b or n % b or (batch.labels is not None and len(batch.labels) != n):
+        return [batch]
+    return [Batch({k: v[i : i + b] for k, v in batch.feeds.items()}, batch.labels[i : i + b] if batch.labels is not None else None, batch.source)
+            for i in range(0, n, b)]
+
+
 def rebatch(batches: Iterable[Batch], inputs: list[InputSpec], batch_size: int) -> Iterator[Batch]:
     """Validate every batch, then regroup samples into batches of ``batch_size``.
 
-    Models with a static batch dimension keep the reader's batches as they are. Samples of
-    different shapes (variable-length inputs) are never concatenated together.
+    Models with a static batch dimension B keep the reader's batches, split into batches of B
+    when they hold a multiple of B samples. Samples of different shapes (variable-length inputs)
+    are never concatenated together.
     """
     dynamic = batch_is_dynamic(inputs)
     pending: list[Batch] = []
@@ -93,10 +120,11 @@ def rebatch(batches: Iterable[Batch], inputs: list[InputSpec], batch_size: int) 
         return Batch(feeds, labels, pending[0].source)
 
     for raw in batches:
-        b = validate_batch(raw, inputs)
         if not dynamic:
-            yield b
+            for piece in split_static(raw, inputs):
+                yield validate_batch(piece, inputs)
             continue
+        b = validate_batch(raw, inputs)
         size = next(iter(b.feeds.values())).shape[0] if b.feeds else 1
         for start in range(0, size, batch_size):
             piece = Batch({k: v[start : start + batch_size] for k, v in b.feeds.items()},

@@ -162,16 +162,20 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], source: BatchSour
 
 
 def _bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
-    """Signed histogram with ``nbins2`` equal bins over [−amax, amax] (values outside are clamped)."""
+    """Signed histogram with ``nbins2`` equal bins over [−amax, amax] (values outside are clamped).
+
+    Every element's bin is computed on its own (float32 arithmetic, then truncation of a
+    non-negative number), so the counts do not depend on how samples were batched.
+    """
     x = np.asarray(x, dtype=np.float32).ravel()
     if amax <= 0:
         out = np.zeros(nbins2, np.int64)
         out[nbins2 // 2] = x.size
         return out
     scale = np.float32(nbins2 / (2.0 * amax))
-    idx = np.floor((x + np.float32(amax)) * scale).astype(np.int64)
-    np.clip(idx, 0, nbins2 - 1, out=idx)
-    return np.bincount(idx, minlength=nbins2)
+    pos = (x + np.float32(amax)) * scale
+    np.clip(pos, 0, nbins2 - 1, out=pos)
+    return np.bincount(pos.astype(np.int32), minlength=nbins2)
 
 
 def _tensor_bytes_per_sample(model: onnx.ModelProto, tensors: list[str]) -> dict[str, int]:
@@ -189,17 +193,34 @@ def _tensor_bytes_per_sample(model: onnx.ModelProto, tensors: list[str]) -> dict
     return out
 
 
+def _split(batch: Batch, size: int) -> Iterator[Batch]:
+    """Sub-batches of at most ``size`` samples (no copies: views along axis 0)."""
+    n = next(iter(batch.feeds.values())).shape[0] if batch.feeds else 0
+    if n <= size:
+        yield batch
+        return
+    for start in range(0, n, size):
+        yield Batch({k: v[start : start + size] for k, v in batch.feeds.items()}, None, batch.source)
+
+
 def collect_histograms(model: onnx.ModelProto, ranges: StatsMap, requests: dict[str, StatRequest], source: BatchSource,
-                       batch_size: int, memory_budget: int, show_progress: bool = True) -> None:
-    """Pass 2: fill ``ranges[t].hist`` for every histogram request (in place)."""
+                       batch_size: int, memory_budget: int, show_progress: bool = True, dynamic_batch: bool = True) -> None:
+    """Pass 2: fill ``ranges[t].hist`` for every histogram request (in place).
+
+    Exposing every tensor at once costs ``sum(tensor bytes) × batch`` per run. Within
+    ``memory_budget`` onnxq first shrinks the run's batch (one pass over the data), and only when a
+    single sample of all tensors does not fit does it split the tensors into groups (one pass each).
+    """
     tensors = [t for t, r in requests.items() if r.kind == "histogram"]
     if not tensors:
         return
     sizes = _tensor_bytes_per_sample(model, tensors)
+    per_sample = sum(sizes.values())
+    run_batch = max(1, min(batch_size, memory_budget // max(per_sample, 1))) if dynamic_batch else batch_size
     groups: list[list[str]] = [[]]
     used = 0
     for t in tensors:
-        cost = sizes[t] * batch_size
+        cost = sizes[t] * run_batch
         if groups[-1] and used + cost > memory_budget:
             groups.append([])
             used = 0
@@ -212,10 +233,11 @@ def collect_histograms(model: onnx.ModelProto, ranges: StatsMap, requests: dict[
         hists = {t: np.zeros(2 * requests[t].bins, np.int64) for t in group}
         desc = "calibration: histograms" + (f" ({gi + 1}/{len(groups)})" if len(groups) > 1 else "")
         for batch in _iterate(source, desc, show_progress):
-            res = ort_backend.run(sess, batch.feeds, group)
-            for t, arr in zip(group, res):
-                hists[t] += _bincount(arr, ranges[t].amax, len(hists[t]))
-            del res
+            for part in (_split(batch, run_batch) if dynamic_batch else (batch,)):
+                res = ort_backend.run(sess, part.feeds, group)
+                for t, arr in zip(group, res):
+                    hists[t] += _bincount(arr, ranges[t].amax, len(hists[t]))
+                del res
         for t in group:
             ranges[t].hist = hists[t]
 
@@ -236,7 +258,9 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
             return cached
     tensors = list(merged)
     stats = collect_ranges(model, tensors, source, show_progress)
-    collect_histograms(model, stats, merged, source, batch_size, memory_budget, show_progress)
+    from onnxq.calib.feeds import batch_is_dynamic, model_inputs
+
+    collect_histograms(model, stats, merged, source, batch_size, memory_budget, show_progress, batch_is_dynamic(model_inputs(model)))
     if key is not None:
         save_cache(Path(cache_dir), key, stats)  # type: ignore[arg-type]
     return stats

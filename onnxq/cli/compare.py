@@ -17,14 +17,22 @@ from onnxq.cli.common import data_options, emit_json, parse_key_values
 @click.argument("quantized", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", required=True, help="Evaluation data (labels give accuracy).")
 @data_options
-@click.option("--calib-data", default=None, help="Calibration data for --baseline ort (default: --data).")
+@click.option("--calib-data", default=None, help="Calibration data for --baseline ort and the --backend trt calibrator row (default: --data).")
 @click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Add ONNX Runtime's quantize_static output, calibrated on --calib-data.")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="Runtime to evaluate on (trt needs a GPU and TensorRT).")
+@click.option("--trt-calibrator", type=click.Choice(["entropy", "minmax", "none"]), default="entropy", show_default=True,
+              help="--backend trt: add TensorRT's own implicit calibrator on --calib-data (TensorRT 10.x; on 11+ onnxq's trt-entropy stands in).")
+@click.option("--fp16", is_flag=True, help="--backend trt: run the layers outside Q/DQ in FP16 (strongly typed: the graph is rewritten to float16).")
+@click.option("--workspace-mb", type=click.IntRange(min=1), default=2048, show_default=True, help="--backend trt: builder workspace limit in MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="--backend trt: TensorRT timing cache file (read, then updated).")
+@click.option("--save-trt-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--backend trt on TensorRT 10.x: write TensorRT's calibration cache here (re-import it with -p trt-cache).")
 @click.option("--threads", default="1", show_default=True, help="Comma-separated intra-op thread counts for latency.")
 @click.option("--layers", is_flag=True, help="Also print per-layer SQNR of each quantized model vs FP32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
-            max_samples: int | None, calib_data: str | None, baseline: str, backend: str, threads: str, layers: bool, as_json: bool) -> None:
+            max_samples: int | None, calib_data: str | None, baseline: str, backend: str, trt_calibrator: str, fp16: bool, workspace_mb: int,
+            timing_cache: Path | None, save_trt_cache: Path | None, threads: str, layers: bool, as_json: bool) -> None:
     """Evaluate FP32_MODEL and each QUANTIZED model side by side."""
     from onnxq.backends.compare import evaluate, layer_errors
     from onnxq.calib.feeds import model_inputs
@@ -35,9 +43,9 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     from onnxq.report import evaluation_table, table
 
     if backend == "trt":
-        from onnxq.errors import OnnxqError
+        from onnxq.backends.tensorrt import check_trt_cli
 
-        raise OnnxqError("the TensorRT backend is not available in this build (it needs an NVIDIA GPU and the tensorrt package)")
+        check_trt_cli(save_trt_cache)  # one line naming what is missing: tensorrt, a CUDA binding, a GPU
     try:
         thread_counts = tuple(int(t) for t in threads.split(","))
     except ValueError:
@@ -63,9 +71,19 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
 
             cal = batch_source(make_reader(calib_data or data, inputs, host, opts, reader), inputs, batch_size, max_samples)
             t0 = time.perf_counter()
-            candidates["ort quantize_static"] = quantize_with_ort(fp32_model, Path(tmp) / "ort.onnx", cal)
+            # TensorRT accepts only int8 symmetric activations inside the graph
+            trt_kw = {"symmetric_activations": True, "activation_type": "int8"} if backend == "trt" else {}
+            candidates["ort quantize_static"] = quantize_with_ort(fp32_model, Path(tmp) / "ort.onnx", cal, **trt_kw)
             extra["ort quantize_static"] = {"calibration_seconds": round(time.perf_counter() - t0, 3)}
-        evals = evaluate(fp32_model, candidates, source, latency_feeds={k: v[:1] for k, v in first.feeds.items()}, threads=thread_counts)  # type: ignore[arg-type]
+        trt_doc: dict = {}
+        if backend == "trt":
+            from onnxq.backends.tensorrt import compare_on_trt
+
+            cal_src = batch_source(make_reader(calib_data or data, inputs, host, opts, reader), inputs, batch_size, max_samples)
+            evals, trt_doc = compare_on_trt(fp32_model, candidates, source, {k: v[:1] for k, v in first.feeds.items()}, cal_src,  # type: ignore[arg-type]
+                                            trt_calibrator, fp16, workspace_mb, timing_cache, save_trt_cache, optional=("ort quantize_static",))
+        else:
+            evals = evaluate(fp32_model, candidates, source, latency_feeds={k: v[:1] for k, v in first.feeds.items()}, threads=thread_counts)  # type: ignore[arg-type]
         per_layer = {}
         if layers:
             for name, path in candidates.items():
@@ -75,9 +93,11 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     for e in evals:
         e.extra.update(extra.get(e.name, {}))
     if as_json:
-        emit_json({"evaluations": [dataclasses.asdict(e) for e in evals], "layers": per_layer})
+        emit_json({"evaluations": [dataclasses.asdict(e) for e in evals], "layers": per_layer, **({"tensorrt": trt_doc} if trt_doc else {})})
         return
     click.echo(evaluation_table(evals))
+    for note in trt_doc.get("notes", []):
+        click.echo(f"note: {note}")
     for name, rows in per_layer.items():
         click.echo(f"\nper-layer error of {name} (layer output vs FP32):")
         click.echo(table([[t, f"{v['sqnr_db']:.1f}", f"{v['cosine']:.5f}"] for t, v in rows.items()], ["tensor", "sqnr-dB", "cosine"]))

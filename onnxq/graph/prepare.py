@@ -61,6 +61,31 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
     return converted
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move top-level ``Constant`` nodes holding a tensor into initializers (in place).
+
+    Exporters (paddle2onnx, torch) often write weights as Constant nodes; as initializers they can
+    be quantized, fed to single-node sessions and deduplicated like any weight. Returns the count.
+    """
+    g = model.graph
+    existing = {t.name for t in g.initializer}
+    keep, moved = [], 0
+    for node in g.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and node.output[0] not in existing:
+            t = onnx.TensorProto()
+            t.CopyFrom(value.t)
+            t.name = node.output[0]
+            g.initializer.append(t)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del g.node[:]
+        g.node.extend(keep)
+    return moved
+
+
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor whose type is known (inputs, outputs, value_info, initializers)."""
     types: dict[str, int] = {}
