@@ -33,6 +33,9 @@ class QParams:
     axis: int | None = None
     #: block quantization (opset 21): ``scale`` has the input's shape with ``axis`` divided by this
     block_size: int | None = None
+    #: weights only: the step that produced the stored integers, when the dequantization ``scale``
+    #: was corrected afterwards (magnitude correction of a clipped channel); None = ``scale``
+    quant_scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         scale = np.asarray(self.scale, dtype=np.float32)
@@ -40,6 +43,11 @@ class QParams:
             raise ValueError(f"quantization scale must be finite and positive, got {scale.ravel()[:4]}")
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "zero_point", np.asarray(self.zero_point, dtype=self.np_dtype))
+        if self.quant_scale is not None:
+            qs = np.asarray(self.quant_scale, dtype=np.float32)
+            if qs.shape != scale.shape or not np.all(np.isfinite(qs)) or np.any(qs <= 0):
+                raise ValueError("quant_scale must match scale's shape and be finite and positive")
+            object.__setattr__(self, "quant_scale", qs)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -63,8 +71,8 @@ class QParams:
         zp = self.zero_point.astype(np.float64)
         return self.scale * (self.qmin - zp), self.scale * (self.qmax - zp)
 
-    def _broadcast(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = self.scale.astype(np.float32)
+    def _broadcast(self, x: np.ndarray, quant: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        s = (self.quant_scale if quant and self.quant_scale is not None else self.scale).astype(np.float32)
         z = self.zero_point.astype(np.float32)
         if self.block_size:
             n = x.shape[self.axis]  # type: ignore[index]
@@ -79,14 +87,15 @@ class QParams:
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Integers as the deployed graph stores them (round half to even, saturated)."""
-        s, z = self._broadcast(x)
+        s, z = self._broadcast(x, quant=True)
         q = np.rint(np.asarray(x, np.float32) / s) + z
         return np.clip(q, self.qmin, self.qmax).astype(self.np_dtype)
 
     def fake_quantize(self, x: np.ndarray) -> np.ndarray:
         """Quantize then dequantize, in float32."""
         s, z = self._broadcast(x)
-        q = np.clip(np.rint(np.asarray(x, np.float32) / s) + z, self.qmin, self.qmax)
+        sq = self._broadcast(x, quant=True)[0] if self.quant_scale is not None else s
+        q = np.clip(np.rint(np.asarray(x, np.float32) / sq) + z, self.qmin, self.qmax)
         return ((q - z) * s).astype(np.float32)
 
 

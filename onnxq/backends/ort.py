@@ -42,11 +42,16 @@ def _level(opt: Optimization):
     }[opt]
 
 
-def session_options(optimization: Optimization = "all", threads: int | None = None, optimized_path: str | None = None):
-    """SessionOptions with a given optimization level and intra-op thread count."""
+def session_options(optimization: Optimization = "all", threads: int | None = None, optimized_path: str | None = None, arena: bool = True):
+    """SessionOptions with a given optimization level and intra-op thread count.
+
+    ``arena=False`` returns memory to the system after each run instead of keeping ORT's arena at
+    its peak (calibration passes use it to keep the process's peak memory low).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = _level(optimization)
     so.log_severity_level = 3
     if threads:
@@ -57,11 +62,12 @@ def session_options(optimization: Optimization = "all", threads: int | None = No
     return so
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike[str], optimization: Optimization = "all", threads: int | None = None, optimized_path: str | None = None):
+def make_session(model: onnx.ModelProto | str | os.PathLike[str], optimization: Optimization = "all", threads: int | None = None,
+                 optimized_path: str | None = None, arena: bool = True):
     """Create a CPU InferenceSession from a ModelProto or a path; errors become ModelError."""
     import onnxruntime as ort
 
-    so = session_options(optimization, threads, optimized_path)
+    so = session_options(optimization, threads, optimized_path, arena)
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() > 2**31 - 1:

@@ -83,6 +83,13 @@ class GraphRunner:
         parts = self.values[tensor]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def run_to(self, position: int) -> None:
+        """Execute every node up to and including ``self.nodes[position]`` (no-op if already done).
+
+        Afterwards ``values`` holds every tensor a later node still reads (a search's frontier).
+        """
+        self._advance_to(position)
+
     # -- execution -------------------------------------------------------------------
     def _advance_to(self, last: int) -> None:
         while self.next <= last:
@@ -108,20 +115,19 @@ class GraphRunner:
         sess = self.sessions.get(node.name)
         if sess is None:
             inputs = [helper.make_tensor_value_info(k, _elem(v), None) for k, v in feeds.items()]
-            sub = helper.make_graph([node], node.name, inputs, [helper.make_tensor_value_info(o, 0, None) for o in node.output if o])
+            sub = helper.make_graph([node], node.name, inputs, [onnx.ValueInfoProto(name=o) for o in node.output if o])
             m = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+            known = self.idx.types  # types from the whole model's shape inference
             try:
-                m = onnx.shape_inference.infer_shapes(m)
-                typed = {vi.name: vi for vi in m.graph.value_info}
-                del m.graph.output[:]
-                for o in node.output:
-                    if o:
-                        vi = typed.get(o)
-                        elem = vi.type.tensor_type.elem_type if vi is not None and vi.type.tensor_type.elem_type else onnx.TensorProto.FLOAT
-                        m.graph.output.append(helper.make_tensor_value_info(o, elem, None))
-            except Exception:
-                del m.graph.output[:]
-                m.graph.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o)
+                inferred = onnx.shape_inference.infer_shapes(m)
+                known = {**{vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type},
+                         **{o.name: o.type.tensor_type.elem_type for o in inferred.graph.output if o.type.tensor_type.elem_type}, **known}
+            except Exception:  # unknown or custom op: fall back on the model's types
+                pass
+            del m.graph.output[:]
+            for o in node.output:
+                if o:
+                    m.graph.output.append(helper.make_tensor_value_info(o, known.get(o) or onnx.TensorProto.FLOAT, None))
             sess = ort_backend.make_session(m, "disable", threads=None)
             self.sessions[node.name] = sess
         return sess
@@ -209,14 +215,19 @@ class LayerRunner:
             self._sess = ort_backend.make_session(m, "basic")
         return self._sess
 
-    def run(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """Objective tensor for input ``x`` and weight ``w`` (bias from the model unless given)."""
+    def run(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, post: bool = True) -> np.ndarray:
+        """Objective tensor for input ``x`` and weight ``w`` (bias from the model unless given;
+        ``post=False`` returns the layer's raw output, before its following activation)."""
         b = self.bias if bias is None else bias
         feeds = {"X": x, "W": w}
         if b is not None:
             feeds["B"] = b.astype(np.float32)
         y = ort_backend.run(self._session(x, w, b is not None), feeds)[0]
-        return self.post(y)
+        return self.post(y) if post else y
+
+    def run_linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The layer's output without bias and activation: linear in ``w``."""
+        return self.run(x, w, np.zeros_like(self.bias) if self.bias is not None else None, post=False)
 
     def run_stacked(self, x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
         """Run K candidate weights at once: ``weights`` is [K, *w.shape]; returns [K, *y.shape].

@@ -106,15 +106,38 @@ def _with_outputs(model: onnx.ModelProto, outputs: list[tuple[str, int]], extra_
 
 
 def _range_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    nodes, outs = [], []
+    """The model with ReduceMin/ReduceMax of every requested tensor as its only outputs.
+
+    The reductions are placed right after the node producing each tensor, so ONNX Runtime can free
+    an activation as soon as its regular consumers and its reductions have run: the pass holds
+    one batch of the model's live activations, not every requested tensor at once.
+    """
+    reductions: dict[str, list[onnx.NodeProto]] = {}
+    outs: list[tuple[str, int]] = []
     for i, t in enumerate(tensors):
         f = f"__onnxq_f32_{i}"
-        nodes.append(helper.make_node("Cast", [t], [f], to=onnx.TensorProto.FLOAT, name=f"__onnxq_cast_{i}"))
+        nodes = [helper.make_node("Cast", [t], [f], to=onnx.TensorProto.FLOAT, name=f"__onnxq_cast_{i}")]
         for op in ("ReduceMin", "ReduceMax"):
             o = f"__onnxq_{op.lower()}_{i}"
             nodes.append(helper.make_node(op, [f], [o], keepdims=0, name=o))
             outs.append((o, onnx.TensorProto.FLOAT))
-    return _with_outputs(model, outs, nodes), [o for o, _ in outs]
+        reductions[t] = nodes
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    ordered: list[onnx.NodeProto] = []
+    for name in list(reductions):
+        if name not in {o for n in model.graph.node for o in n.output}:
+            ordered += reductions.pop(name)  # graph inputs (and initializers) first
+    for node in model.graph.node:
+        ordered.append(node)
+        for o in node.output:
+            ordered += reductions.pop(o, [])
+    del m.graph.node[:]
+    m.graph.node.extend(ordered)
+    del m.graph.output[:]
+    for name, elem in outs:
+        m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    return m, [o for o, _ in outs]
 
 
 def _tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -135,14 +158,25 @@ def _check_finite(name: str, lo: float, hi: float) -> None:
         raise DataError(f"tensor '{name}' takes non-finite values (NaN/Inf) on the calibration data; the model or the data is broken")
 
 
-def collect_ranges(model: onnx.ModelProto, tensors: list[str], source: BatchSource, show_progress: bool = True) -> StatsMap:
-    """Pass 1: global min and max of every tensor."""
+def run_batch_size(model: onnx.ModelProto, batch_size: int, memory_budget: int) -> int:
+    """Largest batch (<= ``batch_size``) whose activations fit ``memory_budget`` (at least 1)."""
+    from onnxq.graph.prepare import tensor_shapes
+
+    every = [t for t in tensor_shapes(model) if t not in {i.name for i in model.graph.initializer}]
+    per_sample = sum(_tensor_bytes_per_sample(model, every).values())
+    return max(1, min(batch_size, memory_budget // max(per_sample, 1)))
+
+
+def collect_ranges(model: onnx.ModelProto, tensors: list[str], source: BatchSource, show_progress: bool = True,
+                   run_batch: int | None = None) -> StatsMap:
+    """Pass 1: global min and max of every tensor (runs in sub-batches of ``run_batch``)."""
     aug, outs = _range_model(model, tensors)
-    sess = ort_backend.make_session(aug, "basic")
+    sess = ort_backend.make_session(aug, "basic", arena=False)
     lo = np.full(len(tensors), np.inf)
     hi = np.full(len(tensors), -np.inf)
     count = 0
-    for batch in _iterate(source, "calibration: ranges", show_progress):
+    parts = (p for whole in _iterate(source, "calibration: ranges", show_progress) for p in (_split(whole, run_batch) if run_batch else (whole,)))
+    for batch in parts:
         res = ort_backend.run(sess, batch.feeds, outs)
         mins = np.array([float(r) for r in res[0::2]])
         maxs = np.array([float(r) for r in res[1::2]])
@@ -229,7 +263,7 @@ def collect_histograms(model: onnx.ModelProto, ranges: StatsMap, requests: dict[
     types = _tensor_elem_types(model)
     for gi, group in enumerate(groups):
         aug = _with_outputs(model, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in group], [])
-        sess = ort_backend.make_session(aug, "basic")
+        sess = ort_backend.make_session(aug, "basic", arena=False)
         hists = {t: np.zeros(2 * requests[t].bins, np.int64) for t in group}
         desc = "calibration: histograms" + (f" ({gi + 1}/{len(groups)})" if len(groups) > 1 else "")
         for batch in _iterate(source, desc, show_progress):
@@ -256,11 +290,12 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
         if cached is not None and set(cached) >= set(merged):
             log.info("statistics loaded from cache %s", key[:12])
             return cached
-    tensors = list(merged)
-    stats = collect_ranges(model, tensors, source, show_progress)
     from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 
-    collect_histograms(model, stats, merged, source, batch_size, memory_budget, show_progress, batch_is_dynamic(model_inputs(model)))
+    dynamic = batch_is_dynamic(model_inputs(model))
+    tensors = list(merged)
+    stats = collect_ranges(model, tensors, source, show_progress, run_batch_size(model, batch_size, memory_budget) if dynamic else None)
+    collect_histograms(model, stats, merged, source, batch_size, memory_budget, show_progress, dynamic)
     if key is not None:
         save_cache(Path(cache_dir), key, stats)  # type: ignore[arg-type]
     return stats

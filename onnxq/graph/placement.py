@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
-from onnxq.graph.prepare import tensor_types
+from onnxq.graph.prepare import tensor_shapes, tensor_types
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 RELU_LIKE = {"Relu", "Clip"}
@@ -115,6 +115,18 @@ def _objective_tensor(idx: GraphIndex, output: str) -> str:
     return output
 
 
+def _bias_matmul_2d(node: onnx.NodeProto, idx: GraphIndex, shapes: dict) -> bool:
+    """A 2-D MatMul followed by a bias Add: ONNX Runtime fuses the pair into a float Gemm before
+    its QDQ fusions run, unless the MatMul output is quantized (then it runs QLinearMatMul)."""
+    if node.op_type != "MatMul":
+        return False
+    nxt = idx.sole_consumer(node.output[0])
+    if nxt is None or nxt.op_type != "Add" or not any(idx.is_constant(i) for i in nxt.input):
+        return False
+    shape = shapes.get(node.input[0])
+    return shape is not None and len(shape) == 2
+
+
 def build_weight_only_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable[str] = ()) -> QuantPlan:
     """4-bit weight-only: every MatMul with a constant 2-D float weight, blocked along K (axis 0)."""
     idx = GraphIndex(model)
@@ -198,18 +210,44 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
 
     quantized_nodes = {layer.node for layer in plan.layers}
 
-    # 2. extra ops (ORT int8 islands) — inputs
-    if profile.extra_ops:
-        for node in model.graph.node:
-            if node.op_type in profile.extra_ops and not _matches(node, exclude):
-                float_inputs = [i for i, n in enumerate(node.input) if quantizable_activation(n)]
-                if not float_inputs:
-                    continue
-                for i in float_inputs:
-                    add_input_site(node, i, f"input of {node.op_type} '{node.name}'")
-                quantized_nodes.add(node.name)
+    # 2. extra ops (ORT int8 islands): only where every float input already comes out of the
+    # island, and never with a constant operand (bias adds, GELU/LayerNorm arithmetic and
+    # hard-swish constants stay float: quantizing them costs accuracy and gains no kernel)
+    def from_island(name: str, depth: int = 0) -> bool:
+        p = idx.producer.get(name)
+        if p is None:
+            return name in idx.graph_inputs and idx.is_float(name)
+        if p.name in quantized_nodes:
+            return True
+        if depth < 8 and (p.op_type in RELU_LIKE or p.op_type in SCALE_PRESERVING_OPS) and p.input:
+            return from_island(p.input[0], depth + 1)
+        return False
 
-    # 2b. outputs of quantized ops (ORT): fold a sole Relu when the grid is asymmetric
+    if profile.extra_ops:
+        for node in model.graph.node:  # topological order: producers are decided first
+            if node.op_type not in profile.extra_ops or _matches(node, exclude):
+                continue
+            if any(n and idx.is_constant(n) for n in node.input):
+                continue
+            float_inputs = [i for i, n in enumerate(node.input) if quantizable_activation(n)]
+            if not float_inputs or not all(from_island(node.input[i]) for i in float_inputs):
+                continue
+            for i in float_inputs:
+                add_input_site(node, i, f"input of {node.op_type} '{node.name}'")
+            quantized_nodes.add(node.name)
+
+    # 2b. outputs of quantized ops (ORT): Conv/ConvTranspose/Gemm always (their integer kernels
+    # write int8), others only when a consumer is quantized too (a MatMul feeding float ops runs as
+    # MatMulIntegerToFloat); a sole following Relu folds into an asymmetric grid
+    def feeds_island(name: str, depth: int = 0) -> bool:
+        for c, _ in idx.consumers.get(name, []):
+            if c.name in quantized_nodes:
+                return True
+            if depth < 8 and (c.op_type in SCALE_PRESERVING_OPS or c.op_type in RELU_LIKE) and feeds_island(c.output[0], depth + 1):
+                return True
+        return False
+
+    shapes = tensor_shapes(model)
     if profile.quantize_outputs:
         for name in list(quantized_nodes):
             node = idx.nodes[name]
@@ -223,7 +261,8 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
             if target in idx.graph_outputs or not quantizable_activation(target):
                 continue
             consumers = [(c.name, i) for c, i in idx.consumers.get(target, [])]
-            if consumers:
+            always = node.op_type in ("Conv", "ConvTranspose", "Gemm") or _bias_matmul_2d(node, idx, shapes)
+            if consumers and (always or feeds_island(target)):
                 plan.add_activation(target, consumers, f"output of {node.op_type} '{node.name}'")
 
     # 3. residual Add (TensorRT)

@@ -53,6 +53,8 @@ def _same(a: QParams, b: QParams) -> bool:
         and a.scale.shape == b.scale.shape
         and np.array_equal(a.scale, b.scale)
         and np.array_equal(a.zero_point, b.zero_point)
+        and (a.quant_scale is None) == (b.quant_scale is None)
+        and (a.quant_scale is None or np.array_equal(a.quant_scale, b.quant_scale))
     )
 
 
