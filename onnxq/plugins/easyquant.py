@@ -26,6 +26,7 @@ import numpy as np
 
 from onnxq.calib.evaluator import GraphRunner, LayerRunner
 from onnxq.calib.progress import progress
+from onnxq.calib.samples import take_samples as _take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
 from onnxq.graph.plan import Layer
@@ -49,9 +50,11 @@ class EasyQuantOptions:
     search_lo: float = option(0.5, "lowest scale multiplier of the paper grid")
     search_hi: float = option(2.0, "highest scale multiplier of the paper grid")
     n_candidates: int = option(100, "points of the paper grid")
-    rounds: int = option(1, "alternation rounds (weights of all layers, then activations of all layers)")
+    rounds: int = option(1, "alternation rounds (one pass over all layers' weights and one over all activations)")
+    order: Literal["activations_first", "weights_first"] = option("activations_first", "which pass comes first in a round (paper and code: weights_first)")
     objective_tensor: Literal["post_activation", "conv_output"] = option("post_activation", "compare the layer output after a sole following Relu/Clip (code) or the raw output (paper formula)")
     search_weights: bool = option(True, "search per-channel weight steps")
+    magnitude_fix: bool = option(True, "after the weight search, rescale each channel's dequantization step to restore its output magnitude (cosine ignores it)")
     search_activations: bool = option(True, "search activation steps")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
@@ -131,13 +134,20 @@ class EasyQuant(QuantMethod):
         runners = {l.node: LayerRunner(ctx.model, l, idx) for l in layers if l.weight in ctx.plan.weights}
         w_init = {w: s.qparams for w, s in ctx.plan.weights.items()}
         a_init = {t: s.range for t, s in ctx.plan.activations.items()}
+        self._observed = {t: (ctx.stats[t].min, ctx.stats[t].max) for t in ctx.plan.activations if t in ctx.stats}
         report: dict[str, dict[str, Any]] = {l.node: {} for l in layers}
         skipped = [l.node for l in layers if l.node not in runners]
+        passes = [("weights", o.search_weights), ("activations", o.search_activations)]
+        if o.order == "activations_first":
+            passes.reverse()
         for _ in range(o.rounds):
-            if o.search_weights:
-                self._weight_pass(ctx, chunks, layers, runners, w_init, report)
-            if o.search_activations:
-                self._activation_pass(ctx, chunks, layers, runners, a_init, report)
+            for kind, enabled in passes:
+                if not enabled:
+                    continue
+                if kind == "weights":
+                    self._weight_pass(ctx, chunks, layers, runners, w_init, report)
+                else:
+                    self._activation_pass(ctx, chunks, layers, runners, a_init, report)
         ctx.report[self.name] = {
             "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
             "layers": report,
@@ -184,6 +194,9 @@ class EasyQuant(QuantMethod):
                 ref = f_run.value(layer.objective)
                 w = ctx.weight(layer.weight)
                 q0: QParams = w_init[layer.weight]
+                if np.array_equal(q0.fake_quantize(w), w):
+                    report[layer.node]["weight_search"] = "skipped: the initial grid represents the weights exactly"
+                    continue
                 s0 = np.asarray(q0.scale, np.float64).reshape(-1)
                 axis = site.axis if site.axis is not None else 0
                 ch_axis = runner.channel_axis % ref.ndim
@@ -202,14 +215,38 @@ class EasyQuant(QuantMethod):
 
                 ncols = s0.size
                 chosen, before, after = self._search(evaluate, ncols, self._weight_grid(s0, q0.qmax) if self.options.search == "grid" else None)
-                new_scale = (s0 / chosen).astype(np.float32)
-                site.qparams = dataclasses.replace(q0, scale=new_scale if q0.scale.ndim else np.float32(new_scale[0]))
+                step = (s0 / chosen).astype(np.float32)
+                alpha = np.ones(ncols)
+                if self.options.magnitude_fix and ncols > 1:
+                    alpha, after = self._magnitude_fix(runner, x, w, q0, step, axis, ch_axis, ref_c, after)
+                shape = (lambda a: a if q0.scale.ndim else np.float32(a[0]))
+                site.qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
+                                                   quant_scale=None if np.all(alpha == 1) else shape(step))
                 r = report[layer.node]
                 r["weight_cosine_before"] = float(before.mean())
                 r["weight_cosine_after"] = float(after.mean())
                 r["weight_multiplier_mean"] = float(chosen.mean())
 
-    def _search(self, evaluate, ncols: int, grid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _magnitude_fix(self, runner, x, w, q0, step, axis, ch_axis, ref_c, after):
+        """[D] Cosine ignores magnitude, so a search that clips a channel's weights can shrink its
+        output. The stored integers stay those of the chosen step; the dequantization scale of each
+        channel gets the least-squares factor that restores the output's magnitude (kept only where
+        the objective does not drop). Returns (factor per channel, objective per channel)."""
+        wq = _fq_weight(w, step, q0, axis)
+        y_fp = _channels(runner.run_linear(x, w), ch_axis)
+        y_q = _channels(runner.run_linear(x, wq), ch_axis)
+        num = np.einsum("ncs,ncs->c", y_fp, y_q, dtype=np.float64)
+        den = np.einsum("ncs,ncs->c", y_q, y_q, dtype=np.float64)
+        alpha = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+        alpha = np.clip(np.nan_to_num(alpha, nan=1.0), 0.5, 2.0)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        y = runner.run(x, (wq * alpha.reshape(shape)).astype(np.float32))
+        fixed = _channel_cosine(ref_c, _channels(y, ch_axis)[None])[0]
+        keep = fixed >= after
+        return np.where(keep, alpha, 1.0), np.where(keep, fixed, after)
+
+    def _search(self, evaluate, ncols: int, grid: np.ndarray | None, lo: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maximise ``evaluate`` per column over multipliers; returns (chosen g, score at g=1, best score).
 
         ``grid`` given: evaluate every row of it. Otherwise a 7-point coarse grid over
@@ -218,7 +255,7 @@ class EasyQuant(QuantMethod):
         """
         o = self.options
         if grid is None:
-            grid = np.repeat(_grid(o.search_lo, o.search_hi, 7)[:, None], ncols, axis=1)
+            grid = np.repeat(_grid(o.search_lo if lo is None else lo, o.search_hi, 7)[:, None], ncols, axis=1)
         scores = evaluate(grid)
         base = _base_index(grid)
         base_score = scores[base].copy()
@@ -291,7 +328,12 @@ class EasyQuant(QuantMethod):
                             out[start : start + step, 0] += cosine_rows(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
                     return out
 
-                chosen, before, after = self._search(evaluate, 1, self._act_grid()[:, None] if self.options.search == "grid" else None)
+                amax = max(abs(lo0), abs(hi0), 1e-12)
+                amax_seen = max(abs(v) for v in self._observed[t]) if t in self._observed else amax
+                # [D] the range always reaches the observed max-abs: a calibrator that clipped an
+                # outlier-carrying tensor far too hard (KL does, on some real models) is recoverable
+                lo_g = min(self.options.search_lo, amax / max(amax_seen, 1e-12))
+                chosen, before, after = self._search(evaluate, 1, self._act_grid()[:, None] if self.options.search == "grid" else None, lo=lo_g)
                 g_best = float(chosen[0])
                 new = ctx.profile.activation_qparams(lo0 / g_best, hi0 / g_best)
                 for member in groups.get(t, [t]):
@@ -342,25 +384,6 @@ def _fq_weight(w: np.ndarray, scale: np.ndarray, q0: QParams, axis: int) -> np.n
         s = s.reshape(shape)
     q = np.clip(np.rint(w / s), q0.qmin, q0.qmax)
     return (q * s).astype(np.float32)
-
-
-def _take_samples(ctx: RunContext, n: int) -> list[dict[str, np.ndarray]]:
-    chunks, seen = [], 0
-    for b in ctx.calibration():
-        size = next(iter(b.feeds.values())).shape[0]
-        take = min(size, n - seen)
-        chunks.append({k: v[:take] for k, v in b.feeds.items()})
-        seen += take
-        if seen >= n:
-            break
-    from onnxq.calib.feeds import batch_is_dynamic, model_inputs
-
-    if len(chunks) > 1 and batch_is_dynamic(model_inputs(ctx.model)):
-        try:
-            return [{k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}]
-        except ValueError:
-            pass
-    return chunks
 
 
 @hookimpl
