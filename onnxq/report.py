@@ -71,6 +71,8 @@ def run_summary(report: dict[str, Any]) -> str:
         lines.append("note: " + report["int7_note"])
     for item in report.get("left_in_float", []):
         lines.append(f"left in float: {item['node']} ({item['reason']})")
+    for name, section in (report.get("methods") or {}).items():
+        lines += [f"{name}: {line}" for line in (section.get("summary") or [] if isinstance(section, dict) else [])]
     if report.get("output"):
         lines.append(f"wrote {report['output']}")
     return "\n".join(lines)
