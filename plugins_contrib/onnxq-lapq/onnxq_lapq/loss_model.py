@@ -1,0 +1,152 @@
+"""The quantized model as a function of its qparams: one ONNX Runtime session for every evaluation.
+
+methods.md §6.1 (ONNX mapping): "keep scales as graph inputs to avoid rebuilding sessions". Every
+activation site gets ``Clip(lo, hi) → QuantizeLinear(scale, zero_point) → DequantizeLinear`` with
+all four as graph *inputs* (the Clip realises narrowed grids such as A4 in an 8-bit container and
+is a no-op otherwise), and every quantized weight slot reads a graph input fed with the weight
+fake-quantized in numpy by the same :class:`~onnxq.qparams.QParams` arithmetic the QDQ rewrite
+uses. So each evaluation computes what the deployed QDQ graph computes (run with graph
+optimizations disabled, methods.md §0.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnxq.backends import ort as ort_backend
+from onnxq.graph.plan import QuantPlan
+from onnxq.qparams import QParams
+
+_ZP_TYPE = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+
+
+class LossModel:
+    """Runs the model with given activation/weight qparams and returns the loss of its first output."""
+
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None, loss: str) -> None:
+        self.plan = plan
+        self.feeds = feeds
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        g = m.graph
+        nodes = {n.name: n for n in g.node}
+        used = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+
+        def fresh(name: str) -> str:
+            k, cand = 0, name
+            while cand in used:
+                k += 1
+                cand = f"{name}_{k}"
+            used.add(cand)
+            return cand
+
+        self.act_inputs: dict[str, tuple[str, str, str, str]] = {}
+        after: dict[str, list[onnx.NodeProto]] = {}  # Q/DQ nodes go right after the producer of their tensor
+        producer = {o: n.name for n in g.node for o in n.output if o}
+        for t, site in plan.activations.items():
+            if site.qparams is None:
+                continue
+            names = tuple(fresh(f"lapq/{t}/{k}") for k in ("lo", "hi", "scale", "zp"))
+            self.act_inputs[t] = names  # type: ignore[assignment]
+            lo, hi, s, z = names
+            zp_type = _ZP_TYPE[site.qparams.dtype]
+            g.input.extend([helper.make_tensor_value_info(lo, TensorProto.FLOAT, []), helper.make_tensor_value_info(hi, TensorProto.FLOAT, []),
+                            helper.make_tensor_value_info(s, TensorProto.FLOAT, []), helper.make_tensor_value_info(z, zp_type, [])])
+            c, q, dq = fresh(f"{t}/lapq_clip"), fresh(f"{t}/lapq_q"), fresh(f"{t}/lapq_dq")
+            after.setdefault(producer.get(t, ""), []).extend([
+                helper.make_node("Clip", [t, lo, hi], [c], name=fresh(c)), helper.make_node("QuantizeLinear", [c, s, z], [q], name=fresh(q)),
+                helper.make_node("DequantizeLinear", [q, s, z], [dq], name=fresh(dq))])
+            for node_name, i in site.consumers:
+                nodes[node_name].input[i] = dq
+        self.weight_inputs: dict[str, str] = {}
+        inits = {t.name: t for t in g.initializer}
+        for key, site in plan.weights.items():
+            if site.qparams is None:
+                continue
+            name = fresh(f"lapq/{key}/w")
+            self.weight_inputs[key] = name
+            dims = list(inits[site.initializer].dims)
+            g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+            nodes[site.node].input[site.input_index] = name
+        ordered = list(after.get("", []))
+        for n in g.node:
+            ordered.append(n)
+            ordered.extend(after.get(n.name, []))
+        del g.node[:]
+        g.node.extend(ordered)
+        read = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in read]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        self.session = ort_backend.make_session(m, "disable")
+        self.out_name = m.graph.output[0].name
+        self.weights = {key: np.asarray(onnx.numpy_helper.to_array(inits[s.initializer]), np.float32) for key, s in plan.weights.items() if key in self.weight_inputs}
+        self._wcache: dict[str, tuple[bytes, np.ndarray]] = {}
+        self.reference = self._fp_output(model)
+        self.labels = labels
+        self.loss_kind = _resolve_loss(loss, self.reference, labels)
+        self.evaluations = 0
+
+    def _fp_output(self, model: onnx.ModelProto) -> np.ndarray:
+        sess = ort_backend.make_session(model, "disable")
+        return np.concatenate([np.asarray(sess.run([model.graph.output[0].name], f)[0], np.float64) for f in self.feeds])
+
+    def output(self, acts: Mapping[str, QParams], weights: Mapping[str, QParams]) -> np.ndarray:
+        feeds: dict[str, np.ndarray] = {}
+        for t, (lo, hi, s, z) in self.act_inputs.items():
+            q = acts[t]
+            rlo, rhi = q.real_range()
+            feeds[lo] = np.asarray(rlo, np.float32).reshape(())
+            feeds[hi] = np.asarray(rhi, np.float32).reshape(())
+            feeds[s] = np.asarray(q.scale, np.float32).reshape(())
+            feeds[z] = np.asarray(q.zero_point).astype(q.np_dtype).reshape(())
+        for key, name in self.weight_inputs.items():
+            q = weights[key]
+            tag = q.scale.tobytes() + bytes([q.qmin & 0xFF, q.qmax & 0xFF])
+            hit = self._wcache.get(key)
+            if hit is None or hit[0] != tag:
+                hit = (tag, q.fake_quantize(self.weights[key]))
+                self._wcache[key] = hit
+            feeds[name] = hit[1]
+        self.evaluations += 1
+        return np.concatenate([np.asarray(self.session.run([self.out_name], {**chunk, **feeds})[0], np.float64) for chunk in self.feeds])
+
+    def loss(self, acts: Mapping[str, QParams], weights: Mapping[str, QParams]) -> float:
+        return task_loss(self.loss_kind, self.output(acts, weights), self.reference, self.labels)
+
+
+def _resolve_loss(kind: str, reference: np.ndarray, labels: np.ndarray | None) -> str:
+    classes = reference.ndim == 2 and reference.shape[1] > 1
+    if kind == "auto":
+        if labels is not None and classes and len(labels) == len(reference) and labels.min() >= 0 and labels.max() < reference.shape[1]:
+            return "ce"
+        return "kl" if classes else "mse"
+    if kind == "ce" and (labels is None or not classes):
+        from onnxq.errors import DataError
+
+        raise DataError("lapq: loss 'ce' needs labels in the calibration data (a 'label' key) and a [N, classes] output")
+    if kind == "kl" and not classes:
+        from onnxq.errors import OptionError
+
+        raise OptionError("lapq: loss 'kl' needs a [N, classes] output; use mse")
+    return kind
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def task_loss(kind: str, out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
+    """Cross-entropy with labels, KL(FP ‖ quantized) of the softmax outputs, or MSE to the FP output."""
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    if kind == "ce":
+        return float(-_log_softmax(out)[np.arange(len(out)), labels.astype(np.int64)].mean())  # type: ignore[union-attr]
+    if kind == "kl":
+        lp, lq = _log_softmax(reference), _log_softmax(out)
+        return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
+    return float(np.mean((out - reference) ** 2))
