@@ -1,0 +1,866 @@
+#!/usr/bin/env python
+"""onnxq vs ONNX Runtime's quantize_static: accuracy, size, latency, calibration time and memory.
+
+One run prints one table per model (the bundled ``digits`` CNN and rapidocr's PP-OCRv4
+recognition and detection models), side by side:
+
+* FP32;
+* onnxq ``minmax``, ``percentile``, ``mse``, ``trt-entropy`` at INT8 for ``--target ort``
+  (digits also: ``trt-entropy`` INT7 and ``--target trt``; digits and ppocr-rec also
+  ``minmax --target ort-s8`` for the U8S8 vs S8S8 latency question);
+* ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator, and
+  with its Percentile calibrator on digits and ppocr-rec.
+
+Every quantization runs in its own child process (``benchmarks/_measure.py``) with an
+address-space cap and a timeout, so its wall time and peak RSS are measured per run, and an
+out-of-memory or a hang becomes a table cell ("OOM" / "timeout") instead of ending the
+benchmark. onnxq runs through its CLI (``python -m onnxq optimize ... --no-cache --quiet``);
+ORT through a small script written to ``<workdir>/ort_quantize.py``.
+
+Evaluation and latency run in this process with ONNX Runtime's CPU provider. Data: the
+digits example's own calib/eval files; for PP-OCR, text lines and pages rendered by
+``benchmarks/ocr_data.py`` (Latin-only unless ``--cjk``), calibration and evaluation from
+different seeds, written as ``.npz`` feed folders under ``<workdir>/data``.
+
+    python benchmarks/bench.py                       # full run (~6-8 min on 2 cores)
+    python benchmarks/bench.py --quick               # smoke run (< 3 min)
+    python benchmarks/bench.py --models digits --json .bench/digits.json
+
+See benchmarks/README.md for what each column means.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _measure import Measurement, run_measured  # noqa: E402
+
+MODELS = ("digits", "ppocr-rec", "ppocr-det")
+CALIB_SEED, EVAL_SEED = 1, 2
+REC_FILE_BATCH = 8  # lines per .npz file (the batch ORT's calibrator sees)
+
+#: onnxq --batch-size for the main tables: None = the CLI default (16). It is a performance
+#: knob only ("results do not depend on it"); the batch-size table shows its effect on time
+#: and peak RSS. ``--onnxq-batch-size`` overrides it.
+ONNXQ_BATCH: dict[str, int | None] = {"digits": None, "ppocr-rec": None, "ppocr-det": None}
+PROBE_BATCH_SIZES = (4, 1)
+
+SIZES = {
+    "full": {
+        "rec_calib": 128, "rec_eval": 256, "det_calib": 16, "det_eval": 24, "det_size": 640,
+        "latency_repeats": {"digits": 300, "ppocr-rec": 30, "ppocr-det": 12},
+        "flat": {"digits": (64, 256), "ppocr-rec": (32, 128)},
+        "ort_percentile": ("digits", "ppocr-rec"),
+        "s8_rounds": 6,
+        "probes": True,
+    },
+    "quick": {
+        "rec_calib": 8, "rec_eval": 16, "det_calib": 1, "det_eval": 2, "det_size": 640,
+        "latency_repeats": {"digits": 100, "ppocr-rec": 6, "ppocr-det": 3},
+        "flat": {"digits": (32, 128)},
+        "ort_percentile": ("digits",),
+        "s8_rounds": 3,
+        "probes": False,
+    },
+}
+
+ORT_SCRIPT = r'''"""ONNX Runtime quantize_static (QDQ, per-channel, U8S8) on a folder of .npz feeds.
+
+usage: python ort_quantize.py MODEL OUTPUT DATA_DIR {minmax,percentile,entropy} [MAX_SAMPLES]
+Written by benchmarks/bench.py. Feeds are read one file at a time; ORT's defaults otherwise.
+"""
+import glob, json, sys, time
+import numpy as np
+import onnx
+from onnxruntime import quantization as oq
+
+model, out, data, method = sys.argv[1:5]
+limit = int(sys.argv[5]) if len(sys.argv) > 5 else None
+files = sorted(glob.glob(data + "/*.npz"))
+m = onnx.load(model, load_external_data=False)
+inits = {t.name for t in m.graph.initializer}
+names = [i.name for i in m.graph.input if i.name not in inits]
+del m
+
+
+class Reader(oq.CalibrationDataReader):
+    def __init__(self):
+        self.rewind()
+
+    def rewind(self):
+        self.i, self.seen = 0, 0
+
+    def get_next(self):
+        if self.i >= len(files) or (limit is not None and self.seen >= limit):
+            return None
+        with np.load(files[self.i]) as z:
+            feed = {k: np.ascontiguousarray(z[k]) for k in names}
+        self.i += 1
+        n = next(iter(feed.values())).shape[0]
+        if limit is not None and self.seen + n > limit:
+            feed = {k: v[: limit - self.seen] for k, v in feed.items()}
+            n = limit - self.seen
+        self.seen += n
+        return feed
+
+
+t = time.perf_counter()
+oq.quantize_static(
+    model, out, Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
+    activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
+    calibrate_method={"minmax": oq.CalibrationMethod.MinMax, "percentile": oq.CalibrationMethod.Percentile,
+                      "entropy": oq.CalibrationMethod.Entropy}[method],
+    extra_options={"ActivationSymmetric": False},
+)
+print(json.dumps({"seconds": round(time.perf_counter() - t, 3)}))
+'''
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- configurations
+@dataclass
+class Config:
+    key: str
+    label: str
+    tool: str  # "fp32" | "onnxq" | "ort"
+    method: str | None = None
+    target: str | None = None
+    bits: int = 8
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "label": self.label, "tool": self.tool, "method": self.method, "target": self.target, "bits": self.bits}
+
+
+def configs_for(model: str, sizes: dict) -> list[Config]:
+    rows = [Config("fp32", "FP32", "fp32")]
+    for m in ("minmax", "percentile", "mse", "trt-entropy"):
+        rows.append(Config(f"onnxq-{m}", f"onnxq {m}", "onnxq", m, "ort", 8))
+    if model == "digits":
+        rows.append(Config("onnxq-trt-entropy-int7", "onnxq trt-entropy INT7", "onnxq", "trt-entropy", "ort", 7))
+        rows.append(Config("onnxq-trt-entropy-trt", "onnxq trt-entropy --target trt", "onnxq", "trt-entropy", "trt", 8))
+    if model in ("digits", "ppocr-rec"):
+        rows.append(Config("onnxq-minmax-s8", "onnxq minmax --target ort-s8", "onnxq", "minmax", "ort-s8", 8))
+    rows.append(Config("ort-minmax", "ORT quantize_static MinMax", "ort", "minmax"))
+    if model in ("digits", "ppocr-rec"):
+        rows.append(Config("ort-percentile", "ORT quantize_static Percentile", "ort", "percentile"))
+    return rows
+
+
+# --------------------------------------------------------------------------- data and models
+@dataclass
+class Task:
+    """One benchmarked model: the FP32 file, its data folders and its evaluation."""
+
+    name: str
+    model: Path  # the FP32 model every tool quantizes
+    shipped: Path  # the model as distributed
+    calib: Path
+    eval: Path
+    calib_samples: int
+    eval_samples: int
+    info: dict = field(default_factory=dict)
+    truth: Any = None  # rec: strings; det: boxes; digits: labels (in the files)
+    pages: Any = None
+
+
+def normalize_model(src: Path, dst: Path) -> dict:
+    """Float-equivalent clean-up of a paddle2onnx export so every tool sees the same graph.
+
+    Constant nodes become initializers, the opset is raised to 13 (what QDQ per-channel
+    needs; both onnxq and ORT would otherwise do it themselves) and nodes get unique names.
+    See README ("as shipped") for why: onnxq fails on the model as shipped.
+    """
+    import onnx
+    from onnx import version_converter
+
+    m = onnx.load(str(src))
+    keep, moved = [], 0
+    for n in m.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            m.graph.initializer.append(t)
+            moved += 1
+        else:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    opset_before = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset_before < 13:
+        m = version_converter.convert_version(m, 13)
+    seen: set[str] = set()
+    for i, n in enumerate(m.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        n.name = name
+        seen.add(name)
+    onnx.checker.check_model(m)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(dst))
+    return {"constants_to_initializers": moved, "opset_before": opset_before, "opset_after": 13 if opset_before < 13 else opset_before}
+
+
+def load_feed_files(folder: Path) -> list[dict[str, np.ndarray]]:
+    out = []
+    for f in sorted(glob.glob(str(folder / "*.npz"))):
+        with np.load(f) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def count_samples(folder: Path) -> int:
+    n = 0
+    for f in sorted(glob.glob(str(folder / "*.npz"))):
+        with np.load(f) as z:
+            key = next(k for k in z.files if k not in ("label", "labels"))
+            n += z[key].shape[0]
+    return n
+
+
+def prepare_task(name: str, work: Path, sizes: dict, cjk: bool | None, as_shipped: bool) -> Task:
+    import ocr_data
+
+    if name == "digits":
+        d = ROOT / "examples" / "digits"
+        return Task(name, d / "model.onnx", d / "model.onnx", d / "calib", d / "eval", count_samples(d / "calib"), count_samples(d / "eval"))
+    kind = "rec" if name == "ppocr-rec" else "det"
+    shipped = ocr_data.model_path(kind)
+    data = work / "data" / name
+    for sub in ("calib", "eval"):
+        shutil.rmtree(data / sub, ignore_errors=True)
+    iname = ocr_data.input_name(shipped)
+    if kind == "rec":
+        cal, _ = ocr_data.render_lines(sizes["rec_calib"], seed=CALIB_SEED, cjk=cjk)
+        ev, truth = ocr_data.render_lines(sizes["rec_eval"], seed=EVAL_SEED, cjk=cjk)
+        ocr_data.save_feeds(ocr_data.rec_feeds(cal, REC_FILE_BATCH, iname), data / "calib")
+        ocr_data.save_feeds(ocr_data.rec_feeds(ev, REC_FILE_BATCH, iname), data / "eval")
+        task = Task(name, shipped, shipped, data / "calib", data / "eval", len(cal), len(ev), truth=truth)
+        task.info["eval_chars"] = sum(len(t) for t in truth)
+    else:
+        s = sizes["det_size"]
+        cal, _ = ocr_data.render_pages(sizes["det_calib"], seed=CALIB_SEED, size=s, cjk=cjk)
+        ev, boxes = ocr_data.render_pages(sizes["det_eval"], seed=EVAL_SEED, size=s, cjk=cjk)
+        ocr_data.save_feeds(ocr_data.det_feeds(cal, 1, iname), data / "calib")
+        ocr_data.save_feeds(ocr_data.det_feeds(ev, 1, iname), data / "eval")
+        task = Task(name, shipped, shipped, data / "calib", data / "eval", len(cal), len(ev), truth=boxes)
+        task.info["eval_boxes"] = int(sum(len(b) for b in boxes))
+        task.info["size"] = s
+    if not as_shipped:
+        norm = work / "models" / name / "fp32.onnx"
+        task.info["normalized"] = normalize_model(shipped, norm)
+        task.model = norm
+        # the clean-up must not change the outputs
+        feeds = load_feed_files(task.eval)[0]
+        a = make_session(shipped, 1).run(None, feeds)[0]
+        b = make_session(norm, 1).run(None, feeds)[0]
+        task.info["normalized"]["max_abs_output_diff"] = float(np.max(np.abs(a.astype(np.float64) - b)))
+    return task
+
+
+# --------------------------------------------------------------------------- ORT helpers
+def make_session(path: Path | str, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(path: Path, feeds: dict, threads: int, repeats: int, warmup: int = 3) -> float:
+    sess = make_session(path, threads)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def integer_kernels(path: Path) -> dict:
+    """How many compute ops ORT runs on integer kernels (onnxq's own diagnostic)."""
+    try:
+        from onnxq.backends.ort import integer_kernel_report
+
+        r = integer_kernel_report(str(path))
+        n_int, n_float = sum(r["integer_ops"].values()), sum(r["float_compute_ops"].values())
+        return {"integer": n_int, "float": n_float, "fraction": r["integer_fraction"], "detail": r}
+    except Exception as exc:  # diagnostics only
+        return {"error": str(exc)}
+
+
+# --------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Runs a model on the task's evaluation feeds and scores it against truth and FP32."""
+
+    def __init__(self, task: Task, threads: int) -> None:
+        self.task = task
+        self.threads = threads
+        self.feeds = load_feed_files(task.eval)
+        self.ref: Any = None
+        inputs = [k for k in self.feeds[0] if k not in ("label", "labels")]
+        self.latency_feed = {k: self.feeds[0][k][:1] for k in inputs}
+
+    def _outputs(self, path: Path):
+        sess = make_session(path, self.threads)
+        names = {i.name for i in sess.get_inputs()}
+        for f in self.feeds:
+            yield f, sess.run(None, {k: v for k, v in f.items() if k in names})[0]
+
+    def evaluate(self, path: Path) -> dict:
+        t = time.perf_counter()
+        fn: Callable[[Path], dict] = {"digits": self._digits, "ppocr-rec": self._rec, "ppocr-det": self._det}[self.task.name]
+        out = fn(path)
+        out["eval_seconds"] = round(time.perf_counter() - t, 2)
+        return out
+
+    def _digits(self, path: Path) -> dict:
+        preds, labels = [], []
+        for f, y in self._outputs(path):
+            preds.append(np.asarray(y).argmax(-1))
+            labels.append(f["label"])
+        p, lab = np.concatenate(preds), np.concatenate(labels)
+        if self.ref is None:
+            self.ref = p
+        return {"top1_accuracy": float(np.mean(p == lab)), "top1_agreement_fp32": float(np.mean(p == self.ref)), "samples": int(len(p))}
+
+    def _rec(self, path: Path) -> dict:
+        import ocr_data
+
+        preds = [s for _, y in self._outputs(path) for s in ocr_data.decode_rec(y)]
+        if self.ref is None:
+            self.ref = preds
+        truth = self.task.truth
+        return {
+            "char_accuracy": ocr_data.char_accuracy(preds, truth),
+            "char_agreement_fp32": ocr_data.char_agreement(preds, self.ref),
+            "line_accuracy": ocr_data.line_accuracy(preds, truth),
+            "samples": len(preds),
+        }
+
+    def _det(self, path: Path) -> dict:
+        import ocr_data
+
+        maps = [np.asarray(y, np.float32) for _, y in self._outputs(path)]
+        boxes = [b for m in maps for b in ocr_data.decode_det(m)]
+        if self.ref is None:
+            self.ref = (maps, boxes)
+        ref_maps, ref_boxes = self.ref
+        return {
+            "box_f1_fp32": ocr_data.box_f1(boxes, ref_boxes, 0.5),
+            "prob_map_mae_fp32": float(np.mean([ocr_data.prob_map_error(a, b) for a, b in zip(maps, ref_maps)])),
+            "box_f1_truth": ocr_data.box_f1(boxes, self.task.truth, 0.5),
+            "boxes": int(sum(len(b) for b in boxes)),
+            "samples": len(maps),
+        }
+
+
+# --------------------------------------------------------------------------- quantization runs
+class Runner:
+    def __init__(self, work: Path, mem_cap_gb: float, timeout: float) -> None:
+        self.work = work
+        self.mem = int(mem_cap_gb * 2**30) if mem_cap_gb > 0 else None
+        self.timeout = timeout
+        self.ort_script = work / "ort_quantize.py"
+        self.ort_script.write_text(ORT_SCRIPT)
+        self.env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+        self.history: list[dict] = []  # cap and machine load of every run
+
+    def onnxq(self, task: Task, cfg: Config, out: Path, max_samples: int | None = None, batch_size: int | None = None, model: Path | None = None) -> Measurement:
+        argv = [sys.executable, "-m", "onnxq", "optimize", str(model or task.model), "--data", str(task.calib), "-p", cfg.method,
+                "--target", cfg.target, "--bits", str(cfg.bits), "--output", str(out), "--force", "--no-cache", "--quiet", "--json"]
+        bs = batch_size or ONNXQ_BATCH[task.name]
+        if bs:
+            argv += ["--batch-size", str(bs)]
+        if max_samples:
+            argv += ["--max-samples", str(max_samples)]
+        return self._run(argv, out)
+
+    def ort(self, task: Task, method: str, out: Path, max_samples: int | None = None, model: Path | None = None) -> Measurement:
+        argv = [sys.executable, str(self.ort_script), str(model or task.model), str(out), str(task.calib), method]
+        if max_samples:
+            argv.append(str(max_samples))
+        return self._run(argv, out)
+
+    def cap(self) -> int | None:
+        """The address-space cap for the next run: --mem-cap-gb, lowered to what the machine can
+        give right now (MemAvailable - 1.5 GB), so a capped run fails with OOM instead of pushing
+        the whole machine (and other people's processes) into the kernel's OOM killer."""
+        if not self.mem:
+            return None
+        avail = available_memory()
+        return self.mem if avail is None else max(2 * 2**30, min(self.mem, avail - int(1.5 * 2**30)))
+
+    def _run(self, argv: list[str], out: Path) -> Measurement:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.unlink()
+        load = os.getloadavg()[0]
+        m = run_measured(argv, timeout=self.timeout, mem_limit_bytes=self.cap(), cwd=self.work, env=self.env)
+        m.extra["loadavg_1min_before"] = round(load, 2)
+        m.extra["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+        self.history.append({"cap_mb": m.mem_limit_mb, "load_before": m.extra["loadavg_1min_before"], "load_after": m.extra["loadavg_1min_after"]})
+        if m.ok and not out.exists():
+            m.status = "error"
+            m.stderr += "\n(no output model was written)"
+        if m.ok and "onnxq" in argv[1:3]:
+            try:
+                rep = json.loads(m.stdout)["report"]
+                m.extra["onnxq_report"] = {k: rep.get(k) for k in ("calibration_seconds", "refine_seconds", "total_seconds", "quantized_activations",
+                                                                   "quantized_weights", "layers", "left_in_float", "peak_rss_mb", "memory")}
+            except Exception:
+                pass
+        return m
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def short_error(m: Measurement) -> str:
+    if m.status == "oom":
+        return f"OOM (cap {m.mem_limit_mb / 1024:.1f} GB)" if m.mem_limit_mb else "OOM"
+    if m.status == "timeout":
+        return "timeout"
+    line = m.error_line(200)
+    for prefix in ("onnxq: internal error: ", "onnxq: error: "):
+        if line.startswith(prefix):
+            line = line[len(prefix):]
+    line = line.replace(" (run with --debug for the traceback; please report it)", "")
+    return "error: " + (line if len(line) <= 70 else line[:67] + "...")
+
+
+# --------------------------------------------------------------------------- per-model benchmark
+def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int], result: dict) -> None:
+    mdir = runner.work / "models" / task.name
+    mdir.mkdir(parents=True, exist_ok=True)
+    cfgs = [c for c in configs_for(task.name, sizes) if not (c.key == "ort-percentile" and task.name not in sizes["ort_percentile"])]
+    skipped = [c for c in configs_for(task.name, sizes) if c not in cfgs]
+    rows: list[dict] = []
+    ev = Evaluator(task, args.eval_threads)
+    reps = sizes["latency_repeats"][task.name]
+    for cfg in cfgs:
+        row: dict[str, Any] = {"config": cfg.to_json(), "status": "ok"}
+        path = task.model if cfg.tool == "fp32" else mdir / f"{cfg.key}.onnx"
+        if cfg.tool != "fp32":
+            log(f"{task.name}: quantizing with {cfg.label} ...")
+            m = runner.onnxq(task, cfg, path) if cfg.tool == "onnxq" else runner.ort(task, cfg.method, path)
+            row["quantize"] = m.to_json()
+            log(f"{task.name}: {cfg.label}: {m.status}, {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:.0f} MB")
+            if not m.ok:
+                row["status"] = m.status
+                row["error"] = short_error(m)
+                rows.append(row)
+                continue
+        try:
+            log(f"{task.name}: evaluating {cfg.label} ...")
+            row["metrics"] = ev.evaluate(path)
+            row["size_bytes"] = os.path.getsize(path)
+            row["latency_ms"] = {f"{t}t": round(latency_ms(path, ev.latency_feed, t, reps), 4) for t in threads}
+            if cfg.tool != "fp32":
+                row["integer_kernels"] = integer_kernels(path)
+        except Exception as exc:
+            row["status"] = "error"
+            row["error"] = "error: evaluating: " + str(exc).strip().splitlines()[0][:80]
+        rows.append(row)
+    for c in skipped:
+        rows.append({"config": c.to_json(), "status": "skipped", "error": "skipped (--quick)"})
+    result["rows"] = rows
+    ref = next((r for r in rows if r["config"]["key"] == "ort-minmax" and r["status"] == "ok"), None)
+    for r in rows:
+        q = r.get("quantize")
+        if q and ref and r["status"] == "ok":
+            r["vs_ort_minmax"] = {"wall": q["wall_s"] / ref["quantize"]["wall_s"], "rss": q["peak_rss_mb"] / ref["quantize"]["peak_rss_mb"]}
+
+
+def as_shipped_probe(task: Task, runner: Runner) -> list[dict]:
+    """Quantize the model exactly as distributed (a few samples) with onnxq and with ORT."""
+    out = []
+    mdir = runner.work / "models" / task.name
+    n = 4
+    for tool, fn in (("onnxq minmax", lambda p: runner.onnxq(task, Config("p", "p", "onnxq", "minmax", "ort", 8), p, max_samples=n, batch_size=n, model=task.shipped)),
+                     ("ORT quantize_static MinMax", lambda p: runner.ort(task, "minmax", p, max_samples=n, model=task.shipped))):
+        path = mdir / f"shipped-{tool.split()[0].lower()}.onnx"
+        log(f"{task.name}: as-shipped probe: {tool} ...")
+        m = fn(path)
+        log(f"{task.name}: as-shipped probe: {tool}: {m.status}")
+        entry = {"tool": tool, "samples": n, "status": m.status, "result": "ok" if m.ok else short_error(m), "quantize": m.to_json()}
+        if m.ok:
+            entry["integer_kernels"] = integer_kernels(path)
+            warn = [ln for ln in m.stderr.splitlines() if "WARNING" in ln and "pre-process" not in ln]
+            entry["warnings"] = len(warn)
+            entry["warning_sample"] = warn[:3]
+        out.append(entry)
+    return out
+
+
+def memory_flat(task: Task, runner: Runner, n: int, result_rows: list[dict]) -> list[dict]:
+    """onnxq trt-entropy and ORT MinMax (digits: also ORT Percentile) with N and 4N calibration samples: peak RSS of each."""
+    mdir = runner.work / "models" / task.name
+    out = []
+    main = {r["config"]["key"]: r for r in result_rows}
+    total = task.calib_samples
+    tools = ["onnxq trt-entropy", "ORT MinMax"] + (["ORT Percentile"] if task.name == "digits" else [])
+    for tool in tools:
+        entry: dict[str, Any] = {"model": task.name, "tool": tool, "n": n, "n4": 4 * n}
+        for label, k in (("n", n), ("n4", 4 * n)):
+            reuse_key = {"onnxq trt-entropy": "onnxq-trt-entropy", "ORT MinMax": "ort-minmax", "ORT Percentile": "ort-percentile"}[tool]
+            if k >= total and reuse_key in main and main[reuse_key].get("quantize"):
+                m_json = main[reuse_key]["quantize"]  # the main run already used all samples
+                entry[label] = {"samples": total, "status": m_json["status"], "peak_rss_mb": m_json["peak_rss_mb"], "wall_s": m_json["wall_s"], "reused": reuse_key}
+                continue
+            path = mdir / f"flat-{tool.replace(' ', '-').lower()}-{k}.onnx"
+            log(f"memory-flat: {task.name} {tool} with {k} samples ...")
+            if tool.startswith("onnxq"):
+                m = runner.onnxq(task, Config("f", "f", "onnxq", "trt-entropy", "ort", 8), path, max_samples=k)
+            else:
+                m = runner.ort(task, tool.split()[1].lower(), path, max_samples=k)
+            entry[label] = {"samples": min(k, total), "status": m.status, "peak_rss_mb": m.peak_rss_mb, "wall_s": m.wall_s,
+                            "error": None if m.ok else short_error(m)}
+        a, b = entry["n"], entry["n4"]
+        entry["rss_ratio"] = (b["peak_rss_mb"] / a["peak_rss_mb"]) if a["status"] == b["status"] == "ok" else None
+        out.append(entry)
+    return out
+
+
+def batch_size_probe(task: Task, runner: Runner, result_rows: list[dict]) -> dict:
+    """onnxq minmax (range pass only) wall time and peak RSS at several --batch-size values."""
+    main = next((r for r in result_rows if r["config"]["key"] == "onnxq-minmax"), None)
+    entry: dict[str, Any] = {"model": task.name, "samples": task.calib_samples, "runs": []}
+    if main and main.get("quantize"):
+        q = main["quantize"]
+        entry["runs"].append({"batch_size": ONNXQ_BATCH[task.name] or "default (16)", "status": q["status"], "wall_s": q["wall_s"], "peak_rss_mb": q["peak_rss_mb"], "reused": "onnxq-minmax"})
+    for bs in PROBE_BATCH_SIZES:
+        if bs == ONNXQ_BATCH[task.name]:
+            continue
+        path = runner.work / "models" / task.name / f"bs{bs}-minmax.onnx"
+        log(f"{task.name}: onnxq minmax with --batch-size {bs} ...")
+        m = runner.onnxq(task, Config("b", "b", "onnxq", "minmax", "ort", 8), path, batch_size=bs)
+        entry["runs"].append({"batch_size": bs, "status": m.status, "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "error": None if m.ok else short_error(m)})
+    return entry
+
+
+def u8_vs_s8(task: Task, rows: list[dict], runner: Runner, threads: list[int], rounds: int, repeats: int) -> dict | None:
+    """Interleaved latency of onnxq minmax --target ort (U8S8) vs --target ort-s8 (S8S8)."""
+    paths = {}
+    for key, name in (("onnxq-minmax", "ort (U8S8)"), ("onnxq-minmax-s8", "ort-s8 (S8S8)")):
+        r = next((r for r in rows if r["config"]["key"] == key), None)
+        if r is None or r["status"] != "ok":
+            return {"model": task.name, "error": f"{key} did not quantize"}
+        paths[name] = runner.work / "models" / task.name / f"{key}.onnx"
+    feed = Evaluator(task, 1).latency_feed
+    res: dict[str, Any] = {"model": task.name, "method": "minmax", "latency_ms": {}, "faster": {}}
+    per_round = max(3, repeats // rounds)
+    for t in threads:
+        sessions = {n: make_session(p, t) for n, p in paths.items()}
+        times: dict[str, list[float]] = {n: [] for n in sessions}
+        for s in sessions.values():
+            for _ in range(3):
+                s.run(None, feed)
+        for _ in range(rounds):
+            for n, s in sessions.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    s.run(None, feed)
+                    times[n].append((time.perf_counter() - t0) * 1e3)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        res["latency_ms"][f"{t}t"] = med
+        (a, ta), (b, tb) = med.items()
+        fast, slow = (a, b) if ta <= tb else (b, a)
+        res["faster"][f"{t}t"] = {"winner": fast, "by_percent": 100.0 * (max(ta, tb) / min(ta, tb) - 1.0)}
+    res["samples_per_model"] = rounds * per_round
+    return res
+
+
+# --------------------------------------------------------------------------- printing
+def fmt(v: Any, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def md_table(headers: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in body])
+
+
+METRIC_COLUMNS = {
+    "digits": [("top-1 acc", "top1_accuracy", ".4f"), ("top-1 agree FP32", "top1_agreement_fp32", ".4f")],
+    "ppocr-rec": [("char acc", "char_accuracy", ".4f"), ("char agree FP32", "char_agreement_fp32", ".4f"), ("line acc", "line_accuracy", ".4f")],
+    "ppocr-det": [("box F1 vs FP32", "box_f1_fp32", ".4f"), ("prob MAE vs FP32", "prob_map_mae_fp32", ".5f"), ("box F1 vs truth", "box_f1_truth", ".4f")],
+}
+
+
+def model_table(name: str, res: dict, threads: list[int]) -> str:
+    mcols = METRIC_COLUMNS[name]
+    lat_spec = ".3f" if name == "digits" else ".1f"
+    headers = ["config"] + [c[0] for c in mcols] + ["size MB"] + [f"lat {t}t ms" for t in threads] + ["int ops", "quant wall s", "peak RSS MB", "wall vs ORT-minmax", "RSS vs ORT-minmax"]
+    body = []
+    for r in res["rows"]:
+        cells = [r["config"]["label"]]
+        if r["status"] != "ok":
+            q = r.get("quantize")
+            cells += [r.get("error", r["status"])] + ["-"] * (len(mcols) - 1) + ["-"] + ["-"] * len(threads) + ["-"]
+            cells += [fmt(q["wall_s"], ".1f") if q else "-", fmt(q["peak_rss_mb"], ".0f") if q else "-", "-", "-"]
+        else:
+            met = r["metrics"]
+            cells += [fmt(met.get(k), s) for _, k, s in mcols]
+            cells.append(fmt(r["size_bytes"] / 1e6, ".3f" if name == "digits" else ".2f"))
+            cells += [fmt(r["latency_ms"].get(f"{t}t"), lat_spec) for t in threads]
+            ik = r.get("integer_kernels")
+            cells.append(f"{ik['integer']}/{ik['integer'] + ik['float']}" if ik and "integer" in ik else "-")
+            q = r.get("quantize")
+            cells += [fmt(q["wall_s"], ".1f") if q else "-", fmt(q["peak_rss_mb"], ".0f") if q else "-"]
+            v = r.get("vs_ort_minmax")
+            cells += [f"{v['wall']:.2f}x" if v else "-", f"{v['rss']:.2f}x" if v else "-"]
+        body.append(cells)
+    return md_table(headers, body)
+
+
+def describe_task(task: Task, res: dict) -> str:
+    bs = ONNXQ_BATCH[task.name] or "16 (CLI default)"
+    if task.name == "digits":
+        data = f"examples/digits: {task.calib_samples} calibration samples (train split), {task.eval_samples} labelled eval samples (test split)"
+    elif task.name == "ppocr-rec":
+        data = (f"{task.calib_samples} rendered lines for calibration (seed {CALIB_SEED}), {task.eval_samples} for evaluation (seed {EVAL_SEED}, "
+                f"{task.info.get('eval_chars')} chars), 3x48x320, {REC_FILE_BATCH} lines per .npz")
+    else:
+        data = (f"{task.calib_samples} rendered pages for calibration (seed {CALIB_SEED}), {task.eval_samples} for evaluation (seed {EVAL_SEED}, "
+                f"{task.info.get('eval_boxes')} truth boxes), {task.info.get('size')}x{task.info.get('size')}, 1 page per .npz")
+    model = "model as shipped" if task.model == task.shipped else f"normalized model ({task.info.get('normalized')})"
+    return f"data: {data}\nmodel: {model}\nonnxq --batch-size {bs}; latency: batch 1, median; int ops: compute ops on ORT integer kernels / all compute ops"
+
+
+def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
+    p = print
+    env = doc["environment"]
+    g = env.get("git", {})
+    p(f"# onnxq benchmark ({'quick' if doc['quick'] else 'full'}) - {env['cpu_count']} CPUs, Python {env['python']}, onnx {env['onnx']}, "
+      f"onnxruntime {env['onnxruntime']}, onnxq {env['onnxq']} (git {g.get('head', '?')}, {g.get('onnxq_uncommitted_files', '?')} uncommitted files in onnxq/); "
+      f"OCR text: {doc['ocr_text']}")
+    m = doc.get("machine", {})
+    p(f"quantization subprocesses: address space capped at {doc['mem_cap_gb']} GB (lowered to MemAvailable - 1.5 GB when less; "
+      f"lowest cap used {m.get('lowest_cap_gb', '-')} GB), timeout {doc['timeout_s']:.0f} s; "
+      "'quant wall s' and 'peak RSS MB' are those of the whole child process (start-up, model load and save included)")
+    if m:
+        p(f"machine load (1-min load average, {env['cpu_count']} CPUs): median {m['load_median']:.1f}, max {m['load_max']:.1f}; "
+          f"memory available at start {m['mem_available_start_gb']:.1f} GB")
+        if m["load_median"] > (env["cpu_count"] or 1) * 1.25:
+            p("WARNING: other processes were competing for the CPUs during this run; wall times and latencies are inflated and noisy")
+    for name, res in doc["models"].items():
+        p("")
+        p(f"## {name}")
+        if "error" in res:
+            p(f"error: {res['error']}")
+            continue
+        p(describe_task(tasks[name], res))
+        p("")
+        p(model_table(name, res, threads))
+        errs = [r for r in res["rows"] if r["status"] not in ("ok", "skipped")]
+        for r in errs:
+            q = r.get("quantize") or {}
+            last = (q.get("stderr") or "").strip().splitlines()[-1:] if q and q.get("status") != "ok" else []
+            p(f"  * {r['config']['label']}: {r['status']}: {last[0] if last else r.get('error')}")
+        if res.get("as_shipped"):
+            p("")
+            p("as shipped (the rapidocr file itself, 4 calibration samples):")
+            body = []
+            for e in res["as_shipped"]:
+                ik = e.get("integer_kernels") or {}
+                body.append([e["tool"], e["result"], f"{ik['integer']}/{ik['integer'] + ik['float']}" if "integer" in ik else "-", str(e.get("warnings", "-"))])
+            p(md_table(["tool", "result", "int ops", "quantizer warnings"], body))
+    if doc.get("u8_vs_s8"):
+        p("")
+        p("## ORT U8S8 (--target ort) vs S8S8 (--target ort-s8): onnxq minmax, batch 1, interleaved median latency")
+        body = []
+        for e in doc["u8_vs_s8"]:
+            if "error" in e:
+                body.append([e["model"], "-", "-", "-", e["error"]])
+                continue
+            for t, lat in e["latency_ms"].items():
+                (a, ta), (b, tb) = lat.items()
+                f = e["faster"][t]
+                body.append([e["model"], t, f"{ta:.3f}", f"{tb:.3f}", f"{f['winner']} by {f['by_percent']:.1f}%"])
+        p(md_table(["model", "threads", "U8S8 ms", "S8S8 ms", "faster"], body))
+    if doc.get("memory_flat"):
+        p("")
+        p("## Memory flat: peak RSS with N and 4N calibration samples (should be about 1x for a streaming calibrator)")
+        body = []
+        for e in doc["memory_flat"]:
+            a, b = e["n"], e["n4"]
+            cell = lambda x: f"{x['peak_rss_mb']:.0f}" if x["status"] == "ok" else (x.get("error") or x["status"])  # noqa: E731
+            body.append([e["model"], e["tool"], str(a["samples"]), cell(a), str(b["samples"]), cell(b), f"{e['rss_ratio']:.2f}x" if e["rss_ratio"] else "-",
+                         f"{a['wall_s']:.1f} / {b['wall_s']:.1f}"])
+        p(md_table(["model", "calibrator", "N", "peak RSS MB (N)", "4N", "peak RSS MB (4N)", "RSS ratio 4N/N", "wall s (N / 4N)"], body))
+    if doc.get("batch_size_probe"):
+        p("")
+        p("## onnxq --batch-size vs calibration wall time and peak RSS (minmax: range pass only, all calibration samples)")
+        body = []
+        for e in doc["batch_size_probe"]:
+            for r in e["runs"]:
+                body.append([e["model"], str(e["samples"]), str(r["batch_size"]), f"{r['wall_s']:.1f}",
+                             f"{r['peak_rss_mb']:.0f}" if r["status"] == "ok" else (r.get("error") or r["status"])])
+        p(md_table(["model", "samples", "--batch-size", "wall s", "peak RSS MB"], body))
+    p("")
+    p(f"total runtime {doc['runtime_s']:.0f} s")
+
+
+# --------------------------------------------------------------------------- main
+def environment() -> dict:
+    import onnx
+    import onnxruntime
+
+    import ocr_data
+
+    try:
+        import onnxq
+
+        ver = onnxq.__version__
+    except Exception:
+        ver = "?"
+    fonts = ocr_data.find_fonts()
+    git = {}
+    try:
+        import subprocess
+
+        git["head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "onnxq"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+        git["onnxq_uncommitted_files"] = len(dirty)
+    except Exception:
+        pass
+    return {"git": git, "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnxq": ver, "numpy": np.__version__,
+            "fonts": {k: [Path(f).name for f in v] for k, v in fonts.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    ap.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    ap.add_argument("--quick", action="store_true", help="small data sets: a smoke run of a few minutes")
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".bench", help="data, models and scripts go here (default .bench/, git-ignored)")
+    ap.add_argument("--cjk", action="store_true", help="mix Chinese into the OCR text when a CJK font is installed (default: Latin-only, machine-independent)")
+    ap.add_argument("--as-shipped", action="store_true", help="quantize the PP-OCR models exactly as shipped (no float-equivalent clean-up)")
+    ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap of each quantization subprocess (0 = none)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per quantization subprocess (default 1200, quick 300)")
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts for latency")
+    ap.add_argument("--onnxq-batch-size", type=int, default=None, help="onnxq --batch-size for the main tables (default: the CLI default, 16)")
+    ap.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the accuracy evaluation")
+    args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        ap.error(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+    sizes = SIZES["quick" if args.quick else "full"]
+    if args.onnxq_batch_size:
+        for k in ONNXQ_BATCH:
+            ONNXQ_BATCH[k] = args.onnxq_batch_size
+    threads = [int(t) for t in args.threads.split(",")]
+    timeout = args.timeout or (300.0 if args.quick else 1200.0)
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cjk = None if args.cjk else False
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"$ {command}", flush=True)
+    log(f"benchmark {'quick' if args.quick else 'full'}: models {models}, workdir {work}")
+
+    runner = Runner(work, args.mem_cap_gb, timeout)
+    mem_start = available_memory()
+    import ocr_data
+
+    use_cjk = ocr_data._use_cjk(cjk)
+    doc: dict[str, Any] = {
+        "command": command, "quick": args.quick, "environment": environment(), "sizes": {k: v for k, v in sizes.items()},
+        "onnxq_batch_size": ONNXQ_BATCH, "mem_cap_gb": args.mem_cap_gb, "timeout_s": timeout, "threads": threads,
+        "ocr_text": "Latin and Chinese (CJK font present, --cjk)" if use_cjk else "Latin-only (cjk=False)",
+        "seeds": {"calibration": CALIB_SEED, "evaluation": EVAL_SEED},
+        "models": {}, "u8_vs_s8": [], "memory_flat": [], "batch_size_probe": [],
+    }
+    tasks: dict[str, Task] = {}
+    for name in models:
+        res: dict[str, Any] = {}
+        doc["models"][name] = res
+        try:
+            log(f"{name}: preparing data and model ...")
+            task = prepare_task(name, work, sizes, cjk, args.as_shipped)
+            tasks[name] = task
+            res["task"] = {"model": str(task.model), "shipped": str(task.shipped), "calib": str(task.calib), "eval": str(task.eval),
+                           "calib_samples": task.calib_samples, "eval_samples": task.eval_samples, "info": task.info,
+                           "onnxq_batch_size": ONNXQ_BATCH[name] or "default"}
+            bench_model(task, runner, sizes, args, threads, res)
+            if task.model != task.shipped and sizes["probes"]:
+                res["as_shipped"] = as_shipped_probe(task, runner)
+            if name in ("digits", "ppocr-rec"):
+                log(f"{name}: U8S8 vs S8S8 latency ...")
+                e = u8_vs_s8(task, res["rows"], runner, threads, sizes["s8_rounds"], sizes["latency_repeats"][name])
+                if e:
+                    doc["u8_vs_s8"].append(e)
+            if name in sizes["flat"]:
+                n, _ = sizes["flat"][name]
+                doc["memory_flat"] += memory_flat(task, runner, n, res["rows"])
+            if name != "digits" and sizes["probes"]:
+                doc["batch_size_probe"].append(batch_size_probe(task, runner, res["rows"]))
+        except Exception as exc:  # keep going with the next model
+            import traceback
+
+            res["error"] = f"{type(exc).__name__}: {exc}"
+            res["traceback"] = traceback.format_exc()
+            log(f"{name}: FAILED: {res['error']}")
+        if args.json:
+            _write_json(args.json, doc)  # partial results survive a later crash
+    doc["runtime_s"] = time.perf_counter() - T0
+    loads = [h[k] for h in runner.history for k in ("load_before", "load_after")] or [os.getloadavg()[0]]
+    caps = [h["cap_mb"] for h in runner.history if h["cap_mb"]]
+    doc["machine"] = {"load_median": statistics.median(loads), "load_max": max(loads), "lowest_cap_gb": round(min(caps) / 1024, 1) if caps else None,
+                      "mem_available_start_gb": mem_start / 2**30 if mem_start else float("nan"), "runs": runner.history}
+    print_report(doc, tasks, threads)
+    if args.json:
+        _write_json(args.json, doc)
+        log(f"wrote {args.json}")
+    log("done")
+    return 0
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
