@@ -39,6 +39,8 @@ class RunContext:
     #: free-form per-method report sections, keyed by method name
     report: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    #: the plugin host running this method (lookups such as task losses; None: the process-wide host)
+    host: Any = None
 
     def weight(self, name: str) -> np.ndarray:
         """The float value of a weight initializer."""

@@ -19,7 +19,7 @@ import onnx
 
 from onnxq.backends import ort as ort_backend
 from onnxq.calib import statistics
-from onnxq.calib.feeds import model_inputs, rebatch
+from onnxq.calib.feeds import batch_is_dynamic, model_inputs, rebatch
 from onnxq.calib.readers import Batch, DataReader
 from onnxq.errors import DataError, ModelError, OnnxqError, OptionError
 from onnxq.graph import model_io, prepare
@@ -220,7 +220,7 @@ def optimize(
         if rewritten_gemms:
             _check_rewrite("target " + profile.name, work, candidate, first)
             work = candidate
-    ctx = RunContext(work, profile, build_plan(work, profile, exclude), source, show_progress=show_progress)
+    ctx = RunContext(work, profile, build_plan(work, profile, exclude), source, show_progress=show_progress, host=host)
     for m in methods:
         rewritten = m.float_rewrite(ctx)
         if rewritten is not None:
@@ -268,8 +268,9 @@ def optimize(
     quantized.producer_version = __version__
     _set_metadata(quantized, {"onnxq.method": origin, "onnxq.target": profile.name, "onnxq.bits": str(profile.bits)})
     model_io.check_model(quantized, "the quantized model")
-    sess = ort_backend.make_session(quantized, "all")
-    ort_backend.run(sess, first.feeds)
+    sess = ort_backend.make_session(quantized, "all", arena=False)
+    dyn = batch_is_dynamic(inputs)
+    ort_backend.run(sess, {k: v[:1] for k, v in first.feeds.items()} if dyn else first.feeds)  # it loads and runs
     if out_path is not None:
         model_io.save_model_atomic(quantized, out_path)
 
