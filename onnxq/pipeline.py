@@ -281,7 +281,7 @@ def optimize(
         "options": {m.name: _jsonable(m.options) for m in methods},
         "target": profile.name,
         "bits": profile.bits,
-        "int7_note": "INT7 is an int8 container restricted to 7-bit ranges; ONNX Runtime and TensorRT run it on INT8 kernels" if profile.bits == 7 else None,
+        "int7_note": _int7_note(profile) if profile.bits == 7 else None,
         "weight_only": {"bits": 4, "block_size": profile.block_size, "format": "int4 symmetric" if profile.activation_signed else "uint4 with zero points"} if profile.weight_only else None,
         "shape_inference": shape_status,
         "quantized_activations": len(ctx.plan.activations),
@@ -296,6 +296,13 @@ def optimize(
     }
     report.update(host.report_sections(report))
     return QuantResult(quantized, out_path, report)
+
+
+def _int7_note(profile: TargetProfile) -> str:
+    note = "INT7 is an int8 container restricted to 7-bit ranges: runtimes run it on INT8 kernels, with no INT7 speed-up"
+    if profile.activation_signed and not profile.quantize_outputs:
+        return note + " (TensorRT fuses the Clip that enforces the 7-bit activation range)"
+    return note + "; on ONNX Runtime the Clip that enforces the 7-bit activation range also blocks its integer fusion, so this model is an accuracy emulation that runs in float (use --bits 8 for speed)"
 
 
 def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
