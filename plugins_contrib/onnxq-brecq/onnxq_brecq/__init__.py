@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 from onnx import numpy_helper
+from onnxq.calib.samples import take_samples
 from onnxq.calib.progress import progress
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.hookspecs import hookimpl
@@ -109,7 +110,7 @@ class Brecq(QuantMethod):
         if o.threads:
             torch.set_num_threads(o.threads)
         try:
-            chunks = _take_samples(ctx, o.samples)
+            chunks = take_samples(ctx, o.samples)
             with progress("brecq: layers", ctx.show_progress, total=len(learnable), unit="layer") as bar:
                 rec = Reconstructor(ctx.model, plan, chunks, learnable, o, bar.update)
                 rec.run()
@@ -141,25 +142,6 @@ def _replace_initializers(ctx: RunContext, values: dict[str, np.ndarray]) -> Non
     for i, t in enumerate(g.initializer):
         if t.name in values:
             g.initializer[i].CopyFrom(numpy_helper.from_array(values[t.name].astype(np.float32), t.name))
-
-
-def _take_samples(ctx: RunContext, n: int) -> list[dict[str, np.ndarray]]:
-    chunks, seen = [], 0
-    for b in ctx.calibration():
-        size = next(iter(b.feeds.values())).shape[0]
-        take = min(size, n - seen)
-        chunks.append({k: v[:take] for k, v in b.feeds.items()})
-        seen += take
-        if seen >= n:
-            break
-    from onnxq.calib.feeds import batch_is_dynamic, model_inputs
-
-    if len(chunks) > 1 and batch_is_dynamic(model_inputs(ctx.model)):
-        try:
-            return [{k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}]
-        except ValueError:
-            pass
-    return chunks
 
 
 @hookimpl
