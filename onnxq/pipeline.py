@@ -230,7 +230,7 @@ def optimize(
 
     # statistics
     calibrators = [m for m in methods if m.calibrates]
-    if not calibrators:
+    if not calibrators and not profile.weight_only:  # 4-bit weight-only has no activations to calibrate
         default = host.method("trt-entropy")()
         methods.insert(0, default)
         calibrators = [default]
@@ -244,7 +244,8 @@ def optimize(
     calib_seconds = time.perf_counter() - t_cal
 
     # qparams and refinement
-    calibrators[0].choose_qparams(ctx)
+    if calibrators:
+        calibrators[0].choose_qparams(ctx)
     set_weight_qparams(ctx)
     t_ref = time.perf_counter()
     for m in methods:
@@ -262,6 +263,8 @@ def optimize(
         from onnxq.graph.int4 import dq_matmul_to_matmulnbits
 
         quantized, _ = dq_matmul_to_matmulnbits(quantized)
+    if profile.weight_only:
+        quantized.ir_version = max(quantized.ir_version, 10)  # int4 tensors need IR version 10
     quantized.producer_name = "onnxq"
     from onnxq import __version__
 

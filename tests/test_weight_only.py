@@ -91,3 +91,10 @@ def test_block_size_option_and_validation(x):
 def test_easyquant_refuses_4_bits():
     with pytest.raises(OptionError, match="easyquant"):
         optimize(mlp(), method="easyquant", data=None, bits=4, show_progress=False)
+
+
+def test_weight_only_needs_no_calibrator_and_declares_ir_10():
+    result = optimize(mlp(), data=None, bits=4, target="trt", method="minmax", show_progress=False)
+    assert result.model.ir_version >= 10
+    default = optimize(mlp(), data=None, bits=4, target="trt", method="percentile", show_progress=False)
+    assert default.report["method"] == ["percentile"]

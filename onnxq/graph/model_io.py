@@ -163,6 +163,10 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike[str]) ->
                 fh.write(model.SerializeToString())
                 fh.flush()
                 os.fsync(fh.fileno())
+        # mkstemp creates the file owner-only; give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

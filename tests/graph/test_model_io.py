@@ -79,3 +79,14 @@ def test_output_path_rules(tmp_path):
     assert ensure_output_path(existing, [src], force=True) == existing
     # a missing output folder is created when the model is saved
     assert ensure_output_path(tmp_path / "new" / "o.onnx", [src], force=False).parent.name == "new"
+
+
+def test_saved_model_gets_the_umask_permissions(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = save_model_atomic(small_model(), tmp_path / "perm.onnx")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
