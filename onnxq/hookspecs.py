@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from onnxq.calib.readers import DataReader
     from onnxq.method import QuantMethod
+    from onnxq.tasks import TaskLoss
 
 PROJECT = "onnxq"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -38,6 +39,15 @@ def register_methods(register: Callable[[type[QuantMethod]], None]) -> None:
 @hookspec
 def register_data_readers(register: Callable[[type[DataReader]], None]) -> None:
     """Register data readers: call ``register(MyReader)`` for each DataReader subclass."""
+
+
+@hookspec
+def register_task_losses(register: Callable[[type[TaskLoss]], None]) -> None:
+    """Register task losses: call ``register(MyLoss)`` for each :class:`onnxq.tasks.TaskLoss` subclass.
+
+    Search methods that score candidates by the model's outputs (``detptq``) look the user's
+    ``-o task NAME`` up among these (built-ins: detection, segmentation-map, classification, mse).
+    """
 
 
 @hookspec

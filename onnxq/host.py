@@ -20,6 +20,7 @@ from onnxq import hookspecs
 from onnxq.calib.readers import DataReader
 from onnxq.errors import PluginError, UnknownNameError
 from onnxq.method import QuantMethod
+from onnxq.tasks import TaskLoss
 
 log = logging.getLogger(__name__)
 GROUP = "onnxq"
@@ -48,6 +49,7 @@ class Host:
         self.methods: dict[str, type[QuantMethod]] = {}
         self.readers: dict[str, type[DataReader]] = {}
         self.backends: dict[str, Any] = {}
+        self.tasks: dict[str, type[TaskLoss]] = {}
         self._origin: dict[str, str] = {}
         if load_entry_points:
             self.load_entry_points()
@@ -93,10 +95,10 @@ class Host:
         return record
 
     def _snapshot(self):
-        return dict(self.methods), dict(self.readers), dict(self.backends), dict(self._origin)
+        return dict(self.methods), dict(self.readers), dict(self.backends), dict(self.tasks), dict(self._origin)
 
     def _restore(self, snap) -> None:
-        self.methods, self.readers, self.backends, self._origin = (dict(x) for x in snap)
+        self.methods, self.readers, self.backends, self.tasks, self._origin = (dict(x) for x in snap)
 
     def _call_registration(self, obj: Any, record: PluginRecord) -> None:
         def reg(kind: str, table: dict[str, Any], base: type | None):
@@ -118,6 +120,7 @@ class Host:
             ("register_methods", "method", self.methods, QuantMethod),
             ("register_data_readers", "reader", self.readers, DataReader),
             ("register_backends", "backend", self.backends, None),
+            ("register_task_losses", "task", self.tasks, TaskLoss),
         ):
             impl = getattr(obj, hook, None)
             if impl is not None:
@@ -144,6 +147,12 @@ class Host:
             return self.readers[name]
         except KeyError:
             raise self._unknown("data reader", name, list(self.readers)) from None
+
+    def task(self, name: str) -> type[TaskLoss]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise self._unknown("task", name, list(self.tasks)) from None
 
     def reader_for(self, spec: str) -> type[DataReader]:
         """The first reader that accepts ``spec`` (readers named 'kind:rest' are matched by name)."""
