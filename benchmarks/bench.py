@@ -5,9 +5,11 @@ One run prints one table per model (the bundled ``digits`` CNN and rapidocr's PP
 recognition and detection models), side by side:
 
 * FP32;
-* onnxq ``minmax``, ``percentile``, ``mse``, ``trt-entropy`` at INT8 for ``--target ort``
-  (digits also: ``trt-entropy`` INT7 and ``--target trt``; digits and ppocr-rec also
-  ``minmax --target ort-s8`` for the U8S8 vs S8S8 latency question);
+* onnxq ``minmax``, ``percentile``, ``mse``, ``trt-entropy``, ``easyquant`` at INT8 for ``--target ort``
+  (digits and ppocr-rec also: ``easyquant`` and ``trt-entropy`` INT7; digits also ``trt-entropy``
+  ``--target trt`` INT8 and INT7 and ``easyquant --target trt`` INT7; digits and ppocr-rec also
+  ``minmax --target ort-s8`` for the U8S8 vs S8S8 latency question), with a line per model
+  giving easyquant's wall time over onnxq minmax's (goal: within 10x);
 * ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator, and
   with its Percentile calibrator on digits and ppocr-rec.
 
@@ -22,7 +24,7 @@ digits example's own calib/eval files; for PP-OCR, text lines and pages rendered
 ``benchmarks/ocr_data.py`` (Latin-only unless ``--cjk``), calibration and evaluation from
 different seeds, written as ``.npz`` feed folders under ``<workdir>/data``.
 
-    python benchmarks/bench.py                       # full run (~6-8 min on 2 cores)
+    python benchmarks/bench.py                       # full run (~10 min on 2 shared cores)
     python benchmarks/bench.py --quick               # smoke run (< 3 min)
     python benchmarks/bench.py --models digits --json .bench/digits.json
 
@@ -57,10 +59,11 @@ CALIB_SEED, EVAL_SEED = 1, 2
 REC_FILE_BATCH = 8  # lines per .npz file (the batch ORT's calibrator sees)
 
 #: onnxq --batch-size for the main tables: None = the CLI default (16). It is a performance
-#: knob only ("results do not depend on it"); the batch-size table shows its effect on time
+#: knob only ("results do not depend on it"); ``--batch-size-probe`` adds a table of its effect on time
 #: and peak RSS. ``--onnxq-batch-size`` overrides it.
 ONNXQ_BATCH: dict[str, int | None] = {"digits": None, "ppocr-rec": None, "ppocr-det": None}
 PROBE_BATCH_SIZES = (4, 1)
+EASYQUANT_OCR_TIMEOUT = 300.0  # s per easyquant run on ppocr-rec / ppocr-det (onnxq minmax takes ~15 s there)
 
 SIZES = {
     "full": {
@@ -148,18 +151,31 @@ class Config:
     method: str | None = None
     target: str | None = None
     bits: int = 8
+    timeout: float | None = None  # per-run cap below --timeout (s); None = --timeout
 
     def to_json(self) -> dict:
-        return {"key": self.key, "label": self.label, "tool": self.tool, "method": self.method, "target": self.target, "bits": self.bits}
+        return {"key": self.key, "label": self.label, "tool": self.tool, "method": self.method, "target": self.target, "bits": self.bits,
+                "timeout_s": self.timeout}
 
 
 def configs_for(model: str, sizes: dict) -> list[Config]:
     rows = [Config("fp32", "FP32", "fp32")]
     for m in ("minmax", "percentile", "mse", "trt-entropy"):
         rows.append(Config(f"onnxq-{m}", f"onnxq {m}", "onnxq", m, "ort", 8))
-    if model == "digits":
+    # EasyQuant (per-layer cosine scale search on top of trt-entropy initial ranges): its search
+    # time is part of its quant wall time; the line under each table divides it by onnxq minmax's.
+    # On PP-OCR each easyquant run is capped at EASYQUANT_OCR_TIMEOUT s (well past the 10x goal) so
+    # that one slow search cannot eat the whole benchmark's time budget.
+    eq_timeout = None if model == "digits" else EASYQUANT_OCR_TIMEOUT
+    rows.append(Config("onnxq-easyquant", "onnxq easyquant", "onnxq", "easyquant", "ort", 8, eq_timeout))
+    if model in ("digits", "ppocr-rec"):
+        rows.append(Config("onnxq-easyquant-int7", "onnxq easyquant INT7", "onnxq", "easyquant", "ort", 7, eq_timeout))
+    if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-trt-entropy-int7", "onnxq trt-entropy INT7", "onnxq", "trt-entropy", "ort", 7))
+    if model == "digits":
         rows.append(Config("onnxq-trt-entropy-trt", "onnxq trt-entropy --target trt", "onnxq", "trt-entropy", "trt", 8))
+        rows.append(Config("onnxq-trt-entropy-trt-int7", "onnxq trt-entropy INT7 --target trt", "onnxq", "trt-entropy", "trt", 7))
+        rows.append(Config("onnxq-easyquant-trt-int7", "onnxq easyquant INT7 --target trt", "onnxq", "easyquant", "trt", 7))
     if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-minmax-s8", "onnxq minmax --target ort-s8", "onnxq", "minmax", "ort-s8", 8))
     rows.append(Config("ort-minmax", "ORT quantize_static MinMax", "ort", "minmax"))
@@ -395,6 +411,7 @@ class Runner:
         self.history: list[dict] = []  # cap and machine load of every run
 
     def onnxq(self, task: Task, cfg: Config, out: Path, max_samples: int | None = None, batch_size: int | None = None, model: Path | None = None) -> Measurement:
+        timeout = min(self.timeout, cfg.timeout) if cfg.timeout else None
         argv = [sys.executable, "-m", "onnxq", "optimize", str(model or task.model), "--data", str(task.calib), "-p", cfg.method,
                 "--target", cfg.target, "--bits", str(cfg.bits), "--output", str(out), "--force", "--no-cache", "--quiet", "--json"]
         bs = batch_size or ONNXQ_BATCH[task.name]
@@ -402,7 +419,7 @@ class Runner:
             argv += ["--batch-size", str(bs)]
         if max_samples:
             argv += ["--max-samples", str(max_samples)]
-        return self._run(argv, out)
+        return self._run(argv, out, timeout)
 
     def ort(self, task: Task, method: str, out: Path, max_samples: int | None = None, model: Path | None = None) -> Measurement:
         argv = [sys.executable, str(self.ort_script), str(model or task.model), str(out), str(task.calib), method]
@@ -419,12 +436,12 @@ class Runner:
         avail = available_memory()
         return self.mem if avail is None else max(2 * 2**30, min(self.mem, avail - int(1.5 * 2**30)))
 
-    def _run(self, argv: list[str], out: Path) -> Measurement:
+    def _run(self, argv: list[str], out: Path, timeout: float | None = None) -> Measurement:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.unlink()
         load = os.getloadavg()[0]
-        m = run_measured(argv, timeout=self.timeout, mem_limit_bytes=self.cap(), cwd=self.work, env=self.env)
+        m = run_measured(argv, timeout=timeout or self.timeout, mem_limit_bytes=self.cap(), cwd=self.work, env=self.env)
         m.extra["loadavg_1min_before"] = round(load, 2)
         m.extra["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
         self.history.append({"cap_mb": m.mem_limit_mb, "load_before": m.extra["loadavg_1min_before"], "load_after": m.extra["loadavg_1min_after"]})
@@ -456,7 +473,7 @@ def short_error(m: Measurement) -> str:
     if m.status == "oom":
         return f"OOM (cap {m.mem_limit_mb / 1024:.1f} GB)" if m.mem_limit_mb else "OOM"
     if m.status == "timeout":
-        return "timeout"
+        return f"timeout ({m.timeout_s:.0f} s)" if m.timeout_s else "timeout"
     line = m.error_line(200)
     for prefix in ("onnxq: internal error: ", "onnxq: error: "):
         if line.startswith(prefix):
@@ -506,6 +523,7 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
         q = r.get("quantize")
         if q and ref and r["status"] == "ok":
             r["vs_ort_minmax"] = {"wall": q["wall_s"] / ref["quantize"]["wall_s"], "rss": q["peak_rss_mb"] / ref["quantize"]["peak_rss_mb"]}
+    result["easyquant_vs_minmax"] = easyquant_ratios(rows)
 
 
 def as_shipped_probe(task: Task, runner: Runner) -> list[dict]:
@@ -651,6 +669,55 @@ def model_table(name: str, res: dict, threads: list[int]) -> str:
     return md_table(headers, body)
 
 
+EASYQUANT_WALL_GOAL = 10.0  # project goal: easyquant within 10x of a plain minmax run on the same model and data
+
+
+def easyquant_ratios(rows: list[dict]) -> list[dict]:
+    """easyquant wall / onnxq minmax (INT8, --target ort) wall for every easyquant row of one table.
+
+    ``wall`` is the whole child process (start-up, load, calibration, search, save);
+    ``in_process`` uses onnxq's own ``total_seconds`` report when both runs have it."""
+    by_key = {r["config"]["key"]: r for r in rows}
+    base = by_key.get("onnxq-minmax")
+    if not base or base["status"] != "ok" or not base.get("quantize"):
+        return []
+    bq = base["quantize"]
+    b_total = ((bq.get("extra") or {}).get("onnxq_report") or {}).get("total_seconds")
+    out = []
+    for r in rows:
+        c = r["config"]
+        if c["method"] != "easyquant" or not r.get("quantize"):
+            continue
+        q = r["quantize"]
+        if r["status"] != "ok":
+            out.append({"key": c["key"], "label": c["label"], "status": r["status"], "error": r.get("error"), "wall_s": q["wall_s"],
+                        "minmax_wall_s": bq["wall_s"], "ratio": None, "within_goal": False})
+            continue
+        total = ((q.get("extra") or {}).get("onnxq_report") or {}).get("total_seconds")
+        e = {"key": c["key"], "label": c["label"], "wall_s": q["wall_s"], "minmax_wall_s": bq["wall_s"], "ratio": q["wall_s"] / bq["wall_s"]}
+        if total and b_total:
+            e["in_process_ratio"] = total / b_total
+            e["total_seconds"], e["minmax_total_seconds"] = total, b_total
+        e["within_goal"] = e["ratio"] <= EASYQUANT_WALL_GOAL
+        out.append(e)
+    return out
+
+
+def easyquant_ratio_line(res: dict) -> str:
+    ratios = res.get("easyquant_vs_minmax") or []
+    if not ratios:
+        return ""
+    parts = []
+    for e in ratios:
+        if e["ratio"] is None:
+            parts.append(f"{e['label'].replace('onnxq ', '')} {e['error']} after {e['wall_s']:.0f} s (minmax {e['minmax_wall_s']:.1f} s)")
+            continue
+        extra = f", onnxq-reported {e['in_process_ratio']:.1f}x" if "in_process_ratio" in e else ""
+        parts.append(f"{e['label'].replace('onnxq ', '')} {e['wall_s']:.1f} s / {e['minmax_wall_s']:.1f} s = {e['ratio']:.1f}x{extra}"
+                     f" ({'within' if e['within_goal'] else 'OVER'} {EASYQUANT_WALL_GOAL:.0f}x)")
+    return "easyquant wall / minmax wall (onnxq minmax INT8 --target ort, same model and data): " + "; ".join(parts)
+
+
 def describe_task(task: Task, res: dict) -> str:
     bs = ONNXQ_BATCH[task.name] or "16 (CLI default)"
     if task.name == "digits":
@@ -674,7 +741,8 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
       f"OCR text: {doc['ocr_text']}")
     m = doc.get("machine", {})
     p(f"quantization subprocesses: address space capped at {doc['mem_cap_gb']} GB (lowered to MemAvailable - 1.5 GB when less; "
-      f"lowest cap used {m.get('lowest_cap_gb', '-')} GB), timeout {doc['timeout_s']:.0f} s; "
+      f"lowest cap used {m.get('lowest_cap_gb', '-')} GB), timeout {doc['timeout_s']:.0f} s "
+      f"({min(doc['timeout_s'], EASYQUANT_OCR_TIMEOUT):.0f} s for easyquant on PP-OCR); "
       "'quant wall s' and 'peak RSS MB' are those of the whole child process (start-up, model load and save included)")
     if m:
         p(f"machine load (1-min load average, {env['cpu_count']} CPUs): median {m['load_median']:.1f}, max {m['load_max']:.1f}; "
@@ -690,6 +758,9 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
         p(describe_task(tasks[name], res))
         p("")
         p(model_table(name, res, threads))
+        ratio = easyquant_ratio_line(res)
+        if ratio:
+            p(ratio)
         errs = [r for r in res["rows"] if r["status"] not in ("ok", "skipped")]
         for r in errs:
             q = r.get("quantize") or {}
@@ -779,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per quantization subprocess (default 1200, quick 300)")
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts for latency")
     ap.add_argument("--onnxq-batch-size", type=int, default=None, help="onnxq --batch-size for the main tables (default: the CLI default, 16)")
+    ap.add_argument("--batch-size-probe", action="store_true",
+                    help="also run onnxq minmax at --batch-size 4 and 1 on the PP-OCR models (off by default: since calibration "
+                         "runs in sub-batches under a 512 MB budget, peak RSS hardly depends on --batch-size)")
     ap.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the accuracy evaluation")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -832,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in sizes["flat"]:
                 n, _ = sizes["flat"][name]
                 doc["memory_flat"] += memory_flat(task, runner, n, res["rows"])
-            if name != "digits" and sizes["probes"]:
+            if name != "digits" and sizes["probes"] and args.batch_size_probe:
                 doc["batch_size_probe"].append(batch_size_probe(task, runner, res["rows"]))
         except Exception as exc:  # keep going with the next model
             import traceback

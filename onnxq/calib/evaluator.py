@@ -128,7 +128,7 @@ class GraphRunner:
             for o in node.output:
                 if o:
                     m.graph.output.append(helper.make_tensor_value_info(o, known.get(o) or onnx.TensorProto.FLOAT, None))
-            sess = ort_backend.make_session(m, "disable", threads=None)
+            sess = ort_backend.make_session(m, "disable", threads=None, arena=False)
             self.sessions[node.name] = sess
         return sess
 
@@ -212,7 +212,7 @@ class LayerRunner:
                 inputs.append(helper.make_tensor_value_info("B", onnx.TensorProto.FLOAT, None))
             g = helper.make_graph([node], "layer", inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)])
             m = helper.make_model(g, opset_imports=self.opsets, ir_version=self.ir_version)
-            self._sess = ort_backend.make_session(m, "basic")
+            self._sess = ort_backend.make_session(m, "basic", arena=False)
         return self._sess
 
     def run(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, post: bool = True) -> np.ndarray:
