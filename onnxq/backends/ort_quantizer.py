@@ -43,15 +43,15 @@ def quantize_with_ort(model_path: str | os.PathLike[str], output: str | os.PathL
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # ORT logs pre-processing advice on the root logger
-    with tempfile.TemporaryDirectory(prefix="onnxq-ortq-") as tmp:
-        tmp_out = Path(tmp) / "model.onnx"
-        oq.quantize_static(
-            str(model_path), str(tmp_out), Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=qtype, weight_type=oq.QuantType.QInt8, calibrate_method=method,
-            extra_options={"ActivationSymmetric": symmetric_activations},
-        )
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxq-ortq-") as tmp:
+            tmp_out = Path(tmp) / "model.onnx"
+            oq.quantize_static(
+                str(model_path), str(tmp_out), Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=qtype, weight_type=oq.QuantType.QInt8, calibrate_method=method,
+                extra_options={"ActivationSymmetric": symmetric_activations},
+            )
             os.replace(tmp_out, output)
-        finally:
-            root.setLevel(level)
+    finally:
+        root.setLevel(level)
     return Path(output)
