@@ -251,8 +251,6 @@ def test_compare_with_empty_data(run_cli, digits_model, tmp_path):
     assert stderr.splitlines() == [f"onnxq: error: the evaluation data '{data}' is empty"]
 
 
-@pytest.mark.xfail(reason="BUG: onnxq.compare() (backends/compare.py) calls next() on the data without a default, "
-                          "so empty evaluation data escapes as StopIteration instead of a DataError", strict=True)
 def test_python_compare_with_empty_data_is_a_data_error(digits_model, tmp_path):
     import onnxq
     from onnxq.errors import DataError

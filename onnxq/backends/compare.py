@@ -121,6 +121,10 @@ def compare(reference: str | os.PathLike[str], candidates: dict[str, str | os.Pa
     inputs = model_inputs(ref)
     reader = make_reader(data, inputs, get_host(), kwargs.pop("data_options", None))
     source = batch_source(reader, inputs, kwargs.pop("batch_size", 64), kwargs.pop("max_samples", None))
-    first = next(iter(source()))
+    first = next(iter(source()), None)
+    if first is None:
+        from onnxq.errors import DataError
+
+        raise DataError(f"the evaluation data '{data}' is empty")
     latency_feeds = {k: v[:1] for k, v in first.feeds.items()}
     return evaluate(Path(reference), dict(candidates), source, latency_feeds=latency_feeds, **kwargs)
