@@ -120,6 +120,12 @@ def set_activation_ranges(ctx: RunContext, threshold_of) -> None:
         t = float(threshold_of(s))
         t = min(t, s.amax) if s.amax > 0 else 0.0
         site.range = (max(s.min, -t), min(s.max, t))
+    finish_activation_qparams(ctx)
+
+
+def finish_activation_qparams(ctx: RunContext) -> None:
+    """Unify the ranges of each share group, then set every activation site's qparams from its range."""
+    plan = ctx.plan
     for group in plan.share_groups:
         lo = min(plan.activations[t].range[0] for t in group)  # type: ignore[index]
         hi = max(plan.activations[t].range[1] for t in group)  # type: ignore[index]

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.errors import ModelError
+from onnxq.graph.prepare import default_opset, tensor_types
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
@@ -72,23 +73,12 @@ def _has_subgraphs(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
 def _types(model: onnx.ModelProto) -> dict[str, int]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     except Exception:  # keep what the model declares
         inferred = model
-    g = inferred.graph
-    types: dict[str, int] = {}
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for t in g.initializer:
-        types[t.name] = t.data_type
-    return types
+    return tensor_types(inferred)
 
 
 def _to_half(arr: np.ndarray, name: str, clipped: list[str]) -> np.ndarray:
@@ -110,7 +100,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: frozenset[str] | set[str] 
         raise ModelError(f"the fp16 rewrite does not handle control flow (node '{where}' has a subgraph); build without --fp16")
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node) and _default_opset(m) < MIN_FP16_QDQ_OPSET:
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node) and default_opset(m) < MIN_FP16_QDQ_OPSET:
         from onnxq.graph.prepare import upgrade_opset
 
         m = upgrade_opset(m, MIN_FP16_QDQ_OPSET)

@@ -90,6 +90,20 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
+def unique_namer(used: set[str]):
+    """A function returning ``name``, or ``name_1``, ``name_2``... if taken; it records what it returns."""
+
+    def fresh(name: str) -> str:
+        candidate, k = name, 1
+        while candidate in used:
+            candidate = f"{name}_{k}"
+            k += 1
+        used.add(candidate)
+        return candidate
+
+    return fresh
+
+
 def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     """The output-channel axis of a weight input, or None if it is not a weight slot."""
     if node.op_type == "Conv" and index == 1:

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.errors import PlanConflictError
+from onnxq.graph.placement import unique_namer
 from onnxq.graph.plan import QuantPlan
 from onnxq.qparams import QParams
 
@@ -121,13 +122,7 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     new_inits: list[onnx.TensorProto] = []
     used = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
 
-    def fresh(name: str) -> str:
-        candidate, k = name, 1
-        while candidate in used:
-            candidate = f"{name}_{k}"
-            k += 1
-        used.add(candidate)
-        return candidate
+    fresh = unique_namer(used)
 
     def rewire(consumers: tuple[tuple[str, int], ...], old: str, new: str) -> None:
         for node_name, idx in consumers:

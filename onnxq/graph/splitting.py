@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.graph.placement import unique_namer
 from onnxq.qparams import MIN_SCALE
 
 __all__ = ["RepConvDecision", "SplitConv", "centre_ratio", "find_rep_convs", "split_convs", "split_kernel", "weight_mse"]
@@ -177,13 +178,7 @@ def split_convs(model: onnx.ModelProto, decisions: Iterable[RepConvDecision], qm
     inits = {t.name: t for t in g.initializer}
     used = {o for n in g.node for o in n.output} | set(inits) | {i.name for i in g.input} | {n.name for n in g.node}
 
-    def fresh(name: str) -> str:
-        candidate, k = name, 1
-        while candidate in used:
-            candidate = f"{name}_{k}"
-            k += 1
-        used.add(candidate)
-        return candidate
+    fresh = unique_namer(used)
 
     new_nodes: list[onnx.NodeProto] = []
     splits: list[SplitConv] = []

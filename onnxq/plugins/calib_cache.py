@@ -24,7 +24,7 @@ from onnxq.backends.trt_cache import CalibrationCache, read_cache
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import DataError
 from onnxq.hookspecs import hookimpl
-from onnxq.method import QuantMethod, RunContext, set_weight_qparams
+from onnxq.method import QuantMethod, RunContext, finish_activation_qparams, set_weight_qparams
 from onnxq.options import option
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,7 @@ class TrtCache(QuantMethod):
         if missing and self.options.on_missing == "error":
             raise DataError(f"{len(missing)} of {len(plan.activations)} quantized activations are not in calibration cache "
                             f"'{self.options.path}' (first: '{missing[0]}')")
-        for group in plan.share_groups:
-            lo = min(plan.activations[t].range[0] for t in group)  # type: ignore[index]
-            hi = max(plan.activations[t].range[1] for t in group)  # type: ignore[index]
-            for t in group:
-                plan.activations[t].range = (lo, hi)
-        for site in plan.activations.values():
-            site.qparams = profile.activation_qparams(*site.range)  # type: ignore[misc]
+        finish_activation_qparams(ctx)
         set_weight_qparams(ctx)
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
