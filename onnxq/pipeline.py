@@ -202,8 +202,10 @@ def optimize(
     work, shape_status = prepare.infer_shapes(work)
     inputs = model_inputs(work)
     if data is None:
-        if not profile.weight_only:
-            raise DataError("calibration data is required (use data='random' for a smoke run)")
+        needing = [m.name for m in methods if getattr(m, "needs_data", False)]
+        if not profile.weight_only or needing:
+            who = f" by method '{needing[0]}'" if needing else ""
+            raise DataError(f"calibration data is required{who} (use data='random' for a smoke run)")
         data = "random:1"  # 4-bit weight-only scales do not depend on data; one batch validates the output
         data_options = {"warn": False}
     rdr = make_reader(data, inputs, host, data_options, reader)

@@ -6,6 +6,9 @@
   loaded with the ``tokenizers`` library), padded to the longest sentence of the batch and
   truncated at 256 tokens like sentence-transformers; returns int64 ``input_ids``/``attention_mask``.
 * :func:`batches` — feed dicts of ``batch_size`` sentences, for ``onnxq optimize --data``-style use.
+* :func:`calibration` — calibration feeds from sentences the benchmarks never evaluate on (from
+  sentence 1024 on; the benchmarks evaluate on the first 256), usable as
+  ``onnxq optimize ... --data benchmarks/minilm/text_data.py:calibration``.
 
 Needs only ``tokenizers`` and the package (no torch, no transformers).
 """
@@ -114,6 +117,15 @@ def encode(texts: list[str], max_length: int = 256) -> dict[str, np.ndarray]:
 
 def batches(texts: list[str], batch_size: int = 16, max_length: int = 256) -> list[dict[str, np.ndarray]]:
     return [encode(texts[i:i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
+
+
+#: first sentence used for calibration; evaluation uses sentences from 0 (256 by default)
+CALIBRATION_OFFSET = 1024
+
+
+def calibration(n: int = 128, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """``n`` calibration sentences (disjoint from the evaluation sentences) as feed dicts."""
+    return batches(sentences(n, offset=CALIBRATION_OFFSET), batch_size)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ onnxq's 4-bit plan is written as block-wise int4/uint4 ``DequantizeLinear`` (ops
 first turned into a FusedGemm, and a MatMul whose output feeds a Relu directly is left as float,
 so for the ``ort`` target onnxq writes ``MatMulNBits`` itself (the same op ORT's own
 MatMulNBitsQuantizer emits) and the 4-bit kernel is used in every context.
+
+Block-wise 8-bit weights (``int8``/``uint8`` ``DequantizeLinear`` with ``block_size``, written by
+``gptq``'s mixed precision for its most sensitive MatMuls) become ``MatMulNBits`` with ``bits=8``
+(one byte per value and per zero point; ONNX Runtime's default zero point is 128).
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ def _int4_value(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t).astype(np.int32)
 
 
+_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8}
+_SIGNED = (onnx.TensorProto.INT4, onnx.TensorProto.INT8)
+
+
 def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) -> tuple[onnx.ModelProto, list[str]]:
-    """Replace every block-wise 4-bit ``DequantizeLinear(axis=0) -> MatMul`` weight by ``MatMulNBits``."""
+    """Replace every block-wise 4-bit (or 8-bit) ``DequantizeLinear(axis=0) -> MatMul`` weight by ``MatMulNBits``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -49,8 +57,10 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
             continue
         attrs = {a.name: a.i for a in dq.attribute}
         q = inits.get(dq.input[0])
-        if q is None or q.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or attrs.get("axis") != 0 or not attrs.get("block_size"):
+        if q is None or q.data_type not in _BITS or attrs.get("axis") != 0 or not attrs.get("block_size"):
             continue
+        bits = _BITS[q.data_type]
+        mid = 1 << (bits - 1)  # MatMulNBits' default zero point: 8 (4 bits) or 128 (8 bits)
         bs = attrs["block_size"]
         ints = _int4_value(q)  # [K, N]
         if ints.ndim != 2:
@@ -59,26 +69,28 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
         nblocks = -(-k // bs)
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)  # [nblocks, N]
         zp = _int4_value(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, np.int32)
-        signed = q.data_type == onnx.TensorProto.INT4
-        # MatMulNBits stores unsigned nibbles; its default zero point is 8
-        u = ints + 8 if signed else ints
+        signed = q.data_type in _SIGNED
+        # MatMulNBits stores unsigned values; its default zero point is 2^(bits-1)
+        u = ints + mid if signed else ints
         pad = nblocks * bs - k
         if pad:
-            u = np.concatenate([u, np.full((pad, n), 8 if signed else 0, np.int32)])
-        blob = _pack_nibbles(u.T.reshape(n, nblocks, bs))  # [N, nblocks, bs/2]
+            u = np.concatenate([u, np.full((pad, n), mid if signed else 0, np.int32)])
+        u = u.T.reshape(n, nblocks, bs)
+        blob = _pack_nibbles(u) if bits == 4 else u.astype(np.uint8)  # [N, nblocks, bs·bits/8]
         base = node.name or node.output[0]
         b_name, s_name = f"{base}_nbits_B", f"{base}_nbits_scales"
         new_inits += [numpy_helper.from_array(blob, b_name), numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), s_name)]
         inputs = [node.input[0], b_name, s_name]
         if not signed:
             zpu = zp.T  # [N, nblocks]
-            if nblocks % 2:
+            if bits == 4 and nblocks % 2:
                 zpu = np.concatenate([zpu, np.zeros((n, 1), np.int32)], axis=1)
             z_name = f"{base}_nbits_zero_points"
-            new_inits.append(numpy_helper.from_array(_pack_nibbles(zpu).reshape(-1), z_name))
+            packed = _pack_nibbles(zpu) if bits == 4 else zpu.astype(np.uint8)
+            new_inits.append(numpy_helper.from_array(packed.reshape(-1), z_name))
             inputs.append(z_name)
         new = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
-                               K=k, N=n, bits=4, block_size=bs, accuracy_level=accuracy_level)
+                               K=k, N=n, bits=bits, block_size=bs, accuracy_level=accuracy_level)
         node.CopyFrom(new)
         drop.add(id(dq))
         replaced.append(node.name)
