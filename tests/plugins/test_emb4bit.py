@@ -141,6 +141,33 @@ def test_greedy_never_worse_than_minmax_and_lower_on_heavy_tailed_rows():
     assert np.all(kept <= greedy + 1e-7)
 
 
+def test_student_t_rows_every_row_improved_that_the_spec_stopping_rule_allows():
+    """Issue 5 asks for "lower L2 error than min-max on every row" on Student-t rows *and* the spec's
+    stopping rule (§4.2: stop once the range is 84% of the original, remember only local optima).
+    The two conflict on plain Student-t rows: for about 1% of them no range the spec's loop visits
+    before it stops beats the full range (a lone outlier costs more clamped than the finer grid
+    gains), so with the spec's rule those rows keep min-max exactly. This test pins that down: never
+    worse on every row, strictly lower on >= 98% (measured 99.1%), the 32/33 loop turns of the
+    stopping rule, and for every row left at min-max, not one range on the visited path (keep_best
+    keeps the best of all of them) is better, i.e. "strictly lower on every row" would need a
+    different stopping rule, not a better implementation of this one. The strict version holds on
+    heavy-tailed rows whose tail can be cut within 16% of the range (next test)."""
+    x = np.random.default_rng(5).standard_t(3, (1000, 64)).astype(np.float32)  # Student-t, ν = 3, d = 64
+    r = E.greedy_ranges(x)
+    assert set(np.unique(r.iterations).tolist()) <= {32, 33}
+    greedy = encode_error(x, r.lo, r.hi)
+    minmax = encode_error(x, *E.minmax_ranges(x))
+    assert np.all(greedy <= minmax)
+    strict = greedy < minmax
+    assert strict.mean() >= 0.98
+    path_best = E.greedy_ranges(x, keep_best=True)
+    on_path = encode_error(x, path_best.lo, path_best.hi)
+    assert np.all(on_path[~strict] >= minmax[~strict]), "a visited range beats min-max on a row greedy left alone"
+    for i in np.flatnonzero(~strict)[:3]:  # and the spec's loop, transcribed, agrees on those rows
+        lo, hi, it = scalar_greedy(x[i])
+        assert (lo, hi) == (float(x[i].min()), float(x[i].max())) and it in (32, 33)
+
+
 def test_greedy_strictly_lower_than_minmax_on_every_heavy_tailed_row():
     # rows whose tail sits one-sided far from the bulk: cutting it always pays within 16% of the range
     rng = np.random.default_rng(6)
