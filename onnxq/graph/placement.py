@@ -2,7 +2,9 @@
 
 Rules, in order:
 1. Weighted ops (Conv, ConvTranspose, Gemm, MatMul): every float activation input gets a Q/DQ
-   pair; a constant weight becomes integers + DequantizeLinear (per output channel).
+   pair; a constant weight becomes integers + DequantizeLinear (per output channel). A MatMul of
+   two activations (attention's Q·Kᵀ, softmax·V) is quantized only where the profile says
+   ``activation_matmul`` (TensorRT's int8 MHA); ONNX Runtime keeps it float.
 2. Profiles with ``quantize_outputs`` (ONNX Runtime) also quantize the outputs of quantized ops,
    folding a sole following Relu into the quantized tensor when the grid is asymmetric (ORT then
    drops the Relu and runs QLinearConv); ``extra_ops`` (Add, Concat, pooling...) get Q/DQ on float
@@ -197,6 +199,10 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
         weight_name = None
         if node.op_type == "Gemm" and idx.is_constant(node.input[0]):
             plan.skipped.append((node.name, "Gemm with a constant A input"))
+            continue
+        if (node.op_type == "MatMul" and not profile.activation_matmul and len(node.input) == 2
+                and not any(idx.is_constant(i) for i in node.input)):
+            plan.skipped.append((node.name, f"activation x activation MatMul (attention) kept float for target {profile.name}"))
             continue
         if w_index is not None and idx.is_constant(node.input[w_index]):
             value = idx.constant_value(node.input[w_index])

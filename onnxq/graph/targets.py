@@ -40,6 +40,8 @@ class TargetProfile:
     residual_add: bool = False
     #: all quantized inputs of a Concat share one scale
     share_concat_scales: bool = False
+    #: quantize MatMuls whose two inputs are both activations (attention's Q·Kᵀ and softmax·V)
+    activation_matmul: bool = True
     #: int32 bias DequantizeLinear (ORT only; TensorRT rejects it)
     int32_bias: bool = False
     #: rewrite Gemms that produce graph outputs as MatMul(+Add) so ORT keeps them integer with float outputs
@@ -98,7 +100,10 @@ TRT = TargetProfile(
     quantize_outputs=False,
     residual_add=True,
     share_concat_scales=True,
-    description="TensorRT explicit quantization: int8 symmetric, Q/DQ on inputs of Conv/Gemm/MatMul and residual Add, one scale per Concat",
+    # TensorRT's fused int8 multi-head attention needs Q/DQ on both inputs of Q·Kᵀ and softmax·V
+    # (ModelOpt quantizes these BMMs for int8 when the sequence is <= 512; /work/shared/peers.md)
+    activation_matmul=True,
+    description="TensorRT explicit quantization: int8 symmetric, Q/DQ on inputs of Conv/Gemm/MatMul (attention BMMs included) and residual Add, one scale per Concat",
 )
 
 ORT_EXTRA_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool", "Sigmoid", "LeakyRelu"})
@@ -110,7 +115,10 @@ ORT_U8 = TargetProfile(
     extra_ops=ORT_EXTRA_OPS,
     gemm_outputs_as_matmul=True,
     int4_matmulnbits=True,
-    description="ONNX Runtime CPU: uint8 asymmetric activations, int8 per-channel weights (U8S8), integer kernels for Conv/MatMul/Gemm/Add/Concat/pooling",
+    # attention's activation x activation MatMuls stay float: on all-MiniLM-L6-v2 quantizing them
+    # bought no speed and cost accuracy (docs/methods.md, "Transformers")
+    activation_matmul=False,
+    description="ONNX Runtime CPU: uint8 asymmetric activations, int8 per-channel weights (U8S8), integer kernels for Conv/MatMul/Gemm/Add/Concat/pooling; attention's activation x activation MatMuls stay float",
 )
 
 ORT_S8 = replace(ORT_U8, name="ort-s8", activation_signed=True, description="ONNX Runtime CPU with int8 symmetric activations (S8S8)")

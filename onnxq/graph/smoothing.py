@@ -1,0 +1,235 @@
+"""SmoothQuant-style per-input-channel smoothing of MatMul activations, as an exact float rewrite.
+
+Transformers carry a few activation channels that are 10-20x larger than the rest (in
+all-MiniLM-L6-v2, channel 99 of every LayerNorm output and one channel of each FFN GELU output),
+so a per-tensor activation step is set by one channel and every other channel gets a handful of
+levels. For ``Y = X @ W`` with a constant ``W`` (``[K, N]``) the rewrite
+
+    X' = X / s,   W' = diag(s) @ W,   X' @ W' = X @ W   (per input channel k, s_k > 0)
+
+moves the outlier magnitude from the activation into the weight rows, which are quantized per
+*output* channel and have headroom. ``s_k = max|X_k|^α / max|W_k|^(1-α)`` (SmoothQuant, Xiao et
+al. 2023; the ``smoothquant`` method uses α = 0.8 by default, measured best on all-MiniLM-L6-v2:
+docs/methods.md), with ``max|W_k|`` over every MatMul that reads ``X``.
+
+``X / s`` costs no runtime op: it is folded into the op that produces ``X``:
+
+* ``LayerNormalization`` over the last axis with constant scale/bias: ``γ' = γ / s``, ``β' = β / s``;
+* ``Mul`` by a constant that broadcasts along the last axis (the ``* 0.5`` that ends an exported
+  GELU): the constant becomes ``c / s``.
+
+When ``X`` also feeds something other than such MatMuls (the residual ``Add`` reading a post-LN
+transformer's LayerNorm output), the producer is duplicated: the original keeps feeding the
+other consumers, the scaled copy feeds the MatMuls. A duplicated LayerNormalization is one extra
+cheap op per block; the host checks that the rewritten model's outputs match (<= 1e-5).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.graph.placement import GraphIndex, unique_namer
+
+__all__ = ["SmoothSite", "find_smooth_sites", "smoothing_scales", "apply_smoothing", "channel_absmax_model"]
+
+
+@dataclass
+class SmoothSite:
+    """One activation tensor whose channels can be rescaled into its MatMul consumers' weights."""
+
+    tensor: str
+    producer: str  # node name
+    kind: str  # "layernorm" | "mul"
+    matmuls: list[str]  # MatMul node names reading ``tensor`` as input 0 with a constant 2-D weight
+    weights: list[str]  # their weight initializers
+    channels: int
+    #: other consumers (or a graph output): the producer is duplicated for the MatMuls
+    shared: bool = False
+    reason: str = ""
+    scale: np.ndarray | None = field(default=None, repr=False)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _last_axis_vector(value: np.ndarray | None, channels: int) -> bool:
+    """A constant that broadcasts along the last axis only (scalar, [C], [1, .., C])."""
+    if value is None or value.dtype.kind != "f":
+        return False
+    if value.size == 1:
+        return True
+    return value.shape[-1] == channels and value.size == channels
+
+
+def find_smooth_sites(model: onnx.ModelProto, include: Iterable[str] = ("LayerNormalization", "Mul"), exclude: Iterable[str] = (),
+                      quantized: Iterable[str] | None = None) -> tuple[list[SmoothSite], list[tuple[str, str]]]:
+    """Activations feeding constant-weight MatMuls whose producer can absorb a per-channel scale.
+
+    ``include`` lists producer op types to fold into; ``exclude`` holds MatMul node-name globs left
+    alone; ``quantized`` (node names) restricts the MatMuls to those the plan quantizes. Returns the
+    sites and ``(tensor, reason)`` for candidates that were not usable.
+    """
+    idx = GraphIndex(model)
+    include, exclude = tuple(include), tuple(exclude)
+    allowed = set(quantized) if quantized is not None else None
+    sites: list[SmoothSite] = []
+    rejected: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        x = node.input[0]
+        if x in seen or idx.is_constant(x):
+            continue
+        seen.add(x)
+        readers = [(c, i) for c, i in idx.consumers.get(x, [])]
+        mms: list[onnx.NodeProto] = []
+        for c, i in readers:
+            if c.op_type != "MatMul" or i != 0 or any(fnmatch.fnmatchcase(c.name, p) for p in exclude):
+                continue
+            if allowed is not None and c.name not in allowed:
+                continue
+            w = idx.constant_value(c.input[1])
+            if w is None or w.dtype.kind != "f" or w.ndim != 2 or c.input[1] not in idx.initializers:
+                continue
+            mms.append(c)
+        if not mms:
+            continue
+        k = int(idx.constant_value(mms[0].input[1]).shape[0])  # type: ignore[union-attr]
+        prod = idx.producer.get(x)
+        if prod is None:
+            rejected.append((x, "a graph input: no producer to fold the scale into"))
+            continue
+        if prod.op_type not in include:
+            rejected.append((x, f"produced by {prod.op_type}, which cannot absorb a per-channel scale"))
+            continue
+        if prod.op_type == "LayerNormalization":
+            axis = _attr(prod, "axis", -1)
+            scale = idx.constant_value(prod.input[1]) if len(prod.input) > 1 else None
+            bias = idx.constant_value(prod.input[2]) if len(prod.input) > 2 and prod.input[2] else None
+            if axis != -1 or scale is None or scale.shape != (k,) or (bias is not None and bias.shape != (k,)) or len(prod.output) > 1:
+                rejected.append((x, "LayerNormalization not over the last axis with constant [C] scale/bias"))
+                continue
+            kind = "layernorm"
+        else:  # Mul by a constant along the last axis
+            consts = [i for i, n in enumerate(prod.input) if idx.is_constant(n)]
+            if len(consts) != 1 or not _last_axis_vector(idx.constant_value(prod.input[consts[0]]), k):
+                rejected.append((x, "Mul without one constant operand that broadcasts along the channels"))
+                continue
+            kind = "mul"
+        shared = len(mms) != len(readers) or x in idx.graph_outputs
+        sites.append(SmoothSite(x, prod.name, kind, [m.name for m in mms], [m.input[1] for m in mms], k, shared,
+                                f"{kind} output read by {len(mms)} MatMul(s)" + (" and other consumers (producer duplicated)" if shared else "")))
+    return sites, rejected
+
+
+def channel_absmax_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose extra outputs are ``max |x|`` per last-axis channel of each tensor."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    outs = []
+    fresh = unique_namer({o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer})
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for t in tensors:
+        a = fresh(f"{t}__abs")
+        r = fresh(f"{t}__chmax")
+        flat = fresh(f"{t}__flat")
+        shape = fresh(f"{t}__shape2")
+        m.graph.initializer.append(numpy_helper.from_array(np.array([-1, 0], np.int64), shape))
+        m.graph.node.append(helper.make_node("Abs", [t], [a]))
+        # [..., C] -> [N, C] (a 0 in the target shape copies the input's dim: wrong for rank > 2);
+        # Flatten(axis=-1) gives [prod(lead), C] for any rank
+        m.graph.node.append(helper.make_node("Flatten", [a], [flat], axis=-1))
+        if opset >= 18:
+            ax = fresh(f"{t}__axes")
+            m.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), ax))
+            m.graph.node.append(helper.make_node("ReduceMax", [flat, ax], [r], keepdims=0))
+        else:
+            m.graph.node.append(helper.make_node("ReduceMax", [flat], [r], axes=[0], keepdims=0))
+        m.graph.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None))
+        outs.append(r)
+    return m, outs
+
+
+def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float, floor: float = 1e-5) -> np.ndarray:
+    """``s_k = max|X_k|^α / max|W_k|^(1-α)``, normalised so the scales' geometric mean is 1 and
+    clipped to ``[floor, 1/floor]``; channels that never fire keep ``s = 1``."""
+    a = np.maximum(np.asarray(act_absmax, np.float64), 0.0)
+    w = np.maximum(np.asarray(weight_absmax, np.float64), 0.0)
+    ok = (a > 0) & (w > 0)
+    s = np.ones_like(a)
+    s[ok] = a[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    if ok.any():
+        s[ok] /= np.exp(np.mean(np.log(s[ok])))  # keep the overall magnitude where it was
+    return np.clip(s, floor, 1.0 / floor).astype(np.float32)
+
+
+def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """Rewrite ``model`` with ``X / s`` folded into each site's producer and ``diag(s) @ W`` in its MatMuls."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = {n.name: n for n in g.node}
+    used_names = {n.name for n in g.node}
+    used_tensors = {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(inits)
+    fresh_node, fresh_tensor = unique_namer(used_names), unique_namer(used_tensors)
+    inserts: dict[str, onnx.NodeProto] = {}  # producer name -> duplicate to insert after it
+
+    def new_init(value: np.ndarray, like: str) -> str:
+        name = fresh_tensor(f"{like}_smooth")
+        g.initializer.append(numpy_helper.from_array(value, name))
+        inits[name] = g.initializer[-1]
+        return name
+
+    for site in sites:
+        s = np.asarray(scales[site.tensor], np.float32)
+        prod = nodes[site.producer]
+        target = prod
+        if site.shared:
+            target = onnx.NodeProto()
+            target.CopyFrom(prod)
+            target.name = fresh_node(f"{prod.name}_smooth")
+            del target.output[:]
+            target.output.append(fresh_tensor(f"{site.tensor}_smooth"))
+            inserts[prod.name] = target
+        x_new = target.output[0]
+        if site.kind == "layernorm":
+            for slot in (1, 2):
+                if len(target.input) > slot and target.input[slot]:
+                    v = numpy_helper.to_array(inits[target.input[slot]]).astype(np.float32)
+                    target.input[slot] = new_init((v / s).astype(v.dtype), target.input[slot])
+        else:
+            slot = next(i for i, n in enumerate(target.input) if n in inits)
+            v = numpy_helper.to_array(inits[target.input[slot]]).astype(np.float32)
+            base = v.reshape(-1) if v.size > 1 else v.reshape(())
+            target.input[slot] = new_init((base / s).astype(np.float32), target.input[slot])
+        for mm_name in site.matmuls:
+            mm = nodes[mm_name]
+            w_name = mm.input[1]
+            w = numpy_helper.to_array(inits[w_name])
+            mm.input[1] = new_init((w * s[:, None]).astype(w.dtype), w_name)
+            mm.input[0] = x_new
+    if inserts:
+        order: list[onnx.NodeProto] = []
+        for n in g.node:
+            order.append(n)
+            if n.name in inserts:
+                order.append(inserts[n.name])
+        del g.node[:]
+        g.node.extend(order)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return out
