@@ -126,12 +126,18 @@ def quant_ort(src: Path, out: Path, block: int, symmetric: bool | None) -> float
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    t = time.perf_counter()
-    kw = {} if symmetric is None else {"is_symmetric": symmetric}
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block, **kw)  # DEFAULT algorithm, 4 bits
-    q.process()
-    q.model.save_model_to_file(str(out), use_external_data_format=False)
-    return time.perf_counter() - t
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        t = time.perf_counter()
+        kw = {} if symmetric is None else {"is_symmetric": symmetric}
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block, **kw)  # DEFAULT algorithm, 4 bits
+        q.process()
+        q.model.save_model_to_file(str(out), use_external_data_format=False)
+        return time.perf_counter() - t
+    finally:  # ORT's quantizer configures the root logger (INFO); later onnxq rows would print their logs
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def main(argv: list[str] | None = None) -> int:
