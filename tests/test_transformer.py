@@ -131,6 +131,10 @@ def test_smoothing_sites_and_duplication(block):
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("LayerNormalization") == 5 and ops.count("Mul") == 3  # two LNs duplicated, GELU Mul rewritten in place
     assert relative_error(out, block, feeds(2, 5)) < 1e-10  # exact in float (to rounding)
+    alt = apply_smoothing(block, sites, scales, shared="mul")  # explicit Mul(x, 1/s) instead of a duplicate
+    ops = [n.op_type for n in alt.graph.node]
+    assert ops.count("LayerNormalization") == 3 and ops.count("Mul") == 5
+    assert relative_error(alt, block, feeds(2, 5)) < 1e-10
 
 
 def test_smoothquant_beats_plain_minmax(quantized):

@@ -21,7 +21,9 @@ docs/methods.md), with ``max|W_k|`` over every MatMul that reads ``X``.
 When ``X`` also feeds something other than such MatMuls (the residual ``Add`` reading a post-LN
 transformer's LayerNorm output), the producer is duplicated: the original keeps feeding the
 other consumers, the scaled copy feeds the MatMuls. A duplicated LayerNormalization is one extra
-cheap op per block; the host checks that the rewritten model's outputs match (<= 1e-5).
+cheap op per block (``shared="mul"`` inserts ``Mul(X, 1/s)`` instead; measured slower on
+all-MiniLM-L6-v2, docs/methods.md). The host checks that the rewritten model's outputs match
+(<= 1e-5).
 """
 
 from __future__ import annotations
@@ -174,8 +176,15 @@ def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: f
     return np.clip(s, floor, 1.0 / floor).astype(np.float32)
 
 
-def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """Rewrite ``model`` with ``X / s`` folded into each site's producer and ``diag(s) @ W`` in its MatMuls."""
+def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Mapping[str, np.ndarray], shared: str = "duplicate") -> onnx.ModelProto:
+    """Rewrite ``model`` with ``X / s`` folded into each site's producer and ``diag(s) @ W`` in its MatMuls.
+
+    ``shared`` says what happens when ``X`` has other consumers too: ``duplicate`` the producer
+    (the copy carries ``1/s``), or insert an explicit ``Mul(X, 1/s)`` for the MatMuls (``mul``:
+    one elementwise op, but the producer stays fusable with what precedes it, e.g. ONNX Runtime's
+    Add + LayerNormalization -> SkipLayerNormalization)."""
+    if shared not in ("duplicate", "mul"):
+        raise ValueError(f"shared must be 'duplicate' or 'mul', not {shared!r}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -196,6 +205,16 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
         s = np.asarray(scales[site.tensor], np.float32)
         prod = nodes[site.producer]
         target = prod
+        if site.shared and shared == "mul":
+            inv = new_init((1.0 / s).astype(np.float32), f"{site.tensor}_inv_smooth")
+            mul = helper.make_node("Mul", [site.tensor, inv], [fresh_tensor(f"{site.tensor}_smooth")], name=fresh_node(f"{prod.name}_smooth"))
+            inserts[prod.name] = mul
+            for mm_name in site.matmuls:
+                mm = nodes[mm_name]
+                w = numpy_helper.to_array(inits[mm.input[1]])
+                mm.input[1] = new_init((w * s[:, None]).astype(w.dtype), mm.input[1])
+                mm.input[0] = mul.output[0]
+            continue
         if site.shared:
             target = onnx.NodeProto()
             target.CopyFrom(prod)

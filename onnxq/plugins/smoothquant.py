@@ -15,7 +15,7 @@ e.g. ``-p smoothquant -p mse`` (alone, the host's default calibrator is used).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -34,6 +34,7 @@ class SmoothQuantOptions:
     fold_into: tuple[str, ...] = option(("LayerNormalization", "Mul"), "producer op types that may absorb 1/s (comma-separated)")
     exclude: tuple[str, ...] = option((), "MatMul node-name globs left unsmoothed (comma-separated)")
     max_batches: int = option(0, "calibration batches used for the per-channel max (0: all)")
+    shared: Literal["duplicate", "mul"] = option("duplicate", "an activation that also feeds other ops (a post-LN residual): duplicate its producer with 1/s folded in, or insert Mul(x, 1/s) for the MatMuls")
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -85,12 +86,13 @@ class SmoothQuant(QuantMethod):
             before = float(a.max() / max(np.median(a), 1e-12))
             after = float((a / s).max() / max(np.median(a / s), 1e-12))
             report["sites"].append({"tensor": site.tensor, "producer": site.producer, "kind": site.kind, "matmuls": site.matmuls,
-                                    "duplicated_producer": site.shared, "max_over_median_before": round(before, 2),
+                                    "shared_with_other_consumers": site.shared, "max_over_median_before": round(before, 2),
                                     "max_over_median_after": round(after, 2)})
-        model = apply_smoothing(ctx.model, sites, scales)
+        model = apply_smoothing(ctx.model, sites, scales, o.shared)
         dup = sum(s.shared for s in sites)
+        how = "producer duplicated with 1/s folded in" if o.shared == "duplicate" else "Mul(x, 1/s) inserted"
         report["summary"] = [f"smoothed {len(sites)} MatMul inputs (alpha {o.alpha:g}) feeding {sum(len(s.matmuls) for s in sites)} MatMuls; "
-                             f"{dup} producer(s) duplicated for other consumers"]
+                             f"{dup} of them also feed other ops ({how})"]
         return infer_shapes(model)[0]
 
 
