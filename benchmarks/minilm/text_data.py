@@ -8,7 +8,8 @@
 * :func:`batches` — feed dicts of ``batch_size`` sentences, for ``onnxq optimize --data``-style use.
 * :func:`calibration` — calibration feeds from sentences the benchmarks never evaluate on (from
   sentence 1024 on; the benchmarks evaluate on the first 256), usable as
-  ``onnxq optimize ... --data benchmarks/minilm/text_data.py:calibration``.
+  ``onnxq optimize ... --data benchmarks/minilm/text_data.py:calibration``; :func:`evaluation` —
+  the first 256 sentences, what the benchmarks evaluate on (``--eval-data ...:evaluation``).
 
 Needs only ``tokenizers`` and the package (no torch, no transformers).
 """
@@ -126,6 +127,11 @@ CALIBRATION_OFFSET = 1024
 def calibration(n: int = 128, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
     """``n`` calibration sentences (disjoint from the evaluation sentences) as feed dicts."""
     return batches(sentences(n, offset=CALIBRATION_OFFSET), batch_size)
+
+
+def evaluation(n: int = 256, batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+    """The first ``n`` sentences (what the MiniLM benchmarks evaluate on) as feed dicts."""
+    return batches(sentences(n), batch_size)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> tuple[np.ndarray, flo
             u = np.linalg.inv(lower)[::-1, ::-1]
             return np.ascontiguousarray(np.triu(u)), d
         except np.linalg.LinAlgError:
-            d *= 10
+            d = d * 10 if d > 0 else 1e-4
     raise np.linalg.LinAlgError("H is not positive definite even with 1e6 x damping")
 
 
