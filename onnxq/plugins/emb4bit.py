@@ -761,7 +761,8 @@ class Emb4bit(QuantMethod):
                  f"({100 * t['ratio_vs_fp32']:.2f}%), mean row L2 {t['mean_row_l2']:.4g} (min-max {t['mean_row_l2_minmax']:.4g})"
                  for t in report["tables"]]
         lines += [f"{t['table']} left in float: {t['reason']}" for t in report["left_in_float"]]
-        lines.append(f"model {report['model_bytes_before']:,} B -> {report['model_bytes_after']:,} B ({report['format']} lookup)")
+        after_note = ", before the 4-bit MatMul weights are written" if getattr(ctx.profile, "weight_only", False) else ""
+        lines.append(f"model {report['model_bytes_before']:,} B -> {report['model_bytes_after']:,} B ({report['format']} lookup{after_note})")
         acts, weights = getattr(self, "_left", (0, 0))
         if acts or weights:
             report["sites_left_in_float"] = {"activations": acts, "weights": weights}
