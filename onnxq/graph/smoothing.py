@@ -144,20 +144,18 @@ def channel_absmax_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[on
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
     for t in tensors:
         a = fresh(f"{t}__abs")
+        red = fresh(f"{t}__chmax_raw")
         r = fresh(f"{t}__chmax")
         flat = fresh(f"{t}__flat")
-        shape = fresh(f"{t}__shape2")
-        m.graph.initializer.append(numpy_helper.from_array(np.array([-1, 0], np.int64), shape))
         m.graph.node.append(helper.make_node("Abs", [t], [a]))
-        # [..., C] -> [N, C] (a 0 in the target shape copies the input's dim: wrong for rank > 2);
-        # Flatten(axis=-1) gives [prod(lead), C] for any rank
-        m.graph.node.append(helper.make_node("Flatten", [a], [flat], axis=-1))
+        m.graph.node.append(helper.make_node("Flatten", [a], [flat], axis=-1))  # [..., C] -> [prod(lead), C]
         if opset >= 18:
             ax = fresh(f"{t}__axes")
             m.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), ax))
-            m.graph.node.append(helper.make_node("ReduceMax", [flat, ax], [r], keepdims=0))
+            m.graph.node.append(helper.make_node("ReduceMax", [flat, ax], [red], keepdims=0))
         else:
-            m.graph.node.append(helper.make_node("ReduceMax", [flat], [r], axes=[0], keepdims=0))
+            m.graph.node.append(helper.make_node("ReduceMax", [flat], [red], axes=[0], keepdims=0))
+        m.graph.node.append(helper.make_node("Cast", [red], [r], to=onnx.TensorProto.FLOAT))  # float16 models too
         m.graph.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None))
         outs.append(r)
     return m, outs
@@ -206,7 +204,8 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
         prod = nodes[site.producer]
         target = prod
         if site.shared and shared == "mul":
-            inv = new_init((1.0 / s).astype(np.float32), f"{site.tensor}_inv_smooth")
+            dtype = numpy_helper.to_array(inits[nodes[site.matmuls[0]].input[1]]).dtype  # the model's float type
+            inv = new_init((1.0 / s).astype(dtype), f"{site.tensor}_inv_smooth")
             mul = helper.make_node("Mul", [site.tensor, inv], [fresh_tensor(f"{site.tensor}_smooth")], name=fresh_node(f"{prod.name}_smooth"))
             inserts[prod.name] = mul
             for mm_name in site.matmuls:
@@ -226,13 +225,13 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
         if site.kind == "layernorm":
             for slot in (1, 2):
                 if len(target.input) > slot and target.input[slot]:
-                    v = numpy_helper.to_array(inits[target.input[slot]]).astype(np.float32)
-                    target.input[slot] = new_init((v / s).astype(v.dtype), target.input[slot])
+                    v = numpy_helper.to_array(inits[target.input[slot]])
+                    target.input[slot] = new_init((v.astype(np.float32) / s).astype(v.dtype), target.input[slot])
         else:
             slot = next(i for i, n in enumerate(target.input) if n in inits)
-            v = numpy_helper.to_array(inits[target.input[slot]]).astype(np.float32)
-            base = v.reshape(-1) if v.size > 1 else v.reshape(())
-            target.input[slot] = new_init((base / s).astype(np.float32), target.input[slot])
+            v = numpy_helper.to_array(inits[target.input[slot]])
+            base = (v.reshape(-1) if v.size > 1 else v.reshape(())).astype(np.float32)
+            target.input[slot] = new_init((base / s).astype(v.dtype), target.input[slot])
         for mm_name in site.matmuls:
             mm = nodes[mm_name]
             w_name = mm.input[1]
