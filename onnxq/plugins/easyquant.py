@@ -38,6 +38,9 @@ from onnxq.qparams import QParams
 
 COSINE_GUARD = 1e-5
 
+#: row-wise dot product along the last axis (numpy >= 2 has a fast gufunc; einsum before that)
+_vecdot = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("...i,...i->...", a, b))
+
 
 @dataclass(frozen=True)
 class EasyQuantOptions:
@@ -56,6 +59,7 @@ class EasyQuantOptions:
     search_weights: bool = option(True, "search per-channel weight steps")
     magnitude_fix: bool = option(True, "after the weight search, rescale each channel's dequantization step to restore its output magnitude (cosine ignores it)")
     search_activations: bool = option(True, "search activation steps")
+    metric: Literal["cosine", "mse"] = option("cosine", "objective: cosine = the paper's mean per-sample cosine; mse = minus the normalised squared error, which also sees magnitude (onnxq option)")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
 
@@ -78,18 +82,17 @@ def cosine_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     """Cosine of matching rows along the last axis (``cand`` may carry leading candidate axes).
 
     Guard from the released code: when either vector sums to zero in L1, 1e-5 is added to every
-    element of both before the cosine is taken (done algebraically, without copies).
+    element of both before the cosine is taken (done algebraically, without copies). A zero L1
+    norm is a zero squared norm, so no separate L1 pass is needed. Dot products use ``vecdot``
+    (float32 BLAS-style kernels, ~1e-7 relative error, several times faster than a float64 einsum).
     """
     ref = np.asarray(ref, np.float32)
     cand = np.asarray(cand, np.float32)
     size = ref.shape[-1]
-    dot = np.einsum("...i,...i->...", cand, np.broadcast_to(ref, cand.shape), dtype=np.float64)
-    nr2 = np.einsum("...i,...i->...", ref, ref, dtype=np.float64)
-    nc2 = np.einsum("...i,...i->...", cand, cand, dtype=np.float64)
-    l1r = np.broadcast_to(np.abs(ref).sum(-1, dtype=np.float64), nc2.shape)
-    l1c = np.abs(cand).sum(-1, dtype=np.float64)
-    nr2 = np.broadcast_to(nr2, nc2.shape)
-    guard = (l1r == 0) | (l1c == 0)
+    dot = _vecdot(cand, ref).astype(np.float64)
+    nc2 = _vecdot(cand, cand).astype(np.float64)
+    nr2 = np.broadcast_to(_vecdot(ref, ref).astype(np.float64), nc2.shape)
+    guard = (nr2 == 0) | (nc2 == 0)
     if np.any(guard):
         e = COSINE_GUARD
         sr = np.broadcast_to(ref.sum(-1, dtype=np.float64), nc2.shape)
@@ -210,7 +213,7 @@ class EasyQuant(QuantMethod):
                         cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
                         y = runner.run_stacked(x, cands, axis)  # [k, N, ..., C, ...]
                         y_c = np.stack([_channels(yk, ch_axis) for yk in y])
-                        out[start : start + step] = _channel_cosine(ref_c, y_c)
+                        out[start : start + step] = _channel_score(ref_c, y_c, self.options.metric)
                     return out
 
                 ncols = s0.size
@@ -242,7 +245,7 @@ class EasyQuant(QuantMethod):
         shape = [1] * w.ndim
         shape[axis] = -1
         y = runner.run(x, (wq * alpha.reshape(shape)).astype(np.float32))
-        fixed = _channel_cosine(ref_c, _channels(y, ch_axis)[None])[0]
+        fixed = _channel_score(ref_c, _channels(y, ch_axis)[None], self.options.metric)[0]
         keep = fixed >= after
         return np.where(keep, alpha, 1.0), np.where(keep, fixed, after)
 
@@ -317,7 +320,9 @@ class EasyQuant(QuantMethod):
                 n = x.shape[0]
                 step = self._chunk(x.nbytes + sum(r.nbytes for r in refs), 10**9)
 
-                def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, 1] -> layer cosine [k, 1]
+                score = neg_nmse_rows if self.options.metric == "mse" else cosine_rows
+
+                def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, 1] -> layer objective [k, 1]
                     out = np.zeros((len(g), 1))
                     for start in range(0, len(g), step):
                         part = g[start : start + step, 0]
@@ -325,7 +330,7 @@ class EasyQuant(QuantMethod):
                         xs = np.concatenate([q.fake_quantize(x) for q in qps])
                         for c, ref, w in zip(consumers, refs, wq):
                             y = runners[c.node].run(xs, w).reshape(len(part), n, -1)
-                            out[start : start + step, 0] += cosine_rows(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
+                            out[start : start + step, 0] += score(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
                     return out
 
                 amax = max(abs(lo0), abs(hi0), 1e-12)
@@ -352,12 +357,28 @@ def _channels(y: np.ndarray, ch_axis: int) -> np.ndarray:
     return y.reshape(y.shape[0], y.shape[1], -1)
 
 
-def _channel_cosine(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Per-channel objective, [k, C]: mean over samples of the cosine over each channel's positions.
+def neg_nmse_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Minus the squared error of matching rows relative to the reference row's energy (higher is better)."""
+    ref = np.asarray(ref, np.float32)
+    diff = np.asarray(cand, np.float32) - ref
+    err = _vecdot(diff, diff).astype(np.float64)
+    energy = _vecdot(ref, ref).astype(np.float64)
+    return -err / np.maximum(energy, 1e-30)
 
-    A channel with a single position per sample (fully connected layers) would give a cosine of
-    ±1; there the cosine is taken over the samples instead [D].
+
+def _channel_score(ref: np.ndarray, cand: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Per-channel objective, [k, C].
+
+    cosine: mean over samples of the cosine over each channel's positions; a channel with a
+    single position per sample (fully connected layers) would give a cosine of ±1, so there the
+    cosine is taken over the samples instead [D]. mse: minus the channel's squared error over
+    all samples and positions relative to its energy.
     """
+    if metric == "mse":
+        k = cand.shape[0]
+        r = np.swapaxes(ref, 0, 1).reshape(ref.shape[1], -1)
+        c = np.swapaxes(cand, 1, 2).reshape(k, cand.shape[2], -1)
+        return neg_nmse_rows(r, c)
     if ref.shape[-1] == 1:
         return cosine_rows(ref[..., 0].T, np.swapaxes(cand[..., 0], 1, 2))
     return cosine_rows(ref, cand).mean(axis=1)
