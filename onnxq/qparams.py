@@ -95,8 +95,16 @@ class QParams:
         """Quantize then dequantize, in float32."""
         s, z = self._broadcast(x)
         sq = self._broadcast(x, quant=True)[0] if self.quant_scale is not None else s
-        q = np.clip(np.rint(np.asarray(x, np.float32) / sq) + z, self.qmin, self.qmax)
-        return ((q - z) * s).astype(np.float32)
+        # float32 throughout, as QuantizeLinear/DequantizeLinear compute it, and in place: this
+        # runs on every candidate of a search, where float64 temporaries doubled the cost
+        z32 = np.asarray(z, np.float32)
+        q = np.asarray(x, np.float32) / np.asarray(sq, np.float32)
+        np.rint(q, out=q)
+        q += z32
+        np.clip(q, self.qmin, self.qmax, out=q)
+        q -= z32
+        q *= np.asarray(s, np.float32)
+        return q
 
 
 def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:

@@ -160,8 +160,9 @@ class GraphRunner:
 def _post_activation(node: onnx.NodeProto | None, consts: dict[str, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     if node is None:
         return lambda y: y
+    # in place: ``y`` is always a fresh ONNX Runtime output owned by the caller
     if node.op_type == "Relu":
-        return lambda y: np.maximum(y, 0)
+        return lambda y: np.maximum(y, 0, out=y)
     if node.op_type == "LeakyRelu":
         alpha = next((a.f for a in node.attribute if a.name == "alpha"), 0.01)
         return lambda y: np.where(y >= 0, y, alpha * y)
@@ -173,7 +174,7 @@ def _post_activation(node: onnx.NodeProto | None, consts: dict[str, np.ndarray])
                 lo = a.f
             if a.name == "max":
                 hi = a.f
-        return lambda y: np.clip(y, lo, hi)
+        return lambda y: np.clip(y, lo, hi, out=y)
     raise OnnxqError(f"unsupported post-activation {node.op_type}")
 
 
@@ -228,6 +229,25 @@ class LayerRunner:
     def run_linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The layer's output without bias and activation: linear in ``w``."""
         return self.run(x, w, np.zeros_like(self.bias) if self.bias is not None else None, post=False)
+
+    def run_stacked_rows(self, x: np.ndarray, weights: np.ndarray, axis: int, linear: bool = False) -> np.ndarray:
+        """Like :meth:`run_stacked`, laid out ``[N, C, K, S]`` (S: positions per channel and sample).
+
+        For convolutions this is a view of ONNX Runtime's output (no copy): the per-channel
+        scores of a search then read contiguous rows. ``linear``: without bias and activation.
+        """
+        k = weights.shape[0]
+        w = np.moveaxis(weights, 0, axis + 1)
+        shape = list(weights.shape[1:])
+        shape[axis] *= k
+        w = np.ascontiguousarray(w.reshape(shape))
+        b = None if self.bias is None else np.repeat(self.bias, k)
+        y = self.run(x, w, None if b is None else np.zeros_like(b), post=False) if linear else self.run(x, w, b)
+        n = y.shape[0]
+        if self.channel_axis % y.ndim == 1:
+            return y.reshape(n, y.shape[1] // k, k, -1)
+        rows = y.reshape(n, -1, y.shape[-1] // k, k)  # [N, R, C, K]
+        return np.ascontiguousarray(np.moveaxis(rows, 1, 3))
 
     def run_stacked(self, x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
         """Run K candidate weights at once: ``weights`` is [K, *w.shape]; returns [K, *y.shape].

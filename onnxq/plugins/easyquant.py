@@ -54,18 +54,20 @@ class EasyQuantOptions:
     search_hi: float = option(2.0, "highest scale multiplier of the paper grid")
     n_candidates: int = option(100, "points of the paper grid")
     rounds: int = option(1, "alternation rounds (one pass over all layers' weights and one over all activations)")
+    schedule: Literal["passes", "layerwise"] = option("passes", "passes: every layer's weights, then every layer's activations (paper, Algorithm 1); layerwise: both searches for one layer before the next (half the full-model evaluations)")
     order: Literal["activations_first", "weights_first"] = option("activations_first", "which pass comes first in a round (paper and code: weights_first)")
     objective_tensor: Literal["post_activation", "conv_output"] = option("post_activation", "compare the layer output after a sole following Relu/Clip (code) or the raw output (paper formula)")
     search_weights: bool = option(True, "search per-channel weight steps")
     magnitude_fix: bool = option(True, "after the weight search, rescale each channel's dequantization step to restore its output magnitude (cosine ignores it)")
     search_activations: bool = option(True, "search activation steps")
     metric: Literal["cosine", "mse"] = option("cosine", "objective: cosine = the paper's mean per-sample cosine; mse = minus the normalised squared error, which also sees magnitude (onnxq option)")
+    coarse_points: int = option(7, "points of the coarse grid over [search_lo, search_hi] (search=golden)")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
 
     def validate(self) -> None:
-        if self.samples < 1 or self.rounds < 1 or self.n_candidates < 2:
-            raise ValueError("samples and rounds must be >= 1, n_candidates >= 2")
+        if self.samples < 1 or self.rounds < 1 or self.n_candidates < 2 or self.coarse_points < 3 or self.refine_steps < 0:
+            raise ValueError("samples and rounds must be >= 1, n_candidates >= 2, coarse_points >= 3, refine_steps >= 0")
         if not 0 < self.search_lo < 1 < self.search_hi:
             raise ValueError("need 0 < search_lo < 1 < search_hi")
         if self.chunk_mb < 1:
@@ -138,6 +140,8 @@ class EasyQuant(QuantMethod):
         if ctx.profile.weight_only:
             raise OptionError("easyquant searches 8- and 7-bit weights and activations; for --bits 4 use minmax (round to nearest) or mse")
         self._sessions: dict[str, object] = {}
+        self._fp_cache: dict[str, np.ndarray] = {}
+        self._fp_bytes = 0
         chunks = _take_samples(ctx, o.samples)
         idx = GraphIndex(ctx.model)
         layers = [self._objective(l) for l in ctx.plan.layers]
@@ -150,14 +154,13 @@ class EasyQuant(QuantMethod):
         passes = [("weights", o.search_weights), ("activations", o.search_activations)]
         if o.order == "activations_first":
             passes.reverse()
+        steps = [self._search_weights if kind == "weights" else self._search_activation for kind, enabled in passes if enabled]
         for _ in range(o.rounds):
-            for kind, enabled in passes:
-                if not enabled:
-                    continue
-                if kind == "weights":
-                    self._weight_pass(ctx, chunks, layers, runners, w_init, report)
-                else:
-                    self._activation_pass(ctx, chunks, layers, runners, a_init, report)
+            if o.schedule == "layerwise":
+                self._run_pass(ctx, chunks, layers, runners, w_init, a_init, report, steps, "easyquant")
+            else:
+                for step, label in zip(steps, [k for k, e in passes if e]):
+                    self._run_pass(ctx, chunks, layers, runners, w_init, a_init, report, [step], f"easyquant: {label}")
         ctx.report[self.name] = {
             "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
             "layers": report,
@@ -189,24 +192,47 @@ class EasyQuant(QuantMethod):
     def _chunk(self, per_candidate_bytes: int, total: int) -> int:
         return int(max(1, min(total, self.options.chunk_mb * 2**20 // max(per_candidate_bytes, 1))))
 
-    def _weight_pass(self, ctx, chunks, layers, runners, w_init, report) -> None:
+    def _run_pass(self, ctx, chunks, layers, runners, w_init, a_init, report, steps, label: str) -> None:
+        """One sweep over the layers in topological order, running ``steps`` on each."""
         plan = ctx.plan
-        q_run = GraphRunner(ctx.model, chunks, plan, self._sessions)
-        f_run = GraphRunner(ctx.model, chunks, None, self._sessions)
-        with progress("easyquant: weights", ctx.show_progress, total=len(layers), unit="layer") as bar:
+        readers: dict[str, list[Layer]] = {}
+        for l in layers:
+            if l.node in runners and l.inputs and l.inputs[0] in plan.activations:
+                readers.setdefault(l.inputs[0], []).append(l)
+        st = _Sweep(ctx, GraphRunner(ctx.model, chunks, plan, self._sessions), GraphRunner(ctx.model, chunks, None, self._sessions),
+                    runners, w_init, a_init, report, readers, {t: g for g in plan.share_groups for t in g})
+        with progress(label, ctx.show_progress, total=len(layers), unit="layer") as bar:
             for layer in layers:
                 bar.update(1)
+                for step in steps:
+                    step(st, layer)
+
+    def _fp_value(self, f_run: GraphRunner, tensor: str) -> np.ndarray:
+        """FP32 objective tensor; kept (up to ``chunk_mb``) so a later pass need not run the float model again."""
+        v = self._fp_cache.get(tensor)
+        if v is None:
+            v = f_run.value(tensor)
+            if self._fp_bytes + v.nbytes <= self.options.chunk_mb * 2**20:
+                self._fp_cache[tensor] = v
+                self._fp_bytes += v.nbytes
+        return v
+
+    def _search_weights(self, st: "_Sweep", layer: Layer) -> None:
+        ctx, plan, runners, w_init, report = st.ctx, st.ctx.plan, st.runners, st.w_init, st.report
+        q_run, f_run = st.q_run, st.f_run
+        if True:
+            if True:
                 runner = runners.get(layer.node)
                 if runner is None or not runner.stackable:
-                    continue
+                    return
                 site = plan.weights[layer.weight]
                 x = self._layer_input(q_run, layer, plan)
-                ref = f_run.value(layer.objective)
+                ref = self._fp_value(f_run, layer.objective)
                 w = ctx.weight(layer.weight)
                 q0: QParams = w_init[layer.weight]
                 if np.array_equal(q0.fake_quantize(w), w):
                     report[layer.node]["weight_search"] = "skipped: the initial grid represents the weights exactly"
-                    continue
+                    return
                 s0 = np.asarray(q0.scale, np.float64).reshape(-1)
                 axis = site.axis if site.axis is not None else 0
                 ch_axis = runner.channel_axis % ref.ndim
@@ -218,9 +244,8 @@ class EasyQuant(QuantMethod):
                     for start in range(0, len(g), step):
                         part = g[start : start + step]
                         cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
-                        y = runner.run_stacked(x, cands, axis)  # [k, N, ..., C, ...]
-                        y_c = np.stack([_channels(yk, ch_axis) for yk in y])
-                        out[start : start + step] = _channel_score(ref_c, y_c, self.options.metric)
+                        y = runner.run_stacked_rows(x, cands, axis)  # [N, C, k, S]
+                        out[start : start + step] = _stacked_channel_score(ref_c, y, self.options.metric, inplace=True)
                     return out
 
                 ncols = s0.size
@@ -243,10 +268,10 @@ class EasyQuant(QuantMethod):
         channel gets the least-squares factor that restores the output's magnitude (kept only where
         the objective does not drop). Returns (factor per channel, objective per channel)."""
         wq = _fq_weight(w, step, q0, axis)
-        y_fp = _channels(runner.run_linear(x, w), ch_axis)
-        y_q = _channels(runner.run_linear(x, wq), ch_axis)
-        num = np.einsum("ncs,ncs->c", y_fp, y_q, dtype=np.float64)
-        den = np.einsum("ncs,ncs->c", y_q, y_q, dtype=np.float64)
+        both = runner.run_stacked_rows(x, np.stack([w, wq]), axis, linear=True)  # [N, C, 2, S]: one run for both
+        y_fp, y_q = both[:, :, 0], both[:, :, 1]
+        num = _vecdot(y_fp, y_q).astype(np.float64).sum(axis=0)
+        den = _vecdot(y_q, y_q).astype(np.float64).sum(axis=0)
         alpha = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
         alpha = np.clip(np.nan_to_num(alpha, nan=1.0), 0.5, 2.0)
         shape = [1] * w.ndim
@@ -265,7 +290,7 @@ class EasyQuant(QuantMethod):
         """
         o = self.options
         if grid is None:
-            grid = np.repeat(_grid(o.search_lo if lo is None else lo, o.search_hi, 7)[:, None], ncols, axis=1)
+            grid = np.repeat(_grid(o.search_lo if lo is None else lo, o.search_hi, o.coarse_points)[:, None], ncols, axis=1)
         scores = evaluate(grid)
         base = _base_index(grid)
         base_score = scores[base].copy()
@@ -302,26 +327,18 @@ class EasyQuant(QuantMethod):
             return site.qparams.fake_quantize(x)
         return x
 
-    def _activation_pass(self, ctx, chunks, layers, runners, a_init, report) -> None:
-        plan = ctx.plan
-        q_run = GraphRunner(ctx.model, chunks, plan, self._sessions)
-        f_run = GraphRunner(ctx.model, chunks, None, self._sessions)
-        readers: dict[str, list[Layer]] = {}
-        for l in layers:
-            if l.node in runners and l.inputs and l.inputs[0] in plan.activations:
-                readers.setdefault(l.inputs[0], []).append(l)
-        groups = {t: g for g in plan.share_groups for t in g}
-        done: set[str] = set()
-        with progress("easyquant: activations", ctx.show_progress, total=len(layers), unit="layer") as bar:
-            for layer in layers:
-                bar.update(1)
+    def _search_activation(self, st: "_Sweep", layer: Layer) -> None:
+        ctx, plan, runners, a_init, report = st.ctx, st.ctx.plan, st.runners, st.a_init, st.report
+        q_run, f_run, readers, groups, done = st.q_run, st.f_run, st.readers, st.groups, st.done
+        if True:
+            if True:
                 t = layer.inputs[0] if layer.inputs else None
                 if t is None or t in done or t not in readers:
-                    continue
+                    return
                 done.add(t)
                 x = q_run.value(t)
                 consumers = readers[t]
-                refs = [f_run.value(c.objective) for c in consumers]
+                refs = [self._fp_value(f_run, c.objective) for c in consumers]
                 wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
                 lo0, hi0 = a_init[t]
                 n = x.shape[0]
@@ -358,6 +375,22 @@ class EasyQuant(QuantMethod):
                     r["activation_multiplier"] = g_best
 
 
+@dataclass
+class _Sweep:
+    """What one sweep over the layers shares: the quantized and float runners and bookkeeping."""
+
+    ctx: RunContext
+    q_run: GraphRunner
+    f_run: GraphRunner
+    runners: dict[str, LayerRunner]
+    w_init: dict[str, QParams]
+    a_init: dict[str, tuple[float, float]]
+    report: dict[str, dict[str, Any]]
+    readers: dict[str, list[Layer]]
+    groups: dict[str, Any]
+    done: set[str] = dataclasses.field(default_factory=set)
+
+
 def _channels(y: np.ndarray, ch_axis: int) -> np.ndarray:
     """[N, C, rest] view of an output with its channel axis at ``ch_axis``."""
     y = np.moveaxis(y, ch_axis, 1)
@@ -374,21 +407,28 @@ def neg_nmse_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
 
 
 def _channel_score(ref: np.ndarray, cand: np.ndarray, metric: str = "cosine") -> np.ndarray:
-    """Per-channel objective, [k, C].
+    """Per-channel objective, [k, C], of candidates ``cand`` [k, N, C, S] against ``ref`` [N, C, S]."""
+    return _stacked_channel_score(ref, np.moveaxis(cand, 0, 2), metric)
+
+
+def _stacked_channel_score(ref: np.ndarray, y: np.ndarray, metric: str = "cosine", inplace: bool = False) -> np.ndarray:
+    """Per-channel objective, [k, C], of candidates laid out ``y`` [N, C, k, S] against ``ref`` [N, C, S].
 
     cosine: mean over samples of the cosine over each channel's positions; a channel with a
     single position per sample (fully connected layers) would give a cosine of ±1, so there the
     cosine is taken over the samples instead [D]. mse: minus the channel's squared error over
-    all samples and positions relative to its energy.
+    all samples and positions relative to its energy. ``inplace`` lets the mse path overwrite
+    ``y`` (a search's own scratch output) instead of allocating the difference.
     """
+    ref = np.asarray(ref, np.float32)
     if metric == "mse":
-        k = cand.shape[0]
-        r = np.swapaxes(ref, 0, 1).reshape(ref.shape[1], -1)
-        c = np.swapaxes(cand, 1, 2).reshape(k, cand.shape[2], -1)
-        return neg_nmse_rows(r, c)
+        diff = np.subtract(y, ref[:, :, None, :], out=y if inplace else None)
+        err = _vecdot(diff, diff).astype(np.float64).sum(axis=0)  # [C, k]
+        energy = _vecdot(ref, ref).astype(np.float64).sum(axis=0)  # [C]
+        return -(err / np.maximum(energy, 1e-30)[:, None]).T
     if ref.shape[-1] == 1:
-        return cosine_rows(ref[..., 0].T, np.swapaxes(cand[..., 0], 1, 2))
-    return cosine_rows(ref, cand).mean(axis=1)
+        return cosine_rows(ref[..., 0].T, np.transpose(y[..., 0], (2, 1, 0)))
+    return cosine_rows(ref[:, :, None, :], y).mean(axis=0).T
 
 
 def _base_index(grid: np.ndarray) -> int:
