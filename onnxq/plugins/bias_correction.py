@@ -1,0 +1,114 @@
+"""``bias-correction``: empirical bias correction of quantized layers (a refine step).
+
+Quantizing weights and input activations shifts the mean of a layer's output per channel: a
+systematic error that every later layer inherits, and that depthwise convs (few taps per output)
+show most. Following the empirical variant of Nagel et al. ("Data-Free Quantization", 2019),
+each Conv/ConvTranspose/Gemm layer with a float bias of its own (a Conv without one gets a new
+zero bias first), in topological order, gets
+
+    b_c  ←  b_c + mean over samples and positions of (y_fp − y_q)_c
+
+where ``y_fp`` is the FP32 model's output of the layer and ``y_q`` the output of the model
+quantized with the current plan, *including the corrections already made to earlier layers*.
+Biases stay float in the QDQ graph (the runtime folds them), so the correction costs nothing at
+run time. Compose after a calibrator or a search: ``-p mse -p bias-correction``,
+``-p easyquant -p bias-correction``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnxq.calib.evaluator import GraphRunner
+from onnxq.calib.progress import progress
+from onnxq.calib.samples import take_samples
+from onnxq.graph.placement import GraphIndex, unique_namer
+from onnxq.hookspecs import hookimpl
+from onnxq.method import QuantMethod, RunContext
+from onnxq.options import option
+
+CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+@dataclass(frozen=True)
+class BiasCorrectionOptions:
+    """Options of empirical bias correction."""
+
+    samples: int = option(64, "calibration samples over which the output means are taken")
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+
+
+class BiasCorrection(QuantMethod):
+    """Per-channel output-mean correction folded into each quantized layer's float bias."""
+
+    name = "bias-correction"
+    summary = "empirical bias correction: fold each quantized layer's mean per-channel output shift into its bias (compose after a calibrator)"
+    Options = BiasCorrectionOptions
+
+    def refine(self, ctx: RunContext) -> None:
+        chunks = take_samples(ctx, self.options.samples)
+        idx = GraphIndex(ctx.model)
+        uses: dict[str, int] = {}
+        for n in ctx.model.graph.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        sessions: dict[str, object] = {}
+        q_run = GraphRunner(ctx.model, chunks, ctx.plan, sessions)
+        f_run = GraphRunner(ctx.model, chunks, None, sessions)
+        inits = {t.name: t for t in ctx.model.graph.initializer}
+        fresh = unique_namer(set(inits) | {o for n in ctx.model.graph.node for o in n.output} | {i.name for i in ctx.model.graph.input})
+        section: dict[str, dict[str, float]] = {}
+        skipped: dict[str, str] = {}
+        with progress("bias-correction", ctx.show_progress, total=len(ctx.plan.layers), unit="layer") as bar:
+            for layer in ctx.plan.layers:
+                bar.update(1)
+                node = idx.nodes[layer.node]
+                if node.op_type not in CORRECTED_OPS or layer.weight not in ctx.plan.weights:
+                    skipped[layer.node] = f"{node.op_type}: no bias input to fold into" if node.op_type not in CORRECTED_OPS else "weight not quantized"
+                    continue
+                bias_name = node.input[2] if len(node.input) > 2 else ""
+                add_bias = not bias_name and node.op_type in ("Conv", "ConvTranspose")  # the bias input is optional
+                if not add_bias and (not bias_name or bias_name not in inits or uses.get(bias_name, 0) != 1):
+                    skipped[layer.node] = "no float bias of its own"
+                    continue
+                ch_axis = 1 if node.op_type != "Gemm" else -1
+                y_f = f_run.value(node.output[0])
+                y_q = q_run.value(node.output[0])
+                axes = tuple(a for a in range(y_f.ndim) if a != ch_axis % y_f.ndim)
+                shift = (y_f.astype(np.float64) - y_q).mean(axis=axes)
+                if add_bias:
+                    # both runners have already executed this node, so a new input is safe to add
+                    bias_name = fresh(f"{node.name}_bias")
+                    t = numpy_helper.from_array(np.zeros(y_f.shape[ch_axis % y_f.ndim], np.float32), bias_name)
+                    ctx.model.graph.initializer.append(t)
+                    inits[bias_name] = ctx.model.graph.initializer[-1]
+                    if len(node.input) > 2:
+                        node.input[2] = bias_name  # an empty optional-input slot
+                    else:
+                        node.input.append(bias_name)
+                bias = numpy_helper.to_array(inits[bias_name])
+                if shift.shape != bias.shape or not np.all(np.isfinite(shift)):
+                    skipped[layer.node] = "output channels do not match the bias"
+                    continue
+                energy = float(np.sqrt(np.mean(y_f.astype(np.float64) ** 2)))
+                new_bias = (bias + shift).astype(bias.dtype)
+                inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
+                q_run.consts[bias_name] = new_bias
+                # the quantized run already computed this output with the old bias: shift it, so
+                # later layers are corrected against what the deployed model will feed them
+                shape = [1] * y_f.ndim
+                shape[ch_axis % y_f.ndim] = -1
+                q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
+                section[layer.node] = {"mean_abs_shift": float(np.abs(shift).mean()), "relative_shift": float(np.abs(shift).mean() / max(energy, 1e-12))}
+        ctx.report[self.name] = {"corrected": section, "skipped": skipped}
+
+
+@hookimpl
+def register_methods(register) -> None:
+    register(BiasCorrection)
