@@ -162,10 +162,11 @@ class Config:
     target: str | None = None
     bits: int = 8
     timeout: float | None = None  # per-run cap below --timeout (s); None = --timeout
+    options: tuple[tuple[str, str], ...] = ()  # onnxq -o KEY VALUE pairs (METHOD.KEY targets one method)
 
     def to_json(self) -> dict:
         return {"key": self.key, "label": self.label, "tool": self.tool, "method": self.method, "target": self.target, "bits": self.bits,
-                "timeout_s": self.timeout}
+                "timeout_s": self.timeout, "options": [list(o) for o in self.options]}
 
 
 def configs_for(model: str, sizes: dict) -> list[Config]:
@@ -182,6 +183,14 @@ def configs_for(model: str, sizes: dict) -> list[Config]:
     rows.append(Config("onnxq-easyquant", "onnxq easyquant", "onnxq", "easyquant", "ort", 8, eq_timeout))
     if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-easyquant-int7", "onnxq easyquant INT7", "onnxq", "easyquant", "ort", 7, eq_timeout))
+    if model in ("ppocr-rec", "ppocr-det"):
+        # the paper's cosine objective and a KL start collapse PP-OCR's hard-swish nets; the
+        # magnitude-aware objective from an mse start is onnxq's configuration for them
+        mse_opts = (("metric", "mse"), ("act_init", "mse"))
+        rows.append(Config("onnxq-easyquant-mse", "onnxq easyquant metric=mse act_init=mse", "onnxq", "easyquant", "ort", 8, eq_timeout, mse_opts))
+        if model == "ppocr-rec":
+            rows.append(Config("onnxq-easyquant-mse-int7", "onnxq easyquant INT7 metric=mse act_init=mse", "onnxq", "easyquant", "ort", 7, eq_timeout, mse_opts))
+        rows.append(Config("onnxq-equalize-mse", "onnxq equalize+mse", "onnxq", "equalize+mse", "ort", 8))
     if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-trt-entropy-int7", "onnxq trt-entropy INT7", "onnxq", "trt-entropy", "ort", 7))
     if model == "digits":
@@ -500,6 +509,8 @@ class Runner:
         argv = [sys.executable, "-m", "onnxq", "optimize", str(model or task.model), "--data", str(task.calib)]
         for method in cfg.method.split("+"):  # composed methods: one -p each, in order
             argv += ["-p", method]
+        for key, value in cfg.options:
+            argv += ["-o", key, value]
         argv += ["--target", cfg.target, "--bits", str(cfg.bits), "--output", str(out), "--force", "--no-cache", "--quiet", "--json"]
         bs = batch_size or ONNXQ_BATCH[task.name]
         if bs:
