@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph.placement import GraphIndex, unique_namer
+from onnxq.graph.placement import GraphIndex, node_attr, unique_namer
 
 __all__ = ["EqualizeSite", "find_equalize_sites", "channel_absmax", "equalize_scales", "apply_equalization"]
 
@@ -59,13 +59,6 @@ class EqualizeSite:
     scale: np.ndarray | None = field(default=None, repr=False)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _const_initializer(idx: GraphIndex, name: str) -> np.ndarray | None:
     """The value of a float initializer (only initializers can be rewritten in place)."""
     if name not in idx.initializers:
@@ -81,9 +74,9 @@ def _consumer_kind(idx: GraphIndex, node: onnx.NodeProto) -> tuple[bool, int] | 
     w = _const_initializer(idx, node.input[1])
     if w is None or w.ndim < 3:
         return None
-    group = int(_attr(node, "group", 1))
+    group = int(node_attr(node, "group", 1))
     cin = w.shape[1] * group
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+    if node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         return None  # SAME_* pads with zeros as well, but keep the rule set small and obvious
     if group == 1:
         return False, cin
@@ -206,7 +199,6 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
         shape[axis] = -1
         inits[name].CopyFrom(numpy_helper.from_array((v * factor.reshape(shape)).astype(v.dtype), name))
 
-    shared = _shared_initializers(out)
     for s in sites:
         if s.scale is None:
             continue
@@ -214,7 +206,7 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
         prod, cons = idx.nodes[s.producer], idx.nodes[s.consumer]
         names = [n for n in ([prod.input[1], prod.input[2]] if prod.op_type == "BatchNormalization" else prod.input[1:3]) if n]
         names.append(cons.input[1])
-        if any(shared.get(n, 0) > 1 for n in names):
+        if any(len(idx.consumers.get(n, [])) > 1 for n in names):
             continue  # an initializer read by another node as well: scaling it would change that node
         for n in names[:-1]:
             scale_init(n, k, 0)
@@ -224,14 +216,6 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
         else:
             scale_init(cons.input[1], 1.0 / k, 1)
     return out
-
-
-def _shared_initializers(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            counts[i] = counts.get(i, 0) + 1
-    return counts
 
 
 def iter_feeds(batches: Iterable[object], limit: int) -> Iterator[dict[str, np.ndarray]]:

@@ -34,6 +34,14 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 RELU_LIKE = {"Relu", "Clip"}
 
 
+def node_attr(node: onnx.NodeProto, name: str, default):
+    """The value of attribute ``name`` of ``node``, or ``default`` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
 class GraphIndex:
     """Producer/consumer lookups over a graph (node names must be unique and non-empty)."""
 

@@ -6,14 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph.placement import GraphIndex
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from onnxq.graph.placement import GraphIndex, node_attr
 
 
 def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> tuple[onnx.ModelProto, list[str]]:
@@ -37,9 +30,9 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> 
         ok = (
             node.op_type == "Gemm"
             and (every_gemm or node.output[0] in idx.graph_outputs)
-            and _attr(node, "alpha", 1.0) == 1.0
-            and _attr(node, "beta", 1.0) == 1.0
-            and not _attr(node, "transA", 0)
+            and node_attr(node, "alpha", 1.0) == 1.0
+            and node_attr(node, "beta", 1.0) == 1.0
+            and not node_attr(node, "transA", 0)
             and len(node.input) >= 2
             and node.input[1] in inits
         )
@@ -51,7 +44,7 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> 
             new_nodes.append(node)
             continue
         b = numpy_helper.to_array(inits[node.input[1]])
-        if _attr(node, "transB", 0):
+        if node_attr(node, "transB", 0):
             b = np.ascontiguousarray(b.T)
         w_name = f"{node.input[1]}_matmul"
         g.initializer.append(numpy_helper.from_array(b, w_name))

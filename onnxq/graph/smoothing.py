@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph.placement import GraphIndex, unique_namer
+from onnxq.graph.placement import GraphIndex, node_attr, unique_namer
 
 __all__ = ["SmoothSite", "find_smooth_sites", "smoothing_scales", "apply_smoothing", "channel_absmax_model"]
 
@@ -55,13 +55,6 @@ class SmoothSite:
     shared: bool = False
     reason: str = ""
     scale: np.ndarray | None = field(default=None, repr=False)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _last_axis_vector(value: np.ndarray | None, channels: int) -> bool:
@@ -116,7 +109,7 @@ def find_smooth_sites(model: onnx.ModelProto, include: Iterable[str] = ("LayerNo
             rejected.append((x, f"produced by {prod.op_type}, which cannot absorb a per-channel scale"))
             continue
         if prod.op_type == "LayerNormalization":
-            axis = _attr(prod, "axis", -1)
+            axis = node_attr(prod, "axis", -1)
             scale = idx.constant_value(prod.input[1]) if len(prod.input) > 1 else None
             bias = idx.constant_value(prod.input[2]) if len(prod.input) > 2 and prod.input[2] else None
             if axis != -1 or scale is None or scale.shape != (k,) or (bias is not None and bias.shape != (k,)) or len(prod.output) > 1:
