@@ -307,7 +307,8 @@ def _int7_note(profile: TargetProfile) -> str:
     note = "INT7 is an int8 container restricted to 7-bit ranges: runtimes run it on INT8 kernels, with no INT7 speed-up"
     if profile.activation_signed and not profile.quantize_outputs:
         return note + " (TensorRT fuses the Clip that enforces the 7-bit activation range)"
-    return note + "; on ONNX Runtime the Clip that enforces the 7-bit activation range also blocks its integer fusion, so this model is an accuracy emulation that runs in float (use --bits 8 for speed)"
+    return note + ("; on ONNX Runtime the Clip that enforces the 7-bit activation range blocks the QLinearConv/QLinearMatMul fusions, so convolutions run in float"
+                   " (an accuracy emulation; use --bits 8 for speed) while MatMuls may still run as MatMulIntegerToFloat: `onnxq compare` reports the integer-kernel share")
 
 
 def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
