@@ -28,7 +28,7 @@ from onnxq.calib.evaluator import GraphRunner, LayerRunner
 from onnxq.calib.progress import progress
 from onnxq.calib.samples import take_samples as _take_samples
 from onnxq.calib.statistics import StatRequest
-from onnxq.errors import OptionError
+from onnxq.errors import OnnxqError, OptionError
 from onnxq.graph.plan import Layer
 from onnxq.graph.placement import GraphIndex
 from onnxq.hookspecs import hookimpl
@@ -200,18 +200,26 @@ class EasyQuant(QuantMethod):
             if l.node in runners and l.inputs and l.inputs[0] in plan.activations:
                 readers.setdefault(l.inputs[0], []).append(l)
         st = _Sweep(ctx, GraphRunner(ctx.model, chunks, plan, self._sessions), GraphRunner(ctx.model, chunks, None, self._sessions),
-                    runners, w_init, a_init, report, readers, {t: g for g in plan.share_groups for t in g})
+                    runners, w_init, a_init, report, readers, {t: g for g in plan.share_groups for t in g}, chunks)
         with progress(label, ctx.show_progress, total=len(layers), unit="layer") as bar:
             for layer in layers:
                 bar.update(1)
                 for step in steps:
                     step(st, layer)
 
-    def _fp_value(self, f_run: GraphRunner, tensor: str) -> np.ndarray:
-        """FP32 objective tensor; kept (up to ``chunk_mb``) so a later pass need not run the float model again."""
+    def _fp_value(self, st: "_Sweep", tensor: str) -> np.ndarray:
+        """FP32 objective tensor; kept (up to ``chunk_mb``) so a later pass need not run the float model again.
+
+        A tensor read by several layers makes the float runner jump ahead for its far readers'
+        objectives; an objective it has already released is then recomputed by a fresh runner.
+        """
         v = self._fp_cache.get(tensor)
         if v is None:
-            v = f_run.value(tensor)
+            try:
+                v = st.f_run.value(tensor)
+            except OnnxqError:
+                st.f_run = GraphRunner(st.ctx.model, st.chunks, None, self._sessions)
+                v = st.f_run.value(tensor)
             if self._fp_bytes + v.nbytes <= self.options.chunk_mb * 2**20:
                 self._fp_cache[tensor] = v
                 self._fp_bytes += v.nbytes
@@ -219,7 +227,7 @@ class EasyQuant(QuantMethod):
 
     def _search_weights(self, st: "_Sweep", layer: Layer) -> None:
         ctx, plan, runners, w_init, report = st.ctx, st.ctx.plan, st.runners, st.w_init, st.report
-        q_run, f_run = st.q_run, st.f_run
+        q_run = st.q_run
         if True:
             if True:
                 runner = runners.get(layer.node)
@@ -227,7 +235,7 @@ class EasyQuant(QuantMethod):
                     return
                 site = plan.weights[layer.weight]
                 x = self._layer_input(q_run, layer, plan)
-                ref = self._fp_value(f_run, layer.objective)
+                ref = self._fp_value(st, layer.objective)
                 w = ctx.weight(layer.weight)
                 q0: QParams = w_init[layer.weight]
                 if np.array_equal(q0.fake_quantize(w), w):
@@ -329,7 +337,7 @@ class EasyQuant(QuantMethod):
 
     def _search_activation(self, st: "_Sweep", layer: Layer) -> None:
         ctx, plan, runners, a_init, report = st.ctx, st.ctx.plan, st.runners, st.a_init, st.report
-        q_run, f_run, readers, groups, done = st.q_run, st.f_run, st.readers, st.groups, st.done
+        q_run, readers, groups, done = st.q_run, st.readers, st.groups, st.done
         if True:
             if True:
                 t = layer.inputs[0] if layer.inputs else None
@@ -338,7 +346,7 @@ class EasyQuant(QuantMethod):
                 done.add(t)
                 x = q_run.value(t)
                 consumers = readers[t]
-                refs = [self._fp_value(f_run, c.objective) for c in consumers]
+                refs = [self._fp_value(st, c.objective) for c in consumers]
                 wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
                 lo0, hi0 = a_init[t]
                 n = x.shape[0]
@@ -388,6 +396,7 @@ class _Sweep:
     report: dict[str, dict[str, Any]]
     readers: dict[str, list[Layer]]
     groups: dict[str, Any]
+    chunks: list[dict[str, np.ndarray]]
     done: set[str] = dataclasses.field(default_factory=set)
 
 
