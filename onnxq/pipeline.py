@@ -19,7 +19,6 @@ import onnx
 
 from onnxq.backends import ort as ort_backend
 from onnxq.calib import statistics
-from onnxq.calib.heap import cap_heap_retention
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs, rebatch
 from onnxq.calib.readers import Batch, DataReader
 from onnxq.errors import DataError, ModelError, OnnxqError, OptionError
@@ -178,7 +177,6 @@ def optimize(
     """
     host = host or get_host()
     t_start = time.perf_counter()
-    cap_heap_retention()  # large freed buffers go back to the system (onnxq/calib/heap.py)
     profile = target if isinstance(target, TargetProfile) else get_profile(target, bits, block_size)
     if isinstance(target, TargetProfile) and bits != target.bits:
         profile = target.with_bits(bits)

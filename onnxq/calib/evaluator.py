@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from onnxq.backends import ort as ort_backend
+from onnxq.calib.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.placement import GraphIndex
@@ -41,6 +42,7 @@ class GraphRunner:
 
     def __init__(self, model: onnx.ModelProto, chunks: Sequence[dict[str, np.ndarray]], plan: QuantPlan | None = None,
                  sessions: dict[str, object] | None = None) -> None:
+        cap_heap_retention()  # one session per node: keep their freed buffers out of the heap (calib/heap.py)
         self.model = model
         self.idx = GraphIndex(model)
         self.plan = plan
