@@ -229,14 +229,17 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
     return out
 
 
-def iter_feeds(batches: Iterable[object], limit: int) -> Iterator[dict[str, np.ndarray]]:
-    """Feed dicts of the first ``limit`` samples of a host batch stream."""
+def iter_feeds(batches: Iterable[object], limit: int, max_batch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Feed dicts of the first ``limit`` samples of a host batch stream, in runs of at most
+    ``max_batch`` samples (None: as the stream batches them, for models with a fixed batch)."""
     seen = 0
     for b in batches:
         feeds = b.feeds  # type: ignore[attr-defined]
         n = next(iter(feeds.values())).shape[0]
         take = min(n, limit - seen)
-        yield {k: v[:take] for k, v in feeds.items()}
+        step = max_batch or take
+        for start in range(0, take, step):
+            yield {k: v[start : min(start + step, take)] for k, v in feeds.items()}
         seen += take
         if seen >= limit:
             return

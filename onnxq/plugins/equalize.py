@@ -19,6 +19,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.backends.ort import make_session
+from onnxq.calib.feeds import batch_is_dynamic, model_inputs
+from onnxq.calib.statistics import run_batch_size
 from onnxq.graph.equalize import apply_equalization, channel_absmax, equalize_scales, find_equalize_sites, iter_feeds
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
@@ -54,7 +56,11 @@ class Equalize(QuantMethod):
         ctx.report[self.name] = section
         if not sites:
             return None
-        amax = channel_absmax(ctx.model, [s.tensor for s in sites], iter_feeds(ctx.calibration(), o.samples),
+        # the probe runs the whole float model: sub-batches keep its activations under the
+        # calibration passes' memory budget (fixed-batch models run as the data is batched)
+        dynamic = batch_is_dynamic(model_inputs(ctx.model))
+        max_batch = run_batch_size(ctx.model, o.samples, 512 * 2**20) if dynamic else None
+        amax = channel_absmax(ctx.model, [s.tensor for s in sites], iter_feeds(ctx.calibration(), o.samples, max_batch),
                               lambda m: make_session(m, "disable", arena=False))
         inits = {t.name: t for t in ctx.model.graph.initializer}
         nodes = {n.name: n for n in ctx.model.graph.node}
