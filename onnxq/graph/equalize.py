@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from onnxq.graph.placement import GraphIndex, node_attr, unique_namer
+from onnxq.graph.placement import GraphIndex, node_attr
+from onnxq.graph.smoothing import channel_absmax_model
 
 __all__ = ["EqualizeSite", "find_equalize_sites", "channel_absmax", "equalize_scales", "apply_equalization"]
 
@@ -131,35 +132,10 @@ def find_equalize_sites(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> 
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
                    session: Callable[[onnx.ModelProto], object]) -> dict[str, np.ndarray]:
-    """Per-channel (axis 1) max-abs of ``tensors`` over ``batches``, reduced inside the graph.
-
-    Each tensor gets ``Abs → ReduceMax(axis 0) → Flatten(1) → ReduceMax(axis 1)``, so only a
-    ``[C]`` vector per tensor and batch leaves ONNX Runtime, whatever the activation size.
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-    fresh = unique_namer({o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer})
-    outs: list[str] = []
-
-    def reduce_max(x: str, axis: int, out: str) -> None:
-        if opset >= 18:
-            ax = fresh(f"{out}__axes")
-            g.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), ax))
-            g.node.append(helper.make_node("ReduceMax", [x, ax], [out], keepdims=0))
-        else:
-            g.node.append(helper.make_node("ReduceMax", [x], [out], axes=[axis], keepdims=0))
-
-    for t in tensors:
-        a, r0, fl, out = (fresh(f"{t}__{s}") for s in ("abs", "rmax0", "flat", "chmax"))
-        g.node.append(helper.make_node("Abs", [t], [a]))
-        reduce_max(a, 0, r0)
-        g.node.append(helper.make_node("Flatten", [r0], [fl], axis=1))
-        reduce_max(fl, 1, out)
-        g.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        outs.append(out)
-    sess = session(m)
+    """Per-channel (axis 1) max-abs of ``tensors`` over ``batches``, reduced inside the graph
+    (:func:`onnxq.graph.smoothing.channel_absmax_model`)."""
+    probe, outs = channel_absmax_model(model, tensors, channel_axis=1)
+    sess = session(probe)
     names = {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
     acc: dict[str, np.ndarray] = {}
     for feeds in batches:

@@ -128,28 +128,43 @@ def find_smooth_sites(model: onnx.ModelProto, include: Iterable[str] = ("LayerNo
     return sites, rejected
 
 
-def channel_absmax_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` whose extra outputs are ``max |x|`` per last-axis channel of each tensor."""
+def channel_absmax_model(model: onnx.ModelProto, tensors: list[str], channel_axis: int = -1) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose extra outputs are ``max |x|`` per channel of each tensor, as float32.
+
+    ``channel_axis`` is -1 (MatMul activations, ``[..., C]``) or 1 (conv activations,
+    ``[N, C, ...]``). The reduction happens inside the graph, so only a ``[C]`` vector per tensor
+    leaves ONNX Runtime whatever the activation size.
+    """
+    if channel_axis not in (-1, 1):
+        raise ValueError("channel_axis must be -1 or 1")
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    g = m.graph
     outs = []
-    fresh = unique_namer({o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer})
+    fresh = unique_namer({o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer})
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-    for t in tensors:
-        a = fresh(f"{t}__abs")
-        red = fresh(f"{t}__chmax_raw")
-        r = fresh(f"{t}__chmax")
-        flat = fresh(f"{t}__flat")
-        m.graph.node.append(helper.make_node("Abs", [t], [a]))
-        m.graph.node.append(helper.make_node("Flatten", [a], [flat], axis=-1))  # [..., C] -> [prod(lead), C]
+
+    def reduce_max(x: str, axis: int, out: str) -> None:
         if opset >= 18:
-            ax = fresh(f"{t}__axes")
-            m.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), ax))
-            m.graph.node.append(helper.make_node("ReduceMax", [flat, ax], [red], keepdims=0))
+            ax = fresh(f"{out}__axes")
+            g.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), ax))
+            g.node.append(helper.make_node("ReduceMax", [x, ax], [out], keepdims=0))
         else:
-            m.graph.node.append(helper.make_node("ReduceMax", [flat], [red], axes=[0], keepdims=0))
-        m.graph.node.append(helper.make_node("Cast", [red], [r], to=onnx.TensorProto.FLOAT))  # float16 models too
-        m.graph.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None))
+            g.node.append(helper.make_node("ReduceMax", [x], [out], axes=[axis], keepdims=0))
+
+    for t in tensors:
+        a, flat, red, r = (fresh(f"{t}__{s}") for s in ("abs", "flat", "chmax_raw", "chmax"))
+        g.node.append(helper.make_node("Abs", [t], [a]))
+        if channel_axis == -1:
+            g.node.append(helper.make_node("Flatten", [a], [flat], axis=-1))  # [..., C] -> [prod(lead), C]
+            reduce_max(flat, 0, red)
+        else:
+            lead = fresh(f"{t}__rmax0")
+            reduce_max(a, 0, lead)  # [N, C, ...] -> [C, ...]
+            g.node.append(helper.make_node("Flatten", [lead], [flat], axis=1))  # [C, prod(rest)]
+            reduce_max(flat, 1, red)
+        g.node.append(helper.make_node("Cast", [red], [r], to=onnx.TensorProto.FLOAT))  # float16 models too
+        g.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None))
         outs.append(r)
     return m, outs
 
