@@ -233,10 +233,13 @@ class LayerRunner:
         return self.run(x, w, np.zeros_like(self.bias) if self.bias is not None else None, post=False)
 
     def run_stacked_rows(self, x: np.ndarray, weights: np.ndarray, axis: int, linear: bool = False) -> np.ndarray:
-        """Like :meth:`run_stacked`, laid out ``[N, C, K, S]`` (S: positions per channel and sample).
+        """Run K candidate weights at once: ``weights`` is [K, *w.shape]; returns [N, C, K, S]
+        (S: positions per channel and sample).
 
-        For convolutions this is a view of ONNX Runtime's output (no copy): the per-channel
-        scores of a search then read contiguous rows. ``linear``: without bias and activation.
+        Candidate ``k`` of output channel ``c`` becomes output channel ``c·K + k`` (which also
+        keeps grouped and depthwise convolutions' channel groups intact). For convolutions the
+        result is a view of ONNX Runtime's output (no copy), so per-channel scores read contiguous
+        rows. ``linear``: without bias and activation.
         """
         k = weights.shape[0]
         w = np.moveaxis(weights, 0, axis + 1)
@@ -250,21 +253,3 @@ class LayerRunner:
             return y.reshape(n, y.shape[1] // k, k, -1)
         rows = y.reshape(n, -1, y.shape[-1] // k, k)  # [N, R, C, K]
         return np.ascontiguousarray(np.moveaxis(rows, 1, 3))
-
-    def run_stacked(self, x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-        """Run K candidate weights at once: ``weights`` is [K, *w.shape]; returns [K, *y.shape].
-
-        Candidate ``k`` of output channel ``c`` becomes output channel ``c·K + k`` (which also
-        keeps grouped and depthwise convolutions' channel groups intact).
-        """
-        k = weights.shape[0]
-        w = np.moveaxis(weights, 0, axis + 1)  # [..., C, K, ...]
-        shape = list(weights.shape[1:])
-        shape[axis] *= k
-        w = np.ascontiguousarray(w.reshape(shape))
-        b = None if self.bias is None else np.repeat(self.bias, k)
-        y = self.run(x, w, b)
-        ch = self.channel_axis % y.ndim
-        c = y.shape[ch] // k
-        y = y.reshape(y.shape[:ch] + (c, k) + y.shape[ch + 1 :])
-        return np.moveaxis(y, ch + 1, 0)

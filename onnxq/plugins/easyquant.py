@@ -228,47 +228,45 @@ class EasyQuant(QuantMethod):
     def _search_weights(self, st: "_Sweep", layer: Layer) -> None:
         ctx, plan, runners, w_init, report = st.ctx, st.ctx.plan, st.runners, st.w_init, st.report
         q_run = st.q_run
-        if True:
-            if True:
-                runner = runners.get(layer.node)
-                if runner is None or not runner.stackable:
-                    return
-                site = plan.weights[layer.weight]
-                x = self._layer_input(q_run, layer, plan)
-                ref = self._fp_value(st, layer.objective)
-                w = ctx.weight(layer.weight)
-                q0: QParams = w_init[layer.weight]
-                if np.array_equal(q0.fake_quantize(w), w):
-                    report[layer.node]["weight_search"] = "skipped: the initial grid represents the weights exactly"
-                    return
-                s0 = np.asarray(q0.scale, np.float64).reshape(-1)
-                axis = site.axis if site.axis is not None else 0
-                ch_axis = runner.channel_axis % ref.ndim
-                ref_c = _channels(ref, ch_axis)
-                step = self._chunk(ref.nbytes * 2, 10**9)
+        runner = runners.get(layer.node)
+        if runner is None or not runner.stackable:
+            return
+        site = plan.weights[layer.weight]
+        x = self._layer_input(q_run, layer, plan)
+        ref = self._fp_value(st, layer.objective)
+        w = ctx.weight(layer.weight)
+        q0: QParams = w_init[layer.weight]
+        if np.array_equal(q0.fake_quantize(w), w):
+            report[layer.node]["weight_search"] = "skipped: the initial grid represents the weights exactly"
+            return
+        s0 = np.asarray(q0.scale, np.float64).reshape(-1)
+        axis = site.axis if site.axis is not None else 0
+        ch_axis = runner.channel_axis % ref.ndim
+        ref_c = _channels(ref, ch_axis)
+        step = self._chunk(ref.nbytes * 2, 10**9)
 
-                def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, C] multipliers -> per-channel cosines [k, C]
-                    out = np.empty(g.shape)
-                    for start in range(0, len(g), step):
-                        part = g[start : start + step]
-                        cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
-                        y = runner.run_stacked_rows(x, cands, axis)  # [N, C, k, S]
-                        out[start : start + step] = _stacked_channel_score(ref_c, y, self.options.metric, inplace=True)
-                    return out
+        def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, C] multipliers -> per-channel cosines [k, C]
+            out = np.empty(g.shape)
+            for start in range(0, len(g), step):
+                part = g[start : start + step]
+                cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
+                y = runner.run_stacked_rows(x, cands, axis)  # [N, C, k, S]
+                out[start : start + step] = _stacked_channel_score(ref_c, y, self.options.metric, inplace=True)
+            return out
 
-                ncols = s0.size
-                chosen, before, after = self._search(evaluate, ncols, self._weight_grid(s0, q0.qmax) if self.options.search == "grid" else None)
-                step = (s0 / chosen).astype(np.float32)
-                alpha = np.ones(ncols)
-                if self.options.magnitude_fix and ncols > 1:
-                    alpha, after = self._magnitude_fix(runner, x, w, q0, step, axis, ch_axis, ref_c, after)
-                shape = (lambda a: a if q0.scale.ndim else np.float32(a[0]))
-                site.qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
-                                                   quant_scale=None if np.all(alpha == 1) else shape(step))
-                r = report[layer.node]
-                r["weight_cosine_before"] = float(before.mean())
-                r["weight_cosine_after"] = float(after.mean())
-                r["weight_multiplier_mean"] = float(chosen.mean())
+        ncols = s0.size
+        chosen, before, after = self._search(evaluate, ncols, self._weight_grid(s0, q0.qmax) if self.options.search == "grid" else None)
+        step = (s0 / chosen).astype(np.float32)
+        alpha = np.ones(ncols)
+        if self.options.magnitude_fix and ncols > 1:
+            alpha, after = self._magnitude_fix(runner, x, w, q0, step, axis, ch_axis, ref_c, after)
+        shape = (lambda a: a if q0.scale.ndim else np.float32(a[0]))
+        site.qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
+                                           quant_scale=None if np.all(alpha == 1) else shape(step))
+        r = report[layer.node]
+        r["weight_cosine_before"] = float(before.mean())
+        r["weight_cosine_after"] = float(after.mean())
+        r["weight_multiplier_mean"] = float(chosen.mean())
 
     def _magnitude_fix(self, runner, x, w, q0, step, axis, ch_axis, ref_c, after):
         """[D] Cosine ignores magnitude, so a search that clips a channel's weights can shrink its
@@ -338,49 +336,47 @@ class EasyQuant(QuantMethod):
     def _search_activation(self, st: "_Sweep", layer: Layer) -> None:
         ctx, plan, runners, a_init, report = st.ctx, st.ctx.plan, st.runners, st.a_init, st.report
         q_run, readers, groups, done = st.q_run, st.readers, st.groups, st.done
-        if True:
-            if True:
-                t = layer.inputs[0] if layer.inputs else None
-                if t is None or t in done or t not in readers:
-                    return
-                done.add(t)
-                x = q_run.value(t)
-                consumers = readers[t]
-                refs = [self._fp_value(st, c.objective) for c in consumers]
-                wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
-                lo0, hi0 = a_init[t]
-                n = x.shape[0]
-                step = self._chunk(x.nbytes + sum(r.nbytes for r in refs), 10**9)
+        t = layer.inputs[0] if layer.inputs else None
+        if t is None or t in done or t not in readers:
+            return
+        done.add(t)
+        x = q_run.value(t)
+        consumers = readers[t]
+        refs = [self._fp_value(st, c.objective) for c in consumers]
+        wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
+        lo0, hi0 = a_init[t]
+        n = x.shape[0]
+        step = self._chunk(x.nbytes + sum(r.nbytes for r in refs), 10**9)
 
-                score = neg_nmse_rows if self.options.metric == "mse" else cosine_rows
+        score = neg_nmse_rows if self.options.metric == "mse" else cosine_rows
 
-                def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, 1] -> layer objective [k, 1]
-                    out = np.zeros((len(g), 1))
-                    for start in range(0, len(g), step):
-                        part = g[start : start + step, 0]
-                        qps = [ctx.profile.activation_qparams(lo0 / gk, hi0 / gk) for gk in part]
-                        xs = np.concatenate([q.fake_quantize(x) for q in qps])
-                        for c, ref, w in zip(consumers, refs, wq):
-                            y = runners[c.node].run(xs, w).reshape(len(part), n, -1)
-                            out[start : start + step, 0] += score(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
-                    return out
+        def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, 1] -> layer objective [k, 1]
+            out = np.zeros((len(g), 1))
+            for start in range(0, len(g), step):
+                part = g[start : start + step, 0]
+                qps = [ctx.profile.activation_qparams(lo0 / gk, hi0 / gk) for gk in part]
+                xs = np.concatenate([q.fake_quantize(x) for q in qps])
+                for c, ref, w in zip(consumers, refs, wq):
+                    y = runners[c.node].run(xs, w).reshape(len(part), n, -1)
+                    out[start : start + step, 0] += score(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
+            return out
 
-                amax = max(abs(lo0), abs(hi0), 1e-12)
-                amax_seen = max(abs(v) for v in self._observed[t]) if t in self._observed else amax
-                # [D] the range always reaches the observed max-abs: a calibrator that clipped an
-                # outlier-carrying tensor far too hard (KL does, on some real models) is recoverable
-                lo_g = min(self.options.search_lo, amax / max(amax_seen, 1e-12))
-                chosen, before, after = self._search(evaluate, 1, self._act_grid()[:, None] if self.options.search == "grid" else None, lo=lo_g)
-                g_best = float(chosen[0])
-                new = ctx.profile.activation_qparams(lo0 / g_best, hi0 / g_best)
-                for member in groups.get(t, [t]):
-                    plan.activations[member].qparams = new
-                    plan.activations[member].range = (lo0 / g_best, hi0 / g_best)
-                for c in consumers:
-                    r = report[c.node]
-                    r["activation_cosine_before"] = float(before[0])
-                    r["activation_cosine_after"] = float(after[0])
-                    r["activation_multiplier"] = g_best
+        amax = max(abs(lo0), abs(hi0), 1e-12)
+        amax_seen = max(abs(v) for v in self._observed[t]) if t in self._observed else amax
+        # [D] the range always reaches the observed max-abs: a calibrator that clipped an
+        # outlier-carrying tensor far too hard (KL does, on some real models) is recoverable
+        lo_g = min(self.options.search_lo, amax / max(amax_seen, 1e-12))
+        chosen, before, after = self._search(evaluate, 1, self._act_grid()[:, None] if self.options.search == "grid" else None, lo=lo_g)
+        g_best = float(chosen[0])
+        new = ctx.profile.activation_qparams(lo0 / g_best, hi0 / g_best)
+        for member in groups.get(t, [t]):
+            plan.activations[member].qparams = new
+            plan.activations[member].range = (lo0 / g_best, hi0 / g_best)
+        for c in consumers:
+            r = report[c.node]
+            r["activation_cosine_before"] = float(before[0])
+            r["activation_cosine_after"] = float(after[0])
+            r["activation_multiplier"] = g_best
 
 
 @dataclass
