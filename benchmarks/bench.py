@@ -253,6 +253,8 @@ def normalize_model(src: Path, dst: Path) -> dict:
     import onnx
     from onnx import version_converter
 
+    from onnxq.graph.placement import name_nodes
+
     m = onnx.load(str(src))
     keep, moved = [], 0
     for n in m.graph.node:
@@ -269,13 +271,7 @@ def normalize_model(src: Path, dst: Path) -> dict:
     opset_before = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset_before < 13:
         m = version_converter.convert_version(m, 13)
-    seen: set[str] = set()
-    for i, n in enumerate(m.graph.node):
-        name = n.name or f"{n.op_type}_{i}"
-        while name in seen:
-            name = f"{name}_{i}"
-        n.name = name
-        seen.add(name)
+    name_nodes(m)
     onnx.checker.check_model(m)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(dst))

@@ -54,10 +54,6 @@ class BiasCorrection(QuantMethod):
     def refine(self, ctx: RunContext) -> None:
         chunks = take_samples(ctx, self.options.samples)
         idx = GraphIndex(ctx.model)
-        uses: dict[str, int] = {}
-        for n in ctx.model.graph.node:
-            for i in n.input:
-                uses[i] = uses.get(i, 0) + 1
         sessions: dict[str, object] = {}
         q_run = GraphRunner(ctx.model, chunks, ctx.plan, sessions)
         f_run = GraphRunner(ctx.model, chunks, None, sessions)
@@ -74,7 +70,7 @@ class BiasCorrection(QuantMethod):
                     continue
                 bias_name = node.input[2] if len(node.input) > 2 else ""
                 add_bias = not bias_name and node.op_type in ("Conv", "ConvTranspose")  # the bias input is optional
-                if not add_bias and (not bias_name or bias_name not in inits or uses.get(bias_name, 0) != 1):
+                if not add_bias and (not bias_name or bias_name not in inits or len(idx.consumers.get(bias_name, [])) != 1):
                     skipped[layer.node] = "no float bias of its own"
                     continue
                 ch_axis = 1 if node.op_type != "Gemm" else -1
