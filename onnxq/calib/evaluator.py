@@ -1,8 +1,10 @@
 """The evaluator search methods get from the host (design.md §1 "refine").
 
-* :class:`GraphRunner` executes a model node by node on a fixed set of calibration samples, with
-  the plan's *current* fake quantization applied where the deployed graph will have Q/DQ. It
-  computes each node at most once per pass and frees tensors once their consumers have run, so a
+* :class:`GraphRunner` executes a model in topological order on a fixed set of calibration
+  samples, with the plan's *current* fake quantization applied where the deployed graph will have
+  Q/DQ. Each request runs the stretch of nodes up to the requested tensor as one ONNX Runtime
+  session (the fake quantization as float ops inside it, its parameters fed per run), computes
+  each node at most once per pass and frees tensors once their consumers have run, so a
   layer-by-layer search in topological order costs about one forward pass per pass, and memory
   stays at one activation working set (not one per layer).
 * :class:`LayerRunner` runs one weighted layer (Conv/ConvTranspose/Gemm/MatMul plus a following
@@ -51,6 +53,7 @@ class GraphRunner:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
                 raise OnnxqError(f"node '{n.name}' ({n.op_type}) has a subgraph; layer-wise search does not support control flow")
         self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.next = 0
         self.values: dict[str, list[np.ndarray]] = {}
         self.remaining: dict[str, int] = defaultdict(int)
@@ -61,7 +64,15 @@ class GraphRunner:
         for name in self.idx.graph_inputs:
             self.values[name] = [np.asarray(c[name]) for c in chunks]
         self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-        #: one-node sessions, shareable between runners of the same model
+        self._const_nodes: set[str] = set()
+        for n in self.nodes:  # Constant nodes with a tensor value: constants from the start
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+                self._const_nodes.add(n.name)
+        self.total_uses = dict(self.remaining)
+        self._wq_cache: dict[str, tuple] = {}
+        #: sessions (per node, or per stretch of nodes and fake-quantization layout), shareable
+        #: between runners of the same model
         self.sessions: dict[str, object] = sessions if sessions is not None else {}
         self.act_consumers: dict[tuple[str, int], str] = {}
         self.weight_consumers: dict[tuple[str, int], str] = {}
@@ -94,9 +105,156 @@ class GraphRunner:
 
     # -- execution -------------------------------------------------------------------
     def _advance_to(self, last: int) -> None:
+        """Run nodes ``next..last``: as one ONNX Runtime session per stretch (fake quantization
+        inside it), node by node only where the graph form of the fake quantization does not apply."""
         while self.next <= last:
-            self._run_node(self.nodes[self.next])
-            self.next += 1
+            end = self.next
+            if not self._in_segment(self.nodes[end]):
+                self._run_node(self.nodes[end])
+            else:
+                while end < last and self._in_segment(self.nodes[end + 1]):
+                    end += 1
+                self._run_segment(self.next, end)
+            self.next = end + 1
+
+    def _active_acts(self, node: onnx.NodeProto) -> dict[int, str]:
+        """Input index -> activation site whose fake quantization applies to it right now."""
+        out = {}
+        if self.plan is None:
+            return out
+        for i, name in enumerate(node.input):
+            t = self.act_consumers.get((node.name, i))
+            if t is not None and self.plan.activations[t].qparams is not None:
+                out[i] = t
+        return out
+
+    def _in_segment(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node`` can run inside a segment: its fake-quantized inputs have per-tensor
+        float qparams (the graph form of :meth:`_build_segment`) and the opset has Round (11)."""
+        if node.name in self._const_nodes:
+            return True  # folded into ``consts`` up front; a segment skips it
+        if self._opset < 11:
+            return False
+        for i, t in self._active_acts(node).items():
+            q = self.plan.activations[t].qparams  # type: ignore[union-attr]
+            if q.scale.size != 1 or q.block_size or q.quant_scale is not None or self.idx.types.get(node.input[i], 1) != onnx.TensorProto.FLOAT:
+                return False
+        return True
+
+    def _weight_value(self, w: str, v: np.ndarray) -> np.ndarray:
+        """Fake-quantized weight, computed once per (qparams, weight array) pair."""
+        q = self.plan.weights[w].qparams  # type: ignore[union-attr]
+        hit = self._wq_cache.get(w)
+        if hit is not None and hit[0] is q and hit[1] is v:
+            return hit[2]
+        fq = q.fake_quantize(v)
+        self._wq_cache[w] = (q, v, fq)
+        return fq
+
+    def _run_segment(self, first: int, last: int) -> None:
+        nodes = [n for n in self.nodes[first : last + 1] if n.name not in self._const_nodes]
+        acts = {n.name: self._active_acts(n) for n in nodes}
+        weights = {}
+        if self.plan is not None:
+            for n in nodes:
+                for i, name in enumerate(n.input):
+                    w = self.weight_consumers.get((n.name, i))
+                    if w is not None and name in self.consts and self.plan.weights[w].qparams is not None:
+                        weights[(n.name, i)] = w
+        key = (first, last, tuple(sorted((k, tuple(sorted(v.items()))) for k, v in acts.items() if v)), tuple(sorted(weights.items())))
+        seg = self.sessions.get(key)
+        if seg is None:
+            seg = self.sessions[key] = self._build_segment(nodes, acts, weights)
+        sess, external, wfeeds, sites, outputs = seg
+        n_chunks = max((len(v) for v in self.values.values()), default=1)
+        fixed = {}
+        for feed_name, (w, src) in wfeeds.items():
+            fixed[feed_name] = self._weight_value(w, self.consts[src])
+        for t in sites:
+            q = self.plan.activations[t].qparams  # type: ignore[union-attr]
+            fixed[f"{t}::s"] = q.scale.reshape(()).astype(np.float32)
+            fixed[f"{t}::z"] = q.zero_point.reshape(()).astype(np.float32)
+            fixed[f"{t}::lo"] = np.array(q.qmin, np.float32)
+            fixed[f"{t}::hi"] = np.array(q.qmax, np.float32)
+        outs: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        for c in range(n_chunks):
+            feeds = dict(fixed)
+            for name in external:
+                feeds[name] = self.consts[name] if name in self.consts else self.values[name][c]
+            for o, r in zip(outputs, ort_backend.run(sess, feeds, outputs)):
+                outs[o].append(np.asarray(r))
+        self.values.update(outs)
+        for n in nodes:
+            for name in n.input:
+                if name and name not in self.consts:
+                    self.remaining[name] -= 1
+                    if self.remaining[name] <= 0:
+                        self.values.pop(name, None)
+
+    def _build_segment(self, nodes: list[onnx.NodeProto], acts: dict[str, dict[int, str]], weights: dict[tuple[str, int], str]):
+        """One session for ``nodes``: every value and constant they read is an input (so later
+        changes to ``consts`` apply), quantized weights are fed fake-quantized, and activation fake
+        quantization is the float graph ``(clip(round(x/s) + z, lo, hi) - z)·s`` with s, z, lo, hi
+        fed per run: the arithmetic of :meth:`QParams.fake_quantize`, in float32."""
+        produced = {o for n in nodes for o in n.output if o}
+        uses: dict[str, int] = defaultdict(int)
+        for n in nodes:
+            for name in n.input:
+                if name:
+                    uses[name] += 1
+        external: list[str] = []
+        wfeeds: dict[str, tuple[str, str]] = {}
+        sites: list[str] = []
+        extra: list[onnx.NodeProto] = []
+        body: list[onnx.NodeProto] = []
+        for n in nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            for i, name in enumerate(n.input):
+                if not name:
+                    continue
+                if (n.name, i) in weights:
+                    feed = f"{name}::wq"
+                    wfeeds[feed] = (weights[(n.name, i)], name)
+                    copy.input[i] = feed
+                    continue
+                if name not in produced and name not in external:
+                    external.append(name)
+                t = acts[n.name].get(i)
+                if t is not None:
+                    if t not in sites:
+                        sites.append(t)
+                        p = f"{t}::"
+                        extra += [helper.make_node("Div", [name, p + "s"], [p + "d"]), helper.make_node("Round", [p + "d"], [p + "r"]),
+                                  helper.make_node("Add", [p + "r", p + "z"], [p + "a"]), helper.make_node("Max", [p + "a", p + "lo"], [p + "m"]),
+                                  helper.make_node("Min", [p + "m", p + "hi"], [p + "c"]), helper.make_node("Sub", [p + "c", p + "z"], [p + "b"]),
+                                  helper.make_node("Mul", [p + "b", p + "s"], [p + "fq"])]
+                    copy.input[i] = f"{t}::fq"
+            body.append(copy)
+        # a site's chain must come after the tensor it reads is produced: place each chain right
+        # before its first reader
+        ordered: list[onnx.NodeProto] = []
+        placed: set[str] = set()
+        chains = {c.output[0][: -len("::d")]: extra[k : k + 7] for k, c in enumerate(extra) if c.op_type == "Div" and c.output[0].endswith("::d")}
+        for n in body:
+            for name in n.input:
+                if name.endswith("::fq") and name not in placed:
+                    ordered += chains[name[: -len("::fq")]]
+                    placed.add(name)
+            ordered.append(n)
+        outputs = [o for n in nodes for o in n.output if o and (self.total_uses.get(o, 0) == 0 or self.total_uses[o] > uses.get(o, 0))]
+        sample = {name: (self.consts[name] if name in self.consts else self.values[name][0]) for name in external}
+        inputs = [helper.make_tensor_value_info(k, _elem(v), None) for k, v in sample.items()]
+        inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in wfeeds]
+        for t in sites:
+            inputs += [helper.make_tensor_value_info(f"{t}::{k}", onnx.TensorProto.FLOAT, []) for k in ("s", "z", "lo", "hi")]
+        g = helper.make_graph(ordered, "segment", inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
+        m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        known = _output_types(m, self.idx.types)
+        del m.graph.output[:]
+        m.graph.output.extend(helper.make_tensor_value_info(o, known.get(o) or onnx.TensorProto.FLOAT, None) for o in outputs)
+        sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
+        return sess, external, wfeeds, sites, outputs
 
     def _input_value(self, node: onnx.NodeProto, i: int, name: str, chunk: int) -> np.ndarray:
         if name in self.consts:
@@ -119,18 +277,12 @@ class GraphRunner:
             inputs = [helper.make_tensor_value_info(k, _elem(v), None) for k, v in feeds.items()]
             sub = helper.make_graph([node], node.name, inputs, [onnx.ValueInfoProto(name=o) for o in node.output if o])
             m = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-            known = self.idx.types  # types from the whole model's shape inference
-            try:
-                inferred = onnx.shape_inference.infer_shapes(m)
-                known = {**{vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type},
-                         **{o.name: o.type.tensor_type.elem_type for o in inferred.graph.output if o.type.tensor_type.elem_type}, **known}
-            except Exception:  # unknown or custom op: fall back on the model's types
-                pass
+            known = _output_types(m, self.idx.types)
             del m.graph.output[:]
             for o in node.output:
                 if o:
                     m.graph.output.append(helper.make_tensor_value_info(o, known.get(o) or onnx.TensorProto.FLOAT, None))
-            sess = ort_backend.make_session(m, "disable", threads=None, arena=False)
+            sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
             self.sessions[node.name] = sess
         return sess
 
@@ -157,6 +309,20 @@ class GraphRunner:
                 self.remaining[name] -= 1
                 if self.remaining[name] <= 0:
                     self.values.pop(name, None)
+
+
+def _output_types(m: onnx.ModelProto, model_types: dict[str, int]) -> dict[str, int]:
+    """Element types of ``m``'s tensors: the whole model's inferred types, completed by inferring
+    ``m`` alone (an unknown or custom op leaves the model's types)."""
+    known = dict(model_types)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:
+        return known
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.tensor_type.elem_type and vi.name not in known:
+            known[vi.name] = vi.type.tensor_type.elem_type
+    return known
 
 
 def _post_activation(node: onnx.NodeProto | None, consts: dict[str, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -215,7 +381,7 @@ class LayerRunner:
                 inputs.append(helper.make_tensor_value_info("B", onnx.TensorProto.FLOAT, None))
             g = helper.make_graph([node], "layer", inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)])
             m = helper.make_model(g, opset_imports=self.opsets, ir_version=self.ir_version)
-            self._sess = ort_backend.make_session(m, "basic", arena=False)
+            self._sess = ort_backend.make_session(m, "basic", arena="shared")
         return self._sess
 
     def run(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, post: bool = True) -> np.ndarray:
