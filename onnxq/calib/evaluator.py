@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -311,6 +313,45 @@ class GraphRunner:
                     self.values.pop(name, None)
 
 
+@dataclass
+class Windows:
+    """Output windows of a 2-D convolution: per sample ``top``/``left`` corners ([N, per]) of
+    ``shape`` windows, and the layer without padding (``runner``) that computes exactly them
+    from the cut-out input patches."""
+
+    runner: LayerRunner
+    top: np.ndarray
+    left: np.ndarray
+    shape: tuple[int, int]
+    strides: list[int]
+    extent: list[int]
+    pads: list[int]
+
+    @property
+    def per_sample(self) -> int:
+        return self.top.shape[1]
+
+    def _cut(self, y: np.ndarray, h: int, w: int, sh: int, sw: int) -> np.ndarray:
+        n, per = self.top.shape
+        out = np.empty((n * per, y.shape[1], h, w), y.dtype)
+        for i in range(n):  # sample-major: rows i*per .. i*per+per-1 are sample i's windows
+            for j in range(per):
+                t, l = self.top[i, j] * sh, self.left[i, j] * sw
+                out[i * per + j] = y[i, :, t : t + h, l : l + w]
+        return out
+
+    def input(self, x: np.ndarray) -> np.ndarray:
+        """[N·per, C, h', w'] input patches (zero padding applied first), window halo included."""
+        p = self.pads
+        xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3]))) if any(p) else x
+        (h, w), (sh, sw) = self.shape, self.strides
+        return self._cut(xp, (h - 1) * sh + self.extent[0], (w - 1) * sw + self.extent[1], sh, sw)
+
+    def output(self, y: np.ndarray) -> np.ndarray:
+        """[N·per, C, h, w]: the same windows cut from a whole output."""
+        return self._cut(y, *self.shape, 1, 1)
+
+
 def _output_types(m: onnx.ModelProto, model_types: dict[str, int]) -> dict[str, int]:
     """Element types of ``m``'s tensors: the whole model's inferred types, completed by inferring
     ``m`` alone (an unknown or custom op leaves the model's types)."""
@@ -365,11 +406,55 @@ class LayerRunner:
         self.ir_version = model.ir_version
         self.group = next((a.i for a in self.node.attribute if a.name == "group"), 1)
         self._sess = None
+        self._unpadded: LayerRunner | None = None
 
     @property
     def stackable(self) -> bool:
         """Candidates can be stacked along output channels (not for grouped ConvTranspose)."""
         return not (self.op == "ConvTranspose" and self.group != 1)
+
+    def windows(self, x_shape: Sequence[int], max_positions: int, seed: int, side: int = 8, min_map: int = 512) -> Windows | None:
+        """Random output windows standing in for a 2-D convolution's whole output, or None.
+
+        None when the output has at most ``max_positions`` positions over all samples or at most
+        ``min_map`` per sample, or the layer is not a 2-D ``Conv``. Otherwise each sample gets the
+        same number of ``side×side`` windows (fewer rows or columns where the map is smaller) at
+        random places, together about ``max_positions`` positions.
+        """
+        if self.op != "Conv" or len(x_shape) != 4 or max_positions <= 0:
+            return None
+        a = {at.name: helper.get_attribute_value(at) for at in self.node.attribute}
+        k = list(a.get("kernel_shape") or [])
+        if len(k) != 2:
+            return None
+        s, d = list(a.get("strides") or [1, 1]), list(a.get("dilations") or [1, 1])
+        n, size = x_shape[0], x_shape[2:]
+        ext = [(k[i] - 1) * d[i] + 1 for i in range(2)]
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            out = [-(-size[i] // s[i]) for i in range(2)]
+            total = [max((out[i] - 1) * s[i] + ext[i] - size[i], 0) for i in range(2)]
+            small = [t // 2 for t in total]
+            begin = small if auto == "SAME_UPPER" else [t - b for t, b in zip(total, small)]
+            pads = begin + [t - b for t, b in zip(total, begin)]
+        else:
+            pads = list(a.get("pads") or [0, 0, 0, 0]) if auto != "VALID" else [0, 0, 0, 0]
+            out = [(size[i] + pads[i] + pads[i + 2] - ext[i]) // s[i] + 1 for i in range(2)]
+        hc, wc = min(side, out[0]), min(side, out[1])
+        per = -(-max_positions // (n * hc * wc))
+        if n * out[0] * out[1] <= max_positions or out[0] * out[1] <= min_map or per * hc * wc >= out[0] * out[1]:
+            return None
+        rng = np.random.default_rng(seed)
+        top, left = rng.integers(0, out[0] - hc + 1, (n, per)), rng.integers(0, out[1] - wc + 1, (n, per))
+        if self._unpadded is None:
+            node = onnx.NodeProto()
+            node.CopyFrom(self.node)
+            del node.attribute[:]
+            node.attribute.extend(at for at in self.node.attribute if at.name not in ("pads", "auto_pad"))
+            self._unpadded = copy.copy(self)
+            self._unpadded.node, self._unpadded._sess = node, None
+        return Windows(self._unpadded, top, left, (hc, wc), s, ext, pads)
 
     def _session(self, x: np.ndarray, w: np.ndarray, with_bias: bool):
         if self._sess is None:

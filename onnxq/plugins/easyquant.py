@@ -19,6 +19,7 @@ chosen with the objective averaged over those layers (methods.md §0.3 rule 4 op
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,14 +65,15 @@ class EasyQuantOptions:
     coarse_points: int = option(7, "points of the coarse grid over [search_lo, search_hi] (search=golden)")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
+    max_positions: int = option(4096, "score a 2-D conv whose output map is larger than 512 positions per sample on random 8x8 output windows, about this many output positions over all samples; 0 = whole outputs")
 
     def validate(self) -> None:
         if self.samples < 1 or self.rounds < 1 or self.n_candidates < 2 or self.coarse_points < 3 or self.refine_steps < 0:
             raise ValueError("samples and rounds must be >= 1, n_candidates >= 2, coarse_points >= 3, refine_steps >= 0")
         if not 0 < self.search_lo < 1 < self.search_hi:
             raise ValueError("need 0 < search_lo < 1 < search_hi")
-        if self.chunk_mb < 1:
-            raise ValueError("chunk_mb must be >= 1")
+        if self.chunk_mb < 1 or self.max_positions < 0:
+            raise ValueError("chunk_mb must be >= 1 and max_positions >= 0")
 
 
 def _grid(lo: float, hi: float, n: int) -> np.ndarray:
@@ -234,6 +236,7 @@ class EasyQuant(QuantMethod):
         site = plan.weights[layer.weight]
         x = self._layer_input(q_run, layer, plan)
         ref = self._fp_value(st, layer.objective)
+        runner, x, ref, group = self._windowed(runner, x, ref)
         w = ctx.weight(layer.weight)
         q0: QParams = w_init[layer.weight]
         if np.array_equal(q0.fake_quantize(w), w):
@@ -242,7 +245,7 @@ class EasyQuant(QuantMethod):
         s0 = np.asarray(q0.scale, np.float64).reshape(-1)
         axis = site.axis if site.axis is not None else 0
         ch_axis = runner.channel_axis % ref.ndim
-        ref_c = _channels(ref, ch_axis)
+        ref_c = group(_channels(ref, ch_axis))
         step = self._chunk(ref.nbytes * 2, 10**9)
 
         def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, C] multipliers -> per-channel cosines [k, C]
@@ -250,7 +253,7 @@ class EasyQuant(QuantMethod):
             for start in range(0, len(g), step):
                 part = g[start : start + step]
                 cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
-                y = runner.run_stacked_rows(x, cands, axis)  # [N, C, k, S]
+                y = group(runner.run_stacked_rows(x, cands, axis))  # [N, C, k, S]
                 out[start : start + step] = _stacked_channel_score(ref_c, y, self.options.metric, inplace=True)
             return out
 
@@ -259,7 +262,7 @@ class EasyQuant(QuantMethod):
         step = (s0 / chosen).astype(np.float32)
         alpha = np.ones(ncols)
         if self.options.magnitude_fix and ncols > 1:
-            alpha, after = self._magnitude_fix(runner, x, w, q0, step, axis, ch_axis, ref_c, after)
+            alpha, after = self._magnitude_fix(runner, x, w, q0, step, axis, ch_axis, ref_c, after, group)
         shape = (lambda a: a if q0.scale.ndim else np.float32(a[0]))
         site.qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
                                            quant_scale=None if np.all(alpha == 1) else shape(step))
@@ -268,7 +271,7 @@ class EasyQuant(QuantMethod):
         r["weight_cosine_after"] = float(after.mean())
         r["weight_multiplier_mean"] = float(chosen.mean())
 
-    def _magnitude_fix(self, runner, x, w, q0, step, axis, ch_axis, ref_c, after):
+    def _magnitude_fix(self, runner, x, w, q0, step, axis, ch_axis, ref_c, after, group):
         """[D] Cosine ignores magnitude, so a search that clips a channel's weights can shrink its
         output. The stored integers stay those of the chosen step; the dequantization scale of each
         channel gets the least-squares factor that restores the output's magnitude (kept only where
@@ -283,9 +286,21 @@ class EasyQuant(QuantMethod):
         shape = [1] * w.ndim
         shape[axis] = -1
         y = runner.run(x, (wq * alpha.reshape(shape)).astype(np.float32))
-        fixed = _channel_score(ref_c, _channels(y, ch_axis)[None], self.options.metric)[0]
+        fixed = _channel_score(ref_c, group(_channels(y, ch_axis))[None], self.options.metric)[0]
         keep = fixed >= after
         return np.where(keep, alpha, 1.0), np.where(keep, fixed, after)
+
+    def _windowed(self, runner: LayerRunner, x: np.ndarray, ref: np.ndarray):
+        """[D] A large 2-D conv is scored on random output windows (``max_positions``): returns
+        (runner, input, reference, regroup) for the windows, or the arguments unchanged. ``regroup``
+        gathers each sample's windows into one row for the per-sample cosine ([N·per, C, ...]
+        -> [N, C, ..., per·S]); sums over rows (mse) need no regrouping."""
+        win = runner.windows(x.shape, self.options.max_positions, zlib.crc32(runner.layer.node.encode()))
+        if win is None:
+            return runner, x, ref, _same
+        per = win.per_sample
+        group = _same if self.options.metric == "mse" else (lambda a: _by_sample(a, per))
+        return win.runner, win.input(x), win.output(ref), group
 
     def _search(self, evaluate, ncols: int, grid: np.ndarray | None, lo: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maximise ``evaluate`` per column over multipliers; returns (chosen g, score at g=1, best score).
@@ -341,12 +356,12 @@ class EasyQuant(QuantMethod):
             return
         done.add(t)
         x = q_run.value(t)
+        n = x.shape[0]
         consumers = readers[t]
-        refs = [self._fp_value(st, c.objective) for c in consumers]
+        views = [self._windowed(runners[c.node], x, self._fp_value(st, c.objective)) for c in consumers]
         wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
         lo0, hi0 = a_init[t]
-        n = x.shape[0]
-        step = self._chunk(x.nbytes + sum(r.nbytes for r in refs), 10**9)
+        step = self._chunk(max(v[1].nbytes for v in views) + sum(v[2].nbytes for v in views), 10**9)
 
         score = neg_nmse_rows if self.options.metric == "mse" else cosine_rows
 
@@ -355,9 +370,13 @@ class EasyQuant(QuantMethod):
             for start in range(0, len(g), step):
                 part = g[start : start + step, 0]
                 qps = [ctx.profile.activation_qparams(lo0 / gk, hi0 / gk) for gk in part]
-                xs = np.concatenate([q.fake_quantize(x) for q in qps])
-                for c, ref, w in zip(consumers, refs, wq):
-                    y = runners[c.node].run(xs, w).reshape(len(part), n, -1)
+                done_x: dict[int, np.ndarray] = {}
+                for (runner, xc, ref, _), w in zip(views, wq):
+                    xs = done_x.get(id(xc))
+                    if xs is None:  # consumers without windows share one candidate batch
+                        xs = done_x[id(xc)] = np.concatenate([q.fake_quantize(xc) for q in qps])
+                    # rows are sample-major, so each sample's windows form one row of the objective
+                    y = runner.run(xs, w).reshape(len(part), n, -1)
                     out[start : start + step, 0] += score(ref.reshape(n, -1), y).mean(axis=1) / len(consumers)
             return out
 
@@ -400,6 +419,16 @@ def _channels(y: np.ndarray, ch_axis: int) -> np.ndarray:
     """[N, C, rest] view of an output with its channel axis at ``ch_axis``."""
     y = np.moveaxis(y, ch_axis, 1)
     return y.reshape(y.shape[0], y.shape[1], -1)
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _by_sample(a: np.ndarray, per: int) -> np.ndarray:
+    """[N·per, C, ..., S] (each sample's windows in consecutive rows) -> [N, C, ..., per·S]."""
+    a = a.reshape(a.shape[0] // per, per, *a.shape[1:])
+    return np.moveaxis(a, 1, -2).reshape(*a.shape[:1], *a.shape[2:-1], per * a.shape[-1])
 
 
 def neg_nmse_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:

@@ -56,3 +56,39 @@ def test_segments_match_node_by_node(captured, plan):
         flt = _all_values(captured, segments=True, plan=False)
         out = captured.model.graph.output[0].name
         assert not np.array_equal(got[out], flt[out])
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"pads": [2, 0, 1, 3], "strides": [2, 2]},
+    {"pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 4},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 1]},
+], ids=["same3x3", "asym-stride2", "dilated-grouped", "auto-pad"])
+def test_windows_cut_exactly_the_layer_output(attrs):
+    """A layer run without padding on the cut-out input patches gives exactly the windows of its
+    whole output (so a windowed search scores true layer outputs, only fewer of them)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxq.calib.evaluator import LayerRunner
+    from onnxq.graph.plan import Layer
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8 // attrs.get("group", 1), 3, 3)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    runner = LayerRunner(model, Layer("conv", "Conv", ("x",), "w", "y", "y"))
+    x = rng.normal(size=(6, 8, 40, 52)).astype(np.float32)
+    whole = runner.run(x, w)
+    win = runner.windows(x.shape, max_positions=600, seed=3)
+    assert win is not None and win.per_sample >= 2
+    got = win.runner.run(win.input(x), w)
+    np.testing.assert_allclose(got, win.output(whole), rtol=1e-5, atol=1e-5)
+    assert got.shape[0] == x.shape[0] * win.per_sample and got.shape[2:] == (8, 8)
+    # small maps and small totals are scored whole
+    assert runner.windows(x.shape, max_positions=10**6, seed=3) is None
+    assert runner.windows((6, 8, 16, 16), max_positions=100, seed=3) is None
