@@ -413,7 +413,7 @@ class LayerRunner:
         """Candidates can be stacked along output channels (not for grouped ConvTranspose)."""
         return not (self.op == "ConvTranspose" and self.group != 1)
 
-    def windows(self, x_shape: Sequence[int], max_positions: int, seed: int, side: int = 8, min_map: int = 512) -> Windows | None:
+    def windows(self, x_shape: Sequence[int], max_positions: int, seed: int, side: int = 8, min_map: int = 256) -> Windows | None:
         """Random output windows standing in for a 2-D convolution's whole output, or None.
 
         None when the output has at most ``max_positions`` positions over all samples or at most

@@ -65,7 +65,7 @@ class EasyQuantOptions:
     coarse_points: int = option(7, "points of the coarse grid over [search_lo, search_hi] (search=golden)")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
-    max_positions: int = option(4096, "score a 2-D conv whose output map is larger than 512 positions per sample on random 8x8 output windows, about this many output positions over all samples; 0 = whole outputs")
+    max_positions: int = option(4096, "score a 2-D conv whose output map is larger than 256 positions (16x16) per sample on random 8x8 output windows, about this many output positions over all samples; 0 = whole outputs")
 
     def validate(self) -> None:
         if self.samples < 1 or self.rounds < 1 or self.n_candidates < 2 or self.coarse_points < 3 or self.refine_steps < 0:
