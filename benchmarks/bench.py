@@ -194,12 +194,12 @@ def configs_for(model: str, sizes: dict) -> list[Config]:
     rows.append(Config("onnxq-easyquant", "onnxq easyquant", "onnxq", "easyquant", "ort", 8, eq_timeout))
     if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-easyquant-int7", "onnxq easyquant INT7", "onnxq", "easyquant", "ort", 7, eq_timeout))
-    if model == "ppocr-rec":
-        # the paper's cosine objective and a KL start collapse PP-OCR's hard-swish nets; the
-        # magnitude-aware objective from an mse start is onnxq's configuration for them (on the
-        # detector every easyquant run exceeds the memory cap: see benchmarks/README.md)
-        mse_opts = (("metric", "mse"), ("act_init", "mse"))
+    mse_opts = (("metric", "mse"), ("act_init", "mse"))
+    if model in ("ppocr-rec", "ppocr-det"):
+        # the paper's cosine objective and a KL start hurt PP-OCR's hard-swish nets; the
+        # magnitude-aware objective from an mse start is onnxq's configuration for them
         rows.append(Config("onnxq-easyquant-mse", "onnxq easyquant metric=mse act_init=mse", "onnxq", "easyquant", "ort", 8, eq_timeout, mse_opts))
+    if model == "ppocr-rec":
         rows.append(Config("onnxq-easyquant-mse-int7", "onnxq easyquant INT7 metric=mse act_init=mse", "onnxq", "easyquant", "ort", 7, eq_timeout, mse_opts))
         rows.append(Config("onnxq-easyquant-mse-r2", "onnxq easyquant metric=mse act_init=mse rounds=2", "onnxq", "easyquant", "ort", 8, eq_timeout,
                            mse_opts + (("rounds", "2"),)))
