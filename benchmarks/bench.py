@@ -107,21 +107,31 @@ SIZES = {
 
 ORT_SCRIPT = r'''"""ONNX Runtime quantize_static (QDQ, per-channel, U8S8) on a folder of .npz feeds.
 
-usage: python ort_quantize.py MODEL OUTPUT DATA_DIR {minmax,percentile,entropy} [MAX_SAMPLES]
+usage: python ort_quantize.py MODEL OUTPUT DATA_DIR {minmax,percentile,entropy} [MAX_SAMPLES] [--pad-seq]
 Written by benchmarks/bench.py. Feeds are read one file at a time; ORT's defaults otherwise.
+--pad-seq: zero-pad axis 1 of every feed to the longest in DATA_DIR (ORT's histogram
+calibrators concatenate each tensor over all batches, so files of different sequence lengths
+make them fail; zero input_ids / attention_mask / token_type_ids are masked padding).
 """
 import glob, json, sys, time
 import numpy as np
 import onnx
 from onnxruntime import quantization as oq
 
-model, out, data, method = sys.argv[1:5]
-limit = int(sys.argv[5]) if len(sys.argv) > 5 else None
+pad = "--pad-seq" in sys.argv
+args = [a for a in sys.argv if a != "--pad-seq"]
+model, out, data, method = args[1:5]
+limit = int(args[5]) if len(args) > 5 else None
 files = sorted(glob.glob(data + "/*.npz"))
 m = onnx.load(model, load_external_data=False)
 inits = {t.name for t in m.graph.initializer}
 names = [i.name for i in m.graph.input if i.name not in inits]
 del m
+longest = 0
+if pad:
+    for f in files:
+        with np.load(f) as z:
+            longest = max([longest] + [z[k].shape[1] for k in names if z[k].ndim >= 2])
 
 
 class Reader(oq.CalibrationDataReader):
@@ -136,6 +146,8 @@ class Reader(oq.CalibrationDataReader):
             return None
         with np.load(files[self.i]) as z:
             feed = {k: np.ascontiguousarray(z[k]) for k in names}
+        if pad:
+            feed = {k: np.pad(v, [(0, 0), (0, longest - v.shape[1])] + [(0, 0)] * (v.ndim - 2)) if v.ndim >= 2 else v for k, v in feed.items()}
         self.i += 1
         n = next(iter(feed.values())).shape[0]
         if limit is not None and self.seen + n > limit:
@@ -541,6 +553,8 @@ class Runner:
         argv = [sys.executable, str(self.ort_script), str(model or task.model), str(out), str(task.calib), method]
         if max_samples:
             argv.append(str(max_samples))
+        if task.name == "minilm" and method != "minmax":
+            argv.append("--pad-seq")  # the histogram calibrators need one sequence length (see ORT_SCRIPT)
         return self._run(argv, out, min(self.timeout, timeout) if timeout else None)
 
     def cap(self, limit: int | None = None) -> int | None:
