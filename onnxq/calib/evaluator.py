@@ -155,6 +155,8 @@ class GraphRunner:
 
     def _run_segment(self, first: int, last: int) -> None:
         nodes = [n for n in self.nodes[first : last + 1] if n.name not in self._const_nodes]
+        if not nodes:  # only Constant nodes, already in ``consts``
+            return
         acts = {n.name: self._active_acts(n) for n in nodes}
         weights = {}
         if self.plan is not None:
@@ -186,6 +188,10 @@ class GraphRunner:
             for o, r in zip(outputs, ort_backend.run(sess, feeds, outputs)):
                 outs[o].append(np.asarray(r))
         self.values.update(outs)
+        self._release(nodes)
+
+    def _release(self, nodes: Sequence[onnx.NodeProto]) -> None:
+        """Count the reads of ``nodes`` done; drop values no later node reads."""
         for n in nodes:
             for name in n.input:
                 if name and name not in self.consts:
@@ -207,50 +213,38 @@ class GraphRunner:
         external: list[str] = []
         wfeeds: dict[str, tuple[str, str]] = {}
         sites: list[str] = []
-        extra: list[onnx.NodeProto] = []
         body: list[onnx.NodeProto] = []
         for n in nodes:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(n)
+            clone = onnx.NodeProto()
+            clone.CopyFrom(n)
             for i, name in enumerate(n.input):
                 if not name:
                     continue
                 if (n.name, i) in weights:
                     feed = f"{name}::wq"
                     wfeeds[feed] = (weights[(n.name, i)], name)
-                    copy.input[i] = feed
+                    clone.input[i] = feed
                     continue
                 if name not in produced and name not in external:
                     external.append(name)
                 t = acts[n.name].get(i)
                 if t is not None:
-                    if t not in sites:
+                    if t not in sites:  # the chain goes right before its first reader (topological order)
                         sites.append(t)
                         p = f"{t}::"
-                        extra += [helper.make_node("Div", [name, p + "s"], [p + "d"]), helper.make_node("Round", [p + "d"], [p + "r"]),
-                                  helper.make_node("Add", [p + "r", p + "z"], [p + "a"]), helper.make_node("Max", [p + "a", p + "lo"], [p + "m"]),
-                                  helper.make_node("Min", [p + "m", p + "hi"], [p + "c"]), helper.make_node("Sub", [p + "c", p + "z"], [p + "b"]),
-                                  helper.make_node("Mul", [p + "b", p + "s"], [p + "fq"])]
-                    copy.input[i] = f"{t}::fq"
-            body.append(copy)
-        # a site's chain must come after the tensor it reads is produced: place each chain right
-        # before its first reader
-        ordered: list[onnx.NodeProto] = []
-        placed: set[str] = set()
-        chains = {c.output[0][: -len("::d")]: extra[k : k + 7] for k, c in enumerate(extra) if c.op_type == "Div" and c.output[0].endswith("::d")}
-        for n in body:
-            for name in n.input:
-                if name.endswith("::fq") and name not in placed:
-                    ordered += chains[name[: -len("::fq")]]
-                    placed.add(name)
-            ordered.append(n)
+                        body += [helper.make_node("Div", [name, p + "s"], [p + "d"]), helper.make_node("Round", [p + "d"], [p + "r"]),
+                                 helper.make_node("Add", [p + "r", p + "z"], [p + "a"]), helper.make_node("Max", [p + "a", p + "lo"], [p + "m"]),
+                                 helper.make_node("Min", [p + "m", p + "hi"], [p + "c"]), helper.make_node("Sub", [p + "c", p + "z"], [p + "b"]),
+                                 helper.make_node("Mul", [p + "b", p + "s"], [p + "fq"])]
+                    clone.input[i] = f"{t}::fq"
+            body.append(clone)
         outputs = [o for n in nodes for o in n.output if o and (self.total_uses.get(o, 0) == 0 or self.total_uses[o] > uses.get(o, 0))]
         sample = {name: (self.consts[name] if name in self.consts else self.values[name][0]) for name in external}
         inputs = [helper.make_tensor_value_info(k, _elem(v), None) for k, v in sample.items()]
         inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in wfeeds]
         for t in sites:
             inputs += [helper.make_tensor_value_info(f"{t}::{k}", onnx.TensorProto.FLOAT, []) for k in ("s", "z", "lo", "hi")]
-        g = helper.make_graph(ordered, "segment", inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
+        g = helper.make_graph(body, "segment", inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
         m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         known = _output_types(m, self.idx.types)
         del m.graph.output[:]
@@ -289,11 +283,6 @@ class GraphRunner:
         return sess
 
     def _run_node(self, node: onnx.NodeProto) -> None:
-        if node.op_type == "Constant":
-            val = onnx.numpy_helper.to_array(node.attribute[0].t) if node.attribute and node.attribute[0].name == "value" else None
-            if val is not None:
-                self.consts[node.output[0]] = val
-                return
         n_chunks = max((len(v) for v in self.values.values()), default=1)
         outs: dict[str, list[np.ndarray]] = {o: [] for o in node.output if o}
         for c in range(n_chunks):
@@ -306,11 +295,7 @@ class GraphRunner:
             for o, r in zip([o for o in node.output if o], res):
                 outs[o].append(np.asarray(r))
         self.values.update(outs)
-        for name in node.input:
-            if name and name not in self.consts:
-                self.remaining[name] -= 1
-                if self.remaining[name] <= 0:
-                    self.values.pop(name, None)
+        self._release([node])
 
 
 @dataclass

@@ -235,13 +235,12 @@ class EasyQuant(QuantMethod):
             return
         site = plan.weights[layer.weight]
         x = self._layer_input(q_run, layer, plan)
-        ref = self._fp_value(st, layer.objective)
-        runner, x, ref, group = self._windowed(runner, x, ref)
         w = ctx.weight(layer.weight)
         q0: QParams = w_init[layer.weight]
         if np.array_equal(q0.fake_quantize(w), w):
             report[layer.node]["weight_search"] = "skipped: the initial grid represents the weights exactly"
             return
+        runner, x, ref, group = self._windowed(runner, x, self._fp_value(st, layer.objective))
         s0 = np.asarray(q0.scale, np.float64).reshape(-1)
         axis = site.axis if site.axis is not None else 0
         ch_axis = runner.channel_axis % ref.ndim

@@ -92,3 +92,18 @@ def test_windows_cut_exactly_the_layer_output(attrs):
     # small maps and small totals are scored whole
     assert runner.windows(x.shape, max_positions=10**6, seed=3) is None
     assert runner.windows((6, 8, 16, 16), max_positions=100, seed=3) is None
+
+
+def test_a_stretch_of_only_constant_nodes():
+    """Advancing onto Constant nodes alone (gptq/detptq call run_to at arbitrary positions) builds
+    no session: their values are constants from the start."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    const = helper.make_node("Constant", [], ["k"], name="c", value=numpy_helper.from_array(np.array(2.0, np.float32)))
+    mul = helper.make_node("Mul", ["x", "k"], ["y"], name="m")
+    g = helper.make_graph([const, mul], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    run = GraphRunner(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), [{"x": np.ones((2, 3), np.float32)}])
+    run.run_to(0)
+    np.testing.assert_array_equal(run.value("y"), np.full((2, 3), 2.0, np.float32))
