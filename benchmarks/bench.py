@@ -415,7 +415,7 @@ def latency_ms(path: Path, feeds: dict, threads: int, repeats: int, warmup: int 
 def integer_kernels(path: Path) -> dict:
     """How many compute ops ORT runs on integer kernels (onnxq's own diagnostic)."""
     try:
-        from onnxq.backends.ort import integer_kernel_report
+        from onnxq.runtime.ort import integer_kernel_report
 
         r = integer_kernel_report(str(path))
         n_int, n_float = sum(r["integer_ops"].values()), sum(r["float_compute_ops"].values())

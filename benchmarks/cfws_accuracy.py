@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxq.backends.ort import make_session
+from onnxq.runtime.ort import make_session
 from onnxq.pipeline import optimize
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "repvgg_digits"

@@ -4,7 +4,7 @@ CFWS replaces every re-parameterized 3x3 conv by a 3x3 conv plus a 1x1 conv and 
 the MACs, one more kernel launch and, for ONNX Runtime, a QLinearAdd). This script quantizes the
 RepVGG fixture (``tests/fixtures/repvgg_digits``) for ``--target ort`` twice — ``cfws`` (split) and
 ``trt-entropy`` (unsplit; the same activation calibrator cfws uses by default) — and measures the
-median latency of one run with ``onnxq.backends.ort.latency_ms`` (full optimizations) at 1 and 2
+median latency of one run with ``onnxq.runtime.ort.latency_ms`` (full optimizations) at 1 and 2
 intra-op threads, batch 1 and 32::
 
     python benchmarks/cfws_latency.py [--repeats 200] [--threads 1 2] [--batches 1 32]
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxq.backends.ort import integer_kernel_report, latency_ms
+from onnxq.runtime.ort import integer_kernel_report, latency_ms
 from onnxq.pipeline import optimize
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "repvgg_digits"

@@ -43,7 +43,7 @@ OUTPUT = "sigmoid_0.tmp_0"
 
 
 def run_model(model, feeds: np.ndarray, name: str, batch: int = 4) -> np.ndarray:
-    from onnxq.backends.ort import make_session
+    from onnxq.runtime.ort import make_session
 
     sess = make_session(model, "all")
     return np.concatenate([sess.run(None, {name: feeds[i : i + batch]})[0] for i in range(0, len(feeds), batch)])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import ocr_data  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq.backends.ort import make_session  # noqa: E402
+from onnxq.runtime.ort import make_session  # noqa: E402
 
 
 def outputs(model, folder: Path) -> list[np.ndarray]:

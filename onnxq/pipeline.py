@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxq.backends import ort as ort_backend
+from onnxq.runtime import ort as ort_backend
 from onnxq.calib import statistics
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs, rebatch
 from onnxq.calib.readers import Batch, DataReader

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from onnxq.backends.compare import Evaluation
+from onnxq.evaluate.compare import Evaluation
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:

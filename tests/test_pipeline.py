@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxq
-from onnxq.backends.ort import integer_kernel_report
+from onnxq.runtime.ort import integer_kernel_report
 from onnxq.graph.trt_rules import check_trt_rules
 
 #: a quantized model may lose at most this much top-1 accuracy (fraction) against FP32

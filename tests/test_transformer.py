@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-from onnxq.backends.ort import FLOAT_COMPUTE_OPS, make_session, optimized_op_counts
+from onnxq.runtime.ort import FLOAT_COMPUTE_OPS, make_session, optimized_op_counts
 from onnxq.graph.placement import build_plan, name_nodes
 from onnxq.graph.smoothing import apply_smoothing, find_smooth_sites
 from onnxq.graph.targets import get_profile

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.backends.metrics import cosine
-from onnxq.backends.ort import integer_kernel_report, make_session, optimized_op_counts
+from onnxq.evaluate.metrics import cosine
+from onnxq.runtime.ort import integer_kernel_report, make_session, optimized_op_counts
 from onnxq.errors import OptionError
 from onnxq.graph.trt_rules import check_trt_rules
 from onnxq.pipeline import optimize

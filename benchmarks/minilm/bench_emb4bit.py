@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import text_data  # noqa: E402
 
-from onnxq.backends.ort import make_session  # noqa: E402
+from onnxq.runtime.ort import make_session  # noqa: E402
 from onnxq.pipeline import optimize  # noqa: E402
 from onnxq.plugins import emb4bit as E  # noqa: E402
 

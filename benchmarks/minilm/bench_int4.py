@@ -19,7 +19,7 @@ real sentences, file size (MB = 10^6 bytes, and % of the FP32 file), median late
 intra-op threads for one fixed batch (``--lat-batch`` sentences padded to ``--lat-seq`` tokens,
 ORT_ENABLE_ALL), and the quantization wall time (load + quantize + save, onnxq's includes its
 ONNX Runtime validation run and, for gptq, the calibration forward pass). A second table checks, with
-``onnxq.backends.ort.optimized_op_counts(model, "all")`` and the graph ONNX Runtime optimizes,
+``onnxq.runtime.ort.optimized_op_counts(model, "all")`` and the graph ONNX Runtime optimizes,
 that every constant-weight MatMul runs as ``MatMulNBits``. Targets: mean cosine >= 0.98 for the
 gptq rows, and file <= 35% of FP32 for the gptq + emb4bit row; every onnxq row must run all its
 weight MatMuls as MatMulNBits. Exit status 1 when one of these fails (round-to-nearest rows are
@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 import text_data  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq.backends.ort import FLOAT_COMPUTE_OPS, make_session, optimized_op_counts  # noqa: E402
+from onnxq.runtime.ort import FLOAT_COMPUTE_OPS, make_session, optimized_op_counts  # noqa: E402
 
 MB = 1e6
 

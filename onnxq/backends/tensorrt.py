@@ -729,8 +729,8 @@ def evaluate_trt(reference: str | os.PathLike[str] | onnx.ModelProto, candidates
     row for onnxq's ``trt-entropy`` Q/DQ model on the same data stands in for it, with a note.
     Build failures of the ``optional`` candidates become notes instead of errors.
     """
-    from onnxq.backends.compare import Evaluation, _cat
-    from onnxq.backends.metrics import output_metrics
+    from onnxq.evaluate.compare import Evaluation, _cat
+    from onnxq.evaluate.metrics import output_metrics
     from onnxq.calib.feeds import model_inputs
 
     trt = require_tensorrt()

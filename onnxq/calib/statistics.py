@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.backends import ort as ort_backend
+from onnxq.runtime import ort as ort_backend
 from onnxq.calib.progress import progress
 from onnxq.calib.readers import Batch
 from onnxq.errors import DataError

@@ -34,7 +34,7 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
             max_samples: int | None, calib_data: str | None, baseline: str, backend: str, trt_calibrator: str, fp16: bool, workspace_mb: int,
             timing_cache: Path | None, save_trt_cache: Path | None, threads: str, layers: bool, as_json: bool) -> None:
     """Evaluate FP32_MODEL and each QUANTIZED model side by side."""
-    from onnxq.backends.compare import evaluate, layer_errors
+    from onnxq.evaluate.compare import evaluate, layer_errors
     from onnxq.calib.feeds import model_inputs
     from onnxq.errors import OptionError
     from onnxq.graph import model_io

@@ -10,7 +10,7 @@ from typing import Any
 
 import onnx
 
-from onnxq.backends.compare import Evaluation, evaluate
+from onnxq.evaluate.compare import Evaluation, evaluate
 from onnxq.calib.feeds import model_inputs
 from onnxq.cli.common import parse_key_values
 from onnxq.errors import DataError, OptionError

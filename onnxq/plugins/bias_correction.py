@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import numpy_helper
 
-from onnxq.calib.evaluator import GraphRunner
+from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.calib.samples import take_samples
+from onnxq.search.samples import take_samples
 from onnxq.graph.placement import GraphIndex, unique_namer
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext

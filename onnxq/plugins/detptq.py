@@ -20,7 +20,7 @@ onnxq's procedure (methods.md §5.3–5.5; docs/methods.md "DetPTQ" records ever
    for each candidate; the lowest wins (ties: the p closest to 2). ``GraphRunner`` computes the
    common prefix once (node by node, with the plan's fake quantization); the rest of the graph runs
    as one ONNX Runtime session per unit with the unit's qparams as inputs
-   (:class:`~onnxq.calib.tail.TailSession`); identical candidates are evaluated once.
+   (:class:`~onnxq.search.tail.TailSession`); identical candidates are evaluated once.
 
 The task loss is a plugin (``register_task_losses``): ``detection`` (ODOL), ``segmentation-map``,
 ``classification``, ``mse``. ``-o weight_bits 4 -o act_bits 4`` is the paper's W4A4 setting,
@@ -37,11 +37,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from onnxq.calib.evaluator import GraphRunner
+from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.calib.samples import take_samples
+from onnxq.search.samples import take_samples
 from onnxq.calib.statistics import StatRequest, TensorStats
-from onnxq.calib.tail import TailSession
+from onnxq.search.tail import TailSession
 from onnxq.calib.thresholds import entropy_threshold
 from onnxq.errors import OptionError
 from onnxq.graph.placement import GraphIndex

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from onnxq.calib.evaluator import GraphRunner, LayerRunner
+from onnxq.search.evaluator import GraphRunner, LayerRunner
 from onnxq.calib.progress import progress
-from onnxq.calib.samples import take_samples as _take_samples
+from onnxq.search.samples import take_samples as _take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.graph.plan import Layer

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.backends.ort import make_session
+from onnxq.runtime.ort import make_session
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.statistics import run_batch_size
 from onnxq.graph.equalize import apply_equalization, channel_absmax, equalize_scales, find_equalize_sites, iter_feeds

@@ -23,7 +23,7 @@ paper's description):
    scale (and zero point) as the kernel stores it.
 
 Inputs are taken *sequentially* (default): the calibration samples run node by node
-(:class:`onnxq.calib.evaluator.GraphRunner`) with the already-processed MatMuls at their quantized
+(:class:`onnxq.search.evaluator.GraphRunner`) with the already-processed MatMuls at their quantized
 weights, so each layer compensates what the earlier ones changed (``inputs=float`` collects every
 ``H`` from the float model instead). Tables rewritten by an earlier method (``-p emb4bit -p gptq``)
 are already in the graph the inputs come from.
@@ -49,9 +49,9 @@ from typing import Any, Literal
 import numpy as np
 from onnx import numpy_helper
 
-from onnxq.calib.evaluator import GraphRunner
+from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.calib.samples import take_samples
+from onnxq.search.samples import take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
 from onnxq.hookspecs import hookimpl

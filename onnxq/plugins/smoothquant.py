@@ -54,7 +54,7 @@ class SmoothQuant(QuantMethod):
     Options = SmoothQuantOptions
 
     def float_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
-        from onnxq.backends import ort as ort_backend
+        from onnxq.runtime import ort as ort_backend
         from onnxq.graph.prepare import infer_shapes
         from onnxq.graph.smoothing import apply_smoothing, channel_absmax_model, find_smooth_sites, smoothing_scales
 

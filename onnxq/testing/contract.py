@@ -69,8 +69,8 @@ class MethodContract:
 
     @pytest.mark.parametrize("target,bits", [("ort", 8), ("trt", 8), ("trt", 7)])
     def test_output_is_valid_runnable_and_close(self, target: str, bits: int):
-        from onnxq.backends.metrics import cosine
-        from onnxq.backends.ort import make_session
+        from onnxq.evaluate.metrics import cosine
+        from onnxq.runtime.ort import make_session
 
         result = self._optimize(target, bits)
         onnx.checker.check_model(result.model, full_check=True)

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq.backends.tensorrt as trtb
-from onnxq.backends.metrics import cosine
+from onnxq.evaluate.metrics import cosine
 from onnxq.backends.trt_fp16 import FP16_OPS, convert_to_fp16
 from onnxq.errors import DataError, ModelError, OnnxqError, OptionError
 

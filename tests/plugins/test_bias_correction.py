@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxq import optimize
-from onnxq.backends.ort import make_session
+from onnxq.runtime.ort import make_session
 from onnxq.testing.contract import MethodContract
 from tests.plugins.test_equalize import _data, bn_depthwise_model
 

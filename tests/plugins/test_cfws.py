@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.backends.ort import integer_kernel_report, make_session
+from onnxq.runtime.ort import integer_kernel_report, make_session
 from onnxq.graph.splitting import centre_ratio, find_rep_convs, split_convs, split_kernel
 from onnxq.pipeline import _outputs_match, optimize
 from onnxq.calib.readers import Batch

@@ -49,7 +49,7 @@ def eval_images() -> np.ndarray:
 
 
 def _predict(model, images: np.ndarray):
-    from onnxq.backends.ort import make_session
+    from onnxq.runtime.ort import make_session
     from onnxq.tasks.detection import decode
 
     heat, boxes = make_session(model, "all").run(["heatmap", "boxes"], {"image": images})

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from onnxq.backends.ort import make_session
+from onnxq.runtime.ort import make_session
 from onnxq.pipeline import optimize
 
 MOBILENET = "tests/fixtures/mobilenet_digits/"

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.backends.ort import make_session
+from onnxq.runtime.ort import make_session
 from onnxq.errors import OptionError
 from onnxq.pipeline import optimize
 from onnxq.plugins import emb4bit as E

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import optimize
-from onnxq.backends.ort import make_session
+from onnxq.runtime.ort import make_session
 from onnxq.graph.equalize import find_equalize_sites
 from onnxq.graph.prepare import infer_shapes
 from onnxq.testing.contract import MethodContract

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.backends.ort import make_session, optimized_op_counts
+from onnxq.runtime.ort import make_session, optimized_op_counts
 from onnxq.errors import DataError, OptionError
 from onnxq.graph.trt_rules import check_trt_rules
 from onnxq.pipeline import optimize

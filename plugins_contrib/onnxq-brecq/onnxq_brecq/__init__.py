@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 from onnx import numpy_helper
-from onnxq.calib.samples import take_samples
+from onnxq.search.samples import take_samples
 from onnxq.calib.progress import progress
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.hookspecs import hookimpl

@@ -2,7 +2,7 @@
 
 For each block in topological order: the block input comes from the *quantized* prefix (earlier
 blocks already use their learned integers), the target is the FP32 block output, both computed
-by onnxq's :class:`~onnxq.calib.evaluator.GraphRunner`. The rounding variables ``V`` of every
+by onnxq's :class:`~onnxq.search.evaluator.GraphRunner`. The rounding variables ``V`` of every
 weight in the block are learned with Adam on ``||Ŷ − Y||² + λ·Σ(1 − |2h(V) − 1|^β)`` (no
 regulariser during the warm-up, then ``β`` annealed linearly from ``beta_start`` to
 ``beta_end``), then hardened. If the hardened rounding reconstructs the block worse than
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnxq.calib.evaluator import GraphRunner
+from onnxq.search.evaluator import GraphRunner
 from onnxq.graph.plan import QuantPlan
 
 from onnxq_brecq.blocks import Block, find_blocks

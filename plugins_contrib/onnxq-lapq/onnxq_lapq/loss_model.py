@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-from onnxq.backends import ort as ort_backend
+from onnxq.runtime import ort as ort_backend
 from onnxq.graph.plan import QuantPlan
 from onnxq.qparams import QParams
 

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxq.backends import ort as ort_backend
-from onnxq.backends.metrics import cosine, output_metrics, sqnr_db
+from onnxq.runtime import ort as ort_backend
+from onnxq.evaluate.metrics import cosine, output_metrics, sqnr_db
 from onnxq.calib.readers import Batch
+from onnxq.graph import model_io
 
 
 @dataclass
@@ -67,7 +68,7 @@ def evaluate(reference: onnx.ModelProto | str | os.PathLike[str], candidates: di
         for n, o in zip(names, outs):
             if n in ref_full:
                 per_output[n] = output_metrics(ref_full[n], _cat(o), lab)
-        size = ort_backend.file_size(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
+        size = model_io.model_size_bytes(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
         ev = Evaluation(name, size, per_output)
         if latency_feeds is not None:
             for t in threads:
@@ -113,7 +114,6 @@ def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors
 def compare(reference: str | os.PathLike[str], candidates: dict[str, str | os.PathLike[str]], data: str, **kwargs: Any) -> list[Evaluation]:
     """Python entry point mirroring ``onnxq compare``: evaluate models on a data spec."""
     from onnxq.calib.feeds import model_inputs
-    from onnxq.graph import model_io
     from onnxq.host import get_host
     from onnxq.pipeline import batch_source, make_reader
 

@@ -1,7 +1,7 @@
 """Run the *rest* of a graph, from a frontier of computed tensors, as one ONNX Runtime session.
 
 Searches that score candidates by the model's outputs (``detptq``) evaluate every candidate of a
-layer on the same prefix: :class:`~onnxq.calib.evaluator.GraphRunner` computes the prefix once
+layer on the same prefix: :class:`~onnxq.search.evaluator.GraphRunner` computes the prefix once
 (node by node, with the plan's fake quantization) and :class:`TailSession` runs the remaining
 nodes for each candidate. The tail is one optimized ONNX Runtime session built once per layer:
 
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxq.backends import ort as ort_backend
+from onnxq.runtime import ort as ort_backend
 from onnxq.graph.plan import QuantPlan
 from onnxq.graph.qdq import QuantizeActivation, QuantizeWeight, apply_commands
 from onnxq.qparams import QParams

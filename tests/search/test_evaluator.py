@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.calib.evaluator import GraphRunner
-from onnxq.calib.samples import take_samples
+from onnxq.search.evaluator import GraphRunner
+from onnxq.search.samples import take_samples
 from onnxq.plugins.minmax import MinMax
 
 DIGITS = "examples/digits/model.onnx"
@@ -70,7 +70,7 @@ def test_windows_cut_exactly_the_layer_output(attrs):
     import onnx
     from onnx import helper, numpy_helper
 
-    from onnxq.calib.evaluator import LayerRunner
+    from onnxq.search.evaluator import LayerRunner
     from onnxq.graph.plan import Layer
 
     rng = np.random.default_rng(0)

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.backends import ort as ort_backend
-from onnxq.calib.heap import cap_heap_retention
+from onnxq.runtime import ort as ort_backend
+from onnxq.runtime.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.placement import GraphIndex

@@ -163,10 +163,3 @@ def latency_ms(model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str,
         sess.run(None, feeds)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def file_size(path: str | Path) -> int:
-    """Model size on disk, external data included."""
-    from onnxq.graph.model_io import model_size_bytes
-
-    return model_size_bytes(path)

@@ -1,0 +1,1 @@
+"""The evaluation layer: one comparator over runners (fidelity, per-layer error, latency)."""

@@ -1,0 +1,1 @@
+"""Partially quantized execution for searches: the evaluator, graph tails and sample collection."""
