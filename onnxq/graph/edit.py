@@ -1,0 +1,246 @@
+"""The one graph-editing layer: onnx-graphsurgeon underneath, ONNX protos at the edges.
+
+Every rewrite in onnxq that removes what nobody reads, sorts nodes, invents names or maps element
+types goes through this module:
+
+* :func:`import_graph` / :func:`export_model` move a model in and out of an onnx-graphsurgeon
+  :class:`gs.Graph`; the export puts back what graphsurgeon does not carry (model-level fields,
+  top-level initializers read only by If/Loop/Scan bodies, the input listing IR < 4 requires).
+* :func:`cleanup` removes nodes and initializers nobody reads and sorts the nodes (graphsurgeon's
+  ``cleanup()`` and ``toposort()``); reads by nodes, by subgraph bodies (outer-scope names) and by
+  graph outputs count. An initializer that is also listed in ``graph.input`` (what
+  ``torch.onnx.export(..., keep_initializers_as_inputs=True)`` writes) is a constant here, as
+  everywhere in onnxq: graphsurgeon treats it so, and the export lists it as an input no more, so
+  ONNX Runtime never asks for it to be fed.
+* :class:`Namer` is the one unique-name generator and :func:`name_nodes` the one node namer.
+* :func:`onnx_dtype`, :func:`numpy_dtype` and :data:`QDTYPE` are the one element-type map (ONNX's
+  own helpers, no table).
+
+Rewrites themselves may edit protos (most of onnxq's are small, local and keep node order); they end
+with :func:`cleanup`, which is where graphsurgeon does the graph-wide work. Where graphsurgeon
+cannot serve, the exception stays in this module (see docs/architecture.md, "The graph layer").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+__all__ = [
+    "QDTYPE",
+    "Namer",
+    "cleanup",
+    "export_model",
+    "import_graph",
+    "name_nodes",
+    "numpy_dtype",
+    "onnx_dtype",
+    "outer_scope_reads",
+    "subgraphs",
+]
+
+#: ONNX element type of each integer grid onnxq writes (QParams.dtype -> TensorProto type).
+QDTYPE: dict[str, int] = {
+    "int8": onnx.TensorProto.INT8,
+    "uint8": onnx.TensorProto.UINT8,
+    "int4": onnx.TensorProto.INT4,
+    "uint4": onnx.TensorProto.UINT4,
+}
+
+
+def onnx_dtype(dtype: np.dtype | type | str) -> int:
+    """The ONNX element type (``TensorProto.FLOAT``...) of a numpy dtype."""
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def numpy_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX element type (int4/uint4 map to ml_dtypes' types)."""
+    return helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+# --------------------------------------------------------------------------------------- names
+
+
+def _graph_names(g: onnx.GraphProto, into: set[str]) -> None:
+    into.update(i.name for i in g.input)
+    into.update(o.name for o in g.output)
+    into.update(t.name for t in g.initializer)
+    into.update(v.name for v in g.value_info)
+    for n in g.node:
+        if n.name:
+            into.add(n.name)
+        into.update(o for o in n.output if o)
+        into.update(i for i in n.input if i)
+        for sg in _node_subgraphs(n):
+            _graph_names(sg, into)
+
+
+class Namer:
+    """Unique names: :meth:`fresh` returns ``name``, or ``name_1``, ``name_2``... when taken.
+
+    One namespace holds tensor and node names together (ONNX keeps them apart, but one namespace
+    can never collide and keeps generated names readable). Every name returned is recorded.
+    """
+
+    def __init__(self, used: Iterable[str] = ()) -> None:
+        self.used: set[str] = set(used)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto | onnx.GraphProto) -> Namer:
+        """A namer seeded with every name in ``model``: tensors, nodes, value_info, subgraph bodies."""
+        names: set[str] = set()
+        _graph_names(model.graph if isinstance(model, onnx.ModelProto) else model, names)
+        return cls(names)
+
+    def fresh(self, name: str) -> str:
+        """``name`` if unused, else the first free ``name_<k>`` (k = 1, 2...); it is reserved."""
+        candidate, k = name, 1
+        while candidate in self.used:
+            candidate = f"{name}_{k}"
+            k += 1
+        self.used.add(candidate)
+        return candidate
+
+    __call__ = fresh
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.used
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every top-level node a unique, non-empty name (placement and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        n.name = name
+        seen.add(name)
+
+
+# ------------------------------------------------------------------------------------ subgraphs
+
+
+def _node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The body graphs of an If/Loop/Scan (or any node with graph attributes); empty for others."""
+    return _node_subgraphs(node)
+
+
+def outer_scope_reads(node_or_graph: onnx.NodeProto | onnx.GraphProto) -> set[str]:
+    """Names the subgraph bodies of a node (or a body graph itself) read from enclosing scopes.
+
+    A name a body defines itself (its inputs, initializers, node outputs) is not an outer read;
+    nested bodies are followed.
+    """
+    if isinstance(node_or_graph, onnx.NodeProto):
+        reads: set[str] = set()
+        for sg in _node_subgraphs(node_or_graph):
+            reads |= outer_scope_reads(sg)
+        return reads
+    g = node_or_graph
+    local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    reads = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
+    for n in g.node:
+        reads |= outer_scope_reads(n)
+    return reads - local
+
+
+# --------------------------------------------------------------------------- import and export
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model's main graph as an onnx-graphsurgeon graph (initializer values stay lazy).
+
+    Initializers listed in ``graph.input`` become constants, not inputs.
+    """
+    return gs.import_onnx(model)
+
+
+_MODEL_SCALARS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
+_MODEL_LISTS = ("opset_import", "metadata_props", "functions", "training_info")
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` as a model carrying ``like``'s model-level fields (ir_version, opsets, producer,
+    metadata, doc string, functions), which graphsurgeon does not keep.
+
+    Two repairs on what graphsurgeon writes: a top-level initializer of ``like`` read only inside
+    If/Loop/Scan bodies stays a top-level initializer (graphsurgeon moves it into the body, or drops
+    it after ``cleanup()``), and for IR < 4 every initializer is listed in ``graph.input`` again, as
+    that IR version requires.
+    """
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    for field in _MODEL_SCALARS:
+        if like.HasField(field):
+            setattr(out, field, getattr(like, field))
+    for field in _MODEL_LISTS:
+        getattr(out, field).extend(getattr(like, field))
+    out.graph.CopyFrom(exported.graph)
+    _restore_outer_initializers(out.graph, like.graph)
+    if like.ir_version and like.ir_version < 4:
+        listed = {i.name for i in out.graph.input}
+        for t in out.graph.initializer:
+            if t.name not in listed:
+                out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def _restore_outer_initializers(g: onnx.GraphProto, like: onnx.GraphProto) -> None:
+    top = {t.name: t for t in like.initializer}
+    defined = {t.name for t in g.initializer}
+    like_bodies = {sg.name: {t.name for t in sg.initializer} for n in like.node for sg in _walk_bodies(n)}
+    needed: list[str] = []
+    for n in g.node:
+        for sg in _walk_bodies(n):
+            own = like_bodies.get(sg.name, set())
+            moved = [t for t in sg.initializer if t.name in top and t.name not in own]
+            if moved:
+                keep = [t for t in sg.initializer if t not in moved]
+                del sg.initializer[:]
+                sg.initializer.extend(keep)
+        for name in sorted(outer_scope_reads(n)):
+            if name in top and name not in defined:
+                needed.append(name)
+                defined.add(name)
+    g.initializer.extend(top[name] for name in needed)
+
+
+def _walk_bodies(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
+    for sg in _node_subgraphs(node):
+        yield sg
+        for n in sg.node:
+            yield from _walk_bodies(n)
+
+
+# ------------------------------------------------------------------------------------- cleanup
+
+
+def cleanup(model: onnx.ModelProto, *, sort: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` without nodes and initializers that nobody reads, topologically sorted.
+
+    Reads by nodes, by If/Loop/Scan bodies (outer-scope names) and by graph outputs count; graph
+    inputs stay even when unread (they are the model's interface). An initializer listed in
+    ``graph.input`` is a constant: it is no longer listed as an input (IR < 4 keeps the listing
+    its version requires). ``sort=False`` keeps the node order (for rewrites that insert nodes in
+    place and whose callers rely on the order).
+    """
+    graph = import_graph(model)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    if sort:
+        graph.toposort()
+    return export_model(graph, model)
