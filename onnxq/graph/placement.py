@@ -22,96 +22,23 @@ import fnmatch
 from collections import defaultdict
 from collections.abc import Iterable
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from onnxq.graph.edit import Namer, name_nodes
+from onnxq.graph.index import FLOAT_TYPES, GraphIndex, node_attr
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
-from onnxq.graph.prepare import tensor_shapes, tensor_types
+from onnxq.graph.prepare import tensor_shapes
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 RELU_LIKE = {"Relu", "Clip"}
 
-
-def node_attr(node: onnx.NodeProto, name: str, default):
-    """The value of attribute ``name`` of ``node``, or ``default`` when it is absent."""
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-class GraphIndex:
-    """Producer/consumer lookups over a graph (node names must be unique and non-empty)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.model = model
-        self.nodes = {n.name: n for n in g.node}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for n in g.node:
-            for o in n.output:
-                if o:
-                    self.producer[o] = n
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers[name].append((n, i))
-        self.initializers = {t.name: t for t in g.initializer}
-        self.constants = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
-        self.graph_inputs = {i.name for i in g.input} - set(self.initializers)
-        self.graph_outputs = {o.name for o in g.output}
-        self.types = tensor_types(model)
-
-    def is_constant(self, name: str) -> bool:
-        return name in self.initializers or name in self.constants
-
-    def constant_value(self, name: str) -> np.ndarray | None:
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.constants.get(name)
-        if node is not None:
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def is_float(self, name: str) -> bool:
-        """Known float tensor; unknown types count as float (weighted-op inputs in a float model)."""
-        t = self.types.get(name)
-        return t is None or t in FLOAT_TYPES
-
-    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
-        cons = self.consumers.get(name, [])
-        if len(cons) == 1 and name not in self.graph_outputs:
-            return cons[0][0]
-        return None
-
-
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique, non-empty name (placement and reports refer to nodes by name)."""
-    seen: set[str] = set()
-    for i, n in enumerate(model.graph.node):
-        name = n.name or f"{n.op_type}_{i}"
-        while name in seen:
-            name = f"{name}_{i}"
-        n.name = name
-        seen.add(name)
+__all__ = ["FLOAT_TYPES", "GraphIndex", "build_plan", "build_weight_only_plan", "name_nodes", "node_attr", "unique_namer",
+           "weight_axis"]  # index/edit names re-exported for callers
 
 
 def unique_namer(used: set[str]):
-    """A function returning ``name``, or ``name_1``, ``name_2``... if taken; it records what it returns."""
-
-    def fresh(name: str) -> str:
-        candidate, k = name, 1
-        while candidate in used:
-            candidate = f"{name}_{k}"
-            k += 1
-        used.add(candidate)
-        return candidate
-
-    return fresh
+    """Deprecated: use :class:`onnxq.graph.edit.Namer` (kept while callers outside the graph layer move)."""
+    return Namer(used).fresh
 
 
 def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:

@@ -12,13 +12,14 @@ Only the main graph is checked; subgraphs of ``If``/``Loop``/``Scan`` are not vi
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.graph.index import GraphIndex
 
 __all__ = ["RULES", "Finding", "Rule", "check_trt_rules", "format_findings"]
 
@@ -131,22 +132,16 @@ class _QDQ:
 
 
 class _Graph:
+    """The linter's view: the shared :class:`GraphIndex` plus constant folding, Q/DQ descriptions and shapes."""
+
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None
-        )
-        self.nodes = list(g.node)
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in self.nodes:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers[name].append((node, i))
-        self.initializers = {t.name: t for t in g.initializer}
+        index = GraphIndex(model)
+        self.opset = index.opset
+        self.nodes = index.node_list
+        self.producer = index.producer
+        self.consumers = index.consumers
+        self.initializers = index.initializers
         self.types: dict[str, tuple[int, tuple | None]] = {}
         for vi in [*_inferred_value_info(model), *g.input, *g.output, *g.value_info]:
             tt = vi.type.tensor_type
