@@ -1,15 +1,23 @@
 """The method API: what a quantization method is, and what the host gives it.
 
 A method is one :class:`QuantMethod` subclass with a ``name``, a one-line ``summary``, a typed
-``Options`` dataclass and the steps it overrides. The host runs the steps of every selected method
-in order (``-p cfws -p easyquant`` composes):
+``Options`` dataclass, its capabilities (class attributes) and the steps it overrides. The host
+runs the steps of every selected method in order (``-p cfws -p easyquant`` composes):
 
-1. :meth:`QuantMethod.float_rewrite` — change the float graph (must preserve its outputs; the host checks);
+1. :meth:`QuantMethod.float_rewrite` — return a changed float graph; the host checks that its
+   outputs match to 1e-5 and installs it;
 2. :meth:`QuantMethod.declare_statistics` — say which statistics of which tensors it needs;
-3. :meth:`QuantMethod.choose_qparams` — fill ranges/qparams into the plan (the first method that
-   calibrates activations does; weights default to per-channel max-abs);
-4. :meth:`QuantMethod.refine` — improve the plan (searches get ``ctx.evaluator``);
-5. the host turns the plan into QDQ rewrite commands (:meth:`QuantMethod.commands` may add more).
+3. :meth:`QuantMethod.choose_qparams` — fill ranges/qparams into the plan (called for the one
+   method that calibrates activations; weights default to per-channel max-abs);
+4. :meth:`QuantMethod.refine` — improve the plan in place (scale searches);
+5. :meth:`QuantMethod.quantized_rewrite` — return a model changed in ways that depend on the
+   chosen qparams (corrected biases, learned weights, packed tables); the host reports what
+   changed and how far the outputs moved from the float model, and installs it;
+6. the host turns the plan into QDQ rewrite commands (:meth:`QuantMethod.commands` may add more).
+
+Steps 4 and 5 run method by method (refine, then quantized_rewrite, then the next method), so each
+method sees the model its predecessors left. Methods never assign ``ctx.model`` or edit it in
+place: every model change is a returned model, checked by the host.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from onnxq.qparams import per_channel_absmax
 class RunContext:
     """What the host hands a method during a run."""
 
+    #: the working model: read it, never assign or edit it (return changes from float_rewrite or quantized_rewrite)
     model: onnx.ModelProto
     profile: TargetProfile
     plan: QuantPlan
@@ -53,13 +62,37 @@ class RunContext:
 
 
 class QuantMethod:
-    """Base class of quantization methods. Override the steps you need."""
+    """Base class of quantization methods. Override the steps you need and declare capabilities.
+
+    Capabilities are class attributes the host reads to compose the selected methods; each
+    subclass sets those that differ from the defaults here (docs/plugins.md, "Composing methods").
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    #: True if this method sets activation ranges in :meth:`choose_qparams`
+
     calibrates: ClassVar[bool] = False
+    """Sets activation ranges in :meth:`choose_qparams`. At most one selected method may, unless
+    every later one declares :attr:`follows_calibrator`; with none selected the host adds the
+    default calibrator (``trt-entropy``) unless a method declares :attr:`replaces_default_calibrator`."""
+
+    follows_calibrator: ClassVar[bool] = False
+    """A calibrating method that, selected after another calibrating method, keeps that method's
+    ranges: its own :meth:`choose_qparams` is skipped and its :meth:`refine` starts from them
+    (``-p cfws -p easyquant``)."""
+
+    replaces_default_calibrator: ClassVar[bool] = False
+    """Needs no activation calibrator: when no selected method calibrates, the host adds no
+    default one and calls this method's :meth:`choose_qparams` instead, which must leave every
+    remaining plan site with qparams (``emb4bit`` clears the sites it leaves in float)."""
+
+    calibrator_option: ClassVar[str | None] = None
+    """The option naming another method as this calibrating method's activation calibrator
+    (``cfws``: ``calibrator``): how the host's composition error tells to combine two calibrators."""
+
+    needs_data: ClassVar[bool] = False
+    """Needs calibration data even where the target needs none (4-bit weight-only runs)."""
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -76,7 +109,16 @@ class QuantMethod:
         """Set ``site.range``/``site.qparams`` for activations (and weights, if it wants)."""
 
     def refine(self, ctx: RunContext) -> None:
-        """Improve the finished plan in place (scale searches)."""
+        """Improve the finished plan in place (scale searches); the model stays as it is."""
+
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
+        """Return a changed copy of ``ctx.model`` whose change depends on the chosen qparams, or None.
+
+        Called right after this method's :meth:`refine`. The host records which nodes and
+        initializers changed and the output error against the float model, then installs the
+        model for the following methods and the QDQ rewrite. Do not edit ``ctx.model`` itself.
+        """
+        return None
 
     def commands(self, ctx: RunContext) -> list[Any]:
         """Extra QDQ rewrite commands beyond the plan (rarely needed)."""

@@ -41,6 +41,7 @@ __all__ = [
     "onnx_dtype",
     "outer_scope_reads",
     "subgraphs",
+    "toposort",
 ]
 
 #: ONNX element type of each integer grid onnxq writes (QParams.dtype -> TensorProto type).
@@ -243,4 +244,14 @@ def cleanup(model: onnx.ModelProto, *, sort: bool = True) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False)
     if sort:
         graph.toposort()
+    return export_model(graph, model)
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with its nodes (and those of its bodies) topologically sorted, nothing removed.
+
+    Outer-scope reads of If/Loop/Scan bodies count as dependencies of the node that owns the body.
+    """
+    graph = import_graph(model)
+    graph.toposort()
     return export_model(graph, model)

@@ -8,7 +8,7 @@ drops float weights nobody uses any more, and topologically sorts the result.
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,11 +16,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.errors import PlanConflictError
-from onnxq.graph.placement import unique_namer
+from onnxq.graph import edit
+from onnxq.graph.edit import QDTYPE, Namer
 from onnxq.graph.plan import QuantPlan
 from onnxq.qparams import QParams
-
-_ONNX_DTYPE = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8, "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def _qparam_initializers(base: str, q: QParams) -> list[onnx.TensorProto]:
     scale = numpy_helper.from_array(np.asarray(q.scale, np.float32), f"{base}_scale")
     zp_values = np.asarray(q.zero_point)
     if q.dtype in ("int4", "uint4"):
-        zp = helper.make_tensor(f"{base}_zero_point", _ONNX_DTYPE[q.dtype], list(zp_values.shape), zp_values.astype(np.int32).ravel().tolist())
+        zp = helper.make_tensor(f"{base}_zero_point", QDTYPE[q.dtype], list(zp_values.shape), zp_values.astype(np.int32).ravel().tolist())
     else:
         zp = numpy_helper.from_array(zp_values.astype(q.np_dtype), f"{base}_zero_point")
     return [scale, zp]
@@ -120,9 +119,7 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     inits = {t.name: t for t in g.initializer}
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
-    used = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
-
-    fresh = unique_namer(used)
+    fresh = Namer.of(out).fresh
 
     def rewire(consumers: tuple[tuple[str, int], ...], old: str, new: str) -> None:
         for node_name, idx in consumers:
@@ -156,7 +153,7 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
             base = fresh(f"{cmd.initializer}_q")
             qname = fresh(f"{cmd.initializer}_quantized")
             if q.dtype in ("int4", "uint4"):
-                new_inits.append(helper.make_tensor(qname, _ONNX_DTYPE[q.dtype], list(ints.shape), ints.astype(np.int32).ravel().tolist()))
+                new_inits.append(helper.make_tensor(qname, QDTYPE[q.dtype], list(ints.shape), ints.astype(np.int32).ravel().tolist()))
             else:
                 new_inits.append(numpy_helper.from_array(ints, qname))
             new_inits += _qparam_initializers(base, q)
@@ -166,72 +163,14 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
 
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
-    _drop_unused_initializers(g)
-    _toposort(g)
-    return out
-
-
-def _drop_unused_initializers(g: onnx.GraphProto) -> None:
-    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    for sub in (n for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)):
-        read |= _subgraph_reads(sub)
-    keep = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    inputs = [i for i in g.input if i.name in read or i.name not in {t.name for t in keep} and not _was_initializer(i.name, g)]
-    if len(inputs) != len(g.input):
-        del g.input[:]
-        g.input.extend(inputs)
-
-
-def _was_initializer(name: str, g: onnx.GraphProto) -> bool:
-    return False
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for sg in graphs:
-            for n in sg.node:
-                names.update(n.input)
-                if any(x.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for x in n.attribute):
-                    names |= _subgraph_reads(n)
-    return names
+    # float weights nobody reads any more go (with their graph.input listing), and the new nodes
+    # move before their readers
+    return edit.cleanup(out)
 
 
 def _toposort(g: onnx.GraphProto) -> None:
-    """Stable Kahn sort of ``g.node`` by tensor dependencies (subgraph reads included)."""
-    nodes = list(g.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps: list[set[int]] = []
-    for n in nodes:
-        reads = set(n.input)
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-            reads |= _subgraph_reads(n)
-        deps.append({producer[r] for r in reads if r in producer})
-    users: dict[int, list[int]] = defaultdict(list)
-    indeg = [0] * len(nodes)
-    for i, d in enumerate(deps):
-        d.discard(i)
-        indeg[i] = len(d)
-        for j in d:
-            users[j].append(i)
-    ready = deque(i for i in range(len(nodes)) if indeg[i] == 0)
-    order: list[int] = []
-    import heapq
-
-    heap = list(ready)
-    heapq.heapify(heap)
-    while heap:
-        i = heapq.heappop(heap)
-        order.append(i)
-        for u in users[i]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                heapq.heappush(heap, u)
-    if len(order) != len(nodes):
-        raise PlanConflictError("the rewritten graph has a cycle")
-    sorted_nodes = [nodes[i] for i in order]
+    """Deprecated shim for callers outside the graph layer: use :func:`onnxq.graph.edit.toposort`."""
+    model = onnx.helper.make_model(g)
+    sorted_nodes = list(edit.toposort(model).graph.node)
     del g.node[:]
     g.node.extend(sorted_nodes)

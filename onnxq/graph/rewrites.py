@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph.placement import GraphIndex, node_attr
+from onnxq.graph import edit
+from onnxq.graph.index import GraphIndex, node_attr
 
 
 def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> tuple[onnx.ModelProto, list[str]]:
@@ -59,8 +60,5 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> 
     if changed:
         del g.node[:]
         g.node.extend(new_nodes)
-        used = {i for n in g.node for i in n.input}
-        keep = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        out = edit.cleanup(out, sort=False)  # the replaced B goes; the MatMul/Add pairs are in place already
     return out, changed

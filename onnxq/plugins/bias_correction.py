@@ -11,7 +11,8 @@ zero bias first), in topological order, gets
 where ``y_fp`` is the FP32 model's output of the layer and ``y_q`` the output of the model
 quantized with the current plan, *including the corrections already made to earlier layers*.
 Biases stay float in the QDQ graph (the runtime folds them), so the correction costs nothing at
-run time. Compose after a calibrator or a search: ``-p mse -p bias-correction``,
+run time. The corrected biases are a quantized rewrite: the method returns a corrected copy of the
+model and the host reports the change. Compose after a calibrator or a search: ``-p mse -p bias-correction``,
 ``-p easyquant -p bias-correction``.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from onnxq.search.evaluator import GraphRunner
@@ -51,14 +53,17 @@ class BiasCorrection(QuantMethod):
     summary = "empirical bias correction: fold each quantized layer's mean per-channel output shift into its bias (compose after a calibrator)"
     Options = BiasCorrectionOptions
 
-    def refine(self, ctx: RunContext) -> None:
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto:
         chunks = take_samples(ctx, self.options.samples)
-        idx = GraphIndex(ctx.model)
+        # the runners and the corrections share one copy, as they shared the working model before
+        model = onnx.ModelProto()
+        model.CopyFrom(ctx.model)
+        idx = GraphIndex(model)
         sessions: dict[str, object] = {}
-        q_run = GraphRunner(ctx.model, chunks, ctx.plan, sessions)
-        f_run = GraphRunner(ctx.model, chunks, None, sessions)
-        inits = {t.name: t for t in ctx.model.graph.initializer}
-        fresh = unique_namer(set(inits) | {o for n in ctx.model.graph.node for o in n.output} | {i.name for i in ctx.model.graph.input})
+        q_run = GraphRunner(model, chunks, ctx.plan, sessions)
+        f_run = GraphRunner(model, chunks, None, sessions)
+        inits = {t.name: t for t in model.graph.initializer}
+        fresh = unique_namer(set(inits) | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input})
         section: dict[str, dict[str, float]] = {}
         skipped: dict[str, str] = {}
         with progress("bias-correction", ctx.show_progress, total=len(ctx.plan.layers), unit="layer") as bar:
@@ -82,8 +87,8 @@ class BiasCorrection(QuantMethod):
                     # both runners have already executed this node, so a new input is safe to add
                     bias_name = fresh(f"{node.name}_bias")
                     t = numpy_helper.from_array(np.zeros(y_f.shape[ch_axis % y_f.ndim], np.float32), bias_name)
-                    ctx.model.graph.initializer.append(t)
-                    inits[bias_name] = ctx.model.graph.initializer[-1]
+                    model.graph.initializer.append(t)
+                    inits[bias_name] = model.graph.initializer[-1]
                     if len(node.input) > 2:
                         node.input[2] = bias_name  # an empty optional-input slot
                     else:
@@ -103,6 +108,7 @@ class BiasCorrection(QuantMethod):
                 q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
                 section[layer.node] = {"mean_abs_shift": float(np.abs(shift).mean()), "relative_shift": float(np.abs(shift).mean() / max(energy, 1e-12))}
         ctx.report[self.name] = {"corrected": section, "skipped": skipped}
+        return model
 
 
 @hookimpl

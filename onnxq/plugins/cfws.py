@@ -67,6 +67,9 @@ class Cfws(QuantMethod):
     summary = "CFWS: split re-parameterized (RepVGG) 3x3 convs into an exact coarse centre + a fine part; KL activations (-o kl cfws: improved KL)"
     Options = CfwsOptions
     calibrates = True
+    # after another calibrator (-p trt-entropy -p cfws) its ranges stay; refine still puts the coarse weights on their grid
+    follows_calibrator = True
+    calibrator_option = "calibrator"
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -184,14 +187,16 @@ class Cfws(QuantMethod):
         # when another method calibrated first, the coarse weights still get their exact grid
         # (only replacing the default max-abs step, which equals it up to float rounding)
         self._set_coarse_qparams(ctx, force=False)
-        if self.options.bias_bits:
-            self._simulate_bias(ctx)
         report = ctx.report.setdefault(self.name, {})
         report["weight_mse"] = errors = self.weight_errors(ctx)
         if errors:
             red = [v["reduction"] for v in errors.values()]
             report.setdefault("summary", []).append(
                 f"weight MSE of split convs vs merged per-channel min-max at {ctx.profile.bits} bits: {min(red):.0f}x to {max(red):.0f}x lower")
+
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
+        # a 16-bit bias is a quantization, not an output-preserving rewrite: it comes after the float check
+        return self._simulate_bias(ctx) if self.options.bias_bits else None
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -214,8 +219,9 @@ class Cfws(QuantMethod):
             if force or current is None or (np.shape(current.scale) == exact.scale.shape and np.allclose(current.scale, exact.scale, rtol=1e-5, atol=0)):
                 site.qparams = exact
 
-    def _simulate_bias(self, ctx: RunContext) -> None:
-        """Replace each split conv's bias by its 16-bit per-tensor fake-quantized value (methods.md §3.3 step 6)."""
+    def _simulate_bias(self, ctx: RunContext) -> onnx.ModelProto | None:
+        """A copy of the model with each split conv's bias replaced by its 16-bit per-tensor
+        fake-quantized value (methods.md §3.3 step 6); None when no bias changes."""
         model = onnx.ModelProto()
         model.CopyFrom(ctx.model)
         nodes = {n.name: n for n in model.graph.node}
@@ -245,7 +251,8 @@ class Cfws(QuantMethod):
             keep = [t for t in model.graph.initializer if t.name in read]
             del model.graph.initializer[:]
             model.graph.initializer.extend(keep)
-            ctx.model = model
+            return model
+        return None
 
     def weight_errors(self, ctx: RunContext) -> dict[str, dict[str, float]]:
         """Per split conv: weight MSE of the merged kernel (per-channel max-abs) vs the split, at the run's bits."""

@@ -121,6 +121,8 @@ class EasyQuant(QuantMethod):
     summary = "EasyQuant: alternating weight/activation scale search maximising per-layer output cosine (INT8/INT7)"
     Options = EasyQuantOptions
     calibrates = True
+    follows_calibrator = True  # -p cfws -p easyquant: the search starts from cfws's ranges
+    calibrator_option = "act_init"
 
     def _calibrator(self, ctx: RunContext) -> QuantMethod:
         from onnxq.host import get_host

@@ -7,14 +7,15 @@ only (§4.5). The range ``[lo, hi]`` of each row comes from the greedy search of
 than plain per-row min-max) or from min-max (``-o search minmax``); ``-o scheme codebook`` replaces
 the uniform grid by 16-entry k-means codebooks (§4.4: one per row, or shared by groups of rows).
 
-How it fits the pipeline: the method is weight-only and data-free. It calibrates nothing, so when
-it is the first calibrating method of a run (``-p emb4bit`` alone) it clears the activation sites
-and, except in 4-bit weight-only mode (``--bits 4``, where the MatMul weights stay in the plan),
-the weight sites: only the tables change. To combine it with activation quantization, put the
-activation method first (``-p minmax -p emb4bit``). The table rewrite itself is no Q/DQ command (a
-float bias per row is no ``DequantizeLinear``), so :meth:`Emb4bit.refine` rewrites ``ctx.model``
-directly with :func:`quantize_tables`, which keeps every ``Gather`` output name: the plan of the
-other methods stays valid and their Q/DQ commands apply on top.
+How it fits the pipeline: the method is weight-only and data-free. It calibrates nothing and
+replaces the default calibrator, so when no selected method calibrates (``-p emb4bit`` alone, or
+``-p gptq -p emb4bit``) it clears the activation sites and, except in 4-bit weight-only mode
+(``--bits 4``, where the MatMul weights stay in the plan), the weight sites: only the tables
+change. To combine it with activation quantization, add an activation method
+(``-p minmax -p emb4bit``). The table rewrite itself is no Q/DQ command (a float bias per row is
+no ``DequantizeLinear``), so :meth:`Emb4bit.quantized_rewrite` returns the model rewritten by
+:func:`quantize_tables`, which keeps every ``Gather`` output name: the plan of the other methods
+stays valid and their Q/DQ commands apply on top.
 
 Graph formats (``-o format``):
 
@@ -728,11 +729,13 @@ class Emb4bit(QuantMethod):
     name = "emb4bit"
     summary = "row-wise 4-bit embedding tables (Gather), greedy range search, fp16 scale/bias per row; data-free"
     Options = Emb4bitOptions
-    #: it "calibrates" so the host inserts no default activation calibrator: it quantizes no activation
-    calibrates = True
+    # it quantizes no activation, so the host adds no default calibrator for it
+    replaces_default_calibrator = True
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
+        #: activation and weight sites its choose_qparams left in float (it runs only as the stand-in calibrator)
+        self._left = (0, 0)
         o = self.options
         if o.n_bins < 1 or not 0 < o.ratio < 1:
             raise OptionError("emb4bit: n_bins must be >= 1 and ratio in (0, 1)")
@@ -745,7 +748,7 @@ class Emb4bit(QuantMethod):
         return []
 
     def choose_qparams(self, ctx: RunContext) -> None:
-        # only called when emb4bit is the run's first calibrating method: nothing else is quantized
+        # only called when no selected method calibrates: nothing else is quantized
         plan = ctx.plan
         self._left = (len(plan.activations), 0)
         plan.activations.clear()
@@ -755,7 +758,7 @@ class Emb4bit(QuantMethod):
             plan.weights.clear()
             plan.layers.clear()
 
-    def refine(self, ctx: RunContext) -> None:
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
         model, report = quantize_tables(ctx.model, self.options)
         lines = [f"{t['table']} {t['rows']}x{t['dim']}: {t['bytes_fp32']:,} B FP32 -> {t['bytes_quantized']:,} B "
                  f"({100 * t['ratio_vs_fp32']:.2f}%), mean row L2 {t['mean_row_l2']:.4g} (min-max {t['mean_row_l2_minmax']:.4g})"
@@ -763,7 +766,7 @@ class Emb4bit(QuantMethod):
         lines += [f"{t['table']} left in float: {t['reason']}" for t in report["left_in_float"]]
         after_note = ", before the 4-bit MatMul weights are written" if getattr(ctx.profile, "weight_only", False) else ""
         lines.append(f"model {report['model_bytes_before']:,} B -> {report['model_bytes_after']:,} B ({report['format']} lookup{after_note})")
-        acts, weights = getattr(self, "_left", (0, 0))
+        acts, weights = self._left
         if acts or weights:
             report["sites_left_in_float"] = {"activations": acts, "weights": weights}
             lines.append(f"tables only: {acts} activation and {weights} weight sites left in float (put an activation method before emb4bit to quantize them)")
@@ -771,8 +774,8 @@ class Emb4bit(QuantMethod):
             report["note"] = "TensorRT has no 4-bit gather: gbq is ONNX Runtime only, and TensorRT support of the standard-op lookup is untested"
             lines.append(report["note"])
         report["summary"] = lines
-        ctx.model = model
         ctx.report[self.name] = report
+        return model if model is not ctx.model else None  # no table found: nothing changed
 
 
 @hookimpl

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 from onnxq.search.samples import take_samples
 from onnxq.calib.progress import progress
@@ -77,8 +78,18 @@ class Brecq(QuantMethod):
     summary = "BRECQ: block-wise reconstruction with learned (AdaRound) weight rounding; -o weight_bits 4 for W4A8 (needs torch)"
     Options = BrecqOptions
 
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        #: learned ``integer × step`` weights by initializer, written by quantized_rewrite
+        self._learned: dict[str, np.ndarray] = {}
+
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
+        """The working model with the learned weights in place of the float ones (None if nothing was learned)."""
+        return _replace_initializers(ctx.model, self._learned) if self._learned else None
+
     def refine(self, ctx: RunContext) -> None:
         o = self.options
+        self._learned = {}
         if getattr(ctx.profile, "weight_only", False):
             raise OptionError("brecq learns the rounding of per-channel weight grids; for 4-bit weights use --bits 8 with -o weight_bits 4 "
                               "(the --bits 4 block-wise weight-only format is not supported)")
@@ -116,7 +127,7 @@ class Brecq(QuantMethod):
                 rec.run()
         finally:
             torch.set_num_threads(saved_threads)
-        _replace_initializers(ctx, rec.results)
+        self._learned = rec.results
         report["samples"] = int(sum(next(iter(c.values())).shape[0] for c in chunks))
         report["blocks"] = rec.report
 
@@ -136,12 +147,15 @@ class Brecq(QuantMethod):
         return out
 
 
-def _replace_initializers(ctx: RunContext, values: dict[str, np.ndarray]) -> None:
-    """Write learned ``integer × step`` weights into the working model (the input model is a copy)."""
-    g = ctx.model.graph
+def _replace_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` with the learned ``integer × step`` weights written over their initializers."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
     for i, t in enumerate(g.initializer):
         if t.name in values:
             g.initializer[i].CopyFrom(numpy_helper.from_array(values[t.name].astype(np.float32), t.name))
+    return out
 
 
 @hookimpl
