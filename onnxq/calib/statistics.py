@@ -1,16 +1,36 @@
 """Streaming calibration statistics with ONNX Runtime (bounded memory, batch-size independent).
 
-Methods *declare* what they need (:class:`StatRequest`); the host merges the requests and runs:
+Methods *declare* what they need: a :class:`StatRequest` names a tensor and carries a
+:class:`Reducer`, the object that turns that tensor's values, batch by batch, into a result.
+Built in: :class:`MinMax` and :class:`Histogram` (``"minmax"``/``"histogram"`` are shorthands for
+them), :class:`ChannelAbsMax` (per-channel ``max |x|``), :class:`TensorSamples` (the first N
+samples of a tensor) and :class:`InputSamples` (the first N calibration batches' feeds, for
+searches). Third parties subclass :class:`Reducer`. The host merges every request of a run and
+streams the data through ONNX Runtime:
 
-1. a range pass: ReduceMin/ReduceMax nodes are appended for every requested tensor, so only two
-   scalars per tensor and batch leave ONNX Runtime;
-2. only if a histogram was requested, a histogram pass with the tensors themselves exposed as
-   outputs. Each batch is binned into a histogram whose range was fixed by pass 1 and dropped at
-   once. Memory is O(tensors × bins) plus one batch of activations, never O(samples); tensors are
-   split into groups (extra passes) when one batch of all of them would exceed ``memory_budget``.
+1. a first pass: ReduceMin/ReduceMax nodes are appended for every min/max or histogram tensor,
+   so only two scalars per tensor and batch leave ONNX Runtime; reducers that reduce inside the
+   graph (:attr:`Reducer.in_graph`, e.g. per-channel abs-max) add their nodes to the same session,
+   reducers that read whole tensors and need no range ride along as extra outputs, and the
+   model-input samples are taken from the batches read on the way;
+2. only if a reducer needs the range first (histograms), a second pass with those tensors exposed
+   as outputs. Each batch is binned into a histogram whose range was fixed by pass 1 and dropped at
+   once.
+
+Memory is O(results) plus one batch of activations, never O(samples) (except for sample
+requests, which keep what they ask for). Every reducer says what one sample of its tensor costs
+when it leaves ONNX Runtime (:meth:`Reducer.bytes_per_sample`); the run's batch shrinks, and only
+when a single sample of all exposed tensors does not fit ``memory_budget`` are they split into
+groups (one extra pass each).
 
 Histograms are signed, ``2·bins`` equal bins over ``[−amax, amax]``, counted per element with the
-same arithmetic whatever the batching, so results are identical for any batch size.
+same arithmetic whatever the batching, so results are identical for any batch size; reducers
+merge per batch with an exact operation (max, sums of integer counts, concatenation in order), so
+theirs are too.
+
+Results: :class:`StatsMap`, a ``tensor name -> TensorStats`` mapping (min/max and histograms, as
+methods always read them) that also answers ``stats[request]`` for any request (a TensorStats for
+min/max and histograms, the reducer's result for the others).
 """
 
 from __future__ import annotations
@@ -20,10 +40,10 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -37,15 +57,209 @@ from onnxq.errors import DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
+#: the tensor name of requests about the model inputs themselves (:class:`InputSamples`)
+MODEL_INPUTS = "<model inputs>"
+
+
+# ---------------------------------------------------------------------------------------------
+# reducers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """How one request turns a tensor's values into its result, one run of the model at a time.
+
+    Subclass it (a frozen dataclass, so equal reducers are collected once) and override
+    :meth:`update` and, if needed, :meth:`start`/:meth:`finish`. The pass calls ``start()`` once,
+    ``update(acc, values, stats)`` for every run of the model (``values``: the tensor's value on
+    that run's samples, batch on axis 0; ``stats``: the tensor's min/max when :attr:`needs_range`)
+    and ``finish(acc)`` at the end. ``update`` must merge exactly (max, integer sums,
+    concatenation in order), since the run's batch size depends on the memory budget.
+    """
+
+    #: short name; with the dataclass fields it identifies the statistic in the cache key
+    kind: ClassVar[str] = "custom"
+    #: the tensor's global min/max must be known first (a second pass): histograms
+    needs_range: ClassVar[bool] = False
+    #: results may be stored in the on-disk cache (they must then be numpy arrays)
+    cacheable: ClassVar[bool] = False
+    #: the reduction is added to the graph (:meth:`add_to_graph`): only its small result leaves ONNX Runtime
+    in_graph: ClassVar[bool] = False
+
+    #: read only the first ``limit`` samples (None: all of them)
+    @property
+    def limit(self) -> int | None:
+        return None
+
+    def token(self) -> str:
+        """A string identifying this statistic (kind and parameters) for the cache key."""
+        return repr(self)
+
+    def bytes_per_sample(self, tensor_bytes: int) -> int:
+        """Bytes one sample costs when it leaves ONNX Runtime (``tensor_bytes``: one sample of the tensor)."""
+        return 0 if self.in_graph else tensor_bytes
+
+    def add_to_graph(self, model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+        """For :attr:`in_graph` reducers: ``model`` with one extra output per tensor (its reduction per run)."""
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        """The empty accumulator."""
+        return None
+
+    def update(self, acc: Any, values: np.ndarray, stats: TensorStats | None) -> Any:
+        """Fold one run's values into the accumulator and return it."""
+        raise NotImplementedError
+
+    def finish(self, acc: Any) -> Any:
+        """The result from the final accumulator."""
+        return acc
+
+
+@dataclass(frozen=True)
+class MinMax(Reducer):
+    """Global min and max of a tensor (reduced inside the graph). Result: :class:`TensorStats`."""
+
+    kind: ClassVar[str] = "minmax"
+    cacheable: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Histogram(Reducer):
+    """Signed histogram of ``2·bins`` equal bins over ``[−amax, amax]`` (range from the min/max pass).
+
+    Result: :class:`TensorStats` with ``hist`` set."""
+
+    bins: int = DEFAULT_BINS  # bins of |x| over [0, amax]
+    kind: ClassVar[str] = "histogram"
+    needs_range: ClassVar[bool] = True
+    cacheable: ClassVar[bool] = True
+
+    def start(self) -> np.ndarray:
+        return np.zeros(2 * self.bins, np.int64)
+
+    def update(self, acc: np.ndarray, values: np.ndarray, stats: TensorStats | None) -> np.ndarray:
+        acc += bincount(values, stats.amax if stats is not None else 0.0, len(acc))
+        return acc
+
+
+@dataclass(frozen=True)
+class ChannelAbsMax(Reducer):
+    """``max |x|`` per channel along ``axis`` (-1: ``[..., C]``; 1: ``[N, C, ...]``), reduced inside the
+    graph, over the first ``samples`` samples (None: all). Result: float32 ``[C]``."""
+
+    axis: int = -1
+    samples: int | None = None
+    kind: ClassVar[str] = "channel_absmax"
+    cacheable: ClassVar[bool] = True
+    in_graph: ClassVar[bool] = True
+
+    @property
+    def limit(self) -> int | None:
+        return self.samples
+
+    def add_to_graph(self, model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+        from onnxq.graph.smoothing import channel_absmax_model
+
+        return channel_absmax_model(model, tensors, channel_axis=self.axis)
+
+    def update(self, acc: np.ndarray | None, values: np.ndarray, stats: TensorStats | None) -> np.ndarray:
+        v = np.asarray(values, np.float32).reshape(-1)
+        return v if acc is None else np.maximum(acc, v)
+
+
+@dataclass(frozen=True)
+class TensorSamples(Reducer):
+    """The first ``samples`` samples of a tensor, in data order. Result: one array (batch on axis 0),
+    or a list of per-run arrays when their shapes differ."""
+
+    samples: int = 1
+    kind: ClassVar[str] = "samples"
+
+    @property
+    def limit(self) -> int | None:
+        return self.samples
+
+    def start(self) -> list[np.ndarray]:
+        return []
+
+    def update(self, acc: list[np.ndarray], values: np.ndarray, stats: TensorStats | None) -> list[np.ndarray]:
+        acc.append(np.asarray(values))
+        return acc
+
+    def finish(self, acc: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        try:
+            return np.concatenate(acc) if len(acc) > 1 else acc[0]
+        except ValueError:
+            return acc
+
+
+@dataclass(frozen=True)
+class InputSamples(Reducer):
+    """The first ``samples`` calibration samples themselves (request tensor :data:`MODEL_INPUTS`):
+    the data's batches, the last one cut to size, labels kept aligned. Needs no ONNX Runtime run.
+    Result: ``list[Batch]`` (views of the data, no copies)."""
+
+    samples: int = 1
+    kind: ClassVar[str] = "input_samples"
+
+    @property
+    def limit(self) -> int | None:
+        return self.samples
+
+    def start(self) -> list[Batch]:
+        return []
+
+    def take(self, acc: list[Batch], batch: Batch, seen: int) -> int:
+        """Add the head of one data batch (``seen`` samples taken so far); returns how many were taken."""
+        size = next(iter(batch.feeds.values())).shape[0]
+        take = min(size, self.samples - seen)
+        labels = None if batch.labels is None else np.asarray(batch.labels)[:take]
+        acc.append(Batch({k: v[:take] for k, v in batch.feeds.items()}, labels, batch.source))
+        return take
+
+
+_SHORTHANDS: dict[str, type[Reducer]] = {"minmax": MinMax, "histogram": Histogram}
 
 
 @dataclass(frozen=True)
 class StatRequest:
-    """A statistic a method needs for one tensor."""
+    """A statistic a method needs for one tensor: the tensor and the reducer that computes it.
+
+    ``kind`` is a :class:`Reducer` or one of the shorthands ``"minmax"`` and ``"histogram"``
+    (with ``bins``); after construction ``kind`` is always the reducer's short name and
+    ``reducer`` the reducer.
+    """
 
     tensor: str
-    kind: Literal["minmax", "histogram"] = "minmax"
-    bins: int = DEFAULT_BINS  # bins of |x| over [0, amax]
+    kind: Any = "minmax"
+    bins: int = DEFAULT_BINS  # bins of |x| over [0, amax] (histograms)
+    reducer: Reducer = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        red = self.kind if isinstance(self.kind, Reducer) else self.reducer
+        if red is None:
+            if self.kind not in _SHORTHANDS:
+                raise ValueError(f"unknown statistic kind {self.kind!r} (use a Reducer or one of {', '.join(_SHORTHANDS)})")
+            red = Histogram(self.bins) if self.kind == "histogram" else MinMax()
+        if isinstance(red, Histogram):
+            object.__setattr__(self, "bins", red.bins)
+        object.__setattr__(self, "reducer", red)
+        object.__setattr__(self, "kind", red.kind)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StatRequest):
+            return NotImplemented
+        return (self.tensor, self.reducer) == (other.tensor, other.reducer)
+
+    def __hash__(self) -> int:
+        return hash((self.tensor, self.reducer))
+
+    @property
+    def is_range(self) -> bool:
+        """A min/max or histogram request (its result is the tensor's :class:`TensorStats`)."""
+        return isinstance(self.reducer, (MinMax, Histogram))
 
 
 @dataclass
@@ -78,21 +292,70 @@ class TensorStats:
         return self.hist[b:] + self.hist[:b][::-1]
 
 
-StatsMap = dict[str, TensorStats]
+class StatsMap(dict):
+    """The statistics of a run: ``tensor name -> TensorStats`` (min/max and histograms), and every
+    result by its request: ``stats[StatRequest(t, ChannelAbsMax(1))]``, ``stats.get(request)``,
+    ``request in stats`` (min/max and histogram requests answer the tensor's TensorStats)."""
+
+    def __init__(self, stats: Mapping[str, TensorStats] | None = None, results: Mapping[StatRequest, Any] | None = None) -> None:
+        super().__init__(stats or {})
+        self.results: dict[StatRequest, Any] = dict(results or {})
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, StatRequest):
+            if key.is_range:
+                s = dict.__getitem__(self, key.tensor)
+                if key.kind == "histogram" and s.hist is None:
+                    raise KeyError(key)
+                return s
+            return self.results[key]
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, StatRequest):
+            return self.get(key) is not None
+        return dict.__contains__(self, key)
+
+    def update_from(self, other: Mapping[str, TensorStats]) -> None:
+        """Take ``other``'s tensor statistics and request results."""
+        dict.update(self, other)
+        self.results.update(getattr(other, "results", {}))
+
+
 BatchSource = Callable[[], Iterable[Batch]]
 
 
 def merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
-    """One request per tensor: a histogram wins over minmax; the finest bin count wins."""
+    """One min/max-or-histogram request per tensor: a histogram wins over minmax; the finest bin
+    count wins. (Other reducers are not merged: see :func:`plan_requests`.)"""
     merged: dict[str, StatRequest] = {}
     for r in requests:
+        if not r.is_range:
+            continue
         prior = merged.get(r.tensor)
         if prior is None:
             merged[r.tensor] = r
         else:
             kind = "histogram" if "histogram" in (prior.kind, r.kind) else "minmax"
-            merged[r.tensor] = StatRequest(r.tensor, kind, max(prior.bins, r.bins))  # type: ignore[arg-type]
+            merged[r.tensor] = StatRequest(r.tensor, kind, max(prior.bins, r.bins))
     return merged
+
+
+def plan_requests(requests: Iterable[StatRequest]) -> tuple[dict[str, StatRequest], list[StatRequest]]:
+    """The requests of a run as collected: merged min/max/histogram ones by tensor, then every
+    other distinct request once, in first-asked order."""
+    requests = list(requests)
+    others: dict[StatRequest, None] = {}
+    for r in requests:
+        if not r.is_range:
+            others.setdefault(r, None)
+    return merge_requests(requests), list(others)
 
 
 def _with_outputs(model: onnx.ModelProto, outputs: list[tuple[str, int]], extra_nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
@@ -163,39 +426,11 @@ def run_batch_size(model: onnx.ModelProto, batch_size: int, memory_budget: int) 
     from onnxq.graph.prepare import tensor_shapes
 
     every = [t for t in tensor_shapes(model) if t not in {i.name for i in model.graph.initializer}]
-    per_sample = sum(_tensor_bytes_per_sample(model, every).values())
+    per_sample = sum(tensor_bytes_per_sample(model, every).values())
     return max(1, min(batch_size, memory_budget // max(per_sample, 1)))
 
 
-def collect_ranges(model: onnx.ModelProto, tensors: list[str], source: BatchSource, show_progress: bool = True,
-                   run_batch: int | None = None) -> StatsMap:
-    """Pass 1: global min and max of every tensor (runs in sub-batches of ``run_batch``)."""
-    aug, outs = _range_model(model, tensors)
-    sess = ort_backend.make_session(aug, "basic", arena=False)
-    lo = np.full(len(tensors), np.inf)
-    hi = np.full(len(tensors), -np.inf)
-    count = 0
-    parts = (p for whole in _iterate(source, "calibration: ranges", show_progress) for p in (_split(whole, run_batch) if run_batch else (whole,)))
-    for batch in parts:
-        res = ort_backend.run(sess, batch.feeds, outs)
-        mins = np.array([float(r) for r in res[0::2]])
-        maxs = np.array([float(r) for r in res[1::2]])
-        if np.isnan(mins).any() or np.isnan(maxs).any():
-            bad = tensors[int(np.flatnonzero(np.isnan(mins) | np.isnan(maxs))[0])]
-            raise DataError(f"tensor '{bad}' takes NaN values on the calibration data ({batch.source}); the model or the data is broken")
-        lo = np.minimum(lo, mins)
-        hi = np.maximum(hi, maxs)
-        count += 1
-    if count == 0:
-        raise DataError("the calibration data is empty")
-    stats = {}
-    for i, t in enumerate(tensors):
-        _check_finite(t, lo[i], hi[i])
-        stats[t] = TensorStats(float(lo[i]), float(hi[i]), count)
-    return stats
-
-
-def _bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
+def bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
     """Signed histogram with ``nbins2`` equal bins over [−amax, amax] (values outside are clamped).
 
     Every element's bin is computed on its own (float32 arithmetic, then truncation of a
@@ -212,7 +447,8 @@ def _bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
     return np.bincount(pos.astype(np.int32), minlength=nbins2)
 
 
-def _tensor_bytes_per_sample(model: onnx.ModelProto, tensors: list[str]) -> dict[str, int]:
+def tensor_bytes_per_sample(model: onnx.ModelProto, tensors: list[str]) -> dict[str, int]:
+    """Bytes of one sample of each tensor as float32 (unknown dimensions count as 64)."""
     from onnxq.graph.prepare import tensor_shapes
 
     shapes = tensor_shapes(model)
@@ -237,20 +473,41 @@ def _split(batch: Batch, size: int) -> Iterator[Batch]:
         yield Batch({k: v[start : start + size] for k, v in batch.feeds.items()}, None, batch.source)
 
 
-def collect_histograms(model: onnx.ModelProto, ranges: StatsMap, requests: dict[str, StatRequest], source: BatchSource,
-                       batch_size: int, memory_budget: int, show_progress: bool = True, dynamic_batch: bool = True) -> None:
-    """Pass 2: fill ``ranges[t].hist`` for every histogram request (in place).
+# ---------------------------------------------------------------------------------------------
+# the streaming passes
+# ---------------------------------------------------------------------------------------------
 
-    Exposing every tensor at once costs ``sum(tensor bytes) × batch`` per run. Within
-    ``memory_budget`` onnxq first shrinks the run's batch (one pass over the data), and only when a
-    single sample of all tensors does not fit does it split the tensors into groups (one pass each).
+
+@dataclass
+class _Item:
+    """One request being collected: its accumulator and how many samples it has read."""
+
+    request: StatRequest
+    acc: Any
+    seen: int = 0
+
+    @property
+    def reducer(self) -> Reducer:
+        return self.request.reducer
+
+    def wants(self) -> int | None:
+        """Samples still wanted (None: all that come)."""
+        lim = self.reducer.limit
+        return None if lim is None else max(lim - self.seen, 0)
+
+
+def _groups(model: onnx.ModelProto, items: list[_Item], batch_size: int, memory_budget: int, dynamic: bool) -> tuple[int, list[list[_Item]]]:
+    """The run batch and the groups (one pass each) of tensor-reading items under ``memory_budget``.
+
+    Within the budget the run's batch shrinks first (one pass over the data); only when a single
+    sample of every exposed tensor does not fit are the tensors split into groups. Items reading
+    the same tensor share its cost and its group.
     """
-    tensors = [t for t, r in requests.items() if r.kind == "histogram"]
-    if not tensors:
-        return
-    sizes = _tensor_bytes_per_sample(model, tensors)
+    tensors = list(dict.fromkeys(i.request.tensor for i in items))
+    raw = tensor_bytes_per_sample(model, tensors)
+    sizes = {t: max(i.reducer.bytes_per_sample(raw[t]) for i in items if i.request.tensor == t) for t in tensors}
     per_sample = sum(sizes.values())
-    run_batch = max(1, min(batch_size, memory_budget // max(per_sample, 1))) if dynamic_batch else batch_size
+    run_batch = max(1, min(batch_size, memory_budget // max(per_sample, 1))) if dynamic else batch_size
     groups: list[list[str]] = [[]]
     used = 0
     for t in tensors:
@@ -260,64 +517,193 @@ def collect_histograms(model: onnx.ModelProto, ranges: StatsMap, requests: dict[
             used = 0
         groups[-1].append(t)
         used += cost
-    types = _tensor_elem_types(model)
-    for gi, group in enumerate(groups):
-        aug = _with_outputs(model, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in group], [])
-        sess = ort_backend.make_session(aug, "basic", arena=False)
-        hists = {t: np.zeros(2 * requests[t].bins, np.int64) for t in group}
-        desc = "calibration: histograms" + (f" ({gi + 1}/{len(groups)})" if len(groups) > 1 else "")
-        for batch in _iterate(source, desc, show_progress):
-            for part in (_split(batch, run_batch) if dynamic_batch else (batch,)):
-                res = ort_backend.run(sess, part.feeds, group)
-                for t, arr in zip(group, res):
-                    hists[t] += _bincount(arr, ranges[t].amax, len(hists[t]))
+    return run_batch, [[i for i in items if i.request.tensor in set(g)] for g in groups]
+
+
+def _parts(batch: Batch, run_batch: int | None, cuts: Iterable[int]) -> Iterator[tuple[int, Batch]]:
+    """(offset, sub-batch) views of ``batch``: at most ``run_batch`` samples (None: no limit), with
+    a boundary at every position in ``cuts`` so no sub-batch straddles a request's sample limit."""
+    n = next(iter(batch.feeds.values())).shape[0] if batch.feeds else 0
+    bounds = sorted({0, n} | {c for c in cuts if 0 < c < n})
+    if len(bounds) == 2 and (run_batch is None or n <= run_batch):
+        yield 0, batch
+        return
+    for lo, hi in zip(bounds, bounds[1:]):
+        step = run_batch or (hi - lo)
+        for s in range(lo, hi, step):
+            e = min(s + step, hi)
+            yield s, Batch({k: v[s:e] for k, v in batch.feeds.items()}, None, batch.source)
+
+
+def _run_pass(model: onnx.ModelProto, source: BatchSource, desc: str, show: bool, run_batch: int | None, optimization: str,
+              ranges: list[str], items: list[_Item], stats: Mapping[str, TensorStats]) -> tuple[np.ndarray, np.ndarray, int]:
+    """One pass over the data: min/max of ``ranges`` and every item's reducer, in one ONNX Runtime session.
+
+    Returns the minima, maxima and number of runs (for ``ranges``)."""
+    takers = [i for i in items if isinstance(i.reducer, InputSamples)]
+    ort_items = [i for i in items if not isinstance(i.reducer, InputSamples)]
+    lo = np.full(len(ranges), np.inf)
+    hi = np.full(len(ranges), -np.inf)
+    count = 0
+    sess = None
+    out_of: dict[int, str] = {}
+    range_outs: list[str] = []
+    if ranges or ort_items:
+        aug, range_outs = _range_model(model, ranges)
+        in_graph: dict[Reducer, list[_Item]] = {}
+        for i in ort_items:
+            if i.reducer.in_graph:
+                in_graph.setdefault(i.reducer, []).append(i)
+        for red, its in in_graph.items():
+            aug, outs = red.add_to_graph(aug, [i.request.tensor for i in its])
+            out_of.update({id(i): o for i, o in zip(its, outs)})
+        raw = [i for i in ort_items if not i.reducer.in_graph]
+        if raw:
+            types = _tensor_elem_types(model)
+            reduced = [(o.name, onnx.TensorProto.FLOAT) for o in aug.graph.output]
+            exposed = list(dict.fromkeys(i.request.tensor for i in raw))
+            aug = _with_outputs(aug, reduced + [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in exposed], [])
+            out_of.update({id(i): i.request.tensor for i in raw})
+        sess = ort_backend.make_session(aug, optimization, arena=False)
+
+    def finished() -> bool:
+        return not ranges and all(i.wants() == 0 for i in items)
+
+    if finished():
+        return lo, hi, count
+    for batch in _iterate(source, desc, show):
+        for i in takers:
+            if i.wants():
+                i.seen += i.reducer.take(i.acc, batch, i.seen)
+        if sess is not None:
+            cuts = [w for i in ort_items if (w := i.wants())]
+            for offset, part in _parts(batch, run_batch, cuts):
+                active = [i for i in ort_items if i.wants() is None or i.wants() > 0]  # type: ignore[operator]
+                if not active and not ranges:
+                    break
+                names = range_outs + list(dict.fromkeys(out_of[id(i)] for i in active))
+                res = dict(zip(names, ort_backend.run(sess, part.feeds, names)))
+                if ranges:
+                    mins = np.array([float(res[o]) for o in range_outs[0::2]])
+                    maxs = np.array([float(res[o]) for o in range_outs[1::2]])
+                    if np.isnan(mins).any() or np.isnan(maxs).any():
+                        bad = ranges[int(np.flatnonzero(np.isnan(mins) | np.isnan(maxs))[0])]
+                        raise DataError(f"tensor '{bad}' takes NaN values on the calibration data ({batch.source}); the model or the data is broken")
+                    lo = np.minimum(lo, mins)
+                    hi = np.maximum(hi, maxs)
+                    count += 1
+                n = next(iter(part.feeds.values())).shape[0] if part.feeds else 1
+                for i in active:
+                    i.acc = i.reducer.update(i.acc, res[out_of[id(i)]], stats.get(i.request.tensor))
+                    i.seen += n
                 del res
-        for t in group:
-            ranges[t].hist = hists[t]
+        if finished():
+            break
+    return lo, hi, count
+
+
+def _collect(model: onnx.ModelProto, ranges: dict[str, StatRequest], others: list[StatRequest], source: BatchSource, batch_size: int,
+             memory_budget: int, show_progress: bool, optimization: str) -> StatsMap:
+    from onnxq.calib.feeds import batch_is_dynamic, model_inputs
+
+    dynamic = batch_is_dynamic(model_inputs(model))
+    items = [_Item(r, r.reducer.start()) for r in others]
+    hist_items = [_Item(r, r.reducer.start()) for r in ranges.values() if r.kind == "histogram"]
+    range_tensors = list(ranges) + [t for t in dict.fromkeys(i.request.tensor for i in items if i.reducer.needs_range) if t not in ranges]
+    first_raw = [i for i in items if not i.reducer.needs_range and not i.reducer.in_graph and not isinstance(i.reducer, InputSamples)]
+    second = hist_items + [i for i in items if i.reducer.needs_range]
+    first = [i for i in items if i.reducer.in_graph or isinstance(i.reducer, InputSamples)]
+    run_batch = run_batch_size(model, batch_size, memory_budget) if dynamic else None
+    extra: list[list[_Item]] = []
+    raw_batch = batch_size
+    if first_raw:
+        raw_batch, groups = _groups(model, first_raw, batch_size, memory_budget, dynamic)
+        first += groups[0]
+        extra = groups[1:]
+        if dynamic:
+            run_batch = min(run_batch or raw_batch, raw_batch)
+    stats = StatsMap()
+    desc = "calibration: ranges" if range_tensors else "calibration: statistics"
+    lo, hi, count = _run_pass(model, source, desc, show_progress, run_batch, optimization, range_tensors, first, stats)
+    if range_tensors:
+        if count == 0:
+            raise DataError("the calibration data is empty")
+        for k, t in enumerate(range_tensors):
+            _check_finite(t, lo[k], hi[k])
+            stats[t] = TensorStats(float(lo[k]), float(hi[k]), count)
+    for gi, group in enumerate(extra):
+        _run_pass(model, source, f"calibration: statistics ({gi + 2}/{len(extra) + 1})", show_progress, raw_batch if dynamic else None,
+                  optimization, [], group, stats)
+    if second:
+        run2, groups2 = _groups(model, second, batch_size, memory_budget, dynamic)
+        for gi, group in enumerate(groups2):
+            desc = "calibration: histograms" + (f" ({gi + 1}/{len(groups2)})" if len(groups2) > 1 else "")
+            _run_pass(model, source, desc, show_progress, run2 if dynamic else None, optimization, [], group, stats)
+    for i in hist_items:
+        stats[i.request.tensor].hist = i.reducer.finish(i.acc)
+    for i in items:
+        stats.results[i.request] = i.reducer.finish(i.acc)
+    for t in [t for t in stats if t not in ranges]:  # ranges only a range-needing reducer asked for stay internal
+        dict.__delitem__(stats, t)
+    return stats
 
 
 def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: BatchSource, *, batch_size: int = 16,
             cache_dir: str | os.PathLike[str] | None = None, data_fingerprint: str | None = None,
-            memory_budget: int = 512 * 2**20, show_progress: bool = True) -> StatsMap:
-    """Collect every requested statistic, from the on-disk cache when possible."""
-    merged = merge_requests(requests)
-    if not merged:
-        return {}
-    key = None
-    if cache_dir is not None and data_fingerprint is not None:
-        key = cache_key(model, merged, data_fingerprint)
-        cached = load_cache(Path(cache_dir), key)
-        if cached is not None and set(cached) >= set(merged):
-            log.info("statistics loaded from cache %s", key[:12])
-            return cached
-    from onnxq.calib.feeds import batch_is_dynamic, model_inputs
+            memory_budget: int = 512 * 2**20, show_progress: bool = True, optimization: str = "basic") -> StatsMap:
+    """Collect every requested statistic in as few passes as the memory budget allows, cacheable
+    ones from the on-disk cache when possible.
 
-    dynamic = batch_is_dynamic(model_inputs(model))
-    tensors = list(merged)
-    stats = collect_ranges(model, tensors, source, show_progress, run_batch_size(model, batch_size, memory_budget) if dynamic else None)
-    collect_histograms(model, stats, merged, source, batch_size, memory_budget, show_progress, dynamic)
+    ``optimization`` is the ONNX Runtime graph optimization level of the passes' sessions
+    (``"disable"`` keeps every tensor exactly as the graph computes it, before fusions)."""
+    ranges, others = plan_requests(requests)
+    if not ranges and not others:
+        return StatsMap()
+    key = None
+    cacheable = [r for r in others if r.reducer.cacheable]
+    if cache_dir is not None and data_fingerprint is not None and (ranges or cacheable):
+        key = cache_key(model, {**ranges, **{f"{i}": r for i, r in enumerate(cacheable)}}, data_fingerprint)
+        cached = load_cache(Path(cache_dir), key, cacheable)
+        if cached is not None and set(cached) >= set(ranges) and all(r in cached.results for r in cacheable):
+            log.info("statistics loaded from cache %s", key[:12])
+            rest = [r for r in others if not r.reducer.cacheable]
+            if rest:
+                cached.results.update(_collect(model, {}, rest, source, batch_size, memory_budget, show_progress, optimization).results)
+            return cached
+    stats = _collect(model, ranges, others, source, batch_size, memory_budget, show_progress, optimization)
     if key is not None:
         save_cache(Path(cache_dir), key, stats)  # type: ignore[arg-type]
     return stats
 
 
-def cache_key(model: onnx.ModelProto, requests: dict[str, StatRequest], data_fingerprint: str) -> str:
-    """Hash of the model, the data and the requests (not the batch size: results don't depend on it)."""
+def cache_key(model: onnx.ModelProto, requests: Mapping[str, StatRequest], data_fingerprint: str) -> str:
+    """Hash of the model, the data and the requests with their kinds (not the batch size: results don't depend on it)."""
     h = hashlib.sha256()
     h.update(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 - 1 else model.graph.name.encode())
     h.update(data_fingerprint.encode())
-    h.update(json.dumps(sorted((r.tensor, r.kind, r.bins) for r in requests.values())).encode())
+    reqs = list(requests.values())
+    # min/max and histogram requests hash as they always did, so earlier cache entries stay valid
+    h.update(json.dumps(sorted((r.tensor, r.kind, r.bins) for r in reqs if r.is_range)).encode())
+    rest = sorted(json.dumps([r.tensor, r.kind, r.reducer.token()]) for r in reqs if not r.is_range)
+    if rest:
+        h.update(json.dumps(rest).encode())
     h.update(b"onnxq-stats-v1")
     return h.hexdigest()
 
 
 def save_cache(folder: Path, key: str, stats: StatsMap) -> None:
+    """Store the tensor statistics and the cacheable request results under ``key`` (atomically)."""
     folder.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"__names__": np.array(list(stats), dtype=object).astype(str)}
     for i, s in enumerate(stats.values()):
         arrays[f"r{i}"] = np.array([s.min, s.max, s.count], np.float64)
         if s.hist is not None:
             arrays[f"h{i}"] = s.hist
+    extra = [(r, v) for r, v in getattr(stats, "results", {}).items() if r.reducer.cacheable]
+    if extra:
+        arrays["__results__"] = np.array([json.dumps([r.tensor, r.kind, r.reducer.token()]) for r, _ in extra])
+        for i, (_, v) in enumerate(extra):
+            arrays[f"x{i}"] = np.asarray(v)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
     os.close(fd)
     try:
@@ -329,17 +715,23 @@ def save_cache(folder: Path, key: str, stats: StatsMap) -> None:
             os.unlink(tmp)
 
 
-def load_cache(folder: Path, key: str) -> StatsMap | None:
+def load_cache(folder: Path, key: str, requests: Iterable[StatRequest] = ()) -> StatsMap | None:
+    """The statistics stored under ``key``, with the results of those ``requests`` that were stored."""
     path = folder / f"{key}.npz"
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z["__names__"])
-            out = {}
+            out = StatsMap()
             for i, n in enumerate(names):
                 r = z[f"r{i}"]
                 out[str(n)] = TensorStats(float(r[0]), float(r[1]), int(r[2]), z[f"h{i}"] if f"h{i}" in z.files else None)
+            if "__results__" in z.files:
+                by_token = {json.dumps([r.tensor, r.kind, r.reducer.token()]): r for r in requests}
+                for i, tok in enumerate(z["__results__"]):
+                    if str(tok) in by_token:
+                        out.results[by_token[str(tok)]] = z[f"x{i}"]
             return out
     except Exception:  # a corrupt cache entry is ignored and rewritten
         log.warning("ignoring unreadable statistics cache %s", path)

@@ -1,4 +1,11 @@
-"""The calibration samples a search method evaluates on (shared by easyquant and detptq)."""
+"""The calibration samples a search evaluates on, taken by the statistics pass.
+
+A search declares :func:`samples_request` in ``declare_statistics``; the host's statistics pass
+then keeps the first ``n`` calibration samples while it streams the data (no pass of their own),
+and :func:`take_samples` / :func:`sample_batches` read them back from ``ctx.stats`` in ``refine``.
+Called with a context whose statistics lack the request (a method run on its own, a test), they
+collect it on the spot with the same reducer, so the samples are the same either way.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,30 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from onnxq.calib.readers import Batch
+from onnxq.calib.statistics import MODEL_INPUTS, InputSamples, StatRequest, collect
+
 if TYPE_CHECKING:
     from onnxq.method import RunContext
 
 
+def samples_request(n: int) -> StatRequest:
+    """The request for the first ``n`` calibration samples (declare it in ``declare_statistics``)."""
+    return StatRequest(MODEL_INPUTS, InputSamples(n))
+
+
+def sample_batches(ctx: RunContext, n: int) -> list[Batch]:
+    """The first ``n`` calibration samples as the data batched them (the last batch cut to size, labels aligned)."""
+    req = samples_request(n)
+    got = ctx.stats.get(req) if hasattr(ctx.stats, "results") else None
+    if got is None:
+        got = collect(ctx.model, [req], ctx.calibration, show_progress=False)[req]
+    return got
+
+
 def take_samples(ctx: RunContext, n: int) -> list[dict[str, np.ndarray]]:
     """The first ``n`` calibration samples as feed dicts, one chunk when the batch axis is dynamic."""
-    chunks, seen = [], 0
-    for b in ctx.calibration():
-        size = next(iter(b.feeds.values())).shape[0]
-        take = min(size, n - seen)
-        chunks.append({k: v[:take] for k, v in b.feeds.items()})
-        seen += take
-        if seen >= n:
-            break
+    chunks = [b.feeds for b in sample_batches(ctx, n)]
     from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 
     if len(chunks) > 1 and batch_is_dynamic(model_inputs(ctx.model)):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.calib.statistics import TensorStats, _bincount
+from onnxq.calib.statistics import TensorStats, bincount
 from onnxq.calib.thresholds import entropy_divergences, entropy_threshold, mse_threshold, percentile_threshold
 from onnxq.qparams import symmetric
 
 
 def stats_of(x: np.ndarray, bins: int = 2048) -> TensorStats:
     amax = float(np.abs(x).max())
-    return TensorStats(float(x.min()), float(x.max()), 1, _bincount(x, amax, 2 * bins))
+    return TensorStats(float(x.min()), float(x.max()), 1, bincount(x, amax, 2 * bins))
 
 
 @pytest.fixture(scope="module")
