@@ -50,6 +50,18 @@ class RunContext:
     show_progress: bool = True
     #: the plugin host running this method (lookups such as task losses; None: the process-wide host)
     host: Any = None
+    #: keyword arguments of :func:`onnxq.calib.statistics.collect` the host fixes for :meth:`collect` (batch size, memory budget)
+    collect_options: dict[str, Any] = field(default_factory=dict)
+
+    def collect(self, requests: list[StatRequest], **options: Any) -> StatsMap:
+        """Collect ``requests`` on the current ``model`` now, in one streaming pass over the
+        calibration data (the statistics pass's machinery: memory budget, progress bar). For steps
+        that run before the host's statistics pass, such as float rewrites; later steps declare
+        their requests in :meth:`QuantMethod.declare_statistics` and read ``stats``."""
+        from onnxq.calib.statistics import collect
+
+        kw = {"show_progress": self.show_progress, **self.collect_options, **options}
+        return collect(self.model, requests, self.calibration, **kw)
 
     def weight(self, name: str) -> np.ndarray:
         """The float value of a weight initializer."""
