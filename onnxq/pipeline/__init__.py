@@ -1,0 +1,82 @@
+"""The quantization run and its Python entry point :func:`optimize`.
+
+configure → load → prepare → open data → float rewrites (the target's, then the methods', each
+checked to 1e-5) → placement → statistics → qparams → refine and quantized rewrites (reported) →
+QDQ rewrite → validate → save → report. The stages live in :mod:`onnxq.pipeline.stages`, each a
+function of one :class:`~onnxq.pipeline.stages.Run`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxq.graph.targets import TargetProfile
+from onnxq.host import Host, get_host
+from onnxq.pipeline import stages
+from onnxq.pipeline.checks import outputs_error
+from onnxq.pipeline.compose import check_composition, resolve_methods
+from onnxq.pipeline.data import DataSpec, batch_source, make_reader
+from onnxq.pipeline.report import LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
+from onnxq.pipeline.stages import Run, Settings
+
+__all__ = [
+    "DataSpec", "LeftInFloat", "QuantResult", "QuantizedRewrite", "Report", "Run", "Settings", "WeightOnlyFormat",
+    "batch_source", "check_composition", "make_reader", "optimize", "outputs_error", "resolve_methods",
+]
+
+
+@dataclass
+class QuantResult:
+    """What :func:`optimize` returns."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    report: Report
+
+
+#: the stages of a run, in order (each a function of the :class:`Run`)
+STAGES = (
+    stages.configure, stages.load, stages.prepare, stages.open_data, stages.target_rewrites, stages.place,
+    stages.float_rewrites, stages.calibrate, stages.choose_qparams, stages.refine, stages.rewrite_qdq,
+    stages.validate, stages.save,
+)
+
+
+def optimize(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    method: str | Sequence[str] = "trt-entropy",
+    options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    data: DataSpec | None = "random",
+    data_options: Mapping[str, Any] | None = None,
+    reader: str | None = None,
+    target: str | TargetProfile = "ort",
+    bits: int = 8,
+    block_size: int | None = None,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    exclude: Sequence[str] = (),
+    cache_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+    host: Host | None = None,
+) -> QuantResult:
+    """Quantize ``model`` with the selected method(s) and return the quantized model and a report.
+
+    ``output`` (optional) is written atomically after the result has been validated in ONNX
+    Runtime; the input model is never overwritten. ``data`` is a path, ``module:function``,
+    ``random``, a DataReader or an iterable of feed dicts.
+    """
+    settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
+                        max_samples, exclude, cache_dir, force, show_progress)
+    run = Run(settings, host or get_host())
+    for stage in STAGES:
+        stage(run)
+    return QuantResult(run.quantized, run.out_path, stages.report(run))

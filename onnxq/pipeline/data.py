@@ -1,0 +1,73 @@
+"""Calibration data for a run: a data spec turned into a reader, and a re-iterable batch source."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxq.calib.feeds import rebatch
+from onnxq.calib.readers import Batch, DataReader
+from onnxq.errors import DataError, OptionError
+from onnxq.host import Host
+from onnxq.options import parse_options
+
+DataSpec = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | DataReader
+
+
+def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, Any] | None = None, reader: str | None = None) -> DataReader:
+    """Turn a data spec (path, ``module:function``, ``random``, iterable of feeds, or reader) into a reader."""
+    if isinstance(data, DataReader):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        spec = os.fspath(data)
+        cls = host.reader(reader) if reader else host.reader_for(spec)
+        if cls.name == "npz" and not Path(spec).exists():
+            raise DataError(f"data path '{spec}' does not exist")
+        opts = parse_options(cls.Options, data_options, f"data reader '{cls.name}'")
+        return cls(spec, opts, inputs)
+    if data_options:
+        raise OptionError("data options apply only to a data spec string")
+    return _IterableReader(data, inputs)
+
+
+class _IterableReader(DataReader):
+    name = "iterable"
+
+    def __init__(self, items: Iterable[Mapping[str, np.ndarray]], inputs) -> None:
+        super().__init__("<iterable>", None, inputs)
+        self._items = items if isinstance(items, (list, tuple)) else list(items)
+
+    def __iter__(self):
+        names = {i.name for i in self.inputs}
+        for k, item in enumerate(self._items):
+            labels = None
+            if isinstance(item, tuple):
+                item, labels = item
+            feeds = {n: np.asarray(v) for n, v in item.items() if n in names or n not in ("label", "labels")}
+            if labels is None:
+                labels = next((np.asarray(v) for n, v in item.items() if n in ("label", "labels") and n not in names), None)
+            yield Batch(feeds, labels, source=f"item {k}")
+
+
+def batch_source(reader: DataReader, inputs, batch_size: int, limit: int | None = None):
+    """A re-iterable source of validated, re-batched calibration batches."""
+
+    def source() -> Iterable[Batch]:
+        seen = 0
+        for b in rebatch(reader, inputs, batch_size):
+            if limit is not None:
+                n = next(iter(b.feeds.values())).shape[0]
+                if seen >= limit:
+                    return
+                if seen + n > limit:
+                    keep = limit - seen
+                    b = Batch({k: v[:keep] for k, v in b.feeds.items()}, b.labels[:keep] if b.labels is not None else None, b.source)
+                    n = keep
+                seen += n
+            yield b
+
+    return source

@@ -1,0 +1,359 @@
+"""The run as stages over one :class:`Run` object.
+
+:func:`~onnxq.pipeline.optimize` calls, in order: :func:`configure` → :func:`load` →
+:func:`prepare` → :func:`open_data` → :func:`target_rewrites` → :func:`place` →
+:func:`float_rewrites` → :func:`calibrate` → :func:`choose_qparams` → :func:`refine` (each method's
+refine, then its quantized rewrite) → :func:`rewrite_qdq` → :func:`validate` → :func:`save` →
+:func:`report`. Each stage reads what earlier stages left on the run and adds its own part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxq.calib import statistics
+from onnxq.calib.feeds import batch_is_dynamic, model_inputs
+from onnxq.calib.readers import Batch, DataReader
+from onnxq.errors import DataError, OnnxqError, OptionError
+from onnxq.graph import model_io, prepare as graph_prepare
+from onnxq.graph.placement import build_plan, name_nodes
+from onnxq.graph.qdq import apply_commands, commands_from_plan
+from onnxq.graph.rewrites import gemm_outputs_to_matmul
+from onnxq.graph.targets import TargetProfile, get_profile
+from onnxq.host import Host
+from onnxq.method import QuantMethod, RunContext, set_weight_qparams
+from onnxq.pipeline.checks import check_feeds, check_float_rewrite, model_changes, model_outputs, relative_error
+from onnxq.pipeline.compose import calibrator_of, resolve_methods
+from onnxq.pipeline.data import DataSpec, batch_source, make_reader
+from onnxq.pipeline.report import LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
+from onnxq.runtime import ort as ort_backend
+
+log = logging.getLogger(__name__)
+
+#: the calibrator the host adds when no selected method sets activation ranges
+DEFAULT_CALIBRATOR = "trt-entropy"
+
+
+@dataclass
+class Settings:
+    """The arguments of one :func:`~onnxq.pipeline.optimize` call."""
+
+    model: str | os.PathLike[str] | onnx.ModelProto
+    output: str | os.PathLike[str] | None = None
+    method: str | Sequence[str] = DEFAULT_CALIBRATOR
+    options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
+    data: DataSpec | None = "random"
+    data_options: Mapping[str, Any] | None = None
+    reader: str | None = None
+    target: str | TargetProfile = "ort"
+    bits: int = 8
+    block_size: int | None = None
+    batch_size: int = 16
+    max_samples: int | None = None
+    exclude: Sequence[str] = ()
+    cache_dir: str | os.PathLike[str] | None = None
+    force: bool = False
+    show_progress: bool = True
+
+
+@dataclass
+class Run:
+    """One quantization run: its settings and everything the stages have made so far."""
+
+    settings: Settings
+    host: Host
+    started: float = field(default_factory=time.perf_counter)
+    profile: TargetProfile | None = None
+    #: the selected methods, in order (calibrate may put the default calibrator first)
+    methods: list[QuantMethod] = field(default_factory=list)
+    in_path: Path | None = None
+    out_path: Path | None = None
+    float_model: onnx.ModelProto | None = None
+    #: the model the methods work on; only the host replaces it (with checked method results)
+    work: onnx.ModelProto | None = None
+    shape_status: str = "none"
+    inputs: list[Any] = field(default_factory=list)
+    reader: DataReader | None = None
+    source: Any = None
+    #: the first calibration batch, on which every returned model is checked
+    first: Batch | None = None
+    ctx: RunContext | None = None
+    #: the method whose choose_qparams sets the ranges (None: weight-only without one)
+    calibrator: QuantMethod | None = None
+    gemm_rewrites: list[str] = field(default_factory=list)
+    quantized_rewrites: list[QuantizedRewrite] = field(default_factory=list)
+    #: the float model's outputs on the first batch (computed at the first quantized rewrite)
+    float_outputs: list[np.ndarray] | None = None
+    quantized: onnx.ModelProto | None = None
+    #: seconds per timed stage: "calibration", "refine"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def install(self, model: onnx.ModelProto, replan: bool = False) -> None:
+        """Make ``model`` the working model (checked by the caller); ``replan`` places it again."""
+        self.work = model
+        assert self.ctx is not None
+        self.ctx.model = model
+        if replan:
+            self.ctx.plan = build_plan(model, self.profile, self.settings.exclude)
+
+    def expect_untouched(self, method: QuantMethod, step: str) -> None:
+        """Refuse a method that assigned ``ctx.model`` instead of returning its model."""
+        if self.ctx is not None and self.ctx.model is not self.work:
+            raise OnnxqError(f"method '{method.name}' assigned ctx.model in {step}; "
+                             "return the changed model from float_rewrite or quantized_rewrite instead")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+
+def configure(run: Run) -> None:
+    """The target profile and the selected methods with their options."""
+    s = run.settings
+    target = s.target
+    profile = target if isinstance(target, TargetProfile) else get_profile(target, s.bits, s.block_size)
+    if isinstance(target, TargetProfile) and s.bits != target.bits:
+        profile = target.with_bits(s.bits)
+        profile.validate_bits()
+    run.profile = profile
+    if s.batch_size < 1:
+        raise OptionError("batch size must be at least 1")
+    run.methods = resolve_methods(s.method, s.options, run.host)
+
+
+def load(run: Run) -> None:
+    """Load (or check) the float model and settle the output path; the input is never overwritten."""
+    s = run.settings
+    if isinstance(s.model, onnx.ModelProto):
+        run.float_model = s.model
+        model_io.check_model(run.float_model)
+    else:
+        run.in_path = Path(s.model)
+        run.float_model = model_io.load_model(run.in_path)
+    if s.output is not None:
+        run.out_path = model_io.ensure_output_path(s.output, [run.in_path] if run.in_path else [], s.force)
+
+
+def prepare(run: Run) -> None:
+    """A working copy at the opset Q/DQ needs, constants as initializers, named nodes, shapes."""
+    profile = run.profile
+    work = onnx.ModelProto()
+    work.CopyFrom(run.float_model)
+    work = graph_prepare.upgrade_opset(work, graph_prepare.MIN_INT4_OPSET if profile.weight_only else graph_prepare.MIN_QDQ_OPSET)
+    graph_prepare.constants_to_initializers(work)
+    name_nodes(work)  # after the opset upgrade, which may add unnamed nodes
+    run.work, run.shape_status = graph_prepare.infer_shapes(work)
+    run.inputs = model_inputs(run.work)
+
+
+def open_data(run: Run) -> None:
+    """The calibration reader and batch source; the first batch must exist and the model must load."""
+    s = run.settings
+    data, data_options = s.data, s.data_options
+    if data is None:
+        needing = [m.name for m in run.methods if m.needs_data]
+        if not run.profile.weight_only or needing:
+            who = f" by method '{needing[0]}'" if needing else ""
+            raise DataError(f"calibration data is required{who} (use data='random' for a smoke run)")
+        data = "random:1"  # 4-bit weight-only scales do not depend on data; one batch validates the output
+        data_options = {"warn": False}
+    run.reader = make_reader(data, run.inputs, run.host, data_options, s.reader)
+    run.source = batch_source(run.reader, run.inputs, s.batch_size, s.max_samples)
+    run.first = next(iter(run.source()), None)
+    if run.first is None:
+        raise DataError("the calibration data is empty")
+    ort_backend.make_session(run.work, "disable")  # the float model itself must load
+
+
+def target_rewrites(run: Run) -> None:
+    """The target's own float rewrites (Gemm outputs as MatMul), checked to 1e-5."""
+    profile = run.profile
+    if profile.gemm_outputs_as_matmul or profile.weight_only:
+        candidate, run.gemm_rewrites = gemm_outputs_to_matmul(run.work, every_gemm=profile.weight_only)
+        if run.gemm_rewrites:
+            check_float_rewrite("target " + profile.name, run.work, candidate, run.first)
+            run.work = candidate
+
+
+def place(run: Run) -> None:
+    """The quantization plan of the working model, and the context methods see."""
+    s = run.settings
+    run.ctx = RunContext(run.work, run.profile, build_plan(run.work, run.profile, s.exclude), run.source,
+                         show_progress=s.show_progress, host=run.host)
+
+
+def float_rewrites(run: Run) -> None:
+    """Each method's float rewrite, checked to 1e-5 against the model before it, then placed again."""
+    for m in run.methods:
+        rewritten = m.float_rewrite(run.ctx)
+        run.expect_untouched(m, "float_rewrite")
+        if rewritten is not None:
+            check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
+            run.install(rewritten, replan=True)
+
+
+def calibrate(run: Run) -> None:
+    """Pick the calibrator (adding the default one if needed) and collect every requested statistic."""
+    s, ctx = run.settings, run.ctx
+    run.calibrator = calibrator_of(run.methods)
+    if run.calibrator is None and not run.profile.weight_only:  # 4-bit weight-only has no activations to calibrate
+        run.calibrator = run.host.method(DEFAULT_CALIBRATOR)()
+        run.methods.insert(0, run.calibrator)
+    requests = [r for m in run.methods for r in m.declare_statistics(ctx)]
+    fingerprint = run.reader.fingerprint() if s.cache_dir is not None else None
+    t0 = time.perf_counter()
+    ctx.stats = statistics.collect(
+        ctx.model, requests, run.source, batch_size=s.batch_size, cache_dir=s.cache_dir,
+        data_fingerprint=(fingerprint + f":{s.max_samples}") if fingerprint else None,
+        show_progress=s.show_progress,
+    )
+    run.timings["calibration"] = time.perf_counter() - t0
+
+
+def choose_qparams(run: Run) -> None:
+    """Activation ranges from the calibrator, then per-channel max-abs for weights it left without qparams."""
+    if run.calibrator is not None:
+        run.calibrator.choose_qparams(run.ctx)
+        run.expect_untouched(run.calibrator, "choose_qparams")
+    set_weight_qparams(run.ctx)
+
+
+def refine(run: Run) -> None:
+    """Method by method: refine the plan, then install its quantized rewrite (so the next method sees it).
+
+    The host's checks of quantized rewrites are not counted in the refine time.
+    """
+    checking = 0.0
+    t0 = time.perf_counter()
+    for m in run.methods:
+        m.refine(run.ctx)
+        run.expect_untouched(m, "refine")
+        rewritten = m.quantized_rewrite(run.ctx)
+        run.expect_untouched(m, "quantized_rewrite")
+        if rewritten is not None:
+            t_check = time.perf_counter()
+            quantized_rewrite(run, m, rewritten)
+            checking += time.perf_counter() - t_check
+    run.timings["refine"] = time.perf_counter() - t0 - checking
+    missing = run.ctx.plan.missing_qparams()
+    if missing:
+        raise OnnxqError(f"no quantization parameters were chosen for '{missing[0]}'")
+
+
+def quantized_rewrite(run: Run, method: QuantMethod, model: onnx.ModelProto) -> None:
+    """Record what a method's quantized rewrite changed and how far it moved the outputs, then install it."""
+    if model is run.work:
+        raise OnnxqError(f"method '{method.name}' returned ctx.model from quantized_rewrite; return a changed copy (or None)")
+    feeds = check_feeds(run.work, run.first)
+    error: float | None
+    try:
+        if run.float_outputs is None:  # the working model is still the float one
+            run.float_outputs = model_outputs(run.work, feeds)
+        error = relative_error(run.float_outputs, model_outputs(model, feeds))
+    except Exception as exc:  # the figure is a report; the final model is validated on its own
+        log.warning("could not run the model rewritten by method '%s' to measure its output error: %s", method.name, exc)
+        error = None
+    run.quantized_rewrites.append(QuantizedRewrite(method.name, **model_changes(run.work, model), output_error=error))
+    run.install(model)
+
+
+def rewrite_qdq(run: Run) -> None:
+    """The plan (and methods' extra commands) as Q/DQ nodes; int4 MatMulNBits; producer and metadata."""
+    profile, ctx = run.profile, run.ctx
+    origin = "+".join(m.name for m in run.methods)
+    commands = commands_from_plan(ctx.plan, origin) + [c for m in run.methods for c in m.commands(ctx)]
+    quantized = apply_commands(ctx.model, commands)
+    if profile.weight_only and profile.int4_matmulnbits:
+        from onnxq.graph.int4 import dq_matmul_to_matmulnbits
+
+        quantized, _ = dq_matmul_to_matmulnbits(quantized)
+    if profile.weight_only:
+        quantized.ir_version = max(quantized.ir_version, 10)  # int4 tensors need IR version 10
+    quantized.producer_name = "onnxq"
+    from onnxq import __version__
+
+    quantized.producer_version = __version__
+    _set_metadata(quantized, {"onnxq.method": origin, "onnxq.target": profile.name, "onnxq.bits": str(profile.bits)})
+    run.quantized = quantized
+
+
+def validate(run: Run) -> None:
+    """The quantized model passes the ONNX checker and loads and runs in ONNX Runtime."""
+    model_io.check_model(run.quantized, "the quantized model")
+    sess = ort_backend.make_session(run.quantized, "all", arena=False)
+    feeds = run.first.feeds
+    ort_backend.run(sess, {k: v[:1] for k, v in feeds.items()} if batch_is_dynamic(run.inputs) else feeds)
+
+
+def save(run: Run) -> None:
+    """Write the validated model atomically, if an output was given."""
+    if run.out_path is not None:
+        model_io.save_model_atomic(run.quantized, run.out_path)
+
+
+def report(run: Run) -> Report:
+    """The typed report of the run, with plugins' sections in ``extra``."""
+    profile, plan = run.profile, run.ctx.plan
+    rep = Report(
+        model=str(run.in_path) if run.in_path else "<in-memory>",
+        output=str(run.out_path) if run.out_path else None,
+        method=[m.name for m in run.methods],
+        options={m.name: _options_dict(m.options) for m in run.methods},
+        target=profile.name,
+        bits=profile.bits,
+        int7_note=int7_note(profile) if profile.bits == 7 else None,
+        weight_only=WeightOnlyFormat(4, profile.block_size, "int4 symmetric" if profile.activation_signed else "uint4 with zero points")
+        if profile.weight_only else None,
+        shape_inference=run.shape_status,
+        quantized_activations=len(plan.activations),
+        quantized_weights=len(plan.weights),
+        layers=len(plan.layers),
+        float_rewrites={"gemm_to_matmul": run.gemm_rewrites} if run.gemm_rewrites else {},
+        left_in_float=[LeftInFloat(n, r) for n, r in plan.skipped],
+        calibration_seconds=round(run.timings["calibration"], 3),
+        refine_seconds=round(run.timings["refine"], 3),
+        total_seconds=round(time.perf_counter() - run.started, 3),
+        methods=run.ctx.report,
+        quantized_rewrites=run.quantized_rewrites,
+    )
+    rep.extra = run.host.report_sections(rep.to_dict())
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def int7_note(profile: TargetProfile) -> str:
+    """What INT7 means on ``profile``'s runtime (the report's ``int7_note``)."""
+    note = "INT7 is an int8 container restricted to 7-bit ranges: runtimes run it on INT8 kernels, with no INT7 speed-up"
+    if profile.activation_signed and not profile.quantize_outputs:
+        return note + " (TensorRT fuses the Clip that enforces the 7-bit activation range)"
+    return note + ("; on ONNX Runtime the Clip that enforces the 7-bit activation range blocks the QLinearConv/QLinearMatMul fusions, so convolutions run in float"
+                   " (an accuracy emulation; use --bits 8 for speed) while MatMuls may still run as MatMulIntegerToFloat: `onnxq compare` reports the integer-kernel share")
+
+
+def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in values.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.add(key=k, value=v)
+
+
+def _options_dict(options: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(options):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(options).items()}
+    return dict(options) if isinstance(options, Mapping) else {}
