@@ -36,12 +36,14 @@ __all__ = [
     "cleanup",
     "export_model",
     "import_graph",
+    "insert_after_producers",
     "name_nodes",
     "numpy_dtype",
     "onnx_dtype",
     "outer_scope_reads",
     "subgraphs",
     "toposort",
+    "with_outputs",
 ]
 
 #: ONNX element type of each integer grid onnxq writes (QParams.dtype -> TensorProto type).
@@ -255,3 +257,48 @@ def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = import_graph(model)
     graph.toposort()
     return export_model(graph, model)
+
+# ------------------------------------------------------------------------------ local insertions
+
+
+def insert_after_producers(graph: onnx.GraphProto, nodes: Iterable[onnx.NodeProto]) -> None:
+    """Insert ``nodes`` into ``graph`` in place, each right after the node that produces the
+    last-computed of its inputs (at the front when it reads only graph inputs and constants).
+
+    Probes and fake-quantization chains go there so that ONNX Runtime can free a tensor as soon as
+    its regular readers and the inserted ones have run; the rest of the order is kept, no sort.
+    The new nodes may read each other's outputs (listed producers first); several after one
+    producer keep the producer's output order, then the order given.
+    """
+    # anchor: (position of the producing node, output index); -1: before every node
+    anchor = {o: (i, k) for i, n in enumerate(graph.node) for k, o in enumerate(n.output) if o}
+    placed: list[tuple[tuple[int, int], int, onnx.NodeProto]] = []
+    for order, n in enumerate(nodes):
+        at = max((anchor[i] for i in n.input if i in anchor), default=(-1, 0))
+        placed.append((at, order, n))
+        for o in n.output:
+            if o:
+                anchor[o] = at
+    placed.sort(key=lambda p: (p[0], p[1]))
+    after: dict[int, list[onnx.NodeProto]] = {}
+    for (pos, _), _, n in placed:
+        after.setdefault(pos, []).append(n)
+    ordered = list(after.get(-1, []))
+    for i, n in enumerate(graph.node):
+        ordered.append(n)
+        ordered.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def with_outputs(model: onnx.ModelProto, outputs: Iterable[tuple[str, int]],
+                 extra_nodes: Iterable[onnx.NodeProto] = ()) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are exactly ``outputs`` (name, ONNX element type;
+    shape left open), with ``extra_nodes`` appended: the probe form of a model that exposes
+    intermediate tensors to ONNX Runtime."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.node.extend(extra_nodes)
+    del m.graph.output[:]
+    m.graph.output.extend(helper.make_tensor_value_info(name, elem, None) for name, elem in outputs)
+    return m

@@ -27,14 +27,9 @@ from onnx import helper
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
+from onnxq.graph.edit import onnx_dtype
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.placement import GraphIndex
-
-_NP_TO_ONNX = {np.dtype(k): v for k, v in ((np.float32, 1), (np.uint8, 2), (np.int8, 3), (np.int32, 6), (np.int64, 7), (np.bool_, 9), (np.float16, 10), (np.float64, 11))}
-
-
-def _elem(arr: np.ndarray) -> int:
-    return _NP_TO_ONNX.get(arr.dtype, onnx.TensorProto.FLOAT)
 
 
 class GraphRunner:
@@ -240,17 +235,23 @@ class GraphRunner:
             body.append(clone)
         outputs = [o for n in nodes for o in n.output if o and (self.total_uses.get(o, 0) == 0 or self.total_uses[o] > uses.get(o, 0))]
         sample = {name: (self.consts[name] if name in self.consts else self.values[name][0]) for name in external}
-        inputs = [helper.make_tensor_value_info(k, _elem(v), None) for k, v in sample.items()]
+        inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in sample.items()]
         inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in wfeeds]
         for t in sites:
             inputs += [helper.make_tensor_value_info(f"{t}::{k}", onnx.TensorProto.FLOAT, []) for k in ("s", "z", "lo", "hi")]
-        g = helper.make_graph(body, "segment", inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
-        m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-        known = _output_types(m, self.idx.types)
-        del m.graph.output[:]
-        m.graph.output.extend(helper.make_tensor_value_info(o, known.get(o) or onnx.TensorProto.FLOAT, None) for o in outputs)
+        m = self._small_model(body, "segment", inputs, outputs)
         sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
         return sess, external, wfeeds, sites, outputs
+
+    def _small_model(self, nodes: list[onnx.NodeProto], name: str, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> onnx.ModelProto:
+        """A model of ``nodes`` (the source model's opsets and IR version) whose outputs carry the
+        element types :func:`_output_types` finds (float where none is known)."""
+        g = helper.make_graph(nodes, name, inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
+        m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        known = _output_types(m, self.idx.types)
+        for vi in m.graph.output:
+            vi.type.tensor_type.elem_type = known.get(vi.name) or onnx.TensorProto.FLOAT
+        return m
 
     def _input_value(self, node: onnx.NodeProto, i: int, name: str, chunk: int) -> np.ndarray:
         if name in self.consts:
@@ -270,14 +271,8 @@ class GraphRunner:
     def _session(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]):
         sess = self.sessions.get(node.name)
         if sess is None:
-            inputs = [helper.make_tensor_value_info(k, _elem(v), None) for k, v in feeds.items()]
-            sub = helper.make_graph([node], node.name, inputs, [onnx.ValueInfoProto(name=o) for o in node.output if o])
-            m = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-            known = _output_types(m, self.idx.types)
-            del m.graph.output[:]
-            for o in node.output:
-                if o:
-                    m.graph.output.append(helper.make_tensor_value_info(o, known.get(o) or onnx.TensorProto.FLOAT, None))
+            inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in feeds.items()]
+            m = self._small_model([node], node.name, inputs, [o for o in node.output if o])
             sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
             self.sessions[node.name] = sess
         return sess
@@ -446,7 +441,7 @@ class LayerRunner:
             ins = ["X", "W"] + (["B"] if with_bias else [])
             attrs = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
             node = helper.make_node(self.op, ins, ["Y"], **attrs)
-            inputs = [helper.make_tensor_value_info("X", _elem(x), None), helper.make_tensor_value_info("W", _elem(w), None)]
+            inputs = [helper.make_tensor_value_info("X", onnx_dtype(x.dtype), None), helper.make_tensor_value_info("W", onnx_dtype(w.dtype), None)]
             if with_bias:
                 inputs.append(helper.make_tensor_value_info("B", onnx.TensorProto.FLOAT, None))
             g = helper.make_graph([node], "layer", inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)])

@@ -25,11 +25,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxq.runtime import ort as ort_backend
+from onnxq.graph.edit import QDTYPE, Namer, insert_after_producers, onnx_dtype
 from onnxq.graph.plan import QuantPlan
+from onnxq.graph.prepare import tensor_types
 from onnxq.graph.qdq import QuantizeActivation, QuantizeWeight, apply_commands
 from onnxq.qparams import QParams
-
-_ZP_TYPE = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
 
 
 def _param(name: str) -> str:
@@ -67,23 +67,27 @@ class TailSession:
         reads = [i for n in keep for i in n.input if i]
         tail_names = {n.name for n in keep}
         probe_w = {plan.weights[w].initializer: w for w in probe_weights}
+        fresh = Namer.of(model)
+        read_set = set(reads)
+        #: graph input of each probed weight read by the tail
+        fq = {init: fresh(_param(init) + "__fq") for init in probe_w if init in read_set}
         self._inputs = list(dict.fromkeys(i for i in reads if i not in produced and i not in inits))
         #: tensors of the prefix that :meth:`run` needs in its ``frontier`` argument
         self.frontier = list(dict.fromkeys(self._inputs + self.passthrough))
         used_inits = [inits[i] for i in dict.fromkeys(reads) if i in inits and i not in probe_w]
-        elem = _elem_types(model)
+        elem = tensor_types(model)
         for t, dt in (dtypes or {}).items():
-            elem[t] = helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+            elem[t] = onnx_dtype(dt)
         graph_inputs = [helper.make_tensor_value_info(t, elem.get(t, TensorProto.FLOAT), None) for t in self._inputs]
-        graph_inputs += [helper.make_tensor_value_info(_param(init) + "__fq", TensorProto.FLOAT, None) for init in probe_w if init in set(reads)]
+        graph_inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in fq.values()]
         out_info = [helper.make_tensor_value_info(o, elem.get(o, TensorProto.FLOAT), None) for o in computed]
         sub = [onnx.NodeProto() for _ in keep]
         for s, n in zip(sub, keep):
             s.CopyFrom(n)
         for s in sub:
             for k, i in enumerate(s.input):
-                if i in probe_w:
-                    s.input[k] = _param(i) + "__fq"
+                if i in fq:
+                    s.input[k] = fq[i]
         g = helper.make_graph(sub, "tail", graph_inputs, out_info, used_inits)
         tail = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         # fixed Q/DQ of the plan's decided sites, for consumers inside the tail
@@ -106,6 +110,7 @@ class TailSession:
         # parametric Q/DQ of the probed activations
         self.act_inputs: dict[str, tuple[str, str, str, str]] = {}
         g = tail.graph
+        fresh = Namer.of(tail)  # the Q/DQ commands added names of their own
         consumers = {(n.name, k): n for n in g.node for k in range(len(n.input))}
         new_nodes = []
         for t, zp_dtype in probe_activations.items():
@@ -114,25 +119,21 @@ class TailSession:
             if not cons:
                 continue
             p = _param(t)
-            names = (f"{p}__lo", f"{p}__hi", f"{p}__scale", f"{p}__zp")
+            names = (fresh(f"{p}__lo"), fresh(f"{p}__hi"), fresh(f"{p}__scale"), fresh(f"{p}__zp"))
             g.input.extend([helper.make_tensor_value_info(names[0], TensorProto.FLOAT, []), helper.make_tensor_value_info(names[1], TensorProto.FLOAT, []),
-                            helper.make_tensor_value_info(names[2], TensorProto.FLOAT, []), helper.make_tensor_value_info(names[3], _ZP_TYPE[zp_dtype], [])])
+                            helper.make_tensor_value_info(names[2], TensorProto.FLOAT, []), helper.make_tensor_value_info(names[3], QDTYPE[zp_dtype], [])])
+            clipped, q, dq = fresh(f"{p}__clipped"), fresh(f"{p}__q"), fresh(f"{p}__dq")
             new_nodes += [
-                helper.make_node("Clip", [t, names[0], names[1]], [f"{p}__clipped"], name=f"{p}__probe_clip"),
-                helper.make_node("QuantizeLinear", [f"{p}__clipped", names[2], names[3]], [f"{p}__q"], name=f"{p}__probe_q"),
-                helper.make_node("DequantizeLinear", [f"{p}__q", names[2], names[3]], [f"{p}__dq"], name=f"{p}__probe_dq"),
+                helper.make_node("Clip", [t, names[0], names[1]], [clipped], name=fresh(f"{p}__probe_clip")),
+                helper.make_node("QuantizeLinear", [clipped, names[2], names[3]], [q], name=fresh(f"{p}__probe_q")),
+                helper.make_node("DequantizeLinear", [q, names[2], names[3]], [dq], name=fresh(f"{p}__probe_dq")),
             ]
             for c in cons:
-                consumers[tuple(c)].input[c[1]] = f"{p}__dq"
+                consumers[tuple(c)].input[c[1]] = dq
             self.act_inputs[t] = names
-        if new_nodes:
-            # insert right after the producers: simplest is in front (inputs are frontier tensors or
-            # produced inside the tail), then a stable topological sort
-            g.node.extend(new_nodes)
-            from onnxq.graph.qdq import _toposort
-
-            _toposort(g)
-        self.weight_inputs = {w: _param(init) + "__fq" for init, w in probe_w.items() if init in set(reads)}
+        # each chain right after the producer of its tensor (at the front for a frontier tensor)
+        insert_after_producers(g, new_nodes)
+        self.weight_inputs = {probe_w[init]: name for init, name in fq.items()}
         self.outputs = list(outputs)
         self._computed = computed
         self.session = ort_backend.make_session(tail, optimization, threads) if computed else None
@@ -155,11 +156,3 @@ class TailSession:
             feeds[names[3]] = np.asarray(q.zero_point, q.np_dtype).reshape(())
         out.update(zip(self._computed, ort_backend.run(self.session, feeds)))
         return out
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    out = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        if vi.type.tensor_type.elem_type:
-            out[vi.name] = vi.type.tensor_type.elem_type
-    return out
