@@ -50,6 +50,8 @@ import onnx
 from onnx import helper
 
 from onnxq.runtime import ort as ort_backend
+from onnxq.graph.edit import Namer, insert_after_producers, with_outputs
+from onnxq.graph.prepare import tensor_types
 from onnxq.calib.progress import progress
 from onnxq.calib.readers import Batch
 from onnxq.errors import DataError
@@ -358,16 +360,6 @@ def plan_requests(requests: Iterable[StatRequest]) -> tuple[dict[str, StatReques
     return merge_requests(requests), list(others)
 
 
-def _with_outputs(model: onnx.ModelProto, outputs: list[tuple[str, int]], extra_nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.graph.node.extend(extra_nodes)
-    del m.graph.output[:]
-    for name, elem in outputs:
-        m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return m
-
-
 def _range_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
     """The model with ReduceMin/ReduceMax of every requested tensor as its only outputs.
 
@@ -375,38 +367,19 @@ def _range_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Model
     an activation as soon as its regular consumers and its reductions have run: the pass holds
     one batch of the model's live activations, not every requested tensor at once.
     """
-    reductions: dict[str, list[onnx.NodeProto]] = {}
-    outs: list[tuple[str, int]] = []
+    fresh = Namer.of(model)
+    reductions: list[onnx.NodeProto] = []
+    outs: list[str] = []
     for i, t in enumerate(tensors):
-        f = f"__onnxq_f32_{i}"
-        nodes = [helper.make_node("Cast", [t], [f], to=onnx.TensorProto.FLOAT, name=f"__onnxq_cast_{i}")]
+        f = fresh(f"__onnxq_f32_{i}")
+        reductions.append(helper.make_node("Cast", [t], [f], to=onnx.TensorProto.FLOAT, name=fresh(f"__onnxq_cast_{i}")))
         for op in ("ReduceMin", "ReduceMax"):
-            o = f"__onnxq_{op.lower()}_{i}"
-            nodes.append(helper.make_node(op, [f], [o], keepdims=0, name=o))
-            outs.append((o, onnx.TensorProto.FLOAT))
-        reductions[t] = nodes
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    ordered: list[onnx.NodeProto] = []
-    for name in list(reductions):
-        if name not in {o for n in model.graph.node for o in n.output}:
-            ordered += reductions.pop(name)  # graph inputs (and initializers) first
-    for node in model.graph.node:
-        ordered.append(node)
-        for o in node.output:
-            ordered += reductions.pop(o, [])
-    del m.graph.node[:]
-    m.graph.node.extend(ordered)
-    del m.graph.output[:]
-    for name, elem in outs:
-        m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    return m, [o for o, _ in outs]
-
-
-def _tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    from onnxq.graph.prepare import tensor_types
-
-    return tensor_types(model)
+            o = fresh(f"__onnxq_{op.lower()}_{i}")
+            reductions.append(helper.make_node(op, [f], [o], keepdims=0, name=o))
+            outs.append(o)
+    m = with_outputs(model, [(o, onnx.TensorProto.FLOAT) for o in outs])
+    insert_after_producers(m.graph, reductions)
+    return m, outs
 
 
 def _iterate(source: BatchSource, desc: str, show: bool) -> Iterator[Batch]:
@@ -559,10 +532,10 @@ def _run_pass(model: onnx.ModelProto, source: BatchSource, desc: str, show: bool
             out_of.update({id(i): o for i, o in zip(its, outs)})
         raw = [i for i in ort_items if not i.reducer.in_graph]
         if raw:
-            types = _tensor_elem_types(model)
+            types = tensor_types(model)
             reduced = [(o.name, onnx.TensorProto.FLOAT) for o in aug.graph.output]
             exposed = list(dict.fromkeys(i.request.tensor for i in raw))
-            aug = _with_outputs(aug, reduced + [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in exposed], [])
+            aug = with_outputs(aug, reduced + [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in exposed])
             out_of.update({id(i): i.request.tensor for i in raw})
         sess = ort_backend.make_session(aug, optimization, arena=False)
 

@@ -85,12 +85,13 @@ def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors
     Both models keep the original tensor names for layer outputs, so the same names are exposed
     as extra outputs of each.
     """
-    from onnxq.calib.statistics import _tensor_elem_types, _with_outputs
+    from onnxq.graph.edit import with_outputs
+    from onnxq.graph.prepare import tensor_types
 
     def exposed(model: onnx.ModelProto) -> onnx.ModelProto:
-        types = _tensor_elem_types(model)
+        types = tensor_types(model)
         present = {o for n in model.graph.node for o in n.output}
-        return _with_outputs(model, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in tensors if t in present], [])
+        return with_outputs(model, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in tensors if t in present])
 
     ref_sess = ort_backend.make_session(exposed(reference), "disable")
     q_sess = ort_backend.make_session(exposed(quantized), "disable")
