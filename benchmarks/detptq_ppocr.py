@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         t = time.time()
         res = optimize(str(model_path), method=method, options=options, data=str(data), target=args.target, batch_size=4,
                        cache_dir=cache, show_progress=False)
-        rep = res.report["methods"].get("detptq", {})
+        rep = res.report.methods.get("detptq", {})
         extra = {"chosen_p_counts": rep.get("chosen_p_counts"), "task_loss": rep.get("task_loss_final", {}).get("loss")} if rep else None
         if rep and len(rep.get("p_values", [])) > 1:
             extra["layers"] = rep["layers"]

@@ -1,12 +1,17 @@
-"""Readable summaries and tables of reports and evaluations."""
+"""Readable summaries and tables of reports and evaluations, and the JSON Schema of the report."""
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import math
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 from onnxq.evaluate.compare import Evaluation
+from onnxq.pipeline.report import Report
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -60,19 +65,83 @@ def evaluation_table(evals: Sequence[Evaluation]) -> str:
     return table(rows, header)
 
 
-def run_summary(report: dict[str, Any]) -> str:
+def run_summary(report: Report) -> str:
     """A few lines about one optimize run."""
     lines = [
-        f"method {'+'.join(report['method'])}, target {report['target']}, {report['bits']}-bit: "
-        f"{report['quantized_activations']} activations and {report['quantized_weights']} weights quantized "
-        f"({report['layers']} layers), calibration {report['calibration_seconds']:.2f} s, total {report['total_seconds']:.2f} s",
+        f"method {'+'.join(report.method)}, target {report.target}, {report.bits}-bit: "
+        f"{report.quantized_activations} activations and {report.quantized_weights} weights quantized "
+        f"({report.layers} layers), calibration {report.calibration_seconds:.2f} s, total {report.total_seconds:.2f} s",
     ]
-    if report.get("int7_note"):
-        lines.append("note: " + report["int7_note"])
-    for item in report.get("left_in_float", []):
-        lines.append(f"left in float: {item['node']} ({item['reason']})")
-    for name, section in (report.get("methods") or {}).items():
+    if report.int7_note:
+        lines.append("note: " + report.int7_note)
+    for item in report.left_in_float:
+        lines.append(f"left in float: {item.node} ({item.reason})")
+    for change in report.quantized_rewrites:
+        err = "not measured" if change.output_error is None else f"{change.output_error:.3g}"
+        lines.append(f"{change.method} changed the model after quantization: {len(change.initializers_changed)} initializers changed, "
+                     f"{len(change.initializers_added)} added, {len(change.nodes_added)} nodes added, {len(change.nodes_removed)} removed; "
+                     f"relative output error vs float {err}")
+    for name, section in report.methods.items():
         lines += [f"{name}: {line}" for line in (section.get("summary") or [] if isinstance(section, dict) else [])]
-    if report.get("output"):
-        lines.append(f"wrote {report['output']}")
+    if report.output:
+        lines.append(f"wrote {report.output}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schema of the report, generated from its dataclasses
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema of :meth:`Report.to_dict` (``onnxq schema report``)."""
+    defs: dict[str, Any] = {}
+    root = dataclass_schema(Report, defs)
+    return {"$schema": SCHEMA_DIALECT, "title": "onnxq optimize report",
+            **root, "$defs": defs}
+
+
+def dataclass_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
+    """An object schema of dataclass ``cls`` from its type hints; nested dataclasses go into ``defs``."""
+    hints = typing.get_type_hints(cls)
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        props[f.name] = type_schema(hints[f.name], defs)
+    doc = (cls.__doc__ or "").strip().splitlines()
+    out: dict[str, Any] = {"type": "object", "properties": props, "required": [f.name for f in dataclasses.fields(cls)],
+                           "additionalProperties": False}
+    if doc:
+        out["description"] = doc[0]
+    return out
+
+
+def type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of one Python type as :func:`~onnxq.pipeline.report.jsonable` writes it."""
+    if tp is Any:
+        return {}
+    if tp is type(None):
+        return {"type": "null"}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        # a non-finite float is written as null
+        return {"type": ["number", "null"]}
+    if tp is str:
+        return {"type": "string"}
+    if dataclasses.is_dataclass(tp):
+        if tp.__name__ not in defs:
+            defs[tp.__name__] = {}  # placeholder against recursion
+            defs[tp.__name__] = dataclass_schema(tp, defs)
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [type_schema(a, defs) for a in args]}
+    if origin in (list, tuple, collections.abc.Sequence):
+        return {"type": "array", "items": type_schema(args[0], defs) if args else {}}
+    if origin in (dict, collections.abc.Mapping):
+        return {"type": "object", "additionalProperties": type_schema(args[1], defs) if args else {}}
+    raise TypeError(f"no JSON Schema for type {tp!r}")

@@ -89,6 +89,7 @@ def test_optimize_json_is_one_document(run_cli, digits_model, digits_calib, digi
     assert code == 0, stderr
     doc = _strict_json(stdout)  # the whole of stdout is one JSON document
     report = doc["report"]
+    _validate_report(run_cli, report)
     assert report["method"] == ["percentile"]
     assert report["options"]["percentile"]["percentile"] == pytest.approx(99.9)
     assert report["target"] == "trt" and report["bits"] == 8
@@ -402,3 +403,45 @@ def test_console_script_end_to_end(run_proc, onnxq_exe, digits_model, digits_cal
     assert any((Path(os.environ["XDG_CACHE_HOME"]) / "onnxq" / "stats").iterdir())
     lint = run_proc([onnxq_exe, "lint", out])
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def _validate_report(run_cli, report: dict) -> None:
+    """``report`` validates against the schema ``onnxq schema report`` prints."""
+    jsonschema = pytest.importorskip("jsonschema")
+    code, stdout, stderr = run_cli(["schema", "report"])
+    assert code == 0, stderr
+    schema = _strict_json(stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(report)
+
+
+def test_report_json_validates_against_the_schema(run_cli, digits_model, digits_calib, tmp_path):
+    """``optimize --json`` with a quantized rewrite, INT7 and a default calibrator validates against ``onnxq schema report``."""
+    out = tmp_path / "bc.onnx"
+    code, stdout, stderr = run_cli(["optimize", digits_model, "-p", "bias-correction", "-o", "samples", "8", "--bits", "7",
+                                    "--data", digits_calib, "--output", out, "--json", "--no-cache"])
+    assert code == 0, stderr
+    report = _strict_json(stdout)["report"]
+    _validate_report(run_cli, report)
+    assert report["method"] == ["trt-entropy", "bias-correction"] and report["int7_note"]
+    (change,) = report["quantized_rewrites"]
+    assert change["method"] == "bias-correction" and change["initializers_changed"]
+    assert 0 < change["output_error"] < 0.1
+    # the schema rejects what the report never holds
+    import jsonschema
+
+    schema = _strict_json(run_cli(["schema", "report"])[1])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**report, "bits": "8"}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**report, "unknown_field": 1}, schema)
+
+
+def test_two_calibrators_and_shared_options_are_one_line_errors(run_cli, digits_model, digits_calib):
+    code, _, stderr = run_cli(["optimize", digits_model, "-p", "minmax", "-p", "percentile", "--data", digits_calib, "--no-cache"])
+    assert code == 1
+    assert stderr.strip() == "onnxq: error: methods 'minmax' and 'percentile' both set activation ranges and only one can; select one"
+    code, _, stderr = run_cli(["optimize", digits_model, "-p", "easyquant", "-p", "bias-correction", "-o", "samples", "8",
+                               "--data", digits_calib, "--no-cache"])
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert "-o easyquant.samples 8" in stderr

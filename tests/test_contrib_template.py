@@ -153,7 +153,7 @@ def test_onnxq_works_without_a_contrib_package(monkeypatch, gone, tiny_model, ti
     with pytest.raises(UnknownNameError, match=f"unknown method '{name}'"):
         host.method(name)
     res = onnxq.optimize(tiny_model, method="minmax", data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
-    assert res.report["method"] == ["minmax"]
+    assert res.report.method == ["minmax"]
 
 
 def test_a_stale_entry_point_of_an_uninstalled_package_is_contained(monkeypatch, tiny_model, tiny_feeds):

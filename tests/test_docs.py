@@ -38,7 +38,7 @@ def test_plugin_example_in_docs_runs(monkeypatch):
     rng = np.random.default_rng(0)
     data = [{"x": rng.standard_normal((4, 2, 6, 6)).astype(np.float32)}]
     result = optimize(conv_relu_model(), method="half", options={"fraction": 0.8}, data=data, host=host, show_progress=False)
-    assert result.report["method"] == ["half"]
+    assert result.report.method == ["half"]
 
 
 def test_hooks_named_in_docs_exist():

@@ -77,9 +77,9 @@ def test_int8_accuracy_within_half_a_point(quantize, accuracy_of, digits_fp32_ac
     result = quantize(method, target)
     acc = accuracy_of(result.model)
     assert acc >= digits_fp32_accuracy - MAX_DROP, f"{method}/{target} int8: {acc:.3f} vs fp32 {digits_fp32_accuracy:.3f}"
-    assert result.report["method"] == [method]
-    assert result.report["target"] == target and result.report["bits"] == 8
-    assert result.path is None and result.report["output"] is None
+    assert result.report.method == [method]
+    assert result.report.target == target and result.report.bits == 8
+    assert result.path is None and result.report.output is None
 
 
 @pytest.mark.parametrize("target", ["ort", "trt"])
@@ -87,7 +87,7 @@ def test_int7_accuracy_stays_close(quantize, accuracy_of, digits_fp32_accuracy, 
     """INT7 is coarser; on this easy task it must still stay within 2 points of FP32."""
     result = quantize("trt-entropy", target, 7)
     assert accuracy_of(result.model) >= digits_fp32_accuracy - 0.02
-    assert result.report["bits"] == 7 and result.report["int7_note"]
+    assert result.report.bits == 7 and result.report.int7_note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_int7_activations_really_are_clipped_at_runtime(quantize, digits_eval_ar
 def test_optimize_with_in_memory_feeds_matches_folder(quantize, digits_model, digits_calib_feeds, accuracy_of, digits_fp32_accuracy):
     model = onnx.load(str(digits_model))
     result = onnxq.optimize(model, method="trt-entropy", target="trt", data=digits_calib_feeds, cache_dir=None, show_progress=False)
-    assert result.report["model"] == "<in-memory>" and result.path is None
+    assert result.report.model == "<in-memory>" and result.path is None
     assert accuracy_of(result.model) >= digits_fp32_accuracy - MAX_DROP
     # the same samples in the same order give exactly the same quantized model as the .npz folder
     from_folder = quantize("trt-entropy", "trt").model
@@ -242,7 +242,7 @@ def test_optimize_accepts_feeds_with_labels_and_a_generator(digits_model, digits
     """(feeds, labels) pairs and a one-shot generator work as data too (the data is re-iterated)."""
     pairs = ((dict(f), np.zeros(len(f["input"]), np.int64)) for f in digits_calib_feeds[:4])
     result = onnxq.optimize(str(digits_model), method="minmax", target="trt", data=pairs, cache_dir=None, show_progress=False)
-    assert result.report["quantized_activations"] > 0
+    assert result.report.quantized_activations > 0
     onnx.checker.check_model(result.model)
 
 
@@ -250,7 +250,7 @@ def test_optimize_writes_output_atomically(digits_model, digits_calib, tmp_path,
     out = tmp_path / "sub" / "q.onnx"
     out.parent.mkdir()
     result = onnxq.optimize(digits_model, out, method="minmax", target="trt", data=str(digits_calib), cache_dir=None, show_progress=False)
-    assert result.path == out and result.report["output"] == str(out)
+    assert result.path == out and result.report.output == str(out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]  # no temp files left behind
     assert onnx.load(str(out)).SerializeToString() == result.model.SerializeToString()
     session_of(out)
@@ -285,29 +285,52 @@ def test_static_batch_model_rejects_a_partial_batch(digits_model):
         onnxq.optimize(_with_static_batch(digits_model, 2), data=feeds, cache_dir=None, show_progress=False)
 
 
-def test_composed_calibrators_first_one_wins(quantize, accuracy_of, digits_fp32_accuracy):
-    composed = quantize(["minmax", "trt-entropy"], "trt")
-    assert composed.report["method"] == ["minmax", "trt-entropy"]
-    assert {p.key: p.value for p in composed.model.metadata_props}["onnxq.method"] == "minmax+trt-entropy"
-    minmax = _activation_scales(quantize("minmax", "trt").model)
-    entropy = _activation_scales(quantize("trt-entropy", "trt").model)
-    got = _activation_scales(composed.model)
+def test_two_calibrators_are_one_line_error():
+    """Two methods that both set activation ranges would drop one of them: refused, naming both."""
+    from onnxq.errors import OptionError
+    from onnxq.host import get_host
+    from onnxq.pipeline import resolve_methods
+
+    host = get_host()
+    with pytest.raises(OptionError, match=r"^methods 'minmax' and 'trt-entropy' both set activation ranges and only one can; select one$"):
+        resolve_methods(["minmax", "trt-entropy"], None, host)
+    with pytest.raises(OptionError, match=r"methods 'cfws' and 'mse' .*: -p cfws -o cfws\.calibrator mse$"):
+        resolve_methods(["cfws", "mse"], None, host)
+    # a method that follows a calibrator keeps its ranges: documented compositions still resolve
+    assert [m.name for m in resolve_methods(["cfws", "easyquant"], None, host)] == ["cfws", "easyquant"]
+    assert [m.name for m in resolve_methods(["minmax", "cfws"], None, host)] == ["minmax", "cfws"]
+
+
+def test_calibrator_option_composes(quantize, digits_model, digits_calib):
+    """``-p cfws -o cfws.calibrator minmax``: on a model with nothing to split, exactly minmax's ranges."""
+    composed = onnxq.optimize(digits_model, method="cfws", options={"cfws.calibrator": "minmax"}, target="trt", data=str(digits_calib),
+                              cache_dir=None, show_progress=False)
+    assert composed.report.methods["cfws"]["split"] == []
+    got, minmax = _activation_scales(composed.model), _activation_scales(quantize("minmax", "trt").model)
     assert got.keys() == minmax.keys() and len(got) >= 5
     for k in got:
         assert got[k] == pytest.approx(minmax[k], rel=1e-6), k
-    # and the two calibrators really disagree somewhere, so "first wins" is observable
-    assert any(abs(entropy[k] - minmax[k]) > 1e-3 * minmax[k] for k in got)
-    assert accuracy_of(composed.model) >= digits_fp32_accuracy - MAX_DROP
-    findings = check_trt_rules(composed.model)
-    assert findings == []
+
+
+def test_shared_option_name_needs_the_method_prefix():
+    from onnxq.errors import OptionError
+    from onnxq.host import get_host
+    from onnxq.pipeline import resolve_methods
+
+    host = get_host()
+    with pytest.raises(OptionError, match=r"^option 'samples' belongs to several selected methods \(easyquant, bias-correction\); "
+                                          r"say which with a prefix, e\.g\. -o easyquant\.samples 8$"):
+        resolve_methods(["easyquant", "bias-correction"], {"samples": "8"}, host)
+    eq, bc = resolve_methods(["easyquant", "bias-correction"], {"easyquant.samples": "8", "bias-correction.samples": 4}, host)
+    assert eq.options.samples == 8 and bc.options.samples == 4
 
 
 def test_composed_options_route_to_their_method(digits_model, digits_calib_feeds):
-    res = onnxq.optimize(digits_model, method=["trt-entropy", "percentile"], options={"zero_bin": "keep", "percentile": "99.9"},
+    res = onnxq.optimize(digits_model, method=["percentile", "bias-correction"], options={"percentile": "99.9", "samples": "8"},
                          target="trt", data=digits_calib_feeds[:4], cache_dir=None, show_progress=False)
-    opts = res.report["options"]
-    assert opts["trt-entropy"]["zero_bin"] == "keep"
+    opts = res.report.options
     assert opts["percentile"]["percentile"] == pytest.approx(99.9)
+    assert opts["bias-correction"]["samples"] == 8
 
 
 def test_statistics_cache_round_trip(digits_model, digits_calib, tmp_path):
@@ -322,13 +345,14 @@ def test_statistics_cache_round_trip(digits_model, digits_calib, tmp_path):
 
 
 def test_report_fields(quantize):
-    r = quantize("trt-entropy", "ort").report
+    report = quantize("trt-entropy", "ort").report
+    r = report.to_dict()
     for key in ("model", "method", "options", "target", "bits", "quantized_activations", "quantized_weights", "layers",
                 "calibration_seconds", "total_seconds", "left_in_float"):
         assert key in r, key
-    assert r["quantized_weights"] == 7 and r["layers"] == 7
-    assert r["left_in_float"] == []
+    assert report.quantized_weights == 7 and report.layers == 7
+    assert report.left_in_float == []
     defaults = {"zero_bin": "copy_next", "kl": "trt", "edge": "right", "merge": "even"}
-    assert {k: r["options"]["trt-entropy"].get(k) for k in defaults} == defaults
+    assert {k: report.options["trt-entropy"].get(k) for k in defaults} == defaults
     counts = Counter(n.op_type for n in quantize("trt-entropy", "ort").model.graph.node)
     assert counts["Conv"] == 6 and counts["DequantizeLinear"] >= 7 + r["quantized_activations"]

@@ -91,7 +91,7 @@ def test_register_module_and_quantize(tiny_model, tiny_feeds):
     host.register_module("minmax", minmax)
     half = onnxq.optimize(tiny_model, method="halfrange", target="trt", data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
     full = onnxq.optimize(tiny_model, method="minmax", target="trt", data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
-    assert half.report["method"] == ["halfrange"]
+    assert half.report.method == ["halfrange"]
     _assert_half_of(half.model, full.model)
     # the plugin's model is a valid, runnable QDQ model
     onnx.checker.check_model(half.model, full_check=True)
@@ -170,8 +170,8 @@ def test_failing_report_hook_does_not_lose_the_run(tiny_model, tiny_feeds, caplo
     host.register_module("noargs", _module("n", report_sections=no_args_section))
     with caplog.at_level("WARNING", logger="onnxq"):
         res = onnxq.optimize(tiny_model, method="halfrange", data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
-    assert res.report["good"] == {"bits": 8} and res.report["noargs"] is True
-    assert "bad" not in res.report
+    assert res.report.extra["good"] == {"bits": 8} and res.report.extra["noargs"] is True
+    assert "bad" not in res.report.extra
     assert any("bad" in r.getMessage() and "KeyError" in r.getMessage() for r in caplog.records), caplog.text
 
 
@@ -240,7 +240,7 @@ def test_plugin_reader_and_report_section(tiny_model, tiny_feeds):
                                                  report_sections=report_sections))
     assert rec.ok and rec.provides == ["method:halfrange", "reader:mylist"]
     res = onnxq.optimize(tiny_model, method="halfrange", data="mylist", host=host, show_progress=False, cache_dir=None)
-    assert res.report["myplug"] == {"layers_seen": 2}
+    assert res.report.extra["myplug"] == {"layers_seen": 2}
     direct = onnxq.optimize(tiny_model, method="halfrange", data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
     assert _activation_scales(res.model) == _activation_scales(direct.model)
 
@@ -425,7 +425,7 @@ def test_installed_plugin_quantizes(good_plugin, run_proc, onnxq_exe, digits_mod
     doc = json.loads(proc.stdout)
     assert doc["report"]["method"] == ["halfrange"]
     suffix = good_plugin.module.rsplit("_", 1)[-1]
-    assert doc["report"][f"plugin_{suffix}"] == {"methods": ["halfrange"]}  # the plugin's report_sections hook ran
+    assert doc["report"]["extra"][f"plugin_{suffix}"] == {"methods": ["halfrange"]}  # the plugin's report_sections hook ran
     model = onnx.load(str(out))
     assert {p.key: p.value for p in model.metadata_props}["onnxq.method"] == "halfrange"
     onnx.checker.check_model(model, full_check=True)

@@ -142,7 +142,7 @@ def test_smoothquant_beats_plain_minmax(quantized):
     e_plain, e_smooth = relative_error(plain.model, block, ev), relative_error(smooth.model, block, ev)
     # measured 5x lower on this block (0.0200 -> 0.0040 relative squared error); assert at least 2.5x
     assert e_smooth < e_plain / 2.5, (e_plain, e_smooth)
-    rep = smooth.report["methods"]["smoothquant"]
+    rep = smooth.report.methods["smoothquant"]
     assert len(rep["sites"]) == 3
     assert all(s["max_over_median_after"] < s["max_over_median_before"] for s in rep["sites"])
 

@@ -76,7 +76,7 @@ def test_int4_model_is_much_smaller(tmp_path):
     fp_bytes = sum(numpy_helper.to_array(t).nbytes for t in fp.graph.initializer)
     q_bytes = (tmp_path / "q.onnx").stat().st_size
     assert q_bytes < 0.25 * fp_bytes
-    assert result.report["weight_only"]["block_size"] == 32
+    assert result.report.weight_only.block_size == 32
 
 
 def test_block_size_option_and_validation(x):
@@ -97,4 +97,4 @@ def test_weight_only_needs_no_calibrator_and_declares_ir_10():
     result = optimize(mlp(), data=None, bits=4, target="trt", method="minmax", show_progress=False)
     assert result.model.ir_version >= 10
     default = optimize(mlp(), data=None, bits=4, target="trt", method="percentile", show_progress=False)
-    assert default.report["method"] == ["percentile"]
+    assert default.report.method == ["percentile"]

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = optimize(fp32, method="emb4bit", options=opts, data=feeds[:1], show_progress=False)
         secs = time.perf_counter() - t0
-        rep = res.report["methods"]["emb4bit"]
+        rep = res.report.methods["emb4bit"]
         got = embed(res.model, feeds, a.threads)
         cos = cosines(ref, got)
         tb = next(r for r in rep["tables"] if r["table"] == word)

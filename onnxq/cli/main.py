@@ -38,9 +38,9 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 
 def _register_commands() -> None:
-    from onnxq.cli import compare, env, export_cache, lint, methods, optimize, plugins
+    from onnxq.cli import compare, env, export_cache, lint, methods, optimize, plugins, schema
 
-    for mod in (optimize, compare, methods, plugins, env, lint, export_cache):
+    for mod in (optimize, compare, methods, plugins, env, lint, export_cache, schema):
         cli.add_command(mod.command)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from onnxq.cli.choices import RegistryChoice
 from onnxq.cli.common import data_options, default_cache_dir, emit_json, parse_key_values
 from onnxq.errors import OptionError, QualityGateError
 
@@ -13,10 +14,10 @@ from onnxq.errors import OptionError, QualityGateError
 @click.command("optimize")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-p", "--method", "methods", multiple=True, default=("trt-entropy",), show_default=True, help="Method; repeat to compose (e.g. -p cfws -p easyquant).")
-@click.option("-o", "--option", "opts", multiple=True, type=(str, str), metavar="KEY VALUE", help="Method option (see `onnxq methods NAME`); METHOD.KEY targets one method.")
+@click.option("-o", "--option", "opts", multiple=True, type=(str, str), metavar="KEY VALUE", help="Method option (see `onnxq methods NAME`); METHOD.KEY targets one method (required when several selected methods have KEY).")
 @click.option("--data", default=None, help="Calibration data: folder/file of .npz/.npy, image folder, module:function, or random.")
 @data_options
-@click.option("--target", type=click.Choice(["ort", "trt", "ort-s8"]), default="ort", show_default=True, help="Deployment target profile.")
+@click.option("--target", type=RegistryChoice("targets"), default="ort", show_default=True, help="Deployment target profile (a registered target).")
 @click.option("--bits", type=click.Choice(["8", "7", "4"]), default="8", show_default=True, help="8 or 7: weights and activations (7 = INT7 in an int8 container); 4: block-wise int4 weight-only MatMul/Gemm.")
 @click.option("--block-size", type=int, default=None, help="Block size of --bits 4 (power of two >= 16; default 32).")
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output model (default: MODEL's folder, <stem>.<target>-int<bits>.onnx).")
@@ -53,7 +54,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
     )
     report = result.report
-    doc: dict = {"report": report}
+    doc: dict = {}
     text = []
     gate_error = None
     if eval_data is not None or baseline == "ort":
@@ -65,8 +66,9 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         text.append(table_text)
     if gate_error is None:
         save_model_atomic(result.model, out)
-        report["output"] = str(out)
+        report.output = str(out)
     if as_json:
+        doc = {"report": report.to_dict(), **doc}  # the report schema: `onnxq schema report`
         doc["quality_gate"] = "failed" if gate_error else ("passed" if (max_drop is not None or min_cosine is not None) else None)
         emit_json(doc)
     else:

@@ -171,7 +171,7 @@ def test_trt_cache_method_reproduces_scales(digits_model, digits_calib_feeds, di
     path = tc.write_cache(tmp_path / "digits.cache", tc.scales_from_qdq_model(digits_trt_int8.model).scales)
     res = optimize(digits_model, method="trt-cache", options={"path": str(path)}, target="trt", data=digits_calib_feeds, show_progress=False)
     assert _q_scales(res.model) == pytest.approx(_q_scales(digits_trt_int8.model), rel=1e-6)
-    rep = res.report["methods"]["trt-cache"]
+    rep = res.report.methods["trt-cache"]
     assert rep["activations_from_cache"] == len(_q_scales(res.model)) and rep["activations_max_abs_fallback"] == []
 
 
@@ -183,7 +183,7 @@ def test_trt_cache_missing_tensors_fall_back_with_warning(digits_model, digits_c
         res = optimize(digits_model, method="trt-cache", options={"path": str(path)}, target="trt", data=digits_calib_feeds, show_progress=False)
     scales = _q_scales(res.model)
     assert scales["input"] == pytest.approx(1.0 / 127, rel=1e-6)
-    rep = res.report["methods"]["trt-cache"]
+    rep = res.report.methods["trt-cache"]
     n = len(scales)
     assert rep["activations_from_cache"] == 1 and len(rep["activations_max_abs_fallback"]) == n - 1  # the zero scale falls back too
     assert rep["cache_tensors_unused"] == 1

@@ -32,7 +32,7 @@ def test_bias_correction_removes_the_output_shift(target, bits):
     # measured on held-out data: trt INT7 shift 0.36 -> 0.04, error 0.42 -> 0.28; ort INT8 0.13 -> 0.012, 0.26 -> 0.24
     assert shift1 < shift0 / 3, (shift0, shift1)
     assert err1 < err0, (err0, err1)
-    corrected = fixed.report["methods"]["bias-correction"]["corrected"]
+    corrected = fixed.report.methods["bias-correction"]["corrected"]
     assert set(corrected) >= {"dwconv", "conv2", "conv3"}
     onnx.checker.check_model(fixed.model, full_check=True)
     biases = {t.name: numpy_helper.to_array(t) for t in fixed.model.graph.initializer if t.name.startswith("b")}

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.runtime.ort import integer_kernel_report, make_session
 from onnxq.graph.splitting import centre_ratio, find_rep_convs, split_convs, split_kernel
-from onnxq.pipeline import _outputs_match, optimize
+from onnxq.pipeline import optimize, outputs_error
 from onnxq.calib.readers import Batch
 from onnxq.qparams import QParams, symmetric
 from onnxq.testing.contract import MethodContract
@@ -36,7 +36,7 @@ def test_contract_model_splits_nothing():
     from onnxq.testing.models import residual_concat_model
 
     r = optimize(residual_concat_model(), method="cfws", data=_calibration(), target="trt", show_progress=False)
-    report = r.report["methods"]["cfws"]
+    report = r.report.methods["cfws"]
     assert report["split"] == []
     assert {d["node"] for d in report["not_split"]} == {"conv1", "conv2", "conv3", "conv4", "conv5"}
     assert not any("cfws" in n.name for n in r.model.graph.node)
@@ -151,7 +151,7 @@ def test_split_model_is_exact_in_float():
     onnx.checker.check_model(split, full_check=True)
     assert [s.coarse_form for s in info] == ["1x1", "1x1", "3x3"]
     assert sum(n.op_type == "Conv" for n in split.graph.node) == 6
-    assert _outputs_match(model, split, Batch(_feeds(), None, "test")) <= 1e-5
+    assert outputs_error(model, split, Batch(_feeds(), None, "test")) <= 1e-5
 
 
 def test_fixture_split_is_exact_and_passes_the_host_check():
@@ -159,10 +159,10 @@ def test_fixture_split_is_exact_and_passes_the_host_check():
     split, info = split_convs(model, find_rep_convs(model))
     assert len(info) == 7
     x = np.load(FIXTURE / "eval.npz")["input"][:64]
-    assert _outputs_match(model, split, Batch({"input": x}, None, "test")) <= 1e-5
+    assert outputs_error(model, split, Batch({"input": x}, None, "test")) <= 1e-5
     # and the host's own check (a ModelError above 1e-5) runs inside optimize()
     r = optimize(MODEL, method="cfws", data=[{"input": x}], target="trt", show_progress=False)
-    assert len(r.report["methods"]["cfws"]["split"]) == 7
+    assert len(r.report.methods["cfws"]["split"]) == 7
 
 
 def test_synthetic_model_quantizes_for_both_targets():
@@ -171,7 +171,7 @@ def test_synthetic_model_quantizes_for_both_targets():
     for target in ("trt", "ort"):
         r = optimize(model, method="cfws", options={"include": "conv2"}, data=data, target=target, show_progress=False)
         onnx.checker.check_model(r.model, full_check=True)
-        assert len(r.report["methods"]["cfws"]["split"]) == 3
+        assert len(r.report.methods["cfws"]["split"]) == 3
         ref = make_session(model, "all").run(None, _feeds(4, 9))[0]
         got = make_session(r.model, "all").run(None, _feeds(4, 9))[0]
         assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
@@ -229,7 +229,7 @@ def test_fixture_weight_error_is_ten_times_lower(runs):
         mse_merged = np.mean((per_channel_fq(w).astype(np.float64) - w) ** 2)
         assert mse_merged >= 10 * mse_split, (centre_ratio(w), mse_merged / mse_split)
     # the run report states the same numbers, with the qparams the run actually used
-    mse = runs("cfws").report["methods"]["cfws"]["weight_mse"]
+    mse = runs("cfws").report.methods["cfws"]["weight_mse"]
     assert len(mse) == 7 and all(v["reduction"] >= 10 for v in mse.values())
 
 
@@ -291,8 +291,8 @@ def test_cfws_then_easyquant_at_int7(runs):
     # (calibrating on either half of the data moves cfws by that much). EasyQuant scores the two
     # branches of a split conv separately, not their sum, so it adds little after cfws.
     both = runs(["cfws", "easyquant"], "trt", 7)
-    assert both.report["method"] == ["cfws", "easyquant"]
-    layers = both.report["methods"]["easyquant"]["layers"]
+    assert both.report.method == ["cfws", "easyquant"]
+    layers = both.report.methods["easyquant"]["layers"]
     assert sum(n.endswith("/cfws_fine") for n in layers) == 7 and sum(n.endswith("/cfws_coarse") for n in layers) == 7
     assert top1(both.model) >= top1(runs("cfws", "trt", 7).model) - 1.5
     assert top1(both.model) > top1(runs("minmax", "trt", 7).model) + 2.0  # still far above plain calibration
@@ -301,7 +301,7 @@ def test_cfws_then_easyquant_at_int7(runs):
 def test_improved_kl_is_selectable_and_reported(runs):
     """The provisional masked KL (methods.md §3.4) runs; it is measured worse than trt KL here (docs/methods.md)."""
     r = runs("cfws", "trt", 8, kl="cfws")
-    report = r.report["methods"]["cfws"]
+    report = r.report.methods["cfws"]
     assert "provisional" in report["activation_calibrator"]
     # the inputs of the next convs: 4 Relu outputs and 2 MaxPool outputs (features.8 feeds GAP + Gemm)
     assert len(report["improved_kl_sites"]) == 6
@@ -310,13 +310,13 @@ def test_improved_kl_is_selectable_and_reported(runs):
 
 def test_another_calibrator_first_keeps_the_coarse_grid_exact(runs):
     r = runs(["minmax", "cfws"], "trt", 8)
-    assert r.report["method"] == ["minmax", "cfws"]
-    assert all(v["reduction"] >= 10 for v in r.report["methods"]["cfws"]["weight_mse"].values())
+    assert r.report.method == ["minmax", "cfws"]
+    assert all(v["reduction"] >= 10 for v in r.report.methods["cfws"]["weight_mse"].values())
 
 
 def test_exclude_option(runs):
     r = runs("cfws", "trt", 8, exclude="*features.1/*")
-    report = r.report["methods"]["cfws"]
+    report = r.report.methods["cfws"]
     assert len(report["split"]) == 6
     (skipped,) = [d for d in report["not_split"] if "features.1/" in d["node"]]
     assert "exclude" in skipped["reason"] and skipped["ratio"] > 1.5
@@ -324,7 +324,7 @@ def test_exclude_option(runs):
 
 def test_16_bit_bias_simulation(runs):
     r = runs("cfws", "trt", 8, bias_bits=16)
-    assert r.report["methods"]["cfws"]["bias"].startswith("16-bit")
+    assert r.report.methods["cfws"]["bias"].startswith("16-bit")
     inits = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
     coarse = [n for n in r.model.graph.node if n.name.endswith("/cfws_coarse")]
     assert len(coarse) == 7

@@ -107,7 +107,7 @@ def test_int8_entropy_is_close_to_fp32(eval_images, fp32_detections):
 
 def test_report_has_p_per_layer_losses_and_emulation_note(w4a4):
     runs, _ = w4a4
-    rep = runs["detptq"].report["methods"]["detptq"]
+    rep = runs["detptq"].report.methods["detptq"]
     assert rep["task"] == "detection" and rep["outputs"] == ["heatmap", "boxes"]
     assert len(rep["layers"]) == 8
     for name, layer in rep["layers"].items():
@@ -123,7 +123,7 @@ def test_report_has_p_per_layer_losses_and_emulation_note(w4a4):
     assert rep["layers"]["/conv4/conv4.0/Conv"]["weight_bits"] == 4 and rep["layers"]["/conv4/conv4.0/Conv"]["act_bits"] == 4
     assert "INT8 kernels" in rep["emulation"] and "emulated" in rep["emulation"]
     # the search lowers the task loss it optimises, compared with p = 2 everywhere
-    assert rep["task_loss_final"]["loss"] < runs["l2"].report["methods"]["detptq"]["task_loss_final"]["loss"]
+    assert rep["task_loss_final"]["loss"] < runs["l2"].report.methods["detptq"]["task_loss_final"]["loss"]
 
 
 def test_w4a4_graph_is_int8_restricted_to_4_bits(w4a4):
@@ -171,7 +171,7 @@ def test_custom_task_loss_registered_through_a_host():
     assert record.ok and record.provides == ["task:max-abs"]
     result = optimize(residual_concat_model(), method="detptq", options={"task": "max-abs", "p_values": "2,3,inf"}, data=_calib(),
                       target="trt", host=host, show_progress=False)
-    rep = result.report["methods"]["detptq"]
+    rep = result.report.methods["detptq"]
     assert rep["task"] == "max-abs" and rep["outputs"] == ["logits"]
     assert calls and rep["evaluations"] == len(calls) - 1  # + the final loss of the finished plan
 

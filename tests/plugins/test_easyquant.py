@@ -25,7 +25,7 @@ def digits_int7():
 
 
 def test_every_layer_objective_is_not_lowered(digits_int7):
-    layers = digits_int7.report["methods"]["easyquant"]["layers"]
+    layers = digits_int7.report.methods["easyquant"]["layers"]
     assert len(layers) == 7
     for name, r in layers.items():
         assert r["weight_cosine_after"] >= r["weight_cosine_before"] - 1e-9, name

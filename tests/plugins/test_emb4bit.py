@@ -221,7 +221,7 @@ def test_lookup_graph_equals_numpy_decode_exactly(fmt):
     ids = np.random.default_rng(9).integers(-V, V, (5, 11))  # Gather allows negative indices
     got = gathered(res.model, ids)
     assert np.array_equal(got, qt.decode((ids % V).ravel()).reshape(got.shape))
-    rep = res.report["methods"]["emb4bit"]
+    rep = res.report.methods["emb4bit"]
     assert [t["table"] for t in rep["tables"]] == ["word_table"]
     assert rep["tables"][0]["bytes_quantized"] == V * (D // 2 + 4)
     assert rep["left_in_float"] == [{"table": "type_table", "reason": "2 rows < min_rows 64"}]
@@ -242,11 +242,11 @@ def test_only_the_tables_change():
     assert model.SerializeToString() == before, "the input model was modified"
     ops = {n.op_type for n in res.model.graph.node}
     assert not ops & {"QuantizeLinear", "DequantizeLinear"}
-    assert res.report["method"] == ["emb4bit"] and res.report["quantized_activations"] == 0 and res.report["quantized_weights"] == 0
+    assert res.report.method == ["emb4bit"] and res.report.quantized_activations == 0 and res.report.quantized_weights == 0
     inits = {t.name: t for t in res.model.graph.initializer}
     assert "word_table" not in inits and "type_table" in inits
     assert np.array_equal(numpy_helper.to_array(inits["head"]), numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "head")))
-    rep = res.report["methods"]["emb4bit"]
+    rep = res.report.methods["emb4bit"]
     assert rep["model_bytes_after"] < 0.3 * rep["model_bytes_before"]
     x = feeds(1, seed=11)[0]
     ref = make_session(model).run(None, x)[0]
@@ -258,7 +258,7 @@ def test_only_the_tables_change():
 def test_named_tables_and_errors():
     model = embedding_model()
     res = optimize(model, method="emb4bit", options={"tables": "type_table"}, data=feeds(), show_progress=False)
-    rep = res.report["methods"]["emb4bit"]
+    rep = res.report.methods["emb4bit"]
     assert [t["table"] for t in rep["tables"]] == ["type_table"]  # named: taken whatever its size, and only it
     with pytest.raises(OptionError, match="not the data input of a Gather"):
         optimize(model, method="emb4bit", options={"tables": "head"}, data=feeds(), show_progress=False)
@@ -290,7 +290,7 @@ def test_fp16_table_keeps_its_output_type():
     model.graph.node[0].output[0] = "emb16"
     model.graph.node.insert(1, helper.make_node("Cast", ["emb16"], ["emb"], to=TensorProto.FLOAT, name="to_f32"))
     res = optimize(model, method="emb4bit", data=feeds(), show_progress=False)
-    assert res.report["methods"]["emb4bit"]["tables"][0]["bytes_quantized"] == V * (D // 2 + 4)
+    assert res.report.methods["emb4bit"]["tables"][0]["bytes_quantized"] == V * (D // 2 + 4)
     make_session(res.model).run(None, feeds(1)[0])
 
 
@@ -335,7 +335,7 @@ def test_minilm_word_table_size_and_sentence_cosine():
     word = "bert.embeddings.word_embeddings.weight"
     batches = text_data.batches(text_data.sentences(64), 32)
     res = optimize(str(MINILM), method="emb4bit", options={"tables": word}, data=batches[:1], show_progress=False)
-    t = res.report["methods"]["emb4bit"]["tables"][0]
+    t = res.report.methods["emb4bit"]["tables"][0]
     assert t["ratio_vs_fp32"] <= 0.14
     assert t["mean_row_l2"] < t["mean_row_l2_minmax"] and t["rows_worse_than_minmax"] == 0
     ref, got = make_session(str(MINILM), threads=1), make_session(res.model, threads=1)

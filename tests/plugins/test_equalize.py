@@ -66,7 +66,7 @@ def test_equalize_is_exact_in_float_and_cuts_int8_error(calibrator):
     model, calib, held_out = bn_depthwise_model(), _data(64, 1), _data(32, 2)
     plain = optimize(model, method=calibrator, data=calib, show_progress=False)
     eq = optimize(model, method=["equalize", calibrator], data=calib, show_progress=False)
-    section = eq.report["methods"]["equalize"]
+    section = eq.report.methods["equalize"]
     dw = next(e for e in section["equalized"] if e["consumer"] == "dwconv")
     assert dw["spread_before"] > 10 and dw["spread_after"] < 2.0  # depthwise: every channel within (max/2, max]
     err_plain, err_eq = _rel_error(plain.model, model, held_out), _rel_error(eq.model, model, held_out)

@@ -105,7 +105,7 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest_by_half(fp, rtn, gptq)
     # measured: RTN 0.0180, gptq 0.0047 (3.9x lower); asserted: at least 2x lower
     e_rtn, e_gptq = output_error(fp, rtn.model), output_error(fp, gptq.model)
     assert e_gptq <= 0.5 * e_rtn, (e_gptq, e_rtn)
-    rep = gptq.report["methods"]["gptq"]
+    rep = gptq.report.methods["gptq"]
     assert rep["samples"] == 64 and len(rep["layers"]) == 5
     assert all(r["bits"] == 4 and 0 <= r["rel_error"] < 0.05 for r in rep["layers"])
 
@@ -161,7 +161,7 @@ def test_trt_target_symmetric_int4_and_lower_error(fp):
 
 def test_keep8_writes_the_most_sensitive_matmul_as_8bit_matmulnbits(fp, gptq):
     res = optimize(fp, method="gptq", options={"keep8": 1}, data=CALIB, bits=4, show_progress=False)
-    rep = res.report["methods"]["gptq"]
+    rep = res.report.methods["gptq"]
     worst = max(rep["layers"], key=lambda r: r["rel_error_4bit"])["node"]
     assert rep["bits8_layers"] == [worst]
     bits = {n.name: attr(n, "bits") for n in nbits_nodes(res.model)}
@@ -169,7 +169,7 @@ def test_keep8_writes_the_most_sensitive_matmul_as_8bit_matmulnbits(fp, gptq):
     assert optimized_op_counts(res.model, "all").get("MatMulNBits") == 5
     assert output_error(fp, res.model) < output_error(fp, gptq.model)
     named = optimize(fp, method="gptq", options={"keep8_names": "fc*"}, data=CALIB, bits=4, show_progress=False)
-    assert named.report["methods"]["gptq"]["bits8_layers"] == ["fc1", "fc2"]
+    assert named.report.methods["gptq"]["bits8_layers"] == ["fc1", "fc2"]
     with pytest.raises(OptionError, match="keep8_names"):
         optimize(fp, method="gptq", options={"keep8_names": "nothing*"}, data=CALIB, bits=4, show_progress=False)
 
@@ -237,7 +237,7 @@ def test_gptq_and_emb4bit_in_one_run():
     q = both.model
     onnx.checker.check_model(q)
     assert len(nbits_nodes(q)) == 2 and optimized_op_counts(q, "all").get("MatMulNBits") == 2
-    tables = both.report["methods"]["emb4bit"]["tables"]
+    tables = both.report.methods["emb4bit"]["tables"]
     assert [t["table"] for t in tables] == ["table"] and tables[0]["ratio_vs_fp32"] <= 0.1407  # 1/8 + 1/64
     assert "table" not in {t.name for t in q.graph.initializer}, "the float table is gone"
     assert q.ByteSize() < 0.2 * fp.ByteSize()

@@ -50,7 +50,7 @@ def test_learned_rounding_beats_nearest_at_w4a8(w4a8, brecq_fixture):
     fp32 = _top1(onnx.load(str(f["model"])), f["x"], f["y"])
     print(f"W4A8 top-1: FP32 {fp32:.3f}, nearest {acc['nearest']:.3f}, brecq {acc['learned']:.3f}")
     assert acc["learned"] >= acc["nearest"] + MARGIN, acc
-    blocks = w4a8["learned"].report["methods"]["brecq"]["blocks"]
+    blocks = w4a8["learned"].report.methods["brecq"]["blocks"]
     assert [len(b["layers"]) for b in blocks] == [1, 2, 2, 2, 1]  # the three residual blocks are learned whole
     for b in blocks:
         assert b["loss_learned"] <= b["loss_nearest"]
@@ -71,7 +71,7 @@ def test_exported_weights_are_int8_on_the_4bit_grid_and_differ_from_nearest(w4a8
 def test_report_and_first_last_default(brecq_fixture):
     f = brecq_fixture
     res = onnxq.optimize(f["model"], method="brecq", data=f["calib"], target="ort", show_progress=False, options={"weight_bits": 4, "iters": 30})
-    rep = res.report["methods"]["brecq"]
+    rep = res.report.methods["brecq"]
     bits = rep["layer_bits"]
     assert list(bits.values())[0] == 8 and list(bits.values())[-1] == 8 and set(list(bits.values())[1:-1]) == {4}
     ints = _weights(res.model)

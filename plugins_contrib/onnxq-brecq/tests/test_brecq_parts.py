@@ -98,7 +98,7 @@ def test_without_torch_learned_rounding_names_the_extra(monkeypatch, brecq_fixtu
     with pytest.raises(OnnxqError, match=r"onnxq-brecq\[torch\]"):
         onnxq.optimize(f["model"], method="brecq", data=f["calib"], show_progress=False, options={"weight_bits": 4})
     res = onnxq.optimize(f["model"], method="brecq", data=f["calib"], show_progress=False, options={"weight_bits": 4, "rounding": "nearest"})
-    assert res.report["methods"]["brecq"]["rounding"] == "nearest"
+    assert res.report.methods["brecq"]["rounding"] == "nearest"
 
 
 def test_per_layer_mode_runs_and_reports_every_layer(brecq_fixture):
@@ -108,7 +108,7 @@ def test_per_layer_mode_runs_and_reports_every_layer(brecq_fixture):
     f = brecq_fixture
     res = onnxq.optimize(f["model"], method="brecq", data=f["calib"], show_progress=False,
                          options={"weight_bits": 4, "blocks": "layer", "iters": 20, "samples": 64})
-    blocks = res.report["methods"]["brecq"]["blocks"]
+    blocks = res.report.methods["brecq"]["blocks"]
     assert [len(b["layers"]) for b in blocks] == [1] * 8
     assert all(b["loss_learned"] <= b["loss_nearest"] for b in blocks)
 
@@ -131,7 +131,7 @@ def test_block_with_an_unknown_op_falls_back_to_layers(monkeypatch):
     rng = np.random.default_rng(0)
     data = [{"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}]
     res = onnxq.optimize(residual_concat_model(), method="brecq", data=data, show_progress=False, options={"iters": 10})
-    blocks = res.report["methods"]["brecq"]["blocks"]
+    blocks = res.report.methods["brecq"]["blocks"]
     fallback = [b for b in blocks if "fallback" in b]
     assert len(fallback) == 1 and fallback[0]["fallback"].startswith("per-layer (op Concat")
     learned = [l for b in blocks for l in b.get("layers", [])]

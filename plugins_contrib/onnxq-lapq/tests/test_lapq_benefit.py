@@ -38,17 +38,17 @@ def test_lapq_beats_its_lp_init_at_w4a8(lapq_fixture, target):
     init = _run(f, target, weight_bits=4, maxiter=0)
     lapq = _run(f, target, weight_bits=4)
     a_init, a_lapq = _top1(init.model, f["x"], f["y"]), _top1(lapq.model, f["x"], f["y"])
-    rep = lapq.report["methods"]["lapq"]
+    rep = lapq.report.methods["lapq"]
     print(f"{target} W4A8 top-1: Lp init {a_init:.3f}, LAPQ {a_lapq:.3f}; CE {rep['loss_lp_init']:.3f} -> {rep['loss_final']:.3f}")
     assert rep["loss"] == "ce"
-    assert init.report["methods"]["lapq"]["loss_final"] == pytest.approx(rep["loss_lp_init"])
+    assert init.report.methods["lapq"]["loss_final"] == pytest.approx(rep["loss_lp_init"])
     assert a_lapq >= a_init + MARGIN
 
 
 def test_w4a4_loss_chain_and_grids(lapq_fixture):
     f = lapq_fixture
     res = _run(f, "trt", weight_bits=4, act_bits=4)
-    rep = res.report["methods"]["lapq"]
+    rep = res.report.methods["lapq"]
     assert rep["loss_final"] < rep["loss_lp_init"] <= rep["loss_max_clip"]
     assert 2.0 <= rep["p_star"] <= 4.0 and len(rep["p_sweep"]) == 10
     from onnx import numpy_helper
@@ -66,5 +66,5 @@ def test_without_labels_the_loss_is_kl_to_fp32(lapq_fixture):
     f = lapq_fixture
     res = onnxq.optimize(f["model"], method="lapq", data=f["calib_unlabelled"], target="trt", show_progress=False,
                          options={"weight_bits": 4, "p_points": 3, "max_evals": 60})
-    rep = res.report["methods"]["lapq"]
+    rep = res.report.methods["lapq"]
     assert rep["loss"] == "kl" and rep["loss_final"] <= rep["loss_lp_init"]

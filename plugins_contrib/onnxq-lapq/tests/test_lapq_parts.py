@@ -77,7 +77,7 @@ def test_loss_model_computes_what_the_exported_qdq_model_computes(lapq_fixture):
     host.register_module("capture", type("M", (), {"register_methods": staticmethod(onnxq.hookspecs.hookimpl(lambda register: register(Capture)))}))
     composed = onnxq.optimize(f["model"], method=["lapq", "capture"], data=f["calib"], target="ort", show_progress=False, host=host,
                               options={"lapq.weight_bits": 4, "lapq.act_bits": 4, "lapq.p_points": 2, "lapq.max_evals": 40})
-    assert composed.report["methods"]["lapq"]["powell_evaluations"] <= 40
+    assert composed.report.methods["lapq"]["powell_evaluations"] <= 40
     ctx = captured["ctx"]
     lm = LossModel(ctx.model, ctx.plan, [{"input": f["x"]}], None, "kl")
     got = lm.output({t: s.qparams for t, s in ctx.plan.activations.items()}, {k: s.qparams for k, s in ctx.plan.weights.items()})
