@@ -26,7 +26,8 @@ from onnx import numpy_helper
 
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import take_samples
+from onnxq.calib.statistics import StatRequest
+from onnxq.search.samples import samples_request, take_samples
 from onnxq.graph.placement import GraphIndex, unique_namer
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
@@ -52,6 +53,10 @@ class BiasCorrection(QuantMethod):
     name = "bias-correction"
     summary = "empirical bias correction: fold each quantized layer's mean per-channel output shift into its bias (compose after a calibrator)"
     Options = BiasCorrectionOptions
+
+    def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
+        # its samples are kept by the statistics pass (read back by take_samples)
+        return super().declare_statistics(ctx) + [samples_request(self.options.samples)]
 
     def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto:
         chunks = take_samples(ctx, self.options.samples)

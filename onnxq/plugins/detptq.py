@@ -39,7 +39,7 @@ import numpy as np
 
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import take_samples
+from onnxq.search.samples import samples_request, take_samples
 from onnxq.calib.statistics import StatRequest, TensorStats
 from onnxq.search.tail import TailSession
 from onnxq.calib.thresholds import entropy_threshold
@@ -296,7 +296,7 @@ class DetPtq(QuantMethod):
     def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
         self._bits(ctx)
         self._task(ctx)  # a wrong task, output name or task option fails before calibration
-        return [StatRequest(t, "histogram") for t in ctx.plan.activations]
+        return [StatRequest(t, "histogram") for t in ctx.plan.activations] + [samples_request(self.options.samples)]
 
     def _task(self, ctx: RunContext):
         from onnxq.host import get_host

@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxq.search.evaluator import GraphRunner, LayerRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import take_samples as _take_samples
+from onnxq.search.samples import samples_request, take_samples as _take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.graph.plan import Layer
@@ -133,7 +133,7 @@ class EasyQuant(QuantMethod):
         return cls()
 
     def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
-        return self._calibrator(ctx).declare_statistics(ctx)
+        return self._calibrator(ctx).declare_statistics(ctx) + [samples_request(self.options.samples)]
 
     def choose_qparams(self, ctx: RunContext) -> None:
         self._calibrator(ctx).choose_qparams(ctx)

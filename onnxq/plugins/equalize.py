@@ -4,7 +4,10 @@ Composes in front of any calibrator or search (``-p equalize -p mse``, ``-p equa
 easyquant``): it rescales the channels of conv input tensors whose ranges differ widely and
 folds the factors into the producing BatchNormalization/Conv and the reading conv's weights, so
 the float model computes the same outputs (the host checks) while a per-tensor activation step
-fits every channel. The rule set and the choice of factors: :mod:`onnxq.graph.equalize`.
+fits every channel. The rule set and the choice of factors: :mod:`onnxq.graph.equalize`. The
+per-channel ranges of the first ``samples`` calibration samples come from
+:class:`~onnxq.calib.statistics.ChannelAbsMax` requests collected through ``ctx.collect`` (the
+statistics pass's machinery run on the float model before the rewrite).
 Related work: Nagel et al., "Data-Free Quantization" (2019) equalize weight ranges across
 ReLU pairs; onnxq uses measured activation ranges instead, which also covers BatchNormalization
 left in the graph, where weights say nothing about the channel ranges.
@@ -18,10 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.runtime.ort import make_session
-from onnxq.calib.feeds import batch_is_dynamic, model_inputs
-from onnxq.calib.statistics import run_batch_size
-from onnxq.graph.equalize import apply_equalization, channel_absmax, equalize_scales, find_equalize_sites, iter_feeds
+from onnxq.calib.statistics import ChannelAbsMax, StatRequest
+from onnxq.graph.equalize import apply_equalization, equalize_scales, find_equalize_sites
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -56,12 +57,12 @@ class Equalize(QuantMethod):
         ctx.report[self.name] = section
         if not sites:
             return None
-        # the probe runs the whole float model: sub-batches keep its activations under the
-        # calibration passes' memory budget (fixed-batch models run as the data is batched)
-        dynamic = batch_is_dynamic(model_inputs(ctx.model))
-        max_batch = run_batch_size(ctx.model, o.samples, 512 * 2**20) if dynamic else None
-        amax = channel_absmax(ctx.model, [s.tensor for s in sites], iter_feeds(ctx.calibration(), o.samples, max_batch),
-                              lambda m: make_session(m, "disable", arena=False))
+        # one streaming pass of the statistics machinery on the float model as it is now (sub-batches
+        # keep its activations under the memory budget); "disable": the tensors exactly as the graph
+        # computes them, before ONNX Runtime fuses a BatchNormalization into the conv before it
+        requests = [StatRequest(s.tensor, ChannelAbsMax(1, o.samples)) for s in sites]
+        got = ctx.collect(requests, batch_size=o.samples, optimization="disable")
+        amax = {r.tensor: got[r] for r in requests}
         inits = {t.name: t for t in ctx.model.graph.initializer}
         nodes = {n.name: n for n in ctx.model.graph.node}
         chosen = []

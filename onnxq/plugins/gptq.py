@@ -51,7 +51,7 @@ from onnx import numpy_helper
 
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import take_samples
+from onnxq.search.samples import samples_request, take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
 from onnxq.hookspecs import hookimpl
@@ -320,7 +320,7 @@ class Gptq(QuantMethod):
     def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
         if not ctx.profile.weight_only:
             raise OptionError("gptq quantizes MatMul weights to 4 bits, weight-only: use --bits 4")
-        return []
+        return [samples_request(self.options.samples)]  # read back by take_samples in refine
 
     # -- helpers ----------------------------------------------------------------------------
     def _pass(self, ctx: RunContext, chunks, weights: dict[str, np.ndarray], bits8: set[str], progress_desc: str) -> dict[str, GptqResult]:

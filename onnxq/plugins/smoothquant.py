@@ -5,8 +5,10 @@ constant-weight MatMuls and comes out of a LayerNormalization or a constant Mul 
 ending an exported GELU), the per-channel scale ``s_k = max|X_k|^α / max|W_k|^(1-α)`` is divided
 out of the producer's constants and multiplied into the weight rows. The model computes the same
 function (the host checks it to 1e-5); the activation loses its outlier channels, the per-output-
-channel weight grids absorb them. One extra ONNX Runtime pass over the calibration data collects
-the per-channel ``max|X_k|`` (one vector per tensor and batch leaves the session).
+channel weight grids absorb them. The per-channel ``max|X_k|`` comes from one streaming pass over
+the calibration data, requested as :class:`~onnxq.calib.statistics.ChannelAbsMax` statistics through
+``ctx.collect`` (a float rewrite runs before the host's statistics pass, on the model as it is
+then); the reduction happens inside the graph, so one vector per tensor and run leaves ONNX Runtime.
 
 It sets no ranges itself: compose it with a calibrator, which then runs on the smoothed graph,
 e.g. ``-p smoothquant -p mse`` (alone, the host's default calibrator is used).
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxq.calib.statistics import ChannelAbsMax, StatRequest
 from onnxq.errors import OptionError
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
@@ -54,9 +57,8 @@ class SmoothQuant(QuantMethod):
     Options = SmoothQuantOptions
 
     def float_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
-        from onnxq.runtime import ort as ort_backend
         from onnxq.graph.prepare import infer_shapes
-        from onnxq.graph.smoothing import apply_smoothing, channel_absmax_model, find_smooth_sites, smoothing_scales
+        from onnxq.graph.smoothing import apply_smoothing, find_smooth_sites, smoothing_scales
 
         if ctx.profile.weight_only:
             raise OptionError("smoothquant needs quantized activations (--bits 8 or 7), not 4-bit weight-only")
@@ -68,15 +70,14 @@ class SmoothQuant(QuantMethod):
         if not sites or o.alpha == 0.0:
             report["summary"] = ["no activation to smooth" if not sites else "alpha 0: nothing migrated"]
             return None
-        probe, outs = channel_absmax_model(ctx.model, [s.tensor for s in sites])
-        sess = ort_backend.make_session(probe, "basic", arena=False)
-        act = [np.zeros(s.channels, np.float64) for s in sites]
-        for k, batch in enumerate(ctx.calibration()):
-            if o.max_batches and k >= o.max_batches:
-                break
-            for a, v in zip(act, ort_backend.run(sess, batch.feeds, outs)):
-                np.maximum(a, np.asarray(v, np.float64).reshape(-1), out=a)
-        del sess, probe
+        limit = None
+        if o.max_batches:  # the first max_batches batches: the data is batched evenly up to its last batch
+            first = next(iter(ctx.calibration()), None)
+            limit = o.max_batches * next(iter(first.feeds.values())).shape[0] if first is not None else None
+        requests = [StatRequest(s.tensor, ChannelAbsMax(-1, limit)) for s in sites]
+        got = ctx.collect(requests)
+        act = [np.maximum(np.zeros(s.channels, np.float64), np.asarray(got[r], np.float64).reshape(-1)) if got[r] is not None
+               else np.zeros(s.channels, np.float64) for s, r in zip(sites, requests)]
         scales = {}
         for site, a in zip(sites, act):
             w = np.max([np.abs(ctx.weight(n)).max(axis=1) for n in site.weights], axis=0)

@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 from onnxq.calib.statistics import StatRequest
+from onnxq.search.samples import sample_batches, samples_request
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
@@ -80,7 +81,7 @@ class Lapq(QuantMethod):
     calibrates = True
 
     def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
-        return [StatRequest(t, "histogram") for t in ctx.plan.activations]
+        return [StatRequest(t, "histogram") for t in ctx.plan.activations] + [samples_request(self.options.samples)]
 
     # -- grids -----------------------------------------------------------------------------
     def _bits(self, ctx: RunContext) -> tuple[int, int]:
@@ -236,21 +237,17 @@ def _refuse_weight_only(ctx: RunContext) -> None:
 
 
 def _take_samples(ctx: RunContext, n: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    """Up to ``n`` calibration samples (one batch where the model allows), with labels if every batch has them."""
+    """Up to ``n`` calibration samples (one batch where the model allows), with labels if every batch has them.
+
+    The samples are the ones the host's statistics pass kept for :func:`samples_request`."""
     feeds: list[dict[str, np.ndarray]] = []
     labels: list[np.ndarray] | None = []
-    seen = 0
-    for b in ctx.calibration():
-        size = next(iter(b.feeds.values())).shape[0]
-        take = min(size, n - seen)
-        feeds.append({k: v[:take] for k, v in b.feeds.items()})
+    for b in sample_batches(ctx, n):
+        feeds.append(b.feeds)
         if b.labels is None or labels is None:
             labels = None
         else:
-            labels.append(np.asarray(b.labels)[:take])
-        seen += take
-        if seen >= n:
-            break
+            labels.append(b.labels)
     from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 
     if len(feeds) > 1 and batch_is_dynamic(model_inputs(ctx.model)):
