@@ -20,7 +20,7 @@ def __getattr__(name: str):  # lazy: keep `import onnxq` and `onnxq --help` chea
 
         return optimize
     if name == "compare":
-        from onnxq.evaluate.compare import compare
+        from onnxq.cli.evaluation import compare
 
         return compare
     raise AttributeError(name)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import click
 
     from onnxq.calib.readers import DataReader
+    from onnxq.graph.targets import TargetProfile
     from onnxq.method import QuantMethod
+    from onnxq.runtime.runner import Backend
     from onnxq.tasks import TaskLoss
 
 PROJECT = "onnxq"
@@ -51,8 +53,20 @@ def register_task_losses(register: Callable[[type[TaskLoss]], None]) -> None:
 
 
 @hookspec
-def register_backends(register: Callable[[Any], None]) -> None:
-    """Register backends (objects with ``name`` and ``evaluate``) used by ``onnxq compare``."""
+def register_backends(register: Callable[[type[Backend]], None]) -> None:
+    """Register backends: call ``register(MyBackend)`` for each :class:`onnxq.runtime.runner.Backend` subclass.
+
+    ``onnxq compare --backend NAME`` evaluates models on the backend's runners (built-ins: ``ort``,
+    ``trt``).
+    """
+
+
+@hookspec
+def register_targets(register: Callable[[TargetProfile], None]) -> None:
+    """Register target profiles: call ``register(profile)`` for each :class:`onnxq.graph.targets.TargetProfile`.
+
+    ``onnxq optimize --target NAME`` quantizes for the profile (built-ins: ``ort``, ``trt``, ``ort-s8``).
+    """
 
 
 @hookspec

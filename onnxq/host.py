@@ -3,6 +3,11 @@
 Each entry point is loaded inside its own ``try``: a plugin that fails to import or to register
 is recorded with its error (``onnxq plugins`` lists it) and never breaks other commands; asking
 for something it would have provided names the broken plugin.
+
+Hooks are called through pluggy's hook callers, restricted to one plugin at a time
+(``PluginManager.subset_hook_caller``): so ``@hookimpl(specname=...)``, argument subsets and
+wrappers work as pluggy documents them, and what a failing plugin registered is rolled back
+without touching the others.
 """
 
 from __future__ import annotations
@@ -19,11 +24,24 @@ import pluggy
 from onnxq import hookspecs
 from onnxq.calib.readers import DataReader
 from onnxq.errors import PluginError, UnknownNameError
+from onnxq.graph.targets import BUILTIN_PROFILES, TargetProfile, get_profile
 from onnxq.method import QuantMethod
+from onnxq.runtime.runner import Backend
 from onnxq.tasks import TaskLoss
 
 log = logging.getLogger(__name__)
 GROUP = "onnxq"
+#: the package whose ``BUILTIN_PLUGINS`` names the built-in plugin modules (loaded by name, like entry points)
+BUILTIN_PACKAGE = "onnxq.plugins"
+
+#: registration hooks: hook name -> (kind shown in ``provides``, registry attribute, what a registered object must be)
+REGISTRATION_HOOKS: dict[str, tuple[str, str, type]] = {
+    "register_methods": ("method", "methods", QuantMethod),
+    "register_data_readers": ("reader", "readers", DataReader),
+    "register_backends": ("backend", "backends", Backend),
+    "register_task_losses": ("task", "tasks", TaskLoss),
+    "register_targets": ("target", "targets", TargetProfile),
+}
 
 
 @dataclass
@@ -48,8 +66,9 @@ class Host:
         self.plugins: list[PluginRecord] = []
         self.methods: dict[str, type[QuantMethod]] = {}
         self.readers: dict[str, type[DataReader]] = {}
-        self.backends: dict[str, Any] = {}
+        self.backends: dict[str, type[Backend]] = {}
         self.tasks: dict[str, type[TaskLoss]] = {}
+        self.targets: dict[str, TargetProfile] = {}
         self._origin: dict[str, str] = {}
         if load_entry_points:
             self.load_entry_points()
@@ -58,13 +77,12 @@ class Host:
     def load_entry_points(self) -> None:
         eps = list(metadata.entry_points(group=GROUP))
         names = {ep.value for ep in eps}
-        if not any(ep.value.startswith("onnxq.") for ep in eps):
-            # running from a source tree without installed metadata: load the built-ins directly
-            from onnxq.plugins import BUILTIN_PLUGINS
-
-            for mod in BUILTIN_PLUGINS:
-                if mod not in names:
-                    self._load(mod.rsplit(".", 1)[-1], mod, "onnxq", _version("onnxq"), lambda m=mod: importlib.import_module(m))
+        # built-ins without an entry point (a source tree without installed metadata, or metadata
+        # older than the checkout) are loaded by module name, before everything else
+        builtins = importlib.import_module(BUILTIN_PACKAGE).BUILTIN_PLUGINS
+        for mod in builtins:
+            if mod not in names:
+                self._load(_builtin_name(mod), mod, "onnxq", _version("onnxq"), lambda m=mod: importlib.import_module(m))
         for ep in sorted(eps, key=lambda e: (not e.value.startswith("onnxq."), e.name)):
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
@@ -94,37 +112,40 @@ class Host:
                 pass
         return record
 
-    def _snapshot(self):
-        return dict(self.methods), dict(self.readers), dict(self.backends), dict(self.tasks), dict(self._origin)
+    def _snapshot(self) -> dict[str, dict[str, Any]]:
+        tables = {attr: dict(getattr(self, attr)) for _, attr, _ in REGISTRATION_HOOKS.values()}
+        return {**tables, "_origin": dict(self._origin)}
 
-    def _restore(self, snap) -> None:
-        self.methods, self.readers, self.backends, self.tasks, self._origin = (dict(x) for x in snap)
+    def _restore(self, snap: dict[str, dict[str, Any]]) -> None:
+        for attr, table in snap.items():
+            setattr(self, attr, dict(table))
+
+    def _only(self, plugin: Any, hook: str) -> Any:
+        """pluggy's caller of ``hook`` restricted to the implementations of ``plugin``."""
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        return self.pm.subset_hook_caller(hook, others)
 
     def _call_registration(self, obj: Any, record: PluginRecord) -> None:
-        def reg(kind: str, table: dict[str, Any], base: type | None):
-            def register(cls: Any) -> None:
-                key = getattr(cls, "name", "")
+        def reg(kind: str, table: dict[str, Any], base: type):
+            def register(item: Any) -> None:
+                key = getattr(item, "name", "")
                 if not key:
-                    raise PluginError(f"{kind} {cls!r} has no name")
-                if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
+                    raise PluginError(f"{kind} {item!r} has no name")
+                if base is TargetProfile:
+                    if not isinstance(item, TargetProfile):
+                        raise PluginError(f"{kind} '{key}' is not a TargetProfile")
+                elif not (isinstance(item, type) and issubclass(item, base)):
                     raise PluginError(f"{kind} '{key}' is not a {base.__name__} subclass")
                 if key in table and self._origin.get(f"{kind}:{key}") != record.name:
                     raise PluginError(f"{kind} '{key}' is already provided by plugin '{self._origin[f'{kind}:{key}']}'")
-                table[key] = cls
+                table[key] = item
                 self._origin[f"{kind}:{key}"] = record.name
                 record.provides.append(f"{kind}:{key}")
 
             return register
 
-        for hook, kind, table, base in (
-            ("register_methods", "method", self.methods, QuantMethod),
-            ("register_data_readers", "reader", self.readers, DataReader),
-            ("register_backends", "backend", self.backends, None),
-            ("register_task_losses", "task", self.tasks, TaskLoss),
-        ):
-            impl = getattr(obj, hook, None)
-            if impl is not None:
-                impl(register=reg(kind, table, base))
+        for hook, (kind, attr, base) in REGISTRATION_HOOKS.items():
+            self._only(obj, hook)(register=reg(kind, getattr(self, attr), base))
 
     # -- lookups -------------------------------------------------------------------------
     def broken(self) -> list[PluginRecord]:
@@ -169,21 +190,43 @@ class Host:
 
         raise DataError(f"no data reader understands '{spec}' (a folder or file of .npz/.npy, an image folder, module:function, or random)")
 
+    def backend(self, name: str) -> type[Backend]:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise self._unknown("backend", name, list(self.backends)) from None
+
+    def target(self, name: str, bits: int = 8, block_size: int | None = None) -> TargetProfile:
+        """The registered target profile ``name`` at ``bits`` (see :func:`onnxq.graph.targets.get_profile`)."""
+        if name not in self.targets and name not in BUILTIN_PROFILES:
+            raise self._unknown("target", name, list(self.targets) or list(BUILTIN_PROFILES))
+        return get_profile(name, bits, block_size, self.targets)
+
     def report_sections(self, report: dict[str, Any]) -> dict[str, Any]:
         """Extra report sections from every plugin; a plugin whose hook fails is skipped with a warning."""
         extra: dict[str, Any] = {}
+        plugins: list[Any] = []
         for impl in reversed(self.pm.hook.report_sections.get_hookimpls()):  # pluggy's call order
-            if impl.hookwrapper or getattr(impl, "wrapper", False):
-                continue
+            if impl.plugin not in plugins:
+                plugins.append(impl.plugin)
+        for plugin in plugins:
+            name = self.pm.get_name(plugin)
             try:
-                result = impl.function(**{k: v for k, v in {"report": report}.items() if k in impl.argnames})
+                results = self._only(plugin, "report_sections")(report=report)
             except Exception as exc:  # a broken report hook must not lose a finished run
-                log.warning("plugin '%s' failed to add its report section: %s: %s", impl.plugin_name, type(exc).__name__, exc)
-                log.debug("report_sections of %s failed:\n%s", impl.plugin_name, traceback.format_exc())
+                log.warning("plugin '%s' failed to add its report section: %s: %s", name, type(exc).__name__, exc)
+                log.debug("report_sections of %s failed:\n%s", name, traceback.format_exc())
                 continue
-            if result:
-                extra.update(result)
+            for result in results:
+                if result:
+                    extra.update(result)
         return extra
+
+
+def _builtin_name(module: str) -> str:
+    """The plugin name of a built-in module loaded without its entry point ("onnxq.tasks.builtin" -> "tasks")."""
+    parts = module.split(".")
+    return parts[-2] if parts[-1] == "builtin" else parts[-1]
 
 
 def _version(dist: str) -> str:

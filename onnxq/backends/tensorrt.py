@@ -19,7 +19,9 @@ Two TensorRT generations, told apart by :func:`version_gate` (see docs/tensorrt.
 
 The module has two halves. The first is pure Python and tested without TensorRT: the version
 gate, :class:`BuildSettings`, optimization-profile derivation (:func:`derive_profiles`) and the
-network recipe (:func:`network_recipe`). The second talks to TensorRT and CUDA.
+network recipe (:func:`network_recipe`). The second talks to TensorRT and CUDA and ends with
+:class:`TensorRTBackend`, whose :class:`TrtRunner` puts an engine behind the runner protocol; the
+FP32-vs-Q/DQ comparison built on it is :func:`onnxq.evaluate.tensorrt.evaluate_trt`.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ import onnx
 
 from onnxq.backends.trt_fp16 import Fp16Conversion, convert_to_fp16
 from onnxq.errors import DataError, ModelError, OnnxqError, OptionError
+from onnxq.runtime.runner import Backend, ModelLike, Runner
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BuildSettings", "ShapeRange", "TensorRTUnavailable", "TrtEngine", "TrtGate", "NetworkRecipe", "convert_to_fp16",
-    "build_engine", "derive_profiles", "evaluate_trt", "network_recipe", "observed_shapes", "require_tensorrt",
+    "BuildSettings", "ShapeRange", "TensorRTBackend", "TensorRTUnavailable", "TrtEngine", "TrtGate", "TrtRunner", "NetworkRecipe",
+    "convert_to_fp16", "build_engine", "derive_profiles", "make_calibrator", "network_recipe", "observed_shapes", "require_tensorrt",
     "unavailable_reason", "version_gate",
 ]
 
@@ -681,138 +684,84 @@ def make_calibrator(kind: CalibratorKind, batches: Callable[[], Iterable[Any]], 
 
 
 # =============================================================================================
-# Evaluation: FP32 vs Q/DQ engines (and TensorRT's own calibrator on 10.x)
+# The backend: engines behind the runner protocol
 # =============================================================================================
 
-@dataclass
-class TrtComparison:
-    """What :func:`evaluate_trt` returns: rows for the table and notes to print under it."""
+class TrtRunner(Runner):
+    """A built engine behind the runner protocol: ``activate`` deserializes it, ``infer`` runs one batch on the GPU.
 
-    evaluations: list[Any]
-    notes: list[str]
-    gate: TrtGate
-    calibration_cache: bytes | None = None
-
-
-def _collect(engine: TrtEngine, batches: Iterable[Any], names: Sequence[str]) -> dict[str, list[np.ndarray]]:
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for b in batches:
-        res = engine.run(b.feeds)
-        for n in names:
-            if n in res:
-                outs[n].append(np.asarray(res[n], np.float32) if res[n].dtype == np.float16 else res[n])
-    return outs
-
-
-def _source_reader(source: Callable[[], Iterable[Any]], inputs: Any) -> Any:
-    """A DataReader over a batch source (feeds the trt-entropy stand-in on TensorRT 11)."""
-    from onnxq.calib.readers import DataReader
-
-    class SourceReader(DataReader):
-        name = "batch-source"
-
-        def __iter__(self):
-            yield from source()
-
-    return SourceReader("<calibration data>", None, inputs)
-
-
-def evaluate_trt(reference: str | os.PathLike[str] | onnx.ModelProto, candidates: Mapping[str, str | os.PathLike[str] | onnx.ModelProto],
-                 batches: Callable[[], Iterable[Any]], latency_feeds: Mapping[str, np.ndarray] | None = None,
-                 settings: BuildSettings = BuildSettings(), calibrator: Literal["entropy", "minmax", "none"] = "entropy",
-                 calib_batches: Callable[[], Iterable[Any]] | None = None, calib_cache_in: Path | None = None,
-                 optional: Iterable[str] = (), latency_repeats: int = 100) -> TrtComparison:
-    """Build and run an engine for the FP32 ``reference`` and for each Q/DQ candidate; metrics as for ONNX Runtime.
-
-    The FP32 engine is the reference every row is measured against. On TensorRT 10.x a row for
-    TensorRT's own implicit calibrator (``calibrator``) on ``calib_batches`` is added; on 11+ a
-    row for onnxq's ``trt-entropy`` Q/DQ model on the same data stands in for it, with a note.
-    Build failures of the ``optional`` candidates become notes instead of errors.
+    Float16 outputs come back as float32; latency is the median GPU time of one inference
+    (label ``"gpu"``, host copies excluded); size is the serialized engine's.
     """
-    from onnxq.evaluate.compare import Evaluation, _cat
-    from onnxq.evaluate.metrics import output_metrics
-    from onnxq.calib.feeds import model_inputs
 
-    trt = require_tensorrt()
-    gate = version_gate(trt.__version__)
-    cuda = cuda_device()
-    ref_model = _model_proto(reference)
-    inputs = model_inputs(ref_model)
-    if not settings.profiles:
-        settings = _with_profiles(settings, derive_profiles(inputs, observed_shapes(batches(), [latency_feeds] if latency_feeds else [])))
-    notes = [gate.note()]
-    optional = set(optional)
-    rows: list[tuple[str, Callable[[], BuiltEngine], dict[str, Any]]] = [("fp32", lambda: build_engine(ref_model, settings, "fp32"), {})]
-    for name, model in candidates.items():
-        rows.append((name, lambda m=model: build_engine(m, settings, "explicit"), {}))
-    cache_out: list[bytes | None] = [None]
-    if calibrator != "none" and calib_batches is not None:
-        if gate.implicit_calibrators:
-            label = f"TensorRT {'IInt8EntropyCalibrator2' if calibrator == 'entropy' else 'IInt8MinMaxCalibrator'} (implicit)"
+    def __init__(self, built: BuiltEngine, name: str, cuda: _Cuda | None = None, latency_repeats: int = 100) -> None:
+        super().__init__(name)
+        self.built = built
+        self.cuda = cuda
+        self.latency_repeats = latency_repeats
+        self._engine: TrtEngine | None = None
 
-            def implicit() -> BuiltEngine:
-                cal = make_calibrator(calibrator, calib_batches, cuda, calib_cache_in)  # type: ignore[arg-type]
-                shapes = cal.first_shapes()
-                built = build_engine(ref_model, settings, "implicit", cal, shapes)
-                if cal.skipped:
-                    notes.append(f"{label}: {cal.skipped} calibration batch(es) of another shape than the first were skipped")
-                cache_out[0] = cal.cache_bytes
-                return built
+    def activate_impl(self) -> None:
+        self._engine = TrtEngine(self.built.serialized, self.cuda)
 
-            rows.append((label, implicit, {}))
-        else:
-            from onnxq.pipeline import optimize
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self._engine is not None
+        res = self._engine.run(feeds)
+        return {n: np.asarray(v, np.float32) if v.dtype == np.float16 else v for n, v in res.items()}
 
-            label = "onnxq trt-entropy (stands in for TensorRT's removed calibrator)"
+    def deactivate_impl(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
-            def stand_in() -> BuiltEngine:
-                t0 = time.perf_counter()
-                q = optimize(ref_model, method="trt-entropy", target="trt", data=_source_reader(calib_batches, inputs), show_progress=False).model
-                extra_by_name[label]["calibration_seconds"] = round(time.perf_counter() - t0, 3)
-                return build_engine(q, settings, "explicit")
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._engine.outputs) if self._engine is not None else []
 
-            rows.append((label, stand_in, {}))
+    @property
+    def size_bytes(self) -> int | None:
+        return len(self.built.serialized)
 
-    extra_by_name = {name: extra for name, _, extra in rows}
-    results: list[Any] = []
-    ref_full: dict[str, np.ndarray] = {}
-    labels = None
-    out_names = [o.name for o in ref_model.graph.output]
-    for name, make, extra in rows:
-        try:
-            built = make()
-        except OnnxqError as exc:
-            if name in optional:
-                notes.append(f"{name}: not built on TensorRT: {exc}")
-                continue
-            raise OnnxqError(f"{name}: {exc}") from None
-        with TrtEngine(built.serialized, cuda) as engine:
-            outs = _collect(engine, batches(), out_names)
-            if name == "fp32":
-                ref_full = {n: _cat(v) for n, v in outs.items() if v}
-                labs = [b.labels for b in batches()]
-                labels = np.concatenate(labs) if labs and all(lb is not None for lb in labs) else None
-            per_output = {n: output_metrics(ref_full[n], _cat(v), labels) for n, v in outs.items() if v and n in ref_full}
-            ev = Evaluation(name, engine.size_bytes, per_output)
-            if latency_feeds is not None:
-                ev.latency_ms["gpu"] = round(engine.latency_ms(latency_feeds, repeats=latency_repeats), 4)
-        ev.extra.update(extra)
-        ev.extra.update({"engine_bytes": len(built.serialized), "build_seconds": round(built.build_seconds, 3), "recipe": built.recipe.description})
-        if built.fp16 is not None:
-            ev.extra["fp16_rewrite"] = {"float32_nodes": built.fp16.float32_nodes, "max_scale_relative_change": built.fp16.max_scale_relative_change}
-        results.append(ev)
-    return TrtComparison(results, notes, gate, cache_out[0])
+    def latency_ms(self, feeds: Mapping[str, np.ndarray]) -> dict[str, float]:
+        assert self._engine is not None
+        return {"gpu": self._engine.latency_ms(feeds, repeats=self.latency_repeats)}
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"engine_bytes": len(self.built.serialized), "build_seconds": round(self.built.build_seconds, 3),
+                               "recipe": self.built.recipe.description}
+        if self.built.fp16 is not None:
+            out["fp16_rewrite"] = {"float32_nodes": self.built.fp16.float32_nodes, "max_scale_relative_change": self.built.fp16.max_scale_relative_change}
+        return out
 
 
-def _with_profiles(settings: BuildSettings, profiles: Mapping[str, ShapeRange]) -> BuildSettings:
-    from dataclasses import replace
+class TensorRTBackend(Backend):
+    """TensorRT on an NVIDIA GPU: the reference builds as FP32, candidates as strongly typed Q/DQ engines.
 
-    return replace(settings, profiles=dict(profiles))
+    ``settings`` need an optimization profile for every dynamic input (:func:`derive_profiles`).
+    """
 
+    name = "trt"
+    summary = "TensorRT on an NVIDIA GPU (strongly typed Q/DQ engines; latency is GPU time)"
+    targets = ("trt",)
 
-# =============================================================================================
-# Glue for ``onnxq compare --backend trt``
-# =============================================================================================
+    def __init__(self, threads: Sequence[int] = (1,), settings: BuildSettings = BuildSettings(), latency_repeats: int = 100,
+                 cuda: _Cuda | None = None) -> None:
+        super().__init__(threads)
+        self.settings = settings
+        self.latency_repeats = latency_repeats
+        self.cuda = cuda
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return unavailable_reason()
+
+    def runner(self, model: ModelLike, name: str, reference: bool = False) -> TrtRunner:
+        """Build the engine now (``fp32`` for the reference, ``explicit`` otherwise) and wrap it."""
+        if self.cuda is None:
+            self.cuda = cuda_device()
+        built = build_engine(model, self.settings, "fp32" if reference else "explicit")
+        return TrtRunner(built, name, self.cuda, self.latency_repeats)
+
 
 def check_trt_cli(save_cache: Path | None = None) -> None:
     """Fail early, in one line, when the TensorRT backend cannot run here or an output would be clobbered."""
@@ -823,28 +772,3 @@ def check_trt_cli(save_cache: Path | None = None) -> None:
         from onnxq.errors import OutputError
 
         raise OutputError(f"output '{save_cache}' already exists; remove it first")
-
-
-def compare_on_trt(fp32_model: Path, candidates: Mapping[str, Any], batches: Callable[[], Iterable[Any]], latency_feeds: Mapping[str, np.ndarray],
-                   calib_batches: Callable[[], Iterable[Any]], calibrator: str = "entropy", fp16: bool = False, workspace_mb: int = 2048,
-                   timing_cache: Path | None = None, save_cache: Path | None = None, optional: Iterable[str] = ()) -> tuple[list[Any], dict[str, Any]]:
-    """Run :func:`evaluate_trt` with CLI-style arguments; returns the rows and a JSON-able summary (notes, version)."""
-    settings = BuildSettings(workspace_bytes=int(workspace_mb) << 20, fp16=fp16, timing_cache=timing_cache)
-    result = evaluate_trt(fp32_model, candidates, batches, latency_feeds, settings, calibrator, calib_batches,  # type: ignore[arg-type]
-                          optional=optional)
-    notes = list(result.notes)
-    if save_cache is not None:
-        if result.calibration_cache:
-            from onnxq.backends.trt_cache import parse_cache
-
-            parsed = parse_cache(result.calibration_cache, "TensorRT's calibration cache")
-            tmp = Path(save_cache).with_name(f".{Path(save_cache).name}.tmp")
-            tmp.write_bytes(result.calibration_cache)
-            os.replace(tmp, save_cache)
-            notes.append(f"wrote TensorRT's calibration cache ({len(parsed.scales)} tensors, {parsed.header}) to {save_cache}; "
-                         f"`onnxq optimize FP32_MODEL -p trt-cache -o path {save_cache} --target trt` turns it into a Q/DQ model")
-        else:
-            notes.append("no TensorRT calibration cache to save (TensorRT >= 11, or --trt-calibrator none)")
-    doc = {"version": ".".join(map(str, result.gate.version)), "implicit_calibrators": result.gate.implicit_calibrators,
-           "notes": notes, "latency": "median GPU time of one inference (batch 1), host copies excluded", "size": "serialized engine bytes"}
-    return result.evaluations, doc

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from onnxq.cli.choices import RegistryChoice
 from onnxq.cli.common import data_options, emit_json, parse_key_values
 
 
@@ -19,7 +20,8 @@ from onnxq.cli.common import data_options, emit_json, parse_key_values
 @data_options
 @click.option("--calib-data", default=None, help="Calibration data for --baseline ort and the --backend trt calibrator row (default: --data).")
 @click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Add ONNX Runtime's quantize_static output, calibrated on --calib-data.")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="Runtime to evaluate on (trt needs a GPU and TensorRT).")
+@click.option("--backend", type=RegistryChoice("backends"), default="ort", show_default=True,
+              help="Runtime to evaluate on: a registered backend (trt needs a GPU and TensorRT; `onnxq plugins` lists them all).")
 @click.option("--trt-calibrator", type=click.Choice(["entropy", "minmax", "none"]), default="entropy", show_default=True,
               help="--backend trt: add TensorRT's own implicit calibrator on --calib-data (TensorRT 10.x; on 11+ onnxq's trt-entropy stands in).")
 @click.option("--fp16", is_flag=True, help="--backend trt: run the layers outside Q/DQ in FP16 (strongly typed: the graph is rewritten to float16).")
@@ -34,18 +36,21 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
             max_samples: int | None, calib_data: str | None, baseline: str, backend: str, trt_calibrator: str, fp16: bool, workspace_mb: int,
             timing_cache: Path | None, save_trt_cache: Path | None, threads: str, layers: bool, as_json: bool) -> None:
     """Evaluate FP32_MODEL and each QUANTIZED model side by side."""
+    from onnxq.cli.evaluation import data_source, evaluation_data
+    from onnxq.errors import OnnxqError, OptionError
     from onnxq.evaluate.compare import evaluate, layer_errors
-    from onnxq.calib.feeds import model_inputs
-    from onnxq.errors import OptionError
     from onnxq.graph import model_io
     from onnxq.host import get_host
-    from onnxq.pipeline import batch_source, make_reader
     from onnxq.report import evaluation_table, table
 
+    host = get_host()
+    runtime = host.backend(backend)
     if backend == "trt":
         from onnxq.backends.tensorrt import check_trt_cli
 
         check_trt_cli(save_trt_cache)  # one line naming what is missing: tensorrt, a CUDA binding, a GPU
+    elif (reason := runtime.unavailable_reason()) is not None:
+        raise OnnxqError(f"--backend {backend}: {reason}")
     try:
         thread_counts = tuple(int(t) for t in threads.split(","))
     except ValueError:
@@ -55,21 +60,14 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     for q in quantized:
         model_io.load_model(q)
         candidates[q.name] = q
-    inputs = model_inputs(ref)
-    host = get_host()
     opts = parse_key_values(data_opt, "--data-opt")
-    source = batch_source(make_reader(data, inputs, host, opts, reader), inputs, batch_size, max_samples)
-    first = next(iter(source()), None)
-    if first is None:
-        from onnxq.errors import DataError
-
-        raise DataError(f"the evaluation data '{data}' is empty")
+    inputs, source, latency_feeds = evaluation_data(ref, data, opts, reader, batch_size, max_samples)
     with tempfile.TemporaryDirectory(prefix="onnxq-compare-") as tmp:
         extra = {}
         if baseline == "ort":
             from onnxq.backends.ort_quantizer import quantize_with_ort
 
-            cal = batch_source(make_reader(calib_data or data, inputs, host, opts, reader), inputs, batch_size, max_samples)
+            cal = data_source(calib_data or data, inputs, opts, reader, batch_size, max_samples)
             t0 = time.perf_counter()
             # TensorRT accepts only int8 symmetric activations inside the graph
             trt_kw = {"symmetric_activations": True, "activation_type": "int8"} if backend == "trt" else {}
@@ -77,13 +75,16 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
             extra["ort quantize_static"] = {"calibration_seconds": round(time.perf_counter() - t0, 3)}
         trt_doc: dict = {}
         if backend == "trt":
-            from onnxq.backends.tensorrt import compare_on_trt
+            from onnxq.cli.evaluation import trt_entropy_model
+            from onnxq.evaluate.tensorrt import compare_on_trt
 
-            cal_src = batch_source(make_reader(calib_data or data, inputs, host, opts, reader), inputs, batch_size, max_samples)
-            evals, trt_doc = compare_on_trt(fp32_model, candidates, source, {k: v[:1] for k, v in first.feeds.items()}, cal_src,  # type: ignore[arg-type]
-                                            trt_calibrator, fp16, workspace_mb, timing_cache, save_trt_cache, optional=("ort quantize_static",))
+            cal_src = data_source(calib_data or data, inputs, opts, reader, batch_size, max_samples)
+            evals, trt_doc = compare_on_trt(fp32_model, candidates, source, latency_feeds, cal_src,  # type: ignore[arg-type]
+                                            trt_calibrator, fp16, workspace_mb, timing_cache, save_trt_cache, optional=("ort quantize_static",),
+                                            stand_in=trt_entropy_model)
         else:
-            evals = evaluate(fp32_model, candidates, source, latency_feeds={k: v[:1] for k, v in first.feeds.items()}, threads=thread_counts)  # type: ignore[arg-type]
+            evals = evaluate(fp32_model, candidates, source, latency_feeds=latency_feeds,  # type: ignore[arg-type]
+                             backend=runtime(threads=thread_counts))
         per_layer = {}
         if layers:
             for name, path in candidates.items():
@@ -101,3 +102,4 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     for name, rows in per_layer.items():
         click.echo(f"\nper-layer error of {name} (layer output vs FP32):")
         click.echo(table([[t, f"{v['sqnr_db']:.1f}", f"{v['cosine']:.5f}"] for t, v in rows.items()], ["tensor", "sqnr-dB", "cosine"]))
+

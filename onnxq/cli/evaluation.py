@@ -1,22 +1,27 @@
-"""Evaluation shared by ``optimize --eval-data`` and ``compare``: tables and quality gates."""
+"""Evaluation shared by ``optimize --eval-data``, ``compare`` and :func:`onnxq.compare`: data set-up, quality gates,
+TensorRT 11's stand-in row."""
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
 import time
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
-from onnxq.evaluate.compare import Evaluation, evaluate
 from onnxq.calib.feeds import model_inputs
+from onnxq.calib.readers import Batch, DataReader, InputSpec
+from onnxq.evaluate.compare import Evaluation, evaluate
 from onnxq.cli.common import parse_key_values
 from onnxq.errors import DataError, OptionError
 from onnxq.graph import model_io
 from onnxq.host import get_host
-from onnxq.pipeline import batch_source, make_reader
+from onnxq.pipeline import batch_source, make_reader, optimize
 from onnxq.report import evaluation_table
 
 
@@ -40,26 +45,39 @@ def quality_gate(evals: list[Evaluation], name: str, max_drop: float | None, min
     return None
 
 
+def data_source(data: str, inputs: list[InputSpec], opts: Mapping[str, str], reader: str | None, batch_size: int,
+                max_samples: int | None = None) -> Callable[[], Iterable[Batch]]:
+    """A re-iterable batch source over a data spec, read by the host's readers."""
+    return batch_source(make_reader(data, inputs, get_host(), opts, reader), inputs, batch_size, max_samples)
+
+
+def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, str], reader: str | None, batch_size: int,
+                    max_samples: int | None = None) -> tuple[list[InputSpec], Callable[[], Iterable[Batch]], dict[str, np.ndarray]]:
+    """The reference's inputs, a batch source over ``data`` and one-sample latency feeds (its first sample).
+
+    Raises :class:`DataError` when ``data`` has no batch.
+    """
+    inputs = model_inputs(reference)
+    source = data_source(data, inputs, opts, reader, batch_size, max_samples)
+    first = next(iter(source()), None)
+    if first is None:
+        raise DataError(f"the evaluation data '{data}' is empty")
+    return inputs, source, {k: v[:1] for k, v in first.feeds.items()}
+
+
 def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
                  max_drop: float | None, min_cosine: float | None, baseline: str, calib_data: str, max_samples: int | None,
                  target: str, bits: str) -> tuple[list[dict[str, Any]], str, str | None]:
     """Evaluate FP32, onnxq's model and optionally ORT's quantizer; returns (JSON rows, table, gate failure)."""
-    host = get_host()
-    ref = model_io.load_model(model)
-    inputs = model_inputs(ref)
     opts = parse_key_values(data_opt, "--data-opt")
-    ev_source = batch_source(make_reader(eval_data, inputs, host, opts, reader), inputs, max(batch_size, 64))
-    first = next(iter(ev_source()), None)
-    if first is None:
-        raise DataError(f"the evaluation data '{eval_data}' is empty")
-    latency_feeds = {k: v[:1] for k, v in first.feeds.items()}
+    inputs, ev_source, latency_feeds = evaluation_data(model_io.load_model(model), eval_data, opts, reader, max(batch_size, 64))
     candidates: dict[str, Any] = {f"onnxq {target} int{bits}": quantized}
     extra: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
         if baseline == "ort":
             from onnxq.backends.ort_quantizer import quantize_with_ort
 
-            cal_source = batch_source(make_reader(calib_data, inputs, host, opts, reader), inputs, batch_size, max_samples)
+            cal_source = data_source(calib_data, inputs, opts, reader, batch_size, max_samples)
             t0 = time.perf_counter()
             path = quantize_with_ort(model, Path(tmp) / "ort.onnx", cal_source)
             candidates["ort quantize_static"] = path
@@ -69,3 +87,32 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
         e.extra.update(extra.get(e.name, {}))
     gate = quality_gate(evals, f"onnxq {target} int{bits}", max_drop, min_cosine)
     return [dataclasses.asdict(e) for e in evals], evaluation_table(evals), gate
+
+
+class _SourceReader(DataReader):
+    """A DataReader over a batch source (feeds the pipeline from already validated batches)."""
+
+    name = "batch-source"
+
+    def __init__(self, source: Callable[[], Iterable[Batch]], inputs: object) -> None:
+        super().__init__("<calibration data>", None, inputs)
+        self._source = source
+
+    def __iter__(self) -> Iterator[Batch]:
+        yield from self._source()
+
+
+def trt_entropy_model(model: onnx.ModelProto, batches: Callable[[], Iterable[Batch]]) -> onnx.ModelProto:
+    """onnxq's ``trt-entropy`` Q/DQ model of ``model`` on ``batches``: TensorRT 11's stand-in for its removed calibrator."""
+    return optimize(model, method="trt-entropy", target="trt", data=_SourceReader(batches, model_inputs(model)), show_progress=False).model
+
+
+def compare(reference: str | os.PathLike[str], candidates: dict[str, str | os.PathLike[str]], data: str, **kwargs: Any) -> list[Evaluation]:
+    """Python entry point mirroring ``onnxq compare``: evaluate models on a data spec.
+
+    Keywords: ``data_options``, ``batch_size`` (64), ``max_samples``, then those of
+    :func:`onnxq.evaluate.compare.evaluate` (``threads``, ``latency_repeats``, ``backend``).
+    """
+    _, source, latency_feeds = evaluation_data(model_io.load_model(reference), data, kwargs.pop("data_options", None) or {}, None,
+                                               kwargs.pop("batch_size", 64), kwargs.pop("max_samples", None))
+    return evaluate(Path(reference), dict(candidates), source, latency_feeds=latency_feeds, **kwargs)

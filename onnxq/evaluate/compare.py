@@ -1,4 +1,10 @@
-"""Side-by-side evaluation of FP32 and quantized models on the same evaluation data."""
+"""One comparator over runners: FP32 reference and candidates on the same data, metrics and latency.
+
+``onnxq compare`` (any backend), ``onnxq optimize --eval-data`` and the TensorRT evaluation
+(:mod:`onnxq.evaluate.tensorrt`) all come through :func:`compare_runners`. A row is a
+:class:`Candidate`: a name and a factory that makes its :class:`~onnxq.runtime.runner.Runner`
+when the row's turn comes, so that at most one model (one session, one engine) is loaded at a time.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxq.runtime import ort as ort_backend
-from onnxq.evaluate.metrics import cosine, output_metrics, sqnr_db
+from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch
+from onnxq.errors import OnnxqError
+from onnxq.evaluate.metrics import cosine, output_metrics, sqnr_db
 from onnxq.graph import model_io
+from onnxq.runtime import ort as ort_backend
+from onnxq.runtime.runner import Backend, ModelLike, Runner
 
 
 @dataclass
@@ -33,50 +42,90 @@ class Evaluation:
         return next(iter(self.outputs.values()), {})
 
 
-def _collect(model: onnx.ModelProto | str | os.PathLike[str], batches: Iterable[Batch]) -> tuple[list[str], list[list[np.ndarray]], list[np.ndarray | None]]:
-    sess = ort_backend.make_session(model, "all")
-    names = [o.name for o in sess.get_outputs()]
-    outs: list[list[np.ndarray]] = [[] for _ in names]
-    labels: list[np.ndarray | None] = []
-    for b in batches:
-        res = ort_backend.run(sess, b.feeds)
-        for i, r in enumerate(res):
-            outs[i].append(np.asarray(r))
-        labels.append(b.labels)
-    return names, outs, labels
+@dataclass
+class Candidate:
+    """One row of a comparison: its name and how to make its runner.
+
+    ``make`` may fail with an :class:`OnnxqError` (a model a runtime rejects); an ``optional`` row
+    then becomes a note ``"<name>: <skip_note>: <error>"`` instead of failing the comparison.
+    ``extra`` is merged into the row's :attr:`Evaluation.extra` (``make`` may still add to it).
+    """
+
+    name: str
+    make: Callable[[], Runner]
+    extra: dict[str, Any] = field(default_factory=dict)
+    optional: bool = False
+    skip_note: str = "not loaded"
 
 
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
+def concat_batches(parts: list[np.ndarray]) -> np.ndarray:
+    """One output's batches joined along the sample axis (flattened per sample when shapes vary)."""
     try:
         return np.concatenate(parts)
     except ValueError:  # variable shapes: compare flattened
         return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1) if parts else np.empty(0)
 
 
-def evaluate(reference: onnx.ModelProto | str | os.PathLike[str], candidates: dict[str, onnx.ModelProto | str | os.PathLike[str]],
-             batches: Callable[[], Iterable[Batch]], latency_feeds: dict[str, np.ndarray] | None = None,
-             threads: Sequence[int] = (1,), latency_repeats: int = 30) -> list[Evaluation]:
-    """Evaluate the FP32 ``reference`` and each candidate on the same data, metrics per output."""
-    ref_names, ref_outs, labels = _collect(reference, batches())
-    have_labels = all(lab is not None for lab in labels) and labels
-    lab = np.concatenate(labels) if have_labels else None  # type: ignore[arg-type]
-    ref_full = {n: _cat(o) for n, o in zip(ref_names, ref_outs)}
-    results = []
-    for name, model in [("fp32", reference)] + list(candidates.items()):
-        names, outs, _ = _collect(model, batches()) if name != "fp32" else (ref_names, ref_outs, labels)
-        per_output = {}
-        for n, o in zip(names, outs):
-            if n in ref_full:
-                per_output[n] = output_metrics(ref_full[n], _cat(o), lab)
-        size = model_io.model_size_bytes(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
-        ev = Evaluation(name, size, per_output)
-        if latency_feeds is not None:
-            for t in threads:
-                ev.latency_ms[f"{t}t"] = round(ort_backend.latency_ms(model, latency_feeds, threads=t, repeats=latency_repeats), 4)
-        if name != "fp32":
-            ev.integer_kernels = ort_backend.integer_kernel_report(model)
+def _collect(runner: Runner, batches: Iterable[Batch]) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray | None]]:
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
+    labels: list[np.ndarray | None] = []
+    for b in batches:
+        res = runner.infer(b.feeds)
+        for n in outs:
+            if n in res:
+                outs[n].append(res[n])
+        labels.append(b.labels)
+    return outs, labels
+
+
+def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Batch]], latency_feeds: dict[str, np.ndarray] | None = None,
+                    notes: list[str] | None = None) -> list[Evaluation]:
+    """Run every row on ``batches()``; the first row is the FP32 reference the others are measured against.
+
+    Per output: the metrics of :func:`onnxq.evaluate.metrics.output_metrics` (accuracy when every
+    batch has labels). With ``latency_feeds`` each runner also times one inference. The reference
+    row gets no kernel report. Notes of skipped optional rows are appended to ``notes``.
+    """
+    results: list[Evaluation] = []
+    ref_full: dict[str, np.ndarray] = {}
+    labels: np.ndarray | None = None
+    for i, row in enumerate(rows):
+        try:
+            runner = row.make()
+        except OnnxqError as exc:
+            if not row.optional:
+                raise
+            if notes is not None:
+                notes.append(f"{row.name}: {row.skip_note}: {exc}")
+            continue
+        with runner:
+            outs, labs = _collect(runner, batches())
+            if i == 0:
+                ref_full = {n: concat_batches(v) for n, v in outs.items() if v}
+                labels = np.concatenate(labs) if labs and all(lab is not None for lab in labs) else None  # type: ignore[arg-type]
+            per_output = {n: output_metrics(ref_full[n], concat_batches(v), labels) for n, v in outs.items() if v and n in ref_full}
+            ev = Evaluation(row.name, runner.size_bytes, per_output)
+            if latency_feeds is not None:
+                ev.latency_ms.update({k: round(v, 4) for k, v in runner.latency_ms(latency_feeds).items()})
+            if i != 0:
+                ev.integer_kernels = runner.kernel_report()
+            ev.extra.update(row.extra)
+            ev.extra.update(runner.details())
         results.append(ev)
     return results
+
+
+def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Callable[[], Iterable[Batch]],
+             latency_feeds: dict[str, np.ndarray] | None = None, threads: Sequence[int] = (1,), latency_repeats: int = 30,
+             backend: Backend | None = None) -> list[Evaluation]:
+    """Evaluate the FP32 ``reference`` and each candidate on the same data, metrics per output.
+
+    ``backend`` runs the models (default: ONNX Runtime on the CPU, timed at each of ``threads``).
+    """
+    be = backend or OrtBackend(threads, latency_repeats)
+    rows = [Candidate("fp32", lambda: be.runner(reference, "fp32", reference=True))]
+    rows += [Candidate(name, lambda m=model, n=name: be.runner(m, n)) for name, model in candidates.items()]
+    return compare_runners(rows, batches, latency_feeds)
 
 
 def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: Sequence[str], batches: Callable[[], Iterable[Batch]]) -> dict[str, dict[str, float]]:
@@ -107,25 +156,7 @@ def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors
             acc[n][1].append(y)
     out = {}
     for n, (xs, ys) in acc.items():
-        x, y = _cat(xs), _cat(ys)
+        x, y = concat_batches(xs), concat_batches(ys)
         out[n] = {"sqnr_db": round(sqnr_db(x, y), 3), "cosine": round(cosine(x, y), 6)}
     return out
 
-
-def compare(reference: str | os.PathLike[str], candidates: dict[str, str | os.PathLike[str]], data: str, **kwargs: Any) -> list[Evaluation]:
-    """Python entry point mirroring ``onnxq compare``: evaluate models on a data spec."""
-    from onnxq.calib.feeds import model_inputs
-    from onnxq.host import get_host
-    from onnxq.pipeline import batch_source, make_reader
-
-    ref = model_io.load_model(reference)
-    inputs = model_inputs(ref)
-    reader = make_reader(data, inputs, get_host(), kwargs.pop("data_options", None))
-    source = batch_source(reader, inputs, kwargs.pop("batch_size", 64), kwargs.pop("max_samples", None))
-    first = next(iter(source()), None)
-    if first is None:
-        from onnxq.errors import DataError
-
-        raise DataError(f"the evaluation data '{data}' is empty")
-    latency_feeds = {k: v[:1] for k, v in first.feeds.items()}
-    return evaluate(Path(reference), dict(candidates), source, latency_feeds=latency_feeds, **kwargs)

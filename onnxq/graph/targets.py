@@ -1,12 +1,20 @@
-"""Target profiles: the constraints a backend publishes and methods read (design.md §2).
+"""Target profiles: the constraints a backend publishes and methods read.
 
 A profile says which integer types, symmetry and placement the deployed runtime needs. Methods
 and the placement pass read the profile instead of branching on backend names.
+
+Profiles are registered like everything else a plugin provides: the ``register_targets`` hook
+fills the host's registry (``Host.targets``), and ``onnxq optimize --target`` offers its names.
+The built-in ``ort``, ``trt`` and ``ort-s8`` are registered that way too (by
+``onnxq.backends.builtin``), and are also kept here in :data:`BUILTIN_PROFILES` so that
+:func:`get_profile` works for library code that has no host.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 import numpy as np
 
@@ -101,7 +109,7 @@ TRT = TargetProfile(
     residual_add=True,
     share_concat_scales=True,
     # TensorRT's fused int8 multi-head attention needs Q/DQ on both inputs of Q·Kᵀ and softmax·V
-    # (ModelOpt quantizes these BMMs for int8 when the sequence is <= 512; /work/shared/peers.md)
+    # (ModelOpt quantizes these BMMs for int8 when the sequence is <= 512)
     activation_matmul=True,
     description="TensorRT explicit quantization: int8 symmetric, Q/DQ on inputs of Conv/Gemm/MatMul (attention BMMs included) and residual Add, one scale per Concat",
 )
@@ -123,15 +131,20 @@ ORT_U8 = TargetProfile(
 
 ORT_S8 = replace(ORT_U8, name="ort-s8", activation_signed=True, description="ONNX Runtime CPU with int8 symmetric activations (S8S8)")
 
-PROFILES: dict[str, TargetProfile] = {p.name: p for p in (TRT, ORT_U8, ORT_S8)}
+#: the profiles onnxq ships, by name (also registered through ``register_targets``)
+BUILTIN_PROFILES: Mapping[str, TargetProfile] = MappingProxyType({p.name: p for p in (ORT_U8, TRT, ORT_S8)})
 
 
-def get_profile(name: str, bits: int = 8, block_size: int | None = None) -> TargetProfile:
-    """Look up a target profile by name and set its bit width (and 4-bit block size)."""
-    try:
-        profile = PROFILES[name]
-    except KeyError:
-        raise OptionError(f"unknown target '{name}' (targets: {', '.join(PROFILES)})") from None
+def get_profile(name: str, bits: int = 8, block_size: int | None = None, profiles: Mapping[str, TargetProfile] | None = None) -> TargetProfile:
+    """Look up a target profile by name and set its bit width (and 4-bit block size).
+
+    ``profiles`` is a registry such as ``Host.targets``; names it lacks fall back to
+    :data:`BUILTIN_PROFILES`, so ``get_profile("ort")`` works without a host.
+    """
+    profile = (profiles or {}).get(name) or BUILTIN_PROFILES.get(name)
+    if profile is None:
+        known = list(profiles or {}) + [n for n in BUILTIN_PROFILES if n not in (profiles or {})]
+        raise OptionError(f"unknown target '{name}' (targets: {', '.join(known)})")
     profile = profile.with_bits(bits)
     if block_size is not None:
         profile = replace(profile, block_size=block_size)

@@ -28,7 +28,7 @@ from onnxq.graph import model_io, prepare as graph_prepare
 from onnxq.graph.placement import build_plan, name_nodes
 from onnxq.graph.qdq import apply_commands, commands_from_plan
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
-from onnxq.graph.targets import TargetProfile, get_profile
+from onnxq.graph.targets import TargetProfile
 from onnxq.host import Host
 from onnxq.method import QuantMethod, RunContext, set_weight_qparams
 from onnxq.pipeline.checks import check_feeds, check_float_rewrite, model_changes, model_outputs, relative_error
@@ -120,7 +120,7 @@ def configure(run: Run) -> None:
     """The target profile and the selected methods with their options."""
     s = run.settings
     target = s.target
-    profile = target if isinstance(target, TargetProfile) else get_profile(target, s.bits, s.block_size)
+    profile = target if isinstance(target, TargetProfile) else run.host.target(target, s.bits, s.block_size)
     if isinstance(target, TargetProfile) and s.bits != target.bits:
         profile = target.with_bits(s.bits)
         profile.validate_bits()
