@@ -6,7 +6,11 @@ through an entry point in the ``onnxq`` group::
     [project.entry-points.onnxq]
     my_method = "my_package.plugin"
 
-Registration hooks receive a ``register`` callback; call it once per class you provide. Method
+Registration hooks receive a ``register`` callback; call it once per class you provide (once per
+profile for ``register_targets``). The host calls every hook through pluggy, one plugin at a time,
+so ``@hookimpl(specname="register_methods")`` on a function of another name works, and a plugin
+whose hook raises is recorded as broken with nothing it registered kept. docs/plugins.md has a
+section per hook, checked against these signatures by tests/test_docs.py. Method
 steps (float rewrites, statistics, qparams, refinement, QDQ commands) are methods of
 :class:`onnxq.method.QuantMethod`, because the user picks which method drives a run; the hooks
 below are for things that extend onnxq as a whole.

@@ -21,7 +21,7 @@ def quantize_with_ort(model_path: str | os.PathLike[str], output: str | os.PathL
     """Run ``onnxruntime.quantization.quantize_static`` (QDQ) with ORT's documented defaults otherwise.
 
     Data comes from the same batch source onnxq calibrates with. ORT's pre-processing
-    (``quant_pre_process``) is not run: it fails on many real models; see peers.md.
+    (``quant_pre_process``) is not run: it fails on many real models.
     """
     from onnxruntime import quantization as oq
 
