@@ -206,3 +206,28 @@ def test_string_kinds_are_shorthands_and_statsmap_answers_by_request():
     assert s["t"].amax == 2.0 and s[StatRequest("t", "minmax")] is s["t"] and StatRequest("t", "minmax") in s
     assert StatRequest("t", "histogram") not in s and s.get(StatRequest("t", "histogram")) is None  # no histogram was collected
     assert s[StatRequest("t", ChannelAbsMax(1))].sum() == 3 and "t" in s and "u" not in s
+
+
+def test_reducer_example_in_docs_runs(monkeypatch):
+    """docs/plugins.md, "Statistics requests": the example reducer is collected in a real run."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    from onnxq.hookspecs import hookimpl
+    from onnxq.host import Host
+    from onnxq.pipeline import optimize
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "(Reducer)" in b)
+    module = types.ModuleType("docs_reducer_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses resolve the module
+    exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
+    module.register_methods = hookimpl(lambda register: register(module.Energy))
+    host = Host(load_entry_points=True)
+    assert host.register_module("docs-reducer", module).ok
+    items = feeds(6)
+    result = optimize(conv_relu_model(), method=["minmax", "energy"], data=items, host=host, show_progress=False)
+    (x,) = tensors_of(conv_relu_model(), np.concatenate([f["x"] for f in items]), ["x"])
+    assert result.report.methods["energy"]["x"] == pytest.approx(float(np.mean(x.astype(np.float64) ** 2)))
