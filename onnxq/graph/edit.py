@@ -233,17 +233,24 @@ def _walk_bodies(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
 # ------------------------------------------------------------------------------------- cleanup
 
 
-def cleanup(model: onnx.ModelProto, *, sort: bool = True) -> onnx.ModelProto:
+def cleanup(model: onnx.ModelProto, *, sort: bool = True, keep_nodes: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` without nodes and initializers that nobody reads, topologically sorted.
 
     Reads by nodes, by If/Loop/Scan bodies (outer-scope names) and by graph outputs count; graph
     inputs stay even when unread (they are the model's interface). An initializer listed in
     ``graph.input`` is a constant: it is no longer listed as an input (IR < 4 keeps the listing
     its version requires). ``sort=False`` keeps the node order (for rewrites that insert nodes in
-    place and whose callers rely on the order).
+    place and whose callers rely on the order). ``keep_nodes=True`` removes initializers only:
+    a rewrite in the middle of a run keeps every node the plan may name, even one whose outputs
+    reach no graph output.
     """
     graph = import_graph(model)
+    outputs = list(graph.outputs)
+    if keep_nodes:  # every node output counts as read while graphsurgeon cleans up
+        listed = {id(t) for t in outputs}
+        graph.outputs = outputs + [t for n in graph.nodes for t in n.outputs if t.name and id(t) not in listed]
     graph.cleanup(remove_unused_graph_inputs=False)
+    graph.outputs = outputs
     if sort:
         graph.toposort()
     return export_model(graph, model)

@@ -34,6 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.errors import OptionError
+from onnxq.graph import edit
 from onnxq.graph.targets import SCALE_PRESERVING_OPS
 from onnxq.graph.splitting import SplitConv, find_rep_convs, split_convs
 from onnxq.hookspecs import hookimpl
@@ -226,7 +227,7 @@ class Cfws(QuantMethod):
         model.CopyFrom(ctx.model)
         nodes = {n.name: n for n in model.graph.node}
         inits = {t.name: t for t in model.graph.initializer}
-        names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+        fresh = edit.Namer.of(model)
         levels = 2 ** (self.options.bias_bits - 1)
         changed = False
         for s in self.splits:
@@ -239,20 +240,12 @@ class Cfws(QuantMethod):
                 continue
             step = np.float32(amax / levels)
             bq = (np.clip(np.rint(b / step), -levels, levels - 1) * step).astype(np.float32)
-            name, k = f"{node.input[2]}_cfws_b{self.options.bias_bits}", 1
-            while name in names:
-                name, k = f"{node.input[2]}_cfws_b{self.options.bias_bits}_{k}", k + 1
-            names.add(name)
+            name = fresh(f"{node.input[2]}_cfws_b{self.options.bias_bits}")
             model.graph.initializer.append(numpy_helper.from_array(bq, name))
             node.input[2] = name
             changed = True
-        if changed:
-            read = {i for n in model.graph.node for i in n.input}
-            keep = [t for t in model.graph.initializer if t.name in read]
-            del model.graph.initializer[:]
-            model.graph.initializer.extend(keep)
-            return model
-        return None
+        # the float biases go unless something else still reads them; node order stays (the plan's)
+        return edit.cleanup(model, sort=False, keep_nodes=True) if changed else None
 
     def weight_errors(self, ctx: RunContext) -> dict[str, dict[str, float]]:
         """Per split conv: weight MSE of the merged kernel (per-channel max-abs) vs the split, at the run's bits."""

@@ -44,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import ModelError, OptionError
+from onnxq.graph import edit
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -412,20 +413,6 @@ FORMATS = ("standard", "divmod", "gbq")
 FORMAT_OPSET = {"standard": 18, "divmod": 13, "gbq": 13}
 
 
-
-class _Names:
-    def __init__(self, used: set[str]) -> None:
-        self.used = used
-
-    def __call__(self, name: str) -> str:
-        candidate, k = name, 1
-        while candidate in self.used:
-            candidate = f"{name}_{k}"
-            k += 1
-        self.used.add(candidate)
-        return candidate
-
-
 @dataclass
 class _TableTensors:
     """Initializer names of one quantized table in the graph."""
@@ -438,7 +425,7 @@ class _TableTensors:
     codebook: str | None = None
 
 
-def _table_initializers(qt: QuantizedTable, fmt: str, fresh: _Names) -> tuple[_TableTensors, list[onnx.TensorProto]]:
+def _table_initializers(qt: QuantizedTable, fmt: str, fresh: edit.Namer) -> tuple[_TableTensors, list[onnx.TensorProto]]:
     base = qt.name
     t = _TableTensors(fresh(f"{base}_q4"))
     inits = [numpy_helper.from_array(qt.packed, t.packed)]
@@ -468,7 +455,7 @@ def _gbq_block_size(d: int) -> int:
     return b
 
 
-def lookup_nodes(qt: QuantizedTable, t: _TableTensors, indices: str, output: str, fmt: str, fresh: _Names,
+def lookup_nodes(qt: QuantizedTable, t: _TableTensors, indices: str, output: str, fmt: str, fresh: edit.Namer,
                  shared_inits: dict[str, onnx.TensorProto]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes that compute ``Gather(table, indices)`` from the quantized table into ``output``."""
     nodes: list[onnx.NodeProto] = []
@@ -543,17 +530,6 @@ def lookup_nodes(qt: QuantizedTable, t: _TableTensors, indices: str, output: str
 # finding and rewriting the tables
 # ---------------------------------------------------------------------------------------------
 
-def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
-    """Names read by nodes of any subgraph (If/Loop/Scan bodies), recursively."""
-    names: set[str] = set()
-    for n in g.node:
-        for a in n.attribute:
-            for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                names.update(i for sn in sg.node for i in sn.input)
-                names |= _subgraph_reads(sg)
-    return names
-
-
 @dataclass
 class TableCandidate:
     name: str
@@ -576,7 +552,7 @@ def find_tables(model: onnx.ModelProto, names: tuple[str, ...] = (), min_rows: i
             if name in inits:
                 readers.setdefault(name, []).append((n, i))
     graph_outputs = {o.name for o in g.output}
-    in_subgraphs = _subgraph_reads(g)
+    in_subgraphs = set().union(*(edit.outer_scope_reads(n) for n in g.node))
     gather_tables = [t for t, rs in readers.items() if any(n.op_type == "Gather" and i == 0 for n, i in rs)]
     for name in names:
         if name not in inits:
@@ -623,8 +599,7 @@ def apply_quantized_tables(model: onnx.ModelProto, tables: dict[str, tuple[Quant
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    used = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
-    fresh = _Names(used)
+    fresh = edit.Namer.of(out)
     shared: dict[str, onnx.TensorProto] = {}
     new_inits: list[onnx.TensorProto] = []
     replaced: dict[str, list[onnx.NodeProto]] = {}
@@ -641,17 +616,9 @@ def apply_quantized_tables(model: onnx.ModelProto, tables: dict[str, tuple[Quant
         new_nodes.extend(replaced.get(n.name, [n]))
     del g.node[:]
     g.node.extend(new_nodes)
-    drop = set(tables)
-    keep = [t for t in g.initializer if t.name not in drop]
-    del g.initializer[:]
-    g.initializer.extend(keep + new_inits + list(shared.values()))
-    if any(i.name in drop for i in g.input):
-        inputs = [i for i in g.input if i.name not in drop]
-        del g.input[:]
-        g.input.extend(inputs)
-    vi = [v for v in g.value_info if v.name not in drop]
-    del g.value_info[:]
-    g.value_info.extend(vi)
+    g.initializer.extend(new_inits + list(shared.values()))
+    # the float tables, read by nobody now, go (with their graph.input and value_info entries)
+    out = edit.cleanup(out, sort=False, keep_nodes=True)
     if fmt == "gbq" and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out

@@ -17,10 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from onnxq.runtime import ort as ort_backend
+from onnxq.graph import edit
 from onnxq.graph.plan import QuantPlan
 from onnxq.qparams import QParams
-
-_ZP_TYPE = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
 
 
 class LossModel:
@@ -33,30 +32,20 @@ class LossModel:
         m.CopyFrom(model)
         g = m.graph
         nodes = {n.name: n for n in g.node}
-        used = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
-
-        def fresh(name: str) -> str:
-            k, cand = 0, name
-            while cand in used:
-                k += 1
-                cand = f"{name}_{k}"
-            used.add(cand)
-            return cand
-
+        fresh = edit.Namer.of(m)
         self.act_inputs: dict[str, tuple[str, str, str, str]] = {}
-        after: dict[str, list[onnx.NodeProto]] = {}  # Q/DQ nodes go right after the producer of their tensor
-        producer = {o: n.name for n in g.node for o in n.output if o}
+        chains: list[onnx.NodeProto] = []
         for t, site in plan.activations.items():
             if site.qparams is None:
                 continue
             names = tuple(fresh(f"lapq/{t}/{k}") for k in ("lo", "hi", "scale", "zp"))
             self.act_inputs[t] = names  # type: ignore[assignment]
             lo, hi, s, z = names
-            zp_type = _ZP_TYPE[site.qparams.dtype]
+            zp_type = edit.QDTYPE[site.qparams.dtype]
             g.input.extend([helper.make_tensor_value_info(lo, TensorProto.FLOAT, []), helper.make_tensor_value_info(hi, TensorProto.FLOAT, []),
                             helper.make_tensor_value_info(s, TensorProto.FLOAT, []), helper.make_tensor_value_info(z, zp_type, [])])
             c, q, dq = fresh(f"{t}/lapq_clip"), fresh(f"{t}/lapq_q"), fresh(f"{t}/lapq_dq")
-            after.setdefault(producer.get(t, ""), []).extend([
+            chains.extend([
                 helper.make_node("Clip", [t, lo, hi], [c], name=fresh(c)), helper.make_node("QuantizeLinear", [c, s, z], [q], name=fresh(q)),
                 helper.make_node("DequantizeLinear", [q, s, z], [dq], name=fresh(dq))])
             for node_name, i in site.consumers:
@@ -71,18 +60,11 @@ class LossModel:
             dims = list(inits[site.initializer].dims)
             g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
             nodes[site.node].input[site.input_index] = name
-        ordered = list(after.get("", []))
-        for n in g.node:
-            ordered.append(n)
-            ordered.extend(after.get(n.name, []))
-        del g.node[:]
-        g.node.extend(ordered)
-        read = {i for n in g.node for i in n.input}
-        keep = [t for t in g.initializer if t.name in read]
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        self.session = ort_backend.make_session(m, "disable")
-        self.out_name = m.graph.output[0].name
+        # each Q/DQ chain right after the producer of its tensor; the float weights, now graph inputs, go
+        edit.insert_after_producers(g, chains)
+        runnable = edit.cleanup(m, sort=False, keep_nodes=True)
+        self.session = ort_backend.make_session(runnable, "disable")
+        self.out_name = runnable.graph.output[0].name
         self.weights = {key: np.asarray(onnx.numpy_helper.to_array(inits[s.initializer]), np.float32) for key, s in plan.weights.items() if key in self.weight_inputs}
         self._wcache: dict[str, tuple[bytes, np.ndarray]] = {}
         self.reference = self._fp_output(model)
