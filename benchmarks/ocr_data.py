@@ -204,7 +204,7 @@ def _is_zh(ch: str) -> bool:
     return "\u4e00" <= ch <= "\u9fff"
 
 
-def _use_cjk(cjk: bool | None) -> bool:
+def cjk_enabled(cjk: bool | None) -> bool:
     """Resolve the ``cjk`` option: None = "if a CJK font is installed"."""
     have = bool(find_fonts()["cjk"])
     return have if cjk is None else bool(cjk) and have
@@ -261,7 +261,7 @@ def render_line(
     rng: np.random.Generator, cjk: bool | None = None, max_aspect: float = REC_WIDTH / REC_HEIGHT
 ) -> tuple[np.ndarray, str]:
     """One text-line crop (H, W, 3 uint8 RGB) and its text; width/height <= ``max_aspect``."""
-    use_cjk = _use_cjk(cjk)
+    use_cjk = cjk_enabled(cjk)
     text = _make_text(rng, use_cjk, max_tokens=4)
     font = _pick_font(rng, text, use_cjk, LINE_STYLE["font_px"])
     angle = float(rng.uniform(-1, 1) * LINE_STYLE["max_angle"])
@@ -317,7 +317,7 @@ def render_page(
     rng: np.random.Generator, size: int = 640, cjk: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One page (size x size x 3 uint8 RGB) with 5-10 lines and their (K, 4) float32 boxes."""
-    use_cjk = _use_cjk(cjk)
+    use_cjk = cjk_enabled(cjk)
     bg = np.clip(rng.uniform(215, 255) + rng.uniform(-8, 8, 3), 0, 255)
     page = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
     draw = ImageDraw.Draw(page)

@@ -1,4 +1,4 @@
-"""benchmarks/_measure.py's RSS cap, and bench.py's memory/time check built on it.
+"""benchmarks/_measure.py's RSS cap, and the suite's memory/time check built on it (benchmarks/checks.py).
 
 The children are tiny Python processes (a few hundred MB for well under a second); nothing
 here times anything.
@@ -71,7 +71,7 @@ def _q(status, wall, rss, extra=None, cap=18432):
 
 
 def test_memory_time_check_uses_killed_runs_as_lower_bounds():
-    bench = _load("bench")
+    checks = _load("checks")
     rows = [
         _row("onnxq-minmax", "onnxq minmax", "onnxq", quantize=_q("ok", 5.0, 260), metrics={"char_accuracy": 0.95}),
         _row("onnxq-easyquant", "onnxq easyquant", "onnxq", quantize=_q("ok", 200.0, 1300), metrics={"char_accuracy": 0.99}),
@@ -79,7 +79,7 @@ def test_memory_time_check_uses_killed_runs_as_lower_bounds():
              error="> 18.0 GB (killed after 60 s)"),
         _row("ort-entropy", "ORT quantize_static Entropy", "ort", "error", _q("error", 3.0, 900), error="error: Too many bins for data range"),
     ]
-    chk = bench.memory_time_check("ppocr-rec", rows)
+    chk = checks.memory_time_check("ppocr-rec", rows)
     refs = {e["key"]: e for e in chk["ort_histogram"]}
     assert refs["ort-percentile"]["lower_bound"] and refs["ort-percentile"]["rss_mb"] == 18432
     assert "excluded" in refs["ort-entropy"]  # crashed, not for memory: no reference
@@ -88,6 +88,6 @@ def test_memory_time_check_uses_killed_runs_as_lower_bounds():
     eq = rows_["onnxq-easyquant"]
     assert eq["rss_ok"] and eq["ratio_ok"] and eq["wall_ok"] is None  # 200 s vs "> 60 s": undecided
     assert chk["best"] == "onnxq-minmax" and chk["met"] is True
-    lines = "\n".join(bench.memory_time_lines({"memory_time_check": chk}))
+    lines = "\n".join(checks.memory_time_lines({"memory_time_check": chk}))
     assert "Percentile > 18.0 GB (killed at the RSS cap after 60 s)" in lines
     assert "=> met: best onnxq configuration onnxq minmax" in lines

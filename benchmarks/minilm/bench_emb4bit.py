@@ -26,10 +26,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 import text_data  # noqa: E402
+from embeddings import DEFAULT_MODEL, arguments_ok, cosines, embed  # noqa: E402
 
 from onnxq.runtime.ort import make_session  # noqa: E402
 from onnxq.pipeline import optimize  # noqa: E402
@@ -43,15 +43,6 @@ def word_table(model: onnx.ModelProto) -> str:
         if n.op_type == "Gather" and n.input[0] in inits and n.input[1] == "input_ids":
             return n.input[0]
     raise SystemExit("no Gather reads input_ids: is this the exported MiniLM?")
-
-
-def embed(model: onnx.ModelProto | str, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
-    sess = make_session(model, "all", threads=threads)
-    return np.concatenate([sess.run(["sentence_embedding"], f)[0] for f in feeds])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def latency_ms(model: onnx.ModelProto | str, feed: dict[str, np.ndarray], threads: int, runs: int = 20) -> float:
@@ -86,7 +77,7 @@ def nudged_zero_point_error(x: np.ndarray, qt: E.QuantizedTable) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="emb4bit on MiniLM")
-    ap.add_argument("--model", type=Path, default=REPO / ".bench" / "minilm" / "model.onnx")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (keep the machine usable)")
@@ -94,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-formats", action="store_true", help="skip the lookup-format comparison")
     ap.add_argument("--json", type=Path, help="write all numbers to this file")
     a = ap.parse_args(argv)
-    if not a.model.exists():
-        print(f"{a.model} is missing: run benchmarks/minilm/export_minilm.py first", file=sys.stderr)
-        return 2
-    if a.sentences < 200:
-        print("use at least 200 sentences", file=sys.stderr)
+    if not arguments_ok(a.model, a.sentences):
         return 2
 
     fp32 = onnx.load(str(a.model))

@@ -43,52 +43,16 @@ import onnx
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import text_data  # noqa: E402
+from embeddings import DEFAULT_MODEL, arguments_ok, cosines, embed  # noqa: E402
+from timing import round_robin_ms  # noqa: E402
 
 import onnxq  # noqa: E402
 from onnxq.runtime.ort import FLOAT_COMPUTE_OPS, make_session, optimized_op_counts  # noqa: E402
 
 MB = 1e6
-
-
-def embed(path: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
-    sess = make_session(str(path), "all", threads=threads)
-    return np.concatenate([sess.run(["sentence_embedding"], f)[0] for f in feeds])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def fixed_batch(texts: list[str], seq: int) -> dict[str, np.ndarray]:
-    """``len(texts)`` sentences truncated / padded to exactly ``seq`` tokens."""
-    f = text_data.encode(texts, max_length=seq)
-    out = {}
-    for k, v in f.items():
-        pad = seq - v.shape[1]
-        out[k] = np.ascontiguousarray(np.pad(v, ((0, 0), (0, pad))) if pad > 0 else v[:, :seq])
-    return out
-
-
-def latencies_ms(paths: list[Path], feed: dict[str, np.ndarray], threads: int, runs: int, warmup: int = 5) -> list[float]:
-    """Median wall time of one run in ms per model (ORT_ENABLE_ALL, ``threads`` intra-op threads).
-
-    The models are timed round-robin (one run of each per round), so that load from other
-    processes on a shared machine falls on every model alike instead of on whichever ran then.
-    """
-    sessions = [make_session(str(p), "all", threads=threads) for p in paths]
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: list[list[float]] = [[] for _ in paths]
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[i].append(time.perf_counter() - t)
-    return [1000 * statistics.median(t) for t in times]
 
 
 def weight_matmuls(model: onnx.ModelProto) -> int:
@@ -142,7 +106,7 @@ def quant_ort(src: Path, out: Path, block: int, symmetric: bool | None) -> float
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="4-bit weight-only MatMul on MiniLM: onnxq vs ORT MatMulNBitsQuantizer")
-    ap.add_argument("--model", type=Path, default=REPO / ".bench" / "minilm" / "model.onnx")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "minilm" / "int4", help="folder for the quantized models")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32, help="batch of the accuracy pass (padded to its longest sentence)")
@@ -155,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences for gptq (text_data.calibration)")
     ap.add_argument("--json", type=Path, help="write all numbers to this file")
     a = ap.parse_args(argv)
-    if not a.model.exists():
-        print(f"{a.model} is missing: run benchmarks/minilm/export_minilm.py first", file=sys.stderr)
-        return 2
-    if a.sentences < 200:
-        print("use at least 200 sentences", file=sys.stderr)
+    if not arguments_ok(a.model, a.sentences):
         return 2
     a.work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -170,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     del fp32
     texts = text_data.sentences(a.sentences)
     feeds = text_data.batches(texts, a.batch)
-    lat_feed = fixed_batch(texts[: a.lat_batch], a.lat_seq)
+    lat_feed = text_data.fixed_batch(texts[: a.lat_batch], a.lat_seq)
     fp32_size = a.model.stat().st_size
 
     variants: list[tuple[str, Path, object]] = [("FP32", a.model, None)]
@@ -202,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                "quant_s": qsec, "ops": op_check(path) if how is not None else None}
         rows.append(row)
     for threads in (1, 2):
-        for r, ms in zip(rows, latencies_ms([p for _, p, _ in variants], lat_feed, threads, a.runs)):
-            r[f"lat{threads}_ms"] = ms
+        for r, ms in zip(rows, round_robin_ms([p for _, p, _ in variants], lat_feed, threads, a.runs, warmup=5)):
+            r[f"lat{threads}_ms"] = statistics.median(ms)
 
     print(f"all-MiniLM-L6-v2 ({fp32_size / MB:.1f} MB, {n_weight_mm} constant-weight MatMul/Gemm; word-embedding table "
           f"{emb_bytes / MB:.1f} MB = {100 * emb_bytes / fp32_size:.0f}% of the file, not touched by --bits 4); "

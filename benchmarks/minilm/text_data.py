@@ -120,6 +120,15 @@ def batches(texts: list[str], batch_size: int = 16, max_length: int = 256) -> li
     return [encode(texts[i:i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
 
 
+def fixed_batch(texts: list[str], seq: int) -> dict[str, np.ndarray]:
+    """``len(texts)`` sentences truncated / zero-padded to exactly ``seq`` tokens (a latency feed of fixed shape)."""
+    out = {}
+    for k, v in encode(texts, max_length=seq).items():
+        pad = seq - v.shape[1]
+        out[k] = np.ascontiguousarray(np.pad(v, ((0, 0), (0, pad))) if pad > 0 else v[:, :seq])
+    return out
+
+
 #: first sentence used for calibration; evaluation uses sentences from 0 (256 by default)
 CALIBRATION_OFFSET = 1024
 
