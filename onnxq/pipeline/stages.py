@@ -279,9 +279,7 @@ def rewrite_qdq(run: Run) -> None:
     if profile.weight_only:
         quantized.ir_version = max(quantized.ir_version, 10)  # int4 tensors need IR version 10
     quantized.producer_name = "onnxq"
-    from onnxq import __version__
-
-    quantized.producer_version = __version__
+    quantized.producer_version = _onnxq_version()
     _set_metadata(quantized, {"onnxq.method": origin, "onnxq.target": profile.name, "onnxq.bits": str(profile.bits)})
     run.quantized = quantized
 
@@ -340,6 +338,16 @@ def int7_note(profile: TargetProfile) -> str:
         return note + " (TensorRT fuses the Clip that enforces the 7-bit activation range)"
     return note + ("; on ONNX Runtime the Clip that enforces the 7-bit activation range blocks the QLinearConv/QLinearMatMul fusions, so convolutions run in float"
                    " (an accuracy emulation; use --bits 8 for speed) while MatMuls may still run as MatMulIntegerToFloat: `onnxq compare` reports the integer-kernel share")
+
+
+def _onnxq_version() -> str:
+    # the installed distribution's version: `onnxq.__version__` sits in the top layer
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnxq")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
