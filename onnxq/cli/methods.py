@@ -28,15 +28,25 @@ def command(name: str | None, as_json: bool) -> None:
         return
     cls = host.method(name)
     opts = describe_options(cls.Options)
+    caps = capabilities(cls)
     if as_json:
-        emit_json({"name": name, "summary": cls.summary, "options": [o.__dict__ for o in opts]})
+        emit_json({"name": name, "summary": cls.summary, "capabilities": caps, "options": [o.__dict__ for o in opts]})
         return
     click.echo(f"{name}: {cls.summary}")
     doc = (cls.__doc__ or "").strip()
     if doc:
         click.echo(doc)
+    shown = [k if v is True else f"{k}={v}" for k, v in caps.items() if v]
+    if shown:
+        click.echo("capabilities: " + ", ".join(shown))
     if not opts:
         click.echo("options: none")
         return
     click.echo("options (-o KEY VALUE):")
     click.echo(table([[o.name, o.type, repr(o.default) if isinstance(o.default, str) else str(o.default), o.help] for o in opts], ["option", "type", "default", "help"]))
+
+
+def capabilities(cls: type) -> dict[str, object]:
+    """The composition capabilities a method class declares (docs/plugins.md, "Composing methods")."""
+    names = ("calibrates", "follows_calibrator", "calibrator_option", "replaces_default_calibrator", "needs_data")
+    return {n: getattr(cls, n) for n in names}
