@@ -245,6 +245,114 @@ def test_plugin_reader_and_report_section(tiny_model, tiny_feeds):
     assert _activation_scales(res.model) == _activation_scales(direct.model)
 
 
+def test_specname_implementations_are_called():
+    """The host dispatches through pluggy: a function of another name implements a hook with ``specname``."""
+
+    @hookimpl(specname="register_methods")
+    def add_halfrange(register):
+        register(HalfRange)
+
+    @hookimpl(specname="report_sections")
+    def my_section(report):
+        return {"specname_section": report["bits"]}
+
+    host = Host(load_entry_points=False)
+    rec = host.register_module("specname", _module("specname_mod", add_halfrange=add_halfrange, my_section=my_section))
+    assert rec.ok, rec.error
+    assert rec.provides == ["method:halfrange"] and host.method("halfrange") is HalfRange
+    assert host.report_sections({"bits": 8}) == {"specname_section": 8}
+
+
+def test_specname_registration_failure_is_rolled_back():
+    class Good(HalfRange):
+        name = "good-from-specname"
+
+    @hookimpl(specname="register_methods")
+    def methods_then_fail(register):
+        register(Good)
+        raise RuntimeError("boom in a specname hook")
+
+    host = Host(load_entry_points=False)
+    rec = host.register_module("specbroken", _module("specbroken_mod", methods_then_fail=methods_then_fail))
+    assert not rec.ok and rec.error == "RuntimeError: boom in a specname hook"
+    assert "good-from-specname" not in host.methods and rec.provides == []
+
+
+def test_each_plugin_registers_once():
+    """Registering a second plugin does not call the first one's hooks again."""
+    calls = []
+
+    @hookimpl
+    def first(register):
+        calls.append("first")
+        register(HalfRange)
+
+    @hookimpl
+    def second(register):
+        calls.append("second")
+
+    host = Host(load_entry_points=False)
+    assert host.register_module("a", _module("a_mod", register_methods=first)).ok
+    assert host.register_module("b", _module("b_mod", register_methods=second)).ok
+    assert calls == ["first", "second"]
+
+
+def test_backend_and_target_registration(tiny_model, tiny_feeds):
+    from dataclasses import replace
+
+    from onnxq.backends.ort import OrtBackend
+    from onnxq.graph.targets import BUILTIN_PROFILES, get_profile
+
+    class Copy(OrtBackend):
+        name = "ort-copy"
+        summary = "test backend"
+
+    per_tensor = replace(BUILTIN_PROFILES["ort"], name="ort-per-tensor", weight_per_channel=False)
+
+    @hookimpl
+    def register_backends(register):
+        register(Copy)
+
+    @hookimpl
+    def register_targets(register):
+        register(per_tensor)
+
+    host = Host(load_entry_points=False)
+    rec = host.register_module("bt", _module("bt_mod", register_backends=register_backends, register_targets=register_targets))
+    assert rec.ok and rec.provides == ["backend:ort-copy", "target:ort-per-tensor"]
+    assert host.backend("ort-copy") is Copy
+    assert host.target("ort-per-tensor", 7) == per_tensor.with_bits(7)
+    assert host.target("trt") == get_profile("trt")  # built-ins without a host registration still resolve
+    with pytest.raises(UnknownNameError, match=r"unknown backend 'nope' \(available: ort-copy\)"):
+        host.backend("nope")
+    with pytest.raises(UnknownNameError, match=r"unknown target 'nope' \(available: ort-per-tensor\)"):
+        host.target("nope")
+
+
+def test_backend_and_target_validation():
+    @hookimpl
+    def not_a_backend(register):
+        register(HalfRange)
+
+    @hookimpl
+    def not_a_profile(register):
+        register(HalfRange)
+
+    host = Host(load_entry_points=False)
+    r1 = host.register_module("b", _module("b_mod", register_backends=not_a_backend))
+    r2 = host.register_module("t", _module("t_mod", register_targets=not_a_profile))
+    assert not r1.ok and r1.error == "PluginError: backend 'halfrange' is not a Backend subclass"
+    assert not r2.ok and r2.error == "PluginError: target 'halfrange' is not a TargetProfile"
+
+
+def test_builtin_backends_and_targets_come_from_the_hook():
+    host = Host()
+    rec = next(p for p in host.plugins if "backend:ort" in p.provides)
+    assert rec.module == "onnxq.backends.builtin" and rec.distribution == "onnxq"
+    assert {"backend:trt", "target:ort", "target:trt", "target:ort-s8"} <= set(rec.provides)
+    assert list(host.targets) == ["ort", "trt", "ort-s8"]
+
+
 # ---------------------------------------------------------------------------------------------
 # real installed packages
 # ---------------------------------------------------------------------------------------------
@@ -472,6 +580,87 @@ def test_broken_plugin_is_reported_and_contained(broken_plugin, run_proc, onnxq_
     line = _one_error_line(proc.stderr)
     assert "unknown method 'brokenmethod'" in line and f"{ep} ({error})" in line
     assert not (tmp_path / "b.onnx").exists()
+
+
+BACKEND_PLUGIN = '''
+\"\"\"A third-party plugin adding a backend (ONNX Runtime under another name) and a target (per-tensor weights).\"\"\"
+
+from dataclasses import replace
+
+from onnxq.backends.ort import OrtBackend, OrtRunner
+from onnxq.graph.targets import BUILTIN_PROFILES
+from onnxq.hookspecs import hookimpl
+
+
+class CopyRunner(OrtRunner):
+    def details(self):
+        return {"runner": "ort-copy SUFFIX"}
+
+
+class OrtCopy(OrtBackend):
+    name = "ort-copy"
+    summary = "test plugin: ONNX Runtime under another name"
+    targets = ("ort-per-tensor",)
+
+    def runner(self, model, name, reference=False):
+        return CopyRunner(model, name, self.threads, self.latency_repeats)
+
+
+@hookimpl
+def register_backends(register):
+    register(OrtCopy)
+
+
+@hookimpl(specname="register_targets")
+def per_tensor_target(register):
+    register(replace(BUILTIN_PROFILES["ort"], name="ort-per-tensor", weight_per_channel=False, description="test plugin: per-tensor weights"))
+'''
+
+
+@pytest.fixture(scope="module")
+def backend_plugin(install_lock, tmp_path_factory):
+    with _installed(tmp_path_factory.mktemp("plugin-src"), "backend", BACKEND_PLUGIN) as plugin:
+        yield plugin
+
+
+def _weight_scale_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[1]].shape for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim > 1]
+
+
+def test_installed_plugin_adds_a_backend_and_a_target(backend_plugin, run_proc, onnxq_exe, digits_model, digits_calib, digits_eval, tmp_path):
+    suffix = backend_plugin.module.rsplit("_", 1)[-1]
+    proc = run_proc([onnxq_exe, "plugins", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    rec = {p["name"]: p for p in json.loads(proc.stdout)}[backend_plugin.entry_point]
+    assert rec["ok"] is True and rec["provides"] == ["backend:ort-copy", "target:ort-per-tensor"], rec
+
+    # the plugin's target: per-tensor weight scales where the built-in ort target has one per channel
+    out = tmp_path / "digits.ort-per-tensor.onnx"
+    proc = run_proc([onnxq_exe, "optimize", digits_model, "-p", "minmax", "--target", "ort-per-tensor", "--data", digits_calib,
+                     "--output", out, "--no-cache", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["report"]["target"] == "ort-per-tensor"
+    shapes = _weight_scale_shapes(onnx.load(str(out)))
+    assert shapes and all(s == () for s in shapes), shapes
+    per_channel = onnxq.optimize(digits_model, method="minmax", target="ort", data=str(digits_calib), cache_dir=None, show_progress=False)
+    assert any(s != () for s in _weight_scale_shapes(per_channel.model))
+
+    # the plugin's backend runs the comparison: same metrics as the built-in ort backend, its own rows
+    docs = {}
+    for backend in ("ort-copy", "ort"):
+        proc = run_proc([onnxq_exe, "compare", digits_model, out, "--data", digits_eval, "--backend", backend, "--json"])
+        assert proc.returncode == 0, proc.stderr
+        docs[backend] = json.loads(proc.stdout)["evaluations"]
+    assert [e["name"] for e in docs["ort-copy"]] == ["fp32", out.name]
+    assert all(e["extra"] == {"runner": f"ort-copy {suffix}"} for e in docs["ort-copy"])
+    assert [e["outputs"] for e in docs["ort-copy"]] == [e["outputs"] for e in docs["ort"]]
+    assert docs["ort-copy"][1]["outputs"]["logits"]["accuracy"] > 0.9
+
+    proc = run_proc([onnxq_exe, "compare", "--help"])
+    assert re.search(r"--backend \[ort\|trt\|ort-copy\]", proc.stdout), proc.stdout
+    proc = run_proc([onnxq_exe, "compare", digits_model, out, "--data", digits_eval, "--backend", "nope"])
+    assert proc.returncode == 2 and "'nope' is not one of 'ort', 'trt', 'ort-copy'" in proc.stderr
 
 
 def test_onnxq_works_after_uninstall(good_plugin, broken_plugin, run_proc, onnxq_exe):
