@@ -89,14 +89,14 @@ class Reducer:
     #: the reduction is added to the graph (:meth:`add_to_graph`): only its small result leaves ONNX Runtime
     in_graph: ClassVar[bool] = False
 
-    #: read only the first ``limit`` samples (None: all of them)
     @property
     def limit(self) -> int | None:
+        """Read only the first ``limit`` samples (None: all of them)."""
         return None
 
     def token(self) -> str:
-        """A string identifying this statistic (kind and parameters) for the cache key."""
-        return repr(self)
+        """A string identifying this statistic (class and parameters) for the cache key."""
+        return f"{type(self).__module__}.{self!r}"
 
     def bytes_per_sample(self, tensor_bytes: int) -> int:
         """Bytes one sample costs when it leaves ONNX Runtime (``tensor_bytes``: one sample of the tensor)."""
@@ -235,7 +235,7 @@ class StatRequest:
     """
 
     tensor: str
-    kind: Any = "minmax"
+    kind: str | Reducer = "minmax"
     bins: int = DEFAULT_BINS  # bins of |x| over [0, amax] (histograms)
     reducer: Reducer = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
@@ -321,13 +321,8 @@ class StatsMap(dict):
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, StatRequest):
-            return self.get(key) is not None
+            return key in self.results if not key.is_range else self.get(key) is not None
         return dict.__contains__(self, key)
-
-    def update_from(self, other: Mapping[str, TensorStats]) -> None:
-        """Take ``other``'s tensor statistics and request results."""
-        dict.update(self, other)
-        self.results.update(getattr(other, "results", {}))
 
 
 BatchSource = Callable[[], Iterable[Batch]]
@@ -434,16 +429,6 @@ def tensor_bytes_per_sample(model: onnx.ModelProto, tensors: list[str]) -> dict[
                 n *= d if isinstance(d, int) and d > 0 else 64
         out[t] = 4 * n
     return out
-
-
-def _split(batch: Batch, size: int) -> Iterator[Batch]:
-    """Sub-batches of at most ``size`` samples (no copies: views along axis 0)."""
-    n = next(iter(batch.feeds.values())).shape[0] if batch.feeds else 0
-    if n <= size:
-        yield batch
-        return
-    for start in range(0, n, size):
-        yield Batch({k: v[start : start + size] for k, v in batch.feeds.items()}, None, batch.source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +620,7 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
     key = None
     cacheable = [r for r in others if r.reducer.cacheable]
     if cache_dir is not None and data_fingerprint is not None and (ranges or cacheable):
-        key = cache_key(model, {**ranges, **{f"{i}": r for i, r in enumerate(cacheable)}}, data_fingerprint)
+        key = cache_key(model, [*ranges.values(), *cacheable], data_fingerprint)
         cached = load_cache(Path(cache_dir), key, cacheable)
         if cached is not None and set(cached) >= set(ranges) and all(r in cached.results for r in cacheable):
             log.info("statistics loaded from cache %s", key[:12])
@@ -649,12 +634,12 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
     return stats
 
 
-def cache_key(model: onnx.ModelProto, requests: Mapping[str, StatRequest], data_fingerprint: str) -> str:
+def cache_key(model: onnx.ModelProto, requests: Mapping[str, StatRequest] | Iterable[StatRequest], data_fingerprint: str) -> str:
     """Hash of the model, the data and the requests with their kinds (not the batch size: results don't depend on it)."""
     h = hashlib.sha256()
     h.update(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 - 1 else model.graph.name.encode())
     h.update(data_fingerprint.encode())
-    reqs = list(requests.values())
+    reqs = list(requests.values() if isinstance(requests, Mapping) else requests)
     # min/max and histogram requests hash as they always did, so earlier cache entries stay valid
     h.update(json.dumps(sorted((r.tensor, r.kind, r.bins) for r in reqs if r.is_range)).encode())
     rest = sorted(json.dumps([r.tensor, r.kind, r.reducer.token()]) for r in reqs if not r.is_range)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onnxq.calib.readers import Batch
-from onnxq.calib.statistics import MODEL_INPUTS, InputSamples, StatRequest, collect
+from onnxq.calib.statistics import MODEL_INPUTS, InputSamples, StatRequest, StatsMap, collect
 
 if TYPE_CHECKING:
     from onnxq.method import RunContext
@@ -28,10 +28,9 @@ def samples_request(n: int) -> StatRequest:
 def sample_batches(ctx: RunContext, n: int) -> list[Batch]:
     """The first ``n`` calibration samples as the data batched them (the last batch cut to size, labels aligned)."""
     req = samples_request(n)
-    got = ctx.stats.get(req) if hasattr(ctx.stats, "results") else None
-    if got is None:
-        got = collect(ctx.model, [req], ctx.calibration, show_progress=False)[req]
-    return got
+    if isinstance(ctx.stats, StatsMap) and req in ctx.stats:
+        return ctx.stats[req]
+    return collect(ctx.model, [req], ctx.calibration, show_progress=False)[req]
 
 
 def take_samples(ctx: RunContext, n: int) -> list[dict[str, np.ndarray]]:

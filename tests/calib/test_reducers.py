@@ -190,7 +190,7 @@ def test_cache_keeps_cacheable_results_and_recollects_samples(tmp_path):
     assert src.passes == 1 and src.batches == 1  # only the samples, which are not cached, were read
     np.testing.assert_array_equal(again[samples][0].feeds["x"], first[samples][0].feeds["x"])
     # the kinds are part of the key
-    keys = {statistics.cache_key(model, {"0": r}, "fp") for r in (StatRequest("c", "minmax"), StatRequest("c", "histogram"), absmax,
+    keys = {statistics.cache_key(model, [r], "fp") for r in (StatRequest("c", "minmax"), StatRequest("c", "histogram"), absmax,
                                                                    StatRequest("c", ChannelAbsMax(-1)))}
     assert len(keys) == 4
 
