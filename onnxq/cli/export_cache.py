@@ -26,7 +26,7 @@ def command(qdq_model: Path, out: Path, trt_version: str | None, algorithm: str,
     with TensorRT 10's implicit INT8 (`trtexec --int8 --calib=OUT`, a calibrator's
     read_calibration_cache) and re-imports with `onnxq optimize -p trt-cache -o path OUT`.
     """
-    from onnxq.backends.trt_cache import DEFAULT_HEADER_VERSION, make_header, scales_from_qdq_model, write_cache
+    from onnxq.calib.trt_cache import DEFAULT_HEADER_VERSION, make_header, scales_from_qdq_model, write_cache
     from onnxq.errors import ModelError, OptionError, OutputError
     from onnxq.graph.model_io import load_model
 

@@ -123,7 +123,7 @@ def compare_on_trt(fp32_model: Path, candidates: Mapping[str, Any], batches: Cal
     notes = list(result.notes)
     if save_cache is not None:
         if result.calibration_cache:
-            from onnxq.backends.trt_cache import parse_cache
+            from onnxq.calib.trt_cache import parse_cache
 
             parsed = parse_cache(result.calibration_cache, "TensorRT's calibration cache")
             tmp = Path(save_cache).with_name(f".{Path(save_cache).name}.tmp")

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from onnxq.backends.trt_cache import CalibrationCache, read_cache
+from onnxq.calib.trt_cache import CalibrationCache, read_cache
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import DataError
 from onnxq.hookspecs import hookimpl

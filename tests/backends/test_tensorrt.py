@@ -369,7 +369,7 @@ def test_gpu_tensorrt_own_calibrator_on_10(digits_model, digits_calib_feeds, tmp
     trt = _require_trt_gpu()
     if not trtb.version_gate(trt.__version__).implicit_calibrators:
         pytest.skip(f"TensorRT {trt.__version__} has no implicit calibrators (removed in 11.0)")
-    from onnxq.backends.trt_cache import parse_cache
+    from onnxq.calib.trt_cache import parse_cache
     from onnxq.calib.readers import Batch
 
     cuda = trtb.cuda_device()

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxq.backends import trt_cache as tc
+from onnxq.calib import trt_cache as tc
 from onnxq.errors import DataError, OutputError
 from onnxq.testing.contract import MethodContract
 
