@@ -23,12 +23,12 @@ cannot serve, the exception stays in this module (see docs/architecture.md, "The
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
+from onnx import helper, numpy_helper
 
 __all__ = [
     "QDTYPE",
@@ -43,6 +43,7 @@ __all__ = [
     "outer_scope_reads",
     "subgraphs",
     "toposort",
+    "with_initializers",
     "with_outputs",
 ]
 
@@ -309,3 +310,14 @@ def with_outputs(model: onnx.ModelProto, outputs: Iterable[tuple[str, int]],
     del m.graph.output[:]
     m.graph.output.extend(helper.make_tensor_value_info(name, elem, None) for name, elem in outputs)
     return m
+
+
+def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` in which each initializer named in ``values`` holds that array instead
+    (same name and place, the array's dtype): how methods that learn weights write them back."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
+    return out

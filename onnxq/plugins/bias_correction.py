@@ -28,7 +28,8 @@ from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
 from onnxq.calib.statistics import StatRequest
 from onnxq.search.samples import samples_request, take_samples
-from onnxq.graph.placement import GraphIndex, unique_namer
+from onnxq.graph.edit import Namer
+from onnxq.graph.placement import GraphIndex
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -68,7 +69,7 @@ class BiasCorrection(QuantMethod):
         q_run = GraphRunner(model, chunks, ctx.plan, sessions)
         f_run = GraphRunner(model, chunks, None, sessions)
         inits = {t.name: t for t in model.graph.initializer}
-        fresh = unique_namer(set(inits) | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input})
+        fresh = Namer.of(model)
         section: dict[str, dict[str, float]] = {}
         skipped: dict[str, str] = {}
         with progress("bias-correction", ctx.show_progress, total=len(ctx.plan.layers), unit="layer") as bar:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnxq.graph.edit import with_initializers
 from onnxq.search.samples import take_samples
 from onnxq.calib.progress import progress
 from onnxq.errors import OnnxqError, OptionError
@@ -85,7 +85,7 @@ class Brecq(QuantMethod):
 
     def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
         """The working model with the learned weights in place of the float ones (None if nothing was learned)."""
-        return _replace_initializers(ctx.model, self._learned) if self._learned else None
+        return with_initializers(ctx.model, {k: v.astype(np.float32) for k, v in self._learned.items()}) if self._learned else None
 
     def refine(self, ctx: RunContext) -> None:
         o = self.options
@@ -145,17 +145,6 @@ class Brecq(QuantMethod):
             if readers.get(site.initializer, 0) == 1:
                 out[site.node] = (key, site.input_index, site.initializer)
         return out
-
-
-def _replace_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` with the learned ``integer × step`` weights written over their initializers."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    for i, t in enumerate(g.initializer):
-        if t.name in values:
-            g.initializer[i].CopyFrom(numpy_helper.from_array(values[t.name].astype(np.float32), t.name))
-    return out
 
 
 @hookimpl
