@@ -202,25 +202,36 @@ class Host:
             raise self._unknown("target", name, list(self.targets) or list(BUILTIN_PROFILES))
         return get_profile(name, bits, block_size, self.targets)
 
-    def report_sections(self, report: dict[str, Any]) -> dict[str, Any]:
-        """Extra report sections from every plugin; a plugin whose hook fails is skipped with a warning."""
-        extra: dict[str, Any] = {}
+    def _call_each(self, hook: str, what: str, **kwargs: Any) -> list[Any]:
+        """Call ``hook`` plugin by plugin in pluggy's order; a plugin whose hook raises is skipped with a warning.
+
+        Returns the results of the plugins that succeeded, in call order.
+        """
         plugins: list[Any] = []
-        for impl in reversed(self.pm.hook.report_sections.get_hookimpls()):  # pluggy's call order
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):  # pluggy's call order
             if impl.plugin not in plugins:
                 plugins.append(impl.plugin)
+        results: list[Any] = []
         for plugin in plugins:
             name = self.pm.get_name(plugin)
             try:
-                results = self._only(plugin, "report_sections")(report=report)
-            except Exception as exc:  # a broken report hook must not lose a finished run
-                log.warning("plugin '%s' failed to add its report section: %s: %s", name, type(exc).__name__, exc)
-                log.debug("report_sections of %s failed:\n%s", name, traceback.format_exc())
-                continue
-            for result in results:
-                if result:
-                    extra.update(result)
+                results += self._only(plugin, hook)(**kwargs)
+            except Exception as exc:  # one broken plugin must not cost the others (or a finished run)
+                log.warning("plugin '%s' failed to %s: %s: %s", name, what, type(exc).__name__, exc)
+                log.debug("%s of %s failed:\n%s", hook, name, traceback.format_exc())
+        return results
+
+    def report_sections(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Extra report sections from every plugin; a plugin whose hook fails is skipped with a warning."""
+        extra: dict[str, Any] = {}
+        for result in self._call_each("report_sections", "add its report section", report=report):
+            if result:
+                extra.update(result)
         return extra
+
+    def register_commands(self, cli: Any) -> None:
+        """Let every plugin add commands to the ``cli`` click group; a plugin whose hook fails is skipped with a warning."""
+        self._call_each("register_commands", "add commands", cli=cli)
 
 
 def _builtin_name(module: str) -> str:

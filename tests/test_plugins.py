@@ -278,6 +278,29 @@ def test_specname_registration_failure_is_rolled_back():
     assert "good-from-specname" not in host.methods and rec.provides == []
 
 
+def test_failing_command_hook_does_not_cost_other_plugins_their_commands(caplog):
+    import click
+
+    @hookimpl
+    def bad_commands(cli):
+        raise RuntimeError("no commands today")
+
+    @hookimpl(specname="register_commands")
+    def good_commands(cli):
+        @cli.command("hello-from-test")
+        def hello():
+            """Say hello."""
+
+    group = click.Group("onnxq")
+    host = Host(load_entry_points=False)
+    host.register_module("good", _module("good_mod", good_commands=good_commands))
+    host.register_module("bad", _module("bad_mod", register_commands=bad_commands))
+    with caplog.at_level("WARNING", logger="onnxq"):
+        host.register_commands(group)
+    assert "hello-from-test" in group.commands
+    assert any("local:bad" in r.getMessage() and "RuntimeError: no commands today" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_each_plugin_registers_once():
     """Registering a second plugin does not call the first one's hooks again."""
     calls = []

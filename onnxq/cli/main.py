@@ -52,7 +52,7 @@ def _plugin_commands() -> None:
     try:
         from onnxq.host import get_host
 
-        get_host().pm.hook.register_commands(cli=cli)
+        get_host().register_commands(cli)
     except Exception as exc:  # pragma: no cover - defensive
         logging.getLogger("onnxq").warning("a plugin failed to add commands: %s", exc)
 
