@@ -321,6 +321,15 @@ def test_compare_bad_candidate(run_cli, digits_model, digits_eval, tmp_path):
     assert code == 1 and stderr.startswith("onnxq: error:") and len(stderr.strip().splitlines()) == 1
 
 
+def test_backend_and_target_choices_come_from_the_registries(run_cli, digits_model, digits_eval, trt_model):
+    code, _, stderr = run_cli(["compare", digits_model, trt_model, "--data", digits_eval, "--backend", "nope"])
+    assert code == 2 and "'nope' is not one of 'ort', 'trt'." in stderr
+    code, _, stderr = run_cli(["optimize", digits_model, "--data", "random", "--target", "nope"])
+    assert code == 2 and "'nope' is not one of 'ort', 'trt', 'ort-s8'." in stderr
+    code, _, stderr = run_cli(["lint", trt_model, "--target", "ort"])
+    assert code == 1 and stderr == "onnxq: error: target 'ort' has no Q/DQ rule set to lint against (rule sets: trt)\n"
+
+
 def test_lint_passes_on_trt_output(run_cli, trt_model):
     code, stdout, stderr = run_cli(["lint", trt_model])
     assert code == 0, stdout + stderr
