@@ -31,6 +31,12 @@ theirs are too.
 Results: :class:`StatsMap`, a ``tensor name -> TensorStats`` mapping (min/max and histograms, as
 methods always read them) that also answers ``stats[request]`` for any request (a TensorStats for
 min/max and histograms, the reducer's result for the others).
+
+Who asks when: methods declare requests in ``declare_statistics`` and the host collects them all
+in its one statistics pass, after the float rewrites (searches ask for their calibration samples
+this way, :mod:`onnxq.search.samples`). A float rewrite runs before that pass, on a model the pass
+will never see, so it calls ``ctx.collect(requests)``, which runs :func:`collect` on the model as
+it is at that point (smoothquant, equalize).
 """
 
 from __future__ import annotations
