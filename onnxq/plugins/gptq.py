@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from onnxq.search.evaluator import GraphRunner
@@ -54,6 +55,7 @@ from onnxq.calib.progress import progress
 from onnxq.search.samples import samples_request, take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
+from onnxq.graph.edit import with_initializers
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -355,10 +357,20 @@ class Gptq(QuantMethod):
                 bar.update(1)
         return out
 
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        #: dequantized GPTQ weights by initializer, from refine
+        self._w_hat: dict[str, np.ndarray] = {}
+
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
+        """The working model with the GPTQ weights written over the float ones."""
+        return with_initializers(ctx.model, self._w_hat) if self._w_hat else None
+
     def refine(self, ctx: RunContext) -> None:
         o = self.options
         t0 = time.perf_counter()
         plan = ctx.plan
+        self._w_hat = {}
         self._sessions: dict[str, object] = {}
         chunks = take_samples(ctx, o.samples)
         n_samples = int(sum(next(iter(c.values())).shape[0] for c in chunks))
@@ -380,11 +392,9 @@ class Gptq(QuantMethod):
             for site in plan.weights.values():  # the second pass starts from round-to-nearest again
                 site.qparams = ctx.profile.weight_block_qparams(weights[site.initializer], site.axis or 0)
             results = self._pass(ctx, chunks, weights, bits8, "gptq (mixed precision)")
-        # write the dequantized GPTQ weights; the QDQ rewrite recovers the integers exactly
+        # the dequantized GPTQ weights, written by quantized_rewrite; the QDQ rewrite recovers the integers exactly
         by_init = {plan.weights[layer.weight].initializer: results[layer.node] for layer in plan.layers if layer.node in results}
-        for name, res in by_init.items():
-            t = inits[name]
-            t.CopyFrom(numpy_helper.from_array(res.w_hat.astype(np.float32), name))
+        self._w_hat = {name: res.w_hat.astype(np.float32) for name, res in by_init.items()}
         self._sessions.clear()
         layers = [{"node": n, "bits": results[n].bits, "rel_error": round(results[n].rel_error, 6),
                    "rel_error_4bit": round(first_errors[n], 6), "shape": list(weights[plan.weights[lw].initializer].shape),
