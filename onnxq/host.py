@@ -4,10 +4,12 @@ Each entry point is loaded inside its own ``try``: a plugin that fails to import
 is recorded with its error (``onnxq plugins`` lists it) and never breaks other commands; asking
 for something it would have provided names the broken plugin.
 
-Hooks are called through pluggy's hook callers, restricted to one plugin at a time
-(``PluginManager.subset_hook_caller``): so ``@hookimpl(specname=...)``, argument subsets and
-wrappers work as pluggy documents them, and what a failing plugin registered is rolled back
-without touching the others.
+Hooks are called through pluggy's hook callers, one plugin at a time: besides the project-wide
+``Host.pm`` every plugin gets a plugin manager of its own, whose ``pm.hook.<name>(...)`` reaches
+only that plugin. So ``@hookimpl(specname=...)``, argument subsets and wrappers work as pluggy
+documents them, and what a failing plugin registered is rolled back without touching the others.
+(``PluginManager.subset_hook_caller`` would do the same from ``Host.pm`` but puts plugins in a set,
+and a plugin object need not be hashable.)
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class Host:
         self.tasks: dict[str, type[TaskLoss]] = {}
         self.targets: dict[str, TargetProfile] = {}
         self._origin: dict[str, str] = {}
+        #: (plugin name, a plugin manager holding only that plugin), in load order
+        self._dispatch: list[tuple[str, pluggy.PluginManager]] = []
         if load_entry_points:
             self.load_entry_points()
 
@@ -99,7 +103,9 @@ class Host:
         try:
             obj = loader()
             self.pm.register(obj, name=f"{dist}:{name}")
-            self._call_registration(obj, record)
+            own = _single_plugin_manager(obj, f"{dist}:{name}")
+            self._call_registration(own, record)
+            self._dispatch.append((f"{dist}:{name}", own))
             record.ok = True
         except Exception as exc:  # any failure of a third-party plugin is contained here
             record.error = f"{type(exc).__name__}: {exc}".strip()
@@ -120,12 +126,7 @@ class Host:
         for attr, table in snap.items():
             setattr(self, attr, dict(table))
 
-    def _only(self, plugin: Any, hook: str) -> Any:
-        """pluggy's caller of ``hook`` restricted to the implementations of ``plugin``."""
-        others = [p for p in self.pm.get_plugins() if p is not plugin]
-        return self.pm.subset_hook_caller(hook, others)
-
-    def _call_registration(self, obj: Any, record: PluginRecord) -> None:
+    def _call_registration(self, own: pluggy.PluginManager, record: PluginRecord) -> None:
         def reg(kind: str, table: dict[str, Any], base: type):
             def register(item: Any) -> None:
                 key = getattr(item, "name", "")
@@ -145,7 +146,7 @@ class Host:
             return register
 
         for hook, (kind, attr, base) in REGISTRATION_HOOKS.items():
-            self._only(obj, hook)(register=reg(kind, getattr(self, attr), base))
+            getattr(own.hook, hook)(register=reg(kind, getattr(self, attr), base))
 
     # -- lookups -------------------------------------------------------------------------
     def broken(self) -> list[PluginRecord]:
@@ -203,19 +204,14 @@ class Host:
         return get_profile(name, bits, block_size, self.targets)
 
     def _call_each(self, hook: str, what: str, **kwargs: Any) -> list[Any]:
-        """Call ``hook`` plugin by plugin in pluggy's order; a plugin whose hook raises is skipped with a warning.
+        """Call ``hook`` plugin by plugin, the last loaded first (pluggy's order); a plugin whose hook raises is skipped with a warning.
 
         Returns the results of the plugins that succeeded, in call order.
         """
-        plugins: list[Any] = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):  # pluggy's call order
-            if impl.plugin not in plugins:
-                plugins.append(impl.plugin)
         results: list[Any] = []
-        for plugin in plugins:
-            name = self.pm.get_name(plugin)
+        for name, own in reversed(self._dispatch):
             try:
-                results += self._only(plugin, hook)(**kwargs)
+                results += getattr(own.hook, hook)(**kwargs)
             except Exception as exc:  # one broken plugin must not cost the others (or a finished run)
                 log.warning("plugin '%s' failed to %s: %s: %s", name, what, type(exc).__name__, exc)
                 log.debug("%s of %s failed:\n%s", hook, name, traceback.format_exc())
@@ -232,6 +228,14 @@ class Host:
     def register_commands(self, cli: Any) -> None:
         """Let every plugin add commands to the ``cli`` click group; a plugin whose hook fails is skipped with a warning."""
         self._call_each("register_commands", "add commands", cli=cli)
+
+
+def _single_plugin_manager(plugin: Any, name: str) -> pluggy.PluginManager:
+    """A plugin manager with onnxq's hookspecs and only ``plugin``: its hook callers reach that plugin alone."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin, name=name)
+    return pm
 
 
 def _builtin_name(module: str) -> str:
