@@ -41,6 +41,7 @@ __all__ = [
     "numpy_dtype",
     "onnx_dtype",
     "outer_scope_reads",
+    "replace_nodes",
     "subgraphs",
     "toposort",
     "with_initializers",
@@ -184,24 +185,32 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 
     Two repairs on what graphsurgeon writes: a top-level initializer of ``like`` read only inside
     If/Loop/Scan bodies stays a top-level initializer (graphsurgeon moves it into the body, or drops
-    it after ``cleanup()``), and for IR < 4 every initializer is listed in ``graph.input`` again, as
-    that IR version requires.
+    it after ``cleanup()``), and for IR < 4 an initializer that ``like`` listed in ``graph.input``
+    stays listed while it exists (graphsurgeon turns such inputs into constants; IR 4 and later
+    need no listing, so there they are constants and no longer inputs).
     """
-    exported = gs.export_onnx(graph, do_type_check=False)
-    out = onnx.ModelProto()
+    out = gs.export_onnx(graph, do_type_check=False)
+    for field in (*_MODEL_SCALARS, *_MODEL_LISTS):
+        out.ClearField(field)
     for field in _MODEL_SCALARS:
         if like.HasField(field):
             setattr(out, field, getattr(like, field))
     for field in _MODEL_LISTS:
         getattr(out, field).extend(getattr(like, field))
-    out.graph.CopyFrom(exported.graph)
     _restore_outer_initializers(out.graph, like.graph)
     if like.ir_version and like.ir_version < 4:
-        listed = {i.name for i in out.graph.input}
-        for t in out.graph.initializer:
-            if t.name not in listed:
-                out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        _relist_initializer_inputs(out.graph, like.graph)
     return out
+
+
+def _relist_initializer_inputs(g: onnx.GraphProto, like: onnx.GraphProto) -> None:
+    kept = {t.name for t in g.initializer}
+    exported = {i.name: i for i in g.input}
+    order = [i for i in like.input if i.name in exported or i.name in kept]
+    order += [i for i in g.input if i.name not in {o.name for o in order}]
+    chosen = [exported.get(i.name, i) for i in order]
+    del g.input[:]
+    g.input.extend(chosen)
 
 
 def _restore_outer_initializers(g: onnx.GraphProto, like: onnx.GraphProto) -> None:
@@ -266,6 +275,7 @@ def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.toposort()
     return export_model(graph, model)
 
+
 # ------------------------------------------------------------------------------ local insertions
 
 
@@ -295,6 +305,16 @@ def insert_after_producers(graph: onnx.GraphProto, nodes: Iterable[onnx.NodeProt
     for i, n in enumerate(graph.node):
         ordered.append(n)
         ordered.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def replace_nodes(graph: onnx.GraphProto, replacements: Mapping[str, Iterable[onnx.NodeProto]]) -> None:
+    """In place: each node named in ``replacements`` gives way to the nodes given for it, at its
+    place in the order (still topological when they read only what it read)."""
+    ordered: list[onnx.NodeProto] = []
+    for n in graph.node:
+        ordered.extend(replacements.get(n.name, (n,)))
     del graph.node[:]
     graph.node.extend(ordered)
 

@@ -18,6 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.graph import edit
+from onnxq.graph.edit import Namer
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -46,6 +49,7 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
     for n in g.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
+    fresh = Namer.of(out).fresh
     replaced: list[str] = []
     drop: set[int] = set()
     new_inits: list[onnx.TensorProto] = []
@@ -78,14 +82,14 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
         u = u.T.reshape(n, nblocks, bs)
         blob = _pack_nibbles(u) if bits == 4 else u.astype(np.uint8)  # [N, nblocks, bs·bits/8]
         base = node.name or node.output[0]
-        b_name, s_name = f"{base}_nbits_B", f"{base}_nbits_scales"
+        b_name, s_name = fresh(f"{base}_nbits_B"), fresh(f"{base}_nbits_scales")
         new_inits += [numpy_helper.from_array(blob, b_name), numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), s_name)]
         inputs = [node.input[0], b_name, s_name]
         if not signed:
             zpu = zp.T  # [N, nblocks]
             if bits == 4 and nblocks % 2:
                 zpu = np.concatenate([zpu, np.zeros((n, 1), np.int32)], axis=1)
-            z_name = f"{base}_nbits_zero_points"
+            z_name = fresh(f"{base}_nbits_zero_points")
             packed = _pack_nibbles(zpu) if bits == 4 else zpu.astype(np.uint8)
             new_inits.append(numpy_helper.from_array(packed.reshape(-1), z_name))
             inputs.append(z_name)
@@ -99,10 +103,7 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
         del g.node[:]
         g.node.extend(keep)
         g.initializer.extend(new_inits)
-        used = {i for n in g.node for i in n.input}
-        kept = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(kept)
         if not any(o.domain == MS_DOMAIN for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        out = edit.cleanup(out, sort=False)  # the int4 weights and their scales go with the DequantizeLinears
     return out, replaced

@@ -36,7 +36,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph.placement import GraphIndex, node_attr, unique_namer
+from onnxq.graph import edit
+from onnxq.graph.edit import Namer
+from onnxq.graph.index import GraphIndex, node_attr
 
 __all__ = ["SmoothSite", "find_smooth_sites", "smoothing_scales", "apply_smoothing", "channel_absmax_model"]
 
@@ -141,7 +143,7 @@ def channel_absmax_model(model: onnx.ModelProto, tensors: list[str], channel_axi
     m.CopyFrom(model)
     g = m.graph
     outs = []
-    fresh = unique_namer({o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer})
+    fresh = Namer.of(m).fresh
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
 
     def reduce_max(x: str, axis: int, out: str) -> None:
@@ -196,9 +198,7 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
-    used_names = {n.name for n in g.node}
-    used_tensors = {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(inits)
-    fresh_node, fresh_tensor = unique_namer(used_names), unique_namer(used_tensors)
+    fresh_node = fresh_tensor = Namer.of(out).fresh
     inserts: dict[str, onnx.NodeProto] = {}  # producer name -> duplicate to insert after it
 
     def new_init(value: np.ndarray, like: str) -> str:
@@ -254,8 +254,4 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
                 order.append(inserts[n.name])
         del g.node[:]
         g.node.extend(order)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return out
+    return edit.cleanup(out, sort=False)  # the float weights the scaled copies replaced go

@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph.placement import unique_namer
+from onnxq.graph import edit
+from onnxq.graph.edit import Namer
 from onnxq.qparams import MIN_SCALE
 
 __all__ = ["RepConvDecision", "SplitConv", "centre_ratio", "find_rep_convs", "split_convs", "split_kernel", "weight_mse"]
@@ -176,9 +177,7 @@ def split_convs(model: onnx.ModelProto, decisions: Iterable[RepConvDecision], qm
         return out, []
     g = out.graph
     inits = {t.name: t for t in g.initializer}
-    used = {o for n in g.node for o in n.output} | set(inits) | {i.name for i in g.input} | {n.name for n in g.node}
-
-    fresh = unique_namer(used)
+    fresh = Namer.of(out).fresh
 
     new_nodes: list[onnx.NodeProto] = []
     splits: list[SplitConv] = []
@@ -214,15 +213,7 @@ def split_convs(model: onnx.ModelProto, decisions: Iterable[RepConvDecision], qm
         splits.append(SplitConv(node.name, d.ratio, fine_name, coarse_name, sum_name, wf, wc, scale, form))
     del g.node[:]
     g.node.extend(new_nodes)
-    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    dropped = {t.name for t in g.initializer if t.name not in read}
-    keep = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if dropped & {i.name for i in g.input}:  # IR < 4 models list initializers as inputs too
-        inputs = [i for i in g.input if i.name not in dropped]
-        del g.input[:]
-        g.input.extend(inputs)
+    out = edit.cleanup(out, sort=False)  # the replaced weights go (and their graph.input listing, IR < 4 aside)
     return out, splits
 
 
