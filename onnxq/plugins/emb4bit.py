@@ -611,11 +611,7 @@ def apply_quantized_tables(model: onnx.ModelProto, tables: dict[str, tuple[Quant
             nodes, extra = lookup_nodes(qt, tensors, node.input[1], node.output[0], fmt, fresh, shared)
             new_inits += extra
             replaced[gname] = nodes
-    new_nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        new_nodes.extend(replaced.get(n.name, [n]))
-    del g.node[:]
-    g.node.extend(new_nodes)
+    edit.replace_nodes(g, replaced)
     g.initializer.extend(new_inits + list(shared.values()))
     # the float tables, read by nobody now, go (with their graph.input and value_info entries)
     out = edit.cleanup(out, sort=False, keep_nodes=True)
