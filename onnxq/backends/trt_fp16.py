@@ -30,6 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.errors import ModelError
+from onnxq.graph import edit
+from onnxq.graph.edit import Namer
 from onnxq.graph.prepare import default_opset, tensor_types
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -68,7 +70,7 @@ class Fp16Conversion:
 
 def _has_subgraphs(model: onnx.ModelProto) -> str | None:
     for n in model.graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+        if edit.subgraphs(n):
             return n.name or n.op_type
     return None
 
@@ -108,14 +110,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: frozenset[str] | set[str] 
     g = m.graph
     result = Fp16Conversion(m)
     inits = {t.name: t for t in g.initializer}
-    used_names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
-
-    def fresh(base: str) -> str:
-        cand, k = base, 1
-        while cand in used_names:
-            cand, k = f"{base}_{k}", k + 1
-        used_names.add(cand)
-        return cand
+    fresh = Namer.of(m).fresh
 
     def is_half_node(n: onnx.NodeProto) -> bool:
         return n.domain in ("", "ai.onnx") and n.op_type in FP16_OPS and n.op_type not in fp32_ops
@@ -194,10 +189,8 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: frozenset[str] | set[str] 
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
-    read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    m = edit.cleanup(m, sort=False)  # the float32 originals of converted initializers go
+    g = m.graph
     del g.value_info[:]  # stale float32 types; inference fills them again
     try:
         inferred = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=False)

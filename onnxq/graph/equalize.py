@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.graph.placement import GraphIndex, node_attr
+from onnxq.graph.index import GraphIndex, node_attr
 from onnxq.graph.smoothing import channel_absmax_model
 
 __all__ = ["EqualizeSite", "find_equalize_sites", "channel_absmax", "equalize_scales", "apply_equalization"]

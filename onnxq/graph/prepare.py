@@ -86,6 +86,29 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
+def initializers_as_constants(model: onnx.ModelProto) -> list[str]:
+    """Stop listing initializers in ``graph.input`` (in place); returns the names unlisted.
+
+    ``torch.onnx.export(..., keep_initializers_as_inputs=True)`` and IR < 4 exporters list every
+    weight as a graph input too, which makes it an overridable default rather than a constant.
+    onnxq quantizes weights as constants (a caller feeding a different weight to a quantized model
+    would get the old integers anyway), so the listing goes before any rewrite; calibration feeds
+    and the quantized model then ask only for the real inputs. IR < 4 requires the listing, so
+    such models keep it (:func:`onnxq.graph.edit.cleanup` still drops the entry of an initializer
+    it removes).
+    """
+    g = model.graph
+    if model.ir_version and model.ir_version < 4:
+        return []
+    inits = {t.name for t in g.initializer}
+    listed = [i.name for i in g.input if i.name in inits]
+    if listed:
+        keep = [i for i in g.input if i.name not in inits]
+        del g.input[:]
+        g.input.extend(keep)
+    return listed
+
+
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor whose type is known (inputs, outputs, value_info, initializers)."""
     types: dict[str, int] = {}

@@ -150,6 +150,7 @@ def prepare(run: Run) -> None:
     work.CopyFrom(run.float_model)
     work = graph_prepare.upgrade_opset(work, graph_prepare.MIN_INT4_OPSET if profile.weight_only else graph_prepare.MIN_QDQ_OPSET)
     graph_prepare.constants_to_initializers(work)
+    graph_prepare.initializers_as_constants(work)  # weights listed in graph.input are constants here
     name_nodes(work)  # after the opset upgrade, which may add unnamed nodes
     run.work, run.shape_status = graph_prepare.infer_shapes(work)
     run.inputs = model_inputs(run.work)
