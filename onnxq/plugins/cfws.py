@@ -163,7 +163,7 @@ class Cfws(QuantMethod):
         The branch outputs, which only the ``ort`` target quantizes (ONNX Runtime needs a Q after
         each conv), are not in the paper's scheme and keep the plain calibrator.
         """
-        from onnxq.graph.placement import GraphIndex
+        from onnxq.graph.index import GraphIndex
 
         idx = GraphIndex(ctx.model)
         out: set[str] = set()

@@ -29,7 +29,7 @@ from onnxq.runtime.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
 from onnxq.graph.edit import onnx_dtype
 from onnxq.graph.plan import Layer, QuantPlan
-from onnxq.graph.placement import GraphIndex
+from onnxq.graph.index import GraphIndex
 
 
 class GraphRunner:
