@@ -109,6 +109,8 @@ def dataclass_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
     props: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         props[f.name] = type_schema(hints[f.name], defs)
+        if "description" in f.metadata:
+            props[f.name] = {"description": f.metadata["description"], **props[f.name]}
     doc = (cls.__doc__ or "").strip().splitlines()
     out: dict[str, Any] = {"type": "object", "properties": props, "required": [f.name for f in dataclasses.fields(cls)],
                            "additionalProperties": False}

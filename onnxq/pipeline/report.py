@@ -16,71 +16,68 @@ from typing import Any
 import numpy as np
 
 
+def described(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with a description, which the report's JSON Schema carries."""
+    return field(metadata={"description": text}, **kwargs)
+
+
 @dataclass
 class WeightOnlyFormat:
     """The format of a 4-bit weight-only run."""
 
-    bits: int
-    block_size: int | None
-    format: str
+    bits: int = described("weight bits (4)")
+    block_size: int | None = described("weights per block along the reduction axis")
+    format: str = described("int4 symmetric, or uint4 with zero points")
 
 
 @dataclass
 class LeftInFloat:
     """A node the placement left in float, and why."""
 
-    node: str
-    reason: str
+    node: str = described("node name")
+    reason: str = described("why it stays float")
 
 
 @dataclass
 class QuantizedRewrite:
     """A model change a method made after the qparams were chosen (``quantized_rewrite``)."""
 
-    method: str
-    nodes_added: list[str]
-    nodes_removed: list[str]
-    initializers_added: list[str]
-    initializers_removed: list[str]
-    initializers_changed: list[str]
-    #: worst output's max |y − y_float| / max |y_float| of the rewritten (still unquantized) model
-    #: against the float model on the first calibration batch; None if it could not be run
-    output_error: float | None
+    method: str = described("the method that returned the model")
+    nodes_added: list[str] = described("names of nodes it added")
+    nodes_removed: list[str] = described("names of nodes it removed")
+    initializers_added: list[str] = described("names of initializers it added")
+    initializers_removed: list[str] = described("names of initializers it removed")
+    initializers_changed: list[str] = described("names of initializers whose value it changed")
+    output_error: float | None = described(
+        "worst output's max |y - y_float| / max |y_float| of the rewritten, not yet quantized model against the float "
+        "model on the first calibration batch; null if it could not be run")
 
 
 @dataclass
 class Report:
     """What one :func:`~onnxq.pipeline.optimize` run did."""
 
-    #: input model path, or "<in-memory>"
-    model: str
-    #: where the quantized model was written (None: not written)
-    output: str | None
-    #: methods in the order they ran (a default calibrator first, when one was added)
-    method: list[str]
-    #: each method's options
-    options: dict[str, dict[str, Any]]
-    target: str
-    bits: int
-    int7_note: str | None
-    weight_only: WeightOnlyFormat | None
-    #: how shape inference went (see onnxq.graph.prepare.infer_shapes)
-    shape_inference: str
-    quantized_activations: int
-    quantized_weights: int
-    layers: int
-    #: the target's own float rewrites: rewrite name -> nodes
-    float_rewrites: dict[str, list[str]]
-    left_in_float: list[LeftInFloat]
-    calibration_seconds: float
-    refine_seconds: float
-    total_seconds: float
-    #: each method's own report section (free-form; "summary" is a list of lines)
-    methods: dict[str, dict[str, Any]]
-    #: model changes returned by methods' quantized_rewrite, in order
-    quantized_rewrites: list[QuantizedRewrite] = field(default_factory=list)
-    #: sections added by plugins' report_sections hooks
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: str = described('input model path, or "<in-memory>"')
+    output: str | None = described("where the quantized model was written (null: not written)")
+    method: list[str] = described("methods in the order they ran (the default calibrator first, when one was added)")
+    options: dict[str, dict[str, Any]] = described("each method's options")
+    target: str = described("target profile")
+    bits: int = described("8, 7 (INT7 in an int8 container) or 4 (weight-only)")
+    int7_note: str | None = described("what INT7 means on the target's runtime (bits 7 only)")
+    weight_only: WeightOnlyFormat | None = described("the 4-bit weight-only format (bits 4 only)")
+    shape_inference: str = described("how shape inference went: full, partial (lenient mode) or none (declared shapes kept)")
+    quantized_activations: int = described("activation tensors with a Q/DQ pair")
+    quantized_weights: int = described("weights with a Q/DQ pair")
+    layers: int = described("quantized layers (a weight and its input)")
+    float_rewrites: dict[str, list[str]] = described("the target's own float rewrites: rewrite name -> nodes")
+    left_in_float: list[LeftInFloat] = described("nodes the placement left in float")
+    calibration_seconds: float = described("time of the statistics pass")
+    refine_seconds: float = described("time of the methods' refine and quantized_rewrite steps (without the host's checks)")
+    total_seconds: float = described("time of the whole run")
+    methods: dict[str, dict[str, Any]] = described("each method's own report section (free-form; summary is a list of lines)")
+    quantized_rewrites: list[QuantizedRewrite] = described("model changes returned by methods' quantized_rewrite, in order",
+                                                          default_factory=list)
+    extra: dict[str, Any] = described("sections added by plugins' report_sections hooks", default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values (numpy values as Python ones, non-finite floats as None)."""
