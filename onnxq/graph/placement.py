@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import onnx
 
-from onnxq.graph.edit import Namer, name_nodes
+from onnxq.graph.edit import name_nodes
 from onnxq.graph.index import FLOAT_TYPES, GraphIndex, node_attr
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
@@ -32,13 +32,7 @@ from onnxq.graph.prepare import tensor_shapes
 
 RELU_LIKE = {"Relu", "Clip"}
 
-__all__ = ["FLOAT_TYPES", "GraphIndex", "build_plan", "build_weight_only_plan", "name_nodes", "node_attr", "unique_namer",
-           "weight_axis"]  # index/edit names re-exported for callers
-
-
-def unique_namer(used: set[str]):
-    """Deprecated: use :class:`onnxq.graph.edit.Namer` (kept while callers outside the graph layer move)."""
-    return Namer(used).fresh
+__all__ = ["FLOAT_TYPES", "GraphIndex", "build_plan", "build_weight_only_plan", "name_nodes", "node_attr", "weight_axis"]  # index/edit names re-exported for callers
 
 
 def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:

@@ -167,10 +167,3 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     # move before their readers
     return edit.cleanup(out)
 
-
-def _toposort(g: onnx.GraphProto) -> None:
-    """Deprecated shim for callers outside the graph layer: use :func:`onnxq.graph.edit.toposort`."""
-    model = onnx.helper.make_model(g)
-    sorted_nodes = list(edit.toposort(model).graph.node)
-    del g.node[:]
-    g.node.extend(sorted_nodes)

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
+from onnxq.graph.prepare import initializers_as_constants
 
 CASES = [("minmax", "ort", 8), ("minmax", "trt", 8), ("percentile", "ort", 8), ("minmax", "ort", 4)]
 
@@ -103,3 +104,13 @@ def test_torch_export_with_initializers_as_inputs_quantizes(torch_model: onnx.Mo
     data = _feeds(4, (1, 3, 8, 8), "x", seed=2)
     result = onnxq.optimize(torch_model, method=method, target=target, bits=bits, data=data, cache_dir=None, show_progress=False)
     _check(torch_model, result.model, data[0])
+
+
+def test_prepare_unlists_initializers_except_where_ir3_requires_the_listing() -> None:
+    model = _helper_model()
+    assert initializers_as_constants(model) == ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    assert [i.name for i in model.graph.input] == ["x"]
+    old = _helper_model()
+    old.ir_version = 3
+    assert initializers_as_constants(old) == []
+    assert len(old.graph.input) == 5
