@@ -25,6 +25,7 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> 
     out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
+    fresh = edit.Namer.of(out).fresh
     changed: list[str] = []
     new_nodes: list[onnx.NodeProto] = []
     for node in g.node:
@@ -47,15 +48,15 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> 
         b = numpy_helper.to_array(inits[node.input[1]])
         if node_attr(node, "transB", 0):
             b = np.ascontiguousarray(b.T)
-        w_name = f"{node.input[1]}_matmul"
+        w_name = fresh(f"{node.input[1]}_matmul")
         g.initializer.append(numpy_helper.from_array(b, w_name))
         y = node.output[0]
         if bias is None:
             new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [y], name=node.name))
         else:
-            mid = f"{y}_matmul"
+            mid = fresh(f"{y}_matmul")
             new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mid], name=node.name))
-            new_nodes.append(helper.make_node("Add", [mid, node.input[2]], [y], name=f"{node.name}_bias"))
+            new_nodes.append(helper.make_node("Add", [mid, node.input[2]], [y], name=fresh(f"{node.name}_bias")))
         changed.append(node.name)
     if changed:
         del g.node[:]
