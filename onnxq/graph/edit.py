@@ -198,9 +198,26 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     for field in _MODEL_LISTS:
         getattr(out, field).extend(getattr(like, field))
     _restore_outer_initializers(out.graph, like.graph)
+    _restore_annotations(out.graph, like.graph)
     if like.ir_version and like.ir_version < 4:
         _relist_initializer_inputs(out.graph, like.graph)
     return out
+
+
+def _restore_annotations(g: onnx.GraphProto, like: onnx.GraphProto) -> None:
+    """Node doc strings and metadata, and the graph's metadata, which graphsurgeon does not carry."""
+    if like.metadata_props and not g.metadata_props:
+        g.metadata_props.extend(like.metadata_props)
+    annotated = {n.name: n for n in like.node if n.name and (n.doc_string or n.metadata_props)}
+    if not annotated:
+        return
+    for n in g.node:
+        old = annotated.get(n.name)
+        if old is not None and old.op_type == n.op_type:
+            if old.doc_string and not n.doc_string:
+                n.doc_string = old.doc_string
+            if old.metadata_props and not n.metadata_props:
+                n.metadata_props.extend(old.metadata_props)
 
 
 def _relist_initializer_inputs(g: onnx.GraphProto, like: onnx.GraphProto) -> None:

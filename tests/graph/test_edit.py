@@ -92,6 +92,19 @@ def test_export_keeps_model_level_fields():
     assert [f.name for f in out.functions] == ["Twice"]
 
 
+def test_cleanup_keeps_node_and_graph_annotations():
+    model = _if_model()
+    mm = model.graph.node[0]
+    mm.doc_string = "weights from layer 3"
+    mm.metadata_props.add(key="origin", value="fc3")
+    model.graph.metadata_props.add(key="stage", value="float")
+    out = edit.cleanup(model)
+    node = next(n for n in out.graph.node if n.name == "mm")
+    assert node.doc_string == "weights from layer 3"
+    assert [(p.key, p.value) for p in node.metadata_props] == [("origin", "fc3")]
+    assert [(p.key, p.value) for p in out.graph.metadata_props] == [("stage", "float")]
+
+
 def test_toposort_orders_a_shuffled_graph():
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="n0")]
     for i in range(1, 12):
