@@ -27,7 +27,7 @@ from onnx import helper
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
-from onnxq.graph.edit import onnx_dtype
+from onnxq.graph.edit import Namer, onnx_dtype
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.index import GraphIndex
 
@@ -67,6 +67,10 @@ class GraphRunner:
                 self.consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
                 self._const_nodes.add(n.name)
         self.total_uses = dict(self.remaining)
+        #: names of the tensors only segments have (fake-quantization steps and parameters, weight
+        #: feeds): one per runner, none a name of the model
+        self._fresh = Namer.of(model)
+        self._aux: dict[str, str] = {}
         self._wq_cache: dict[str, tuple] = {}
         #: sessions (per node, or per stretch of nodes and fake-quantization layout), shareable
         #: between runners of the same model
@@ -169,12 +173,12 @@ class GraphRunner:
         fixed = {}
         for feed_name, (w, src) in wfeeds.items():
             fixed[feed_name] = self._weight_value(w, self.consts[src])
-        for t in sites:
+        for t, (s, z, lo, hi) in sites.items():
             q = self.plan.activations[t].qparams  # type: ignore[union-attr]
-            fixed[f"{t}::s"] = q.scale.reshape(()).astype(np.float32)
-            fixed[f"{t}::z"] = q.zero_point.reshape(()).astype(np.float32)
-            fixed[f"{t}::lo"] = np.array(q.qmin, np.float32)
-            fixed[f"{t}::hi"] = np.array(q.qmax, np.float32)
+            fixed[s] = q.scale.reshape(()).astype(np.float32)
+            fixed[z] = q.zero_point.reshape(()).astype(np.float32)
+            fixed[lo] = np.array(q.qmin, np.float32)
+            fixed[hi] = np.array(q.qmax, np.float32)
         outs: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         for c in range(n_chunks):
             feeds = dict(fixed)
@@ -194,6 +198,15 @@ class GraphRunner:
                     if self.remaining[name] <= 0:
                         self.values.pop(name, None)
 
+    def _aux_name(self, base: str, key: str) -> str:
+        """The segment-only tensor ``base::key``, under a name unused by the model (the same one for
+        every segment of this runner)."""
+        wanted = f"{base}::{key}"
+        name = self._aux.get(wanted)
+        if name is None:
+            name = self._aux[wanted] = self._fresh(wanted)
+        return name
+
     def _build_segment(self, nodes: list[onnx.NodeProto], acts: dict[str, dict[int, str]], weights: dict[tuple[str, int], str]):
         """One session for ``nodes``: every value and constant they read is an input (so later
         changes to ``consts`` apply), quantized weights are fed fake-quantized, and activation fake
@@ -207,7 +220,8 @@ class GraphRunner:
                     uses[name] += 1
         external: list[str] = []
         wfeeds: dict[str, tuple[str, str]] = {}
-        sites: list[str] = []
+        #: activation site -> its fed parameters (scale, zero point, lo, hi)
+        sites: dict[str, tuple[str, str, str, str]] = {}
         body: list[onnx.NodeProto] = []
         for n in nodes:
             clone = onnx.NodeProto()
@@ -216,7 +230,7 @@ class GraphRunner:
                 if not name:
                     continue
                 if (n.name, i) in weights:
-                    feed = f"{name}::wq"
+                    feed = self._aux_name(name, "wq")
                     wfeeds[feed] = (weights[(n.name, i)], name)
                     clone.input[i] = feed
                     continue
@@ -225,20 +239,20 @@ class GraphRunner:
                 t = acts[n.name].get(i)
                 if t is not None:
                     if t not in sites:  # the chain goes right before its first reader (topological order)
-                        sites.append(t)
-                        p = f"{t}::"
-                        body += [helper.make_node("Div", [name, p + "s"], [p + "d"]), helper.make_node("Round", [p + "d"], [p + "r"]),
-                                 helper.make_node("Add", [p + "r", p + "z"], [p + "a"]), helper.make_node("Max", [p + "a", p + "lo"], [p + "m"]),
-                                 helper.make_node("Min", [p + "m", p + "hi"], [p + "c"]), helper.make_node("Sub", [p + "c", p + "z"], [p + "b"]),
-                                 helper.make_node("Mul", [p + "b", p + "s"], [p + "fq"])]
-                    clone.input[i] = f"{t}::fq"
+                        sc, zp, lo, hi = sites[t] = tuple(self._aux_name(t, k) for k in ("s", "z", "lo", "hi"))  # type: ignore[assignment]
+                        d, r, a, m, c, b, fq = (self._aux_name(t, k) for k in ("d", "r", "a", "m", "c", "b", "fq"))
+                        body += [helper.make_node("Div", [name, sc], [d]), helper.make_node("Round", [d], [r]),
+                                 helper.make_node("Add", [r, zp], [a]), helper.make_node("Max", [a, lo], [m]),
+                                 helper.make_node("Min", [m, hi], [c]), helper.make_node("Sub", [c, zp], [b]),
+                                 helper.make_node("Mul", [b, sc], [fq])]
+                    clone.input[i] = self._aux_name(t, "fq")
             body.append(clone)
         outputs = [o for n in nodes for o in n.output if o and (self.total_uses.get(o, 0) == 0 or self.total_uses[o] > uses.get(o, 0))]
         sample = {name: (self.consts[name] if name in self.consts else self.values[name][0]) for name in external}
         inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in sample.items()]
         inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in wfeeds]
-        for t in sites:
-            inputs += [helper.make_tensor_value_info(f"{t}::{k}", onnx.TensorProto.FLOAT, []) for k in ("s", "z", "lo", "hi")]
+        for params in sites.values():
+            inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f in params]
         m = self._small_model(body, "segment", inputs, outputs)
         sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
         return sess, external, wfeeds, sites, outputs
