@@ -19,6 +19,7 @@ fused session instead of hundreds of single-node sessions and numpy fake quantiz
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,6 +35,49 @@ from onnxq.qparams import QParams
 
 def _param(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
+
+
+@dataclass(frozen=True)
+class ProbedQDQ:
+    """A parametric Q/DQ of one tensor: ``Clip(lo, hi) → QuantizeLinear(scale, zero_point) →
+    DequantizeLinear`` whose four parameters are scalar graph inputs, so that one ONNX Runtime
+    session evaluates the tensor on any per-tensor grid (the Clip realises grids narrower than
+    their container, such as A4 in int8, and is a no-op otherwise).
+
+    Add :attr:`inputs` to the graph's inputs, :attr:`nodes` after the tensor's producer
+    (:func:`onnxq.graph.edit.insert_after_producers`), point the readers at :attr:`output`, and
+    feed :meth:`feeds` of the qparams per run.
+    """
+
+    lo: str
+    hi: str
+    scale: str
+    zero_point: str
+    #: the dequantized tensor the readers take instead
+    output: str
+    inputs: tuple[onnx.ValueInfoProto, ...]
+    nodes: tuple[onnx.NodeProto, ...]
+
+    @classmethod
+    def build(cls, tensor: str, zp_dtype: str, fresh: Namer, prefix: str) -> ProbedQDQ:
+        """The chain for ``tensor`` with a ``zp_dtype`` ("int8", "uint8") zero point; every name is
+        ``prefix`` plus its role, made unique by ``fresh``."""
+        lo, hi, scale, zp = (fresh(prefix + k) for k in ("lo", "hi", "scale", "zp"))
+        clipped, q, dq = (fresh(prefix + k) for k in ("clipped", "q", "dq"))
+        inputs = tuple(helper.make_tensor_value_info(name, TensorProto.FLOAT, []) for name in (lo, hi, scale))
+        inputs += (helper.make_tensor_value_info(zp, QDTYPE[zp_dtype], []),)
+        nodes = (
+            helper.make_node("Clip", [tensor, lo, hi], [clipped], name=fresh(prefix + "probe_clip")),
+            helper.make_node("QuantizeLinear", [clipped, scale, zp], [q], name=fresh(prefix + "probe_q")),
+            helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=fresh(prefix + "probe_dq")),
+        )
+        return cls(lo, hi, scale, zp, dq, inputs, nodes)
+
+    def feeds(self, q: QParams) -> dict[str, np.ndarray]:
+        """The four parameters of ``q`` (per-tensor) as this chain's inputs."""
+        lo, hi = q.real_range()
+        return {self.lo: np.asarray(lo, np.float32).reshape(()), self.hi: np.asarray(hi, np.float32).reshape(()),
+                self.scale: np.asarray(q.scale, np.float32).reshape(()), self.zero_point: np.asarray(q.zero_point, q.np_dtype).reshape(())}
 
 
 class TailSession:
@@ -108,7 +152,7 @@ class TailSession:
         if cmds:
             tail = apply_commands(tail, cmds)
         # parametric Q/DQ of the probed activations
-        self.act_inputs: dict[str, tuple[str, str, str, str]] = {}
+        self.act_inputs: dict[str, ProbedQDQ] = {}
         g = tail.graph
         fresh = Namer.of(tail)  # the Q/DQ commands added names of their own
         consumers = {(n.name, k): n for n in g.node for k in range(len(n.input))}
@@ -118,19 +162,11 @@ class TailSession:
             cons = [c for c in site.consumers if tuple(c) in consumers]
             if not cons:
                 continue
-            p = _param(t)
-            names = (fresh(f"{p}__lo"), fresh(f"{p}__hi"), fresh(f"{p}__scale"), fresh(f"{p}__zp"))
-            g.input.extend([helper.make_tensor_value_info(names[0], TensorProto.FLOAT, []), helper.make_tensor_value_info(names[1], TensorProto.FLOAT, []),
-                            helper.make_tensor_value_info(names[2], TensorProto.FLOAT, []), helper.make_tensor_value_info(names[3], QDTYPE[zp_dtype], [])])
-            clipped, q, dq = fresh(f"{p}__clipped"), fresh(f"{p}__q"), fresh(f"{p}__dq")
-            new_nodes += [
-                helper.make_node("Clip", [t, names[0], names[1]], [clipped], name=fresh(f"{p}__probe_clip")),
-                helper.make_node("QuantizeLinear", [clipped, names[2], names[3]], [q], name=fresh(f"{p}__probe_q")),
-                helper.make_node("DequantizeLinear", [q, names[2], names[3]], [dq], name=fresh(f"{p}__probe_dq")),
-            ]
+            probe = self.act_inputs[t] = ProbedQDQ.build(t, zp_dtype, fresh, f"{_param(t)}__")
+            g.input.extend(probe.inputs)
+            new_nodes += probe.nodes
             for c in cons:
-                consumers[tuple(c)].input[c[1]] = dq
-            self.act_inputs[t] = names
+                consumers[tuple(c)].input[c[1]] = probe.output
         # each chain right after the producer of its tensor (at the front for a frontier tensor)
         insert_after_producers(g, new_nodes)
         self.weight_inputs = {probe_w[init]: name for init, name in fq.items()}
@@ -147,12 +183,7 @@ class TailSession:
         feeds = {t: frontier[t] for t in self._inputs}
         for w, name in self.weight_inputs.items():
             feeds[name] = np.asarray(weights[w], np.float32)  # type: ignore[index]
-        for t, names in self.act_inputs.items():
-            q = activations[t]  # type: ignore[index]
-            lo, hi = q.real_range()
-            feeds[names[0]] = np.asarray(lo, np.float32).reshape(())
-            feeds[names[1]] = np.asarray(hi, np.float32).reshape(())
-            feeds[names[2]] = np.asarray(q.scale, np.float32).reshape(())
-            feeds[names[3]] = np.asarray(q.zero_point, q.np_dtype).reshape(())
+        for t, probe in self.act_inputs.items():
+            feeds.update(probe.feeds(activations[t]))  # type: ignore[index]
         out.update(zip(self._computed, ort_backend.run(self.session, feeds)))
         return out

@@ -2,7 +2,7 @@
 
 methods.md §6.1 (ONNX mapping): "keep scales as graph inputs to avoid rebuilding sessions". Every
 activation site gets ``Clip(lo, hi) → QuantizeLinear(scale, zero_point) → DequantizeLinear`` with
-all four as graph *inputs* (the Clip realises narrowed grids such as A4 in an 8-bit container and
+all four as graph *inputs* (:class:`onnxq.search.tail.ProbedQDQ`, as detptq's tails have; the Clip realises narrowed grids such as A4 in an 8-bit container and
 is a no-op otherwise), and every quantized weight slot reads a graph input fed with the weight
 fake-quantized in numpy by the same :class:`~onnxq.qparams.QParams` arithmetic the QDQ rewrite
 uses. So each evaluation computes what the deployed QDQ graph computes (run with graph
@@ -20,6 +20,7 @@ from onnxq.runtime import ort as ort_backend
 from onnxq.graph import edit
 from onnxq.graph.plan import QuantPlan
 from onnxq.qparams import QParams
+from onnxq.search.tail import ProbedQDQ
 
 
 class LossModel:
@@ -33,23 +34,16 @@ class LossModel:
         g = m.graph
         nodes = {n.name: n for n in g.node}
         fresh = edit.Namer.of(m)
-        self.act_inputs: dict[str, tuple[str, str, str, str]] = {}
+        self.act_inputs: dict[str, ProbedQDQ] = {}
         chains: list[onnx.NodeProto] = []
         for t, site in plan.activations.items():
             if site.qparams is None:
                 continue
-            names = tuple(fresh(f"lapq/{t}/{k}") for k in ("lo", "hi", "scale", "zp"))
-            self.act_inputs[t] = names  # type: ignore[assignment]
-            lo, hi, s, z = names
-            zp_type = edit.QDTYPE[site.qparams.dtype]
-            g.input.extend([helper.make_tensor_value_info(lo, TensorProto.FLOAT, []), helper.make_tensor_value_info(hi, TensorProto.FLOAT, []),
-                            helper.make_tensor_value_info(s, TensorProto.FLOAT, []), helper.make_tensor_value_info(z, zp_type, [])])
-            c, q, dq = fresh(f"{t}/lapq_clip"), fresh(f"{t}/lapq_q"), fresh(f"{t}/lapq_dq")
-            chains.extend([
-                helper.make_node("Clip", [t, lo, hi], [c], name=fresh(c)), helper.make_node("QuantizeLinear", [c, s, z], [q], name=fresh(q)),
-                helper.make_node("DequantizeLinear", [q, s, z], [dq], name=fresh(dq))])
+            probe = self.act_inputs[t] = ProbedQDQ.build(t, site.qparams.dtype, fresh, f"lapq/{t}/")
+            g.input.extend(probe.inputs)
+            chains += probe.nodes
             for node_name, i in site.consumers:
-                nodes[node_name].input[i] = dq
+                nodes[node_name].input[i] = probe.output
         self.weight_inputs: dict[str, str] = {}
         inits = {t.name: t for t in g.initializer}
         for key, site in plan.weights.items():
@@ -78,13 +72,8 @@ class LossModel:
 
     def output(self, acts: Mapping[str, QParams], weights: Mapping[str, QParams]) -> np.ndarray:
         feeds: dict[str, np.ndarray] = {}
-        for t, (lo, hi, s, z) in self.act_inputs.items():
-            q = acts[t]
-            rlo, rhi = q.real_range()
-            feeds[lo] = np.asarray(rlo, np.float32).reshape(())
-            feeds[hi] = np.asarray(rhi, np.float32).reshape(())
-            feeds[s] = np.asarray(q.scale, np.float32).reshape(())
-            feeds[z] = np.asarray(q.zero_point).astype(q.np_dtype).reshape(())
+        for t, probe in self.act_inputs.items():
+            feeds.update(probe.feeds(acts[t]))
         for key, name in self.weight_inputs.items():
             q = weights[key]
             tag = q.scale.tobytes() + bytes([q.qmin & 0xFF, q.qmax & 0xFF])
