@@ -189,7 +189,7 @@ def place(run: Run) -> None:
     """The quantization plan of the working model, and the context methods see."""
     s = run.settings
     run.ctx = RunContext(run.work, run.profile, build_plan(run.work, run.profile, s.exclude), run.source,
-                         show_progress=s.show_progress, host=run.host)
+                         show_progress=s.show_progress, host=run.host, collect_options={"batch_size": s.batch_size})
 
 
 def float_rewrites(run: Run) -> None:
