@@ -24,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 from onnxq.graph.edit import with_initializers
-from onnxq.search.samples import take_samples
+from onnxq.calib.statistics import StatRequest
+from onnxq.search.samples import samples_request, take_samples
 from onnxq.calib.progress import progress
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.hookspecs import hookimpl
@@ -86,6 +87,12 @@ class Brecq(QuantMethod):
     def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
         """The working model with the learned weights in place of the float ones (None if nothing was learned)."""
         return with_initializers(ctx.model, {k: v.astype(np.float32) for k, v in self._learned.items()}) if self._learned else None
+
+    def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
+        """The default requests, plus the reconstruction's calibration samples from the same pass."""
+        o = self.options
+        learns = o.rounding == "learned" and o.iters > 0
+        return super().declare_statistics(ctx) + ([samples_request(o.samples)] if learns else [])
 
     def refine(self, ctx: RunContext) -> None:
         o = self.options
