@@ -5,7 +5,8 @@ types goes through this module:
 
 * :func:`import_graph` / :func:`export_model` move a model in and out of an onnx-graphsurgeon
   :class:`gs.Graph`; the export puts back what graphsurgeon does not carry (model-level fields,
-  top-level initializers read only by If/Loop/Scan bodies, the input listing IR < 4 requires).
+  top-level initializers read only by If/Loop/Scan bodies, node and graph annotations, the input
+  listing IR < 4 requires).
 * :func:`cleanup` removes nodes and initializers nobody reads and sorts the nodes (graphsurgeon's
   ``cleanup()`` and ``toposort()``); reads by nodes, by subgraph bodies (outer-scope names) and by
   graph outputs count. An initializer that is also listed in ``graph.input`` (what
@@ -15,6 +16,8 @@ types goes through this module:
 * :class:`Namer` is the one unique-name generator and :func:`name_nodes` the one node namer.
 * :func:`onnx_dtype`, :func:`numpy_dtype` and :data:`QDTYPE` are the one element-type map (ONNX's
   own helpers, no table).
+* Local, order-keeping edits for rewrites that must not re-sort: :func:`insert_after_producers`,
+  :func:`replace_nodes`, :func:`with_outputs` (probe models), :func:`with_initializers`.
 
 Rewrites themselves may edit protos (most of onnxq's are small, local and keep node order); they end
 with :func:`cleanup`, which is where graphsurgeon does the graph-wide work. Where graphsurgeon
