@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.runtime.ort import FLOAT_COMPUTE_OPS, make_session, optimized_op_counts
-from onnxq.graph.placement import build_plan, name_nodes
+from onnxq.graph.edit import name_nodes
+from onnxq.graph.placement import build_plan
 from onnxq.graph.smoothing import apply_smoothing, find_smooth_sites
 from onnxq.graph.targets import get_profile
 from onnxq.testing.contract import MethodContract

@@ -24,16 +24,12 @@ from collections.abc import Iterable
 
 import onnx
 
-from onnxq.graph.edit import name_nodes
-from onnxq.graph.index import FLOAT_TYPES, GraphIndex, node_attr
+from onnxq.graph.index import GraphIndex
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
 from onnxq.graph.prepare import tensor_shapes
 
 RELU_LIKE = {"Relu", "Clip"}
-
-__all__ = ["FLOAT_TYPES", "GraphIndex", "build_plan", "build_weight_only_plan", "name_nodes", "node_attr", "weight_axis"]  # index/edit names re-exported for callers
-
 
 def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     """The output-channel axis of a weight input, or None if it is not a weight slot."""

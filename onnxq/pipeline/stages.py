@@ -25,7 +25,8 @@ from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.readers import Batch, DataReader
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.graph import model_io, prepare as graph_prepare
-from onnxq.graph.placement import build_plan, name_nodes
+from onnxq.graph.edit import name_nodes
+from onnxq.graph.placement import build_plan
 from onnxq.graph.qdq import apply_commands, commands_from_plan
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.graph.targets import TargetProfile

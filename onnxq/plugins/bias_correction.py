@@ -29,7 +29,7 @@ from onnxq.calib.progress import progress
 from onnxq.calib.statistics import StatRequest
 from onnxq.search.samples import samples_request, take_samples
 from onnxq.graph.edit import Namer
-from onnxq.graph.placement import GraphIndex
+from onnxq.graph.index import GraphIndex
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option

@@ -44,7 +44,7 @@ from onnxq.calib.statistics import StatRequest, TensorStats
 from onnxq.search.tail import TailSession
 from onnxq.calib.thresholds import entropy_threshold
 from onnxq.errors import OptionError
-from onnxq.graph.placement import GraphIndex
+from onnxq.graph.index import GraphIndex
 from onnxq.graph.plan import QuantPlan
 from onnxq.graph.targets import WEIGHTED_OPS, TargetProfile
 from onnxq.hookspecs import hookimpl

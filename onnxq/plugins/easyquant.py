@@ -31,7 +31,7 @@ from onnxq.search.samples import samples_request, take_samples as _take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.graph.plan import Layer
-from onnxq.graph.placement import GraphIndex
+from onnxq.graph.index import GraphIndex
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.graph.placement import build_plan, name_nodes, weight_axis
+from onnxq.graph.edit import name_nodes
+from onnxq.graph.placement import build_plan, weight_axis
 from onnxq.graph.prepare import infer_shapes
 from onnxq.graph.targets import get_profile
 from onnxq.testing.models import residual_concat_model

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("onnxq_brecq", reason="onnxq-brecq is not installed (pip install -e plugins_contrib/onnxq-brecq)")
 
-from onnxq.graph.placement import name_nodes  # noqa: E402
+from onnxq.graph.edit import name_nodes  # noqa: E402
 from onnxq.testing.models import residual_concat_model  # noqa: E402
 
 from onnxq_brecq.blocks import find_blocks  # noqa: E402
