@@ -2,7 +2,7 @@
 
 onnxq always stores a *step* (ONNX ``y_scale``), never a multiplier. Simulation uses exactly the
 arithmetic of the deployed graph: round half to even, saturate to the integer range, and the
-narrowed ranges of INT7 (see methods.md §0.1–0.2).
+narrowed ranges of INT7 (docs/architecture.md, INT7).
 """
 
 from __future__ import annotations

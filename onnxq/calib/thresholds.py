@@ -27,7 +27,7 @@ def _prepare_hist(hist: np.ndarray, zero_bin: ZeroBin) -> np.ndarray:
 
 def entropy_divergences(hist: np.ndarray, levels: int, zero_bin: ZeroBin = "copy_next", kl: Literal["trt", "smoothed", "cfws"] = "trt",
                         merge: Literal["even", "mxnet"] = "even") -> np.ndarray:
-    """KL divergence for every candidate bin count ``i = levels..B`` (methods.md §1.2 step 4).
+    """KL divergence for every candidate bin count ``i = levels..B`` (docs/methods.md: Baseline calibrators).
 
     Returns an array ``D`` of length ``B + 1`` with ``D[i]`` the divergence of clipping after bin
     ``i`` (``inf`` where undefined or not a candidate). The ``trt`` and ``cfws`` divergences are
@@ -83,7 +83,7 @@ def entropy_divergences(hist: np.ndarray, levels: int, zero_bin: ZeroBin = "copy
 
 def entropy_divergences_reference(hist: np.ndarray, levels: int, zero_bin: ZeroBin = "copy_next", kl: Literal["trt", "smoothed", "cfws"] = "trt",
                                   merge: Literal["even", "mxnet"] = "even") -> np.ndarray:
-    """Per-candidate loop, written as methods.md §1.2 states it (the reference for the fast path)."""
+    """Per-candidate loop, written as the published algorithm states it (the reference for the fast path)."""
     h = _prepare_hist(hist, zero_bin)
     nbins = len(h)
     out = np.full(nbins + 1, np.inf)
@@ -136,7 +136,7 @@ def _smooth(d: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
 
 def entropy_threshold(stats: TensorStats, levels: int, zero_bin: ZeroBin = "copy_next", kl: Literal["trt", "smoothed", "cfws"] = "trt",
                       edge: Literal["right", "center"] = "right", merge: Literal["even", "mxnet"] = "even") -> float:
-    """TensorRT's entropy calibration threshold (methods.md §1): argmin KL, ties to the largest i."""
+    """TensorRT's entropy calibration threshold (docs/methods.md: Baseline calibrators): argmin KL, ties to the largest i."""
     if stats.amax == 0:
         return 0.0
     d = entropy_divergences(stats.abs_hist(), levels, zero_bin, kl, merge)

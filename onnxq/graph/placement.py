@@ -1,4 +1,4 @@
-"""Choose where Q/DQ pairs go, from the graph and the target profile (methods.md §0.3).
+"""Choose where Q/DQ pairs go, from the graph and the target profile.
 
 Rules, in order:
 1. Weighted ops (Conv, ConvTranspose, Gemm, MatMul): every float activation input gets a Q/DQ

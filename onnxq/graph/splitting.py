@@ -1,4 +1,4 @@
-"""Coarse & fine weight splitting of re-parameterized convolutions (methods.md §3.2, §3.3, §3.7).
+"""Coarse & fine weight splitting of re-parameterized convolutions (docs/methods.md: CFWS).
 
 A re-parameterized (RepVGG-style) 3×3 conv carries its folded 1×1 and identity branches on the
 kernel centre, so the centre taps dwarf the other eight and set the per-channel step. The split
@@ -99,7 +99,7 @@ def _geometry_ok(node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[bool, st
 
 def find_rep_convs(model: onnx.ModelProto, tau: float = 1.5, include: Iterable[str] = (), exclude: Iterable[str] = (),
                    quantized: Iterable[str] | None = None) -> list[RepConvDecision]:
-    """Decide, for every Conv with a constant float 4-D weight, whether it is split (methods.md §3.2).
+    """Decide, for every Conv with a constant float 4-D weight, whether it is split (docs/methods.md: CFWS).
 
     A conv is split when its kernel is 3×3 and either it matches an ``include`` glob (forced) or it
     has dilation 1, explicit pads (1, 1, 1, 1) and ``centre_ratio ≥ tau``. ``exclude`` globs win over
@@ -141,7 +141,7 @@ def find_rep_convs(model: onnx.ModelProto, tau: float = 1.5, include: Iterable[s
 
 
 def split_kernel(weight: np.ndarray, qmax: int = 127, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coarse & fine split of a ``[Co, Ci, 3, 3]`` kernel (methods.md §3.3 steps 1–4).
+    """Coarse & fine split of a ``[Co, Ci, 3, 3]`` kernel (docs/methods.md: CFWS).
 
     Returns ``(coarse_centre [Co, Ci], fine [Co, Ci, 3, 3], coarse_scale [Co])``, all float32, with
     ``coarse_centre == coarse_scale[:, None] * k`` for integers ``|k| ≤ qmax`` (computed as that

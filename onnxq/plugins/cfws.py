@@ -1,4 +1,4 @@
-"""``cfws``: coarse & fine weight splitting for re-parameterized networks (arXiv 2312.10588; methods.md §3).
+"""``cfws``: coarse & fine weight splitting for re-parameterized networks (arXiv 2312.10588; docs/methods.md: CFWS).
 
 RepVGG-style networks fold their 1×1 and identity branches onto the centre of one 3×3 kernel at
 export, so each output channel's max-abs step is set by a few huge centre taps and the other
@@ -14,9 +14,9 @@ Both convs read one shared quantized input; their sum is quantized once downstre
 next layer's input; ``ort``: ONNX Runtime needs each conv's output quantized to run QLinearConv,
 so there each branch output and the sum get a Q/DQ pair). Activation steps come from
 ``trt-entropy`` (TensorRT's KL) by default, or any other calibrator. The "improved KL" of
-methods.md §3.4 (the masked divergence ``kl=cfws``, provisional until the paper's §3 is read) is
+docs/methods.md: CFWS (the masked divergence ``kl=cfws``, provisional until the paper's §3 is read) is
 ``-o kl cfws``: it is not the default because it measured clearly worse on the RepVGG fixture
-(docs/methods.md, "CFWS").
+(docs/methods.md: CFWS).
 
 Compose with EasyQuant (``-p cfws -p easyquant``): the split happens first, cfws sets the initial
 scales, EasyQuant then searches the split graph (both convs of a split are ordinary layers to it).
@@ -45,7 +45,7 @@ from onnxq.qparams import QParams, container_for, int_range, per_channel_absmax
 
 @dataclass(frozen=True)
 class CfwsOptions:
-    """Options of CFWS (defaults: methods.md §3.2, §3.5)."""
+    """Options of CFWS (defaults: docs/methods.md: CFWS)."""
 
     tau: float = option(1.5, "split a 3x3 conv (pads 1, dilation 1) when max|centre| / max|off-centre| >= tau")
     include: tuple[str, ...] = option((), "node-name globs of 3x3 convs to split whatever their ratio (comma-separated)")
@@ -132,7 +132,7 @@ class Cfws(QuantMethod):
         o = self.options
         if o.calibrator == "trt-entropy":
             where = " on split-conv outputs, kl=trt elsewhere" if o.kl_scope == "split" and o.kl != "trt" else ""
-            return f"trt-entropy kl={o.kl}{where}" + (" (improved KL, provisional: methods.md §3.4)" if o.kl == "cfws" else "")
+            return f"trt-entropy kl={o.kl}{where}" + (" (improved KL, provisional: docs/methods.md: CFWS)" if o.kl == "cfws" else "")
         return o.calibrator
 
     def declare_statistics(self, ctx: RunContext):
@@ -222,7 +222,7 @@ class Cfws(QuantMethod):
 
     def _simulate_bias(self, ctx: RunContext) -> onnx.ModelProto | None:
         """A copy of the model with each split conv's bias replaced by its 16-bit per-tensor
-        fake-quantized value (methods.md §3.3 step 6); None when no bias changes."""
+        fake-quantized value (docs/methods.md: CFWS); None when no bias changes."""
         model = onnx.ModelProto()
         model.CopyFrom(ctx.model)
         nodes = {n.name: n for n in model.graph.node}

@@ -1,8 +1,8 @@
-"""``detptq``: per-layer L_p scale selection guided by a task loss on the model outputs (methods.md §5).
+"""``detptq``: per-layer L_p scale selection guided by a task loss on the model outputs (docs/methods.md: DetPTQ).
 
 DetPTQ (arXiv 2304.09785) observes that the best ``p`` of the L_p metric used to pick clipping
 ranges differs from layer to layer, and picks it per layer with a detection output loss (ODOL).
-onnxq's procedure (methods.md §5.3–5.5; docs/methods.md "DetPTQ" records every choice):
+onnxq's procedure (docs/methods.md "DetPTQ" records every choice):
 
 1. **Candidates** (§5.3). For each quantized tensor and each ``p`` in ``p_values``: the clip
    threshold ``T = γ·max|x|`` (γ over ``ratios`` points in [``min_ratio``, 1]) minimising
@@ -58,7 +58,7 @@ SPECIAL = ("inf", "kl")
 
 @dataclass(frozen=True)
 class DetPtqOptions:
-    """Options of DetPTQ (defaults: methods.md §5, [D] where the paper is unreadable)."""
+    """Options of DetPTQ (defaults: docs/methods.md: DetPTQ, [D] where the paper is unreadable)."""
 
     task: str = option("detection", "task loss on the model outputs (built-in: detection, segmentation-map, classification, mse; plugins add more)")
     outputs: tuple[str, ...] = option((), "graph outputs the task reads, comma-separated in the task's order (detection: scores,boxes); default: all outputs")
@@ -69,7 +69,7 @@ class DetPtqOptions:
     keep_first_last: bool = option(True, "with weight_bits/act_bits below --bits, keep the first and the output layers (and tensors before/after them) at --bits")
     samples: int = option(64, "calibration samples the task loss is computed on")
     granularity: Literal["tensor", "layer"] = option("tensor", "tensor: every weight and activation tensor gets its own p (onnxq default, measured better); layer: a layer's weights and input activations share one p (the paper's wording, half the evaluations)")
-    rest: Literal["fp", "current"] = option("fp", "layers after the one being decided: fp (left in float, methods.md §5.5) or current (quantized at their current choice: p=2 until decided)")
+    rest: Literal["fp", "current"] = option("fp", "layers after the one being decided: fp (left in float, docs/methods.md: DetPTQ) or current (quantized at their current choice: p=2 until decided)")
     rounds: int = option(1, "passes over all layers; later passes re-decide each layer with every other layer quantized")
     min_ratio: float = option(0.3, "smallest clip ratio γ (T = γ·max|x|) of the L_p search")
     ratios: int = option(71, "clip ratios tried, evenly spaced in [min_ratio, 1]")

@@ -1,4 +1,4 @@
-"""``easyquant``: EasyQuant scale search (arXiv 2006.16669; methods.md §2).
+"""``easyquant``: EasyQuant scale search (arXiv 2006.16669; docs/methods.md: EasyQuant).
 
 Starting from calibrated scales, alternately search every layer's per-output-channel weight
 steps and then every layer's input activation step so that the layer's output (after its Relu,
@@ -7,13 +7,13 @@ layer's input taken from the *already quantized* earlier layers. Layers are visi
 topological order; the initial scale is always a candidate and wins ties, so no search step can
 lower the objective it measured.
 
-Where the paper and the released code disagree, each choice is an option (methods.md §2, §7.4):
+Where the paper and the released code disagree, each choice is an option (docs/methods.md: EasyQuant):
 ``act_init`` (paper: max; code and onnxq default: KL, i.e. ``trt-entropy``), ``grid`` (paper
 [0.5, 2]×S with 100 points — the default — or the code's narrower one-sided grids) and
 ``objective_tensor`` (code and default: post-activation; paper formula: conv output).
 
 An activation tensor read by several weighted layers keeps one shared scale (TensorRT needs it),
-chosen with the objective averaged over those layers (methods.md §0.3 rule 4 option b).
+chosen with the objective averaged over those layers (the placement rules in onnxq/graph/placement.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _vecdot = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("...i,...i->...
 
 @dataclass(frozen=True)
 class EasyQuantOptions:
-    """Options of EasyQuant (defaults: methods.md §2.5)."""
+    """Options of EasyQuant (defaults: docs/methods.md: EasyQuant)."""
 
     act_init: str = option("trt-entropy", "calibrator giving the initial activation scales (any calibrating method, e.g. minmax = the paper's max init)")
     samples: int = option(50, "calibration samples used by the search")

@@ -1,4 +1,4 @@
-"""``emb4bit``: row-wise 4-bit embedding tables (methods.md §4).
+"""``emb4bit``: row-wise 4-bit embedding tables (docs/methods.md: 4-bit embedding tables).
 
 Every ``Gather`` (axis 0) whose data input is a rank-2 float initializer (or the tables named with
 ``-o tables a,b``) gets its table replaced by 4-bit codes packed two per byte plus a per-row fp16
@@ -675,7 +675,7 @@ def quantize_tables(model: onnx.ModelProto, opts: "Emb4bitOptions") -> tuple[onn
 class Emb4bitOptions:
     tables: tuple[str, ...] = option((), "comma-separated table initializers to quantize (default: every rank-2 float Gather table with >= min_rows rows)")
     min_rows: int = option(64, "smallest table (rows) quantized when no tables are named")
-    search: Literal["greedy", "minmax"] = option("greedy", "per-row range: greedy search (methods.md §4.2) or plain min-max")
+    search: Literal["greedy", "minmax"] = option("greedy", "per-row range: greedy search (docs/methods.md: 4-bit embedding tables) or plain min-max")
     scheme: Literal["uniform", "codebook"] = option("uniform", "uniform 4-bit grid with fp16 scale/bias per row, or 16-entry k-means codebooks (§4.4)")
     codebook: Literal["shared", "per_row"] = option("shared", "codebook scheme: one codebook per group of rows over the row-normalised values, or one per row (+32 B/row)")
     codebook_rows: int = option(0, "shared codebook: rows per group (0 = one codebook for the whole table)")

@@ -1,4 +1,4 @@
-"""``trt-entropy``: TensorRT's entropy (KL) calibrator, re-implemented (methods.md §1).
+"""``trt-entropy``: TensorRT's entropy (KL) calibrator, re-implemented (docs/methods.md: Baseline calibrators).
 
 2048 bins of |x| over [0, max-abs], candidate clip points from 128 (INT8) bins upward, merged to the
 quantized levels, KL divergence, last minimum. Not ONNX Runtime's 128-bin entropy calibrator.

@@ -1,4 +1,4 @@
-"""The evaluator search methods get from the host (design.md §1 "refine").
+"""The evaluator search methods get from the host (the "refine" stage of docs/architecture.md).
 
 * :class:`GraphRunner` executes a model in topological order on a fixed set of calibration
   samples, with the plan's *current* fake quantization applied where the deployed graph will have

@@ -10,7 +10,7 @@ Supported head layouts (the graph must expose the raw head outputs, cut before N
 * **list**: scores ``[N, A, C]``, boxes ``[N, A, 4]`` (anchors/points already flattened, boxes
   already decoded as ``xyxy`` or ``cxcywh``).
 
-ODOL (the loss, methods.md §5.4, onnxq's variant — see docs/methods.md "DetPTQ")::
+ODOL (the loss; onnxq's variant, see docs/methods.md "DetPTQ")::
 
     y = FP32 class probabilities, q = quantized ones (sigmoid applied if the outputs are logits)
     D = the FP32 detections (decoded, score >= score_threshold): the pseudo-labels
@@ -23,7 +23,7 @@ model is exactly 0; the classification term is normalised per pseudo-label objec
 and RetinaNet's normalisation), not per location, so the many background cells do not dilute it.
 GIoU on decoded boxes makes the box term independent of the box encoding and the image scale.
 ``reg_on=confidence`` instead weights every location's box by its FP32 confidence ``max_c y``
-(methods.md §5.4 as written). The focal exponent defaults to γ = 0: quantization changes scores
+(docs/methods.md: DetPTQ). The focal exponent defaults to γ = 0: quantization changes scores
 by small amounts, which γ = 2 all but ignores (measured on the shapes fixture, docs/methods.md).
 """
 

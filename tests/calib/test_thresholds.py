@@ -1,4 +1,4 @@
-"""TensorRT entropy, percentile and MSE thresholds against methods.md §1.5 and first principles."""
+"""TensorRT entropy, percentile and MSE thresholds against docs/methods.md: Baseline calibrators and first principles."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_uniform_keeps_full_range(rng):
 
 
 def test_worked_merge_example_reproduces_q():
-    # methods.md §1.2: H = [2,0,4,6,1,1,0,2], i = 8, L = 2 -> Q = [4,0,4,4,4/3,4/3,0,4/3]
+    # docs/methods.md: Baseline calibrators: H = [2,0,4,6,1,1,0,2], i = 8, L = 2 -> Q = [4,0,4,4,4/3,4/3,0,4/3]
     h = np.array([2, 0, 4, 6, 1, 1, 0, 2], float)
     i, levels = 8, 2
     lvl = (np.arange(i) * levels) // i

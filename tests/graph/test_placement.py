@@ -1,4 +1,4 @@
-"""Placement follows the target profile (design.md §2, methods.md §0.3)."""
+"""Placement follows the target profile (the rules in onnxq/graph/placement.py's docstring)."""
 
 from __future__ import annotations
 

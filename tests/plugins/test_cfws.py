@@ -47,7 +47,7 @@ def test_contract_model_splits_nothing():
 # --------------------------------------------------------------------------------------------
 
 def rep_kernel(co: int, ci: int, rng: np.random.Generator, off: float = 0.05, pw: float = 0.3, identity: float = 1.0) -> np.ndarray:
-    """A merged RepVGG kernel: 3x3 branch + 1x1 branch + identity on the centre (methods.md §3.9)."""
+    """A merged RepVGG kernel: 3x3 branch + 1x1 branch + identity on the centre (docs/methods.md: CFWS)."""
     w = rng.normal(0, off, (co, ci, 3, 3))
     w[:, :, 1, 1] += rng.normal(0, pw, (co, ci))
     if identity and co == ci:
@@ -93,7 +93,7 @@ def test_per_tensor_coarse_grid():
 
 
 def test_synthetic_kernel_weight_error_matches_the_spec():
-    """methods.md §3.9: 64x64 merged kernel, per-channel min-max vs CFWS at 8 bits: ≈42× lower MSE."""
+    """docs/methods.md: CFWS: 64x64 merged kernel, per-channel min-max vs CFWS at 8 bits: ≈42× lower MSE."""
     w = rep_kernel(64, 64, np.random.default_rng(0))
     coarse, fine, _ = split_kernel(w, 127)
     split = per_channel_fq(fine)
@@ -299,7 +299,7 @@ def test_cfws_then_easyquant_at_int7(runs):
 
 
 def test_improved_kl_is_selectable_and_reported(runs):
-    """The provisional masked KL (methods.md §3.4) runs; it is measured worse than trt KL here (docs/methods.md)."""
+    """The provisional masked KL (docs/methods.md: CFWS) runs; it is measured worse than trt KL here (docs/methods.md)."""
     r = runs("cfws", "trt", 8, kl="cfws")
     report = r.report.methods["cfws"]
     assert "provisional" in report["activation_calibrator"]

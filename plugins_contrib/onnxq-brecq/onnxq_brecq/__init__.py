@@ -1,4 +1,4 @@
-"""``brecq``: BRECQ-style block reconstruction with learned (AdaRound) weight rounding (methods.md §6.5).
+"""``brecq``: BRECQ-style block reconstruction with learned (AdaRound) weight rounding (plugins_contrib/onnxq-brecq/README.md).
 
 1. Weight steps per output channel from BRECQ's Lp init (p = 2.4, max-abs shrunk by 1% up to 80
    times) on a ``weight_bits`` grid (int8 storage restricted to the W-bit range, e.g. [−7, 7]
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 @dataclass(frozen=True)
 class BrecqOptions:
-    """Options of BRECQ (defaults: methods.md §6.5, iterations cut for CPU)."""
+    """Options of BRECQ (defaults: plugins_contrib/onnxq-brecq/README.md, iterations cut for CPU)."""
 
     weight_bits: int | None = option(None, "weight grid bits, 2-8 (default: the target's --bits); 4 gives W4A8 with int8 storage restricted to the 4-bit range")
     keep_first_last: bool = option(True, "keep the first and last weighted layers at the target's bits (BRECQ's default)")

@@ -1,4 +1,4 @@
-"""Block discovery on an ONNX graph (methods.md §6.5, "block discovery in ONNX").
+"""Block discovery on an ONNX graph (plugins_contrib/onnxq-brecq/README.md, "block discovery in ONNX").
 
 The graph is cut at single-tensor articulation points: walking the nodes in topological order,
 a tensor is a cut when it is the only non-constant tensor still needed by later nodes (or by the

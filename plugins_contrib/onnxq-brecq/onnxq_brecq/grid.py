@@ -1,7 +1,7 @@
-"""Weight grids (numpy only): W-bit per-channel steps with the Lp "mse" init of BRECQ (methods.md §6.5 step 1).
+"""Weight grids (numpy only): W-bit per-channel steps with the Lp "mse" init of BRECQ (plugins_contrib/onnxq-brecq/README.md).
 
 The integers are stored in an int8 container restricted to the W-bit range (int8 storage
-restricted to [−7, 7] for narrow 4-bit weights, methods.md §0.2), so the exported graph is an
+restricted to [−7, 7] for narrow 4-bit weights, onnxq/qparams.py), so the exported graph is an
 ordinary int8 ``DequantizeLinear`` that every runtime runs.
 """
 

@@ -1,4 +1,4 @@
-"""Block-wise reconstruction of weight rounding with PyTorch (methods.md §6.5 step 2).
+"""Block-wise reconstruction of weight rounding with PyTorch (plugins_contrib/onnxq-brecq/README.md).
 
 For each block in topological order: the block input comes from the *quantized* prefix (earlier
 blocks already use their learned integers), the target is the FP32 block output, both computed

@@ -1,6 +1,6 @@
 """Run a block of ONNX nodes in PyTorch, with AdaRound weights and fake-quantized activations.
 
-A small converter (methods.md §6 preamble): enough ops for CNNs and MLPs exported from PyTorch
+A small converter (plugins_contrib/onnxq-brecq/README.md): enough ops for CNNs and MLPs exported from PyTorch
 (Conv, Gemm, MatMul, element-wise arithmetic, Relu/Clip/LeakyRelu/Sigmoid/Tanh, pooling,
 Flatten/Reshape/Transpose/Concat/Squeeze/Unsqueeze, BatchNormalization). Anything else raises
 :class:`Unsupported`, and the method falls back to per-layer reconstruction, then to nearest

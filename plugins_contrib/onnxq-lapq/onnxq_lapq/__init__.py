@@ -1,4 +1,4 @@
-"""``lapq``: Loss-Aware Post-training Quantization (Nahshan et al., arXiv 1911.07190; methods.md §6.1).
+"""``lapq``: Loss-Aware Post-training Quantization (Nahshan et al., arXiv 1911.07190; plugins_contrib/onnxq-lapq/README.md).
 
 1. For each ``p`` in ``linspace(p_min, p_max, p_points)`` (default 2..4, 10 points): every
    quantized tensor gets its Lp-optimal clip (activations per tensor from the calibration
@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 @dataclass(frozen=True)
 class LapqOptions:
-    """Options of LAPQ (defaults: methods.md §6.1)."""
+    """Options of LAPQ (defaults: plugins_contrib/onnxq-lapq/README.md)."""
 
     weight_bits: int | None = option(None, "weight grid bits, 2-8 (default: the target's --bits), int8 storage restricted to that range")
     act_bits: int | None = option(None, "activation grid bits, 2-8 (default: the target's --bits); below it a Clip emulates the grid in 8-bit storage")

@@ -1,4 +1,4 @@
-"""Lp-optimal clips (methods.md §6.1 step 1) and the grids they map to.
+"""Lp-optimal clips (plugins_contrib/onnxq-lapq/README.md) and the grids they map to.
 
 * Activations: ``α_p = argmin_α mean|Q_α(x) − x|^p`` over the calibration histogram (bin centres
   weighted by counts), by bounded Brent (``scipy.optimize.minimize_scalar``) inside the bracket of
@@ -23,7 +23,7 @@ def act_qparams(profile: TargetProfile, lo: float, hi: float, bits: int) -> QPar
     """Activation qparams for the clipped range ``[lo, hi]`` on a ``bits`` grid stored in 8 bits.
 
     At the target's own bits this is exactly the target's choice; narrower grids (A4) keep the
-    int8/uint8 container, so the QDQ rewrite inserts a Clip (methods.md §0.2, W4A4 emulation).
+    int8/uint8 container, so the QDQ rewrite inserts a Clip (onnxq/qparams.py, W4A4 emulation).
     """
     if bits == profile.bits:
         return profile.activation_qparams(lo, hi)

@@ -1,12 +1,12 @@
 """The quantized model as a function of its qparams: one ONNX Runtime session for every evaluation.
 
-methods.md §6.1 (ONNX mapping): "keep scales as graph inputs to avoid rebuilding sessions". Every
+plugins_contrib/onnxq-lapq/README.md: "keep scales as graph inputs to avoid rebuilding sessions". Every
 activation site gets ``Clip(lo, hi) → QuantizeLinear(scale, zero_point) → DequantizeLinear`` with
 all four as graph *inputs* (:class:`onnxq.search.tail.ProbedQDQ`, as detptq's tails have; the Clip realises narrowed grids such as A4 in an 8-bit container and
 is a no-op otherwise), and every quantized weight slot reads a graph input fed with the weight
 fake-quantized in numpy by the same :class:`~onnxq.qparams.QParams` arithmetic the QDQ rewrite
 uses. So each evaluation computes what the deployed QDQ graph computes (run with graph
-optimizations disabled, methods.md §0.4).
+optimizations disabled, docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Fixture: a narrow residual MLP on digits (FP32 90.4 % top-1 on 500 held-out digi
 calibration data (512 train samples), so the loss is cross-entropy. Measured here (ORT 1.32,
 scipy 1.17), target trt: W4A8 Lp-init (``-o maxiter 0``) 85.0 %, LAPQ 88.8 %; target ort: 84.6 %
 → 88.4 %. The test asserts at least 2 points at W4A8, and at W4A4 the calibration-loss chain of
-methods.md §6.1: LAPQ ≤ Lp init at p* ≤ max clipping.
+plugins_contrib/onnxq-lapq/README.md: LAPQ ≤ Lp init at p* ≤ max clipping.
 """
 
 from __future__ import annotations
