@@ -59,20 +59,10 @@ def normalize_model(src: Path, dst: Path) -> dict:
     from onnx import version_converter
 
     from onnxq.graph.edit import name_nodes
+    from onnxq.graph.prepare import constants_to_initializers
 
     m = onnx.load(str(src))
-    keep, moved = [], 0
-    for n in m.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            t = onnx.TensorProto()
-            t.CopyFrom(n.attribute[0].t)
-            t.name = n.output[0]
-            m.graph.initializer.append(t)
-            moved += 1
-        else:
-            keep.append(n)
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
+    moved = constants_to_initializers(m)
     opset_before = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset_before < 13:
         m = version_converter.convert_version(m, 13)
