@@ -81,11 +81,21 @@ class DataReader:
         return None
 
 
-def _files_fingerprint(files: list[Path], extra: str = "") -> str:
+def _files_fingerprint(files: list[Path], extra: str = "", root: Path | None = None) -> str:
+    """SHA-256 of the files' names (relative order matters to sample requests) and their bytes,
+    read in chunks: a file rewritten with the same size and mtime (``cp -p``, ``rsync -a``) still
+    changes it, and a copy of the same data elsewhere still matches."""
     h = hashlib.sha256(extra.encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        rel = f.relative_to(root) if root is not None and f.is_relative_to(root) else Path(f.name)
+        h.update(f"{rel.as_posix()}\n".encode())
+        try:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+        except OSError as exc:
+            raise DataError(f"cannot read data file '{f}': {exc.strerror or exc}") from None
+        h.update(b"\0")
     return h.hexdigest()
 
 
@@ -230,7 +240,7 @@ class ImageFolderReader(DataReader):
             yield Batch({self.inputs[0].name: batch}, lab if (lab >= 0).all() else None, source=chunk[0].name)
 
     def fingerprint(self) -> str | None:
-        return _files_fingerprint(self.files(), f"images:{self.options}")
+        return _files_fingerprint(self.files(), f"images:{self.options}", Path(self.spec))
 
 
 class PythonReader(DataReader):

@@ -618,6 +618,11 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
     """Collect every requested statistic in as few passes as the memory budget allows, cacheable
     ones from the on-disk cache when possible.
 
+    The cache is never trusted blindly: its key hashes the model's content (graph and weights'
+    bytes), the data's fingerprint, the requests and the onnxq version; an entry that does not
+    match the requests (tensors, histogram bins, finite ranges) is discarded with a warning, and a
+    cache that cannot be read or written is a warning, never the end of the run.
+
     ``optimization`` is the ONNX Runtime graph optimization level of the passes' sessions
     (``"disable"`` keeps every tensor exactly as the graph computes it, before fusions)."""
     ranges, others = plan_requests(requests)
@@ -627,7 +632,7 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
     cacheable = [r for r in others if r.reducer.cacheable]
     if cache_dir is not None and data_fingerprint is not None and (ranges or cacheable):
         key = cache_key(model, [*ranges.values(), *cacheable], data_fingerprint)
-        cached = load_cache(Path(cache_dir), key, cacheable)
+        cached = load_cache(Path(cache_dir), key, cacheable, expect=ranges)
         if cached is not None and set(cached) >= set(ranges) and all(r in cached.results for r in cacheable):
             log.info("statistics loaded from cache %s", key[:12])
             rest = [r for r in others if not r.reducer.cacheable]
@@ -640,24 +645,66 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
     return stats
 
 
+def _onnxq_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("onnxq")
+    except Exception:  # not installed as a distribution (a bare checkout): the key still hashes the code's format tag
+        return "unknown"
+
+
+def _hash_tensor(h: Any, t: onnx.TensorProto) -> None:
+    """Feed one tensor's identity and bytes to ``h`` without serializing the whole model."""
+    h.update(f"{t.name}|{t.data_type}|{list(t.dims)}|".encode())
+    if t.HasField("raw_data"):
+        h.update(t.raw_data)
+    elif t.data_location == onnx.TensorProto.EXTERNAL:
+        # weights not loaded into memory: their location entries name them (load_model always loads them)
+        h.update(repr([(e.key, e.value) for e in t.external_data]).encode())
+    else:
+        h.update(t.SerializeToString(deterministic=True))
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of what the model computes: opsets, inputs/outputs, nodes (subgraphs included) and
+    every initializer's bytes, hashed one tensor at a time (never the whole model serialized at
+    once, and never a name such as ``graph.name`` that every exporter sets alike)."""
+    h = hashlib.sha256(b"onnxq-model-v2|")
+    h.update(f"ir{model.ir_version}|".encode())
+    for o in model.opset_import:
+        h.update(o.SerializeToString(deterministic=True))
+    g = model.graph
+    for field_ in (g.input, g.output, g.node, g.sparse_initializer):
+        h.update(f"|{len(field_)}|".encode())
+        for item in field_:
+            h.update(item.SerializeToString(deterministic=True))
+    h.update(f"|init{len(g.initializer)}|".encode())
+    for t in g.initializer:
+        _hash_tensor(h, t)
+    return h.hexdigest()
+
+
 def cache_key(model: onnx.ModelProto, requests: Mapping[str, StatRequest] | Iterable[StatRequest], data_fingerprint: str) -> str:
-    """Hash of the model, the data and the requests with their kinds (not the batch size: results don't depend on it)."""
+    """Hash of the model's content, the data, the requests with their kinds and the onnxq version
+    (not the batch size: results don't depend on it)."""
     h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 - 1 else model.graph.name.encode())
+    h.update(model_digest(model).encode())
     h.update(data_fingerprint.encode())
     reqs = list(requests.values() if isinstance(requests, Mapping) else requests)
-    # min/max and histogram requests hash as they always did, so earlier cache entries stay valid
     h.update(json.dumps(sorted((r.tensor, r.kind, r.bins) for r in reqs if r.is_range)).encode())
     rest = sorted(json.dumps([r.tensor, r.kind, r.reducer.token()]) for r in reqs if not r.is_range)
     if rest:
         h.update(json.dumps(rest).encode())
-    h.update(b"onnxq-stats-v1")
+    h.update(f"onnxq-stats-v2|{_onnxq_version()}".encode())
     return h.hexdigest()
 
 
-def save_cache(folder: Path, key: str, stats: StatsMap) -> None:
-    """Store the tensor statistics and the cacheable request results under ``key`` (atomically)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_cache(folder: Path, key: str, stats: StatsMap) -> bool:
+    """Store the tensor statistics and the cacheable request results under ``key`` (atomically).
+
+    A cache that cannot be written (unwritable folder, full disk) is a warning: the statistics
+    were computed and the run goes on. Returns whether the entry was written."""
     arrays: dict[str, np.ndarray] = {"__names__": np.array(list(stats), dtype=object).astype(str)}
     for i, s in enumerate(stats.values()):
         arrays[f"r{i}"] = np.array([s.min, s.max, s.count], np.float64)
@@ -668,35 +715,87 @@ def save_cache(folder: Path, key: str, stats: StatsMap) -> None:
         arrays["__results__"] = np.array([json.dumps([r.tensor, r.kind, r.reducer.token()]) for r, _ in extra])
         for i, (_, v) in enumerate(extra):
             arrays[f"x{i}"] = np.asarray(v)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-    os.close(fd)
+    tmp = None
     try:
-        with open(tmp, "wb") as fh:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
         os.replace(tmp, folder / f"{key}.npz")
+        tmp = None
+        return True
+    except OSError as exc:
+        log.warning("cannot write the statistics cache in '%s' (%s); continuing without it (--no-cache skips it)",
+                    folder, exc.strerror or exc)
+        return False
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
-def load_cache(folder: Path, key: str, requests: Iterable[StatRequest] = ()) -> StatsMap | None:
-    """The statistics stored under ``key``, with the results of those ``requests`` that were stored."""
+class _BadEntry(Exception):
+    """A cache entry that does not hold what its key promises."""
+
+
+def _check_stats(name: str, s: TensorStats, want: StatRequest | None) -> None:
+    if not (np.isfinite(s.min) and np.isfinite(s.max)) or s.min > s.max:
+        raise _BadEntry(f"tensor '{name}' has an invalid range [{s.min}, {s.max}]")
+    if s.count < 1:
+        raise _BadEntry(f"tensor '{name}' has a sample count of {s.count}")
+    if s.hist is not None:
+        h = s.hist
+        if h.ndim != 1 or h.dtype.kind not in "iu" or (h.size and h.min() < 0):
+            raise _BadEntry(f"tensor '{name}' has a malformed histogram ({h.dtype}, shape {h.shape})")
+    if want is not None and want.kind == "histogram":
+        if s.hist is None:
+            raise _BadEntry(f"tensor '{name}' has no histogram")
+        if len(s.hist) != 2 * want.bins:
+            raise _BadEntry(f"tensor '{name}' has a histogram of {len(s.hist) // 2} bins where {want.bins} were asked for")
+
+
+def load_cache(folder: Path, key: str, requests: Iterable[StatRequest] = (),
+               expect: Mapping[str, StatRequest] | None = None) -> StatsMap | None:
+    """The statistics stored under ``key``, with the results of those ``requests`` that were stored.
+
+    The entry is validated (finite, ordered ranges, positive counts, non-negative integer
+    histograms with the bins ``expect`` asks for, every expected tensor present, finite numeric
+    results); a malformed or unreadable entry is discarded with a warning (None: recompute)."""
     path = folder / f"{key}.npz"
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return None
+    except OSError:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            names = list(z["__names__"])
+            names = [str(n) for n in z["__names__"]]
             out = StatsMap()
             for i, n in enumerate(names):
-                r = z[f"r{i}"]
-                out[str(n)] = TensorStats(float(r[0]), float(r[1]), int(r[2]), z[f"h{i}"] if f"h{i}" in z.files else None)
+                r = np.asarray(z[f"r{i}"], dtype=np.float64)
+                if r.shape != (3,):
+                    raise _BadEntry(f"tensor '{n}' has a range record of shape {r.shape}")
+                count = int(r[2]) if np.isfinite(r[2]) else 0
+                hist = z[f"h{i}"] if f"h{i}" in z.files else None
+                out[n] = TensorStats(float(r[0]), float(r[1]), count, hist)
+                _check_stats(n, out[n], (expect or {}).get(n))
+            missing = [t for t in (expect or {}) if t not in out]
+            if missing:
+                raise _BadEntry(f"tensor '{missing[0]}' is missing")
             if "__results__" in z.files:
                 by_token = {json.dumps([r.tensor, r.kind, r.reducer.token()]): r for r in requests}
                 for i, tok in enumerate(z["__results__"]):
                     if str(tok) in by_token:
-                        out.results[by_token[str(tok)]] = z[f"x{i}"]
+                        v = z[f"x{i}"]
+                        if v.dtype.kind not in "biuf" or (v.dtype.kind == "f" and not np.isfinite(v).all()):
+                            raise _BadEntry(f"the result {tok} is not finite numbers")
+                        out.results[by_token[str(tok)]] = v
             return out
-    except Exception:  # a corrupt cache entry is ignored and rewritten
-        log.warning("ignoring unreadable statistics cache %s", path)
+    except _BadEntry as exc:
+        log.warning("ignoring the statistics cache entry %s: %s; recomputing", path.name, exc)
+        return None
+    except Exception as exc:  # a corrupt or unreadable entry is ignored and rewritten
+        log.warning("ignoring unreadable statistics cache entry %s (%s: %s); recomputing", path.name, type(exc).__name__, exc)
         return None
