@@ -72,8 +72,8 @@ class Host:
         self.tasks: dict[str, type[TaskLoss]] = {}
         self.targets: dict[str, TargetProfile] = {}
         self._origin: dict[str, str] = {}
-        #: (plugin name, a plugin manager holding only that plugin), in load order
-        self._dispatch: list[tuple[str, pluggy.PluginManager]] = []
+        #: (plugin record, a plugin manager holding only that plugin), in load order
+        self._dispatch: list[tuple[PluginRecord, pluggy.PluginManager]] = []
         if load_entry_points:
             self.load_entry_points()
 
@@ -105,10 +105,12 @@ class Host:
             self.pm.register(obj, name=f"{dist}:{name}")
             own = _single_plugin_manager(obj, f"{dist}:{name}")
             self._call_registration(own, record)
-            self._dispatch.append((f"{dist}:{name}", own))
+            self._dispatch.append((record, own))
             record.ok = True
-        except Exception as exc:  # any failure of a third-party plugin is contained here
-            record.error = f"{type(exc).__name__}: {exc}".strip()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # any failure of a third-party plugin is contained here, sys.exit() at import included
+            record.error = _describe(exc)
             record.provides.clear()  # whatever it registered before failing was rolled back
             log.debug("plugin %s failed:\n%s", name, traceback.format_exc())
             self._restore(before)
@@ -203,18 +205,15 @@ class Host:
             raise self._unknown("target", name, list(self.targets) or list(BUILTIN_PROFILES))
         return get_profile(name, bits, block_size, self.targets)
 
-    def _call_each(self, hook: str, what: str, **kwargs: Any) -> list[Any]:
+    def _call_each(self, hook: str, what: str, on_failure: Any = None, **kwargs: Any) -> list[Any]:
         """Call ``hook`` plugin by plugin, the last loaded first (pluggy's order); a plugin whose hook raises is skipped with a warning.
 
+        ``on_failure(record, error)`` is called for each plugin whose hook raised.
         Returns the results of the plugins that succeeded, in call order.
         """
         results: list[Any] = []
-        for name, own in reversed(self._dispatch):
-            try:
-                results += getattr(own.hook, hook)(**kwargs)
-            except Exception as exc:  # one broken plugin must not cost the others (or a finished run)
-                log.warning("plugin '%s' failed to %s: %s: %s", name, what, type(exc).__name__, exc)
-                log.debug("%s of %s failed:\n%s", hook, name, traceback.format_exc())
+        for record, own in reversed(list(self._dispatch)):
+            results += self._call_one(record, own, hook, what, on_failure, **kwargs)
         return results
 
     def report_sections(self, report: dict[str, Any]) -> dict[str, Any]:
@@ -226,8 +225,52 @@ class Host:
         return extra
 
     def register_commands(self, cli: Any) -> None:
-        """Let every plugin add commands to the ``cli`` click group; a plugin whose hook fails is skipped with a warning."""
-        self._call_each("register_commands", "add commands", cli=cli)
+        """Let every plugin add commands to the ``cli`` click group.
+
+        A plugin whose hook fails is disabled as if it had failed to load: listed as broken with its
+        error (``register_commands: ...``), its commands and registrations rolled back, a warning
+        naming it. The other plugins keep theirs.
+        """
+        for record, own in reversed(list(self._dispatch)):
+            before = dict(cli.commands)
+
+            def disable(rec: PluginRecord, exc: BaseException, before: dict[str, Any] = before) -> None:
+                # the commands it added before failing go; commands of plugins called earlier stay
+                cli.commands.clear()
+                cli.commands.update(before)
+                self._disable(rec, f"register_commands: {_describe(exc)}")
+
+            self._call_one(record, own, "register_commands", "add commands", disable, cli=cli)
+
+    def _call_one(self, record: PluginRecord, own: pluggy.PluginManager, hook: str, what: str, on_failure: Any, **kwargs: Any) -> list[Any]:
+        """:meth:`_call_each` for one plugin."""
+        try:
+            return getattr(own.hook, hook)(**kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            log.warning("plugin '%s' (%s) failed to %s: %s", record.name, record.distribution, what, _describe(exc))
+            log.debug("%s of %s failed:\n%s", hook, record.name, traceback.format_exc())
+            if on_failure is not None:
+                on_failure(record, exc)
+            return []
+
+    def _disable(self, record: PluginRecord, error: str) -> None:
+        """Turn a loaded plugin into a broken one: its registrations and hooks are removed."""
+        record.ok = False
+        record.error = error
+        for kind_key in list(record.provides):
+            kind, _, key = kind_key.partition(":")
+            for k, attr, _base in REGISTRATION_HOOKS.values():
+                if k == kind and self._origin.get(kind_key) == record.name:
+                    getattr(self, attr).pop(key, None)
+                    self._origin.pop(kind_key, None)
+        record.provides.clear()
+        self._dispatch = [(r, own) for r, own in self._dispatch if r is not record]
+        try:
+            self.pm.unregister(name=f"{record.distribution}:{record.name}")
+        except Exception:
+            pass
 
 
 def _single_plugin_manager(plugin: Any, name: str) -> pluggy.PluginManager:
@@ -236,6 +279,12 @@ def _single_plugin_manager(plugin: Any, name: str) -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     pm.register(plugin, name=name)
     return pm
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a plugin's failure: ``SystemExit: 3``, ``ImportError: no module named x``."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}".strip().rstrip(":")
 
 
 def _builtin_name(module: str) -> str:

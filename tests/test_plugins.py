@@ -298,7 +298,97 @@ def test_failing_command_hook_does_not_cost_other_plugins_their_commands(caplog)
     with caplog.at_level("WARNING", logger="onnxq"):
         host.register_commands(group)
     assert "hello-from-test" in group.commands
-    assert any("local:bad" in r.getMessage() and "RuntimeError: no commands today" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("plugin 'bad' (local)" in r.getMessage() and "RuntimeError: no commands today" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.fixture
+def hostile_entry_point(tmp_path, monkeypatch):
+    """Add an entry point whose module runs ``SOURCE`` at import to the real ones; the host is reloaded around the test."""
+    from importlib import metadata
+
+    from onnxq import host as host_mod
+
+    made: list[str] = []
+
+    def make(source: str) -> str:
+        mod = f"onnxq_hostile_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{mod}.py").write_text(textwrap.dedent(source))
+        made.append(mod)
+        real = host_mod.metadata.entry_points
+
+        def entry_points(**kw):
+            eps = list(real(**kw))
+            return eps + [metadata.EntryPoint(name=mod, value=mod, group=host_mod.GROUP)]
+
+        monkeypatch.setattr(host_mod.metadata, "entry_points", entry_points)
+        host_mod.reset_host()
+        return mod
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield make
+    host_mod.reset_host()
+    for mod in made:
+        sys.modules.pop(mod, None)
+
+
+@pytest.mark.parametrize("exit_call", ["sys.exit()", "sys.exit(3)", "raise SystemExit('bye')"])
+def test_plugin_calling_sys_exit_at_import_is_contained(hostile_entry_point, run_cli, exit_call):
+    """A plugin that exits at import is a broken plugin like any other: --version, plugins and methods still work."""
+    ep = hostile_entry_point(f"import sys\n{exit_call}\n")
+    code, out, err = run_cli(["--version"])
+    assert code == 0 and out.startswith("onnxq, version"), (code, out, err)
+    code, out, err = run_cli(["plugins", "--json"])
+    assert code == 0, err
+    rec = {p["name"]: p for p in json.loads(out)}
+    assert rec[ep]["ok"] is False and rec[ep]["error"].startswith("SystemExit")
+    assert rec["minmax"]["ok"] is True
+    code, out, err = run_cli(["methods"])
+    assert code == 0 and "minmax" in out and f"plugin '{ep}' failed to load: SystemExit" in out, (code, out, err)
+
+
+REGISTER_COMMANDS_FAILS = """
+    from onnxq.hookspecs import hookimpl
+    from onnxq.method import RangeMethod
+
+
+    class Doomed(RangeMethod):
+        name = "doomed-by-commands"
+        summary = "registered before the plugin's command hook fails"
+        needs_histogram = False
+
+        def threshold(self, stats, ctx):
+            return stats.amax
+
+
+    @hookimpl
+    def register_methods(register):
+        register(Doomed)
+
+
+    @hookimpl
+    def register_commands(cli):
+        @cli.command("half-added")
+        def half_added():
+            pass
+        raise RuntimeError("no commands today")
+"""
+
+
+def test_plugin_whose_register_commands_raises_is_listed_as_broken_and_named(hostile_entry_point, run_cli, caplog):
+    ep = hostile_entry_point(REGISTER_COMMANDS_FAILS)
+    with caplog.at_level("WARNING", logger="onnxq"):
+        code, out, err = run_cli(["plugins"])
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith(ep))
+    assert re.search(r"\sBROKEN\s+register_commands: RuntimeError: no commands today$", row), row
+    # the warning names the plugin, on one line
+    warning = [r.getMessage() for r in caplog.records if "no commands today" in r.getMessage()]
+    assert len(warning) == 1 and f"plugin '{ep}'" in warning[0] and "\n" not in warning[0], caplog.text
+    # what it registered is rolled back, the command it half-added too; everything else still works
+    code, out, err = run_cli(["methods"])
+    assert code == 0 and "minmax" in out and "doomed-by-commands" not in out
+    code, out, err = run_cli(["half-added"])
+    assert code == 2 and "No such command" in err
 
 
 def test_each_plugin_registers_once():
