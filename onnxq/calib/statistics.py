@@ -408,16 +408,23 @@ def bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
     """Signed histogram with ``nbins2`` equal bins over [−amax, amax] (values outside are clamped).
 
     Every element's bin is computed on its own (float32 arithmetic, then truncation of a
-    non-negative number), so the counts do not depend on how samples were batched.
+    non-negative number), so the counts do not depend on how samples were batched. The value is
+    divided by ``amax`` first and only then scaled by the bin count, so no intermediate overflows
+    for any finite ``amax > 0``, tiny and subnormal ranges included (a precomputed
+    ``nbins2 / (2·amax)`` is infinite in float32 below ~1e-35 and turned counts negative).
     """
     x = np.asarray(x, dtype=np.float32).ravel()
-    if amax <= 0:
+    a = np.float32(amax) if np.isfinite(amax) else np.float32(0)
+    if not amax > 0 or a == 0:  # a range below float32's smallest subnormal holds only zeros
         out = np.zeros(nbins2, np.int64)
         out[nbins2 // 2] = x.size
         return out
-    scale = np.float32(nbins2 / (2.0 * amax))
-    pos = (x + np.float32(amax)) * scale
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # |x| >> amax goes to ±inf and is clamped
+        pos = x / a
+        pos += np.float32(1)
+        pos *= np.float32(nbins2 / 2)
     np.clip(pos, 0, nbins2 - 1, out=pos)
+    pos[np.isnan(pos)] = nbins2 // 2  # unreachable for finite data (checked earlier); never a negative index
     return np.bincount(pos.astype(np.int32), minlength=nbins2)
 
 

@@ -106,3 +106,42 @@ def test_batches_with_labels_keep_labels_aligned():
     batches = list(src())
     assert [len(b.labels) for b in batches] == [2, 1]
     assert isinstance(batches[0], Batch)
+
+
+@pytest.mark.parametrize("amax", [1e-37, 3e-39, 1e-42, 1.4e-45, 1.0, 3e38])
+def test_bincount_never_overflows_for_any_finite_positive_range(amax):
+    """Issue 16: around ±1e-37 the bin scale overflowed float32 and counts went negative."""
+    a = np.float32(amax)
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(-1, 1, 4000) * a).astype(np.float32)
+    x[:4] = [a, -a, 0, a / 2]
+    with np.errstate(all="raise"):  # no overflow warning leaks either
+        h = statistics.bincount(x, float(a), 4096)
+    assert h.shape == (4096,) and h.min() >= 0 and h.sum() == x.size
+    assert h[-1] >= 1 and h[0] >= 1  # ±amax land in the outer bins
+    # the bin of each value agrees with exact float64 arithmetic up to edge rounding (one bin)
+    exact = np.clip(np.floor((x.astype(np.float64) / float(a) + 1) * 2048), 0, 4095).astype(int)
+    ours = np.repeat(np.arange(4096), h)
+    assert np.abs(np.sort(exact) - ours).max() <= 1
+    # values far outside the range are clamped, not lost
+    wide = statistics.bincount(np.array([np.float32(3e38), np.float32(-3e38)], np.float32), float(a), 4096)
+    assert wide[0] == 1 and wide[-1] == 1
+
+
+def test_bincount_below_the_smallest_subnormal_is_all_zero():
+    h = statistics.bincount(np.zeros(10, np.float32), 1e-50, 4096)
+    assert h[2048] == 10 and h.sum() == 10
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "trt-entropy"])
+@pytest.mark.parametrize("scale", [1e-37, 1e-42])
+def test_histogram_calibrators_on_tiny_signed_inputs(method, scale, run_cli, tiny_model_path, tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(data / "a.npz", x=(rng.standard_normal((8, 1, 8, 8)) * scale).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", data, "-p", method, "--output", out, "--no-cache", "--quiet"])
+    assert code == 0, err
+    assert "RuntimeWarning" not in err
+    onnx.checker.check_model(onnx.load(str(out)))
