@@ -16,7 +16,7 @@ import onnx
 
 from onnxq.calib.feeds import model_inputs
 from onnxq.calib.readers import Batch, DataReader, InputSpec
-from onnxq.evaluate.compare import Evaluation, evaluate
+from onnxq.evaluate.compare import Evaluation, batch_axes, evaluate, one_sample
 from onnxq.cli.common import parse_key_values
 from onnxq.errors import DataError, OptionError
 from onnxq.graph import model_io
@@ -55,6 +55,8 @@ def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, st
                     max_samples: int | None = None) -> tuple[list[InputSpec], Callable[[], Iterable[Batch]], dict[str, np.ndarray]]:
     """The reference's inputs, a batch source over ``data`` and one-sample latency feeds (its first sample).
 
+    The latency feeds cut each input to one sample along its own batch axis (from the declared
+    shapes); inputs without one (a scalar sample rate, a fixed-size table) are fed as they are.
     Raises :class:`DataError` when ``data`` has no batch.
     """
     inputs = model_inputs(reference)
@@ -62,7 +64,7 @@ def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, st
     first = next(iter(source()), None)
     if first is None:
         raise DataError(f"the evaluation data '{data}' is empty")
-    return inputs, source, {k: v[:1] for k, v in first.feeds.items()}
+    return inputs, source, one_sample(first.feeds, batch_axes(reference))
 
 
 def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
@@ -70,7 +72,7 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
                  target: str, bits: str) -> tuple[list[dict[str, Any]], str, str | None]:
     """Evaluate FP32, onnxq's model and optionally ORT's quantizer; returns (JSON rows, table, gate failure)."""
     opts = parse_key_values(data_opt, "--data-opt")
-    inputs, ev_source, latency_feeds = evaluation_data(model_io.load_model(model), eval_data, opts, reader, max(batch_size, 64))
+    inputs, ev_source, latency_feeds = evaluation_data(model_io.load_model(model), eval_data, opts, reader, batch_size)
     candidates: dict[str, Any] = {f"onnxq {target} int{bits}": quantized}
     extra: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:

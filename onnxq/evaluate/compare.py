@@ -9,7 +9,8 @@ when the row's turn comes, so that at most one model (one session, one engine) i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import onnx
 from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch
 from onnxq.errors import OnnxqError
-from onnxq.evaluate.metrics import cosine, output_metrics, sqnr_db
+from onnxq.evaluate.metrics import OutputAccumulator
 from onnxq.graph import model_io
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.runner import Backend, ModelLike, Runner
@@ -58,61 +59,174 @@ class Candidate:
     skip_note: str = "not loaded"
 
 
-def concat_batches(parts: list[np.ndarray]) -> np.ndarray:
-    """One output's batches joined along the sample axis (flattened per sample when shapes vary)."""
-    try:
-        return np.concatenate(parts)
-    except ValueError:  # variable shapes: compare flattened
-        return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1) if parts else np.empty(0)
+def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """The sample (batch) axis of every graph input and output, from the declared shapes; None: no batch axis.
+
+    The batch symbol is the leading dimension of the first input whose leading dimension is not a
+    fixed size (``batch``, ``N``, unknown). A tensor's batch axis is where that symbol appears (a
+    recurrent ``state`` of shape ``[2, batch, 128]`` has it on axis 1); without the symbol, its first
+    dimension that is not a fixed size. A scalar, or a tensor whose declared dimensions are all
+    fixed, has none (a voice-activity model's sample rate ``sr``), and is fed as it is.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    values = [vi for vi in model.graph.input if vi.name not in inits] + list(model.graph.output)
+
+    def dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return None  # rank unknown
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+
+    symbol: str | None = None
+    for vi in values[: len(values) - len(model.graph.output)]:
+        d = dims(vi)
+        if d and not isinstance(d[0], int):
+            symbol = d[0]
+            break
+    axes: dict[str, int | None] = {}
+    for vi in values:
+        d = dims(vi)
+        if d is None:
+            axes[vi.name] = 0  # unknown rank: the usual leading batch axis, checked against the data per batch
+        elif symbol is not None and symbol in d:
+            axes[vi.name] = d.index(symbol)
+        else:
+            axes[vi.name] = next((i for i, x in enumerate(d) if not isinstance(x, int) or x <= 0), None)
+    return axes
 
 
-def _collect(runner: Runner, batches: Iterable[Batch]) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray | None]]:
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
-    labels: list[np.ndarray | None] = []
-    for b in batches:
-        res = runner.infer(b.feeds)
-        for n in outs:
-            if n in res:
-                outs[n].append(res[n])
-        labels.append(b.labels)
-    return outs, labels
+def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
+    """How many samples a batch holds: the size of its inputs' batch axis (1 when no input has one)."""
+    for name, value in feeds.items():
+        axis = axes.get(name, 0) if axes is not None else 0
+        if axis is not None and np.ndim(value) > axis:
+            return int(np.shape(value)[axis])
+    return 1
+
+
+def one_sample(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """The first sample of a batch (latency feeds): each input cut to one along its batch axis, the others as they are."""
+    out = {}
+    for name, value in feeds.items():
+        axis = axes.get(name, 0) if axes is not None else 0
+        value = np.asarray(value)
+        out[name] = np.take(value, [0], axis=axis) if axis is not None and value.ndim > axis and value.shape[axis] > 1 else value
+    return out
+
+
+def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | None] | None) -> int | None:
+    """The sample axis of one output of a batch of ``n`` samples (None: compare the whole output as one sample)."""
+    axis = axes.get(name, 0) if axes is not None else 0
+    if axis is not None and np.ndim(value) > axis and np.shape(value)[axis] == n:
+        return axis
+    return None
+
+
+class _ReferenceStore:
+    """The reference's outputs of every batch, kept for the rows after it: in memory up to ``budget`` bytes, then on disk.
+
+    The rows run one after the other (one session or engine loaded at a time), so the reference's
+    outputs must wait for them; past the budget they are written to a temporary folder, one file per
+    batch, so an evaluation's memory stays one batch's outputs however long the data is.
+    """
+
+    def __init__(self, budget: int = 64 << 20) -> None:
+        self.budget = budget
+        self.held = 0
+        self.items: list[dict[str, np.ndarray] | str] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        size = sum(v.nbytes for v in outputs.values())
+        if self.held + size <= self.budget:
+            self.items.append(outputs)
+            self.held += size
+            return
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-eval-")
+        path = os.path.join(self._tmp.name, f"{len(self.items)}.npz")
+        np.savez(path, **{f"o{i}": v for i, v in enumerate(outputs.values())})
+        self.items.append(path + "\0" + "\0".join(outputs))
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        item = self.items[i]
+        if isinstance(item, dict):
+            return item
+        path, *names = item.split("\0")
+        with np.load(path) as z:
+            return {n: z[f"o{k}"] for k, n in enumerate(names)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def close(self) -> None:
+        self.items = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Batch]], latency_feeds: dict[str, np.ndarray] | None = None,
-                    notes: list[str] | None = None) -> list[Evaluation]:
+                    notes: list[str] | None = None, axes: Mapping[str, int | None] | None = None) -> list[Evaluation]:
     """Run every row on ``batches()``; the first row is the FP32 reference the others are measured against.
 
-    Per output: the metrics of :func:`onnxq.evaluate.metrics.output_metrics` (accuracy when every
-    batch has labels). With ``latency_feeds`` each runner also times one inference. The reference
-    row gets no kernel report. Notes of skipped optional rows are appended to ``notes``.
+    Per output: the metrics of :class:`onnxq.evaluate.metrics.OutputAccumulator` (per-sample mean,
+    worst and 1st-percentile cosine, SQNR, top-1 agreement for class scores, accuracy when every
+    batch has labels), accumulated batch by batch with each batch's own shapes: batches of
+    different sequence lengths are never concatenated. ``axes`` gives the sample axis of inputs
+    and outputs by name (:func:`batch_axes`; default: axis 0 where its size is the batch's).
+    With ``latency_feeds`` each runner also times one inference. The reference row gets no kernel
+    report. Notes of skipped optional rows are appended to ``notes``.
     """
     results: list[Evaluation] = []
-    ref_full: dict[str, np.ndarray] = {}
-    labels: np.ndarray | None = None
-    for i, row in enumerate(rows):
-        try:
-            runner = row.make()
-        except OnnxqError as exc:
-            if not row.optional:
-                raise
-            if notes is not None:
-                notes.append(f"{row.name}: {row.skip_note}: {exc}")
-            continue
-        with runner:
-            outs, labs = _collect(runner, batches())
-            if i == 0:
-                ref_full = {n: concat_batches(v) for n, v in outs.items() if v}
-                labels = np.concatenate(labs) if labs and all(lab is not None for lab in labs) else None  # type: ignore[arg-type]
-            per_output = {n: output_metrics(ref_full[n], concat_batches(v), labels) for n, v in outs.items() if v and n in ref_full}
-            ev = Evaluation(row.name, runner.size_bytes, per_output)
-            if latency_feeds is not None:
-                ev.latency_ms.update({k: round(v, 4) for k, v in runner.latency_ms(latency_feeds).items()})
-            if i != 0:
-                ev.integer_kernels = runner.kernel_report()
-            ev.extra.update(row.extra)
-            ev.extra.update(runner.details())
-        results.append(ev)
+    ref = _ReferenceStore()
+    labels: list[np.ndarray | None] = []
+    counts: list[int] = []
+    try:
+        for i, row in enumerate(rows):
+            try:
+                runner = row.make()
+            except OnnxqError as exc:
+                if not row.optional:
+                    raise
+                if notes is not None:
+                    notes.append(f"{row.name}: {row.skip_note}: {exc}")
+                continue
+            with runner:
+                acc: dict[str, OutputAccumulator] = {}
+                for k, b in enumerate(batches()):
+                    res = runner.infer(b.feeds)
+                    if i == 0:
+                        ref.add(res)
+                        labels.append(b.labels)
+                        counts.append(sample_count(b.feeds, axes))
+                    if k >= len(ref):
+                        raise OnnxqError("the evaluation data changed between passes (more batches than the reference saw)")
+                    expected = ref[k] if i else res
+                    for name, value in res.items():
+                        if name not in expected:
+                            continue
+                        axis = _output_axis(name, expected[name], counts[k], axes)
+                        acc.setdefault(name, OutputAccumulator()).update(expected[name], value, axis, labels[k])
+                with_accuracy = bool(labels) and all(lab is not None for lab in labels)
+                per_output = {n: a.result(with_accuracy) for n, a in acc.items()}
+                ev = Evaluation(row.name, runner.size_bytes, per_output)
+                if latency_feeds is not None:
+                    ev.latency_ms.update({k: round(v, 4) for k, v in runner.latency_ms(latency_feeds).items()})
+                if i != 0:
+                    ev.integer_kernels = runner.kernel_report()
+                ev.extra.update(row.extra)
+                ev.extra.update(runner.details())
+            results.append(ev)
+    finally:
+        ref.close()
     return results
+
+
+def model_axes(model: ModelLike) -> dict[str, int | None]:
+    """:func:`batch_axes` of a model given in memory or as a path (its weights are not read)."""
+    if isinstance(model, onnx.ModelProto):
+        return batch_axes(model)
+    return batch_axes(onnx.load(os.fspath(model), load_external_data=False))
 
 
 def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Callable[[], Iterable[Batch]],
@@ -121,18 +235,25 @@ def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Ca
     """Evaluate the FP32 ``reference`` and each candidate on the same data, metrics per output.
 
     ``backend`` runs the models (default: ONNX Runtime on the CPU, timed at each of ``threads``).
+    Sample axes come from the reference's declared shapes (:func:`batch_axes`).
     """
     be = backend or OrtBackend(threads, latency_repeats)
     rows = [Candidate("fp32", lambda: be.runner(reference, "fp32", reference=True))]
     rows += [Candidate(name, lambda m=model, n=name: be.runner(m, n)) for name, model in candidates.items()]
-    return compare_runners(rows, batches, latency_feeds)
+    return compare_runners(rows, batches, latency_feeds, axes=model_axes(reference))
 
 
-def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: Sequence[str], batches: Callable[[], Iterable[Batch]]) -> dict[str, dict[str, float]]:
+#: op types whose outputs :func:`layer_errors` callers usually inspect (a layer's output)
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: Sequence[str], batches: Callable[[], Iterable[Batch]],
+                 max_batches: int | None = None) -> dict[str, dict[str, float]]:
     """SQNR and cosine of chosen intermediate tensors (layer outputs) of the quantized model vs FP32.
 
     Both models keep the original tensor names for layer outputs, so the same names are exposed
-    as extra outputs of each.
+    as extra outputs of each; tensors missing from either model are left out. Metrics accumulate
+    batch by batch (per-sample cosine over each batch's own shapes); ``max_batches`` stops early.
     """
     from onnxq.graph.edit import with_outputs
     from onnxq.graph.prepare import tensor_types
@@ -142,21 +263,25 @@ def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors
         present = {o for n in model.graph.node for o in n.output}
         return with_outputs(model, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in tensors if t in present])
 
-    ref_sess = ort_backend.make_session(exposed(reference), "disable")
-    q_sess = ort_backend.make_session(exposed(quantized), "disable")
+    axes = batch_axes(reference)
+    ref_sess = ort_backend.make_session(exposed(reference), "disable", arena=False)
+    q_sess = ort_backend.make_session(exposed(quantized), "disable", arena=False)
     names = [o.name for o in ref_sess.get_outputs()]
     q_names = {o.name for o in q_sess.get_outputs()}
-    names = [n for n in names if n in q_names]
-    acc: dict[str, list[list[np.ndarray]]] = {n: [[], []] for n in names}
-    for b in batches():
-        r = ref_sess.run(names, b.feeds)
-        q = q_sess.run(names, b.feeds)
+    names = [n for n in names if n in q_names and n in set(tensors)]
+    acc = {n: OutputAccumulator() for n in names}
+    if not names:
+        return {}
+    for k, b in enumerate(batches()):
+        if max_batches is not None and k >= max_batches:
+            break
+        n_samples = sample_count(b.feeds, axes)
+        r = ort_backend.run(ref_sess, dict(b.feeds), names)
+        q = ort_backend.run(q_sess, dict(b.feeds), names)
         for n, x, y in zip(names, r, q):
-            acc[n][0].append(x)
-            acc[n][1].append(y)
+            acc[n].update(x, y, 0 if np.ndim(x) and np.shape(x)[0] == n_samples else None)
     out = {}
-    for n, (xs, ys) in acc.items():
-        x, y = concat_batches(xs), concat_batches(ys)
-        out[n] = {"sqnr_db": round(sqnr_db(x, y), 3), "cosine": round(cosine(x, y), 6)}
+    for n, a in acc.items():
+        m = a.result()
+        out[n] = {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6)}
     return out
-

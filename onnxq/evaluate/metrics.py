@@ -50,3 +50,75 @@ def output_metrics(reference: np.ndarray, test: np.ndarray, labels: np.ndarray |
         if labels is not None:
             m["accuracy"] = float(np.mean(top1(test) == labels))
     return m
+
+
+class OutputAccumulator:
+    """Streams one output's agreement metrics over batches of any shapes, one sample at a time.
+
+    Nothing but a few sums and one float per sample is kept, so an evaluation holds no outputs
+    between batches and batches of different shapes (sequence lengths) are never glued together.
+    ``update`` takes one batch's reference and test outputs with the sample axis ``axis`` (None:
+    the whole output is one sample, for outputs with no batch axis).
+    """
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.max_abs = 0.0
+        self.cosines: list[float] = []
+        self.top1_same = 0
+        self.top1_total = 0
+        self.correct = 0
+        self.labelled = 0
+        self.classification: bool | None = None
+
+    def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
+        """Add one batch (``labels``: one class per sample, for accuracy)."""
+        ref = np.asarray(reference, np.float64)
+        got = np.asarray(test, np.float64)
+        if ref.shape != got.shape:
+            raise ValueError(f"output shapes differ: reference {list(ref.shape)}, quantized {list(got.shape)}")
+        diff = ref - got
+        self.signal += float(np.sum(ref * ref))
+        self.noise += float(np.sum(diff * diff))
+        if ref.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+        if axis is None or ref.ndim == 0:
+            a, b = ref.reshape(1, -1), got.reshape(1, -1)
+        else:
+            a = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
+            b = np.moveaxis(got, axis, 0).reshape(a.shape)
+        self.cosines.extend(_row_cosines(a, b).tolist())
+        is_logits = looks_like_logits(reference) and axis == 0
+        self.classification = is_logits if self.classification is None else (self.classification and is_logits)
+        if is_logits:
+            self.top1_same += int(np.sum(top1(ref) == top1(got)))
+            self.top1_total += len(ref)
+            if labels is not None and len(labels) == len(ref):
+                self.correct += int(np.sum(top1(got) == np.asarray(labels).reshape(-1)))
+                self.labelled += len(ref)
+
+    def result(self, with_accuracy: bool = True) -> dict[str, float]:
+        """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
+        and top1_agreement (and accuracy when every sample had a label) for class scores."""
+        cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
+        if self.noise == 0:
+            sqnr = float("inf")
+        elif self.signal == 0:
+            sqnr = float("-inf")
+        else:
+            sqnr = float(10 * np.log10(self.signal / self.noise))
+        m = {"cosine": float(np.mean(cos)), "cosine_worst": float(np.min(cos)), "cosine_p1": float(np.percentile(cos, 1)),
+             "sqnr_db": sqnr, "max_abs_error": self.max_abs, "samples": len(self.cosines)}
+        if self.classification and self.top1_total:
+            m["top1_agreement"] = self.top1_same / self.top1_total
+            if with_accuracy and self.labelled == self.top1_total:
+                m["accuracy"] = self.correct / self.labelled
+        return m
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30)
+    cos[(na == 0) & (nb == 0)] = 1.0
+    return cos

@@ -1,0 +1,217 @@
+"""Evaluation never crashes on inputs without a batch axis and never glues batches of unlike shapes.
+
+Each model here is built with onnx.helper and reproduces a third-party model's shape: a
+voice-activity model (a scalar sample rate ``sr``, a recurrent ``state`` with the batch on axis 1)
+and a sentence encoder fed batches of different sequence lengths. Before per-batch evaluation,
+``optimize --eval-data`` and ``onnxq compare`` exited 4 on the first (``v[:1]`` on a scalar) and
+on the second (concatenating outputs of different lengths), or, when the batch sizes matched,
+compared rows of different batches glued together as one sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.evaluate.compare import batch_axes, evaluate, one_sample
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name: str, shape: tuple[int, ...], scale: float = 0.3) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def vad_model() -> onnx.ModelProto:
+    """x [batch, 32], sr (int64 scalar), state [2, batch, 16] -> prob [batch, 1], stateN [2, batch, 16]."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="enc"),
+        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT, name="sr_cast"),
+        helper.make_node("Div", ["srf", "sr_ref"], ["sr_scale"], name="sr_div"),
+        helper.make_node("Mul", ["h", "sr_scale"], ["hs"], name="sr_mul"),
+        helper.make_node("Add", ["state", "hs"], ["s"], name="state_add"),
+        helper.make_node("Tanh", ["s"], ["stateN"], name="state_tanh"),
+        helper.make_node("ReduceMean", ["stateN", "axes0"], ["pooled"], keepdims=0, name="pool"),
+        helper.make_node("MatMul", ["pooled", "w2"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["prob"], name="sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes, "vad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 16])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 16])],
+        [_init("w1", (32, 16)), _init("w2", (16, 1)), numpy_helper.from_array(np.array(16000.0, np.float32), "sr_ref"),
+         numpy_helper.from_array(np.array([0], np.int64), "axes0")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def encoder_model() -> onnx.ModelProto:
+    """input_ids [batch, seq] -> tokens [batch, seq, 8] and a mean-pooled embedding [batch, 8]."""
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["t0"], name="proj"),
+        helper.make_node("Relu", ["t0"], ["tokens"], name="act"),
+        helper.make_node("ReduceMean", ["tokens", "axes1"], ["pooled"], keepdims=0, name="pool"),
+    ]
+    graph = helper.make_graph(
+        nodes, "encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq", 8]),
+         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 8])],
+        [_init("emb", (50, 16), 1.0), _init("w", (16, 8)), numpy_helper.from_array(np.array([1], np.int64), "axes1")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _vad_batches(n: int = 3, b: int = 4) -> list[dict[str, np.ndarray]]:
+    return [{"x": RNG.standard_normal((b, 32)).astype(np.float32), "sr": np.array(16000, np.int64),
+             "state": (RNG.standard_normal((2, b, 16)) * 0.5).astype(np.float32)} for _ in range(n)]
+
+
+def _encoder_batches() -> list[dict[str, np.ndarray]]:
+    # the same batch size (4), different sequence lengths: gluing them side by side "worked" before
+    return [{"input_ids": RNG.integers(0, 50, (4, seq)).astype(np.int64)} for seq in (5, 9, 7)]
+
+
+def _write(folder: Path, batches: list[dict[str, np.ndarray]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, b in enumerate(batches):
+        np.savez(folder / f"{i:03d}.npz", **b)
+    return folder
+
+
+@pytest.fixture
+def vad(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model = tmp_path / "vad.onnx"
+    onnx.save(vad_model(), model)
+    data = _write(tmp_path / "vad-data", _vad_batches())
+    quantized = tmp_path / "vad.int8.onnx"
+    onnxq.optimize(model, quantized, method="minmax", data=str(data), cache_dir=None, show_progress=False)
+    return model, data, quantized
+
+
+@pytest.fixture
+def encoder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model = tmp_path / "enc.onnx"
+    onnx.save(encoder_model(), model)
+    data = _write(tmp_path / "enc-data", _encoder_batches())
+    quantized = tmp_path / "enc.int8.onnx"
+    onnxq.optimize(model, quantized, method="minmax", data=str(data), cache_dir=None, show_progress=False)
+    return model, data, quantized
+
+
+def test_batch_axes_come_from_declared_shapes():
+    axes = batch_axes(vad_model())
+    assert axes == {"x": 0, "sr": None, "state": 1, "prob": 0, "stateN": 1}
+    feeds = _vad_batches(1)[0]
+    one = one_sample(feeds, axes)
+    assert one["x"].shape == (1, 32) and one["state"].shape == (2, 1, 16) and one["sr"].shape == ()
+
+
+def test_compare_scalar_input_and_state_on_axis_1(vad):
+    model, data, quantized = vad
+    evals = onnxq.compare(model, {"q": quantized}, str(data), batch_size=4)
+    q = {e.name: e for e in evals}["q"]
+    assert set(q.outputs) == {"prob", "stateN"}
+    # per sample along each output's own batch axis: 3 batches of 4
+    assert q.outputs["prob"]["samples"] == 12 and q.outputs["stateN"]["samples"] == 12
+    assert q.outputs["stateN"]["cosine"] > 0.99 and q.latency_ms["1t"] > 0
+    # the per-sample cosine of the state is taken along axis 1, checked by hand
+    import onnxruntime as ort
+
+    ref, qs = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (model, quantized))
+    cos = []
+    for b in _load(data):
+        r, t = ref.run(["stateN"], b)[0], qs.run(["stateN"], b)[0]
+        for i in range(r.shape[1]):
+            a, c = r[:, i].ravel().astype(np.float64), t[:, i].ravel().astype(np.float64)
+            cos.append(a @ c / (np.linalg.norm(a) * np.linalg.norm(c)))
+    assert q.outputs["stateN"]["cosine"] == pytest.approx(np.mean(cos), abs=1e-9)
+    assert q.outputs["stateN"]["cosine_worst"] == pytest.approx(np.min(cos), abs=1e-9)
+
+
+def test_optimize_eval_data_on_scalar_input(run_cli, vad, tmp_path):
+    model, data, _ = vad
+    out = tmp_path / "cli.onnx"
+    code, stdout, stderr = run_cli(["optimize", model, "-p", "minmax", "--data", data, "--eval-data", data, "--output", out, "--no-cache", "--quiet"])
+    assert code == 0, stderr
+    assert out.is_file() and "onnxq ort int8" in stdout and "Traceback" not in stderr
+
+
+def test_compare_cli_on_scalar_input(run_cli, vad):
+    model, data, quantized = vad
+    code, stdout, stderr = run_cli(["compare", model, quantized, "--data", data, "--layers"])
+    assert code == 0, stderr
+    assert "fp32" in stdout and quantized.name in stdout
+
+
+def test_batches_of_different_lengths_are_compared_sample_by_sample(encoder):
+    model, data, quantized = encoder
+    evals = onnxq.compare(model, {"q": quantized}, str(data), batch_size=4)
+    tokens = {e.name: e for e in evals}["q"].outputs["tokens"]
+    assert tokens["samples"] == 12  # 3 batches of 4 samples, not 4 rows of glued batches
+    import onnxruntime as ort
+
+    ref, qs = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (model, quantized))
+    cos, signal, noise = [], 0.0, 0.0
+    for b in _load(data):
+        r, t = (s.run(["tokens"], b)[0].astype(np.float64) for s in (ref, qs))
+        signal += np.sum(r**2)
+        noise += np.sum((r - t) ** 2)
+        for a, c in zip(r.reshape(len(r), -1), t.reshape(len(t), -1)):
+            cos.append(a @ c / (np.linalg.norm(a) * np.linalg.norm(c)))
+    assert tokens["cosine"] == pytest.approx(np.mean(cos), abs=1e-9)
+    assert tokens["cosine_worst"] == pytest.approx(np.min(cos), abs=1e-9)
+    assert tokens["sqnr_db"] == pytest.approx(10 * np.log10(signal / noise), abs=1e-6)
+
+
+def test_optimize_eval_data_with_different_lengths(run_cli, encoder, tmp_path):
+    model, data, _ = encoder
+    out = tmp_path / "cli.onnx"
+    code, stdout, stderr = run_cli(["optimize", model, "-p", "minmax", "--data", data, "--eval-data", data, "--output", out,
+                                    "--no-cache", "--quiet", "--json"])
+    assert code == 0, stderr
+    import json
+
+    doc = json.loads(stdout)
+    q = {e["name"]: e for e in doc["evaluation"]}["onnxq ort int8"]
+    assert q["outputs"]["tokens"]["samples"] == 12 and q["outputs"]["pooled"]["samples"] == 12
+
+
+def test_evaluation_memory_holds_no_outputs_of_earlier_batches(encoder, monkeypatch):
+    """Past the reference store's budget, the reference outputs wait on disk, and the metrics are the same."""
+    model, data, quantized = encoder
+    from onnxq.evaluate import compare as cmp
+
+    batches = _load(data)
+    source = lambda: (onnxq_batch(b) for b in batches)  # noqa: E731
+    in_memory = evaluate(model, {"q": quantized}, source)
+    monkeypatch.setattr(cmp._ReferenceStore, "__init__", lambda self, budget=0: _store_init(self, 0))
+    spilled = evaluate(model, {"q": quantized}, source)
+    assert spilled[1].outputs == in_memory[1].outputs
+
+
+def _store_init(self, budget: int) -> None:
+    self.budget, self.held, self.items, self._tmp = budget, 0, [], None
+
+
+def onnxq_batch(feeds: dict[str, np.ndarray]):
+    from onnxq.calib.readers import Batch
+
+    return Batch(feeds, None, "test")
+
+
+def _load(folder: Path) -> list[dict[str, np.ndarray]]:
+    out = []
+    for f in sorted(folder.glob("*.npz")):
+        with np.load(f) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
