@@ -141,6 +141,36 @@ def case_failing_data_function(work: Path, model: Path, calib: Path) -> list[str
     return [model, "--data", f"{script}:feeds"]
 
 
+def case_data_function_raising_part_way(work: Path, model: Path, calib: Path) -> list[str]:
+    """Issue 16: a generator raising after two good batches was an internal error (exit 4)."""
+    script = work / "partway.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def feeds():\n"
+        "    for i in range(4):\n"
+        "        if i == 2:\n"
+        "            raise ValueError('boom')\n"
+        "        yield {'input': np.zeros((4, 1, 16, 16), np.float32)}\n"
+    )
+    return [model, "--data", f"{script}:feeds"]
+
+
+def case_external_data_negative_offset(work: Path, model: Path, calib: Path) -> list[str]:
+    """Issue 16: an external-data offset of -5 was an internal error (onnx's ValueError)."""
+    import onnx
+
+    m = onnx.load(str(model))
+    out = work / "ext.onnx"
+    onnx.save_model(m, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    m = onnx.load(str(out), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "offset":
+                e.value = "-5"
+    onnx.save_model(m, str(out))
+    return [out, "--data", calib]
+
+
 def case_labels_mismatch(work: Path, model: Path, calib: Path) -> list[str]:
     return [model, "--data", calib, "--eval-data", _npz_dir(work, "eval", input=_good_input(4), label=np.arange(3))]
 
@@ -201,6 +231,8 @@ CASES: dict[str, tuple[Setup, str]] = {
     "extra-key": (case_extra_key, "mask"),
     "object-array": (case_object_array, "data_000.npz"),
     "failing-data-function": (case_failing_data_function, "the database is down"),
+    "data-function-raising-part-way": (case_data_function_raising_part_way, "partway.py:feeds' failed at batch 2: ValueError: boom"),
+    "external-data-negative-offset": (case_external_data_negative_offset, "offset"),
     "labels-mismatch": (case_labels_mismatch, "labels"),
     "bad-eval-data": (case_bad_eval_data, "shape"),
     "unknown-method": (case_unknown_method, "nosuch"),

@@ -282,12 +282,22 @@ class PythonReader(DataReader):
     def __iter__(self) -> Iterator[Batch]:
         names = {i.name for i in self.inputs}
         try:
-            items = self._function()()
+            items = iter(self._function()())
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"data function '{self.spec}' failed: {type(exc).__name__}: {exc}") from None
-        for k, item in enumerate(items):
+        k = 0
+        while True:
+            # a generator that raises part-way is the data's fault: one line naming the spec and the batch
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"data function '{self.spec}' failed at batch {k}: {type(exc).__name__}: {exc}") from None
             labels = None
             if isinstance(item, tuple) and len(item) == 2:
                 item, labels = item
@@ -295,6 +305,7 @@ class PythonReader(DataReader):
                 raise DataError(f"data function '{self.spec}' yielded a {type(item).__name__} at item {k}; expected a dict of input arrays")
             feeds, extra = _split_labels({n: np.asarray(v) for n, v in item.items()}, names)
             yield Batch(feeds, np.asarray(labels).reshape(-1) if labels is not None else extra, source=f"item {k}")
+            k += 1
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,10 @@ def _check_external_paths(model: onnx.ModelProto, folder: Path) -> None:
     for tensor in _all_tensors(model):
         if not uses_external_data(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
+        try:  # onnx validates offset/length here (a negative offset is a ValueError: the file's fault, not ours)
+            location = ExternalDataInfo(tensor).location
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"initializer '{tensor.name}' has invalid external-data fields: {exc}") from None
         target = (root / location).resolve()
         if os.path.isabs(location) or root not in target.parents:
             raise ModelError(
