@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import onnx
-from onnx import version_converter
+from onnx import helper, version_converter
 
 from onnxq.errors import ModelError
 
@@ -57,6 +57,12 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
         converted = version_converter.convert_version(model, minimum)
     except Exception as exc:
         raise ModelError(f"cannot upgrade the model from opset {current} to {minimum}, which quantized output needs: {exc}") from None
+    # the version converter leaves ir_version alone: an IR 3 file at opset 13 keeps IR 3's rule that
+    # every initializer is a graph input, and the Q/DQ parameters added later then fail the checker
+    needed = helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    if converted.ir_version < needed:
+        log.info("upgraded IR version %d -> %d with the opset", converted.ir_version, needed)
+        converted.ir_version = needed
     log.info("upgraded opset %d -> %d", current, minimum)
     return converted
 
