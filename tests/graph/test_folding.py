@@ -1,0 +1,115 @@
+"""BatchNorm and constant Mul/Div/Add/Sub folding into the preceding weighted op (onnxq.graph.folding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.graph.folding import fold_affine
+from onnxq.graph.prepare import infer_shapes
+from onnxq.runtime import ort as ort_backend
+
+RNG = np.random.default_rng(0)
+
+
+def _t(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+
+def _bn(prefix: str, x: str, y: str, c: int, inits: list) -> onnx.NodeProto:
+    # statistics far from (0, 1): a fold that forgot one term would be visible
+    inits += [_t(f"{prefix}_g", RNG.uniform(0.2, 3.0, c)), _t(f"{prefix}_b", RNG.normal(0, 2, c)),
+              _t(f"{prefix}_m", RNG.normal(0, 3, c)), _t(f"{prefix}_v", RNG.uniform(0.01, 5.0, c))]
+    return helper.make_node("BatchNormalization", [x, f"{prefix}_g", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"], [y],
+                            name=prefix, epsilon=1e-3)
+
+
+def affine_model() -> onnx.ModelProto:
+    """Conv -> BN -> Mul(per-channel) -> Add(scalar) -> Relu -> grouped ConvTranspose -> BN -> Div
+    -> standalone-BN branch (after Relu) and Sub -> ... -> Flatten -> Gemm(transB) -> BN -> MatMul -> BN."""
+    inits: list = []
+    nodes = []
+    inits += [_t("w1", RNG.normal(0, 0.5, (8, 3, 3, 3))), _t("b1", RNG.normal(0, 1, 8))]
+    nodes.append(helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]))
+    nodes.append(_bn("bn1", "c1", "n1", 8, inits))
+    inits.append(_t("k1", RNG.uniform(0.5, 2.0, (1, 8, 1, 1))))
+    nodes.append(helper.make_node("Mul", ["n1", "k1"], ["m1"], name="mul1"))
+    inits.append(_t("a1", np.array(0.25)))
+    nodes.append(helper.make_node("Add", ["a1", "m1"], ["a1o"], name="add1"))  # constant first: still x + c
+    nodes.append(helper.make_node("Relu", ["a1o"], ["r1"], name="relu1"))
+    inits.append(_t("wt", RNG.normal(0, 0.5, (8, 3, 2, 2))))  # group 2: Cin 8, Cout 6
+    nodes.append(helper.make_node("ConvTranspose", ["r1", "wt"], ["ct"], name="convt", strides=[2, 2], group=2))
+    nodes.append(_bn("bn2", "ct", "n2", 6, inits))
+    inits.append(_t("d2", RNG.uniform(0.5, 2.0, (6, 1, 1))))
+    nodes.append(helper.make_node("Div", ["n2", "d2"], ["dv"], name="div2"))
+    nodes.append(helper.make_node("Relu", ["dv"], ["r2"], name="relu2"))
+    nodes.append(_bn("bn_alone", "r2", "n3", 6, inits))  # after a Relu: must stay
+    inits.append(_t("s3", np.array([0.5], np.float32)))
+    nodes.append(helper.make_node("Sub", ["n3", "s3"], ["sb"], name="sub_alone"))  # after a BN: must stay
+    nodes.append(helper.make_node("GlobalAveragePool", ["sb"], ["gp"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gp"], ["fl"], name="flat"))
+    inits += [_t("wg", RNG.normal(0, 0.5, (5, 6))), _t("bg", RNG.normal(0, 1, 5))]
+    nodes.append(helper.make_node("Gemm", ["fl", "wg", "bg"], ["gm"], name="gemm", transB=1, beta=0.5))
+    nodes.append(_bn("bn4", "gm", "n4", 5, inits))
+    inits.append(_t("s4", np.array(0.3)))
+    nodes.append(helper.make_node("Sub", ["n4", "s4"], ["sb4"], name="sub4"))
+    inits.append(_t("wm", RNG.normal(0, 0.5, (5, 4))))
+    nodes.append(helper.make_node("MatMul", ["sb4", "wm"], ["mm"], name="matmul"))
+    nodes.append(_bn("bn5", "mm", "y", 4, inits))
+    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort_backend.run(ort_backend.make_session(model, "disable", arena=False), {"x": x})[0]
+
+
+def test_fold_is_exact_and_folds_what_follows_a_weighted_op() -> None:
+    model, _ = infer_shapes(affine_model())  # the MatMul's output rank comes from shape inference, as in a run
+    folded, names = fold_affine(model)
+    assert names == ["bn1", "mul1", "add1", "bn2", "div2", "bn4", "sub4", "bn5"]
+    ops = [n.op_type for n in folded.graph.node]
+    # the standalone BatchNorm and the Sub after it stay; the MatMul's shift becomes one bias Add
+    assert ops.count("BatchNormalization") == 1 and ops.count("Sub") == 1 and ops.count("Mul") == 0 and ops.count("Div") == 0
+    assert [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"] == ["bn_alone"]
+    assert ops.count("Add") == 1
+    onnx.checker.check_model(folded, full_check=True)
+    x = RNG.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    ref, got = _run(model, x), _run(folded, x)
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
+    # the names the model is read by stay: graph output y is still produced
+    assert [o.name for o in folded.graph.output] == ["y"]
+
+
+def test_fold_keeps_shared_outputs_and_graph_outputs() -> None:
+    """A conv output read by two ops (hard-swish's Add(x, 3) and Mul(x, .)) or exposed as a graph
+    output must not be folded: the other reader would see the changed values."""
+    inits = [_t("w", RNG.normal(0, 0.5, (4, 3, 1, 1))), _t("three", np.array(3.0)), _t("six", np.array(6.0))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "", "six"], ["cl"], name="clip"),
+             helper.make_node("Mul", ["c", "cl"], ["m"], name="mul"),
+             helper.make_node("Div", ["m", "six"], ["y"], name="div6")]
+    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, names = fold_affine(model)
+    assert names == [] and out is model
+    # a conv output that is also a graph output keeps its values
+    model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
+    assert fold_affine(model)[1] == []
+
+
+@pytest.mark.parametrize("const_shape", [(1, 4, 2, 1), (4, 4, 1, 1), (2,)])
+def test_fold_refuses_constants_that_broadcast_beyond_channels(const_shape) -> None:
+    inits = [_t("w", RNG.normal(0, 0.5, (4, 3, 1, 1))), _t("k", RNG.uniform(1, 2, const_shape))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Mul", ["c", "k"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_affine(model)[1] == []
