@@ -19,11 +19,12 @@ Graph outputs are never replaced: a Q/DQ pair feeds the consumers, the output na
 from __future__ import annotations
 
 import fnmatch
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import onnx
 
+from onnxq.graph.edit import subgraphs
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
@@ -93,6 +94,7 @@ def build_weight_only_plan(model: onnx.ModelProto, profile: TargetProfile, exclu
             continue
         plan.weights[node.input[1]] = WeightSite(node.input[1], node.name, 1, 0)
         plan.layers.append(Layer(node.name, node.op_type, (node.input[0],), node.input[1], node.output[0], node.output[0]))
+    note_control_flow(model, plan)
     return plan
 
 
@@ -233,6 +235,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
             if len(members) >= 2:
                 plan.share_groups.append(members)
     plan.share_groups = _merge_groups(plan.share_groups)
+    note_control_flow(model, plan)
     return plan
 
 
@@ -254,3 +257,81 @@ def _merge_groups(groups: list[list[str]]) -> list[list[str]]:
     for x in list(parent):
         merged[find(x)].append(x)
     return [sorted(v) for v in merged.values() if len(v) > 1]
+
+
+# -- what placement leaves float as a whole: control-flow bodies, and models with nothing to quantize
+
+#: ops whose weights make a control-flow body worth reporting (the recurrent ones are never quantized
+#: by onnxq, but a user reading "nothing quantized" needs to know they are there)
+BODY_WEIGHTED_OPS = WEIGHTED_OPS | {"LSTM", "GRU", "RNN", "Attention", "MatMulNBits"}
+
+
+def control_flow_summary(model: onnx.ModelProto) -> list[tuple[str, str, Counter]]:
+    """(node name, op type, weighted-op counts) for each main-graph node whose subgraphs (If
+    branches, Loop/Scan bodies, nested ones included) hold weighted ops."""
+    found = []
+    for node in model.graph.node:
+        bodies = subgraphs(node)
+        if not bodies:
+            continue
+        counts: Counter = Counter()
+        stack = list(bodies)
+        while stack:
+            g = stack.pop()
+            for n in g.node:
+                if n.op_type in BODY_WEIGHTED_OPS:
+                    counts[n.op_type] += 1
+                stack.extend(subgraphs(n))
+        if counts:
+            found.append((node.name, node.op_type, counts))
+    return found
+
+
+def _count_text(counts: Counter) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def note_control_flow(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """List in ``plan.skipped`` every If/Loop/Scan whose subgraphs hold weighted ops.
+
+    Placement and the Q/DQ rewrite work on the main graph only: calibration cannot observe a
+    tensor inside a branch or loop body (ONNX Runtime exposes main-graph tensors only), so what sits
+    there stays float, and the report says so with the op counts.
+    """
+    for name, op, counts in control_flow_summary(model):
+        where = "branches" if op == "If" else "body"
+        plan.skipped.append((name, f"{op} with {_count_text(counts)} inside its {where}: ops inside control-flow "
+                                   "subgraphs are not quantized (onnxq places Q/DQ in the main graph only)"))
+
+
+#: the pseudo node name of a whole-model entry in ``plan.skipped`` (the report's left_in_float)
+WHOLE_MODEL = "(model)"
+
+
+def left_float_warnings(model: onnx.ModelProto, plan: QuantPlan, quantizes_anything: bool) -> list[str]:
+    """One-line warnings for what a run leaves float as a whole; called once per run with the final plan.
+
+    Each control-flow node with weighted ops inside gets a line; a run that quantizes nothing
+    (``quantizes_anything`` false: no Q/DQ command at all) gets a line saying why, which is also
+    added to ``plan.skipped`` so the report carries it.
+    """
+    lines = []
+    control = control_flow_summary(model)
+    for name, op, counts in control:
+        lines.append(f"{op} '{name}' holds {_count_text(counts)} in its subgraphs; they stay float "
+                     "(onnxq quantizes the main graph only)")
+    if quantizes_anything:
+        return lines
+    skipped = [n for n, _ in plan.skipped if n != WHOLE_MODEL]
+    if control and len(skipped) == len(control):
+        why = "its weighted ops are all inside control flow (If/Loop/Scan)"
+    elif skipped:
+        why = f"all {len(skipped)} candidate ops were left in float (see the report's left_in_float)"
+    elif plan.profile.weight_only:
+        why = "4-bit weight-only quantizes MatMul with a constant 2-D float weight, and the model has none"
+    else:
+        why = "the model has no Conv, ConvTranspose, Gemm or MatMul with a float weight"
+    message = f"nothing was quantized: {why}; the output is the float model"
+    plan.skipped.append((WHOLE_MODEL, message))
+    lines.append(message)
+    return lines

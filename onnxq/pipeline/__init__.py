@@ -54,7 +54,7 @@ def optimize(
     *,
     method: str | Sequence[str] = "trt-entropy",
     options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-    data: DataSpec | None = "random",
+    data: DataSpec | None = None,
     data_options: Mapping[str, Any] | None = None,
     reader: str | None = None,
     target: str | TargetProfile = "ort",
@@ -72,7 +72,8 @@ def optimize(
 
     ``output`` (optional) is written atomically after the result has been validated in ONNX
     Runtime; the input model is never overwritten. ``data`` is a path, ``module:function``,
-    ``random``, a DataReader or an iterable of feed dicts.
+    ``random``, a DataReader or an iterable of feed dicts; it is required (``data="random"`` to
+    calibrate on random inputs, a smoke run) except for 4-bit weight-only runs.
     """
     settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
                         max_samples, exclude, cache_dir, force, show_progress)

@@ -72,3 +72,10 @@ def calibrator_of(methods: Sequence[QuantMethod]) -> QuantMethod | None:
     """The method whose :meth:`~onnxq.method.QuantMethod.choose_qparams` sets the run's ranges:
     the first calibrating one, else the first that replaces the default calibrator, else None."""
     return next((m for m in methods if m.calibrates), None) or next((m for m in methods if m.replaces_default_calibrator), None)
+
+
+def check_applicable(bits: int, block_size: int | None) -> None:
+    """Refuse a setting that would have no effect instead of ignoring it (``--block-size`` with 8 bits)."""
+    if block_size is not None and bits != 4:
+        raise OptionError(f"the block size (--block-size {block_size}) applies to 4-bit weight-only quantization only "
+                          f"(--bits 4); with {bits} bits it would be ignored: drop it")

@@ -26,14 +26,14 @@ from onnxq.calib.readers import Batch, DataReader
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.graph import model_io, prepare as graph_prepare
 from onnxq.graph.edit import name_nodes
-from onnxq.graph.placement import build_plan
+from onnxq.graph.placement import build_plan, left_float_warnings
 from onnxq.graph.qdq import apply_commands, commands_from_plan
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.graph.targets import TargetProfile
 from onnxq.host import Host
 from onnxq.method import QuantMethod, RunContext, set_weight_qparams
 from onnxq.pipeline.checks import check_feeds, check_float_rewrite, model_changes, model_outputs, relative_error
-from onnxq.pipeline.compose import calibrator_of, resolve_methods
+from onnxq.pipeline.compose import calibrator_of, check_applicable, resolve_methods
 from onnxq.pipeline.data import DataSpec, batch_source, make_reader
 from onnxq.pipeline.report import LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
 from onnxq.runtime import ort as ort_backend
@@ -52,7 +52,7 @@ class Settings:
     output: str | os.PathLike[str] | None = None
     method: str | Sequence[str] = DEFAULT_CALIBRATOR
     options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
-    data: DataSpec | None = "random"
+    data: DataSpec | None = None
     data_options: Mapping[str, Any] | None = None
     reader: str | None = None
     target: str | TargetProfile = "ort"
@@ -120,6 +120,7 @@ class Run:
 def configure(run: Run) -> None:
     """The target profile and the selected methods with their options."""
     s = run.settings
+    check_applicable(s.bits, s.block_size)
     target = s.target
     profile = target if isinstance(target, TargetProfile) else run.host.target(target, s.bits, s.block_size)
     if isinstance(target, TargetProfile) and s.bits != target.bits:
@@ -165,7 +166,8 @@ def open_data(run: Run) -> None:
         needing = [m.name for m in run.methods if m.needs_data]
         if not run.profile.weight_only or needing:
             who = f" by method '{needing[0]}'" if needing else ""
-            raise DataError(f"calibration data is required{who} (use data='random' for a smoke run)")
+            raise DataError(f"calibration data is required{who}: pass data= (a folder or file of .npz/.npy, an image folder, "
+                            "module:function, a reader or feed dicts), or data='random' to calibrate on random inputs (a smoke run)")
         data = "random:1"  # 4-bit weight-only scales do not depend on data; one batch validates the output
         data_options = {"warn": False}
     run.reader = make_reader(data, run.inputs, run.host, data_options, s.reader)
@@ -273,6 +275,8 @@ def rewrite_qdq(run: Run) -> None:
     profile, ctx = run.profile, run.ctx
     origin = "+".join(m.name for m in run.methods)
     commands = commands_from_plan(ctx.plan, origin) + [c for m in run.methods for c in m.commands(ctx)]
+    for line in left_float_warnings(ctx.model, ctx.plan, bool(commands)):  # never a silent no-op
+        log.warning(line)
     quantized = apply_commands(ctx.model, commands)
     if profile.weight_only and profile.int4_matmulnbits:
         from onnxq.graph.int4 import dq_matmul_to_matmulnbits
