@@ -161,6 +161,14 @@ class RangeMethod(QuantMethod):
             return 2**profile.bits
         return profile.activation_levels
 
+    def grid_steps(self, stats: TensorStats, profile: TargetProfile):
+        """``steps_of(T)``: the step of the grid ``profile`` deploys for clip threshold ``T`` (vectorised)."""
+        from onnxq.calib.thresholds import grid_steps
+
+        if profile.activation_signed:
+            return grid_steps(stats, True, 2 ** (profile.bits - 1) - 1)
+        return grid_steps(stats, False, 2**profile.bits - 1)
+
     def choose_qparams(self, ctx: RunContext) -> None:
         set_activation_ranges(ctx, lambda s: self.threshold(s, ctx))
         set_weight_qparams(ctx)

@@ -1,7 +1,14 @@
-"""Clip thresholds from calibration histograms: TensorRT entropy, percentile, MSE.
+"""Clip thresholds from calibration histograms: TensorRT entropy (exact and guarded), percentile, MSE.
 
 Each function takes a :class:`~onnxq.calib.statistics.TensorStats` with a histogram and returns a
 symmetric clip threshold ``T`` (the activation grid then covers ``[max(min, −T), min(max, T)]``).
+
+:func:`entropy_threshold` is TensorRT's algorithm as published. :func:`guarded_entropy_threshold`
+is the one ``trt-entropy`` uses by default: the same minimum-KL choice, restricted to thresholds
+whose expected squared error on the deployed grid is within a factor of the best threshold's
+(docs/methods.md: Baseline calibrators). KL compares the *shapes* of the clipped and the quantized
+histograms and never sees how far clipping moves a value, so on a spike followed by a spread tail
+(the background of a mean/std-normalized image) it clips the whole tail; the error guard does see it.
 """
 
 from __future__ import annotations
@@ -147,6 +154,82 @@ def entropy_threshold(stats: TensorStats, levels: int, zero_bin: ZeroBin = "copy
     i_star = int(np.flatnonzero(finite & (d <= best))[-1])  # last minimum
     w = stats.bin_width
     return (i_star + (0.5 if edge == "center" else 0.0)) * w
+
+
+#: default tolerance of the guarded entropy calibrator: a KL threshold is kept while its expected
+#: squared error is at most this many times the least one (docs/methods.md: Baseline calibrators)
+DEFAULT_ERROR_TOLERANCE = 4.0
+
+
+def expected_sq_errors(stats: TensorStats, steps_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Expected squared quantization error of clipping at every bin edge, from the |x| histogram.
+
+    Returns ``E`` of length ``B + 1``: ``E[i]`` is the error (summed over all counted values) of
+    the grid whose threshold is ``T = i·w`` and whose step is ``steps_of(T)`` (vectorised over an
+    array of thresholds; the deployed grid's step, asymmetric or INT7 included). Each bin counts at
+    its centre ``c``: values beyond ``T`` cost ``(c − T)²`` (clipping), values inside cost
+    ``min(c², Δ²/12)`` (rounding: uniform noise, except near zero, which every grid represents
+    exactly, so a spike of zeros after a ReLU costs nothing). All candidates at once, from prefix
+    sums. ``E[0] = inf``.
+    """
+    h = stats.abs_hist().astype(np.float64)
+    nbins = len(h)
+    w = stats.bin_width
+    c = (np.arange(nbins) + 0.5) * w
+    i = np.arange(1, nbins + 1)
+    t = i * w
+    step = np.asarray(steps_of(t), dtype=np.float64)
+    p0 = np.concatenate([[0.0], np.cumsum(h)])
+    p1 = np.concatenate([[0.0], np.cumsum(h * c)])
+    p2 = np.concatenate([[0.0], np.cumsum(h * c * c)])
+    # clipping: sum over j >= i of h_j (c_j - T)^2
+    clip = (p2[-1] - p2[i]) - 2 * t * (p1[-1] - p1[i]) + t * t * (p0[-1] - p0[i])
+    # rounding: bins with c < step/sqrt(12) cost c^2, the others step^2/12
+    k = np.minimum(np.searchsorted(c, step / np.sqrt(12.0), side="left"), i)
+    rnd = p2[k] + step * step / 12.0 * (p0[i] - p0[k])
+    out = np.full(nbins + 1, np.inf)
+    out[1:] = np.maximum(clip, 0.0) + rnd
+    return out
+
+
+def grid_steps(stats: TensorStats, signed: bool, qspan: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``steps_of(T)`` for :func:`expected_sq_errors`: the step of the grid a threshold ``T`` deploys.
+
+    Signed (symmetric, zero point 0): ``T / qspan`` with ``qspan`` the largest code (127 at INT8,
+    63 at INT7). Unsigned (asymmetric): the clipped observed range ``[max(min, −T), min(max, T)]``
+    widened to include 0, over ``qspan`` = 2^bits − 1 steps.
+    """
+    if signed:
+        return lambda t: np.asarray(t, np.float64) / qspan
+    lo, hi = stats.min, stats.max
+    return lambda t: (np.minimum(hi, t) - np.minimum(np.maximum(lo, -np.asarray(t, np.float64)), 0.0)) / qspan
+
+
+def guarded_entropy_threshold(stats: TensorStats, levels: int, steps_of: Callable[[np.ndarray], np.ndarray],
+                              tolerance: float = DEFAULT_ERROR_TOLERANCE, zero_bin: ZeroBin = "copy_next",
+                              kl: Literal["trt", "smoothed", "cfws"] = "trt", edge: Literal["right", "center"] = "right",
+                              merge: Literal["even", "mxnet"] = "even") -> tuple[float, bool]:
+    """Minimum-KL threshold among those whose expected squared error is within ``tolerance`` × the least.
+
+    Returns ``(T, guarded)``: ``guarded`` is True where TensorRT's own choice (:func:`entropy_threshold`,
+    same arguments) was outside the tolerance and a different threshold was taken. Where no
+    admissible candidate has a finite divergence, the least-error threshold is used.
+    """
+    if stats.amax == 0:
+        return 0.0, False
+    d = entropy_divergences(stats.abs_hist(), levels, zero_bin, kl, merge)
+    err = expected_sq_errors(stats, steps_of)
+    w = stats.bin_width
+    finite = np.isfinite(d)
+    exact = int(np.flatnonzero(finite & (d <= np.min(d[finite])))[-1]) if finite.any() else len(d) - 1
+    best_err = float(np.min(err))
+    admissible = err <= tolerance * best_err if best_err > 0 else err <= 0
+    ok = finite & admissible
+    if ok.any():
+        i_star = int(np.flatnonzero(ok & (d <= np.min(d[ok])))[-1])
+    else:
+        i_star = int(np.flatnonzero(err <= best_err)[-1])
+    return (i_star + (0.5 if edge == "center" else 0.0)) * w, i_star != exact
 
 
 def percentile_threshold(stats: TensorStats, percentile: float) -> float:
