@@ -109,70 +109,320 @@ def model_size_bytes(path: str | os.PathLike[str]) -> int:
     return total
 
 
-def ensure_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], force: bool) -> Path:
-    """Validate an output path: never one of the inputs, never clobber without ``force``."""
+def model_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files an ONNX model reads: the ``.onnx`` itself and every external-data file it names.
+
+    Unreadable or unparsable models give just their own path (the loader reports those).
+    """
+    p = Path(path)
+    files = [p]
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not a model: nothing else to protect
+        return files
+    seen: set[str] = set()
+    for tensor in _all_tensors_deep(model):
+        if not uses_external_data(tensor):
+            continue
+        try:
+            location = ExternalDataInfo(tensor).location
+        except (ValueError, TypeError):
+            continue
+        if location and location not in seen:
+            seen.add(location)
+            files.append(p.parent / location)
+    return files
+
+
+def _all_tensors_deep(model: onnx.ModelProto):
+    """Every TensorProto of ``model``: initializers and tensor attributes, subgraphs included, in graph order."""
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+    yield from walk(model.graph)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are the same existing file (symlinks and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def data_file_of(output: str | os.PathLike[str]) -> Path:
+    """The external-data file written beside ``output`` when the model is too large for one file."""
     out = Path(output)
-    for inp in inputs:
-        if Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
+    return out.with_name(out.name + ".data")
+
+
+def _refuse_targets(targets: list[Path], inputs: list[str | os.PathLike[str]], force: bool) -> None:
+    """Refuse output files that are a file an input model reads, a special file, a folder, or exist without ``force``."""
+    import stat
+
+    for target in targets:
+        if not os.path.lexists(target):
+            continue
+        for inp in inputs:
+            for f in model_files(inp):
+                if _same_file(target, f):
+                    if _same_file(f, Path(inp)):
+                        raise OutputError(f"output '{target}' is the input model; choose another path")
+                    raise OutputError(f"output '{target}' is '{f}', external data of the input model '{inp}'; choose another path")
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:  # a dangling symlink: replacing the link itself is safe
+            mode = stat.S_IFREG
+        if stat.S_ISDIR(mode):
+            raise OutputError(f"output '{target}' is a directory")
+        if not stat.S_ISREG(mode):
+            # a FIFO, device or socket: replacing it (as root, /dev/null) would do harm; --force does not apply
+            raise OutputError(f"output '{target}' is not a regular file (a device, FIFO or socket); choose a file path")
+        if not force:
+            raise OutputError(f"output '{target}' already exists (use --force to replace it)")
+
+
+def _check_folder(folder: Path) -> None:
+    """The output folder (or its first existing ancestor, where the rest will be created) can take a new file now."""
+    ancestor = folder
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"output folder '{folder}' cannot be created: '{ancestor}' is not a folder")
+    try:  # permissions, read-only and pseudo file systems (/proc, /sys): only a real file creation tells
+        with _signals_blocked():
+            fd, probe = tempfile.mkstemp(prefix=".onnxq-probe.", dir=ancestor)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot create files in output folder '{ancestor}': {exc.strerror}") from None
+    try:
+        st = os.statvfs(ancestor)
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < _MIN_FREE_BYTES:
+        raise OutputError(f"no space left on the device of output folder '{ancestor}' ({st.f_bavail * st.f_frsize} bytes free)")
+
+
+#: less free space than this at the start is a full disk: no model fits
+_MIN_FREE_BYTES = 16 * 1024
+
+
+def ensure_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], force: bool) -> Path:
+    """Check an output path at the start of a run, before any work.
+
+    Refused (:class:`OutputError`), ``force`` or not: any file an input model reads (its ``.onnx`` and
+    external-data files), also as the output's own external-data file; a folder, device, FIFO or
+    socket; a folder that cannot take a new file (a file in the way, no permission, a pseudo file
+    system such as /proc) or a full disk. Without ``force``, an existing output.
+    """
+    out = Path(output)
+    for inp in inputs:  # also when the input does not exist yet (a clearer message than "exists")
+        if os.path.abspath(out) == os.path.abspath(inp):
             raise OutputError(f"output '{out}' is the input model; choose another path")
-        if out.resolve() == Path(inp).resolve():
-            raise OutputError(f"output '{out}' is the input model; choose another path")
-    if out.exists() and not force:
-        raise OutputError(f"output '{out}' already exists (use --force to replace it)")
-    if out.exists() and out.is_dir():
-        raise OutputError(f"output '{out}' is a directory")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise OutputError(f"output folder '{out.parent}' is not a folder")
+    _refuse_targets([out], inputs, force)
+    # the external-data file is written only for models over 2 GB, but it must never be an input's file
+    data = data_file_of(out)
+    if os.path.lexists(data):
+        _refuse_targets([data], inputs, force=True)
+    _check_folder(out.parent)
     return out
 
 
-def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
-    """Write ``model`` to ``output`` atomically (temp file in the same folder, then rename).
+def external_data_threshold() -> int:
+    """Serialized size above which a model is saved with its weights in one external-data file.
 
-    Models over the protobuf limit are written with one external data file beside them, also
-    moved into place only after both files are complete.
+    The protobuf limit; ``ONNXQ_EXTERNAL_DATA_ABOVE`` (bytes) lowers it, e.g. for runtimes that want
+    weights in a side file, and for tests of the external-data path on small models.
+    """
+    value = os.environ.get("ONNXQ_EXTERNAL_DATA_ABOVE", "").strip()
+    if value:
+        try:
+            return min(int(value), PROTOBUF_LIMIT)
+        except ValueError:
+            raise OutputError(f"ONNXQ_EXTERNAL_DATA_ABOVE='{value}' is not a number of bytes") from None
+    return PROTOBUF_LIMIT
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, racy with threads)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _signals_blocked:
+    """Hold SIGINT/SIGTERM while a temporary file is created and recorded, so an interrupt never orphans it."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        self._old = None
+        if hasattr(signal, "pthread_sigmask"):
+            self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
+#: tensors smaller than this stay inside the .onnx when saving with external data (as onnx does)
+_EXTERNAL_MIN_TENSOR = 1024
+#: external tensors start on this boundary (lets runtimes memory-map them)
+_EXTERNAL_ALIGN = 4096
+
+
+def _write_external(model: onnx.ModelProto, fh, location: str) -> list[tuple[onnx.TensorProto, int, int]]:
+    """Move large raw tensors of ``model`` into ``fh`` (graph order: the bytes are reproducible); returns what moved."""
+    moved = []
+    offset = 0
+    for tensor in _all_tensors_deep(model):
+        if uses_external_data(tensor) or not tensor.HasField("raw_data") or len(tensor.raw_data) < _EXTERNAL_MIN_TENSOR:
+            continue
+        pad = (-offset) % _EXTERNAL_ALIGN
+        if pad:
+            fh.write(b"\0" * pad)
+            offset += pad
+        raw = tensor.raw_data
+        fh.write(raw)
+        moved.append((tensor, offset, len(raw)))
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(raw)
+        del raw
+    return moved
+
+
+def _restore_external(moved: list[tuple[onnx.TensorProto, int, int]], fh) -> None:
+    """Put the moved tensors' bytes back into the model (read from the data file: no second copy in memory)."""
+    for tensor, offset, length in moved:
+        fh.seek(offset)
+        tensor.raw_data = fh.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _place(tmp: Path, target: Path, force: bool) -> None:
+    """Move a finished temporary file onto ``target``; without ``force`` only if ``target`` still does not exist."""
+    if force:
+        os.replace(tmp, target)
+        return
+    try:  # link() fails if target exists: two runs racing for one output cannot both win
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputError(f"output '{target}' was created by someone else while onnxq was working (use --force to replace it)") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(target):
+            raise OutputError(f"output '{target}' was created by someone else while onnxq was working (use --force to replace it)") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _pause_for_tests() -> None:
+    """Test hook: with ``_ONNXQ_TEST_PAUSE_BEFORE_RENAME=FILE``, create FILE once the temporary files are
+    written and wait (at most 30 s) until FILE is removed before moving them into place.
+
+    Lets tests interrupt a save, or race two runs, deterministically; unset in normal use.
+    """
+    marker = os.environ.get("_ONNXQ_TEST_PAUSE_BEFORE_RENAME")
+    if marker:
+        import time
+
+        Path(marker).touch()
+        deadline = time.monotonic() + 30
+        while os.path.lexists(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike[str], *, force: bool = False,
+                      inputs: list[str | os.PathLike[str]] = ()) -> Path:  # type: ignore[assignment]
+    """Write ``model`` to ``output`` atomically: fresh temporary files in the output folder, moved into place when complete.
+
+    Models over :func:`external_data_threshold` get their weights in ``<output>.data``, also moved into
+    place only when complete; ``model`` itself is left as it was. The output files never replace a
+    file one of ``inputs`` reads, nor a device or FIFO; without ``force`` never an existing file,
+    even one created by another process during the run. Both files get the permissions a plain
+    ``open()`` gives (the umask's). On any failure or interrupt (SIGINT, SIGTERM) the temporary
+    files are removed. Operating-system errors (disk full, permissions) are :class:`OutputError`.
     """
     out = Path(output)
     folder = out.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > PROTOBUF_LIMIT
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    data_name = out.name + ".data"
-    tmp_data = folder / f".{data_name}.tmp"
+    data = data_file_of(out)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder '{folder}': {exc.strerror}") from None
+    large = model.ByteSize() > external_data_threshold()
+    targets = [out, data] if large else [out]
+    temps: list[Path] = []
+    placed: list[Path] = []
+    mode = 0o666 & ~_umask()
+
+    def new_temp(name: str) -> Path:
+        # always a new, empty, uniquely named file: a stale temp file from a killed run is never reused
+        with _signals_blocked():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            temps.append(Path(tmp))
+        os.close(fd)
+        os.chmod(tmp, mode)  # mkstemp creates it owner-only
+        return Path(tmp)
+
+    try:
+        _refuse_targets(targets, list(inputs), force)
+        tmp = new_temp(out.name)
         if large:
-            onnx.save_model(
-                model,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=tmp_data.name,
-                size_threshold=1024,
-            )
-            # the model refers to the temporary data name: rewrite locations, then move both
-            reloaded = onnx.load(str(tmp), load_external_data=False)
-            for t in _all_tensors(reloaded):
-                if uses_external_data(t):
-                    for entry in t.external_data:
-                        if entry.key == "location":
-                            entry.value = data_name
-            with open(tmp, "wb") as fh:
-                fh.write(reloaded.SerializeToString())
-            os.replace(tmp_data, folder / data_name)
+            tmp_data = new_temp(data.name)
+            with open(tmp_data, "w+b") as dfh:
+                moved = _write_external(model, dfh, data.name)
+                try:
+                    payload = model.SerializeToString()
+                finally:
+                    dfh.flush()
+                    _restore_external(moved, dfh)
+                os.fsync(dfh.fileno())
         else:
-            with open(tmp, "wb") as fh:
-                fh.write(model.SerializeToString())
-                fh.flush()
-                os.fsync(fh.fileno())
-        # mkstemp creates the file owner-only; give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        tmp_data.unlink(missing_ok=True)
+            payload = model.SerializeToString()
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        del payload
+        _pause_for_tests()
+        _refuse_targets(targets, list(inputs), force=True)  # again: a device or input file may have appeared
+        if large:
+            _place(tmp_data, data, force)
+            placed.append(data)
+        _place(tmp, out, force)
+    except BaseException as exc:
+        for t in temps:
+            t.unlink(missing_ok=True)
+        if not force:  # a data file this run created exclusively, orphaned by a failure to place the model
+            for p in placed:
+                p.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, quota, permissions, I/O: the user's file system, not a bug
+            raise OutputError(f"cannot write output '{out}': {exc.strerror or exc}") from None
         raise
     return out
