@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -43,6 +44,9 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         raise OptionError("--data is required (use --data random for a smoke run)")
     if (max_drop is not None or min_cosine is not None) and eval_data is None:
         raise OptionError("--max-drop/--min-cosine need --eval-data")
+    for flag, threshold in (("--max-drop", max_drop), ("--min-cosine", min_cosine)):
+        if threshold is not None and not math.isfinite(threshold):  # every comparison with NaN is False: the gate would always pass
+            raise OptionError(f"{flag} must be a finite number, not {threshold}")
     options: dict[str, str] = {}
     for k, v in opts:
         options[k] = v
