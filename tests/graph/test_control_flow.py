@@ -125,3 +125,38 @@ def test_cli_run_on_control_flow_model_warns_on_stderr(tmp_path, run_cli):
     assert code == 0, err
     assert "onnxq: warning: If 'vad_if' holds 2 Conv in its subgraphs" in err
     assert "onnxq: warning: nothing was quantized" in err
+
+
+def _loop_model() -> onnx.ModelProto:
+    """h = x; repeat 3 times: h = Relu(h @ W) with W an outer-scope initializer read by the Loop body."""
+    w = numpy_helper.from_array((RNG.standard_normal((6, 6)) * 0.4).astype(np.float32), "loop_w")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("MatMul", ["h_in", "loop_w"], ["mm"], name="body_mm"),
+         helper.make_node("Relu", ["mm"], ["h_out"], name="body_relu")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [2, 6])])
+    trip = numpy_helper.from_array(np.array(3, np.int64), "trip")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="rnn_loop", body=body)], "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        initializer=[w, trip, cond])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_loop_body_is_reported_with_its_outer_scope_weight(caplog):
+    model = _loop_model()
+    assert control_flow_summary(model) == [("rnn_loop", "Loop", {"MatMul": 1})]
+    feeds = [{"x": RNG.standard_normal((2, 6)).astype(np.float32)} for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        res = onnxq.optimize(model, method="minmax", data=feeds, target="trt", show_progress=False)
+    assert any("Loop 'rnn_loop' holds 1 MatMul" in r.getMessage() for r in caplog.records), caplog.text
+    assert "1 MatMul inside its body" in {e.node: e.reason for e in res.report.left_in_float}["rnn_loop"]
+    # the body still reads its outer-scope weight: the output runs and equals the float model's
+    np.testing.assert_allclose(_run(res.model, feeds[0]), _run(model, feeds[0]), rtol=1e-5, atol=1e-6)
