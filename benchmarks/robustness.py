@@ -1,0 +1,167 @@
+"""Robustness table: every method over every zoo fixture (and, with --suite, the suite models) on both targets.
+
+For each (method, model, target) it quantizes with :func:`onnxq.optimize`, scores the result the
+way the zoo scores its fixtures (``tests/fixtures/zoo/zoo.py``: top-1 on the eval labels, box F1
+on the detectors' ground truth) or the suite's way (``benchmarks/scoring.py``), and prints one
+Markdown row: the metric, FP32's, the drop, whether the drop is within the fixture's margin and
+whether the run's fidelity check warned (``result.report.fidelity.warned``; ``n/a`` while the
+check does not exist). A row that is outside the margin and did not warn is ``SILENT``: a bug.
+
+    python benchmarks/robustness.py                       # the zoo (~10 minutes on 2 busy cores)
+    python benchmarks/robustness.py --fixture picodet_head --recipe minmax --target trt
+    python benchmarks/robustness.py --suite ppocr-rec --suite ppocr-det --suite minilm   # + suite models (slow)
+    python benchmarks/robustness.py --json out.json       # also write the rows as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "zoo"))
+sys.path.insert(0, str(HERE))
+
+import zoo  # noqa: E402
+
+TARGETS = ("ort", "trt")
+#: the headline metric of each suite model (benchmarks/configs.METRIC_COLUMNS) and its margin
+SUITE_METRIC = {"ppocr-rec": ("char_accuracy", 0.01), "ppocr-det": ("box_f1_truth", 0.02), "minilm": ("recall_at_1", 0.01), "digits": ("top1_accuracy", 0.01)}
+
+
+def installed_methods() -> set[str]:
+    from onnxq.host import get_host
+
+    return set(get_host().methods)
+
+
+def fidelity_of(result) -> tuple[str, str]:
+    """(warned, detail) of the run's fidelity check: 'yes'/'no', or 'n/a' when the report has none."""
+    fid = getattr(result.report, "fidelity", None)
+    if fid is None:
+        return "n/a", ""
+    outs = getattr(fid, "outputs", None) or []
+    detail = f"min cosine {min(o.cosine for o in outs):.4f}" if outs else ""
+    return ("yes" if fid.warned else "no"), detail
+
+
+def quantize(model, recipe: zoo.Recipe, options, data, target: str):
+    from onnxq import optimize
+
+    return optimize(str(model), method=list(recipe.methods), options=options, data=data, target=target, bits=recipe.bits,
+                    show_progress=False)
+
+
+def verdict(within: bool | None, warned: str) -> str:
+    if within is None:
+        return "error"
+    if within:
+        return "ok" if warned != "yes" else "ok (warned)"
+    return "warned" if warned == "yes" else ("SILENT" if warned == "no" else "bad (no check)")
+
+
+def zoo_rows(fixtures, recipes, targets, methods: set[str]):
+    for name in fixtures:
+        fx = zoo.FIXTURES[name]
+        ev = zoo.Evaluator(fx)
+        for r in recipes:
+            if not r.applies(fx) or not set(r.methods) <= methods:
+                continue
+            for target in targets:
+                t = time.perf_counter()
+                row = {"method": r.id, "model": name, "target": target, "metric": fx.metric, "fp32": ev.fp32}
+                try:
+                    res = quantize(fx.model, r, r.options_for(fx), str(fx.calib), target)
+                    value = ev.score(res.model)
+                    row.update(value=value, drop=ev.fp32 - value, within=ev.within_margin(value), margin=fx.margin)
+                    row["warned"], row["fidelity"] = fidelity_of(res)
+                except Exception as exc:  # a method that fails on a fixture is a row, not the end of the table
+                    row.update(value=None, drop=None, within=None, margin=fx.margin, warned="-", fidelity=f"{type(exc).__name__}: {exc}"[:120])
+                    logging.debug("%s", traceback.format_exc())
+                row["seconds"] = round(time.perf_counter() - t, 1)
+                row["verdict"] = verdict(row["within"], row["warned"])
+                yield row
+
+
+def suite_rows(models, recipes, targets, methods: set[str], threads: int):
+    from configs import SIZES
+    from scoring import Scorer
+    from tasks import ModelUnavailable, prepare_task
+
+    work = Path(tempfile.mkdtemp(prefix="onnxq-robustness-"))
+    for name in models:
+        try:
+            task = prepare_task(name, work, SIZES["quick"], cjk=False, as_shipped=False)
+        except ModelUnavailable as exc:
+            print(f"skipping {name}: {exc}", file=sys.stderr)
+            continue
+        scorer = Scorer(task, threads)
+        key, margin = SUITE_METRIC[name]
+        fp32 = scorer.evaluate(task.model)[key]
+        for r in recipes:
+            if r.needs == "detector" or r.needs == "transformer" and name != "minilm" or not set(r.methods) <= methods:
+                continue
+            for target in targets:
+                t = time.perf_counter()
+                row = {"method": r.id, "model": name, "target": target, "metric": key, "fp32": fp32}
+                try:
+                    out = work / f"{name}-{r.id}-{target}.onnx"
+                    res = __import__("onnxq").optimize(str(task.model), str(out), method=list(r.methods), options=r.options, data=str(task.calib),
+                                                       target=target, bits=r.bits, show_progress=False)
+                    value = scorer.evaluate(out)[key]
+                    row.update(value=value, drop=fp32 - value, within=value >= fp32 - margin, margin=margin)
+                    row["warned"], row["fidelity"] = fidelity_of(res)
+                except Exception as exc:
+                    row.update(value=None, drop=None, within=None, margin=margin, warned="-", fidelity=f"{type(exc).__name__}: {exc}"[:120])
+                row["seconds"] = round(time.perf_counter() - t, 1)
+                row["verdict"] = verdict(row["within"], row["warned"])
+                yield row
+
+
+def fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fixture", action="append", choices=sorted(zoo.FIXTURES), help="zoo fixtures (default: all)")
+    ap.add_argument("--recipe", action="append", choices=[r.id for r in zoo.RECIPES], help="methods as the zoo runs them (default: all installed)")
+    ap.add_argument("--target", action="append", choices=TARGETS, help="targets (default: ort and trt)")
+    ap.add_argument("--suite", action="append", choices=sorted(SUITE_METRIC), default=[], help="also run this suite model (slow; downloads are the suite's own)")
+    ap.add_argument("--no-zoo", action="store_true", help="only the --suite models")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("onnxq").setLevel(logging.ERROR)
+
+    methods = installed_methods()
+    recipes = [r for r in zoo.RECIPES if args.recipe is None or r.id in args.recipe]
+    targets = args.target or list(TARGETS)
+    rows = []
+    print("| method | model | target | metric | FP32 | quantized | drop | margin | fidelity warned | verdict | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    gens = [] if args.no_zoo else [zoo_rows(args.fixture or list(zoo.FIXTURES), recipes, targets, methods)]
+    if args.suite:
+        gens.append(suite_rows(args.suite, recipes, targets, methods, args.threads))
+    for gen in gens:
+        for row in gen:
+            rows.append(row)
+            err = f" ({row['fidelity']})" if row["value"] is None else ""
+            print(f"| {row['method']} | {row['model']} | {row['target']} | {row['metric']} | {fmt(row['fp32'])} | {fmt(row['value'])}{err} | "
+                  f"{fmt(row['drop'], '+.4f')} | {row['margin']} | {row['warned']} | {row['verdict']} | {row['seconds']} |", flush=True)
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in sorted({r["verdict"] for r in rows})}
+    print(f"\n{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
