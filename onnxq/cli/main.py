@@ -1,15 +1,33 @@
 """Entry point of the ``onnxq`` command: the click group, logging and error handling.
 
 Exit codes: 0 ok, 1 user error (one line; ``--debug`` for the traceback), 2 usage error,
-3 quality gate failed.
+3 quality gate failed, 4 internal error (a bug), 130 interrupted by SIGINT (Ctrl-C), 143 terminated
+by SIGTERM (``timeout``, CI cancellation): 128 + the signal number, as shells report it. An
+interrupted run prints one line, removes its temporary files and writes no output.
 """
 
 from __future__ import annotations
 
-import logging
+import os
+import signal
 import sys
 
-import click
+
+def _startup_signal(signum: int, frame: object) -> None:
+    """Until :func:`main` takes over: nothing to clean up yet, so one line and the exit code, no traceback."""
+    os.write(2, f"onnxq: interrupted by {signal.Signals(signum).name}\n".encode())
+    os._exit(128 + signum)
+
+
+# first thing, before the imports, when this is the `onnxq` command (not when a test or a program imports it)
+if os.path.basename(sys.argv[0] if sys.argv else "") in ("onnxq", "onnxq.exe"):
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_sig) is not signal.SIG_IGN:
+            signal.signal(_sig, _startup_signal)
+
+import logging  # noqa: E402
+
+import click  # noqa: E402
 
 from onnxq import __version__
 from onnxq.errors import OnnxqError
@@ -57,12 +75,55 @@ def _plugin_commands() -> None:
         logging.getLogger("onnxq").warning("a plugin failed to add commands: %s", exc)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by SIGINT or SIGTERM: unwinds the run (temporary files are removed on the way)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _SignalHandlers:
+    """SIGINT and SIGTERM raise :class:`Interrupted` once; a second one is ignored while the run cleans up,
+    a third ends the process at once (still with 128 + the signal number)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> _SignalHandlers:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # ignored by whoever started us (nohup, a background job): keep it so
+                    continue
+                self.saved[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not the main thread (in-process callers): leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received += 1
+        if self.received == 1:
+            raise Interrupted(signum)
+        if self.received >= 3:
+            os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI, mapping user errors to one line and exit code 1 (3 for quality gates)."""
+    """Run the CLI, mapping user errors to one line and exit code 1 (3 for quality gates, 130/143 for SIGINT/SIGTERM)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    _plugin_commands()
+    with _SignalHandlers():
+        _run(argv, debug)
+
+
+def _run(argv: list[str] | None, debug: bool) -> None:
     try:
-        rv = cli.main(args=argv, prog_name="onnxq", standalone_mode=False)
+        _plugin_commands()  # inside the try: Ctrl-C while plugins load is one line, not a traceback
+        rv = _invoke(argv)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except click.exceptions.Abort:
@@ -76,12 +137,32 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"onnxq: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("onnxq: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        if signum == signal.SIGINT and sys.stderr.isatty():
+            click.echo(err=True)  # end the terminal's "^C" line
+        click.echo(f"onnxq: interrupted by {signal.Signals(signum).name}", err=True)
+        sys.exit(128 + signum)
     except Exception as exc:
         if debug:
             raise
         click.echo(f"onnxq: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback; please report it)", err=True)
         sys.exit(4)
     sys.exit(0)
+
+
+def _invoke(argv: list[str] | None) -> object:
+    """``cli.main(standalone_mode=False)`` without its KeyboardInterrupt handling.
+
+    click turns an interrupt into ``Abort`` after printing an empty line; here an interrupt reaches
+    :func:`_run` as itself, so it can report the signal in one line with its exit code.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    completion = getattr(cli, "_main_shell_completion", None)
+    if completion is not None:  # `_ONNXQ_COMPLETE=bash_source onnxq` keeps working
+        completion({}, "onnxq", None)
+    try:
+        with cli.make_context("onnxq", args) as ctx:
+            return cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version, ctx.exit()
+        return exc.exit_code
