@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from onnxq.evaluate.compare import Evaluation
-from onnxq.pipeline.report import Report
+from onnxq.pipeline.report import Fidelity, Report
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -42,9 +42,9 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def evaluation_table(evals: Sequence[Evaluation]) -> str:
-    """One row per model: accuracy, top-1 agreement, cosine, SQNR, size, latency, int kernels."""
+    """One row per model: accuracy, top-1 agreement, cosine (per-sample mean, worst, 1st percentile), SQNR, size, latency, int kernels."""
     lat_keys = sorted({k for e in evals for k in e.latency_ms})
-    header = ["model", "accuracy", "top1-agree", "cosine", "sqnr-dB", "size"] + [f"latency {k} (ms)" for k in lat_keys] + ["int-kernels"]
+    header = ["model", "accuracy", "top1-agree", "cosine", "cos-worst", "cos-p1", "sqnr-dB", "size"] + [f"latency {k} (ms)" for k in lat_keys] + ["int-kernels"]
     rows = []
     for e in evals:
         h = e.headline()
@@ -56,6 +56,8 @@ def evaluation_table(evals: Sequence[Evaluation]) -> str:
                 _fmt(acc * 100, ".2f") + "%" if acc is not None else "-",
                 _fmt(h.get("top1_agreement"), ".4f"),
                 _fmt(h.get("cosine"), ".5f"),
+                _fmt(h.get("cosine_worst"), ".5f"),
+                _fmt(h.get("cosine_p1"), ".5f"),
                 _fmt(h.get("sqnr_db"), ".1f"),
                 human_bytes(e.size_bytes),
             ]
@@ -83,9 +85,30 @@ def run_summary(report: Report) -> str:
                      f"relative output error vs float {err}")
     for name, section in report.methods.items():
         lines += [f"{name}: {line}" for line in (section.get("summary") or [] if isinstance(section, dict) else [])]
+    if report.fidelity is not None:
+        lines += fidelity_lines(report.fidelity)
     if report.output:
         lines.append(f"wrote {report.output}")
     return "\n".join(lines)
+
+
+def fidelity_lines(fid: Fidelity) -> list[str]:
+    """The fidelity check in a few lines: per-output figures, then what collapsed, where, and what to try."""
+    where = f"in-sample, {fid.samples} calibration samples" if fid.in_sample else f"{fid.samples} evaluation samples"
+    if fid.error is not None:
+        return [f"fidelity check ({where}) could not run: {fid.error}"]
+    lines = []
+    for o in fid.outputs:
+        top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
+        lines.append(f"fidelity ({where}) {o.name}: cosine {_fmt(o.cosine, '.4f')} (worst {_fmt(o.cosine_worst, '.4f')}, "
+                     f"1st pct {_fmt(o.cosine_p1, '.4f')}), SQNR {_fmt(o.sqnr_db, '.1f')} dB{top1}")
+    if fid.warned:
+        lines += [f"WARNING: {w}" for w in fid.warnings]
+        if fid.worst_layers:
+            lines.append("WARNING: worst layers (SQNR vs FP32): " + ", ".join(f"{w.tensor} {_fmt(w.sqnr_db, '.1f')} dB" for w in fid.worst_layers))
+        if fid.suggestion:
+            lines.append(f"WARNING: {fid.suggestion}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from onnxq.evaluate.fidelity import Fidelity, LayerFidelity, OutputFidelity
+
+__all__ = ["Fidelity", "LayerFidelity", "LeftInFloat", "OutputFidelity", "QuantizedRewrite", "Report", "WeightOnlyFormat", "described", "jsonable"]
+
 
 def described(text: str, **kwargs: Any) -> Any:
     """A dataclass field with a description, which the report's JSON Schema carries."""
@@ -77,6 +81,7 @@ class Report:
     methods: dict[str, dict[str, Any]] = described("each method's own report section (free-form; summary is a list of lines)")
     quantized_rewrites: list[QuantizedRewrite] = described("model changes returned by methods' quantized_rewrite, in order",
                                                           default_factory=list)
+    fidelity: Fidelity | None = described("the fidelity check of the quantized model against FP32 (null: not run)", default=None)
     extra: dict[str, Any] = described("sections added by plugins' report_sections hooks", default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

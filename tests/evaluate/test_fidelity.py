@@ -1,0 +1,129 @@
+"""The fidelity check every optimize run ends with: quiet on the recommended configurations, loud on a broken one.
+
+The broken configuration is ``-p percentile -o percentile 51``: every activation clipped at its
+median, which keeps about 10% top-1 agreement on the digits model (chance). The recommended ones
+are the README's digits recipes and the fixtures' calibrators; their figures, and the thresholds'
+margins, are in docs/methods.md ("Fidelity check").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq.errors import QualityGateError
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+BROKEN = {"method": "percentile", "options": {"percentile": 51}}
+
+
+@pytest.mark.parametrize("method,target", [("easyquant", "ort"), ("minmax", "ort"), ("minmax", "trt")])
+def test_quiet_on_the_digits_recipes(digits_model, digits_calib, digits_eval, method, target):
+    r = onnxq.optimize(digits_model, method=method, data=str(digits_calib), target=target, cache_dir=None, show_progress=False)
+    fid = r.report.fidelity
+    assert fid is not None and fid.in_sample and fid.data == "calibration" and fid.error is None
+    assert not fid.warned and fid.warnings == [] and fid.worst_layers == []
+    (out,) = fid.outputs
+    assert out.name == "logits" and out.top1_agreement is not None and out.top1_agreement >= 0.97
+    assert out.cosine_worst <= out.cosine_p1 <= out.cosine and out.cosine > 0.99
+    assert 16 <= fid.samples <= 64  # a handful of batches: cheap
+
+
+@pytest.mark.parametrize("fixture,method,target", [("mobilenet_digits", "trt-entropy", "trt"), ("repvgg_digits", "cfws", "trt"),
+                                                  ("shapes_detector", "minmax", "ort")])
+def test_quiet_on_the_fixtures(fixture, method, target):
+    d = FIX / fixture
+    r = onnxq.optimize(d / "model.onnx", method=method, data=str(d / "calib.npz"), target=target, cache_dir=None, show_progress=False)
+    fid = r.report.fidelity
+    assert fid.error is None and not fid.warned, fid.warnings
+    assert len(fid.outputs) == len(onnx.load(str(d / "model.onnx")).graph.output)
+
+
+def test_warns_on_a_broken_configuration_with_layers_and_a_suggestion(digits_model, digits_calib, digits_eval, caplog):
+    r = onnxq.optimize(digits_model, data=str(digits_calib), eval_data=str(digits_eval), cache_dir=None, show_progress=False, **BROKEN)
+    fid = r.report.fidelity
+    assert not fid.in_sample and fid.data == "evaluation" and fid.samples == 500
+    assert fid.warned and len(fid.warnings) == 1 and "'logits'" in fid.warnings[0]
+    assert fid.outputs[0].top1_agreement < 0.5
+    # the worst layers come from the per-layer SQNR, computed only now, and exist in the model
+    nodes = {n.name for n in r.model.graph.node}
+    assert len(fid.worst_layers) == 3 and all(w.node in nodes for w in fid.worst_layers)
+    assert fid.worst_layers[0].sqnr_db == min(w.sqnr_db for w in fid.worst_layers) < 10
+    assert fid.suggestion and "-p mse" in fid.suggestion
+    assert any("collapsed" in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
+
+
+def test_strict_raises_after_saving(digits_model, digits_calib, tmp_path):
+    out = tmp_path / "q.onnx"
+    with pytest.raises(QualityGateError, match="fidelity check failed.*kept at"):
+        onnxq.optimize(digits_model, out, data=str(digits_calib), cache_dir=None, show_progress=False, strict=True, **BROKEN)
+    onnx.checker.check_model(onnx.load(str(out)))  # the model is kept
+
+
+def test_check_can_be_turned_off(digits_model, digits_calib):
+    r = onnxq.optimize(digits_model, data=str(digits_calib), cache_dir=None, show_progress=False, check=False, **BROKEN)
+    assert r.report.fidelity is None
+
+
+def test_a_check_that_cannot_run_is_reported_not_fatal(digits_model, digits_calib, tmp_path):
+    bad = tmp_path / "eval"
+    bad.mkdir()
+    np.savez(bad / "0.npz", wrong_name=np.zeros((2, 1, 8, 8), np.float32))
+    out = tmp_path / "q.onnx"
+    r = onnxq.optimize(digits_model, out, method="minmax", data=str(digits_calib), eval_data=str(bad), cache_dir=None, show_progress=False)
+    assert out.is_file() and r.report.fidelity.error and "wrong_name" in r.report.fidelity.error and not r.report.fidelity.warned
+    with pytest.raises(QualityGateError, match="could not run"):
+        onnxq.optimize(digits_model, tmp_path / "q2.onnx", method="minmax", data=str(digits_calib), eval_data=str(bad), cache_dir=None,
+                       show_progress=False, strict=True)
+    assert (tmp_path / "q2.onnx").is_file()
+
+
+def test_cli_warns_on_stderr_and_strict_exits_3(run_cli, digits_model, digits_calib, tmp_path):
+    out = tmp_path / "q.onnx"
+    args = ["optimize", digits_model, "-p", "percentile", "-o", "percentile", "51", "--data", digits_calib, "--output", out, "--no-cache", "--quiet"]
+    code, stdout, stderr = run_cli(args)
+    assert code == 0 and out.is_file()
+    assert "warning: fidelity check (in-sample): output 'logits' collapsed" in stderr and "Traceback" not in stderr
+    assert "fidelity (in-sample" in stdout and "worst layers" in stdout
+    out.unlink()
+    code, stdout, stderr = run_cli(args + ["--strict"])
+    assert code == 3 and out.is_file()  # saved before the check: kept
+    assert stderr.strip().splitlines()[-1].startswith("onnxq: error: fidelity check failed")
+
+
+def test_cli_quiet_run_strict_passes_and_json_has_fidelity(run_cli, digits_model, digits_calib, tmp_path):
+    out = tmp_path / "q.onnx"
+    code, stdout, stderr = run_cli(["optimize", digits_model, "-p", "minmax", "--data", digits_calib, "--output", out, "--no-cache", "--json", "--strict"])
+    assert code == 0, stderr
+    fid = json.loads(stdout)["report"]["fidelity"]
+    assert fid["warned"] is False and fid["in_sample"] is True and fid["outputs"][0]["cosine_worst"] > 0.99
+    assert "warning" not in stderr
+
+
+def test_gate_turns_a_fidelity_warning_into_exit_3(run_cli, digits_model, digits_calib, digits_eval, tmp_path):
+    out = tmp_path / "q.onnx"
+    code, _, stderr = run_cli(["optimize", digits_model, "-p", "percentile", "-o", "percentile", "51", "--data", digits_calib,
+                               "--eval-data", digits_eval, "--min-cosine", "-1", "--output", out, "--no-cache", "--quiet"])
+    assert code == 3 and not out.exists()
+    assert "quality gate failed" in stderr.strip().splitlines()[-1]
+
+
+def test_evaluation_failure_keeps_the_model(run_cli, digits_model, digits_calib, tmp_path):
+    """An evaluation that crashes after a successful quantization: a warning, the model kept, exit 0 (non-zero with --strict)."""
+    out = tmp_path / "q.onnx"
+    # evaluation data that does not match the model makes the evaluation (not the quantization) fail
+    bad = tmp_path / "eval"
+    bad.mkdir()
+    np.savez(bad / "0.npz", wrong_name=np.zeros((2, 1, 8, 8), np.float32))
+    args = ["optimize", digits_model, "-p", "minmax", "--data", digits_calib, "--eval-data", bad, "--output", out, "--no-cache", "--quiet"]
+    code, stdout, stderr = run_cli(args)
+    assert code == 0, stderr
+    assert out.is_file() and "the evaluation failed" in stderr and f"kept at {out}" in stderr
+    out.unlink()
+    code, _, stderr = run_cli(args + ["--strict"])
+    assert code != 0 and code != 4 and out.is_file()
