@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import click
 
 from onnxq.cli.choices import RegistryChoice
 from onnxq.cli.common import data_options, default_cache_dir, emit_json, parse_key_values
-from onnxq.errors import OptionError, QualityGateError
+from onnxq.errors import OnnxqError, OptionError, QualityGateError
 
 
 @click.command("optimize")
@@ -29,13 +30,15 @@ from onnxq.errors import OptionError, QualityGateError
 @click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
 @click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
 @click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed.")
+@click.option("--no-check", is_flag=True, help="Skip the fidelity check (quantized vs FP32 on --eval-data, or in-sample on a few calibration batches).")
+@click.option("--strict", is_flag=True, help="Exit 3 when the fidelity check warns or cannot run, and non-zero when the evaluation fails (the written model is kept).")
 @click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Also run ONNX Runtime's quantize_static and show it beside onnxq.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
             batch_size: int, max_samples: int | None, target: str, bits: str, block_size: int | None, output: Path | None, force: bool, exclude: tuple[str, ...],
-            cache_dir: Path | None, no_cache: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, baseline: str,
-            as_json: bool, quiet: bool) -> None:
+            cache_dir: Path | None, no_cache: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
+            strict: bool, baseline: str, as_json: bool, quiet: bool) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
     from onnxq.pipeline import optimize
     from onnxq.graph.model_io import ensure_output_path, save_model_atomic
@@ -52,28 +55,41 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         options[k] = v
     out = output or model.with_name(f"{model.stem}.{target}-int{bits}.onnx")
     ensure_output_path(out, [model], force)
+    gated = max_drop is not None or min_cosine is not None
+    # saved by the run itself, before any evaluation, so that a failing evaluation never loses it; a gated run
+    # writes only a model that passed its gate (an existing output is kept otherwise)
     result = optimize(
-        model, None, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"), reader=reader,
-        target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
+        model, None if gated else out, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"),
+        reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
+        check=not no_check, eval_data=eval_data,
     )
     report = result.report
     doc: dict = {}
     text = []
-    gate_error = None
+    gate_error: str | None = None
+    eval_error: BaseException | None = None
     if eval_data is not None or baseline == "ort":
         from onnxq.cli.evaluation import evaluate_run
 
-        evals, table_text, gate_error = evaluate_run(model, result.model, eval_data or data, data_opt, reader, batch_size, max_drop, min_cosine,
-                                                     baseline, data, max_samples, target, bits)
-        doc["evaluation"] = evals
-        text.append(table_text)
-    if gate_error is None:
-        save_model_atomic(result.model, out)
+        try:
+            evals, table_text, gate_error = evaluate_run(model, result.model, eval_data or data, data_opt, reader, batch_size, max_drop, min_cosine,
+                                                         baseline, data, max_samples, target, bits)
+            doc["evaluation"] = evals
+            text.append(table_text)
+        except Exception as exc:  # the quantization succeeded: keep it, say what failed
+            eval_error = exc
+            doc["evaluation_error"] = _one_line(exc)
+    fid = report.fidelity
+    if gated and gate_error is None and fid is not None and fid.warned:
+        gate_error = "quality gate failed: " + fid.warnings[0]  # a gate turns the fidelity warning into a failure
+    if gated and gate_error is None:
+        # passed, or could not be evaluated: then the model is written (never lost) and the run still fails below
+        save_model_atomic(result.model, out, force=force, inputs=[model])
         report.output = str(out)
     if as_json:
         doc = {"report": report.to_dict(), **doc}  # the report schema: `onnxq schema report`
-        doc["quality_gate"] = "failed" if gate_error else ("passed" if (max_drop is not None or min_cosine is not None) else None)
+        doc["quality_gate"] = ("failed" if gate_error or eval_error else "passed") if gated else None
         emit_json(doc)
     else:
         from onnxq.report import run_summary
@@ -81,5 +97,22 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         click.echo(run_summary(report))
         for t in text:
             click.echo(t)
+    if eval_error is not None:
+        kept = f"; the quantized model was kept at {report.output}" if report.output else ""
+        if strict or gated:
+            if isinstance(eval_error, OnnxqError) or not strict:
+                raise QualityGateError(f"the evaluation failed: {_one_line(eval_error)}{kept}") from None
+            raise eval_error  # a bug under --strict: its traceback
+        logging.getLogger("onnxq").warning("the evaluation failed: %s%s", _one_line(eval_error), kept)
     if gate_error is not None:
         raise QualityGateError(gate_error + "; the quantized model was not written")
+    if strict and fid is not None and fid.failed():
+        from onnxq.pipeline import fidelity_failure
+
+        raise QualityGateError(fidelity_failure(fid, report.output))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(exc, OnnxqError) and first else f"{type(exc).__name__}: {first}".rstrip(": ")

@@ -22,7 +22,8 @@ from onnxq.pipeline import stages
 from onnxq.pipeline.checks import outputs_error
 from onnxq.pipeline.compose import check_composition, resolve_methods
 from onnxq.pipeline.data import DataSpec, batch_source, make_reader
-from onnxq.pipeline.report import LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
+from onnxq.errors import QualityGateError
+from onnxq.pipeline.report import Fidelity, LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
 from onnxq.pipeline.stages import Run, Settings
 
 __all__ = [
@@ -44,7 +45,7 @@ class QuantResult:
 STAGES = (
     stages.configure, stages.load, stages.prepare, stages.open_data, stages.target_rewrites, stages.place,
     stages.float_rewrites, stages.calibrate, stages.choose_qparams, stages.refine, stages.rewrite_qdq,
-    stages.validate, stages.save,
+    stages.validate, stages.save, stages.check,
 )
 
 
@@ -67,6 +68,9 @@ def optimize(
     force: bool = False,
     show_progress: bool = True,
     host: Host | None = None,
+    check: bool = True,
+    strict: bool = False,
+    eval_data: DataSpec | None = None,
 ) -> QuantResult:
     """Quantize ``model`` with the selected method(s) and return the quantized model and a report.
 
@@ -74,10 +78,26 @@ def optimize(
     Runtime; the input model is never overwritten. ``data`` is a path, ``module:function``,
     ``random``, a DataReader or an iterable of feed dicts; it is required (``data="random"`` to
     calibrate on random inputs, a smoke run) except for 4-bit weight-only runs.
+
+    ``check`` runs the fidelity check after the save (on ``eval_data`` when given, otherwise on a
+    few calibration batches, reported as in-sample) into ``report.fidelity``; a collapse is a
+    logged warning, and with ``strict`` a :class:`~onnxq.errors.QualityGateError` (the written
+    model is kept).
     """
     settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
-                        max_samples, exclude, cache_dir, force, show_progress)
+                        max_samples, exclude, cache_dir, force, show_progress, check=check, eval_data=eval_data)
     run = Run(settings, host or get_host())
     for stage in STAGES:
         stage(run)
-    return QuantResult(run.quantized, run.out_path, stages.report(run))
+    result = QuantResult(run.quantized, run.out_path, stages.report(run))
+    if strict and run.fidelity is not None and run.fidelity.failed():
+        raise QualityGateError(fidelity_failure(run.fidelity, run.out_path))
+    return result
+
+
+def fidelity_failure(fid: Fidelity, written: str | os.PathLike[str] | None) -> str:
+    """One line saying why a strict run fails its fidelity check (and where the kept model is)."""
+    why = fid.warnings[0] if fid.warnings else f"it could not run: {fid.error}"
+    more = f" (and {len(fid.warnings) - 1} more)" if len(fid.warnings) > 1 else ""
+    kept = f"; the quantized model was kept at {written}" if written is not None else ""
+    return f"fidelity check failed{' (in-sample)' if fid.in_sample else ''}: {why}{more}{kept}"

@@ -4,7 +4,7 @@
 :func:`prepare` → :func:`open_data` → :func:`target_rewrites` → :func:`place` →
 :func:`float_rewrites` → :func:`calibrate` → :func:`choose_qparams` → :func:`refine` (each method's
 refine, then its quantized rewrite) → :func:`rewrite_qdq` → :func:`validate` → :func:`save` →
-:func:`report`. Each stage reads what earlier stages left on the run and adds its own part.
+:func:`check` (the fidelity check, after the save so that a failure never loses the model) → :func:`report`. Each stage reads what earlier stages left on the run and adds its own part.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from onnxq.graph.edit import name_nodes
 from onnxq.graph.placement import build_plan, left_float_warnings
 from onnxq.graph.qdq import apply_commands, commands_from_plan
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
+from onnxq.evaluate.fidelity import check_fidelity
 from onnxq.graph.targets import TargetProfile
 from onnxq.host import Host
 from onnxq.method import QuantMethod, RunContext, set_weight_qparams
 from onnxq.pipeline.checks import check_feeds, check_float_rewrite, model_changes, model_outputs, relative_error
 from onnxq.pipeline.compose import calibrator_of, check_applicable, resolve_methods
 from onnxq.pipeline.data import DataSpec, batch_source, make_reader
-from onnxq.pipeline.report import LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
+from onnxq.pipeline.report import Fidelity, LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
 from onnxq.runtime import ort as ort_backend
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ class Settings:
     cache_dir: str | os.PathLike[str] | None = None
     force: bool = False
     show_progress: bool = True
+    #: run the fidelity check after the save (:func:`check`)
+    check: bool = True
+    #: the fidelity check's data (None: a sample of the calibration data, reported as in-sample)
+    eval_data: DataSpec | None = None
 
 
 @dataclass
@@ -97,6 +102,8 @@ class Run:
     quantized: onnx.ModelProto | None = None
     #: seconds per timed stage: "calibration", "refine"
     timings: dict[str, float] = field(default_factory=dict)
+    #: the fidelity check's result (None: not run)
+    fidelity: Fidelity | None = None
 
     def install(self, model: onnx.ModelProto, replan: bool = False) -> None:
         """Make ``model`` the working model (checked by the caller); ``replan`` places it again."""
@@ -301,7 +308,54 @@ def validate(run: Run) -> None:
 def save(run: Run) -> None:
     """Write the validated model atomically, if an output was given."""
     if run.out_path is not None:
-        model_io.save_model_atomic(run.quantized, run.out_path)
+        model_io.save_model_atomic(run.quantized, run.out_path, force=run.settings.force, inputs=[run.in_path] if run.in_path else [])
+
+
+#: the in-sample fidelity check reads at most this many calibration batches and samples (it must stay cheap)
+CHECK_BATCHES, CHECK_SAMPLES = 4, 64
+#: the fidelity check on evaluation data reads at most this many samples
+CHECK_EVAL_SAMPLES = 512
+
+
+def check(run: Run) -> None:
+    """The fidelity check: the quantized model against FP32 on the evaluation data, or in-sample on a few calibration batches.
+
+    A collapse is logged as a warning naming the outputs, the worst layers and a suggestion. The
+    check never fails the run: if it cannot run, the reason is logged and kept in the report
+    (``fidelity.error``); ``optimize(strict=True)`` turns either into an error after the save.
+    """
+    s = run.settings
+    if not s.check:
+        return
+    t0 = time.perf_counter()
+    in_sample = s.eval_data is None
+    try:
+        if in_sample:
+            source, batches, samples = run.source, CHECK_BATCHES, CHECK_SAMPLES
+        else:
+            inputs = model_inputs(run.float_model)
+            opts = s.data_options if isinstance(s.eval_data, (str, os.PathLike)) else None
+            source = batch_source(make_reader(s.eval_data, inputs, run.host, opts, s.reader), inputs, s.batch_size)
+            batches, samples = None, CHECK_EVAL_SAMPLES
+        run.fidelity = check_fidelity(run.float_model, run.quantized, source, in_sample=in_sample, methods=[m.name for m in run.methods],
+                                      target=run.profile.name, bits=run.profile.bits, max_batches=batches, max_samples=samples)
+    except Exception as exc:  # the model is saved; a check that cannot run is reported, not fatal
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, OnnxqError):
+            msg = f"{type(exc).__name__}: {msg}"
+        log.warning("the fidelity check could not run: %s", msg)
+        run.fidelity = Fidelity("calibration" if in_sample else "evaluation", in_sample, 0, [], False, [], [], None, msg,
+                                round(time.perf_counter() - t0, 3))
+        return
+    fid = run.fidelity
+    for line in fid.warnings:
+        log.warning("fidelity check%s: %s", " (in-sample)" if fid.in_sample else "", line)
+    if fid.warned:
+        if fid.worst_layers:
+            log.warning("fidelity check: worst layers (SQNR vs FP32): %s",
+                        ", ".join(f"{w.tensor} {w.sqnr_db:.1f} dB" for w in fid.worst_layers))
+        if fid.suggestion:
+            log.warning("fidelity check: %s", fid.suggestion)
 
 
 def report(run: Run) -> Report:
@@ -328,6 +382,7 @@ def report(run: Run) -> Report:
         total_seconds=round(time.perf_counter() - run.started, 3),
         methods=run.ctx.report,
         quantized_rewrites=run.quantized_rewrites,
+        fidelity=run.fidelity,
     )
     rep.extra = run.host.report_sections(rep.to_dict())
     return rep
