@@ -27,6 +27,7 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep nodes in float: node-name glob or op type. Repeatable.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Statistics cache folder (default ~/.cache/onnxq/stats).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the statistics cache.")
+@click.option("--no-fold", is_flag=True, help="Keep BatchNorm and constant Mul/Add after Conv/ConvTranspose/Gemm/MatMul unfolded (folded into the weights by default).")
 @click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
 @click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
 @click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed.")
@@ -37,7 +38,7 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
             batch_size: int, max_samples: int | None, target: str, bits: str, block_size: int | None, output: Path | None, force: bool, exclude: tuple[str, ...],
-            cache_dir: Path | None, no_cache: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
+            cache_dir: Path | None, no_cache: bool, no_fold: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
             strict: bool, baseline: str, as_json: bool, quiet: bool) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
     from onnxq.pipeline import optimize
@@ -62,7 +63,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         model, None if gated else out, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"),
         reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
-        check=not no_check, eval_data=eval_data,
+        fold=not no_fold, check=not no_check, eval_data=eval_data,
     )
     report = result.report
     doc: dict = {}

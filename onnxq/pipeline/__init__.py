@@ -68,6 +68,7 @@ def optimize(
     force: bool = False,
     show_progress: bool = True,
     host: Host | None = None,
+    fold: bool = True,
     check: bool = True,
     strict: bool = False,
     eval_data: DataSpec | None = None,
@@ -77,7 +78,8 @@ def optimize(
     ``output`` (optional) is written atomically after the result has been validated in ONNX
     Runtime; the input model is never overwritten. ``data`` is a path, ``module:function``,
     ``random``, a DataReader or an iterable of feed dicts; it is required (``data="random"`` to
-    calibrate on random inputs, a smoke run) except for 4-bit weight-only runs.
+    calibrate on random inputs, a smoke run) except for 4-bit weight-only runs. ``fold=False`` keeps BatchNorm and
+    constant Mul/Add after convolutions as they are (folded into the weights by default).
 
     ``check`` runs the fidelity check after the save (on ``eval_data`` when given, otherwise on a
     few calibration batches, reported as in-sample) into ``report.fidelity``; a collapse is a
@@ -85,7 +87,7 @@ def optimize(
     model is kept).
     """
     settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
-                        max_samples, exclude, cache_dir, force, show_progress, check=check, eval_data=eval_data)
+                        max_samples, exclude, cache_dir, force, show_progress, fold, check=check, eval_data=eval_data)
     run = Run(settings, host or get_host())
     for stage in STAGES:
         stage(run)
