@@ -279,3 +279,14 @@ def test_non_finite_gate_thresholds_are_refused(run_cli, tmp_path, option, value
     assert code in (1, 2), f"exit {code}: {err}"
     assert option in err and "Traceback" not in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_cache_never_writes_over_the_models_external_data(run_cli, tmp_path, monkeypatch, digits_model, digits_calib, force):
+    monkeypatch.setenv("ONNXQ_EXTERNAL_DATA_ABOVE", "1000")
+    qdq = tmp_path / "q.onnx"
+    code, _, err = run_cli(["optimize", digits_model, "--data", digits_calib, "--output", qdq, "--no-cache", "--quiet"])
+    assert code == 0, err
+    before = (tmp_path / "q.onnx.data").read_bytes()
+    _one_error_line(*run_cli(["export-cache", qdq, tmp_path / "q.onnx.data"] + (["--force"] if force else [])), "external data of the input model")
+    assert (tmp_path / "q.onnx.data").read_bytes() == before

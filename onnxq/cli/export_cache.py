@@ -27,13 +27,10 @@ def command(qdq_model: Path, out: Path, trt_version: str | None, algorithm: str,
     read_calibration_cache) and re-imports with `onnxq optimize -p trt-cache -o path OUT`.
     """
     from onnxq.calib.trt_cache import DEFAULT_HEADER_VERSION, make_header, scales_from_qdq_model, write_cache
-    from onnxq.errors import ModelError, OptionError, OutputError
-    from onnxq.graph.model_io import load_model
+    from onnxq.errors import ModelError, OptionError
+    from onnxq.graph.model_io import ensure_output_path, load_model
 
-    if out.exists() and out.resolve() == qdq_model.resolve():
-        raise OutputError(f"output '{out}' is the input model; choose another path")
-    if out.exists() and not force:
-        raise OutputError(f"output '{out}' already exists (use --force to replace it)")
+    ensure_output_path(out, [qdq_model], force)  # never the model or its external data, a device, or a full disk
     model = load_model(qdq_model)
     extracted = scales_from_qdq_model(model)
     if not extracted.scales:

@@ -1,11 +1,15 @@
 """Load, check and save ONNX models safely.
 
-* Models over 2 GB use external data; external-data paths that leave the model's folder are
-  refused (a model file must not make onnxq read arbitrary files).
-* Saving is atomic: the model is written to a temporary file in the destination folder and moved
-  into place only when complete, so a failure never leaves a partial output, and the input model is
-  never overwritten.
-"""
+* External-data paths that leave the model's folder are refused (a model file must not make onnxq
+  read arbitrary files).
+* Outputs are checked before any work (:func:`ensure_output_path`): never a file the input model
+  reads (its ``.onnx`` and external-data files), never a folder, device, FIFO or socket, never an
+  existing file without ``force``; the folder must take a new file and the disk must not be full.
+* Saving is atomic (:func:`save_model_atomic`): fresh temporary files in the output folder, moved
+  into place only when complete (exclusively without ``force``, so two runs racing for one output
+  cannot both win); a failure or an interrupt removes them, and an OS error (disk full) is an
+  :class:`OutputError`. Models over 2 GB (or ``ONNXQ_EXTERNAL_DATA_ABOVE`` bytes) keep their weights
+  in ``<output>.data``; both files get the umask's permissions and reproducible bytes."""
 
 from __future__ import annotations
 
