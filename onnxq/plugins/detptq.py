@@ -8,8 +8,8 @@ onnxq's procedure (docs/methods.md "DetPTQ" records every choice):
    threshold ``T = γ·max|x|`` (γ over ``ratios`` points in [``min_ratio``, 1]) minimising
    ``mean |x − Q_T(x)|^p`` on the grid the target deploys — weights per output channel (exact,
    on the weight values), activations per tensor (on the calibration histogram, 4 points per
-   bin, asymmetric grids included). ``inf`` is max-abs; ``kl`` is TensorRT's entropy threshold
-   for activations with max-abs weights (the ``trt-entropy`` baseline on the same grid).
+   bin, asymmetric grids included). ``inf`` is max-abs; ``kl`` is ``trt-entropy``'s (error-guarded)
+   entropy threshold for activations with max-abs weights (the ``trt-entropy`` baseline on the same grid).
 2. **Units** get one ``p`` each: by default every weight tensor and every activation tensor
    (share groups move together); with ``granularity=layer`` a layer's weight and input
    activation(s) share one ``p`` (the paper's "p per layer"; an activation read by several
@@ -42,7 +42,7 @@ from onnxq.calib.progress import progress
 from onnxq.search.samples import samples_request, take_samples
 from onnxq.calib.statistics import StatRequest, TensorStats
 from onnxq.search.tail import TailSession
-from onnxq.calib.thresholds import entropy_threshold
+from onnxq.calib.thresholds import grid_steps, guarded_entropy_threshold
 from onnxq.errors import OptionError
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.plan import QuantPlan
@@ -63,7 +63,7 @@ class DetPtqOptions:
     task: str = option("detection", "task loss on the model outputs (built-in: detection, segmentation-map, classification, mse; plugins add more)")
     outputs: tuple[str, ...] = option((), "graph outputs the task reads, comma-separated in the task's order (detection: scores,boxes); default: all outputs")
     task_options: str = option("", "the task's options as key=value pairs, e.g. 'box_format=ltrb,logits=true' (';' separates values that hold commas)")
-    p_values: tuple[str, ...] = option(DEFAULT_P, "candidate exponents p of the L_p clipping metric; 'inf' = max-abs, 'kl' = TensorRT entropy (activations) with max-abs weights; one value = no search (a fixed-p baseline)")
+    p_values: tuple[str, ...] = option(DEFAULT_P, "candidate exponents p of the L_p clipping metric; 'inf' = max-abs, 'kl' = trt-entropy's error-guarded entropy (activations) with max-abs weights; one value = no search (a fixed-p baseline)")
     weight_bits: int | None = option(None, "weight grid bits, 2-8 (default: --bits); below 8 the weights are int8 restricted to the narrower range (emulated)")
     act_bits: int | None = option(None, "activation grid bits, 2-8 (default: --bits); below 8 a Clip restricts the int8/uint8 Q/DQ to the narrower grid (emulated)")
     keep_first_last: bool = option(True, "with weight_bits/act_bits below --bits, keep the first and the output layers (and tensors before/after them) at --bits")
@@ -358,7 +358,10 @@ class DetPtq(QuantMethod):
                 for l in labels:
                     if l == "kl":
                         levels = 2**bits if (not profile.activation_signed and s.min >= 0) else 2 ** (bits - 1)
-                        th = min(entropy_threshold(s, levels), s.amax) if s.amax > 0 else 0.0
+                        # trt-entropy's guarded KL on this candidate's own grid (TensorRT's exact KL
+                        # collapses on normalized inputs: docs/methods.md, Baseline calibrators)
+                        qspan = 2 ** (bits - 1) - 1 if profile.activation_signed else 2**bits - 1
+                        th = min(guarded_entropy_threshold(s, levels, grid_steps(s, profile.activation_signed, qspan))[0], s.amax) if s.amax > 0 else 0.0
                         r[l] = (max(s.min, -th), min(s.max, th))
                     elif l == "inf":
                         r[l] = (s.min, s.max)
