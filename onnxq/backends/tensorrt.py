@@ -89,7 +89,7 @@ class TrtGate:
             return (f"{self.label}: Q/DQ models are built strongly typed; TensorRT's own implicit INT8 calibrator "
                     f"runs on the FP32 model as the baseline row{dep}")
         return (f"{self.label}: TensorRT's implicit INT8 calibrators (IInt8EntropyCalibrator2, IInt8MinMaxCalibrator) no longer exist "
-                f"(removed in 11.0); the comparison uses onnxq's trt-entropy re-implementation of the entropy calibrator instead. "
+                f"(removed in 11.0); the comparison uses onnxq's trt-entropy-exact re-implementation of the entropy calibrator instead. "
                 f"Every network is strongly typed; FP16 outside Q/DQ comes from the graph (--fp16 rewrites it).")
 
 

@@ -105,8 +105,9 @@ class _SourceReader(DataReader):
 
 
 def trt_entropy_model(model: onnx.ModelProto, batches: Callable[[], Iterable[Batch]]) -> onnx.ModelProto:
-    """onnxq's ``trt-entropy`` Q/DQ model of ``model`` on ``batches``: TensorRT 11's stand-in for its removed calibrator."""
-    return optimize(model, method="trt-entropy", target="trt", data=_SourceReader(batches, model_inputs(model)), show_progress=False).model
+    """onnxq's ``trt-entropy-exact`` Q/DQ model of ``model`` on ``batches``: TensorRT 11's stand-in for its removed calibrator
+    (TensorRT's algorithm itself, not the error-guarded ``trt-entropy``)."""
+    return optimize(model, method="trt-entropy-exact", target="trt", data=_SourceReader(batches, model_inputs(model)), show_progress=False).model
 
 
 def compare(reference: str | os.PathLike[str], candidates: dict[str, str | os.PathLike[str]], data: str, **kwargs: Any) -> list[Evaluation]:

@@ -29,10 +29,10 @@ from onnxq.evaluate.compare import Candidate, Evaluation, compare_runners
 from onnxq.graph import model_io
 from onnxq.runtime.runner import ModelLike, Runner
 
-#: makes onnxq's ``trt-entropy`` Q/DQ model of an FP32 model from calibration batches
+#: makes onnxq's ``trt-entropy-exact`` (TensorRT's algorithm, unguarded) Q/DQ model of an FP32 model from calibration batches
 StandIn = Callable[[onnx.ModelProto, Callable[[], Iterable[Batch]]], onnx.ModelProto]
 
-STAND_IN_LABEL = "onnxq trt-entropy (stands in for TensorRT's removed calibrator)"
+STAND_IN_LABEL = "onnxq trt-entropy-exact (stands in for TensorRT's removed calibrator)"
 
 
 @dataclass

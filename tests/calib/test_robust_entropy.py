@@ -1,0 +1,144 @@
+"""trt-entropy holds on spiky, one-sided-plus-offset distributions; trt-entropy-exact stays TensorRT's (issue 15).
+
+Fixtures: tests/calib/normalized (train.py there): digits at 28x28 normalized the MNIST way,
+``(x - 0.1307) / 0.3081``, so about half of every input is the background spike at -0.4242 and the
+strokes spread up to 2.82. TensorRT's KL clips the input right after the spike.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from onnxq.calib.statistics import TensorStats, bincount
+from onnxq.calib.thresholds import entropy_threshold, expected_sq_errors, grid_steps, guarded_entropy_threshold, mse_threshold
+from onnxq.pipeline import optimize
+from onnxq.qparams import asymmetric, symmetric
+from onnxq.runtime.ort import make_session
+
+NORM = "tests/calib/normalized/"
+
+
+def stats_of(x: np.ndarray, bins: int = 2048) -> TensorStats:
+    amax = float(np.abs(x).max())
+    return TensorStats(float(x.min()), float(x.max()), x.size, bincount(x, amax, 2 * bins))
+
+
+def normalized_pixels(rng, n: int = 200_000) -> np.ndarray:
+    """Background spike at (0 - 0.1307) / 0.3081 and strokes up to (1 - 0.1307) / 0.3081."""
+    x = np.zeros(n)
+    strokes = rng.random(n) < 0.35
+    x[strokes] = rng.beta(2.0, 1.2, strokes.sum())
+    return (x - 0.1307) / 0.3081
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_exact_kl_clips_the_strokes_and_the_guard_keeps_them(rng, signed):
+    x = normalized_pixels(rng)
+    s = stats_of(x)
+    levels = 128  # the input has negative values: 128 levels over |x| on either grid
+    steps = grid_steps(s, signed, 127 if signed else 255)
+    exact = entropy_threshold(s, levels)
+    guarded, changed = guarded_entropy_threshold(s, levels, steps)
+    assert exact < 0.6  # TensorRT's choice: right after the spike at 0.4242
+    assert changed and guarded > 0.8 * s.max  # the strokes stay on the grid
+    # and the guarded choice costs at most the tolerance times the least error, the exact one far more
+    err = expected_sq_errors(s, steps)
+    w = s.bin_width
+    assert err[round(guarded / w)] <= 4.0 * err.min() < err[round(exact / w)] / 100
+
+
+@pytest.mark.parametrize("case", ["gaussian", "relu-halfnormal", "laplace"])
+def test_guard_keeps_tensorrts_choice_where_kl_is_sane(rng, case):
+    x = {"gaussian": rng.standard_normal, "laplace": rng.laplace}.get(case, lambda size: np.maximum(rng.standard_normal(size), 0))(size=10**6)
+    s = stats_of(x)
+    t, changed = guarded_entropy_threshold(s, 128, grid_steps(s, True, 127))
+    assert not changed and t == entropy_threshold(s, 128)
+
+
+def test_guard_keeps_more_of_rare_large_outliers(rng):
+    # 0.1 % of values at 30x: TensorRT's KL clips them all (its error is ~13x the least); the guard
+    # moves the clip point out until the error is within 4x, and still clips the farthest ones
+    x = rng.standard_normal(10**6)
+    x[rng.choice(x.size, 1000, replace=False)] *= 30
+    s = stats_of(x)
+    steps = grid_steps(s, True, 127)
+    exact = entropy_threshold(s, 128)
+    t, changed = guarded_entropy_threshold(s, 128, steps)
+    err = expected_sq_errors(s, steps)
+    assert changed and exact < t < s.amax
+    assert err[round(t / s.bin_width)] <= 4.0 * err.min() < err[round(exact / s.bin_width)]
+    # a looser tolerance gives TensorRT's choice back
+    assert guarded_entropy_threshold(s, 128, steps, tolerance=16.0) == (exact, False)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_expected_error_model_tracks_the_real_grid(rng, signed):
+    # the prefix-sum error model against fake-quantizing the samples on the deployed grid
+    x = np.concatenate([rng.standard_normal(100_000), rng.standard_normal(1000) * 8]) + (0.0 if signed else 1.0)
+    s = stats_of(x)
+    err = expected_sq_errors(s, grid_steps(s, signed, 127 if signed else 255))
+    for frac in (0.2, 0.5, 1.0):
+        t = frac * s.amax
+        q = symmetric(t, 8, False) if signed else asymmetric(max(s.min, -t), min(s.max, t), 8)
+        real = float(np.sum((x - q.fake_quantize(x.astype(np.float32))) ** 2))
+        model = err[round(t / s.bin_width)]
+        assert model == pytest.approx(real, rel=0.15)
+
+
+def test_least_error_threshold_is_near_mse_calibrators(rng):
+    x = rng.laplace(size=200_000)
+    s = stats_of(x)
+    err = expected_sq_errors(s, grid_steps(s, True, 127))
+    t_err = int(np.argmin(err)) * s.bin_width
+    t_mse = mse_threshold(s, lambda t: symmetric(t, 8, False).fake_quantize)
+    assert t_err == pytest.approx(t_mse, rel=0.1)
+
+
+@lru_cache(maxsize=None)
+def _eval():
+    d = np.load(NORM + "eval.npz")
+    return d["input"], d["label"]
+
+
+def top1(model) -> float:
+    x, y = _eval()
+    return float((make_session(model).run(None, {"input": x})[0].argmax(1) == y).mean() * 100)
+
+
+@lru_cache(maxsize=None)
+def quantize(fixture: str, method: tuple[str, ...], target: str):
+    kw = {"method": list(method)} if method else {}  # no method: the host's default
+    return optimize(NORM + fixture + ".onnx", data=NORM + "calib.npz", target=target, show_progress=False, cache_dir=None, **kw)
+
+
+@pytest.mark.parametrize("target", ["trt", "ort"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "trt-entropy", ""])
+def test_calibrators_hold_on_normalized_inputs(method, target):
+    # measured (trt / ort, FP32 96.0): minmax 96.4/96.4, percentile 96.4/96.2, mse 96.0/96.2,
+    # trt-entropy 96.6/96.4 (trt-entropy-exact: 11.6/10.6)
+    fp32 = top1(NORM + "resnet.onnx")
+    assert top1(quantize("resnet", (method,) if method else (), target).model) >= fp32 - 1.0
+
+
+@pytest.mark.parametrize("target", ["trt", "ort"])
+def test_exact_variant_collapses_and_the_fidelity_check_says_so(target):
+    result = quantize("resnet", ("trt-entropy-exact",), target)
+    assert top1(result.model) < 50
+    fid = result.report.fidelity
+    assert fid is not None and fid.warned
+    assert "TensorRT-exact" in result.report.methods["trt-entropy-exact"]["variant"]
+
+
+def test_guarded_run_reports_the_overridden_tensors():
+    rep = quantize("resnet", ("trt-entropy",), "trt").report
+    section = rep.methods["trt-entropy"]
+    assert "input" in section["overridden"]
+    assert rep.fidelity is None or not rep.fidelity.warned
