@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +112,116 @@ def _split_labels(arrays: Mapping[str, np.ndarray], input_names: set[str]) -> tu
     return feeds, labels
 
 
+#: read arrays in slices of about this many bytes (a slice holds whole samples, at least one)
+CHUNK_BYTES = 16 * 2**20
+
+
+#: an .npz array over BOMB_MIN_BYTES that decompresses more than BOMB_RATIO times is refused
+#: (real activations compress a few times at most; a file of compressed zeros claims gigabytes)
+BOMB_MIN_BYTES = 256 * 2**20
+BOMB_RATIO = 100
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable; physical memory as a fallback)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 8 * 2**30
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+@dataclass(frozen=True)
+class NpzOptions:
+    """Options of the npz reader."""
+
+    max_array_mb: int = option(0, "refuse a single .npz array larger than this many MB once decompressed "
+                                  "(0: a quarter of the available memory)")
+
+    def validate(self) -> None:
+        if self.max_array_mb < 0:
+            raise ValueError("max_array_mb must be 0 or positive")
+
+
+class _NpzMember:
+    """One array of an ``.npz`` file, known from its header alone and read in row slices."""
+
+    def __init__(self, zf: zipfile.ZipFile, member: str) -> None:
+        self.zf, self.member = zf, member
+        with zf.open(member) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version} in member '{member}'")
+        if dtype.hasobject:
+            raise ValueError(f"array '{member[:-4]}' holds Python objects, which are not read (allow_pickle=False)")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype: np.dtype = dtype
+        self.fortran = bool(fortran)
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+    def _open(self):
+        fh = self.zf.open(self.member)
+        version = np.lib.format.read_magic(fh)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
+        return fh
+
+    def _fill(self, fh, out: np.ndarray) -> None:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError(f"array '{self.member[:-4]}' is truncated ({got} of {len(view)} bytes)")
+            got += n
+
+    def read_all(self) -> np.ndarray:
+        out = np.empty(self.shape[::-1] if self.fortran else self.shape, self.dtype)
+        with self._open() as fh:
+            self._fill(fh, out)
+        return out.T if self.fortran else out
+
+    def slices(self, step: int) -> Iterator[np.ndarray]:
+        """Consecutive row slices of ``step`` rows (the last may be shorter), read as they are asked for."""
+        with self._open() as fh:
+            for start in range(0, self.rows, step):
+                out = np.empty((min(step, self.rows - start), *self.shape[1:]), self.dtype)
+                self._fill(fh, out)
+                yield out
+
+
 class NpzReader(DataReader):
-    """Folder of .npz/.npy files (sorted by name) or a single file."""
+    """Folder of .npz/.npy files (sorted by name) or a single file, read lazily.
+
+    ``.npy`` files are memory-mapped; ``.npz`` members are known from their headers (shape and
+    dtype) before any data is read, refused above a size limit (``max_array_mb``, by default a
+    quarter of the available memory: a 2 MB file of compressed zeros can claim gigabytes), and
+    read in slices of whole samples, so ``--max-samples`` stops reading where it stops.
+    """
 
     name = "npz"
     summary = "folder of .npz/.npy feeds keyed by input name (a 'label' key holds labels)"
+    Options = NpzOptions
 
     @classmethod
     def accepts(cls, spec: str) -> bool:
@@ -133,23 +239,79 @@ class NpzReader(DataReader):
             raise DataError(f"no .npz or .npy files in '{p}'")
         return files
 
+    def max_array_bytes(self) -> tuple[int, str]:
+        """The size limit of one decompressed array and how it was set (for the error line)."""
+        mb = getattr(self.options, "max_array_mb", 0) or 0
+        if mb:
+            return mb * 2**20, f"max_array_mb={mb}"
+        avail = available_memory()
+        return max(avail // 4, 64 * 2**20), f"a quarter of the available memory ({_gb(avail)}); raise it with --data-opt max_array_mb=N"
+
+    def _step(self, row_bytes: int) -> int:
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        static = [s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+        if static:  # keep slices a multiple of a static batch, which the re-batching splits exactly
+            b = static[0]
+            step = max(b, step // b * b)
+        return step
+
+    def _arrays(self, f: Path) -> Iterator[dict[str, np.ndarray]]:
+        if f.suffix == ".npy":
+            if len(self.inputs) != 1:
+                raise DataError(f"'{f.name}' is a .npy file but the model has {len(self.inputs)} inputs; use .npz keyed by input name")
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            if arr.ndim == 0:
+                yield {self.inputs[0].name: np.asarray(arr)}
+                return
+            step = self._step(arr.nbytes // max(arr.shape[0], 1))
+            for start in range(0, max(arr.shape[0], 1), step):
+                yield {self.inputs[0].name: np.array(arr[start : start + step])}
+            return
+        limit, why = self.max_array_bytes()
+        explicit = bool(getattr(self.options, "max_array_mb", 0))
+        with zipfile.ZipFile(f) as zf:
+            members: dict[str, _NpzMember] = {}
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    raise ValueError(f"member '{name}' is not a .npy array")
+                m = _NpzMember(zf, name)
+                packed = zf.getinfo(name).compress_size
+                if not explicit and m.nbytes > BOMB_MIN_BYTES and m.nbytes > BOMB_RATIO * max(packed, 1):
+                    raise DataError(f"array '{name[:-4]}' in data file '{f}' is {_gb(m.nbytes)} once decompressed from {_gb(packed)} "
+                                    f"(over {BOMB_RATIO}:1, not real calibration data); refusing it "
+                                    f"(--data-opt max_array_mb=N reads arrays up to N MB whatever their compression)")
+                if m.nbytes > limit:
+                    raise DataError(f"array '{name[:-4]}' in data file '{f}' is {_gb(m.nbytes)} once decompressed "
+                                    f"(shape {list(m.shape)}, {m.dtype}), over the limit of {_gb(limit)} ({why}); split it into smaller files")
+                members[name[:-4]] = m
+            if not members:
+                yield {}
+                return
+            rows = {m.rows for m in members.values()}
+            big = sum(m.nbytes for m in members.values()) > CHUNK_BYTES
+            if not big or len(rows) != 1 or any(m.fortran or not m.shape for m in members.values()):
+                yield {k: m.read_all() for k, m in members.items()}
+                return
+            step = self._step(sum(m.row_bytes() for m in members.values()))
+            streams = {k: m.slices(step) for k, m in members.items()}
+            for _ in range(0, rows.pop(), step):
+                yield {k: next(s) for k, s in streams.items()}
+
     def __iter__(self) -> Iterator[Batch]:
         names = {i.name for i in self.inputs}
         for f in self.files():
-            try:
-                if f.suffix == ".npy":
-                    if len(self.inputs) != 1:
-                        raise DataError(f"'{f.name}' is a .npy file but the model has {len(self.inputs)} inputs; use .npz keyed by input name")
-                    arrays = {self.inputs[0].name: np.load(f, allow_pickle=False)}
-                else:
-                    with np.load(f, allow_pickle=False) as z:
-                        arrays = {k: z[k] for k in z.files}
-            except DataError:
-                raise
-            except Exception as exc:
-                raise DataError(f"cannot read data file '{f}': {type(exc).__name__}: {exc}") from None
-            feeds, labels = _split_labels(arrays, names)
-            yield Batch(feeds, labels, source=f.name)
+            chunks = self._arrays(f)
+            while True:
+                try:
+                    arrays = next(chunks)
+                except StopIteration:
+                    break
+                except DataError:
+                    raise
+                except Exception as exc:
+                    raise DataError(f"cannot read data file '{f}': {type(exc).__name__}: {exc}") from None
+                feeds, labels = _split_labels(arrays, names)
+                yield Batch(feeds, labels, source=f.name)
 
     def fingerprint(self) -> str | None:
         return _files_fingerprint(self.files(), "npz")

@@ -1,0 +1,133 @@
+"""Data readers that don't blow up (issue 16): lazy .npz/.npy reading, size limits, one-line errors."""
+
+from __future__ import annotations
+
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_conv_model
+from onnxq.calib import readers
+from onnxq.calib.feeds import model_inputs
+from onnxq.calib.readers import NpzOptions, NpzReader
+from onnxq.host import get_host
+from onnxq.pipeline import batch_source
+
+SAMPLE = (1, 8, 8)  # one sample of the tiny conv model's input
+SAMPLE_BYTES = 64 * 4
+
+
+def _zeros_npz(path: Path, nbytes: int, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    """An .npz whose one array 'x' is ``nbytes`` of float32 zeros, written in pieces (never held whole)."""
+    rows = nbytes // SAMPLE_BYTES
+    with zipfile.ZipFile(path, "w", compression=compression, compresslevel=1 if compression else None) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_2_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (rows, *SAMPLE)})
+            piece = bytes(8 * 2**20)
+            left = rows * SAMPLE_BYTES
+            while left:
+                n = min(left, len(piece))
+                fh.write(piece[:n])
+                left -= n
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """512 MB of zeros in a file of a few MB: the issue's 2 MB .npz holding 2 GB, scaled down."""
+    return _zeros_npz(tmp_path_factory.mktemp("bomb") / "bomb.npz", 512 * 2**20)
+
+
+def _reader(spec: Path, **options) -> NpzReader:
+    return NpzReader(str(spec), NpzOptions(**options), model_inputs(make_tiny_conv_model()))
+
+
+def test_decompression_bomb_is_refused_from_its_header(bomb, run_cli, tiny_model_path, tmp_path):
+    assert bomb.stat().st_size < 16 * 2**20
+    tracemalloc.start()
+    try:
+        code, _, err = run_cli(["optimize", tiny_model_path, "--data", bomb, "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxq: error: array 'x' in data file"), err
+    assert "512" in lines[0] and "max_array_mb" in lines[0]
+    assert peak < 64 * 2**20, f"refusing the bomb allocated {peak / 2**20:.0f} MB"
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_array_over_the_memory_limit_is_refused_with_the_limit_named(tmp_path, monkeypatch, run_cli, tiny_model_path):
+    data = _zeros_npz(tmp_path / "big.npz", 80 * 2**20, compression=zipfile.ZIP_STORED)  # not compressed: no bomb
+    monkeypatch.setattr(readers, "available_memory", lambda: 256 * 2**20)
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", data, "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 1, err
+    (line,) = err.splitlines()
+    assert "80.0 MB" in line and "limit of 64.0 MB" in line and "a quarter of the available memory (256.0 MB)" in line, line
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", data, "--data-opt", "max_array_mb=10",
+                            "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 1 and "limit of 10.0 MB (max_array_mb=10)" in err, err
+
+
+def test_max_samples_reads_only_the_first_slice_of_a_big_array(bomb):
+    """With the limit raised the 512 MB array is read lazily: 64 samples cost one slice, not the array."""
+    reader = _reader(bomb, max_array_mb=1024)
+    src = batch_source(reader, reader.inputs, 16, limit=64)
+    tracemalloc.start()
+    try:
+        batches = list(src())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(b.feeds["x"].shape[0] for b in batches) == 64
+    assert peak < 4 * readers.CHUNK_BYTES, f"{peak / 2**20:.0f} MB for 64 samples"
+
+
+def test_npy_is_memory_mapped(tmp_path):
+    path = tmp_path / "big.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(2**20, *SAMPLE))  # 256 MB, sparse on disk
+    mm[:3] = 1.5
+    del mm
+    reader = _reader(path)
+    tracemalloc.start()
+    try:
+        first = next(iter(reader))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.feeds["x"].shape[0] * SAMPLE_BYTES <= readers.CHUNK_BYTES
+    assert (first.feeds["x"][:3] == 1.5).all() and (first.feeds["x"][3:] == 0).all()
+    assert peak < 3 * readers.CHUNK_BYTES
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_sliced_reading_gives_exactly_the_arrays_np_load_gives(tmp_path, monkeypatch, compressed):
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 7 * (SAMPLE_BYTES + 8))  # slices of 7 samples (input and int64 label)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, *SAMPLE)).astype(np.float32)
+    label = rng.integers(0, 10, 50)
+    path = tmp_path / "d.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=x, label=label)
+    batches = list(_reader(path))
+    assert len(batches) == 8  # 50 samples in slices of 7
+    np.testing.assert_array_equal(np.concatenate([b.feeds["x"] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), label)
+    # the statistics pass sees the same batches either way
+    whole = [b.feeds["x"] for b in batch_source(_reader(path, max_array_mb=1), model_inputs(make_tiny_conv_model()), 16)()]
+    np.testing.assert_array_equal(np.concatenate(whole), x)
+
+
+def test_truncated_member_is_one_error_line(tmp_path, run_cli, tiny_model_path):
+    path = tmp_path / "short.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        with zf.open("x.npy", "w") as fh:  # the header claims 100 samples, the data holds 10
+            np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (100, *SAMPLE)})
+            fh.write(np.zeros((10, *SAMPLE), np.float32).tobytes())
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", path, "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 1, err
+    (line,) = err.splitlines()
+    assert "short.npz" in line and "truncated" in line, line
