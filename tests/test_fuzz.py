@@ -190,6 +190,12 @@ def test_random_graph_and_data_never_exit_4(seed, tmp_path, run_cli):
             "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"]
     if bits != "4":
         args += ["-p", str(rng.choice(METHODS))]
+    if rng.random() < 0.3:
+        args += ["--batch-size", str(int(rng.integers(1, 5)))]
+    if rng.random() < 0.2:
+        args += ["--max-samples", str(int(rng.integers(1, 3)))]
+    if rng.random() < 0.2:
+        args += ["--exclude", str(rng.choice(["Conv", "MatMul", "Gemm", "*"]))]
     code, _, err = run_cli(args)
     assert code in (0, 1), f"seed {seed} ({kind} data, {args}): exit {code}\n{err}"
     if code == 1:
