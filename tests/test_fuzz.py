@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-CASES = 160
+CASES = 128
 #: the share of cases built in float16 (onnxq quantizes them or refuses them with one line)
 FLOAT16_SHARE = 0.15
 METHODS = ["minmax", "percentile", "mse", "trt-entropy", "easyquant"]
