@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 #: 1.7e-5) move it; a wrong fold is off by orders of magnitude more.
 FOLD_TOLERANCE = 1e-4
 
-#: the calibrator the host adds when no selected method sets activation ranges
+#: the calibrator the host adds when no selected method sets activation ranges: the error-guarded
+#: entropy calibrator, not TensorRT's exact one (trt-entropy-exact), which collapses on normalized
+#: inputs (docs/methods.md: Baseline calibrators, with the figures that chose it)
 DEFAULT_CALIBRATOR = "trt-entropy"
 
 

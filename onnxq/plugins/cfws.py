@@ -13,7 +13,8 @@ checks, into ``Add(Conv3x3(x̂, W_fine), Conv1x1(x̂, W_coarse, b))`` (``onnxq.g
 Both convs read one shared quantized input; their sum is quantized once downstream (``trt``: the
 next layer's input; ``ort``: ONNX Runtime needs each conv's output quantized to run QLinearConv,
 so there each branch output and the sum get a Q/DQ pair). Activation steps come from
-``trt-entropy`` (TensorRT's KL) by default, or any other calibrator. The "improved KL" of
+``trt-entropy`` (TensorRT's KL search, guarded by the expected error: docs/methods.md, Baseline
+calibrators) by default, or any other calibrator (``-o calibrator mse``). The "improved KL" of
 docs/methods.md: CFWS (the masked divergence ``kl=cfws``, provisional until the paper's §3 is read) is
 ``-o kl cfws``: it is not the default because it measured clearly worse on the RepVGG fixture
 (docs/methods.md: CFWS).
@@ -132,7 +133,7 @@ class Cfws(QuantMethod):
         o = self.options
         if o.calibrator == "trt-entropy":
             where = " on split-conv outputs, kl=trt elsewhere" if o.kl_scope == "split" and o.kl != "trt" else ""
-            return f"trt-entropy kl={o.kl}{where}" + (" (improved KL, provisional: docs/methods.md: CFWS)" if o.kl == "cfws" else "")
+            return f"trt-entropy (error-guarded) kl={o.kl}{where}" + (" (improved KL, provisional: docs/methods.md: CFWS)" if o.kl == "cfws" else "")
         return o.calibrator
 
     def declare_statistics(self, ctx: RunContext):

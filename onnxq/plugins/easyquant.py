@@ -8,7 +8,7 @@ topological order; the initial scale is always a candidate and wins ties, so no 
 lower the objective it measured.
 
 Where the paper and the released code disagree, each choice is an option (docs/methods.md: EasyQuant):
-``act_init`` (paper: max; code and onnxq default: KL, i.e. ``trt-entropy``), ``grid`` (paper
+``act_init`` (paper: max; code and onnxq default: KL, i.e. ``trt-entropy``, error-guarded), ``grid`` (paper
 [0.5, 2]×S with 100 points — the default — or the code's narrower one-sided grids) and
 ``objective_tensor`` (code and default: post-activation; paper formula: conv output).
 
