@@ -18,7 +18,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import make_tiny_conv_model
 from onnxq.errors import OutputError
 from onnxq.graph.model_io import ensure_output_path, load_model, save_model_atomic
 
@@ -32,11 +31,11 @@ def _one_error_line(code: int, stdout: str, stderr: str, must_mention: str) -> s
     return lines[0]
 
 
-def _external_model(folder: Path, name: str = "m.onnx", location: str = "m.onnx.data") -> Path:
-    """The tiny conv model with every weight in one external-data file."""
+def _external_model(model: onnx.ModelProto, folder: Path, name: str = "m.onnx", location: str = "m.onnx.data") -> Path:
+    """``model`` with every weight in one external-data file."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    onnx.save_model(make_tiny_conv_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=location, size_threshold=0)
     return path
 
@@ -65,8 +64,8 @@ def _marking_data(work: Path) -> tuple[str, Path]:
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("force", [False, True])
-def test_output_on_the_inputs_external_data_is_refused(run_cli, tmp_path, force):
-    model = _external_model(tmp_path / "in")
+def test_output_on_the_inputs_external_data_is_refused(tiny_factory, run_cli, tmp_path, force):
+    model = _external_model(tiny_factory(), tmp_path / "in")
     data_before = (tmp_path / "in" / "m.onnx.data").read_bytes()
     weights_before = _weights(model)
     spec, marker = _marking_data(tmp_path)
@@ -78,27 +77,31 @@ def test_output_on_the_inputs_external_data_is_refused(run_cli, tmp_path, force)
     assert all(np.array_equal(after[k], v) for k, v in weights_before.items())
 
 
-def test_output_through_a_symlink_to_the_inputs_data_is_refused(run_cli, tmp_path):
-    model = _external_model(tmp_path / "in")
-    link = tmp_path / "q.onnx"
-    link.symlink_to(tmp_path / "in" / "m.onnx.data")
+@pytest.mark.parametrize("link_kind", ["symlink", "hard-link"])
+def test_output_through_a_link_to_the_inputs_data_is_refused(tiny_factory, run_cli, tmp_path, link_kind):
+    model = _external_model(tiny_factory(), tmp_path / "in")
+    link = tmp_path / "in" / "q.onnx"
+    if link_kind == "symlink":
+        link.symlink_to(tmp_path / "in" / "m.onnx.data")
+    else:
+        os.link(tmp_path / "in" / "m.onnx.data", link)
     data_before = (tmp_path / "in" / "m.onnx.data").read_bytes()
     _one_error_line(*run_cli(["optimize", model, "--data", "random", "--output", link, "--force", "--no-cache", "--quiet"]), "external data")
     assert (tmp_path / "in" / "m.onnx.data").read_bytes() == data_before
 
 
-def test_output_whose_data_file_would_be_the_inputs_is_refused(run_cli, tmp_path):
+def test_output_whose_data_file_would_be_the_inputs_is_refused(tiny_factory, run_cli, tmp_path):
     # the input keeps its weights in "q.onnx.data": output q.onnx would write its weights there
-    model = _external_model(tmp_path, "m.onnx", "q.onnx.data")
+    model = _external_model(tiny_factory(), tmp_path, "m.onnx", "q.onnx.data")
     _one_error_line(*run_cli(["optimize", model, "--data", "random", "--output", tmp_path / "q.onnx", "--force", "--no-cache", "--quiet"]),
                     "external data of the input model")
     assert not (tmp_path / "q.onnx").exists()
     assert _weights(model)
 
 
-def test_data_file_of_another_model_is_not_replaced_without_force(run_cli, tmp_path, monkeypatch, digits_model, digits_calib):
+def test_data_file_of_another_model_is_not_replaced_without_force(tiny_factory, run_cli, tmp_path, monkeypatch, digits_model, digits_calib):
     monkeypatch.setenv("ONNXQ_EXTERNAL_DATA_ABOVE", "1000")  # the digits output gets an external-data file
-    other = _external_model(tmp_path, "other.onnx", "q.onnx.data")  # another model already owns q.onnx.data
+    other = _external_model(tiny_factory(), tmp_path, "other.onnx", "q.onnx.data")  # another model already owns q.onnx.data
     other_before = _weights(other)
     code, out, err = run_cli(["optimize", digits_model, "--data", digits_calib, "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
     _one_error_line(code, out, err, "q.onnx.data' already exists")
@@ -115,12 +118,12 @@ def test_data_file_of_another_model_is_not_replaced_without_force(run_cli, tmp_p
 # checked at the start, as user errors
 # ---------------------------------------------------------------------------------------------
 
-def test_special_files_are_refused_even_with_force(run_cli, tmp_path):
+def test_special_files_are_refused_even_with_force(tiny_factory, run_cli, tmp_path):
     fifo = tmp_path / "q.onnx"
     os.mkfifo(fifo)
     spec, marker = _marking_data(tmp_path)
     model = tmp_path / "tiny.onnx"
-    onnx.save_model(make_tiny_conv_model(), str(model))
+    onnx.save_model(tiny_factory(), str(model))
     _one_error_line(*run_cli(["optimize", model, "--data", spec, "--output", fifo, "--force", "--no-cache", "--quiet"]), "not a regular file")
     assert stat.S_ISFIFO(fifo.stat().st_mode) and not marker.exists()
     # a character device (as root, --force would have replaced /dev/null with a regular file): checked without writing
@@ -129,9 +132,9 @@ def test_special_files_are_refused_even_with_force(run_cli, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["grandparent-is-a-file", "proc", "sys", "read-only-folder"])
-def test_unusable_output_folder_is_refused_at_the_start(run_cli, tmp_path, where):
+def test_unusable_output_folder_is_refused_at_the_start(tiny_factory, run_cli, tmp_path, where):
     model = tmp_path / "tiny.onnx"
-    onnx.save_model(make_tiny_conv_model(), str(model))
+    onnx.save_model(tiny_factory(), str(model))
     spec, marker = _marking_data(tmp_path)
     if where == "grandparent-is-a-file":
         (tmp_path / "afile").write_text("x")
@@ -175,10 +178,10 @@ def _fill(folder: Path) -> None:
             pass
 
 
-def test_full_disk_is_refused_at_the_start(run_cli, tiny_tmpfs, tmp_path):
+def test_full_disk_is_refused_at_the_start(tiny_factory, run_cli, tiny_tmpfs, tmp_path):
     _fill(tiny_tmpfs)
     model = tmp_path / "tiny.onnx"
-    onnx.save_model(make_tiny_conv_model(), str(model))
+    onnx.save_model(tiny_factory(), str(model))
     spec, marker = _marking_data(tmp_path)
     _one_error_line(*run_cli(["optimize", model, "--data", spec, "--output", tiny_tmpfs / "q.onnx", "--no-cache", "--quiet"]), "no space left")
     assert not marker.exists()
@@ -238,9 +241,9 @@ def test_identical_runs_give_identical_bytes_with_external_data(tmp_path, onnxq_
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_model_and_data_file_get_the_same_permissions(tmp_path, monkeypatch, umask):
+def test_model_and_data_file_get_the_same_permissions(tiny_factory, tmp_path, monkeypatch, umask):
     monkeypatch.setenv("ONNXQ_EXTERNAL_DATA_ABOVE", "100")
-    model = make_tiny_conv_model()
+    model = tiny_factory()
     old = os.umask(umask)
     try:
         out = save_model_atomic(model, tmp_path / "q.onnx")
@@ -252,9 +255,9 @@ def test_model_and_data_file_get_the_same_permissions(tmp_path, monkeypatch, uma
     assert stat.S_IMODE(data.stat().st_mode) == 0o666 & ~umask
 
 
-def test_stale_temp_files_are_never_reused(tmp_path, monkeypatch):
+def test_stale_temp_files_are_never_reused(tiny_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXQ_EXTERNAL_DATA_ABOVE", "100")
-    model = make_tiny_conv_model()
+    model = tiny_factory()
     stale = b"STALE-BYTES-FROM-A-KILLED-RUN" * 8
     for name in (".q.onnx.data.tmp", ".q.onnx.tmp"):  # the names earlier versions used
         (tmp_path / name).write_bytes(stale)

@@ -39,10 +39,8 @@ def _slow_data(work: Path) -> tuple[str, Path]:
     return f"{script}:feeds", marker
 
 
-def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    from conftest import onnxq_executable
-
-    return subprocess.Popen([onnxq_executable(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _start(exe: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([exe, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 
 
@@ -73,11 +71,11 @@ def _assert_interrupted(proc: subprocess.Popen[str], stderr: str, sig: int, code
 
 
 @pytest.mark.parametrize("sig,code", SIGNALS)
-def test_signal_during_calibration(tmp_path, digits_model, sig, code):
+def test_signal_during_calibration(onnxq_exe, tmp_path, digits_model, sig, code):
     spec, marker = _slow_data(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = _start(["optimize", digits_model, "--data", spec, "--output", out_dir / "q.onnx", "--no-cache", "--quiet"])
+    proc = _start(onnxq_exe, ["optimize", digits_model, "--data", spec, "--output", out_dir / "q.onnx", "--no-cache", "--quiet"])
     _wait_for(proc, marker.exists, "calibration")
     proc.send_signal(sig)
     _, stderr = _finish(proc)
@@ -86,13 +84,13 @@ def test_signal_during_calibration(tmp_path, digits_model, sig, code):
 
 
 @pytest.mark.parametrize("sig,code", SIGNALS)
-def test_signal_during_save_removes_the_temporary_files(tmp_path, digits_model, digits_calib, sig, code):
+def test_signal_during_save_removes_the_temporary_files(onnxq_exe, tmp_path, digits_model, digits_calib, sig, code):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     pause = tmp_path / "saving"
     # weights in an external-data file too: both temporary files must go
     env = {"_ONNXQ_TEST_PAUSE_BEFORE_RENAME": str(pause), "ONNXQ_EXTERNAL_DATA_ABOVE": "1000"}
-    proc = _start(["optimize", digits_model, "--data", digits_calib, "--output", out_dir / "q.onnx", "--no-cache", "--quiet"], env)
+    proc = _start(onnxq_exe, ["optimize", digits_model, "--data", digits_calib, "--output", out_dir / "q.onnx", "--no-cache", "--quiet"], env)
     _wait_for(proc, pause.exists, "the save")
     temps = sorted(p.name for p in out_dir.iterdir())
     assert len(temps) == 2 and all(n.startswith(".q.onnx.") and n.endswith(".tmp") for n in temps), temps
@@ -113,9 +111,9 @@ def _catches_sigterm(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3], ids=["imports", "plugins"])
-def test_ctrl_c_during_start_up_is_one_line(tmp_path, digits_model, delay):
+def test_ctrl_c_during_start_up_is_one_line(onnxq_exe, tmp_path, digits_model, delay):
     spec, _ = _slow_data(tmp_path)  # the run cannot end before the signal, whatever the machine's speed
-    proc = _start(["optimize", digits_model, "--data", spec, "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    proc = _start(onnxq_exe, ["optimize", digits_model, "--data", spec, "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
     _wait_for(proc, lambda: _catches_sigterm(proc.pid), "start-up")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)

@@ -170,6 +170,26 @@ def data_file_of(output: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name + ".data")
 
 
+def _may_be_data_of(target: Path, model: Path) -> bool:
+    """Cheap test before parsing ``model`` (which may be 2 GB): could ``target`` be one of its external-data files?
+
+    Those lie inside the model's folder (:func:`load_model` refuses others) and the model's bytes name
+    them; a file with several hard links could be one under another name.
+    """
+    try:
+        real, folder = target.resolve(), model.resolve().parent
+        if folder not in real.parents:
+            return False
+        if os.stat(target).st_nlink > 1:
+            return True
+        import mmap
+
+        with open(model, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(real.name.encode()) >= 0
+    except (OSError, ValueError):  # unreadable or empty model: let the full check decide
+        return True
+
+
 def _refuse_targets(targets: list[Path], inputs: list[str | os.PathLike[str]], force: bool) -> None:
     """Refuse output files that are a file an input model reads, a special file, a folder, or exist without ``force``."""
     import stat
@@ -178,11 +198,12 @@ def _refuse_targets(targets: list[Path], inputs: list[str | os.PathLike[str]], f
         if not os.path.lexists(target):
             continue
         for inp in inputs:
-            for f in model_files(inp):
-                if _same_file(target, f):
-                    if _same_file(f, Path(inp)):
-                        raise OutputError(f"output '{target}' is the input model; choose another path")
-                    raise OutputError(f"output '{target}' is '{f}', external data of the input model '{inp}'; choose another path")
+            if _same_file(target, Path(inp)):
+                raise OutputError(f"output '{target}' is the input model; choose another path")
+            if _may_be_data_of(target, Path(inp)):
+                for f in model_files(inp)[1:]:
+                    if _same_file(target, f):
+                        raise OutputError(f"output '{target}' is '{f}', external data of the input model '{inp}'; choose another path")
         try:
             mode = os.stat(target).st_mode
         except OSError:  # a dangling symlink: replacing the link itself is safe
