@@ -32,8 +32,11 @@ FP32_FLOOR = {"mnist_norm_resnet": 0.99, "imagenet_norm_cnn": 0.98, "repvgg_norm
               "picodet_head": 0.65, "gru_seq": 0.92, "attention_padded": 0.98, "multi_output_det": 0.55}
 #: configurations recommended to users: within margin they must not raise a false alarm
 RECOMMENDED = {"minmax", "mse", "percentile", "trt-entropy"}
-#: contrib methods slower than the zoo's budget (a few seconds per run) run only with -m slow
-SLOW = {"brecq", "lapq"}
+#: recipes slower than the zoo's budget (~1-2 s a run on a busy 2-core machine) run only with
+#: ``-m slow``: the contrib searches (15-40 s a run) everywhere, EasyQuant (6-10 s) outside the two
+#: fixtures of issue 15's EasyQuant failures (normalized inputs, a hard-swish detector)
+SLOW = {"brecq-200it", "lapq"}
+FAST_EASYQUANT = {"mnist_norm_resnet", "picodet_head"}
 
 
 def _cases():
@@ -46,7 +49,7 @@ def _cases():
                 marks = []
                 if not set(r.methods) <= methods:
                     marks.append(pytest.mark.skip(reason=f"{'/'.join(r.methods)} not installed"))
-                if r.id in SLOW:
+                if r.id in SLOW or r.methods == ("easyquant",) and name not in FAST_EASYQUANT:
                     marks.append(pytest.mark.slow)
                 yield pytest.param(name, r, target, id=f"{name}-{r.id}-{target}", marks=marks)
 
@@ -78,9 +81,10 @@ def test_fixture_is_a_working_model(name: str, evaluators) -> None:
     calib = zoo.load_npz(fx.calib)
     assert set(calib) == set(zoo.input_names(fx.model)) and 32 <= len(next(iter(calib.values()))) <= 128
     if name in ("mnist_norm_resnet", "repvgg_norm"):
-        # MNIST normalization: the background is a spike at (0 - 0.1307) / 0.3081
-        x = calib["input"]
-        assert np.mean(np.isclose(x, -0.1307 / 0.3081, atol=0.15)) > 0.3 and x.max() > 2.5
+        # MNIST normalization: a quarter of the pixels are background at (0 - 0.1307) / 0.3081 (plus
+        # repvgg_norm's pixel noise), strokes reach (1 - 0.1307) / 0.3081 = 2.82
+        x, bg = calib["input"], -0.1307 / 0.3081
+        assert abs(np.percentile(x, 25) - bg) < 0.15 and x.max() > 2.8
 
 
 @pytest.mark.parametrize(("name", "recipe", "target"), list(_cases()))
