@@ -17,9 +17,9 @@ What folds (``y = x * s + t`` per output channel, into the op that produces ``x`
   constant is a scalar or varies only along the op's output-channel axis, so the op neither
   broadcasts the output to a new shape nor mixes positions.
 
-Only where the weighted op's output is read by that one op alone (and is not a graph output); the
-weights must be float32/float64 constants (an fp16 weight would round differently). A MatMul with
-no bias gains an ``Add`` for the shift. Chains (Conv -> BatchNorm -> Mul -> Add) fold one op at a
+Only where the weighted op's output is read by that one op alone (not by a graph output, nor by
+an If/Loop/Scan body); the weights must be float32/float64 constants (an fp16 weight would round
+differently). A MatMul with no bias gains an ``Add`` for the shift. Chains (Conv -> BatchNorm -> Mul -> Add) fold one op at a
 time. Nothing else changes: a standalone BatchNorm (after a Concat, an Add, a graph input) stays.
 """
 
@@ -108,6 +108,8 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     idx = GraphIndex(model)
     shapes = tensor_shapes(model)
     producer = dict(idx.producer)
+    # tensors If/Loop/Scan bodies read from the main graph: a fold renames the weighted op's output away
+    body_reads = set().union(*(edit.outer_scope_reads(n) for n in model.graph.node if edit.subgraphs(n)))
     weighted: dict[str, _Weighted] = {}
     rename: dict[str, str] = {}  # weighted op name -> the output name it takes over
     folded: list[str] = []
@@ -203,7 +205,7 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
             if p.op_type == "MatMul" and node.op_type in ("Add", "Sub"):
                 continue  # MatMul + bias Add is already the form runtimes fuse; nothing to gain
             # the weighted op's output must go to this op alone (and not be a graph output)
-            if len(idx.consumers.get(name, [])) != 1 or name in idx.graph_outputs:
+            if len(idx.consumers.get(name, [])) != 1 or name in idx.graph_outputs or name in body_reads:
                 continue
             st = state(p)
             if st is None:

@@ -188,3 +188,18 @@ def test_trt_keeps_hard_swish_detector_within_002_box_f1_of_ort() -> None:
         f1[target] = box_f1(_detections(q.model, ev["input"]), ref)
     assert f1["ort"] >= 0.85, f1
     assert f1["trt"] >= f1["ort"] - 0.02, f1
+
+
+def test_fold_leaves_a_conv_output_read_by_an_if_body() -> None:
+    """A body reads the conv output by name from the outer scope: folding would rename it away."""
+    inits = [_t("w", RNG.normal(0, 0.5, (4, 3, 1, 1))), _t("k", np.array(2.0)),
+             numpy_helper.from_array(np.array(True), "cond")]
+    body_out = helper.make_tensor_value_info("b", TensorProto.FLOAT, None)
+    body = helper.make_graph([helper.make_node("Identity", ["c"], ["b"], name="read_c")], "body", [], [body_out])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Mul", ["c", "k"], ["y"], name="mul"),
+             helper.make_node("If", ["cond"], ["z"], name="if", then_branch=body, else_branch=body)]
+    graph = helper.make_graph(nodes, "ifm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_affine(model)[1] == []
