@@ -28,7 +28,7 @@ from onnxq.graph.edit import subgraphs
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
-from onnxq.graph.prepare import tensor_shapes
+from onnxq.graph.prepare import check_float16_target, tensor_shapes
 
 RELU_LIKE = {"Relu", "Clip"}
 
@@ -103,6 +103,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
     exclude = tuple(exclude)
     if profile.weight_only:
         return build_weight_only_plan(model, profile, exclude)
+    check_float16_target(model, profile.name, profile.quantize_outputs)  # the ORT profiles: QLinear* kernels are float32-only
     idx = GraphIndex(model)
     plan = QuantPlan(profile)
 

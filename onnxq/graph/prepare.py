@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 MIN_QDQ_OPSET = 13
 #: int4 types and block-wise DequantizeLinear (``block_size``) need opset 21.
 MIN_INT4_OPSET = 21
+#: Q/DQ on float16 tensors (float16 scales) needs opset 19.
+MIN_FP16_QDQ_OPSET = 19
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -48,8 +50,28 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     return model, "none"
 
 
+def has_float16(model: onnx.ModelProto) -> bool:
+    """True if any input, output, initializer or typed intermediate of the main graph is float16."""
+    return onnx.TensorProto.FLOAT16 in tensor_types(model).values()
+
+
+def check_float16_target(model: onnx.ModelProto, target: str, integer_kernels: bool) -> None:
+    """Refuse a float16 model for a target that runs Q/DQ as ONNX Runtime's integer kernels.
+
+    Q/DQ on float16 tensors (float16 scales, opset 19) is what TensorRT builds from; ONNX Runtime's
+    QDQ fusions (QLinearConcat, QGemm, ...) take float32 models only and fail to load such a graph.
+    """
+    if integer_kernels and has_float16(model):
+        raise ModelError(f"float16 models are not supported for --target {target} yet (ONNX Runtime's integer kernels take "
+                         "float32 models): quantize the float32 model, or use --target trt")
+
+
 def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
-    """Convert the model to at least opset ``minimum`` (no-op if already there)."""
+    """Convert the model to at least opset ``minimum`` (no-op if already there); float16 models to
+    at least :data:`MIN_FP16_QDQ_OPSET`, where QuantizeLinear/DequantizeLinear take float16, so
+    their Q/DQ pairs keep the model's float16 type (ONNX Runtime runs them)."""
+    if has_float16(model):
+        minimum = max(minimum, MIN_FP16_QDQ_OPSET)
     current = default_opset(model)
     if current >= minimum:
         return model

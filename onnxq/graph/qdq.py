@@ -19,6 +19,7 @@ from onnxq.errors import PlanConflictError
 from onnxq.graph import edit
 from onnxq.graph.edit import QDTYPE, Namer
 from onnxq.graph.plan import QuantPlan
+from onnxq.graph.prepare import infer_shapes, tensor_types
 from onnxq.qparams import QParams
 
 
@@ -94,8 +95,13 @@ def _merge(commands: list[Command]) -> list[Command]:
     return [by_tensor[k] for k in order]
 
 
-def _qparam_initializers(base: str, q: QParams) -> list[onnx.TensorProto]:
-    scale = numpy_helper.from_array(np.asarray(q.scale, np.float32), f"{base}_scale")
+def _qparam_initializers(base: str, q: QParams, float_type: type = np.float32) -> list[onnx.TensorProto]:
+    # Q/DQ's scale has the type of the float tensor (float16 models: float16 scales, opset 19+),
+    # kept at least float16's smallest normal so a tiny range never rounds to a zero scale
+    scale_values = np.asarray(q.scale, np.float32)
+    if float_type is np.float16:
+        scale_values = np.maximum(scale_values, np.finfo(np.float16).tiny)
+    scale = numpy_helper.from_array(scale_values.astype(float_type), f"{base}_scale")
     zp_values = np.asarray(q.zero_point)
     if q.dtype in ("int4", "uint4"):
         zp = helper.make_tensor(f"{base}_zero_point", QDTYPE[q.dtype], list(zp_values.shape), zp_values.astype(np.int32).ravel().tolist())
@@ -120,6 +126,14 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     fresh = Namer.of(out).fresh
+    types = tensor_types(out)
+    targets = {c.tensor if isinstance(c, QuantizeActivation) else c.initializer for c in commands}
+    if onnx.TensorProto.FLOAT16 in types.values() and not targets <= set(types):
+        types = tensor_types(infer_shapes(out)[0])  # a float rewrite's new tensors (Gemm->MatMul) carry no type yet
+    half = {n for n, t in types.items() if t == onnx.TensorProto.FLOAT16}
+
+    def float_type(tensor: str) -> type:
+        return np.float16 if tensor in half else np.float32
 
     def rewire(consumers: tuple[tuple[str, int], ...], old: str, new: str) -> None:
         for node_name, idx in consumers:
@@ -132,12 +146,13 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
         q = cmd.qparams
         if isinstance(cmd, QuantizeActivation):
             base = fresh(f"{cmd.tensor}_q")
-            new_inits += _qparam_initializers(base, q)
+            new_inits += _qparam_initializers(base, q, float_type(cmd.tensor))
             src = cmd.tensor
             if q.narrowed:
                 lo, hi = q.real_range()
                 clipped = fresh(f"{cmd.tensor}_clipped")
-                new_inits += [numpy_helper.from_array(np.float32(lo), f"{base}_clip_min"), numpy_helper.from_array(np.float32(hi), f"{base}_clip_max")]
+                new_inits += [numpy_helper.from_array(np.asarray(lo, float_type(cmd.tensor)), f"{base}_clip_min"),
+                              numpy_helper.from_array(np.asarray(hi, float_type(cmd.tensor)), f"{base}_clip_max")]
                 new_nodes.append(helper.make_node("Clip", [src, f"{base}_clip_min", f"{base}_clip_max"], [clipped], name=fresh(f"{base}/Clip")))
                 src = clipped
             qname, dqname = fresh(f"{cmd.tensor}_quantized"), fresh(f"{cmd.tensor}_dequantized")
@@ -156,7 +171,7 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
                 new_inits.append(helper.make_tensor(qname, QDTYPE[q.dtype], list(ints.shape), ints.astype(np.int32).ravel().tolist()))
             else:
                 new_inits.append(numpy_helper.from_array(ints, qname))
-            new_inits += _qparam_initializers(base, q)
+            new_inits += _qparam_initializers(base, q, float_type(cmd.initializer))
             dqname = fresh(f"{cmd.initializer}_dequantized")
             new_nodes.append(helper.make_node("DequantizeLinear", [qname, f"{base}_scale", f"{base}_zero_point"], [dqname], name=fresh(f"{base}/DequantizeLinear"), **_axis_attrs(q)))
             rewire(cmd.consumers, cmd.initializer, dqname)
