@@ -7,7 +7,7 @@ import dataclasses
 import tempfile
 import time
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import onnx
 from onnxq.calib.feeds import model_inputs
 from onnxq.calib.readers import Batch, DataReader, InputSpec
 from onnxq.evaluate.compare import Evaluation, batch_axes, evaluate, one_sample
+from onnxq.evaluate.fidelity import Fidelity, fidelity_of
 from onnxq.cli.common import parse_key_values
 from onnxq.errors import DataError, OptionError
 from onnxq.graph import model_io
@@ -69,10 +70,15 @@ def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, st
 
 def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
                  max_drop: float | None, min_cosine: float | None, baseline: str, calib_data: str, max_samples: int | None,
-                 target: str, bits: str) -> tuple[list[dict[str, Any]], str, str | None]:
-    """Evaluate FP32, onnxq's model and optionally ORT's quantizer; returns (JSON rows, table, gate failure)."""
+                 target: str, bits: str, check_methods: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], str, str | None, Fidelity | None]:
+    """Evaluate FP32, onnxq's model and optionally ORT's quantizer; returns (JSON rows, table, gate failure, fidelity).
+
+    With ``check_methods`` (the run's methods) onnxq's row is also judged by the fidelity check
+    (:func:`~onnxq.evaluate.fidelity.fidelity_of`), so that the models run once on the evaluation data.
+    """
     opts = parse_key_values(data_opt, "--data-opt")
-    inputs, ev_source, latency_feeds = evaluation_data(model_io.load_model(model), eval_data, opts, reader, batch_size)
+    reference = model_io.load_model(model)
+    inputs, ev_source, latency_feeds = evaluation_data(reference, eval_data, opts, reader, batch_size)
     candidates: dict[str, Any] = {f"onnxq {target} int{bits}": quantized}
     extra: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
@@ -88,7 +94,11 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
     for e in evals:
         e.extra.update(extra.get(e.name, {}))
     gate = quality_gate(evals, f"onnxq {target} int{bits}", max_drop, min_cosine)
-    return [dataclasses.asdict(e) for e in evals], evaluation_table(evals), gate
+    fidelity = None
+    if check_methods is not None:
+        row = next(e for e in evals if e.name == f"onnxq {target} int{bits}")
+        fidelity = fidelity_of(row.outputs, reference, quantized, ev_source, in_sample=False, methods=check_methods, target=target, bits=int(bits))
+    return [dataclasses.asdict(e) for e in evals], evaluation_table(evals), gate, fidelity
 
 
 class _SourceReader(DataReader):

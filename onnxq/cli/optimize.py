@@ -41,7 +41,8 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
             cache_dir: Path | None, no_cache: bool, no_fold: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
             strict: bool, baseline: str, as_json: bool, quiet: bool) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
-    from onnxq.pipeline import optimize
+    from onnxq.pipeline import Fidelity, optimize
+    from onnxq.pipeline.stages import log_fidelity
     from onnxq.graph.model_io import ensure_output_path, save_model_atomic
 
     if data is None and bits != "4":
@@ -63,7 +64,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         model, None if gated else out, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"),
         reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
-        fold=not no_fold, check=not no_check, eval_data=eval_data,
+        fold=not no_fold, check=not no_check and eval_data is None,  # with --eval-data the evaluation below is the check
     )
     report = result.report
     doc: dict = {}
@@ -74,13 +75,20 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         from onnxq.cli.evaluation import evaluate_run
 
         try:
-            evals, table_text, gate_error = evaluate_run(model, result.model, eval_data or data, data_opt, reader, batch_size, max_drop, min_cosine,
-                                                         baseline, data, max_samples, target, bits)
+            checking = not no_check and eval_data is not None
+            evals, table_text, gate_error, fidelity = evaluate_run(model, result.model, eval_data or data, data_opt, reader, batch_size, max_drop,
+                                                                   min_cosine, baseline, data, max_samples, target, bits,
+                                                                   check_methods=report.method if checking else None)
             doc["evaluation"] = evals
             text.append(table_text)
+            if fidelity is not None:
+                report.fidelity = fidelity
+                log_fidelity(fidelity)
         except Exception as exc:  # the quantization succeeded: keep it, say what failed
             eval_error = exc
             doc["evaluation_error"] = _one_line(exc)
+            if not no_check and eval_data is not None:
+                report.fidelity = Fidelity("evaluation", False, 0, [], False, [], [], None, f"the evaluation failed: {_one_line(exc)}", 0.0)
     fid = report.fidelity
     if gated and gate_error is None and fid is not None and fid.warned:
         gate_error = "quality gate failed: " + fid.warnings[0]  # a gate turns the fidelity warning into a failure

@@ -113,6 +113,39 @@ def one_sample(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] |
     return out
 
 
+#: evaluation runs at most this many input bytes per inference: a batch of large inputs (16 pages of
+#: 640x480) is run a few samples at a time, so a session's working set stays that of a few samples
+MAX_INFER_INPUT_BYTES = 8 << 20
+
+
+def split_batch(batch: Batch, axes: Mapping[str, int | None] | None = None, max_bytes: int = MAX_INFER_INPUT_BYTES) -> list[Batch]:
+    """``batch`` cut along its inputs' batch axes into pieces of at most ``max_bytes`` of input (at least one sample each).
+
+    Inputs without a batch axis go whole into every piece. Per-sample metrics do not depend on the cut.
+    """
+    n = sample_count(batch.feeds, axes)
+    size = sum(np.asarray(v).nbytes for v in batch.feeds.values())
+    if n <= 1 or size <= max_bytes:
+        return [batch]
+    cut = {k: (axes.get(k, 0) if axes is not None else 0) for k in batch.feeds}
+    cut = {k: a for k, a in cut.items() if a is not None and np.ndim(batch.feeds[k]) > a and np.shape(batch.feeds[k])[a] == n}
+    if not cut:
+        return [batch]
+    per = max(1, int(max_bytes // max(1, sum(np.asarray(batch.feeds[k]).nbytes for k in cut) // n)))
+    pieces = []
+    for start in range(0, n, per):
+        idx = slice(start, min(n, start + per))
+        feeds = {k: (np.asarray(v)[(slice(None),) * cut[k] + (idx,)] if k in cut else v) for k, v in batch.feeds.items()}
+        labels = batch.labels[idx] if batch.labels is not None and len(batch.labels) == n else batch.labels
+        pieces.append(Batch(feeds, labels, batch.source))
+    return pieces
+
+
+def _pieces(batches: Iterable[Batch], axes: Mapping[str, int | None] | None) -> Iterable[Batch]:
+    for b in batches:
+        yield from split_batch(b, axes)
+
+
 def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | None] | None) -> int | None:
     """The sample axis of one output of a batch of ``n`` samples (None: compare the whole output as one sample)."""
     axis = axes.get(name, 0) if axes is not None else 0
@@ -193,7 +226,7 @@ def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Ba
                 continue
             with runner:
                 acc: dict[str, OutputAccumulator] = {}
-                for k, b in enumerate(batches()):
+                for k, b in enumerate(_pieces(batches(), axes)):
                     res = runner.infer(b.feeds)
                     if i == 0:
                         ref.add(res)
@@ -272,16 +305,22 @@ def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors
     acc = {n: OutputAccumulator() for n in names}
     if not names:
         return {}
-    for k, b in enumerate(batches()):
+    for k, batch in enumerate(batches()):
         if max_batches is not None and k >= max_batches:
             break
-        n_samples = sample_count(b.feeds, axes)
-        r = ort_backend.run(ref_sess, dict(b.feeds), names)
-        q = ort_backend.run(q_sess, dict(b.feeds), names)
-        for n, x, y in zip(names, r, q):
-            acc[n].update(x, y, 0 if np.ndim(x) and np.shape(x)[0] == n_samples else None)
+        for b in split_batch(batch, axes):
+            _layer_update(acc, names, ref_sess, q_sess, b, axes)
     out = {}
     for n, a in acc.items():
         m = a.result()
         out[n] = {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6)}
     return out
+
+
+def _layer_update(acc: dict[str, OutputAccumulator], names: list[str], ref_sess: Any, q_sess: Any, b: Batch,
+                  axes: Mapping[str, int | None]) -> None:
+    n_samples = sample_count(b.feeds, axes)
+    r = ort_backend.run(ref_sess, dict(b.feeds), names)
+    q = ort_backend.run(q_sess, dict(b.feeds), names)
+    for n, x, y in zip(names, r, q):
+        acc[n].update(x, y, 0 if np.ndim(x) and np.shape(x)[0] == n_samples else None)

@@ -68,6 +68,7 @@ class OutputAccumulator:
         self.cosines: list[float] = []
         self.top1_same = 0
         self.top1_total = 0
+        self.confident = 0
         self.correct = 0
         self.labelled = 0
         self.classification: bool | None = None
@@ -94,13 +95,14 @@ class OutputAccumulator:
         if is_logits:
             self.top1_same += int(np.sum(top1(ref) == top1(got)))
             self.top1_total += len(ref)
+            self.confident += int(np.sum(_confident(ref)))
             if labels is not None and len(labels) == len(ref):
                 self.correct += int(np.sum(top1(got) == np.asarray(labels).reshape(-1)))
                 self.labelled += len(ref)
 
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
-        and top1_agreement (and accuracy when every sample had a label) for class scores."""
+        and for [N, C] outputs top1_agreement, confident_share (:func:`_confident`) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
         if self.noise == 0:
             sqnr = float("inf")
@@ -112,9 +114,24 @@ class OutputAccumulator:
              "sqnr_db": sqnr, "max_abs_error": self.max_abs, "samples": len(self.cosines)}
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
+            m["confident_share"] = self.confident / self.top1_total
             if with_accuracy and self.labelled == self.top1_total:
                 m["accuracy"] = self.correct / self.labelled
         return m
+
+
+def _confident(reference: np.ndarray) -> np.ndarray:
+    """Per sample of an [N, C] output: is its FP32 top class clear (top-1 minus top-2 over a tenth of the scores' range)?
+
+    Class scores have a clear winner on most samples; an embedding of the same shape almost never
+    does (its largest coordinates are close together), so this share tells the two apart.
+    """
+    if reference.shape[-1] < 2:
+        return np.zeros(len(reference), bool)
+    part = np.partition(reference, -2, axis=-1)
+    gap = part[:, -1] - part[:, -2]
+    span = reference.max(-1) - reference.min(-1)
+    return gap > 0.1 * np.maximum(span, 1e-30)
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

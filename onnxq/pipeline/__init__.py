@@ -27,8 +27,8 @@ from onnxq.pipeline.report import Fidelity, LeftInFloat, QuantizedRewrite, Repor
 from onnxq.pipeline.stages import Run, Settings
 
 __all__ = [
-    "DataSpec", "LeftInFloat", "QuantResult", "QuantizedRewrite", "Report", "Run", "Settings", "WeightOnlyFormat",
-    "batch_source", "check_composition", "make_reader", "optimize", "outputs_error", "resolve_methods",
+    "DataSpec", "Fidelity", "LeftInFloat", "QuantResult", "QuantizedRewrite", "Report", "Run", "Settings", "WeightOnlyFormat",
+    "batch_source", "check_composition", "fidelity_failure", "make_reader", "optimize", "outputs_error", "resolve_methods",
 ]
 
 

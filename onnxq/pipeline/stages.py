@@ -370,7 +370,11 @@ def check(run: Run) -> None:
         run.fidelity = Fidelity("calibration" if in_sample else "evaluation", in_sample, 0, [], False, [], [], None, msg,
                                 round(time.perf_counter() - t0, 3))
         return
-    fid = run.fidelity
+    log_fidelity(run.fidelity)
+
+
+def log_fidelity(fid: Fidelity) -> None:
+    """The fidelity check's warnings as logged warnings (the command line's stderr lines)."""
     for line in fid.warnings:
         log.warning("fidelity check%s: %s", " (in-sample)" if fid.in_sample else "", line)
     if fid.warned:
