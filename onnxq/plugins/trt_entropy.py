@@ -76,9 +76,12 @@ class TrtEntropy(RangeMethod):
         rep = ctx.report.setdefault(self.name, {})
         rep["variant"] = f"guarded (expected-error tolerance {self.options.tolerance:g})"
         rep["overridden"] = list(self.overridden)
-        line = (f"TensorRT's KL choice kept on {n - len(self.overridden)} of {n} activations; "
-                f"{len(self.overridden)} clipped too much (expected error > {self.options.tolerance:g}x the least) and got the least-error admissible KL point")
-        rep["summary"] = [line] + ([f"  {', '.join(self.overridden[:8])}" + (" ..." if len(self.overridden) > 8 else "")] if self.overridden else [])
+        line = f"TensorRT's KL clip point kept on {n - len(self.overridden)} of {n} activations"
+        if self.overridden:
+            names = ", ".join(self.overridden[:8]) + (f" and {len(self.overridden) - 8} more" if len(self.overridden) > 8 else "")
+            line += (f"; on {len(self.overridden)} it clipped too much (expected error > {self.options.tolerance:g}x the least) "
+                     f"and the least-KL point within that bound was used: {names}")
+        rep["summary"] = [line]
 
 
 class TrtEntropyExact(RangeMethod):
