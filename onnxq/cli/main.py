@@ -19,13 +19,15 @@ def _startup_signal(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-# first thing, before the imports, when this is the `onnxq` command (not when a test or a program imports it)
-if os.path.basename(sys.argv[0] if sys.argv else "") in ("onnxq", "onnxq.exe"):
+# first thing, before the imports, when this is the `onnxq` command or `python -m onnxq` (not when a test or a program imports it)
+_argv0 = os.path.normpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+if os.path.basename(_argv0) in ("onnxq", "onnxq.exe") or _argv0.endswith(os.path.join("onnxq", "__main__.py")):
     for _sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(_sig) is not signal.SIG_IGN:
             signal.signal(_sig, _startup_signal)
 
 import logging  # noqa: E402
+import warnings  # noqa: E402
 
 import click  # noqa: E402
 
@@ -53,6 +55,14 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
     root.propagate = False
+    warnings.showwarning = _warning_line  # Python warnings (numpy overflow, Pillow's bomb check): onnxq's one-line warnings
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+                  line: str | None = None) -> None:
+    """One ``onnxq: warning:`` line for a Python warning (no source line echoed, no raw format)."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    logging.getLogger("onnxq").warning("%s (%s from %s:%d)", text, category.__name__, os.path.basename(filename), lineno)
 
 
 def _register_commands() -> None:
