@@ -118,11 +118,13 @@ def one_sample(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] |
 MAX_INFER_INPUT_BYTES = 8 << 20
 
 
-def split_batch(batch: Batch, axes: Mapping[str, int | None] | None = None, max_bytes: int = MAX_INFER_INPUT_BYTES) -> list[Batch]:
+def split_batch(batch: Batch, axes: Mapping[str, int | None] | None = None, max_bytes: int | None = None) -> list[Batch]:
     """``batch`` cut along its inputs' batch axes into pieces of at most ``max_bytes`` of input (at least one sample each).
 
-    Inputs without a batch axis go whole into every piece. Per-sample metrics do not depend on the cut.
+    ``max_bytes`` defaults to :data:`MAX_INFER_INPUT_BYTES`. Inputs without a batch axis go whole
+    into every piece. Per-sample metrics do not depend on the cut.
     """
+    max_bytes = MAX_INFER_INPUT_BYTES if max_bytes is None else max_bytes
     n = sample_count(batch.feeds, axes)
     size = sum(np.asarray(v).nbytes for v in batch.feeds.values())
     if n <= 1 or size <= max_bytes:

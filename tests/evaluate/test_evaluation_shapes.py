@@ -215,3 +215,27 @@ def _load(folder: Path) -> list[dict[str, np.ndarray]]:
         with np.load(f) as z:
             out.append({k: z[k] for k in z.files})
     return out
+
+
+def test_large_batches_run_a_few_samples_at_a_time_with_the_same_metrics(vad, monkeypatch):
+    """Evaluation memory: a batch is run in pieces of bounded input size; per-sample metrics do not change."""
+    model, data, quantized = vad
+    from onnxq.backends.ort import OrtRunner
+    from onnxq.evaluate import compare as cmp
+
+    whole = onnxq.compare(model, {"q": quantized}, str(data), batch_size=4)
+    seen: list[int] = []
+    infer = OrtRunner.infer_impl
+
+    def spy(self, feeds):
+        seen.append(feeds["x"].shape[0])
+        assert feeds["state"].shape[1] == feeds["x"].shape[0] and feeds["sr"].shape == ()  # cut along each input's own batch axis
+        return infer(self, feeds)
+
+    monkeypatch.setattr(OrtRunner, "infer_impl", spy)
+    monkeypatch.setattr(cmp, "MAX_INFER_INPUT_BYTES", 300)  # about two samples of x and state
+    pieces = onnxq.compare(model, {"q": quantized}, str(data), batch_size=4)
+    assert seen and max(seen) <= 2 and sum(seen) == 2 * 12  # two rows, 12 samples each
+    for name in ("prob", "stateN"):
+        for key in ("cosine", "cosine_worst", "samples"):
+            assert pieces[1].outputs[name][key] == pytest.approx(whole[1].outputs[name][key], rel=1e-9)
