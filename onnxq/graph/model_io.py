@@ -437,10 +437,11 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike[str], *,
         del payload
         _pause_for_tests()
         _refuse_targets(targets, list(inputs), force=True)  # again: a device or input file may have appeared
-        if large:
-            _place(tmp_data, data, force)
-            placed.append(data)
-        _place(tmp, out, force)
+        with _signals_blocked():  # an interrupt never separates a new data file from its model
+            if large:
+                _place(tmp_data, data, force)
+                placed.append(data)
+            _place(tmp, out, force)
     except BaseException as exc:
         for t in temps:
             t.unlink(missing_ok=True)
