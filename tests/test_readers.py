@@ -131,3 +131,61 @@ def test_truncated_member_is_one_error_line(tmp_path, run_cli, tiny_model_path):
     assert code == 1, err
     (line,) = err.splitlines()
     assert "short.npz" in line and "truncated" in line, line
+
+
+def _image_folder(root: Path, side: int) -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    Image.fromarray(np.full((side, side), 128, np.uint8)).save(root / "a.png")
+    return root
+
+
+def test_pillow_decompression_bomb_warning_is_one_onnxq_line(tmp_path, run_cli, tiny_model_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 pixels: over the limit, under twice it
+    images = _image_folder(tmp_path / "img", 40)
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "--data-opt", "color=gray", "-p", "minmax",
+                            "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "fidelity check" not in ln]
+    assert lines and all(ln.startswith("onnxq: warning: ") for ln in err.splitlines()), err
+    assert any("a.png' is 40x40 pixels, over Pillow's decompression-bomb limit of 1000 pixels" in ln for ln in lines), err
+    assert "DecompressionBombWarning" not in err
+
+
+def test_pillow_decompression_bomb_error_is_one_error_line(tmp_path, run_cli, tiny_model_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80x80: over twice the limit, Pillow refuses
+    images = _image_folder(tmp_path / "img", 80)
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "--data-opt", "color=gray",
+                            "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 1, err
+    (line,) = err.splitlines()
+    assert line.startswith("onnxq: error: cannot read image") and "a.png" in line, line
+
+
+def test_numpy_overflow_warning_is_one_onnxq_line(tmp_path, run_cli):
+    """A RuntimeWarning raised anywhere under the CLI is an ``onnxq: warning:`` line, not Python's two-line format."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    model = tmp_path / "m.onnx"
+    onnx.save_model(m, str(model))
+    data = tmp_path / "d"
+    data.mkdir()
+    x = np.zeros((8, 1, 8, 8), np.float32)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 3e38, -3e38  # finite, but squares of errors overflow float32
+    np.savez(data / "a.npz", x=x)
+    code, _, err = run_cli(["optimize", model, "--data", data, "-p", "mse", "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 0, err
+    assert all(ln.startswith("onnxq: ") for ln in err.splitlines()), err
+    assert "RuntimeWarning:" not in err and "  err = " not in err

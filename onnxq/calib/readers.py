@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -384,11 +385,20 @@ class ImageFolderReader(DataReader):
             arrays, labels = [], []
             for f in chunk:
                 try:
-                    with Image.open(f) as im:
-                        im = im.convert("L" if o.color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
-                        a = np.asarray(im, dtype=np.float32) / 255.0
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", Image.DecompressionBombWarning)
+                        with Image.open(f) as im:
+                            size = im.size
+                            im = im.convert("L" if o.color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
+                            a = np.asarray(im, dtype=np.float32) / 255.0
                 except Exception as exc:
                     raise DataError(f"cannot read image '{f}': {exc}") from None
+                for warned in caught:  # Pillow's raw warning becomes one onnxq line; others pass on unchanged
+                    if issubclass(warned.category, Image.DecompressionBombWarning):
+                        log.warning("image '%s' is %dx%d pixels, over Pillow's decompression-bomb limit of %d pixels; read anyway",
+                                    f, size[0], size[1], Image.MAX_IMAGE_PIXELS)
+                    else:
+                        warnings.warn_explicit(warned.message, warned.category, warned.filename, warned.lineno)
                 if a.ndim == 2:
                     a = a[:, :, None]
                 if o.color == "bgr":
