@@ -183,8 +183,9 @@ def test_random_graph_and_data_never_exit_4(seed, tmp_path, run_cli):
     data = tmp_path / "data"
     data.mkdir()
     dtype = np.float16 if model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16 else np.float32
-    for i, x in enumerate(random_data(rng, sample_shape, kind)):
-        np.savez(data / f"{i:02d}.npz", x=x.astype(dtype))
+    with np.errstate(over="ignore"):  # 1e30 in float16 is inf, as a user's cast would make it
+        for i, x in enumerate(random_data(rng, sample_shape, kind)):
+            np.savez(data / f"{i:02d}.npz", x=x.astype(dtype))
     bits = str(rng.choice(["8", "8", "7", "4"]))
     args = ["optimize", model_path, "--data", data, "--bits", bits, "--target", str(rng.choice(["ort", "trt"])),
             "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"]
@@ -203,10 +204,7 @@ def test_random_graph_and_data_never_exit_4(seed, tmp_path, run_cli):
         assert len(lines) == 1 and lines[0].startswith("onnxq: error: ") and "Traceback" not in err, err
         # a valid float model must never come back as a Q/DQ graph ONNX Runtime rejects: that is
         # onnxq's bug dressed as a user error
-        if "QuantizeLinear" in lines[0] or "DequantizeLinear" in lines[0]:
-            if dtype == np.float16:
-                pytest.xfail("float16 models get an invalid Q/DQ graph (issue 16, fp16 case, not fixed yet)")
-            pytest.fail(f"seed {seed}: onnxq built a Q/DQ graph ONNX Runtime rejects: {lines[0]}")
+        assert "QuantizeLinear" not in lines[0] and "DequantizeLinear" not in lines[0], f"seed {seed}: onnxq built a Q/DQ graph ONNX Runtime rejects: {lines[0]}"
         return
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(seed).standard_normal((2, *sample_shape)).astype(dtype)
