@@ -195,3 +195,20 @@ def test_cli_tampered_10_bin_cache_keeps_digits_accuracy(run_cli, digits_model, 
     assert "ignoring the statistics cache entry" in err and "10 bins" in err
     x, y = digits_eval_arrays
     assert top1_accuracy(tmp_path / "b.onnx", x, y) >= top1_accuracy(digits_model, x, y) - 0.03
+
+
+def test_full_disk_while_writing_the_cache_is_a_warning_and_leaves_no_temp_file(tmp_path, caplog, monkeypatch):
+    import errno
+
+    model, items = make_tiny_conv_model(), make_tiny_feeds()
+    fresh = _collect(model, items, None)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(statistics.np, "savez", full)
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        stats = _collect(model, items, tmp_path)
+    _same(stats, fresh)
+    assert "cannot write the statistics cache" in caplog.text and "No space left on device" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # the partial temp file went too
