@@ -28,7 +28,7 @@ import zoo  # noqa: E402
 
 TARGETS = ("ort", "trt")
 #: the lowest FP32 metric each fixture's README states (the fixtures are real, working models)
-FP32_FLOOR = {"mnist_norm_resnet": 0.99, "imagenet_norm_cnn": 0.98, "repvgg_norm": 0.96, "mobilenetv3_hswish": 0.98,
+FP32_FLOOR = {"mnist_norm_resnet": 0.99, "imagenet_norm_cnn": 0.98, "repvgg_norm": 0.97, "mobilenetv3_hswish": 0.98,
               "picodet_head": 0.65, "gru_seq": 0.92, "attention_padded": 0.98, "multi_output_det": 0.55}
 #: configurations recommended to users: within margin they must not raise a false alarm
 RECOMMENDED = {"minmax", "mse", "percentile", "trt-entropy"}
