@@ -55,6 +55,31 @@ def test_exact_kl_clips_the_strokes_and_the_guard_keeps_them(rng, signed):
     assert err[round(guarded / w)] <= 4.0 * err.min() < err[round(exact / w)] / 100
 
 
+def padded_tokens(rng, n: int = 10**6) -> np.ndarray:
+    """70 % of positions are padding, all holding one value; the real tokens spread around zero."""
+    return np.where(rng.random(n) < 0.7, 0.35, rng.normal(0.0, 1.5, n))
+
+
+def offset_relu6(rng, n: int = 10**6) -> np.ndarray:
+    """One-sided plus an offset: half the values sit exactly at 1.0, the rest spread up to 7."""
+    return np.where(rng.random(n) < 0.5, 0.0, np.clip(rng.normal(3.0, 1.5, n), 0.0, 6.0)) + 1.0
+
+
+@pytest.mark.parametrize("make", [normalized_pixels, padded_tokens, offset_relu6])
+@pytest.mark.parametrize("signed", [True, False])
+def test_spikes_with_a_spread_tail(rng, make, signed):
+    # TensorRT's KL stops right after the spike (within 20 % of max |x|); the guard keeps the tail
+    s = stats_of(make(rng))
+    levels = 256 if (not signed and s.min >= 0) else 128
+    steps = grid_steps(s, signed, 127 if signed else 255)
+    exact = entropy_threshold(s, levels)
+    guarded, changed = guarded_entropy_threshold(s, levels, steps)
+    assert exact < 0.2 * s.amax
+    assert changed and guarded > 0.6 * s.amax
+    err = expected_sq_errors(s, steps)
+    assert err[round(guarded / s.bin_width)] <= 4.0 * err.min()
+
+
 @pytest.mark.parametrize("case", ["gaussian", "relu-halfnormal", "laplace"])
 def test_guard_keeps_tensorrts_choice_where_kl_is_sane(rng, case):
     x = {"gaussian": rng.standard_normal, "laplace": rng.laplace}.get(case, lambda size: np.maximum(rng.standard_normal(size), 0))(size=10**6)
