@@ -19,3 +19,7 @@ class TestMse(MethodContract):
 
 class TestTrtEntropy(MethodContract):
     method = "trt-entropy"
+
+
+class TestTrtEntropyExact(MethodContract):
+    method = "trt-entropy-exact"
