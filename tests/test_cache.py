@@ -16,12 +16,22 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import make_tiny_conv_model, make_tiny_feeds, top1_accuracy
 from onnxq.calib import statistics
 from onnxq.calib.feeds import model_inputs
 from onnxq.calib.readers import NpzReader
 from onnxq.host import get_host
 from onnxq.pipeline import batch_source, make_reader
+
+import importlib.util as _ilu
+
+# the suite loads several conftest.py files as "conftest" (the contrib packages' too), so this
+# module reads the helpers from tests/conftest.py by path
+_spec = _ilu.spec_from_file_location("onnxq_tests_helpers", Path(__file__).resolve().parent / "conftest.py")
+_helpers = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)  # type: ignore[union-attr]
+make_tiny_conv_model = _helpers.make_tiny_conv_model
+make_tiny_feeds = _helpers.make_tiny_feeds
+top1_accuracy = _helpers.top1_accuracy
 
 REQS = [statistics.StatRequest(t, "histogram") for t in ("x", "c1", "r2")]
 

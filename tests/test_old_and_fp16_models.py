@@ -9,8 +9,18 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import make_tiny_conv_model, make_tiny_feeds, ort_session
 from onnxq.graph import prepare
+
+import importlib.util as _ilu
+
+# the suite loads several conftest.py files as "conftest" (the contrib packages' too), so this
+# module reads the helpers from tests/conftest.py by path
+_spec = _ilu.spec_from_file_location("onnxq_tests_helpers", Path(__file__).resolve().parent / "conftest.py")
+_helpers = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)  # type: ignore[union-attr]
+make_tiny_conv_model = _helpers.make_tiny_conv_model
+make_tiny_feeds = _helpers.make_tiny_feeds
+ort_session = _helpers.ort_session
 
 
 def _opset7_ir3(path: Path) -> Path:

@@ -9,12 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_conv_model
 from onnxq.calib import readers
 from onnxq.calib.feeds import model_inputs
 from onnxq.calib.readers import NpzOptions, NpzReader
-from onnxq.host import get_host
 from onnxq.pipeline import batch_source
+
+import importlib.util as _ilu
+
+# the suite loads several conftest.py files as "conftest" (the contrib packages' too), so this
+# module reads the helpers from tests/conftest.py by path
+_spec = _ilu.spec_from_file_location("onnxq_tests_helpers", Path(__file__).resolve().parent / "conftest.py")
+_helpers = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)  # type: ignore[union-attr]
+make_tiny_conv_model = _helpers.make_tiny_conv_model
 
 SAMPLE = (1, 8, 8)  # one sample of the tiny conv model's input
 SAMPLE_BYTES = 64 * 4
