@@ -40,6 +40,7 @@ class OutputFidelity:
     sqnr_db: float = _described("signal-to-quantization-noise ratio over all samples, dB (null: identical)")
     top1_agreement: float | None = _described("share of samples whose arg-max class matches FP32 (class-score outputs only: [N, C] with a "
                                               "clear FP32 winner on most samples, unlike an embedding)")
+    scored: bool = _described("a float output, judged by the thresholds (integer outputs are reported only)", default=True)
 
 
 @dataclass
@@ -107,6 +108,10 @@ def limited(batches: Callable[[], Iterable[Batch]], max_batches: int | None, max
 
 def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     """Why ``out`` counts as collapsed, or None."""
+    if not (math.isfinite(out.cosine) and math.isfinite(out.cosine_p1)) or (isinstance(out.sqnr_db, float) and math.isnan(out.sqnr_db)):
+        return "the quantized output holds NaN or Inf"
+    if not out.scored:
+        return None  # integer outputs (indices, ids, masks) are decisions, not scores: reported, not judged
     why = []
     if out.top1_agreement is not None and out.top1_agreement < t.top1_agreement:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
@@ -167,7 +172,8 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
     for name, m in metrics.items():
         outputs.append(OutputFidelity(name, round(m["cosine"], 6), round(m["cosine_worst"], 6), round(m["cosine_p1"], 6),
                                       round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
-                                      round(m["top1_agreement"], 6) if m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE else None))
+                                      round(m["top1_agreement"], 6) if m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE else None,
+                                      not m.get("integer", False)))
     samples = max((int(m["samples"]) for m in metrics.values()), default=0)
     warnings = [f"output '{o.name}' collapsed against FP32 ({why})" for o in outputs if (why := collapsed(o, thresholds))]
     fid = Fidelity("calibration" if in_sample else "evaluation", in_sample, samples, outputs, bool(warnings), warnings, [], None, None, 0.0)

@@ -72,9 +72,11 @@ class OutputAccumulator:
         self.correct = 0
         self.labelled = 0
         self.classification: bool | None = None
+        self.integer = False
 
     def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
         """Add one batch (``labels``: one class per sample, for accuracy)."""
+        self.integer = self.integer or np.asarray(reference).dtype.kind in "iub"
         ref = np.asarray(reference, np.float64)
         got = np.asarray(test, np.float64)
         if ref.shape != got.shape:
@@ -112,6 +114,8 @@ class OutputAccumulator:
             sqnr = float(10 * np.log10(self.signal / self.noise))
         m = {"cosine": float(np.mean(cos)), "cosine_worst": float(np.min(cos)), "cosine_p1": float(np.percentile(cos, 1)),
              "sqnr_db": sqnr, "max_abs_error": self.max_abs, "samples": len(self.cosines)}
+        if self.integer:
+            m["integer"] = 1.0
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
             m["confident_share"] = self.confident / self.top1_total

@@ -127,3 +127,15 @@ def test_evaluation_failure_keeps_the_model(run_cli, digits_model, digits_calib,
     out.unlink()
     code, _, stderr = run_cli(args + ["--strict"])
     assert code != 0 and code != 4 and out.is_file()
+
+
+def test_verdict_on_nan_and_integer_outputs():
+    from onnxq.evaluate.fidelity import OutputFidelity, collapsed
+
+    nan = OutputFidelity("y", float("nan"), float("nan"), float("nan"), float("nan"), None)
+    assert collapsed(nan) and "NaN" in collapsed(nan)  # a NaN comparison never passes silently
+    ids = OutputFidelity("ids", 0.3, 0.0, 0.0, 1.0, None, scored=False)
+    assert collapsed(ids) is None  # indices are reported, not judged by cosine
+    good = OutputFidelity("y", 0.99, 0.9, 0.95, 20.0, 0.97)
+    assert collapsed(good) is None
+    assert "top-1" in collapsed(OutputFidelity("y", 0.99, 0.9, 0.95, 20.0, 0.5))
