@@ -95,6 +95,8 @@ def suite_rows(models, recipes, targets, methods: set[str], threads: int):
     from scoring import Scorer
     from tasks import ModelUnavailable, prepare_task
 
+    from onnxq import optimize
+
     work = Path(tempfile.mkdtemp(prefix="onnxq-robustness-"))
     for name in models:
         try:
@@ -113,8 +115,8 @@ def suite_rows(models, recipes, targets, methods: set[str], threads: int):
                 row = {"method": r.id, "model": name, "target": target, "metric": key, "fp32": fp32}
                 try:
                     out = work / f"{name}-{r.id}-{target}.onnx"
-                    res = __import__("onnxq").optimize(str(task.model), str(out), method=list(r.methods), options=r.options, data=str(task.calib),
-                                                       target=target, bits=r.bits, show_progress=False)
+                    res = optimize(str(task.model), str(out), method=list(r.methods), options=r.options, data=str(task.calib),
+                                   target=target, bits=r.bits, show_progress=False)
                     value = scorer.evaluate(out)[key]
                     row.update(value=value, drop=fp32 - value, within=value >= fp32 - margin, margin=margin)
                     row["warned"], row["fidelity"] = fidelity_of(res)
