@@ -10,6 +10,7 @@ import pytest
 from onnx import helper
 
 from onnxq.graph import prepare
+from onnxq.graph.trt_rules import check_trt_rules
 
 import importlib.util as _ilu
 
@@ -105,6 +106,7 @@ def test_fp16_conv_model_quantizes_for_trt_and_keeps_accuracy(method, digits16, 
     scales = {t.name: t.data_type for t in q.graph.initializer}
     qs = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
     assert len(qs) >= 4 and all(scales[n.input[1]] == onnx.TensorProto.FLOAT16 for n in qs)
+    assert check_trt_rules(q) == []  # TensorRT's explicit-quantization rules hold for the float16 graph too
     x, y = digits_eval_arrays
     x16 = x.astype(np.float16)
     ref = ort_session(model).run(None, {"input": x16})[0].astype(np.float32)
