@@ -37,6 +37,8 @@ RECOMMENDED = {"minmax", "mse", "percentile", "trt-entropy"}
 #: nets, 30 s on the detectors and MobileNetV3) outside the two MNIST-normalized CNNs
 SLOW = {"brecq-200it", "lapq"}
 FAST_EASYQUANT = {"mnist_norm_resnet", "repvgg_norm"}
+#: single slow cases: DetPTQ on picodet_head (20-50 s a run; multi_output_det runs it in ~9 s)
+SLOW_CASES = {("picodet_head", "detptq")}
 
 
 def _cases():
@@ -49,7 +51,7 @@ def _cases():
                 marks = []
                 if not set(r.methods) <= methods:
                     marks.append(pytest.mark.skip(reason=f"{'/'.join(r.methods)} not installed"))
-                if r.id in SLOW or r.methods == ("easyquant",) and name not in FAST_EASYQUANT:
+                if r.id in SLOW or (name, r.id) in SLOW_CASES or r.methods == ("easyquant",) and name not in FAST_EASYQUANT:
                     marks.append(pytest.mark.slow)
                 yield pytest.param(name, r, target, id=f"{name}-{r.id}-{target}", marks=marks)
 
