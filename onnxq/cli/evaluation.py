@@ -68,6 +68,17 @@ def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, st
     return inputs, source, one_sample(first.feeds, batch_axes(reference))
 
 
+def check_evaluation_data(model: Path, data: str, opts: Mapping[str, str], reader: str | None, batch_size: int) -> None:
+    """Raise :class:`DataError` (or another user error) unless ``data`` yields a first batch that fits ``model``'s inputs.
+
+    Reads the model's graph only (not its weights) and one batch of the data.
+    """
+    graph = onnx.load(os.fspath(model), load_external_data=False)
+    source = data_source(data, model_inputs(graph), opts, reader, batch_size, None)
+    if next(iter(source()), None) is None:
+        raise DataError(f"the evaluation data '{data}' is empty")
+
+
 def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
                  max_drop: float | None, min_cosine: float | None, baseline: str, calib_data: str, max_samples: int | None,
                  target: str, bits: str, check_methods: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], str, str | None, Fidelity | None]:

@@ -57,6 +57,10 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         options[k] = v
     out = output or model.with_name(f"{model.stem}.{target}-int{bits}.onnx")
     ensure_output_path(out, [model], force)
+    if eval_data is not None:  # a bad evaluation spec is a user error before any work, not a failed evaluation after it
+        from onnxq.cli.evaluation import check_evaluation_data
+
+        check_evaluation_data(model, eval_data, parse_key_values(data_opt, "--data-opt"), reader, batch_size)
     gated = max_drop is not None or min_cosine is not None
     # saved by the run itself, before any evaluation, so that a failing evaluation never loses it; a gated run
     # writes only a model that passed its gate (an existing output is kept otherwise)

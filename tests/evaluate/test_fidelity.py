@@ -71,6 +71,7 @@ def test_check_can_be_turned_off(digits_model, digits_calib):
 
 
 def test_a_check_that_cannot_run_is_reported_not_fatal(digits_model, digits_calib, tmp_path):
+    """The Python API checks nothing up front about eval_data: a check that fails is kept in the report."""
     bad = tmp_path / "eval"
     bad.mkdir()
     np.savez(bad / "0.npz", wrong_name=np.zeros((2, 1, 8, 8), np.float32))
@@ -113,13 +114,15 @@ def test_gate_turns_a_fidelity_warning_into_exit_3(run_cli, digits_model, digits
     assert "quality gate failed" in stderr.strip().splitlines()[-1]
 
 
-def test_evaluation_failure_keeps_the_model(run_cli, digits_model, digits_calib, tmp_path):
-    """An evaluation that crashes after a successful quantization: a warning, the model kept, exit 0 (non-zero with --strict)."""
+def test_evaluation_failure_keeps_the_model(run_cli, digits_model, digits_calib, digits_eval, tmp_path):
+    """An evaluation that fails after a successful quantization: a warning, the model kept, exit 0 (non-zero with --strict)."""
     out = tmp_path / "q.onnx"
-    # evaluation data that does not match the model makes the evaluation (not the quantization) fail
+    # the first file is good (checked before any work), a later one does not match the model: the evaluation fails mid-way
     bad = tmp_path / "eval"
     bad.mkdir()
-    np.savez(bad / "0.npz", wrong_name=np.zeros((2, 1, 8, 8), np.float32))
+    first = sorted(digits_eval.glob("*.npz"))[0]
+    (bad / "0.npz").write_bytes(first.read_bytes())
+    np.savez(bad / "1.npz", wrong_name=np.zeros((2, 1, 8, 8), np.float32))
     args = ["optimize", digits_model, "-p", "minmax", "--data", digits_calib, "--eval-data", bad, "--output", out, "--no-cache", "--quiet"]
     code, stdout, stderr = run_cli(args)
     assert code == 0, stderr
