@@ -103,7 +103,6 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
     exclude = tuple(exclude)
     if profile.weight_only:
         return build_weight_only_plan(model, profile, exclude)
-    check_float16_target(model, profile.name, profile.quantize_outputs)  # the ORT profiles: QLinear* kernels are float32-only
     idx = GraphIndex(model)
     plan = QuantPlan(profile)
 
@@ -237,6 +236,8 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
                 plan.share_groups.append(members)
     plan.share_groups = _merge_groups(plan.share_groups)
     note_control_flow(model, plan)
+    # the ORT profiles: QLinear* kernels are float32-only
+    check_float16_target(model, profile.name, profile.quantize_outputs, [*plan.activations, *(w.initializer for w in plan.weights.values())])
     return plan
 
 

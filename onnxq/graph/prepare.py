@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from collections.abc import Iterable
+
 import onnx
 from onnx import helper, version_converter
 
@@ -55,13 +57,23 @@ def has_float16(model: onnx.ModelProto) -> bool:
     return onnx.TensorProto.FLOAT16 in tensor_types(model).values()
 
 
-def check_float16_target(model: onnx.ModelProto, target: str, integer_kernels: bool) -> None:
-    """Refuse a float16 model for a target that runs Q/DQ as ONNX Runtime's integer kernels.
+def check_float16_target(model: onnx.ModelProto, target: str, integer_kernels: bool, tensors: Iterable[str] | None = None) -> None:
+    """Refuse Q/DQ on float16 tensors for a target that runs Q/DQ as ONNX Runtime's integer kernels.
 
     Q/DQ on float16 tensors (float16 scales, opset 19) is what TensorRT builds from; ONNX Runtime's
     QDQ fusions (QLinearConcat, QGemm, ...) take float32 models only and fail to load such a graph.
+    ``tensors`` are the tensors that would get Q/DQ (None: every tensor of the model), so a float32
+    graph that merely holds a float16 table behind a Cast is not refused.
     """
-    if integer_kernels and has_float16(model):
+    if not integer_kernels:
+        return
+    types = tensor_types(model)
+    if tensors is None:
+        half = onnx.TensorProto.FLOAT16 in types.values()
+    else:
+        inits = {t.name: t.data_type for t in model.graph.initializer}
+        half = any(types.get(t, inits.get(t)) == onnx.TensorProto.FLOAT16 for t in tensors)
+    if half:
         raise ModelError(f"float16 models are not supported for --target {target} yet (ONNX Runtime's integer kernels take "
                          "float32 models): quantize the float32 model, or use --target trt")
 
