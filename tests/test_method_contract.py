@@ -99,9 +99,25 @@ def test_report_schema_covers_every_field():
     assert list(schema["properties"]) == [f.name for f in dataclasses.fields(Report)]
     assert set(schema["required"]) == set(schema["properties"]) and schema["additionalProperties"] is False
     nested = schema["$defs"]
-    assert set(nested) == {"WeightOnlyFormat", "LeftInFloat", "QuantizedRewrite"}
-    for cls in (QuantizedRewrite,):
-        assert list(nested[cls.__name__]["properties"]) == [f.name for f in dataclasses.fields(cls)]
+    # every dataclass reachable from Report's fields has a definition listing exactly its fields
+    import typing
+
+    reachable: dict[str, type] = {}
+
+    def walk(tp) -> None:
+        for arg in typing.get_args(tp):
+            walk(arg)
+        if dataclasses.is_dataclass(tp) and tp.__name__ not in reachable:
+            reachable[tp.__name__] = tp
+            for f in dataclasses.fields(tp):
+                walk(typing.get_type_hints(tp)[f.name])
+
+    for f in dataclasses.fields(Report):
+        walk(typing.get_type_hints(Report)[f.name])
+    assert {"QuantizedRewrite", "LeftInFloat", "Fidelity"} <= set(reachable)
+    assert set(nested) == set(reachable)
+    for name, cls in reachable.items():
+        assert list(nested[name]["properties"]) == [f.name for f in dataclasses.fields(cls)]
 
 
 def test_report_round_trips_to_json(tiny_model, tiny_feeds):
