@@ -24,6 +24,11 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors click's nami
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def described(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with a description (report dataclasses: their JSON Schema carries it)."""
+    return dataclasses.field(metadata={"description": text}, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     """Options of a part that has none."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -23,50 +23,47 @@ import onnx
 from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch
 from onnxq.evaluate.compare import LAYER_OPS, Candidate, batch_axes, compare_runners, layer_errors, sample_count
-
-
-def _described(text: str, **kwargs):  # a dataclass field whose description the report's JSON Schema carries
-    return field(metadata={"description": text}, **kwargs)
+from onnxq.options import described
 
 
 @dataclass
 class OutputFidelity:
     """Agreement of one model output with FP32."""
 
-    name: str = _described("output name")
-    cosine: float = _described("mean per-sample cosine similarity with FP32")
-    cosine_worst: float = _described("worst sample's cosine")
-    cosine_p1: float = _described("1st percentile of the per-sample cosine")
-    sqnr_db: float = _described("signal-to-quantization-noise ratio over all samples, dB (null: identical)")
-    top1_agreement: float | None = _described("share of samples whose arg-max class matches FP32 (class-score outputs only: [N, C] with a "
+    name: str = described("output name")
+    cosine: float = described("mean per-sample cosine similarity with FP32")
+    cosine_worst: float = described("worst sample's cosine")
+    cosine_p1: float = described("1st percentile of the per-sample cosine")
+    sqnr_db: float = described("signal-to-quantization-noise ratio over all samples, dB (null: identical)")
+    top1_agreement: float | None = described("share of samples whose arg-max class matches FP32 (class-score outputs only: [N, C] with a "
                                               "clear FP32 winner on most samples, unlike an embedding)")
-    scored: bool = _described("a float output, judged by the thresholds (integer outputs are reported only)", default=True)
+    scored: bool = described("a float output, judged by the thresholds (integer outputs are reported only)", default=True)
 
 
 @dataclass
 class LayerFidelity:
     """One layer output's error against FP32 (computed only when the check warns)."""
 
-    tensor: str = _described("layer output tensor")
-    node: str = _described("the node that computes it (what --exclude takes)")
-    sqnr_db: float = _described("SQNR against FP32, dB")
-    cosine: float = _described("mean per-sample cosine against FP32")
+    tensor: str = described("layer output tensor")
+    node: str = described("the node that computes it (what --exclude takes)")
+    sqnr_db: float = described("SQNR against FP32, dB")
+    cosine: float = described("mean per-sample cosine against FP32")
 
 
 @dataclass
 class Fidelity:
     """The run's fidelity check: the quantized model against FP32."""
 
-    data: str = _described('"evaluation" (the evaluation data) or "calibration" (a sample of it: in-sample)')
-    in_sample: bool = _described("measured on calibration data the model was calibrated on (optimistic)")
-    samples: int = _described("samples compared")
-    outputs: list[OutputFidelity] = _described("per-output agreement")
-    warned: bool = _described("the check found a collapse (see warnings)")
-    warnings: list[str] = _described("one line per collapsed output")
-    worst_layers: list[LayerFidelity] = _described("the layers with the lowest SQNR (only when warned)")
-    suggestion: str | None = _described("what to try instead, when onnxq knows")
-    error: str | None = _described("why the check could not run (null: it ran)")
-    seconds: float = _described("time the check took")
+    data: str = described('"evaluation" (the evaluation data) or "calibration" (a sample of it: in-sample)')
+    in_sample: bool = described("measured on calibration data the model was calibrated on (optimistic)")
+    samples: int = described("samples compared")
+    outputs: list[OutputFidelity] = described("per-output agreement")
+    warned: bool = described("the check found a collapse (see warnings)")
+    warnings: list[str] = described("one line per collapsed output")
+    worst_layers: list[LayerFidelity] = described("the layers with the lowest SQNR (only when warned)")
+    suggestion: str | None = described("what to try instead, when onnxq knows")
+    error: str | None = described("why the check could not run (null: it ran)")
+    seconds: float = described("time the check took")
 
     def failed(self) -> bool:
         """Warned, or could not run."""

@@ -9,20 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnxq.evaluate.fidelity import Fidelity, LayerFidelity, OutputFidelity
+from onnxq.options import described
 
-__all__ = ["Fidelity", "LayerFidelity", "LeftInFloat", "OutputFidelity", "QuantizedRewrite", "Report", "WeightOnlyFormat", "described", "jsonable"]
-
-
-def described(text: str, **kwargs: Any) -> Any:
-    """A dataclass field with a description, which the report's JSON Schema carries."""
-    return field(metadata={"description": text}, **kwargs)
+__all__ = ["Fidelity", "LayerFidelity", "LeftInFloat", "OutputFidelity", "QuantizedRewrite", "Report", "WeightOnlyFormat", "jsonable"]
 
 
 @dataclass
