@@ -33,6 +33,17 @@ def _rec_loss(pred: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Ten
     return total
 
 
+def _samples(x: dict[str, torch.Tensor]) -> int:
+    """The number of calibration samples a block's inputs carry: their largest leading dimension."""
+    return max(int(v.shape[0]) if v.dim() else 1 for v in x.values())
+
+
+def _take(x: dict[str, torch.Tensor], idx: torch.Tensor | slice, n: int) -> dict[str, torch.Tensor]:
+    """Pick samples ``idx`` of every per-sample input; an input that does not carry the sample axis
+    (a batch-1 tensor broadcast over the batch, such as a detection head's anchor grid) is passed whole."""
+    return {k: v[idx] if v.dim() and v.shape[0] == n else v for k, v in x.items()}
+
+
 class Reconstructor:
     """Learns the rounding of every learnable weight, block by block."""
 
@@ -108,11 +119,11 @@ class Reconstructor:
         return TorchBlock(block.nodes, consts, rounding, fixed, act, block.outputs), modules
 
     def _loss_all(self, tb: TorchBlock, x: dict[str, torch.Tensor], y: list[torch.Tensor], chunk: int = 256) -> float:
-        n = next(iter(x.values())).shape[0]
+        n = _samples(x)
         total = 0.0
         with torch.no_grad():
             for s in range(0, n, chunk):
-                pred = tb({k: v[s : s + chunk] for k, v in x.items()})
+                pred = tb(_take(x, slice(s, s + chunk), n))
                 total += float(_rec_loss(pred, [t[s : s + chunk] for t in y])) * min(chunk, n - s)
         return total / n
 
@@ -121,7 +132,7 @@ class Reconstructor:
         t0 = time.perf_counter()
         x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x_np.items()}
         y = [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in y_np]
-        n = next(iter(x.values())).shape[0]
+        n = _samples(x)
         for m in modules.values():
             m.mode = "nearest"
         loss_nearest = self._loss_all(tb, x, y)  # also checks the block runs (raises Unsupported)
@@ -138,7 +149,7 @@ class Reconstructor:
         warm = int(o.warmup * o.iters)
         for it in range(o.iters):
             idx = torch.randint(0, n, (min(o.batch, n),), generator=self.gen)
-            pred = tb({k: v[idx] for k, v in x.items()})
+            pred = tb(_take(x, idx, n))
             loss = _rec_loss(pred, [t[idx] for t in y]) * norm
             if it >= warm:
                 rel = (it - warm) / max(1, o.iters - warm)
