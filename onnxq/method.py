@@ -65,11 +65,11 @@ class RunContext:
 
     def weight(self, name: str) -> np.ndarray:
         """The float value of a weight initializer."""
-        from onnx import numpy_helper
+        from onnxq.graph.model_io import tensor_array
 
         for t in self.model.graph.initializer:
             if t.name == name:
-                return numpy_helper.to_array(t)
+                return tensor_array(t)  # memory-mapped when the weight is on disk (models over 2 GB)
         raise KeyError(name)
 
 

@@ -57,6 +57,7 @@ from onnx import helper
 
 from onnxq.runtime import ort as ort_backend
 from onnxq.graph.edit import Namer, insert_after_producers, with_outputs
+from onnxq.graph.model_io import external_chunks
 from onnxq.graph.prepare import tensor_types
 from onnxq.calib.progress import progress
 from onnxq.calib.readers import Batch
@@ -667,8 +668,10 @@ def _hash_tensor(h: Any, t: onnx.TensorProto) -> None:
     if t.HasField("raw_data"):
         h.update(t.raw_data)
     elif t.data_location == onnx.TensorProto.EXTERNAL:
-        # weights not loaded into memory: their location entries name them (load_model always loads them)
-        h.update(repr([(e.key, e.value) for e in t.external_data]).encode())
+        # weights left on disk (models over 2 GB): their bytes, streamed from the data file, never
+        # their location (two fine-tunes saved alike would share a key)
+        for chunk in external_chunks(t):
+            h.update(chunk)
     else:
         h.update(t.SerializeToString(deterministic=True))
 

@@ -354,10 +354,18 @@ def with_outputs(model: onnx.ModelProto, outputs: Iterable[tuple[str, int]],
 
 def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` in which each initializer named in ``values`` holds that array instead
-    (same name and place, the array's dtype): how methods that learn weights write them back."""
+    (same name and place, the array's dtype): how methods that learn weights write them back.
+
+    In a lazy model (``model_io.is_lazy``) large arrays are written to the scratch data file as
+    they come (``model_io.spill``) and the copy refers to them."""
+    from onnxq.graph.model_io import is_lazy, spill
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    # a lazy model (weights on disk, over 2 GB) gets its large new weights written out now, not held
+    lazy = is_lazy(model)
     for t in out.graph.initializer:
         if t.name in values:
-            t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
+            value = np.asarray(values[t.name])
+            t.CopyFrom(spill(value, t.name) if lazy else numpy_helper.from_array(value, t.name))
     return out

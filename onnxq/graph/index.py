@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxq.graph.model_io import tensor_array
 from onnxq.graph.prepare import tensor_types
 
 __all__ = ["FLOAT_TYPES", "GraphIndex", "node_attr"]
@@ -68,7 +69,7 @@ class GraphIndex:
 
     def constant_value(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_array(self.initializers[name])  # memory-mapped when the weight is on disk
         node = self.constants.get(name)
         if node is not None:
             for a in node.attribute:

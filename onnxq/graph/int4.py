@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.graph import edit
 from onnxq.graph.edit import Namer
+from onnxq.graph.model_io import tensor_array
 
 MS_DOMAIN = "com.microsoft"
 
@@ -31,7 +32,7 @@ def _pack_nibbles(values: np.ndarray) -> np.ndarray:
 
 
 def _int4_value(t: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(t).astype(np.int32)
+    return tensor_array(t).astype(np.int32)
 
 
 _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8}
@@ -71,7 +72,7 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
             continue
         k, n = ints.shape
         nblocks = -(-k // bs)
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)  # [nblocks, N]
+        scale = tensor_array(inits[dq.input[1]]).astype(np.float32)  # [nblocks, N]
         zp = _int4_value(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, np.int32)
         signed = q.data_type in _SIGNED
         # MatMulNBits stores unsigned values; its default zero point is 2^(bits-1)

@@ -9,21 +9,50 @@
   into place only when complete (exclusively without ``force``, so two runs racing for one output
   cannot both win); a failure or an interrupt removes them, and an OS error (disk full) is an
   :class:`OutputError`. Models over 2 GB (or ``ONNXQ_EXTERNAL_DATA_ABOVE`` bytes) keep their weights
-  in ``<output>.data``; both files get the umask's permissions and reproducible bytes."""
+  in ``<output>.data``; both files get the umask's permissions and reproducible bytes.
+* Models whose external data exceeds :data:`LAZY_ABOVE` bytes are loaded *lazily*: their weights stay
+  on disk and the in-memory ``ModelProto`` only refers to them (:func:`is_lazy`). Such a reference's
+  location is the data file's real path relative to :data:`LAZY_ROOT` (the file system root), so a
+  weight can be read from anywhere without knowing which model it came from: :func:`tensor_array`
+  memory-maps it, ONNX Runtime sessions read it themselves (``onnxq.runtime.ort`` passes the root as
+  the external-data folder), :func:`check_model` checks the graph with the weights stubbed, and
+  :func:`save_model_atomic` copies them into the output's data file in chunks. New large weights that
+  rewrites produce on a lazy model go to a scratch file as they are produced (:func:`spill`), so no
+  step ever holds every weight in memory at once."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from onnxq.errors import ModelError, OutputError
+from onnxq.runtime.ort import EXTERNAL_DATA_ROOT
 
 #: protobuf's hard limit; above it weights must live in external data files.
 PROTOBUF_LIMIT = 2**31 - 1
+
+#: external-data bytes above which :func:`load_model` keeps the weights on disk (lazy references)
+#: instead of reading them into the ``ModelProto``. Reading them all is fine below protobuf's limit
+#: and impossible above it (a ``ModelProto`` cannot serialize more than 2 GB); tests lower it
+#: (``monkeypatch.setattr(model_io, "LAZY_ABOVE", 0)``) to run small models through the lazy path.
+LAZY_ABOVE = PROTOBUF_LIMIT
+
+#: in memory, lazy external-data locations are relative to this folder (the file system root), so
+#: that ONNX's and ONNX Runtime's readers, which refuse absolute locations, find them from anywhere
+LAZY_ROOT = EXTERNAL_DATA_ROOT
+
+#: a new initializer at least this large, written into a lazy model by :func:`spill`, goes to the
+#: scratch data file instead of the ``ModelProto``
+SPILL_MIN_BYTES = 1 << 20
 
 
 def _check_external_paths(model: onnx.ModelProto, folder: Path) -> None:
@@ -52,10 +81,13 @@ def _all_tensors(model: onnx.ModelProto):
                 yield attr.t
 
 
-def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool | None = None) -> onnx.ModelProto:
     """Load an ONNX model (with its external data) and check it.
 
-    Raises :class:`ModelError` with one clear line for a missing, truncated or invalid file.
+    ``lazy`` keeps external weights on disk as references (:func:`is_lazy`); ``None`` (default) does
+    so when they exceed :data:`LAZY_ABOVE` bytes. A lazy model is checked on its path, where
+    ``onnx.checker`` also sees the data files. Raises :class:`ModelError` with one clear line for a
+    missing, truncated or invalid file.
     """
     p = Path(path)
     if not p.exists():
@@ -71,6 +103,13 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"'{p}' is not a valid ONNX model (no graph)")
     _check_external_paths(model, p.parent)
+    if lazy is None:
+        lazy = external_data_bytes(model) > LAZY_ABOVE
+    if lazy:
+        if check:
+            _check_path(p)
+        _make_lazy(model, p.parent)
+        return model
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:
@@ -80,20 +119,208 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
     return model
 
 
-def check_model(model: onnx.ModelProto, label: str = "model") -> None:
-    """Run onnx.checker; large models are checked without their weights."""
+def external_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the model's tensors keep in external data files (their declared lengths)."""
+    total = 0
+    for tensor in _all_tensors_deep(model):
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            total += info.length if info.length is not None else _nbytes(tensor)
+    return total
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    n = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
+        return (n + 1) // 2
+    return n * itemsize
+
+
+def _check_path(p: Path) -> None:
+    """``onnx.checker`` on the file: the way to check a model over 2 GB (it reads the graph, not the weights)."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            stripped = onnx.ModelProto()
-            stripped.CopyFrom(model)
-            for t in stripped.graph.initializer:
-                t.ClearField("raw_data")
-            onnx.checker.check_model(stripped)
+        onnx.checker.check_model(str(p))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        raise ModelError(f"{p} fails the ONNX checker: {first}") from None
+
+
+def _set_location(tensor: onnx.TensorProto, location: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+
+
+def _make_lazy(model: onnx.ModelProto, folder: Path) -> None:
+    """Point every external tensor at its data file's real path relative to :data:`LAZY_ROOT`."""
+    root = Path(LAZY_ROOT)
+    for tensor in _all_tensors_deep(model):
+        if uses_external_data(tensor):
+            real = (folder / ExternalDataInfo(tensor).location).resolve()
+            _set_location(tensor, str(real.relative_to(root)))
+
+
+def is_lazy(model_or_tensor: onnx.ModelProto | onnx.TensorProto) -> bool:
+    """Whether a tensor (or any tensor of a model) is a lazy external-data reference."""
+    if isinstance(model_or_tensor, onnx.TensorProto):
+        return uses_external_data(model_or_tensor)
+    return any(uses_external_data(t) for t in _all_tensors_deep(model_or_tensor))
+
+
+def lazy_files(model: onnx.ModelProto) -> list[Path]:
+    """The data files a lazy model's references read, in first-use order."""
+    seen: dict[str, None] = {}
+    for tensor in _all_tensors_deep(model):
+        if uses_external_data(tensor):
+            seen.setdefault(ExternalDataInfo(tensor).location, None)
+    return [Path(LAZY_ROOT) / loc for loc in seen]
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of ``tensor`` as a numpy array; use it instead of ``numpy_helper.to_array``.
+
+    A lazy external-data tensor is memory-mapped read-only (its pages are read when touched and
+    can be dropped again by the kernel: nothing is copied); 4-bit and other packed types are read
+    (one tensor). In-memory tensors are ``numpy_helper.to_array``'s result.
+    """
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = ExternalDataInfo(tensor)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(int(d) for d in tensor.dims)
+    packed = tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1,
+                                  onnx.TensorProto.INT2, onnx.TensorProto.UINT2, onnx.TensorProto.STRING)
+    count = int(np.prod(shape, dtype=np.int64))
+    if packed or count == 0 or dtype.kind not in "biuf" or sys.byteorder != "little":
+        return numpy_helper.to_array(tensor, base_dir=LAZY_ROOT)
+    path = os.path.join(LAZY_ROOT, info.location)
+    return np.memmap(path, dtype=dtype, mode="r", offset=info.offset or 0, shape=shape if shape else (1,)).reshape(shape)
+
+
+def external_chunks(tensor: onnx.TensorProto, chunk: int = 16 << 20):
+    """The bytes of a lazy external-data tensor, read from its data file ``chunk`` bytes at a time
+    (hashing or copying a 2 GB weight never holds it whole)."""
+    info = ExternalDataInfo(tensor)
+    left = info.length if info.length is not None else _nbytes(tensor)
+    with open(os.path.join(LAZY_ROOT, info.location), "rb") as fh:
+        fh.seek(info.offset or 0)
+        while left > 0:
+            data = fh.read(min(left, chunk))
+            if not data:
+                raise ModelError(f"external data of '{tensor.name}' ends early in '{info.location}'")
+            left -= len(data)
+            yield data
+
+
+class _Scratch:
+    """One append-only data file per process for the large tensors rewrites produce on lazy models."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.fh = None
+        self.offset = 0
+
+    def write(self, data: np.ndarray) -> tuple[str, int, int]:
+        if self.fh is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="onnxq-spill-"))
+            self.fh = open(self.folder / "weights.data", "w+b")
+            atexit.register(self.close)
+        pad = (-self.offset) % _EXTERNAL_ALIGN
+        if pad:
+            self.fh.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        buf = np.ascontiguousarray(data)
+        self.fh.write(memoryview(buf).cast("B"))
+        self.fh.flush()
+        self.offset += buf.nbytes
+        real = (self.folder / "weights.data").resolve()  # type: ignore[operator]
+        return str(real.relative_to(Path(LAZY_ROOT))), start, buf.nbytes
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            shutil.rmtree(self.folder, ignore_errors=True)  # type: ignore[arg-type]
+            self.fh = None
+
+
+_scratch = _Scratch()
+
+
+def spill(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """A lazy initializer ``name`` holding ``array``, written to this process's scratch data file now.
+
+    How rewrites of a lazy model put large new weights in place without growing the ``ModelProto``
+    (the file is removed at exit; saving copies the bytes into the output's data file). Arrays of a
+    packed or non-numeric type, and small ones, become ordinary in-memory initializers.
+    """
+    a = np.asarray(array)
+    if a.nbytes < SPILL_MIN_BYTES or a.dtype.kind not in "biuf" or a.dtype.itemsize * 8 < 8:
+        return numpy_helper.from_array(a, name)
+    location, offset, length = _scratch.write(a)
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(a.dtype)
+    tensor.dims.extend(a.shape)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def check_model(model: onnx.ModelProto, label: str = "model") -> None:
+    """Run onnx.checker on an in-memory model.
+
+    Lazy models (external references, :func:`is_lazy`) and models whose in-memory weights exceed
+    protobuf's limit are checked with every large weight stubbed by a one-element tensor of its
+    type: the structural check (nodes, opsets, names, types) does not read weights, and the stub
+    keeps each tensor's single value field. The size is estimated per tensor: ``ByteSize()`` itself
+    fails above 2 GB.
+    """
+    try:
+        if is_lazy(model) or _in_memory_bytes(model) > PROTOBUF_LIMIT // 2:
+            onnx.checker.check_model(_stubbed(model))
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
         raise ModelError(f"{label} fails the ONNX checker: {first}") from None
+
+
+def _in_memory_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in _all_tensors_deep(model) if t.HasField("raw_data"))
+
+
+def _stubbed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large or external tensors hold one zero element of their type.
+
+    The copy is made without the weights' bytes: they are swapped out of the original while it is
+    copied and put back after, so a 2 GB model is never held twice.
+    """
+    swapped: list[tuple[onnx.TensorProto, bytes | None, list[tuple[str, str]]]] = []
+    for t in _all_tensors_deep(model):
+        if uses_external_data(t) or (t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_MIN_TENSOR):
+            swapped.append((t, t.raw_data if t.HasField("raw_data") else None, [(e.key, e.value) for e in t.external_data]))
+    try:
+        for t, _, _ in swapped:
+            t.ClearField("raw_data")
+        stub = onnx.ModelProto()
+        stub.CopyFrom(model)
+    finally:
+        for t, raw, _ in swapped:
+            if raw is not None:
+                t.raw_data = raw
+    for t in _all_tensors_deep(stub):
+        if uses_external_data(t) or (not t.HasField("raw_data") and t.dims and _has_no_values(t)):
+            one = helper.make_tensor(t.name, t.data_type, [1], [0])
+            t.CopyFrom(one)
+    return stub
+
+
+def _has_no_values(t: onnx.TensorProto) -> bool:
+    return not any(len(getattr(t, f)) for f in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"))
 
 
 def model_size_bytes(path: str | os.PathLike[str]) -> int:
@@ -279,6 +506,13 @@ def external_data_threshold() -> int:
     return PROTOBUF_LIMIT
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's serialized size (its weights' bytes, estimated per tensor, when they are near or
+    over protobuf's limit, where ``ByteSize()`` stops working)."""
+    in_memory = _in_memory_bytes(model)
+    return in_memory if in_memory > PROTOBUF_LIMIT // 2 else model.ByteSize()
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask is process-wide, racy with threads)
         with open("/proc/self/status") as fh:
@@ -315,37 +549,60 @@ _EXTERNAL_MIN_TENSOR = 1024
 _EXTERNAL_ALIGN = 4096
 
 
-def _write_external(model: onnx.ModelProto, fh, location: str) -> list[tuple[onnx.TensorProto, int, int]]:
-    """Move large raw tensors of ``model`` into ``fh`` (graph order: the bytes are reproducible); returns what moved."""
+def _write_external(model: onnx.ModelProto, fh, location: str) -> list[tuple[onnx.TensorProto, int, int, list[tuple[str, str]] | None]]:
+    """Move large raw tensors of ``model`` and every lazy one into ``fh`` (graph order: the bytes are
+    reproducible); returns what moved, with each lazy tensor's previous external-data entries.
+
+    Lazy tensors are copied from their data files in chunks (never a whole weight in memory)."""
     moved = []
     offset = 0
     for tensor in _all_tensors_deep(model):
-        if uses_external_data(tensor) or not tensor.HasField("raw_data") or len(tensor.raw_data) < _EXTERNAL_MIN_TENSOR:
+        lazy = uses_external_data(tensor)
+        if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < _EXTERNAL_MIN_TENSOR):
             continue
         pad = (-offset) % _EXTERNAL_ALIGN
         if pad:
             fh.write(b"\0" * pad)
             offset += pad
-        raw = tensor.raw_data
-        fh.write(raw)
-        moved.append((tensor, offset, len(raw)))
-        tensor.ClearField("raw_data")
+        if lazy:
+            before = [(e.key, e.value) for e in tensor.external_data]
+            info = ExternalDataInfo(tensor)
+            length = info.length if info.length is not None else _nbytes(tensor)
+            for chunk in external_chunks(tensor, _COPY_CHUNK):
+                fh.write(chunk)
+        else:
+            before = None
+            raw = tensor.raw_data
+            fh.write(raw)
+            length = len(raw)
+            tensor.ClearField("raw_data")
+            del raw
+        moved.append((tensor, offset, length, before))
         tensor.data_location = onnx.TensorProto.EXTERNAL
         del tensor.external_data[:]
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        offset += len(raw)
-        del raw
+        offset += length
     return moved
 
 
-def _restore_external(moved: list[tuple[onnx.TensorProto, int, int]], fh) -> None:
-    """Put the moved tensors' bytes back into the model (read from the data file: no second copy in memory)."""
-    for tensor, offset, length in moved:
+#: bytes copied at a time from a lazy weight's data file into the output's
+_COPY_CHUNK = 16 << 20
+
+
+def _restore_external(moved: list[tuple[onnx.TensorProto, int, int, list[tuple[str, str]] | None]], fh) -> None:
+    """Put the moved tensors back as they were: lazy ones point at their data files again, in-memory
+    ones get their bytes back (read from the data file: no second copy in memory)."""
+    for tensor, offset, length, before in moved:
+        del tensor.external_data[:]
+        if before is not None:
+            for key, value in before:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            continue
         fh.seek(offset)
         tensor.raw_data = fh.read(length)
-        del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
 
 
@@ -386,7 +643,8 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike[str], *,
                       inputs: list[str | os.PathLike[str]] = ()) -> Path:  # type: ignore[assignment]
     """Write ``model`` to ``output`` atomically: fresh temporary files in the output folder, moved into place when complete.
 
-    Models over :func:`external_data_threshold` get their weights in ``<output>.data``, also moved into
+    Models over :func:`external_data_threshold`, and lazy ones (their weights copied from their data
+    files in chunks), get their weights in ``<output>.data``, also moved into
     place only when complete; ``model`` itself is left as it was. The output files never replace a
     file one of ``inputs`` reads, nor a device or FIFO; without ``force`` never an existing file,
     even one created by another process during the run. Both files get the permissions a plain
@@ -400,7 +658,7 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike[str], *,
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder '{folder}': {exc.strerror}") from None
-    large = model.ByteSize() > external_data_threshold()
+    large = is_lazy(model) or serialized_size(model) > external_data_threshold()
     targets = [out, data] if large else [out]
     temps: list[Path] = []
     placed: list[Path] = []

@@ -17,7 +17,8 @@ from onnx import helper, numpy_helper
 
 from onnxq.errors import PlanConflictError
 from onnxq.graph import edit
-from onnxq.graph.edit import QDTYPE, Namer
+from onnxq.graph.edit import QDTYPE, Namer, numpy_dtype
+from onnxq.graph.model_io import is_lazy, spill, tensor_array
 from onnxq.graph.plan import QuantPlan
 from onnxq.graph.prepare import infer_shapes, tensor_types
 from onnxq.qparams import QParams
@@ -123,6 +124,7 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     g = out.graph
     nodes_by_name = {n.name: n for n in g.node}
     inits = {t.name: t for t in g.initializer}
+    lazy = is_lazy(model)  # weights on disk (over 2 GB): the quantized ones are written out as they are made
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     fresh = Namer.of(out).fresh
@@ -163,14 +165,14 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
             init = inits.get(cmd.initializer)
             if init is None:
                 raise PlanConflictError(f"weight '{cmd.initializer}' is not an initializer")
-            value = numpy_helper.to_array(init)
+            value = tensor_array(init)  # memory-mapped when the weight is on disk
             ints = q.quantize(value)
             base = fresh(f"{cmd.initializer}_q")
             qname = fresh(f"{cmd.initializer}_quantized")
             if q.dtype in ("int4", "uint4"):
-                new_inits.append(helper.make_tensor(qname, QDTYPE[q.dtype], list(ints.shape), ints.astype(np.int32).ravel().tolist()))
+                new_inits.append(numpy_helper.from_array(ints.astype(numpy_dtype(QDTYPE[q.dtype])), qname))  # packed, no Python list
             else:
-                new_inits.append(numpy_helper.from_array(ints, qname))
+                new_inits.append(spill(ints, qname) if lazy else numpy_helper.from_array(ints, qname))
             new_inits += _qparam_initializers(base, q, float_type(cmd.initializer))
             dqname = fresh(f"{cmd.initializer}_dequantized")
             new_nodes.append(helper.make_node("DequantizeLinear", [qname, f"{base}_scale", f"{base}_zero_point"], [dqname], name=fresh(f"{base}/DequantizeLinear"), **_axis_attrs(q)))

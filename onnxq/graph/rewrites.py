@@ -8,6 +8,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.graph import edit
 from onnxq.graph.index import GraphIndex, node_attr
+from onnxq.graph.model_io import tensor_array
 
 
 def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> tuple[onnx.ModelProto, list[str]]:
@@ -45,7 +46,7 @@ def gemm_outputs_to_matmul(model: onnx.ModelProto, every_gemm: bool = False) -> 
         if not ok:
             new_nodes.append(node)
             continue
-        b = numpy_helper.to_array(inits[node.input[1]])
+        b = tensor_array(inits[node.input[1]])
         if node_attr(node, "transB", 0):
             b = np.ascontiguousarray(b.T)
         w_name = fresh(f"{node.input[1]}_matmul")

@@ -56,6 +56,7 @@ from onnxq.search.samples import samples_request, take_samples
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
 from onnxq.graph.edit import with_initializers
+from onnxq.graph.model_io import tensor_array
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -375,7 +376,7 @@ class Gptq(QuantMethod):
         chunks = take_samples(ctx, o.samples)
         n_samples = int(sum(next(iter(c.values())).shape[0] for c in chunks))
         inits = {t.name: t for t in ctx.model.graph.initializer}
-        weights = {s.initializer: numpy_helper.to_array(inits[s.initializer]).astype(np.float32) for s in plan.weights.values()}
+        weights = {s.initializer: tensor_array(inits[s.initializer]).astype(np.float32, copy=False) for s in plan.weights.values()}  # memory-mapped when on disk
         names = [layer.node for layer in plan.layers if layer.weight in plan.weights]
         bits8 = {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in o.keep8_names)}
         unknown = [g for g in o.keep8_names if not any(fnmatch.fnmatchcase(n, g) for n in names)]

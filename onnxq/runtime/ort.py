@@ -43,6 +43,14 @@ def _level(opt: Optimization):
 
 
 Arena = bool | Literal["shared"]
+
+#: folder that external-data locations of in-memory models are relative to: onnxq keeps the weights
+#: of models over 2 GB on disk and names them by their real path from the root (onnxq.graph.model_io)
+EXTERNAL_DATA_ROOT = "/"
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 _shared_arena = False
 
 
@@ -95,6 +103,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], optimization: 
     import onnxruntime as ort
 
     so = session_options(optimization, threads, optimized_path, arena)
+    if isinstance(model, onnx.ModelProto) and _has_external_data(model):
+        # weights left on disk: ONNX Runtime reads them itself, from paths relative to the root
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", EXTERNAL_DATA_ROOT)
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() > 2**31 - 1:

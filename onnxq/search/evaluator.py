@@ -30,6 +30,7 @@ from onnxq.errors import OnnxqError
 from onnxq.graph.edit import Namer, onnx_dtype
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.index import GraphIndex
+from onnxq.graph.model_io import tensor_array
 
 
 class GraphRunner:
@@ -60,7 +61,7 @@ class GraphRunner:
                     self.remaining[i] += 1
         for name in self.idx.graph_inputs:
             self.values[name] = [np.asarray(c[name]) for c in chunks]
-        self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.consts = {t.name: tensor_array(t) for t in model.graph.initializer}  # weights on disk stay memory-mapped
         self._const_nodes: set[str] = set()
         for n in self.nodes:  # Constant nodes with a tensor value: constants from the start
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -388,7 +389,7 @@ class LayerRunner:
         self.idx = idx or GraphIndex(model)
         self.layer = layer
         self.node = self.idx.nodes[layer.node]
-        consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        consts = {t.name: tensor_array(t) for t in model.graph.initializer}
         act = None
         if layer.objective != layer.output:
             act = self.idx.producer[layer.objective]
