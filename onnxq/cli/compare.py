@@ -32,9 +32,13 @@ from onnxq.cli.common import data_options, emit_json, parse_key_values
 @click.option("--threads", default="1", show_default=True, help="Comma-separated intra-op thread counts for latency.")
 @click.option("--layers", is_flag=True, help="Also print per-layer SQNR of each quantized model vs FP32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--report", "report_html", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report (the table and per-layer SQNR/cosine charts; needs onnxq[report]).")
+@click.option("--force", is_flag=True, help="Replace an existing --report file.")
 def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: tuple[str, ...], reader: str | None, batch_size: int,
             max_samples: int | None, calib_data: str | None, baseline: str, backend: str, trt_calibrator: str, fp16: bool, workspace_mb: int,
-            timing_cache: Path | None, save_trt_cache: Path | None, threads: str, layers: bool, as_json: bool) -> None:
+            timing_cache: Path | None, save_trt_cache: Path | None, threads: str, layers: bool, as_json: bool, report_html: Path | None,
+            force: bool) -> None:
     """Evaluate FP32_MODEL and each QUANTIZED model side by side."""
     from onnxq.cli.evaluation import data_source, evaluation_data
     from onnxq.errors import OnnxqError, OptionError
@@ -43,6 +47,11 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     from onnxq.host import get_host
     from onnxq.report import evaluation_table, table
 
+    if report_html is not None:  # checked before any work
+        from onnxq.report_html import require_matplotlib
+
+        model_io.ensure_output_path(report_html, [fp32_model, *quantized], force)
+        require_matplotlib()
     host = get_host()
     runtime = host.backend(backend)
     if backend == "trt":
@@ -86,20 +95,25 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
             evals = evaluate(fp32_model, candidates, source, latency_feeds=latency_feeds,  # type: ignore[arg-type]
                              backend=runtime(threads=thread_counts))
         per_layer = {}
-        if layers:
+        if layers or report_html is not None:  # the report charts them
             for name, path in candidates.items():
                 qm = model_io.load_model(path)  # type: ignore[arg-type]
                 tensors = [n.output[0] for n in ref.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
                 per_layer[name] = layer_errors(ref, qm, tensors, source)
     for e in evals:
         e.extra.update(extra.get(e.name, {}))
+    doc = {"evaluations": [dataclasses.asdict(e) for e in evals], "layers": per_layer, **({"tensorrt": trt_doc} if trt_doc else {})}
+    if report_html is not None:
+        from onnxq.report_html import write_html
+
+        write_html(doc, report_html, force=force, title=f"onnxq comparison: {fp32_model.name}")
     if as_json:
-        emit_json({"evaluations": [dataclasses.asdict(e) for e in evals], "layers": per_layer, **({"tensorrt": trt_doc} if trt_doc else {})})
+        emit_json(doc)
         return
     click.echo(evaluation_table(evals))
     for note in trt_doc.get("notes", []):
         click.echo(f"note: {note}")
-    for name, rows in per_layer.items():
+    for name, rows in (per_layer if layers else {}).items():
         click.echo(f"\nper-layer error of {name} (layer output vs FP32):")
         click.echo(table([[t, f"{v['sqnr_db']:.1f}", f"{v['cosine']:.5f}"] for t, v in rows.items()], ["tensor", "sqnr-dB", "cosine"]))
 

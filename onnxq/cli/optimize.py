@@ -35,11 +35,14 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--strict", is_flag=True, help="Exit 3 when the fidelity check warns or cannot run, and non-zero when the evaluation fails (the written model is kept).")
 @click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Also run ONNX Runtime's quantize_static and show it beside onnxq.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--report", "report_html", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report (charts of per-layer error, histograms, weight ranges; needs onnxq[report]).")
+@click.option("--diagnostics", is_flag=True, help="Collect the HTML report's chart data into the report (implied by --report; for --json and `onnxq report`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
             batch_size: int, max_samples: int | None, target: str, bits: str, block_size: int | None, output: Path | None, force: bool, exclude: tuple[str, ...],
             cache_dir: Path | None, no_cache: bool, no_fold: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
-            strict: bool, baseline: str, as_json: bool, quiet: bool) -> None:
+            strict: bool, baseline: str, as_json: bool, report_html: Path | None, diagnostics: bool, quiet: bool) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
     from onnxq.pipeline import Fidelity, optimize
     from onnxq.pipeline.stages import log_fidelity
@@ -57,6 +60,13 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         options[k] = v
     out = output or model.with_name(f"{model.stem}.{target}-int{bits}.onnx")
     ensure_output_path(out, [model], force)
+    if report_html is not None:  # checked before any work, like the model's output
+        from onnxq.report_html import require_matplotlib
+
+        if report_html.resolve() == out.resolve():
+            raise OptionError(f"--report '{report_html}' is the output model; choose another path")
+        ensure_output_path(report_html, [model], force)
+        require_matplotlib()
     if eval_data is not None:  # a bad evaluation spec is a user error before any work, not a failed evaluation after it
         from onnxq.cli.evaluation import check_evaluation_data
 
@@ -69,6 +79,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
         fold=not no_fold, check=not no_check and eval_data is None,  # with --eval-data the evaluation below is the check
+        diagnostics=diagnostics or report_html is not None,
     )
     report = result.report
     doc: dict = {}
@@ -100,9 +111,13 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         # passed, or could not be evaluated: then the model is written (never lost) and the run still fails below
         save_model_atomic(result.model, out, force=force, inputs=[model])
         report.output = str(out)
+    doc = {"report": report.to_dict(), **doc}  # the report schema: `onnxq schema report`
+    doc["quality_gate"] = ("failed" if gate_error or eval_error else "passed") if gated else None
+    if report_html is not None:  # also when the gate failed: the report is what a reviewer opens
+        from onnxq.report_html import write_html
+
+        write_html(doc, report_html, force=force)
     if as_json:
-        doc = {"report": report.to_dict(), **doc}  # the report schema: `onnxq schema report`
-        doc["quality_gate"] = ("failed" if gate_error or eval_error else "passed") if gated else None
         emit_json(doc)
     else:
         from onnxq.report import run_summary
@@ -110,6 +125,8 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         click.echo(run_summary(report))
         for t in text:
             click.echo(t)
+        if report_html is not None:
+            click.echo(f"wrote report {report_html}")
     if eval_error is not None:
         kept = f"; the quantized model was kept at {report.output}" if report.output else ""
         if strict or gated:

@@ -45,7 +45,7 @@ class QuantResult:
 STAGES = (
     stages.configure, stages.load, stages.prepare, stages.open_data, stages.target_rewrites, stages.place,
     stages.float_rewrites, stages.calibrate, stages.choose_qparams, stages.refine, stages.rewrite_qdq,
-    stages.validate, stages.save, stages.check,
+    stages.validate, stages.save, stages.check, stages.diagnose,
 )
 
 
@@ -72,6 +72,7 @@ def optimize(
     check: bool = True,
     strict: bool = False,
     eval_data: DataSpec | None = None,
+    diagnostics: bool = False,
 ) -> QuantResult:
     """Quantize ``model`` with the selected method(s) and return the quantized model and a report.
 
@@ -85,9 +86,13 @@ def optimize(
     few calibration batches, reported as in-sample) into ``report.fidelity``; a collapse is a
     logged warning, and with ``strict`` a :class:`~onnxq.errors.QualityGateError` (the written
     model is kept).
+
+    ``diagnostics`` collects what the HTML report charts into ``report.diagnostics`` (per-layer error,
+    histograms with calibrator thresholds, weight ranges, TensorRT lint; :mod:`onnxq.report_html`).
     """
     settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
-                        max_samples, exclude, cache_dir, force, show_progress, fold, check=check, eval_data=eval_data)
+                        max_samples, exclude, cache_dir, force, show_progress, fold, check=check, eval_data=eval_data,
+                        diagnostics=diagnostics)
     run = Run(settings, host or get_host())
     for stage in STAGES:
         stage(run)

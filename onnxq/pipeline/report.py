@@ -17,6 +17,7 @@ import numpy as np
 
 from onnxq.evaluate.fidelity import Fidelity, LayerFidelity, OutputFidelity
 from onnxq.options import described
+from onnxq.pipeline.diagnostics import Diagnostics
 
 __all__ = ["Fidelity", "LayerFidelity", "LeftInFloat", "OutputFidelity", "QuantizedRewrite", "Report", "WeightOnlyFormat", "jsonable"]
 
@@ -79,6 +80,8 @@ class Report:
                                                           default_factory=list)
     fidelity: Fidelity | None = described("the fidelity check of the quantized model against FP32 (null: not run)", default=None)
     extra: dict[str, Any] = described("sections added by plugins' report_sections hooks", default_factory=dict)
+    diagnostics: Diagnostics | None = described("what the HTML report charts: per-layer error, histograms with calibrator thresholds, "
+                                                "weight ranges, TensorRT lint (null: not collected; optimize --report or --diagnostics)", default=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values (numpy values as Python ones, non-finite floats as None)."""

@@ -37,6 +37,7 @@ from onnxq.method import QuantMethod, RunContext, set_weight_qparams
 from onnxq.pipeline.checks import check_feeds, check_float_rewrite, model_changes, model_outputs, outputs_error, relative_error
 from onnxq.pipeline.compose import calibrator_of, check_applicable, resolve_methods
 from onnxq.pipeline.data import DataSpec, batch_source, make_reader
+from onnxq.pipeline.diagnostics import Diagnostics, collect_diagnostics
 from onnxq.pipeline.report import Fidelity, LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
 from onnxq.runtime import ort as ort_backend
 
@@ -80,6 +81,8 @@ class Settings:
     check: bool = True
     #: the fidelity check's data (None: a sample of the calibration data, reported as in-sample)
     eval_data: DataSpec | None = None
+    #: collect what the HTML report charts into ``Report.diagnostics`` (:func:`diagnose`)
+    diagnostics: bool = False
 
 
 @dataclass
@@ -117,6 +120,8 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     #: the fidelity check's result (None: not run)
     fidelity: Fidelity | None = None
+    #: the HTML report's data (None: not collected)
+    diagnostics: Diagnostics | None = None
 
     def install(self, model: onnx.ModelProto, replan: bool = False) -> None:
         """Make ``model`` the working model (checked by the caller); ``replan`` places it again."""
@@ -385,6 +390,15 @@ def log_fidelity(fid: Fidelity) -> None:
             log.warning("fidelity check: %s", fid.suggestion)
 
 
+def diagnose(run: Run) -> None:
+    """With ``diagnostics=True``: per-layer error, the worst layers' histograms with each calibrator's threshold, the worst
+    weights' ranges and TensorRT lint findings, for the HTML report (after the save; never fails the run)."""
+    if run.settings.diagnostics:
+        run.diagnostics = collect_diagnostics(run)
+        if run.diagnostics.error:
+            log.warning("the report's diagnostics could not be collected: %s", run.diagnostics.error)
+
+
 def report(run: Run) -> Report:
     """The typed report of the run, with plugins' sections in ``extra``."""
     profile, plan = run.profile, run.ctx.plan
@@ -410,6 +424,7 @@ def report(run: Run) -> Report:
         methods=run.ctx.report,
         quantized_rewrites=run.quantized_rewrites,
         fidelity=run.fidelity,
+        diagnostics=run.diagnostics,
     )
     rep.extra = run.host.report_sections(rep.to_dict())
     return rep
