@@ -1,0 +1,237 @@
+"""Models over 2 GB: weights stay on disk (lazy external-data references) through load, check,
+quantize (INT8 static, INT4 minmax and gptq) and save.
+
+The default tests run small models through the large-model path by lowering
+``model_io.LAZY_ABOVE`` (the external-data size above which weights are not read into memory) and
+``model_io.SPILL_MIN_BYTES`` (the size above which new weights go to the scratch file), and check
+that no step holds the weights: every weight read is a memory map, no initializer of the working
+or quantized model carries its bytes, ``onnx.load_external_data_for_model`` is never called, and
+the save copies one tensor at a time. The real thing, a model with a 2.2 GB embedding table, is
+``@pytest.mark.slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+import onnxq
+from onnxq.calib.statistics import model_digest
+from onnxq.errors import ModelError
+from onnxq.graph import model_io
+from onnxq.graph.index import GraphIndex
+
+VOCAB, WIDTH, LAYERS = 1000, 64, 3
+
+
+def build_lm(folder: Path, seed: int = 0, name: str = "lm") -> Path:
+    """A small decoder-style model (embedding, LayerNorm + MLP blocks, LM head), weights in external data."""
+    rng = np.random.default_rng(seed)
+    d = WIDTH
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (VOCAB, d)).astype(np.float32), "emb")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h0"], name="embed")]
+    x = "h0"
+    for i in range(LAYERS):
+        w1 = (rng.normal(0, 1, (d, 4 * d)) / np.sqrt(d)).astype(np.float32)
+        w2 = (rng.normal(0, 1, (4 * d, d)) / np.sqrt(4 * d)).astype(np.float32)
+        inits += [numpy_helper.from_array(np.ones(d, np.float32) + 0.1 * rng.normal(size=d).astype(np.float32), f"g{i}"),
+                  numpy_helper.from_array(np.zeros(d, np.float32), f"b{i}"),
+                  numpy_helper.from_array(w1, f"w1_{i}"), numpy_helper.from_array(w2, f"w2_{i}")]
+        nodes += [helper.make_node("LayerNormalization", [x, f"g{i}", f"b{i}"], [f"n{i}"], name=f"ln{i}", axis=-1),
+                  helper.make_node("MatMul", [f"n{i}", f"w1_{i}"], [f"u{i}"], name=f"up{i}"),
+                  helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("MatMul", [f"r{i}", f"w2_{i}"], [f"m{i}"], name=f"down{i}"),
+                  helper.make_node("Add", [x, f"m{i}"], [f"h{i + 1}"], name=f"res{i}")]
+        x = f"h{i + 1}"
+    inits.append(numpy_helper.from_array((rng.normal(0, 1, (d, VOCAB)) / np.sqrt(d)).astype(np.float32), "head"))
+    nodes.append(helper.make_node("MatMul", [x, "head"], ["logits"], name="lm_head"))
+    graph = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", VOCAB])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location=f"{name}.onnx.data", size_threshold=1024)
+    return path
+
+
+@pytest.fixture
+def large_path(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every model with external data takes the large-model path; new weights over 16 KiB are spilled.
+
+    Returns the list of weights read in full from disk (``numpy_helper.to_array`` on an external
+    float tensor, instead of the graph layer's memory map): it must stay empty.
+    """
+    monkeypatch.setattr(model_io, "LAZY_ABOVE", 0)
+    monkeypatch.setattr(model_io, "SPILL_MIN_BYTES", 16 << 10)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the large-model path read every external weight into memory")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", refuse)
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model", refuse)
+    full_reads: list[str] = []
+    real = numpy_helper.to_array
+
+    def to_array(tensor, base_dir=""):
+        if uses_external_data(tensor) and tensor.data_type == TensorProto.FLOAT:
+            full_reads.append(tensor.name)
+        return real(tensor, base_dir)
+
+    monkeypatch.setattr(numpy_helper, "to_array", to_array)
+    return full_reads
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lm")
+    path = build_lm(folder)
+    rng = np.random.default_rng(1)
+    np.savez(folder / "calib.npz", ids=rng.integers(0, VOCAB, (16, 12)).astype(np.int64))
+    np.save(folder / "heldout.npy", rng.integers(0, VOCAB, (4, 12)).astype(np.int64))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref_weights(lm: Path) -> dict[str, np.ndarray]:
+    """The weights as ONNX itself reads them (before any test patches its loader)."""
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(lm)).graph.initializer}
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def test_load_keeps_weights_on_disk_and_reads_them_as_memory_maps(lm: Path, ref_weights, large_path) -> None:
+    model = model_io.load_model(lm)
+    data = (lm.parent / "lm.onnx.data").stat().st_size
+    assert model_io.is_lazy(model)
+    assert model.ByteSize() < data / 50  # the graph only: the weights are references
+    assert not any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer)
+    emb = GraphIndex(model).constant_value("emb")  # through the graph layer's reader
+    assert isinstance(emb, np.memmap) and not emb.flags.writeable
+    assert np.array_equal(emb, ref_weights["emb"])
+    model_io.check_model(model)  # the in-memory checker works on the references
+
+
+def test_check_on_a_lazy_model_still_finds_errors(lm: Path, large_path, tmp_path: Path) -> None:
+    model = model_io.load_model(lm)
+    model.graph.node[1].input[1] = "no_such_tensor"
+    with pytest.raises(ModelError, match="ONNX checker"):
+        model_io.check_model(model)
+    bad = onnx.load(str(lm), load_external_data=False)
+    bad.graph.node[0].op_type = "NoSuchOp"
+    onnx.save_model(bad, str(lm.parent / "bad.onnx"))
+    with pytest.raises(ModelError, match="ONNX checker"):
+        model_io.load_model(lm.parent / "bad.onnx")  # checked on the path, with its data files
+
+
+def test_save_copies_lazy_weights_one_tensor_at_a_time(lm: Path, ref_weights, large_path, tmp_path: Path) -> None:
+    model = model_io.load_model(lm)
+    before = model.SerializeToString()
+    tracemalloc.start()
+    out = model_io.save_model_atomic(model, tmp_path / "copy.onnx")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert model.SerializeToString() == before  # the model still points at its own data
+    total = model_io.external_data_bytes(onnx.load(str(lm), load_external_data=False))
+    biggest_tensor = VOCAB * WIDTH * 4
+    assert peak < 1.5 * biggest_tensor < total / 2  # one tensor at a time, never the weights together
+    saved = onnx.load(str(out), load_external_data=False)  # an ordinary external-data model: relative locations
+    assert {t.name: numpy_helper.to_array(t, str(tmp_path)).tobytes() for t in saved.graph.initializer} == \
+           {name: value.tobytes() for name, value in ref_weights.items()}
+    assert (tmp_path / "copy.onnx.data").is_file()
+
+
+@pytest.mark.parametrize(("bits", "method", "min_cos"), [(8, "trt-entropy", 0.995), (4, "minmax", 0.97), (4, "gptq", 0.97)])
+def test_quantize_lazy_model_end_to_end(lm: Path, large_path, tmp_path: Path, bits: int, method: str, min_cos: float) -> None:
+    out = tmp_path / f"q{bits}.onnx"
+    report = onnxq.optimize(lm, out, method=method, bits=bits, data=lm.parent / "calib.npz", show_progress=False, cache_dir=tmp_path / "cache")
+    assert report is not None
+    assert large_path == []  # every float weight the run read was memory-mapped, never read whole
+    assert (tmp_path / f"q{bits}.onnx.data").is_file()  # the weights sit beside the output
+    onnx.checker.check_model(str(out))
+    ids = np.load(lm.parent / "heldout.npy")
+    want = ort.InferenceSession(str(lm)).run(None, {"ids": ids})[0].ravel()
+    got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0].ravel()
+    cos = float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cos > min_cos
+    quantized = onnx.load(str(out), load_external_data=False)
+    ops = {n.op_type for n in quantized.graph.node}
+    assert ("MatMulNBits" in ops) if bits == 4 else ("DequantizeLinear" in ops)
+
+
+def test_quantized_weights_are_written_out_as_produced(lm: Path, large_path) -> None:
+    """The Q/DQ rewrite of a lazy model spills its int8 weights: the quantized proto stays graph-sized."""
+    from onnxq.graph.qdq import QuantizeWeight, apply_commands
+    from onnxq.qparams import QParams
+
+    model = model_io.load_model(lm)
+    w = model_io.tensor_array(next(t for t in model.graph.initializer if t.name == "w1_0"))
+    scale = np.abs(w).max(axis=0) / 127
+    q = QParams(scale=scale.astype(np.float32), zero_point=np.zeros(scale.shape, np.int8), dtype="int8", qmin=-127, qmax=127, axis=1)
+    out = apply_commands(model, [QuantizeWeight(initializer="w1_0", qparams=q, consumers=(("up0", 1),))])
+    quantized = next(t for t in out.graph.initializer if t.name.startswith("w1_0_quantized"))
+    assert model_io.is_lazy(quantized) and weight_bytes(out) < 64 * 1024
+    assert np.array_equal(model_io.tensor_array(quantized), q.quantize(np.asarray(w)))
+
+
+def test_cache_key_hashes_the_weights_not_the_names(tmp_path: Path, large_path) -> None:
+    a = model_io.load_model(build_lm(tmp_path / "a", seed=0))
+    same = model_io.load_model(build_lm(tmp_path / "b", seed=0))
+    tuned = model_io.load_model(build_lm(tmp_path / "c", seed=1))  # same graph, names and file names
+    assert model_digest(a) == model_digest(same)
+    assert model_digest(a) != model_digest(tuned)
+
+
+def _write_big_model(folder: Path, rows: int, width: int = 1024) -> Path:
+    """Gather over a float table of ``rows x width`` (written in chunks, never in memory) plus one MatMul."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "big.onnx.data", "wb") as fh:
+        for start in range(0, rows, 65536):
+            fh.write(rng.standard_normal((min(65536, rows - start), width), dtype=np.float32).tobytes())
+    table = onnx.TensorProto()
+    table.name, table.data_type = "table", TensorProto.FLOAT
+    table.dims.extend([rows, width])
+    table.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(rows * width * 4))):
+        e = table.external_data.add()
+        e.key, e.value = k, v
+    w = numpy_helper.from_array((rng.normal(0, 1, (width, 64)) / np.sqrt(width)).astype(np.float32), "proj")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="gather"),
+             helper.make_node("MatMul", ["e", "proj"], ["y"], name="proj_mm")]
+    graph = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8, 64])], [table, w])
+    path = folder / "big.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    np.savez(folder / "calib.npz", ids=rng.integers(0, rows, (8, 8)).astype(np.int64))
+    return path
+
+
+@pytest.mark.slow
+def test_real_model_over_2gb_quantizes_through_the_cli(tmp_path: Path) -> None:
+    """The failure the issue reports (a 2.03 GiB embedding table plus one MatMul: exit 4), end to end at its real size."""
+    path = _write_big_model(tmp_path / "m", rows=540_000)  # 2.21 GB of float32
+    assert (tmp_path / "m" / "big.onnx.data").stat().st_size > model_io.PROTOBUF_LIMIT
+    out = tmp_path / "big.int8.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxq", "optimize", str(path), "--data", str(tmp_path / "m" / "calib.npz"),
+                           "--output", str(out), "--no-cache", "--quiet"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "big.int8.onnx.data").stat().st_size > model_io.PROTOBUF_LIMIT  # the table, copied beside it
+    onnx.checker.check_model(str(out))
+    ids = np.random.default_rng(5).integers(0, 540_000, (2, 8))
+    want = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0].ravel()
+    got = ort.InferenceSession(str(out)).run(None, {"ids": ids})[0].ravel()
+    assert float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.99
+    for f in list(tmp_path.rglob("*.data")):
+        os.unlink(f)
