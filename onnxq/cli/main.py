@@ -66,9 +66,9 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
 
 
 def _register_commands() -> None:
-    from onnxq.cli import compare, env, export_cache, lint, methods, optimize, plugins, report_cmd, schema
+    from onnxq.cli import check, compare, env, export_cache, lint, methods, optimize, plugins, report_cmd, schema
 
-    for mod in (optimize, compare, methods, plugins, env, lint, export_cache, schema, report_cmd):
+    for mod in (optimize, compare, check, methods, plugins, env, lint, export_cache, schema, report_cmd):
         cli.add_command(mod.command)
 
 
