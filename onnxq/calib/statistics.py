@@ -56,6 +56,7 @@ import onnx
 from onnx import helper
 
 from onnxq.runtime import ort as ort_backend
+from onnxq.runtime.executor import current as current_executor
 from onnxq.graph.edit import Namer, insert_after_producers, with_outputs
 from onnxq.graph.model_io import external_chunks
 from onnxq.graph.prepare import tensor_types
@@ -647,7 +648,15 @@ def collect(model: onnx.ModelProto, requests: Iterable[StatRequest], source: Bat
             if rest:
                 cached.results.update(_collect(model, {}, rest, source, batch_size, memory_budget, show_progress, optimization).results)
             return cached
-    stats = _collect(model, ranges, others, source, batch_size, memory_budget, show_progress, optimization)
+    executor = current_executor()
+    if executor.shards > 1 and ranges:  # --executor ray: ranges and histograms by shards of the batches, merged exactly
+        from onnxq.calib.sharded import collect_ranges
+
+        stats = collect_ranges(model, ranges, source, executor, batch_size=batch_size, memory_budget=memory_budget, optimization=optimization)
+        if others:
+            stats.results.update(_collect(model, {}, others, source, batch_size, memory_budget, show_progress, optimization).results)
+    else:
+        stats = _collect(model, ranges, others, source, batch_size, memory_budget, show_progress, optimization)
     if key is not None:
         save_cache(Path(cache_dir), key, stats)  # type: ignore[arg-type]
     return stats

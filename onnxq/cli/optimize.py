@@ -39,10 +39,13 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
               help="Also write a self-contained HTML report (charts of per-layer error, histograms, weight ranges; needs onnxq[report]).")
 @click.option("--diagnostics", is_flag=True, help="Collect the HTML report's chart data into the report (implied by --report; for --json and `onnxq report`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--executor", default="local", show_default=True, metavar="local|ray[:ADDRESS]",
+              help="Where the statistics pass (split by batches) and per-layer GPTQ run: this process, or Ray tasks on a local "
+                   "or running cluster (ray:auto, ray:ray://HEAD:10001; needs onnxq[ray]). Results are identical.")
 def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
             batch_size: int, max_samples: int | None, target: str, bits: str, block_size: int | None, output: Path | None, force: bool, exclude: tuple[str, ...],
             cache_dir: Path | None, no_cache: bool, no_fold: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
-            strict: bool, baseline: str, as_json: bool, report_html: Path | None, diagnostics: bool, quiet: bool) -> None:
+            strict: bool, baseline: str, as_json: bool, report_html: Path | None, diagnostics: bool, quiet: bool, executor: str) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
     from onnxq.pipeline import Fidelity, optimize
     from onnxq.pipeline.stages import log_fidelity
@@ -74,13 +77,16 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
     gated = max_drop is not None or min_cosine is not None
     # saved by the run itself, before any evaluation, so that a failing evaluation never loses it; a gated run
     # writes only a model that passed its gate (an existing output is kept otherwise)
-    result = optimize(
-        model, None if gated else out, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"),
-        reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
-        fold=not no_fold, check=not no_check and eval_data is None,  # with --eval-data the evaluation below is the check
-        diagnostics=diagnostics or report_html is not None,
-    )
+    from onnxq.runtime.executor import from_spec, using
+
+    with using(from_spec(executor)):  # before any work: a missing Ray is a one-line error naming the extra
+        result = optimize(
+            model, None if gated else out, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"),
+            reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
+            cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
+            fold=not no_fold, check=not no_check and eval_data is None,  # with --eval-data the evaluation below is the check
+            diagnostics=diagnostics or report_html is not None,
+        )
     report = result.report
     doc: dict = {}
     text = []

@@ -58,6 +58,7 @@ from onnxq.errors import OptionError
 from onnxq.graph.edit import with_initializers
 from onnxq.graph.model_io import tensor_array
 from onnxq.hookspecs import hookimpl
+from onnxq.runtime.executor import current as current_executor
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
 from onnxq.qparams import MIN_SCALE, QParams, container_for, int_range
@@ -262,6 +263,13 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
+def _quantize_layer(w: np.ndarray, h: np.ndarray, block_size: int, bits: int, signed: bool, damp: float, act_order: bool,
+                    shrink: tuple[float, ...], lazy: int) -> GptqResult:
+    """One MatMul's GPTQ with one BLAS thread: a pure function of its arguments, run here or as a Ray task."""
+    with _one_blas_thread():
+        return gptq_quantize(w, h, block_size, bits=bits, signed=signed, damp=damp, act_order=act_order, shrink=shrink, lazy=lazy)
+
+
 def _gram(runner: GraphRunner, tensor: str) -> np.ndarray:
     """``XᵀX`` (float64) of ``tensor`` flattened to ``[rows, K]`` over every calibration chunk.
 
@@ -337,6 +345,22 @@ class Gptq(QuantMethod):
         runner = GraphRunner(ctx.model, chunks, plan if o.inputs == "sequential" else None, self._sessions)
         hs: dict[str, np.ndarray] = {}
         out: dict[str, GptqResult] = {}
+        # layers whose H is known wait here and are quantized together through the current executor
+        # (Ray tasks with --executor ray, H and W put into its object store once); with sequential
+        # inputs they are done before the next H is computed, which reads their quantized weights
+        pending: list[tuple[Any, Any, tuple[Any, ...]]] = []
+        executor = current_executor()
+
+        def flush(bar) -> None:
+            results = executor.map(_quantize_layer, [args for _, _, args in pending])
+            for (layer, site, _), res in zip(pending, results):
+                out[layer.node] = res
+                site.qparams = res.qparams()
+                if o.inputs == "sequential":
+                    runner.consts[site.initializer] = res.w_hat  # later layers see the quantized weight
+                bar.update(1)
+            pending.clear()
+
         with progress(progress_desc, ctx.show_progress, total=len(plan.layers), unit="layer") as bar:
             for layer in plan.layers:
                 site = plan.weights.get(layer.weight or "")
@@ -345,17 +369,13 @@ class Gptq(QuantMethod):
                 x_name = layer.inputs[0]
                 w = weights[site.initializer]
                 if x_name not in hs:
+                    if o.inputs == "sequential":
+                        flush(bar)
                     hs[x_name] = _gram(runner, x_name)
                 h = hs[x_name]
                 bits = 8 if layer.node in bits8 else 4
-                with _one_blas_thread():
-                    res = gptq_quantize(w, h, profile.block_size, bits=bits, signed=signed, damp=o.damp,
-                                        act_order=o.act_order, shrink=shrink, lazy=o.lazy)
-                out[layer.node] = res
-                site.qparams = res.qparams()
-                if o.inputs == "sequential":
-                    runner.consts[site.initializer] = res.w_hat  # later layers see the quantized weight
-                bar.update(1)
+                pending.append((layer, site, (w, h, profile.block_size, bits, signed, o.damp, o.act_order, shrink, o.lazy)))
+            flush(bar)
         return out
 
     def __init__(self, options: Any = None) -> None:
