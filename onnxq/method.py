@@ -13,7 +13,10 @@ runs the steps of every selected method in order (``-p cfws -p easyquant`` compo
 5. :meth:`QuantMethod.quantized_rewrite` — return a model changed in ways that depend on the
    chosen qparams (corrected biases, learned weights, packed tables); the host reports what
    changed and how far the outputs moved from the float model, and installs it;
-6. the host turns the plan into QDQ rewrite commands (:meth:`QuantMethod.commands` may add more).
+6. the host turns the plan into QDQ rewrite commands (:meth:`QuantMethod.commands` may add more);
+7. :meth:`QuantMethod.qdq_rewrite` — return a changed copy of the QDQ model, for transforms that
+   act on the integer tensors themselves (SPARQ's trimming of 8-bit activations); the host
+   validates it, reports what changed and its output error, and uses it as the result.
 
 Steps 4 and 5 run method by method (refine, then quantized_rewrite, then the next method), so each
 method sees the model its predecessors left. Methods never assign ``ctx.model`` or edit it in
@@ -135,6 +138,19 @@ class QuantMethod:
     def commands(self, ctx: RunContext) -> list[Any]:
         """Extra QDQ rewrite commands beyond the plan (rarely needed)."""
         return []
+
+    def qdq_rewrite(self, ctx: RunContext, model: onnx.ModelProto) -> onnx.ModelProto | None:
+        """Return a changed copy of the quantized (QDQ) ``model``, or None.
+
+        Called after the host has written the plan as Q/DQ nodes, method by method in ``-p`` order
+        (each sees its predecessors' result), for changes that need the integer tensors: nodes
+        between a QuantizeLinear and its DequantizeLinear, a weight written as several DQs. The
+        host checks the result (ONNX checker, it runs in ONNX Runtime), records the changed nodes
+        and initializers and its output error against the float model in the report's
+        ``quantized_rewrites``, and makes it the quantized model. ``model`` is the method's own
+        copy: it may be edited and returned.
+        """
+        return None
 
 
 class RangeMethod(QuantMethod):

@@ -41,7 +41,7 @@ class LeftInFloat:
 
 @dataclass
 class QuantizedRewrite:
-    """A model change a method made after the qparams were chosen (``quantized_rewrite``)."""
+    """A model change a method made after the qparams were chosen (``quantized_rewrite``, or ``qdq_rewrite`` on the QDQ model)."""
 
     method: str = described("the method that returned the model")
     nodes_added: list[str] = described("names of nodes it added")
@@ -50,8 +50,9 @@ class QuantizedRewrite:
     initializers_removed: list[str] = described("names of initializers it removed")
     initializers_changed: list[str] = described("names of initializers whose value it changed")
     output_error: float | None = described(
-        "worst output's max |y - y_float| / max |y_float| of the rewritten, not yet quantized model against the float "
-        "model on the first calibration batch; null if it could not be run")
+        "worst output's max |y - y_float| / max |y_float| of the rewritten model (from quantized_rewrite: not yet "
+        "quantized; from qdq_rewrite: the QDQ model) against the float model on the first calibration batch; null if it "
+        "could not be run")
 
 
 @dataclass

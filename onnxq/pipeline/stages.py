@@ -313,6 +313,8 @@ def rewrite_qdq(run: Run) -> None:
     for line in left_float_warnings(ctx.model, ctx.plan, bool(commands)):  # never a silent no-op
         log.warning(line)
     quantized = apply_commands(ctx.model, commands)
+    for m in run.methods:
+        quantized = qdq_rewrite(run, m, quantized)
     if profile.weight_only and profile.int4_matmulnbits:
         from onnxq.graph.int4 import dq_matmul_to_matmulnbits
 
@@ -323,6 +325,28 @@ def rewrite_qdq(run: Run) -> None:
     quantized.producer_version = _onnxq_version()
     _set_metadata(quantized, {"onnxq.method": origin, "onnxq.target": profile.name, "onnxq.bits": str(profile.bits)})
     run.quantized = quantized
+
+
+def qdq_rewrite(run: Run, method: QuantMethod, quantized: onnx.ModelProto) -> onnx.ModelProto:
+    """A method's change of the QDQ model (:meth:`QuantMethod.qdq_rewrite`), checked and recorded; the model it returns, or ``quantized``."""
+    if type(method).qdq_rewrite is QuantMethod.qdq_rewrite:
+        return quantized  # not overridden: no copy (models over 2 GB)
+    own = onnx.ModelProto()
+    own.CopyFrom(quantized)  # the method's own copy: editing it in place cannot corrupt the host's model
+    rewritten = method.qdq_rewrite(run.ctx, own)
+    if rewritten is None:
+        return quantized
+    model_io.check_model(rewritten, f"the model returned by method '{method.name}' from qdq_rewrite")
+    feeds = check_feeds(run.work, run.first)
+    error: float | None
+    try:
+        if run.float_outputs is None:
+            run.float_outputs = model_outputs(run.work, feeds)
+        error = relative_error(run.float_outputs, model_outputs(rewritten, feeds))
+    except Exception as exc:
+        raise OnnxqError(f"the model returned by method '{method.name}' from qdq_rewrite does not run in ONNX Runtime: {exc}") from exc
+    run.quantized_rewrites.append(QuantizedRewrite(method.name, **model_changes(quantized, rewritten), output_error=error))
+    return rewritten
 
 
 def validate(run: Run) -> None:

@@ -49,6 +49,8 @@ class MethodContract:
     options: ClassVar[dict[str, Any]] = {}
     #: minimum mean cosine between FP32 and INT8 outputs on the contract model
     min_cosine_int8: ClassVar[float] = 0.95
+    #: the targets the method supports; on the others it must refuse with one clear error (an OnnxqError)
+    targets: ClassVar[tuple[str, ...]] = ("ort", "trt")
 
     def _host(self):
         from onnxq.host import get_host
@@ -72,6 +74,9 @@ class MethodContract:
         from onnxq.evaluate.metrics import cosine
         from onnxq.runtime.ort import make_session
 
+        if target not in self.targets:
+            self._expect_refusal(target, bits)
+            return
         result = self._optimize(target, bits)
         onnx.checker.check_model(result.model, full_check=True)
         scales = scales_of(result.model)
@@ -83,9 +88,19 @@ class MethodContract:
         got = make_session(result.model, "all").run(None, x)[0]
         assert cosine(ref, got) >= (self.min_cosine_int8 if bits == 8 else self.min_cosine_int8 - 0.05)
 
+    def _expect_refusal(self, target: str, bits: int) -> None:
+        from onnxq.errors import OnnxqError
+
+        with pytest.raises(OnnxqError) as exc:
+            self._optimize(target, bits)
+        assert "\n" not in str(exc.value).strip(), "a refusal is one line"
+
     def test_trt_output_obeys_tensorrt_rules(self):
         from onnxq.graph.trt_rules import check_trt_rules, format_findings
 
+        if "trt" not in self.targets:
+            self._expect_refusal("trt", 8)
+            return
         findings = [f for f in check_trt_rules(self._optimize("trt", 8).model) if f.severity == "error"]
         assert not findings, format_findings(findings)
 

@@ -1,0 +1,88 @@
+"""SPARQ's accuracy on the CNN fixtures: 8-bit, plain 4-bit activations, bSPARQ and vSPARQ windows.
+
+    python plugins_contrib/onnxq-sparq/benchmark.py [--calibrator mse] [--fixtures digits,mnist_norm_resnet,...]
+
+Rows per fixture (ort target, weights int8 per channel, the calibrator's 8-bit activation ranges):
+FP32; INT8; A4 uniform over the 8-bit range (``-o placements 1``); A4 uniform with its own
+MSE-optimal clip (onnxq-lapq's L2 init, ``-p lapq -o act_bits 4 -o maxiter 0``, when installed);
+bSPARQ 4-bit windows with 5, 3 and 2 placements; vSPARQ 4-bit/5. Top-1 on the fixture's held-out
+labels, output cosine to FP32 (mean), SQNR in dB. Needs the repository checkout (tests/fixtures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import onnxq
+from onnxq.runtime.ort import make_session
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(fixture: str) -> tuple[Path, object, dict[str, np.ndarray], np.ndarray]:
+    if fixture == "digits":
+        d = ROOT / "examples" / "digits"
+        ev = [np.load(p) for p in sorted((d / "eval").glob("*.npz"))]
+        feeds = {"input": np.concatenate([e["input"] for e in ev])}
+        return d / "model.onnx", str(d / "calib"), feeds, np.concatenate([e["label"] for e in ev])
+    d = ROOT / "tests" / "fixtures" / "zoo" / fixture
+    ev = np.load(d / "eval.npz")
+    names = [i.name for i in make_session(str(d / "model.onnx"), "all").get_inputs()]
+    return d / "model.onnx", str(d / "calib.npz"), {k: ev[k] for k in names}, ev["label"]
+
+
+def _scores(model, feeds, labels, ref) -> tuple[float, float, float]:
+    out = make_session(model, "all").run(None, feeds)[0]
+    a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+    cos = float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+    sqnr = float(10 * np.log10(np.sum(b**2) / max(np.sum((a - b) ** 2), 1e-30)))
+    return float(np.mean(out.argmax(-1) == labels)), cos, sqnr
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calibrator", default="mse")
+    ap.add_argument("--fixtures", default="digits,mnist_norm_resnet,imagenet_norm_cnn,repvgg_norm,mobilenetv3_hswish")
+    ap.add_argument("--bits", default="4", help="window bits to compare, e.g. 4,3 (3-bit windows: 6 placements)")
+    args = ap.parse_args(argv)
+    try:
+        import onnxq_lapq  # noqa: F401
+
+        have_lapq = True
+    except ImportError:
+        have_lapq = False
+    rows = [("INT8", [args.calibrator], {})]
+    for b in (int(x) for x in args.bits.split(",")):
+        full = 8 - b + 1  # every placement
+        rows.append((f"A{b} uniform, 8-bit range", [args.calibrator, "sparq"], {"bits": b, "placements": 1}))
+        if have_lapq:
+            rows.append((f"A{b} uniform, MSE clip (lapq L2 init)", ["lapq"], {"act_bits": b, "maxiter": 0, "p_points": 1, "p_min": 2.0, "p_max": 2.0}))
+        rows += [(f"bSPARQ {b}-bit/{k}", [args.calibrator, "sparq"], {"bits": b, "placements": k}) for k in ((5, 3, 2) if b == 4 else (full,))]
+        rows.append((f"vSPARQ {b}-bit/{full}", [args.calibrator, "sparq"], {"bits": b, "placements": full, "variant": "vsparq"}))
+    print(f"| fixture | config | top-1 | cosine | SQNR dB | trimmed activations |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for fx in args.fixtures.split(","):
+        model, calib, feeds, labels = _load(fx)
+        ref = make_session(str(model), "all").run(None, feeds)[0]
+        acc = float(np.mean(ref.argmax(-1) == labels))
+        print(f"| {fx} | FP32 | {acc:.2%} | 1 | inf | |")
+        for name, methods, opts in rows:
+            try:
+                res = onnxq.optimize(model, method=methods, data=calib, target="ort", options=opts, show_progress=False, check=False)
+            except onnxq.OnnxqError as exc:
+                print(f"| {fx} | {name} | - | - | - | {exc} |")
+                continue
+            top1, cos, sqnr = _scores(res.model, feeds, labels, ref)
+            sp = res.report.methods.get("sparq", {})
+            trimmed = f"{sp['trimmed_activations']} (8-bit: {len(sp['left_8bit'])})" if sp else ""
+            print(f"| {fx} | {name} | {top1:.2%} | {cos:.4f} | {sqnr:.1f} | {trimmed} |")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
