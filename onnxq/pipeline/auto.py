@@ -1,0 +1,828 @@
+"""``-p auto``: reach a stated quality at the lowest measured latency.
+
+One run, in four steps (docs/methods.md, "auto"):
+
+1. **Data.** The calibration samples are read once. The candidates are scored on held-out data:
+   ``eval_data`` when given, otherwise every 4th calibration sample is held out (and not
+   calibrated on). The remaining samples are also cut into ``resamples`` disjoint subsets.
+2. **Portfolio.** For each float form of the model (as it is, ``equalize``d, ``smoothquant``ed:
+   only where the graph has their patterns) one statistics pass serves every calibrator
+   (``minmax``, ``mse``, ``percentile``, ``trt-entropy``): each candidate is the plan filled by
+   one calibrator from the shared statistics, turned into Q/DQ and scored against FP32 on the
+   held-out data (mean and worst-case figures). ``bias-correction`` is tried on the best two, and
+   ``easyquant`` on the best one when the time budget allows. The finalists are recalibrated on
+   each disjoint subset: the choice is made on each candidate's worst score, so a recipe that only
+   got lucky on one calibration set loses to one that holds.
+3. **Mixed precision** (only when a target is given and no full-integer recipe meets it): each
+   weighted layer's sensitivity (the target's metric with only that layer in float) and its
+   measured latency on ONNX Runtime CPU (:mod:`onnxq.pipeline.latency`, cached per machine), then
+   layers are moved to float in the order of gain per millisecond until the target is met, and
+   any that the target does not need are put back. Placement itself re-plans with those layers
+   excluded, so the target's Q/DQ rules (TensorRT's, for ``--target trt``) still hold.
+4. **The chosen model** goes through the ordinary validate, save and fidelity-check stages.
+
+Everything is bounded by ``time_budget`` (seconds): steps are skipped, and say so in the
+report's notes, when the budget would run out.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxq.calib import statistics
+from onnxq.calib.feeds import model_inputs
+from onnxq.calib.readers import Batch
+from onnxq.errors import DataError, OnnxqError, OptionError
+from onnxq.evaluate.compare import batch_axes, sample_count
+from onnxq.graph.placement import build_plan
+from onnxq.host import Host
+from onnxq.method import RunContext
+from onnxq.options import option, parse_options
+from onnxq.pipeline import stages
+from onnxq.pipeline.compose import calibrator_of, resolve_methods
+from onnxq.pipeline.data import batch_source, make_reader
+from onnxq.pipeline.latency import LatencyTable
+from onnxq.pipeline.report import AutoCandidate, AutoLayer, AutoReport
+from onnxq.pipeline.stages import Run, Settings
+from onnxq.runtime import ort as ort_backend
+
+log = logging.getLogger(__name__)
+
+#: the calibrators every float form is scored with
+CALIBRATORS = ("minmax", "mse", "percentile", "trt-entropy")
+#: float rewrites tried where the graph has their pattern (each is one more statistics pass)
+FLOAT_FORMS = ("equalize", "smoothquant")
+#: the default time budget: this many times what the first recipe cost (data, prepare, one statistics pass, one candidate),
+#: so that the whole run stays within about 5x a single hand-picked recipe's wall time
+BUDGET_FACTOR = 4.0
+#: ... and at least this many seconds (on small models fixed costs, sessions and passes, dominate)
+MIN_BUDGET = 10.0
+#: methods whose refine is a search: a mixed-precision model keeps their refined qparams instead of searching again
+SEARCHES = ("easyquant",)
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """Options of ``-p auto`` (``-o KEY VALUE``; the command line's --min-cosine, --max-drop, --min-agreement and --time-budget set them too)."""
+
+    min_cosine: float | None = option(None, "target: mean per-sample cosine of the first output vs FP32 on the held-out data")
+    max_drop: float | None = option(None, "target: accuracy drop in points (top-1 disagreement with FP32 without labels)")
+    min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, or per position for sequences), 0..1")
+    time_budget: float | None = option(None, "seconds the search may take (the chosen model's validation and save come on top); "
+                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 10 s")
+    resamples: int = option(3, "disjoint calibration subsets each finalist is recalibrated on (0: none)")
+    finalists: int = option(3, "candidates recalibrated on the subsets")
+    heldout_samples: int = option(128, "most held-out samples the candidates are scored on")
+    mixed: bool = option(True, "when no full-integer recipe meets the target, leave layers in float until it does")
+    max_sensitivity_layers: int = option(64, "most layers whose sensitivity is measured one at a time")
+    easyquant: bool = option(True, "try easyquant on the best recipe when the time budget allows")
+
+    def validate(self) -> None:
+        given = [k for k in ("min_cosine", "max_drop", "min_agreement") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one target, not {' and '.join(given)}")
+        for k in given:
+            v = getattr(self, k)
+            if not math.isfinite(v):
+                raise ValueError(f"{k} must be a finite number")
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise ValueError("min_cosine must be in [-1, 1]")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise ValueError("min_agreement must be in [0, 1]")
+        if (self.time_budget is not None and self.time_budget <= 0) or self.resamples < 0 or self.finalists < 1 or self.heldout_samples < 1:
+            raise ValueError("need time_budget > 0, resamples >= 0, finalists >= 1, heldout_samples >= 1")
+
+
+SUMMARY = "reach a target (--min-cosine/--max-drop/--min-agreement) at the lowest measured latency: a portfolio of recipes, then per-layer mixed precision"
+
+
+# ---------------------------------------------------------------------------------------------
+# the target and the scores
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Goal:
+    """The target: a metric (higher is better; ``drop`` is scored as its negative) and a threshold."""
+
+    metric: str
+    threshold: float | None
+
+    @classmethod
+    def of(cls, o: AutoOptions) -> Goal:
+        if o.max_drop is not None:
+            return cls("drop", -o.max_drop)
+        if o.min_agreement is not None:
+            return cls("agreement", o.min_agreement)
+        return cls("cosine", o.min_cosine)
+
+    def met(self, score: float | None) -> bool:
+        if score is None or not math.isfinite(score):
+            return False
+        return self.threshold is None or score >= self.threshold
+
+    def shown(self, score: float | None) -> str:
+        if score is None:
+            return "-"
+        return f"drop {-score:.2f} pt" if self.metric == "drop" else f"{self.metric} {score:.5f}"
+
+
+@dataclass
+class Scores:
+    """One model's figures against FP32 on the held-out data."""
+
+    cosine: float
+    cosine_worst: float
+    cosine_p1: float
+    agreement: float | None
+    agreement_worst: float | None
+    accuracy_drop: float | None
+    worst_output: str | None
+    worst_output_cosine: float | None
+    worst_class: int | None
+    worst_class_agreement: float | None
+
+    def value(self, metric: str) -> float | None:
+        if metric == "cosine":
+            return self.cosine
+        if metric == "agreement":
+            return self.agreement
+        if self.accuracy_drop is not None:
+            return -self.accuracy_drop
+        return None if self.agreement is None else -(1 - self.agreement) * 100
+
+
+class HeldOut:
+    """The held-out batches and FP32's outputs on them, computed once; :meth:`score` runs one candidate."""
+
+    def __init__(self, reference: onnx.ModelProto, batches: list[Batch]) -> None:
+        self.batches = batches
+        self.axes = batch_axes(reference)
+        sess = ort_backend.make_session(reference, "all")
+        self.names = [o.name for o in sess.get_outputs()]
+        self.refs = [ort_backend.run(sess, dict(b.feeds)) for b in batches]
+        self.samples = sum(sample_count(b.feeds, self.axes) for b in batches)
+        self.labelled = bool(batches) and all(b.labels is not None for b in batches)
+
+    def score(self, model: onnx.ModelProto, limit: int | None = None) -> Scores:
+        """Scores of ``model`` on the held-out data (the first ``limit`` batches when given)."""
+        sess = ort_backend.make_session(model, "all")
+        cos: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        agree: list[np.ndarray] = []
+        classes: list[tuple[np.ndarray, np.ndarray]] = []
+        correct = [0, 0, 0]  # fp32 correct, quantized correct, labelled
+        for k, (b, ref) in enumerate(zip(self.batches, self.refs)):
+            if limit is not None and k >= limit:
+                break
+            got = ort_backend.run(sess, dict(b.feeds))
+            n = sample_count(b.feeds, self.axes)
+            for i, (name, r, q) in enumerate(zip(self.names, ref, got)):
+                if np.asarray(r).dtype.kind != "f":
+                    continue
+                a, c = _per_sample(np.asarray(r, np.float64), np.asarray(q, np.float64), n, self.axes.get(name, 0))
+                cos[name].append(_row_cosines(a, c))
+                if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
+                    ra, qa = np.argmax(r, -1), np.argmax(q, -1)
+                    ra, qa = _per_sample(ra, qa, n, self.axes.get(name, 0))
+                    agree.append(np.mean(ra == qa, axis=1))
+                    if np.ndim(r) == 2:
+                        classes.append((ra[:, 0], qa[:, 0]))
+                        if self.labelled and len(b.labels) == len(ra):
+                            lab = np.asarray(b.labels).reshape(-1)
+                            correct[0] += int(np.sum(ra[:, 0] == lab))
+                            correct[1] += int(np.sum(qa[:, 0] == lab))
+                            correct[2] += len(lab)
+        first = self.names[0]
+        c0 = np.concatenate(cos[first]) if cos[first] else np.ones(1)
+        means = {n: float(np.mean(np.concatenate(v))) for n, v in cos.items() if v}
+        worst_out = min(means, key=means.get) if means else None
+        ag = np.concatenate(agree) if agree else None
+        worst_class = worst_class_agreement = None
+        if classes:
+            ref_c = np.concatenate([r for r, _ in classes])
+            q_c = np.concatenate([q for _, q in classes])
+            per = {int(c): float(np.mean(q_c[ref_c == c] == c)) for c in np.unique(ref_c)}
+            worst_class = min(per, key=per.get)
+            worst_class_agreement = per[worst_class]
+        drop = (correct[0] - correct[1]) / correct[2] * 100 if correct[2] and self.labelled else None
+        return Scores(float(np.mean(c0)), float(np.min(c0)), float(np.percentile(c0, 1)),
+                      None if ag is None else float(np.mean(ag)), None if ag is None else float(np.min(ag)),
+                      drop, worst_out, means.get(worst_out) if worst_out else None, worst_class, worst_class_agreement)
+
+
+def _per_sample(a: np.ndarray, b: np.ndarray, n: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if axis is None or np.ndim(a) <= (axis or 0) or np.shape(a)[axis] != n:
+        return np.reshape(a, (1, -1)), np.reshape(b, (1, -1))
+    a = np.moveaxis(a, axis, 0).reshape(n, -1)
+    return a, np.moveaxis(b, axis, 0).reshape(a.shape)
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30)
+    cos[(na == 0) & (nb == 0)] = 1.0
+    return cos
+
+
+# ---------------------------------------------------------------------------------------------
+# data: held-out split and disjoint calibration subsets
+# ---------------------------------------------------------------------------------------------
+
+def _take(batch: Batch, idx: np.ndarray, axes: dict[str, int | None], n: int) -> Batch:
+    feeds = {}
+    for k, v in batch.feeds.items():
+        ax = axes.get(k, 0)
+        v = np.asarray(v)
+        feeds[k] = np.take(v, idx, axis=ax) if ax is not None and v.ndim > ax and v.shape[ax] == n else v
+    labels = batch.labels[idx] if batch.labels is not None and len(batch.labels) == n else batch.labels
+    return Batch(feeds, labels, batch.source)
+
+
+def split_samples(batches: Iterable[Batch], axes: dict[str, int | None], parts: int, every: int | None = None) -> tuple[list[Batch], list[list[Batch]]]:
+    """Samples dealt round-robin: with ``every``, each ``every``-th sample into the held-out list; the rest into ``parts`` subsets.
+
+    Each batch is cut along its own sample axis (batches of different shapes are never glued together).
+    """
+    held: list[Batch] = []
+    subsets: list[list[Batch]] = [[] for _ in range(max(parts, 1))]
+    seen = kept = 0
+    for b in batches:
+        n = sample_count(b.feeds, axes)
+        pos = np.arange(seen, seen + n)
+        seen += n
+        is_held = (pos % every == every - 1) if every else np.zeros(n, bool)
+        if is_held.any():
+            held.append(_take(b, np.flatnonzero(is_held), axes, n))
+        rest = np.flatnonzero(~is_held)
+        if rest.size == 0:
+            continue
+        which = (kept + np.arange(rest.size)) % len(subsets)
+        kept += rest.size
+        for p in range(len(subsets)):
+            sel = rest[which == p]
+            if sel.size:
+                subsets[p].append(_take(b, sel, axes, n))
+    return held, subsets
+
+
+def _source(batches: Sequence[Batch]) -> Callable[[], Iterable[Batch]]:
+    def source() -> Iterable[Batch]:
+        yield from batches
+    return source
+
+
+def _limit(batches: list[Batch], axes: dict[str, int | None], most: int) -> list[Batch]:
+    out, seen = [], 0
+    for b in batches:
+        if seen >= most:
+            break
+        n = sample_count(b.feeds, axes)
+        if seen + n > most:
+            b = _take(b, np.arange(most - seen), axes, n)
+            n = most - seen
+        out.append(b)
+        seen += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# float forms and candidates
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Form:
+    """One float form of the model (as it is, equalized, smoothed) and its statistics per calibration set."""
+
+    name: str
+    rewrite: list[str]
+    run: Run
+    stats: dict[str, statistics.StatsMap] = field(default_factory=dict)
+
+
+@dataclass
+class Built:
+    """A candidate's quantized model and the run that made it (kept for the chosen one)."""
+
+    model: onnx.ModelProto
+    run: Run
+
+
+class Search:
+    """State of one ``-p auto`` run."""
+
+    def __init__(self, settings: Settings, host: Host, options: AutoOptions) -> None:
+        self.settings = settings
+        self.host = host
+        self.o = options
+        self.goal = Goal.of(options)
+        self.t0 = time.perf_counter()
+        #: the search's budget in seconds: given, or set from the first candidate's cost (:meth:`set_budget`)
+        self.budget = options.time_budget if options.time_budget is not None else math.inf
+        self.report = AutoReport(self.goal.metric, self.goal.threshold, self.goal.threshold is None, False, "", "", "", 0, 0, 0,
+                                 [], [], [], None, None, None, self.budget, False, 0.0, [])
+        self.built: dict[str, Built] = {}
+        self.scores: dict[str, Scores] = {}
+        self.forms: dict[str, Form] = {}
+        self.show = settings.show_progress
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget - self.elapsed()
+
+    def set_budget(self) -> None:
+        """The default budget: :data:`BUDGET_FACTOR` times what one recipe has cost so far, at least :data:`MIN_BUDGET` seconds."""
+        if self.o.time_budget is None:
+            self.budget = max(MIN_BUDGET, BUDGET_FACTOR * self.elapsed())
+            self.report.time_budget_s = round(self.budget, 1)
+            self.say(f"time budget {self.budget:.0f} s ({BUDGET_FACTOR:g}x the first recipe's {self.elapsed():.1f} s)")
+
+    def say(self, text: str) -> None:
+        """Progress: what is being tried (stderr when progress is shown, the log always)."""
+        log.info("auto: %s", text)
+        if self.show:
+            print(f"auto [{self.elapsed():5.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def resample_reserve(self) -> float:
+        """Seconds the finalists' resampling will need: a statistics pass per float form over the subsets, and the builds."""
+        if not self.subsets:
+            return 0.0
+        per = max((c.seconds for c in self.report.candidates if c.stage == "portfolio"), default=0.0)
+        return len(self.forms) * getattr(self, "pass_seconds", 0.0) + self.o.finalists * len(self.subsets) * per
+
+    def note(self, text: str) -> None:
+        self.report.notes.append(text)
+        self.say(text)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load and prepare the model once, read the data once, split it."""
+        s = self.settings
+        base = Run(replace(s, method=CALIBRATORS[0], options=None), self.host)
+        for stage in (stages.configure, stages.load, stages.prepare, stages.open_data, stages.target_rewrites, stages.place):
+            stage(base)
+        if base.profile.weight_only:
+            raise OptionError("-p auto chooses among 8- and 7-bit recipes; 4-bit weight-only runs (--bits 4) have one recipe")
+        self.base = base
+        axes = batch_axes(base.float_model)
+        self.axes = axes
+        parts = max(self.o.resamples, 1)
+        if s.eval_data is not None:
+            inputs = model_inputs(base.float_model)
+            opts = s.data_options if isinstance(s.eval_data, (str, bytes)) or hasattr(s.eval_data, "__fspath__") else None
+            ev = batch_source(make_reader(s.eval_data, inputs, self.host, opts, s.reader), inputs, s.batch_size)
+            held = _limit(list(ev()), axes, self.o.heldout_samples)
+            _, subsets = split_samples(base.source(), axes, parts)
+            self.report.heldout = "evaluation"
+        else:
+            held, subsets = split_samples(base.source(), axes, parts, every=4)
+            held = _limit(held, axes, self.o.heldout_samples)
+            self.report.heldout = "split"
+        if not held:
+            raise DataError("-p auto needs at least 4 calibration samples (every 4th is held out for scoring) or --eval-data")
+        self.subsets = subsets if self.o.resamples > 0 else []
+        self.pool = [b for part in subsets for b in part]
+        if not self.pool:
+            raise DataError("-p auto: no calibration samples left after holding out the scoring samples")
+        self.heldout = HeldOut(base.float_model, held)
+        self.report.heldout_samples = self.heldout.samples
+        self.report.calibration_samples = sum(sample_count(b.feeds, axes) for b in self.pool)
+        self.report.resamples = len(self.subsets)
+        self.say(f"{self.report.calibration_samples} calibration samples, {self.heldout.samples} held-out ({self.report.heldout}); "
+                 f"target: {self._target_text()}")
+
+    def _target_text(self) -> str:
+        g = self.goal
+        if g.threshold is None:
+            return "none given: the best full-integer recipe by worst-case cosine"
+        return f"max drop {-g.threshold} pt" if g.metric == "drop" else f"{g.metric} >= {g.threshold}"
+
+    def form(self, rewrite: str | None) -> Form | None:
+        """The float form made by ``rewrite`` (None: the prepared model), or None when the graph has nothing for it."""
+        name = rewrite or "plain"
+        if name in self.forms:
+            return self.forms[name]
+        run = self._run([rewrite] if rewrite else [], self.pool)
+        run.work, run.ctx = self.base.work, None
+        stages.place(run)
+        if rewrite:
+            m = run.methods[0]
+            rewritten = m.float_rewrite(run.ctx)
+            if rewritten is None:
+                return None
+            from onnxq.pipeline.checks import check_float_rewrite
+
+            check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
+            run.install(rewritten, replan=True)
+        f = Form(name, [rewrite] if rewrite else [], run)
+        self.forms[name] = f
+        return f
+
+    def _run(self, methods: list[str], batches: list[Batch]) -> Run:
+        """A run that shares the prepared model and whose calibration source is ``batches``."""
+        b = self.base
+        run = Run(replace(self.settings, method=methods or [CALIBRATORS[0]], options=None), self.host)
+        run.profile, run.float_model, run.in_path, run.out_path = b.profile, b.float_model, b.in_path, b.out_path
+        run.shape_status, run.inputs, run.reader, run.first = b.shape_status, b.inputs, b.reader, b.first
+        run.folded, run.gemm_rewrites = b.folded, b.gemm_rewrites
+        run.source = _source(batches)
+        run.methods = resolve_methods(methods, None, self.host) if methods else []
+        return run
+
+    def stats_of(self, form: Form, subset: int | None, recipes: Sequence[Sequence[str]]) -> statistics.StatsMap:
+        """The one statistics pass of ``form`` on the pool (``subset`` None) or one subset, serving every recipe."""
+        key = "pool" if subset is None else f"subset{subset}"
+        if key in form.stats:
+            return form.stats[key]
+        batches = self.pool if subset is None else self.subsets[subset]
+        ctx = form.run.ctx
+        requests = []
+        for recipe in [*recipes, *((c,) for c in CALIBRATORS)]:  # every calibrator reads this pass, whichever asks first
+            for m in resolve_methods(list(recipe), None, self.host):
+                requests += m.declare_statistics(ctx)
+        t = time.perf_counter()
+        form.stats[key] = statistics.collect(ctx.model, requests, _source(batches), batch_size=self.settings.batch_size,
+                                             show_progress=False)
+        if subset is None:
+            self.pass_seconds = max(getattr(self, "pass_seconds", 0.0), time.perf_counter() - t)
+        self.say(f"statistics of {form.name} on {'all calibration samples' if subset is None else f'subset {subset + 1}'}: "
+                 f"{time.perf_counter() - t:.1f} s")
+        return form.stats[key]
+
+    # -- one candidate ----------------------------------------------------------------------
+    def build(self, form: Form, recipe: Sequence[str], stats: statistics.StatsMap, batches: list[Batch],
+              float_layers: Sequence[str] = (), like: Built | None = None) -> Built:
+        """The quantized model of ``recipe`` on ``form`` from shared statistics, with ``float_layers`` excluded.
+
+        With ``like`` (the same recipe fully quantized), sites both plans have take its qparams, so
+        a search's refined scales carry over and the search itself is not run again.
+        """
+        methods = form.rewrite + list(recipe)
+        run = self._run(methods, batches)
+        run.work = form.run.work
+        exclude = list(self.settings.exclude) + list(float_layers)
+        run.ctx = RunContext(run.work, run.profile, build_plan(run.work, run.profile, exclude), run.source, show_progress=False,
+                             host=self.host, collect_options={"batch_size": self.settings.batch_size})
+        missing = [statistics.StatRequest(t, "histogram") for t in run.ctx.plan.activations if t not in stats]
+        if missing:  # a plan with layers excluded may place a site the full plan did not (TensorRT's residual rules)
+            stats = statistics.StatsMap({**stats, **statistics.collect(run.work, missing, run.source, batch_size=self.settings.batch_size,
+                                                                       show_progress=False)}, stats.results)
+        run.ctx.stats = stats
+        run.ctx.report.update(copy.deepcopy(form.run.ctx.report))
+        run.calibrator = calibrator_of(run.methods)
+        if like is not None and any(m.name in SEARCHES for m in run.methods):
+            stages.choose_qparams(run)
+            _overlay(run.ctx.plan, like.run.ctx.plan)
+            run.methods = [m for m in run.methods if m.name not in SEARCHES]
+            stages.refine(run)
+            run.methods = resolve_methods(methods, None, self.host)
+        else:
+            stages.choose_qparams(run)
+            stages.refine(run)
+        stages.rewrite_qdq(run)
+        run.timings["calibration"] = getattr(self, "pass_seconds", 0.0)
+        if float_layers:  # placement says "excluded by the user"; say who left them float
+            kept = set(float_layers)
+            run.ctx.plan.skipped = [(n, "left float by -p auto (mixed precision: the target needs it)" if n in kept else r)
+                                    for n, r in run.ctx.plan.skipped]
+        return Built(run.quantized, run)
+
+    def candidate(self, form: Form, recipe: Sequence[str], stage: str, float_layers: Sequence[str] = (), like: Built | None = None,
+                  limit: int | None = None) -> AutoCandidate:
+        """Build and score one candidate on the pool's statistics; add it to the report."""
+        name = "+".join(form.rewrite + list(recipe)) + (f" float:{len(float_layers)}" if float_layers else "")
+        t = time.perf_counter()
+        cand = AutoCandidate(name, form.rewrite + list(recipe), list(float_layers), stage, None, None, None, [], None, None, None, None,
+                             None, None, None, None, None, None, False, None, None, 0.0, None)
+        try:
+            stats = self.stats_of(form, None, [recipe])
+            built = self.build(form, recipe, stats, self.pool, float_layers, like)
+            sc = self.heldout.score(built.model, limit)
+        except OnnxqError as exc:
+            cand.error = str(exc).splitlines()[0]
+        except Exception as exc:  # one failing recipe never ends the search
+            cand.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            self.built[name], self.scores[name] = built, sc
+            _fill(cand, sc, self.goal)
+            cand.size_bytes = built.model.ByteSize()
+        cand.seconds = round(time.perf_counter() - t, 3)
+        self.say(f"{name}: {self.goal.shown(cand.score) if cand.error is None else 'failed: ' + cand.error} "
+                 f"(cosine {_f(cand.cosine)}, worst sample {_f(cand.cosine_worst)}) {cand.seconds:.1f} s")
+        if limit is None:
+            self.report.candidates.append(cand)
+        return cand
+
+    def resample(self, cand: AutoCandidate) -> None:
+        """Recalibrate ``cand`` on each disjoint subset and score it: its spread and worst score."""
+        form = self.forms[_form_name(cand.methods)]
+        recipe = cand.methods[len(form.rewrite):]
+        for i, part in enumerate(self.subsets):
+            if self.left() <= 0:
+                self.report.budget_exhausted = True
+                self.note(f"time budget spent: {cand.name} resampled on {i} of {len(self.subsets)} subsets")
+                break
+            stats = self.stats_of(form, i, [recipe])
+            built = self.build(form, recipe, stats, part)
+            v = self.heldout.score(built.model).value(self.goal.metric)
+            if v is not None:
+                cand.resample_scores.append(round(v, 6))
+        values = [v for v in [cand.score, *cand.resample_scores] if v is not None]
+        if cand.resample_scores:
+            cand.spread = round(max(values) - min(values), 6)
+            cand.score_worst = round(min(values), 6)
+            cand.meets_target = self.goal.met(cand.score_worst)
+        self.say(f"{cand.name} on {len(cand.resample_scores)} subsets: {', '.join(self.goal.shown(v) for v in cand.resample_scores)}; "
+                 f"spread {_f(cand.spread)}")
+
+    def latency(self, cand: AutoCandidate, structure: str) -> None:
+        """Measured latency of ``cand``'s model; candidates of one graph structure share one measurement."""
+        cache = getattr(self, "_lat", {})
+        self._lat = cache
+        if structure not in cache:
+            built = self.built[cand.name]
+            feeds = {k: np.take(np.asarray(v), [0], axis=self.axes.get(k, 0) or 0) if self.axes.get(k, 0) is not None else v
+                     for k, v in self.heldout.batches[0].feeds.items()}
+            try:
+                cache[structure] = round(ort_backend.latency_ms(built.model, feeds, 1, 10, 2), 4)
+            except Exception:  # noqa: BLE001 - latency is a report figure
+                cache[structure] = None
+        cand.latency_ms = cache[structure]
+
+
+def _form_name(methods: Sequence[str]) -> str:
+    return next((m for m in methods if m in FLOAT_FORMS), "plain")
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.5f}"
+
+
+def _fill(cand: AutoCandidate, sc: Scores, goal: Goal) -> None:
+    r = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
+    cand.score = r(sc.value(goal.metric))
+    cand.score_worst = cand.score
+    cand.cosine, cand.cosine_worst, cand.cosine_p1 = r(sc.cosine), r(sc.cosine_worst), r(sc.cosine_p1)
+    cand.agreement, cand.agreement_worst, cand.accuracy_drop = r(sc.agreement), r(sc.agreement_worst), r(sc.accuracy_drop)
+    cand.worst_output, cand.worst_output_cosine = sc.worst_output, r(sc.worst_output_cosine)
+    cand.worst_class, cand.worst_class_agreement = sc.worst_class, r(sc.worst_class_agreement)
+    cand.meets_target = goal.met(cand.score)
+
+
+def _overlay(plan: Any, like: Any) -> None:
+    """Copy ``like``'s qparams into ``plan`` for the sites both have (same tensor, same weight)."""
+    for t, site in plan.activations.items():
+        other = like.activations.get(t)
+        if other is not None and other.qparams is not None and set(map(tuple, other.consumers)) >= set(map(tuple, site.consumers)):
+            site.range, site.qparams = other.range, other.qparams
+    for w, site in plan.weights.items():
+        other = like.weights.get(w)
+        if other is not None and other.qparams is not None:
+            site.qparams = other.qparams
+
+
+def _rank(c: AutoCandidate) -> tuple:
+    """Sort key, best first: meets the target, fewer float layers, higher worst-case score, higher mean, faster."""
+    return (not c.meets_target, len(c.float_layers), -(c.score_worst if c.score_worst is not None else -math.inf),
+            -(c.score if c.score is not None else -math.inf), c.latency_ms if c.latency_ms is not None else math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------
+
+def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, AutoReport]:
+    """Run ``-p auto``: returns the chosen candidate's run (quantized, not yet validated or saved) and the search's report."""
+    o = options if isinstance(options, AutoOptions) else parse_options(AutoOptions, options, "method 'auto'")
+    s = Search(settings, host, o)
+    s.prepare()
+    portfolio(s)
+    finals = finalists(s)
+    best = min(finals, key=_rank)
+    if s.goal.threshold is not None and not best.meets_target and o.mixed:
+        mixed = mixed_precision(s, best)
+        if mixed is not None:
+            best = mixed
+    s.report.chosen = best.name
+    s.report.met = best.meets_target
+    s.report.float_layers = list(best.float_layers)
+    s.report.reason = reason(s, best, finals)
+    s.say(f"chose {best.name}: {s.report.reason}")
+    s.report.seconds = round(s.elapsed(), 3)
+    run = s.built[best.name].run
+    return run, s.report
+
+
+def portfolio(s: Search) -> None:
+    """Every calibrator on every float form the graph has a pattern for, then bias correction and easyquant on the best."""
+    plain = s.form(None)
+    recipes = [(c,) for c in CALIBRATORS]
+    s.stats_of(plain, None, recipes + [(CALIBRATORS[0], "bias-correction")])
+    s.candidate(plain, recipes[0], "portfolio")
+    s.set_budget()
+    forms = [plain]
+    for rewrite in FLOAT_FORMS:
+        if s.left() <= 0:
+            s.report.budget_exhausted = True
+            s.note(f"time budget spent: {rewrite} not tried")
+            continue
+        s.say(f"trying the float rewrite {rewrite}")
+        try:
+            f = s.form(rewrite)
+        except OnnxqError as exc:
+            s.note(f"{rewrite} not applicable: {str(exc).splitlines()[0]}")
+            continue
+        if f is None:
+            s.note(f"{rewrite}: the graph has no pattern for it")
+            continue
+        forms.append(f)
+    for f in forms:
+        s.stats_of(f, None, recipes + [(CALIBRATORS[0], "bias-correction")])
+        for r in recipes:
+            if f is plain and r == recipes[0]:
+                continue  # scored above, to set the budget
+            if s.left() <= 0:
+                s.report.budget_exhausted = True
+                s.note(f"time budget spent: {'+'.join(f.rewrite + list(r))} not tried")
+                continue
+            s.candidate(f, r, "portfolio")
+    ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
+    if not ok:
+        raise OnnxqError("-p auto: no candidate recipe could be built: " + "; ".join(f"{c.name}: {c.error}" for c in s.report.candidates))
+    has_bias = any(n.op_type in ("Conv", "ConvTranspose", "Gemm") for n in s.base.work.graph.node)
+    if has_bias:
+        for c in ok[:2]:
+            # bias correction runs the model over its samples layer by layer: about one statistics pass
+            need = getattr(s, "pass_seconds", 0.0) + c.seconds
+            if s.left() < need + s.resample_reserve():
+                s.note(f"{c.name}+bias-correction not tried: about {need:.0f} s needed, "
+                       f"{max(s.left() - s.resample_reserve(), 0):.0f} s of the time budget left beside the resampling")
+                break
+            f = s.forms[_form_name(c.methods)]
+            s.candidate(f, tuple(c.methods[len(f.rewrite):]) + ("bias-correction",), "bias-correction")
+    else:
+        s.note("bias-correction: no Conv/Gemm layer whose bias it could correct")
+    if s.o.easyquant:
+        easyquant(s)
+
+
+def easyquant(s: Search) -> None:
+    """easyquant from the best calibrator's ranges, when the measured cost of a candidate says the budget allows it."""
+    ok = sorted([c for c in s.report.candidates if c.error is None and len(c.methods) - len(_rewrites(c.methods)) == 1], key=_rank)
+    if not ok:
+        return
+    best = ok[0]
+    per = max(c.seconds for c in s.report.candidates)
+    need = 12 * per  # easyquant measured at 4-12x a calibrator's run on the suite (benchmarks/README.md)
+    if s.left() < need + s.resample_reserve():
+        s.note(f"easyquant not tried: about {need:.0f} s needed, {max(s.left(), 0):.0f} s of the time budget left")
+        return
+    f = s.forms[_form_name(best.methods)]
+    s.candidate(f, tuple(best.methods[len(f.rewrite):]) + ("easyquant",), "easyquant")
+
+
+def _rewrites(methods: Sequence[str]) -> list[str]:
+    return [m for m in methods if m in FLOAT_FORMS]
+
+
+def finalists(s: Search) -> list[AutoCandidate]:
+    """The best few candidates, each recalibrated on the disjoint subsets and measured for latency."""
+    ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
+    finals = ok[: s.o.finalists]
+    for c in finals:
+        if s.subsets and s.left() > 0:
+            s.resample(c)
+        elif s.subsets:
+            s.report.budget_exhausted = True
+            s.note(f"time budget spent: {c.name} not resampled")
+    for c in ok:
+        s.latency(c, _form_name(c.methods))
+    return finals
+
+
+def mixed_precision(s: Search, best: AutoCandidate) -> AutoCandidate | None:
+    """Layers of ``best`` moved to float, cheapest gain per millisecond first, until the target is met."""
+    form = s.forms[_form_name(best.methods)]
+    recipe = tuple(best.methods[len(form.rewrite):])
+    like = s.built[best.name]
+    plan = like.run.ctx.plan
+    layers = [lay for lay in plan.layers if lay.weight is not None and lay.weight in plan.weights]
+    if not layers:
+        s.note("mixed precision: no quantized weighted layer to leave float")
+        return None
+    s.say(f"mixed precision on {best.name}: {len(layers)} layers; measuring their latency")
+    table = LatencyTable(s.settings.cache_dir)
+    sample = {k: np.take(np.asarray(v), [0], axis=s.axes.get(k, 0) or 0) if s.axes.get(k, 0) is not None else v
+              for k, v in s.pool[0].feeds.items()}
+    try:
+        lat = table.measure(form.run.work, layers, sample, s.base.profile)
+    except Exception as exc:  # noqa: BLE001 - without latencies the search still runs, by sensitivity alone
+        s.note(f"per-layer latency could not be measured ({type(exc).__name__}: {exc}); choosing by sensitivity alone")
+        lat = {}
+    table.save()
+    s.report.latency_cache = str(table.path) if table.path is not None else None
+    s.report.machine = table.machine
+    base_score = best.score if best.score is not None else -math.inf
+    rows: dict[str, AutoLayer] = {}
+    for lay in layers:
+        ll = lat.get(lay.node)
+        rows[lay.node] = AutoLayer(lay.node, lay.op_type, None, None, ll.float_ms if ll else None, ll.int_ms if ll else None,
+                                   round(ll.float_cost_ms, 5) if ll else None, False)
+    # sensitivity: one layer float at a time, layers in graph order, within the budget
+    measured = 0
+    for lay in layers[: s.o.max_sensitivity_layers]:
+        if s.left() <= 0:
+            s.report.budget_exhausted = True
+            s.note(f"time budget spent: sensitivity measured on {measured} of {len(layers)} layers")
+            break
+        c = s.candidate(form, recipe, "mixed", [lay.node], like)
+        s.report.candidates.pop()  # one-layer runs go to the sensitivity table, not the candidate table
+        if c.score is not None:
+            rows[lay.node].score_float = c.score
+            rows[lay.node].gain = round(c.score - base_score, 6)
+        measured += 1
+    s.report.sensitivity = list(rows.values())
+    useful = [r for r in rows.values() if r.gain is not None and r.gain > 0]
+    if not useful:
+        s.note("mixed precision: no single layer left float improves the target's metric")
+        return None
+
+    def per_ms(r: AutoLayer) -> float:
+        cost = max(r.float_cost_ms if r.float_cost_ms is not None else 0.0, 0.0) + 0.01  # 10 µs: free layers still rank by gain
+        return r.gain / cost  # type: ignore[operator]
+
+    chosen = greedy(s, form, recipe, like, sorted(useful, key=per_ms, reverse=True), "mixed")
+    if chosen is not None and (chosen.score or -math.inf) <= base_score:
+        return None
+    if chosen is not None:
+        for name in chosen.float_layers:
+            rows[name].kept_float = True
+    if s.left() > 0:  # the comparison the report shows: by sensitivity alone
+        alone = greedy(s, form, recipe, like, sorted(useful, key=lambda r: r.gain, reverse=True), "by-error", record=False)
+        if alone is not None:
+            s.latency(alone, "float:" + ",".join(sorted(alone.float_layers)))
+            s.report.by_error_alone = alone
+    return chosen
+
+
+def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: list[AutoLayer], stage: str,
+           record: bool = True) -> AutoCandidate | None:
+    """Add layers to float in ``order`` until the target is met, then drop those it does not need (costliest first)."""
+    chosen: list[str] = []
+    last: AutoCandidate | None = None
+    for r in order:
+        if s.left() <= 0:
+            s.report.budget_exhausted = True
+            s.note(f"time budget spent while adding float layers ({stage})")
+            break
+        chosen.append(r.node)
+        last = s.candidate(form, recipe, stage, list(chosen), like)
+        if not record:
+            s.report.candidates.pop()
+        if last.meets_target:
+            break
+    if last is None or not last.meets_target:
+        if last is not None:
+            s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
+        return last
+    cost = {r.node: (r.float_cost_ms or 0.0) for r in order}
+    for node in sorted(chosen[:-1], key=lambda n: -cost[n]):  # the last one added was needed
+        if s.left() <= 0:
+            break
+        trial = [n for n in chosen if n != node]
+        c = s.candidate(form, recipe, stage, trial, like)
+        if not record:
+            s.report.candidates.pop()
+        if c.meets_target:
+            chosen, last = trial, c
+    s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
+    return last
+
+
+def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
+    """Why ``best`` was chosen, in one sentence."""
+    g = s.goal
+    spread = f" (spread {best.spread:.5f} over {len(best.resample_scores)} calibration subsets)" if best.spread is not None else ""
+    if best.float_layers:
+        cost = sum((r.float_cost_ms or 0.0) for r in s.report.sensitivity if r.node in best.float_layers)
+        reached = "meet the target with" if best.meets_target else "still miss the target (the time budget or the layers ran out) at"
+        return (f"no full-integer recipe meets {s._target_text()} (best: {finals[0].name}, {g.shown(finals[0].score_worst)}); "
+                f"{len(best.float_layers)} layer(s) left float, chosen by sensitivity per measured millisecond "
+                f"(about {cost:.3f} ms of float latency), {reached} {g.shown(best.score)}")
+    if g.threshold is None:
+        return f"the highest worst-case {g.metric} on held-out data over the calibration resamples: {g.shown(best.score_worst)}{spread}"
+    if best.meets_target:
+        return f"meets {s._target_text()} on its worst resample ({g.shown(best.score_worst)}){spread}, full integer"
+    return (f"no recipe meets {s._target_text()}{'' if s.o.mixed else ' and mixed precision is off'}; "
+            f"the best worst-case {g.metric}: {g.shown(best.score_worst)}{spread}")
