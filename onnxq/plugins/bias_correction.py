@@ -27,7 +27,8 @@ from onnx import numpy_helper
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
 from onnxq.calib.statistics import StatRequest
-from onnxq.search.samples import samples_request, take_samples
+from onnxq.search.footprint import fitted_chunks
+from onnxq.search.samples import sample_batches, samples_request
 from onnxq.graph.edit import Namer
 from onnxq.graph.index import GraphIndex
 from onnxq.hookspecs import hookimpl
@@ -41,11 +42,12 @@ CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
 class BiasCorrectionOptions:
     """Options of empirical bias correction."""
 
-    samples: int = option(64, "calibration samples over which the output means are taken")
+    samples: int = option(64, "calibration samples over which the output means are taken (at most; memory_mb may keep fewer)")
+    memory_mb: float = option(384, "memory the correction may hold for its samples (the float and the quantized pass's activations kept between layers, plus one ONNX Runtime run); keeps fewer samples than `samples`, in smaller runs, where they do not fit (the report says how many)")
 
     def validate(self) -> None:
-        if self.samples < 1:
-            raise ValueError("samples must be >= 1")
+        if self.samples < 1 or self.memory_mb <= 0:
+            raise ValueError("samples must be >= 1 and memory_mb > 0")
 
 
 class BiasCorrection(QuantMethod):
@@ -60,7 +62,9 @@ class BiasCorrection(QuantMethod):
         return super().declare_statistics(ctx) + [samples_request(self.options.samples)]
 
     def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto:
-        chunks = take_samples(ctx, self.options.samples)
+        # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
+        # size and sample count: a float and a quantized runner each hold their frontier
+        chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, self.options.samples)], int(self.options.memory_mb * 2**20), runners=2)
         # the runners and the corrections share one copy, as they shared the working model before
         model = onnx.ModelProto()
         model.CopyFrom(ctx.model)
@@ -85,14 +89,11 @@ class BiasCorrection(QuantMethod):
                     skipped[layer.node] = "no float bias of its own"
                     continue
                 ch_axis = 1 if node.op_type != "Gemm" else -1
-                y_f = f_run.value(node.output[0])
-                y_q = q_run.value(node.output[0])
-                axes = tuple(a for a in range(y_f.ndim) if a != ch_axis % y_f.ndim)
-                shift = (y_f.astype(np.float64) - y_q).mean(axis=axes)
+                shift, energy, channels, ndim = _mean_shift(f_run, q_run, node.output[0], ch_axis)
                 if add_bias:
                     # both runners have already executed this node, so a new input is safe to add
                     bias_name = fresh(f"{node.name}_bias")
-                    t = numpy_helper.from_array(np.zeros(y_f.shape[ch_axis % y_f.ndim], np.float32), bias_name)
+                    t = numpy_helper.from_array(np.zeros(channels, np.float32), bias_name)
                     model.graph.initializer.append(t)
                     inits[bias_name] = model.graph.initializer[-1]
                     if len(node.input) > 2:
@@ -103,18 +104,40 @@ class BiasCorrection(QuantMethod):
                 if shift.shape != bias.shape or not np.all(np.isfinite(shift)):
                     skipped[layer.node] = "output channels do not match the bias"
                     continue
-                energy = float(np.sqrt(np.mean(y_f.astype(np.float64) ** 2)))
                 new_bias = (bias + shift).astype(bias.dtype)
                 inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
                 q_run.consts[bias_name] = new_bias
                 # the quantized run already computed this output with the old bias: shift it, so
                 # later layers are corrected against what the deployed model will feed them
-                shape = [1] * y_f.ndim
-                shape[ch_axis % y_f.ndim] = -1
+                shape = [1] * ndim
+                shape[ch_axis % ndim] = -1
                 q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
                 section[layer.node] = {"mean_abs_shift": float(np.abs(shift).mean()), "relative_shift": float(np.abs(shift).mean() / max(energy, 1e-12))}
-        ctx.report[self.name] = {"corrected": section, "skipped": skipped}
+        ctx.report[self.name] = {"corrected": section, "skipped": skipped, "samples": sum(next(iter(c.values())).shape[0] for c in chunks),
+                                 "samples_kept": fit.describe()}
         return model
+
+
+def _mean_shift(f_run: GraphRunner, q_run: GraphRunner, tensor: str, ch_axis: int) -> tuple[np.ndarray, float, int, int]:
+    """Per-channel mean of ``y_fp − y_q`` over samples and positions, the RMS of ``y_fp``, the channel
+    count and the rank, accumulated run by run (never the whole tensor over every sample at once)."""
+    for r in (f_run, q_run):
+        producer = r.idx.producer.get(tensor)
+        if producer is not None:
+            r.run_to(r.position[producer.name])
+    total = None
+    count = 0
+    square = 0.0
+    for y_f, y_q in zip(f_run.values[tensor], q_run.values[tensor]):
+        ch = ch_axis % y_f.ndim
+        axes = tuple(a for a in range(y_f.ndim) if a != ch)
+        f64 = y_f.astype(np.float64)
+        part = (f64 - y_q).sum(axis=axes)
+        total = part if total is None else total + part
+        count += y_f.size // y_f.shape[ch]
+        square += float(np.sum(f64**2))
+    assert total is not None
+    return total / max(count, 1), float(np.sqrt(square / max(count * len(total), 1))), len(total), y_f.ndim
 
 
 @hookimpl

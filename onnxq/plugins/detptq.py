@@ -39,7 +39,8 @@ import numpy as np
 
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import samples_request, take_samples
+from onnxq.search.footprint import fitted_chunks
+from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest, TensorStats
 from onnxq.search.tail import TailSession
 from onnxq.calib.thresholds import grid_steps, guarded_entropy_threshold
@@ -67,7 +68,8 @@ class DetPtqOptions:
     weight_bits: int | None = option(None, "weight grid bits, 2-8 (default: --bits); below 8 the weights are int8 restricted to the narrower range (emulated)")
     act_bits: int | None = option(None, "activation grid bits, 2-8 (default: --bits); below 8 a Clip restricts the int8/uint8 Q/DQ to the narrower grid (emulated)")
     keep_first_last: bool = option(True, "with weight_bits/act_bits below --bits, keep the first and the output layers (and tensors before/after them) at --bits")
-    samples: int = option(64, "calibration samples the task loss is computed on")
+    samples: int = option(64, "calibration samples the task loss is computed on (at most; memory_mb may keep fewer)")
+    memory_mb: float = option(192, "memory the search may hold for its samples: the activations kept between layers for every sample plus one ONNX Runtime run's working set; keeps fewer samples than `samples`, in smaller runs, where they do not fit (the report says how many)")
     granularity: Literal["tensor", "layer"] = option("tensor", "tensor: every weight and activation tensor gets its own p (onnxq default, measured better); layer: a layer's weights and input activations share one p (the paper's wording, half the evaluations)")
     rest: Literal["fp", "current"] = option("fp", "layers after the one being decided: fp (left in float, docs/methods.md: DetPTQ) or current (quantized at their current choice: p=2 until decided)")
     rounds: int = option(1, "passes over all layers; later passes re-decide each layer with every other layer quantized")
@@ -89,8 +91,8 @@ class DetPtqOptions:
             b = getattr(self, name)
             if b is not None and not 2 <= b <= 8:
                 raise ValueError(f"{name} must be between 2 and 8")
-        if self.samples < 1 or self.rounds < 1 or self.ratios < 2:
-            raise ValueError("samples and rounds must be >= 1, ratios >= 2")
+        if self.samples < 1 or self.rounds < 1 or self.ratios < 2 or self.memory_mb <= 0:
+            raise ValueError("samples and rounds must be >= 1, ratios >= 2, memory_mb > 0")
         if not 0 < self.min_ratio < 1:
             raise ValueError("min_ratio must be in (0, 1)")
 
@@ -407,7 +409,9 @@ class DetPtq(QuantMethod):
         if getattr(self, "w_cands", None) is None or set(self.w_cands) != set(ctx.plan.weights):
             self._candidates(ctx)
         task = self._task(ctx)
-        chunks = take_samples(ctx, o.samples)
+        # the samples the search keeps and the size of its runs, bounded by memory_mb (not by the
+        # data's batch size or the number of calibration samples)
+        chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, o.samples)], int(o.memory_mb * 2**20))
         sessions: dict[str, object] = {}
         reference = self._outputs(ctx, chunks, QuantPlan(ctx.profile), task)
         targets = task.prepare(reference)
@@ -449,6 +453,7 @@ class DetPtq(QuantMethod):
             "task": task.name,
             "outputs": task.outputs,
             "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
+            "samples_kept": fit.describe(),
             "p_values": self.labels,
             "rest": o.rest,
             "weight_bits": wb,
@@ -464,6 +469,7 @@ class DetPtq(QuantMethod):
             "summary": [
                 f"task {task.name} on {', '.join(task.outputs)}; W{wb}A{ab}; p chosen for {len(units)} {'tensors' if o.granularity == 'tensor' else 'layers'} "
                 f"({evaluations} loss evaluations, {search_seconds:.1f} s)",
+                f"task loss on {fit.describe()}",
                 "chosen p: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())) + f"; final task loss {final_terms['loss']:.4g}",
             ],
         }
@@ -474,7 +480,10 @@ class DetPtq(QuantMethod):
         probe_acts = {m: self.a_cands[tuple(g)][self.labels[0]].dtype for g in u.activations for m in g}
         live = {t: v[0].dtype for t, v in q_run.values.items() if v}
         tail = TailSession(ctx.model, ctx.plan, u.start, task.outputs, live, u.weights, probe_acts)
-        frontier = {t: q_run.value(t) for t in tail.frontier}
+        # the frontier stays in the runner's chunks: one tail run per chunk, never one run over all
+        # samples (its working set would grow with them)
+        n_chunks = max((len(v) for v in q_run.values.values()), default=1)
+        frontiers = [{t: q_run.consts[t] if t in q_run.consts else q_run.values[t][c] for t in tail.frontier} for c in range(n_chunks)]
         values = {w: ctx.weight(ctx.plan.weights[w].initializer) for w in u.weights}
         losses: dict[str, float] = {}
         seen: dict[tuple, float] = {}
@@ -483,7 +492,7 @@ class DetPtq(QuantMethod):
             if key not in seen:
                 weights = {w: self.w_cands[w][label].fake_quantize(values[w]) for w in u.weights}
                 acts = {m: self.a_cands[tuple(g)][label] for g in u.activations for m in g}
-                seen[key] = float(task.loss(tail.run(frontier, weights, acts), targets))
+                seen[key] = float(task.loss(_joined([tail.run(f, weights, acts) for f in frontiers], task.outputs), targets))
             losses[label] = seen[key]
         return losses, len(seen)
 
@@ -530,8 +539,7 @@ class DetPtq(QuantMethod):
         """The task's outputs with ``plan``'s Q/DQ (an empty plan: FP32), as one session."""
         dtypes = {k: v.dtype for k, v in chunks[0].items()}
         tail = TailSession(ctx.model, plan, 0, task.outputs, dtypes)
-        parts = [tail.run(c) for c in chunks]
-        return {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in task.outputs}
+        return _joined([tail.run(c) for c in chunks], task.outputs)
 
     def _emulation_note(self, ctx: RunContext, wb: int, ab: int) -> str:
         bits = ctx.profile.bits
@@ -547,6 +555,11 @@ class DetPtq(QuantMethod):
         return ("W%dA%d is emulated: " % (wb, ab)) + "; ".join(parts) + (
             f". ONNX Runtime and TensorRT run these layers on their INT8 kernels: the accuracy of the low-bit grid is "
             f"real, its speed and memory are not ({why})") + kept
+
+
+def _joined(parts: list[dict[str, np.ndarray]], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-run outputs joined along the batch axis."""
+    return {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in names}
 
 
 @hookimpl

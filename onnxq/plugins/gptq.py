@@ -52,7 +52,8 @@ from onnx import numpy_helper
 
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import samples_request, take_samples
+from onnxq.search.footprint import fitted_chunks
+from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
 from onnxq.graph.edit import with_initializers
@@ -298,7 +299,8 @@ def _gram(runner: GraphRunner, tensor: str) -> np.ndarray:
 class GptqOptions:
     """Options of the GPTQ weight-only method (``--bits 4``)."""
 
-    samples: int = option(128, "calibration samples (sequences/images) whose MatMul inputs form H = 2·XᵀX")
+    samples: int = option(128, "calibration samples (sequences/images) whose MatMul inputs form H = 2·XᵀX (at most; memory_mb may keep fewer)")
+    memory_mb: float = option(384, "memory the sequential pass may hold for its samples (the activations kept between layers plus one ONNX Runtime run); keeps fewer samples than `samples`, in smaller runs, where they do not fit (the report says how many)")
     damp: float = option(0.01, "diagonal damping, as a fraction of mean(diag H)")
     act_order: bool = option(True, "visit blocks by decreasing summed diag(H), rows inside a block by decreasing H_kk")
     clip: bool = option(True, "choose each block's range among the clip_grid shrink factors by H-weighted squared error")
@@ -315,8 +317,8 @@ class GptqOptions:
             raise ValueError("damp must be in [0, 10)")
         if not self.clip_grid or any(not 0 < p <= 1 for p in self.clip_grid):
             raise ValueError("clip_grid factors must be in (0, 1]")
-        if self.lazy < 1 or self.keep8 < 0:
-            raise ValueError("lazy must be >= 1 and keep8 >= 0")
+        if self.lazy < 1 or self.keep8 < 0 or self.memory_mb <= 0:
+            raise ValueError("lazy must be >= 1, keep8 >= 0 and memory_mb > 0")
 
 
 class Gptq(QuantMethod):
@@ -393,7 +395,9 @@ class Gptq(QuantMethod):
         plan = ctx.plan
         self._w_hat = {}
         self._sessions: dict[str, object] = {}
-        chunks = take_samples(ctx, o.samples)
+        # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
+        # size and sample count (H itself is accumulated run by run)
+        chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, o.samples)], int(o.memory_mb * 2**20))
         n_samples = int(sum(next(iter(c.values())).shape[0] for c in chunks))
         inits = {t.name: t for t in ctx.model.graph.initializer}
         weights = {s.initializer: tensor_array(inits[s.initializer]).astype(np.float32, copy=False) for s in plan.weights.values()}  # memory-mapped when on disk
@@ -428,6 +432,7 @@ class Gptq(QuantMethod):
         report: dict[str, Any] = {
             "samples": n_samples,
             "inputs": o.inputs,
+            "samples_kept": fit.describe(),
             "layers": layers,
             "bits8_layers": sorted(n for n in results if results[n].bits == 8),
             "bits8_params_share": params8 / params if params else 0.0,
