@@ -229,3 +229,24 @@ def test_what_onnxq_cannot_honour_is_one_clear_error_before_any_work(tmp_path, d
         quantize_static(digits_model, out, _digits_reader(digits_calib), **kwargs)
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_migration_guide_code_runs_as_written(tmp_path, monkeypatch):
+    import re
+
+    from onnxq.compat.ort import EXTRA_OPTIONS
+
+    text = (REPO / "docs" / "migrating-from-ort.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    script = next(b for b in blocks if "class DigitsDataReader" in b)
+    monkeypatch.chdir(tmp_path)  # the guide runs from the repository root: the same relative paths here
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    (tmp_path / "out").mkdir()
+    namespace: dict = {}
+    exec(compile(script, "migrating-from-ort.md", "exec"), namespace)  # noqa: S102
+    exec(compile(blocks[-1], "migrating-from-ort.md (going further)", "exec"), namespace)  # noqa: S102 - reuses DigitsDataReader
+    assert (tmp_path / "out" / "digits.compat.onnx").is_file()
+    report = namespace["result"].report
+    assert report.method == ["mse"] and report.target == "trt" and not report.fidelity.warned
+    for key in EXTRA_OPTIONS:
+        assert f"`{key}`" in text, f"extra_options key {key} is honoured but not documented"

@@ -20,7 +20,8 @@ onnxq cannot honour is an :class:`~onnxq.errors.OptionError` naming it, before a
 
 Users' existing ``CalibrationDataReader`` objects are read as they are: ``get_next()`` until it
 returns None, and ``rewind()`` between onnxq's passes (a reader without ``rewind`` is read once
-and its feeds kept in memory).
+and its feeds kept in memory). :func:`reader_feeds` hands such a reader to ``onnxq.optimize``
+itself, and :func:`translate` says what a call becomes without running it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfil
 from onnxq.host import get_host
 from onnxq.pipeline import Report, optimize
 
-__all__ = ["CalibrationDataReader", "CalibrationMethod", "EXTRA_OPTIONS", "QuantFormat", "QuantType", "quantize_static"]
+__all__ = ["CalibrationDataReader", "CalibrationMethod", "EXTRA_OPTIONS", "QuantFormat", "QuantType", "Translation", "quantize_static",
+           "reader_feeds", "translate"]
 
 log = logging.getLogger("onnxq")
 
@@ -275,6 +277,20 @@ def _exclusions(model: onnx.ModelProto, target: TargetProfile, op_types: Sequenc
     return sorted(glob.escape(n) for n in excluded)
 
 
+def _feeds_of(reader: Any) -> Iterator[dict[str, np.ndarray]]:
+    """``reader.get_next()`` until it returns None, each feed checked to be a mapping and its values made arrays."""
+    k = 0
+    while True:
+        feeds = reader.get_next()
+        if feeds is None:
+            return
+        if not isinstance(feeds, Mapping):
+            raise DataError(f"{type(reader).__name__}.get_next() returned {type(feeds).__name__} (item {k}), "
+                            "not a dict of input name -> array")
+        k += 1
+        yield {str(name): np.asarray(value) for name, value in feeds.items()}
+
+
 class _ReaderAdapter(DataReader):
     """onnxq's reader over an ONNX Runtime ``CalibrationDataReader``: one batch per ``get_next()`` dict.
 
@@ -292,30 +308,30 @@ class _ReaderAdapter(DataReader):
         self._started = False
         self._rewinds = callable(getattr(reader, "rewind", None))
 
-    def _read(self) -> Iterator[dict[str, np.ndarray]]:
-        k = 0
-        while True:
-            feeds = self._reader.get_next()
-            if feeds is None:
-                return
-            if not isinstance(feeds, Mapping):
-                raise DataError(f"{type(self._reader).__name__}.get_next() returned {type(feeds).__name__} (item {k}), "
-                                "not a dict of input name -> array")
-            k += 1
-            yield {str(name): np.asarray(value) for name, value in feeds.items()}
-
     def __iter__(self) -> Iterator[Batch]:
         if not self._rewinds:
             if self._kept is None:
-                self._kept = list(self._read())
+                self._kept = list(_feeds_of(self._reader))
             feeds_list: Any = self._kept
         else:
             if self._started:
                 self._reader.rewind()
             self._started = True
-            feeds_list = self._read()
+            feeds_list = _feeds_of(self._reader)
         for k, feeds in enumerate(feeds_list):
             yield Batch(dict(feeds), None, source=f"{self.spec} item {k}")
+
+
+def reader_feeds(reader: Any) -> list[dict[str, np.ndarray]]:
+    """All feed dicts of an ONNX Runtime ``CalibrationDataReader`` (rewound first when it can be), as ``onnxq.optimize(data=...)`` takes them.
+
+    For using an existing reader with onnxq's own API (any method, target or bit width).
+    """
+    if not callable(getattr(reader, "get_next", None)):
+        raise OptionError(f"{type(reader).__name__} has no get_next() method: not a CalibrationDataReader")
+    if callable(getattr(reader, "rewind", None)):
+        reader.rewind()
+    return list(_feeds_of(reader))
 
 
 def _graph_of(path: str | os.PathLike[str]) -> onnx.ModelProto:
