@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from onnxq.evaluate.compare import Evaluation
-from onnxq.pipeline.report import Fidelity, Report
+from onnxq.pipeline.report import AutoReport, Fidelity, Report
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -85,11 +85,46 @@ def run_summary(report: Report) -> str:
                      f"relative output error vs float {err}")
     for name, section in report.methods.items():
         lines += [f"{name}: {line}" for line in (section.get("summary") or [] if isinstance(section, dict) else [])]
+    if report.auto is not None:
+        lines += auto_lines(report.auto)
     if report.fidelity is not None:
         lines += fidelity_lines(report.fidelity)
     if report.output:
         lines.append(f"wrote {report.output}")
     return "\n".join(lines)
+
+
+def auto_lines(auto: AutoReport) -> list[str]:
+    """``-p auto``'s search: every candidate with its mean and worst-case figures, the choice and why, the sensitivity table."""
+    metric = "drop-pt" if auto.metric == "drop" else auto.metric
+    sign = -1.0 if auto.metric == "drop" else 1.0
+    val = lambda v: _fmt(None if v is None else sign * v, ".2f" if auto.metric == "drop" else ".5f")  # noqa: E731
+    rows = []
+    for c in auto.candidates:
+        rows.append([("* " if c.name == auto.chosen else "  ") + c.name, c.stage, val(c.score), val(c.score_worst), _fmt(c.spread, ".5f"),
+                     _fmt(c.cosine_worst, ".5f"), _fmt(c.cosine_p1, ".5f"), _fmt(c.agreement_worst, ".4f"),
+                     f"{c.worst_output} {_fmt(c.worst_output_cosine, '.4f')}" if c.worst_output else "-",
+                     f"{c.worst_class} {_fmt(c.worst_class_agreement, '.3f')}" if c.worst_class is not None else "-",
+                     human_bytes(c.size_bytes), _fmt(c.latency_ms, ".3f"), f"{c.seconds:.1f}", "yes" if c.meets_target else c.error or "no"])
+    target = "none (best full-integer recipe)" if auto.threshold is None else f"{metric} {'<=' if auto.metric == 'drop' else '>='} {val(auto.threshold)}"
+    lines = [f"auto: target {target}; scored on {auto.heldout_samples} held-out samples ({auto.heldout}), calibrated on "
+             f"{auto.calibration_samples}, {auto.resamples} disjoint resamples for the finalists; {auto.seconds:.1f} s of a "
+             f"{auto.time_budget_s:.0f} s budget{' (spent)' if auto.budget_exhausted else ''}",
+             table(rows, ["candidate", "stage", metric, "worst-resample", "spread", "cos-worst", "cos-p1", "agree-worst", "worst output",
+                          "worst class", "size", "latency ms", "s", "meets"])]
+    if auto.sensitivity:
+        lines.append("auto: per-layer sensitivity (only this layer float) and measured latency (ONNX Runtime CPU, 1 sample, 1 thread)"
+                     + (f", cached in {auto.latency_cache}" if auto.latency_cache else ""))
+        lines.append(table([[r.node, r.op_type, val(r.score_float), _fmt(None if r.gain is None else sign * r.gain, ".5f"), _fmt(r.float_ms, ".4f"),
+                             _fmt(r.int_ms, ".4f"), _fmt(r.float_cost_ms, ".4f"), "float" if r.kept_float else ""] for r in auto.sensitivity],
+                           ["layer", "op", metric, "gain", "float ms", "int ms", "float cost ms", "chosen"]))
+    if auto.by_error_alone is not None:
+        b = auto.by_error_alone
+        lines.append(f"auto: by sensitivity alone (latency ignored): {len(b.float_layers)} float layer(s), {metric} {val(b.score)}, "
+                     f"latency {_fmt(b.latency_ms, '.3f')} ms")
+    lines += [f"auto: {n}" for n in auto.notes]
+    lines.append(f"auto: chose {auto.chosen}: {auto.reason}")
+    return lines
 
 
 def fidelity_lines(fid: Fidelity) -> list[str]:

@@ -17,8 +17,21 @@ def command(name: str | None, as_json: bool) -> None:
     from onnxq.report import table
 
     host = get_host()
+    if name == "auto":  # not a method but the search over them (onnxq/pipeline/auto.py); listed with them
+        from onnxq.pipeline.auto import SUMMARY, AutoOptions
+
+        opts = describe_options(AutoOptions)
+        if as_json:
+            emit_json({"name": "auto", "summary": SUMMARY, "capabilities": {}, "options": [o.__dict__ for o in opts]})
+            return
+        click.echo(f"auto: {SUMMARY}")
+        click.echo("options (-o KEY VALUE; --min-cosine, --max-drop, --min-agreement and --time-budget set the first four):")
+        click.echo(table([[o.name, o.type, str(o.default), o.help] for o in opts], ["option", "type", "default", "help"]))
+        return
     if name is None:
-        rows = [[n, cls.summary] for n, cls in sorted(host.methods.items())]
+        from onnxq.pipeline.auto import SUMMARY
+
+        rows = sorted([[n, cls.summary] for n, cls in host.methods.items()] + [["auto", SUMMARY]])
         if as_json:
             emit_json([{"name": n, "summary": s} for n, s in rows])
             return

@@ -30,7 +30,9 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--no-fold", is_flag=True, help="Keep BatchNorm and constant Mul/Add after Conv/ConvTranspose/Gemm/MatMul unfolded (folded into the weights by default).")
 @click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
 @click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
-@click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed.")
+@click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed. With -p auto: the target.")
+@click.option("--min-agreement", type=float, default=None, help="-p auto's target: min arg-max agreement of the first output with FP32 (0..1; per position for sequences).")
+@click.option("--time-budget", type=float, default=None, help="-p auto: seconds the search may take (default: 4x what one recipe costs, at least 10 s).")
 @click.option("--no-check", is_flag=True, help="Skip the fidelity check (quantized vs FP32 on --eval-data, or in-sample on a few calibration batches).")
 @click.option("--strict", is_flag=True, help="Exit 3 when the fidelity check warns or cannot run, and non-zero when the evaluation fails (the written model is kept).")
 @click.option("--baseline", type=click.Choice(["none", "ort"]), default="none", show_default=True, help="Also run ONNX Runtime's quantize_static and show it beside onnxq.")
@@ -44,7 +46,8 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
                    "or running cluster (ray:auto, ray:ray://HEAD:10001; needs onnxq[ray]). Results are identical.")
 def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], ...], data: str | None, data_opt: tuple[str, ...], reader: str | None,
             batch_size: int, max_samples: int | None, target: str, bits: str, block_size: int | None, output: Path | None, force: bool, exclude: tuple[str, ...],
-            cache_dir: Path | None, no_cache: bool, no_fold: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None, no_check: bool,
+            cache_dir: Path | None, no_cache: bool, no_fold: bool, eval_data: str | None, max_drop: float | None, min_cosine: float | None,
+            min_agreement: float | None, time_budget: float | None, no_check: bool,
             strict: bool, baseline: str, as_json: bool, report_html: Path | None, diagnostics: bool, quiet: bool, executor: str) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
     from onnxq.pipeline import Fidelity, optimize
@@ -53,14 +56,22 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
 
     if data is None and bits != "4":
         raise OptionError("--data is required (use --data random for a smoke run)")
-    if (max_drop is not None or min_cosine is not None) and eval_data is None:
-        raise OptionError("--max-drop/--min-cosine need --eval-data")
-    for flag, threshold in (("--max-drop", max_drop), ("--min-cosine", min_cosine)):
+    auto = "auto" in methods
+    if auto and len(methods) > 1:
+        raise OptionError("-p auto chooses the methods itself; give it alone")
+    if not auto and (min_agreement is not None or time_budget is not None):
+        raise OptionError("--min-agreement and --time-budget apply to -p auto")
+    if (max_drop is not None or min_cosine is not None) and eval_data is None and not auto:
+        raise OptionError("--max-drop/--min-cosine need --eval-data (or -p auto, which holds out calibration samples)")
+    for flag, threshold in (("--max-drop", max_drop), ("--min-cosine", min_cosine), ("--min-agreement", min_agreement), ("--time-budget", time_budget)):
         if threshold is not None and not math.isfinite(threshold):  # every comparison with NaN is False: the gate would always pass
             raise OptionError(f"{flag} must be a finite number, not {threshold}")
     options: dict[str, str] = {}
     for k, v in opts:
         options[k] = v
+    if auto:  # the gate's thresholds are auto's target
+        options.update({k: str(v) for k, v in (("min_cosine", min_cosine), ("max_drop", max_drop), ("min_agreement", min_agreement),
+                                               ("time_budget", time_budget)) if v is not None})
     out = output or model.with_name(f"{model.stem}.{target}-int{bits}.onnx")
     ensure_output_path(out, [model], force)
     if report_html is not None:  # checked before any work, like the model's output
@@ -74,7 +85,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
         from onnxq.cli.evaluation import check_evaluation_data
 
         check_evaluation_data(model, eval_data, parse_key_values(data_opt, "--data-opt"), reader, batch_size)
-    gated = max_drop is not None or min_cosine is not None
+    gated = (max_drop is not None or min_cosine is not None) and eval_data is not None
     # saved by the run itself, before any evaluation, so that a failing evaluation never loses it; a gated run
     # writes only a model that passed its gate (an existing output is kept otherwise)
     from onnxq.runtime.executor import from_spec, using
@@ -85,6 +96,7 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
             reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
             cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
             fold=not no_fold, check=not no_check and eval_data is None,  # with --eval-data the evaluation below is the check
+            eval_data=eval_data if auto else None,  # -p auto scores its candidates on it
             diagnostics=diagnostics or report_html is not None,
         )
     report = result.report

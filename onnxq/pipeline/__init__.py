@@ -9,6 +9,7 @@ function of one :class:`~onnxq.pipeline.stages.Run`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,10 @@ def optimize(
     calibrate on random inputs, a smoke run) except for 4-bit weight-only runs. ``fold=False`` keeps BatchNorm and
     constant Mul/Add after convolutions as they are (folded into the weights by default).
 
+    ``method="auto"`` searches for the recipe (docs/methods.md, "auto"): ``options`` are then those of
+    :class:`onnxq.pipeline.auto.AutoOptions` (``min_cosine``, ``max_drop``, ``min_agreement``, ``time_budget``, ...),
+    and ``eval_data``, when given, is what the candidates are scored on.
+
     ``check`` runs the fidelity check after the save (on ``eval_data`` when given, otherwise on a
     few calibration batches, reported as in-sample) into ``report.fidelity``; a collapse is a
     logged warning, and with ``strict`` a :class:`~onnxq.errors.QualityGateError` (the written
@@ -93,13 +98,30 @@ def optimize(
     settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
                         max_samples, exclude, cache_dir, force, show_progress, fold, check=check, eval_data=eval_data,
                         diagnostics=diagnostics)
-    run = Run(settings, host or get_host())
-    for stage in STAGES:
-        stage(run)
-    result = QuantResult(run.quantized, run.out_path, stages.report(run))
+    if method == "auto" or (not isinstance(method, str) and list(method) == ["auto"]):
+        result, run = _optimize_auto(settings, host or get_host())
+    else:
+        run = Run(settings, host or get_host())
+        for stage in STAGES:
+            stage(run)
+        result = QuantResult(run.quantized, run.out_path, stages.report(run))
     if strict and run.fidelity is not None and run.fidelity.failed():
         raise QualityGateError(fidelity_failure(run.fidelity, run.out_path))
     return result
+
+
+def _optimize_auto(settings: Settings, host: Host) -> tuple[QuantResult, Run]:
+    """``method="auto"``: the search of :mod:`onnxq.pipeline.auto`, then the chosen model's validate, save and check stages."""
+    from onnxq.pipeline import auto
+
+    started = time.perf_counter()
+    run, found = auto.search(settings, host, settings.options)
+    run.started = started
+    for stage in (stages.validate, stages.save, stages.check, stages.diagnose):
+        stage(run)
+    rep = stages.report(run)
+    rep.auto = found
+    return QuantResult(run.quantized, run.out_path, rep), run
 
 
 def fidelity_failure(fid: Fidelity, written: str | os.PathLike[str] | None) -> str:

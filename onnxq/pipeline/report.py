@@ -19,7 +19,7 @@ from onnxq.evaluate.fidelity import Fidelity, LayerFidelity, OutputFidelity
 from onnxq.options import described
 from onnxq.pipeline.diagnostics import Diagnostics
 
-__all__ = ["Fidelity", "LayerFidelity", "LeftInFloat", "OutputFidelity", "QuantizedRewrite", "Report", "WeightOnlyFormat", "jsonable"]
+__all__ = ["AutoCandidate", "AutoLayer", "AutoReport", "Fidelity", "LayerFidelity", "LeftInFloat", "OutputFidelity", "QuantizedRewrite", "Report", "WeightOnlyFormat", "jsonable"]
 
 
 @dataclass
@@ -56,6 +56,75 @@ class QuantizedRewrite:
 
 
 @dataclass
+class AutoCandidate:
+    """One recipe ``-p auto`` tried, scored against FP32 on held-out data (``auto.candidates[]``)."""
+
+    name: str = described("the recipe as -p would spell it, plus the layers kept float (e.g. 'equalize+mse', 'mse float:3')")
+    methods: list[str] = described("the methods of the recipe, in order")
+    float_layers: list[str] = described("weighted layers left in float (mixed precision; empty: full integer)")
+    stage: str = described("portfolio, bias-correction, easyquant or mixed")
+    score: float | None = described("the target's metric on the held-out data, calibrated on all calibration samples")
+    score_worst: float | None = described("the worst of score and the resampled scores: what the choice is made on")
+    spread: float | None = described("max - min of the target's metric over the calibration resamples and the full set (null: not resampled)")
+    resample_scores: list[float] = described("the target's metric when calibrated on each disjoint calibration subset")
+    cosine: float | None = described("first output: mean per-sample cosine with FP32")
+    cosine_worst: float | None = described("first output: the worst sample's cosine")
+    cosine_p1: float | None = described("first output: 1st percentile of the per-sample cosine")
+    agreement: float | None = described("first output: arg-max agreement with FP32 over the last axis (top-1 for [N, C], per position for sequences)")
+    agreement_worst: float | None = described("first output: the worst sample's arg-max agreement")
+    accuracy_drop: float | None = described("accuracy drop in points against FP32 (labelled held-out data with a class-score output only)")
+    worst_output: str | None = described("the output with the lowest mean cosine")
+    worst_output_cosine: float | None = described("that output's mean cosine")
+    worst_class: int | None = described("FP32 class with the lowest top-1 agreement ([N, C] class-score outputs only)")
+    worst_class_agreement: float | None = described("that class's top-1 agreement")
+    meets_target: bool = described("score_worst meets the target")
+    latency_ms: float | None = described("measured latency, ONNX Runtime CPU, one sample, one thread (median)")
+    size_bytes: int | None = described("serialized size of the quantized model")
+    seconds: float = described("time spent building and scoring this candidate")
+    error: str | None = described("why the candidate could not be built or scored (null: it ran)")
+
+
+@dataclass
+class AutoLayer:
+    """One weighted layer's sensitivity and latency (``auto.sensitivity[]``)."""
+
+    node: str = described("the layer's node name (what --exclude takes)")
+    op_type: str = described("Conv, ConvTranspose, Gemm or MatMul")
+    score_float: float | None = described("the target's metric with only this layer left float (null: not measured)")
+    gain: float | None = described("score_float minus the full-integer score")
+    float_ms: float | None = described("the layer alone in float, ONNX Runtime CPU, one sample, ms")
+    int_ms: float | None = described("the layer alone in its integer Q/DQ form, ms")
+    float_cost_ms: float | None = described("float_ms - int_ms: what leaving it float costs")
+    kept_float: bool = described("left in float in the chosen model")
+
+
+@dataclass
+class AutoReport:
+    """What ``-p auto`` tried and why it chose what it chose."""
+
+    metric: str = described("the target's metric: cosine, agreement or drop (accuracy drop / top-1 disagreement in points; lower is better, scores are its negative)")
+    threshold: float | None = described("the target (null: none, the best full-integer recipe is chosen)")
+    default_target: bool = described("no target was given; the best full-integer recipe is chosen and none is left float")
+    met: bool = described("the chosen model meets the target (on its worst resample)")
+    chosen: str = described("the chosen candidate's name")
+    reason: str = described("why it was chosen")
+    heldout: str = described('"evaluation" (--eval-data) or "split" (every 4th calibration sample held out)')
+    heldout_samples: int = described("samples the candidates are scored on")
+    calibration_samples: int = described("samples the candidates are calibrated on")
+    resamples: int = described("disjoint calibration subsets each finalist is recalibrated on (its spread)")
+    candidates: list[AutoCandidate] = described("every candidate tried, in the order tried")
+    sensitivity: list[AutoLayer] = described("per-layer sensitivity and latency (only when mixed precision was searched)")
+    float_layers: list[str] = described("layers left in float in the chosen model")
+    by_error_alone: AutoCandidate | None = described("the comparison: layers kept float by sensitivity alone, ignoring latency, until the target is met")
+    latency_cache: str | None = described("the per-machine latency table file (null: not cached)")
+    machine: str | None = described("the latency table's machine key")
+    time_budget_s: float = described("the search's time budget, seconds")
+    budget_exhausted: bool = described("the search stopped early because the budget ran out")
+    seconds: float = described("time of the whole search")
+    notes: list[str] = described("what was skipped and why", default_factory=list)
+
+
+@dataclass
 class Report:
     """What one :func:`~onnxq.pipeline.optimize` run did."""
 
@@ -80,6 +149,7 @@ class Report:
     quantized_rewrites: list[QuantizedRewrite] = described("model changes returned by methods' quantized_rewrite, in order",
                                                           default_factory=list)
     fidelity: Fidelity | None = described("the fidelity check of the quantized model against FP32 (null: not run)", default=None)
+    auto: AutoReport | None = described("what -p auto tried and chose (null: not an auto run)", default=None)
     extra: dict[str, Any] = described("sections added by plugins' report_sections hooks", default_factory=dict)
     diagnostics: Diagnostics | None = described("what the HTML report charts: per-layer error, histograms with calibrator thresholds, "
                                                 "weight ranges, TensorRT lint (null: not collected; optimize --report or --diagnostics)", default=None)

@@ -1,0 +1,234 @@
+"""``-p auto``: the portfolio picks what each model needs, mixed precision reaches a target no full-integer
+recipe reaches, measured latency changes which layers stay float, and ``--target trt`` output still passes lint.
+
+Small models built here (and the committed mobilenet_digits fixture); every quantized model runs in ONNX Runtime.
+Targets are inputs of the tests; each test first checks the precondition it relies on (for example that no
+full-integer recipe meets the target) so that a failure says which part changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.graph.trt_rules import check_trt_rules
+from onnxq.runtime.ort import make_session
+
+MOBILENET = Path(__file__).resolve().parent / "fixtures" / "mobilenet_digits"
+#: fast settings: two resamples, two finalists, no easyquant; a budget that a loaded machine never runs out of (the
+#: default budget scales with the first recipe's wall time, so load would make the search stop at different points)
+FAST = {"resamples": 2, "finalists": 2, "easyquant": False, "time_budget": 600}
+
+
+# ---------------------------------------------------------------------------------------------
+# small models
+# ---------------------------------------------------------------------------------------------
+
+def _model(nodes: list, inits: dict[str, np.ndarray], x_shape: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "auto-fixture", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"] + [None] * len(x_shape))],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _outlier_weight(rng: np.random.Generator, k: int, n: int, big: float) -> np.ndarray:
+    """A [k, n] weight with one large element per output channel (per-channel int8 then rounds the rest coarsely)."""
+    w = rng.normal(0, 1 / np.sqrt(k), (k, n))
+    w[rng.integers(0, k, n), np.arange(n)] = big / np.sqrt(k)
+    return w
+
+
+def layernorm_model(seed: int = 0) -> onnx.ModelProto:
+    """LayerNorm with one outlier channel (gamma 40) -> MatMul -> Relu -> MatMul: what smoothquant is for."""
+    rng = np.random.default_rng(seed)
+    c = 64
+    gamma = np.ones(c)
+    gamma[5] = 40.0
+    inits = {"g": gamma, "b": rng.normal(0, 0.1, c), "w1": rng.normal(0, 1 / 8, (c, c)), "w2": rng.normal(0, 1 / 8, (c, 16))}
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["h", "w1"], ["m1"], name="mm1"), helper.make_node("Relu", ["m1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2")]
+    return _model(nodes, inits, [8, c])
+
+
+def mlp_model(seed: int = 0) -> onnx.ModelProto:
+    """Three MatMuls with Relus; the middle weight has an outlier per output channel."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": rng.normal(0, 1 / 6, (32, 64)), "w2": _outlier_weight(rng, 64, 64, 30.0), "w3": rng.normal(0, 1 / 8, (64, 10))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"), helper.make_node("Relu", ["a"], ["ra"], name="relu1"),
+             helper.make_node("MatMul", ["ra", "w2"], ["b"], name="mm2"), helper.make_node("Relu", ["b"], ["rb"], name="relu2"),
+             helper.make_node("MatMul", ["rb", "w3"], ["y"], name="mm3")]
+    return _model(nodes, inits, [32])
+
+
+def branches_model(seed: int = 0) -> onnx.ModelProto:
+    """Two parallel branches added together: 'big' (128 -> 2048 -> 128) and 'small' (128 -> 8 -> 128).
+
+    The first MatMul of each branch has outlier weights, 'big' slightly more: leaving 'big' float gains
+    the most, leaving 'small' float gains almost as much at a fraction of the latency.
+    """
+    rng = np.random.default_rng(seed)
+    c, width = 128, 2048
+    inits = {"wb": _outlier_weight(rng, c, width, 40.0), "wb2": rng.normal(0, 1 / np.sqrt(width), (width, c)),
+             "ws": _outlier_weight(rng, c, 8, 36.0), "ws2": rng.normal(0, 1 / np.sqrt(8), (8, c))}
+    nodes = [helper.make_node("MatMul", ["x", "wb"], ["b1"], name="big"), helper.make_node("MatMul", ["b1", "wb2"], ["b2"], name="big_out"),
+             helper.make_node("MatMul", ["x", "ws"], ["s1"], name="small"), helper.make_node("MatMul", ["s1", "ws2"], ["s2"], name="small_out"),
+             helper.make_node("Add", ["b2", "s2"], ["y"], name="add")]
+    return _model(nodes, inits, [16, c])
+
+
+def feeds(shape: list[int], n: int = 96, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    x = np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(np.float32)
+    return [{"x": x[i:i + 16]} for i in range(0, n, 16)]
+
+
+def cosine_on(model: onnx.ModelProto | str, reference: onnx.ModelProto | str, data: list[dict[str, np.ndarray]]) -> float:
+    """Mean per-sample cosine of the first output against the reference's on ``data``."""
+    q, r = make_session(model if isinstance(model, onnx.ModelProto) else str(model)), make_session(
+        reference if isinstance(reference, onnx.ModelProto) else str(reference))
+    cos = []
+    for f in data:
+        a = np.asarray(r.run(None, f)[0], np.float64).reshape(len(f["x"]), -1)
+        b = np.asarray(q.run(None, f)[0], np.float64).reshape(a.shape)
+        cos += list(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    return float(np.mean(cos))
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+
+def test_portfolio_picks_smoothquant_on_a_layernorm_outlier_and_equalize_on_mobilenet():
+    """Different recipes win on different models, and each choice beats the default recipe on fresh data."""
+    ln = layernorm_model()
+    res = onnxq.optimize(ln, method="auto", data=feeds([8, 64]), options=FAST, show_progress=False, check=False)
+    auto = res.report.auto
+    assert "smoothquant" in auto.candidates[0].methods or any("smoothquant" in c.methods for c in auto.candidates)
+    assert "smoothquant" in res.report.method, auto.chosen
+    fresh = feeds([8, 64], n=64, seed=7)
+    default = onnxq.optimize(ln, method="trt-entropy", data=feeds([8, 64]), show_progress=False, check=False).model
+    err_auto, err_default = 1 - cosine_on(res.model, ln, fresh), 1 - cosine_on(default, ln, fresh)
+    assert err_auto < err_default / 3, (err_auto, err_default)
+
+    model, calib, ev = MOBILENET / "model.onnx", MOBILENET / "calib.npz", MOBILENET / "eval.npz"
+    res = onnxq.optimize(model, method="auto", data=str(calib), eval_data=str(ev), options=FAST, show_progress=False, check=False)
+    assert "equalize" in res.report.method and "smoothquant" not in res.report.method, res.report.auto.chosen
+    assert any("smoothquant" in n and "no pattern" in n for n in res.report.auto.notes)
+    with np.load(ev) as z:
+        x = z[make_session(str(model)).get_inputs()[0].name]
+    name = make_session(str(model)).get_inputs()[0].name
+    data = [{name: x[i:i + 32]} for i in range(0, len(x), 32)]
+    default = onnxq.optimize(model, method="trt-entropy", data=str(calib), show_progress=False, check=False).model
+    ref, q, d = make_session(str(model)), make_session(res.model), make_session(default)
+
+    def err(sess) -> float:
+        out = []
+        for f in data:
+            a, b = ref.run(None, f)[0].reshape(len(f[name]), -1), sess.run(None, f)[0].reshape(len(f[name]), -1)
+            out += list(1 - np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+        return float(np.mean(out))
+
+    assert err(q) < err(d) / 3, (err(q), err(d))
+
+
+def test_every_candidate_is_reported_with_its_spread_and_worst_case():
+    res = onnxq.optimize(layernorm_model(), method="auto", data=feeds([8, 64]), options=FAST, show_progress=False, check=False)
+    auto = res.report.auto
+    names = [c.name for c in auto.candidates]
+    for calibrator in ("minmax", "mse", "percentile", "trt-entropy"):
+        assert calibrator in names and f"smoothquant+{calibrator}" in names, names
+    resampled = [c for c in auto.candidates if c.resample_scores]
+    assert len(resampled) == 2 and all(len(c.resample_scores) == 2 for c in resampled)
+    for c in resampled:
+        assert c.spread == pytest.approx(max(c.resample_scores + [c.score]) - min(c.resample_scores + [c.score]), abs=1e-5)
+        assert c.score_worst <= c.score
+    for c in auto.candidates:
+        assert c.error is None and -1 <= c.cosine_worst <= c.cosine_p1 <= c.cosine <= 1 and c.size_bytes > 0
+    assert auto.chosen in [c.name for c in resampled]
+    assert auto.heldout == "split" and auto.heldout_samples == 24 and auto.calibration_samples == 72
+
+
+def test_mixed_precision_meets_a_target_no_full_integer_recipe_meets():
+    model, target = mlp_model(), 0.9997
+    res = onnxq.optimize(model, method="auto", data=feeds([32]), options={**FAST, "min_cosine": target}, show_progress=False, check=False)
+    auto = res.report.auto
+    full = [c for c in auto.candidates if not c.float_layers]
+    assert full and max(c.score_worst for c in full) < target, "precondition: some full-integer recipe already meets the target"
+    assert auto.met and auto.float_layers and len(auto.float_layers) < 3, (auto.chosen, auto.float_layers)
+    assert {r.node for r in auto.sensitivity} == {"mm1", "mm2", "mm3"}
+    assert all(r.float_ms is not None and r.float_ms > 0 and r.int_ms > 0 for r in auto.sensitivity)
+    # the layers left float are really float, and the fresh-data fidelity is near the target
+    q_inputs = {n.input[0] for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
+    float_mm = [n for n in res.model.graph.node if n.op_type == "MatMul" and n.name in auto.float_layers]
+    assert float_mm and all(i not in q_inputs for n in float_mm for i in n.input)
+    assert cosine_on(res.model, model, feeds([32], n=64, seed=9)) > target - 2e-4
+    assert any("left float by -p auto" in item.reason for item in res.report.left_in_float)
+
+
+def test_measured_latency_changes_which_layer_stays_float(tmp_path):
+    """Leaving 'big' float gains most, but 'small' meets the target too at a fraction of the latency."""
+    model, target = branches_model(), 0.9996
+    res = onnxq.optimize(model, method="auto", data=feeds([16, 128]), options={**FAST, "min_cosine": target}, show_progress=False,
+                         check=False, cache_dir=tmp_path)
+    auto = res.report.auto
+    rows = {r.node: r for r in auto.sensitivity}
+    assert rows["big"].gain > rows["small"].gain and rows["small"].score_float >= target, "precondition: sensitivities changed"
+    assert rows["big"].float_cost_ms > rows["small"].float_cost_ms, "the 2048-wide layer should cost more in float"
+    assert auto.met and auto.float_layers == ["small"], auto.float_layers
+    assert auto.by_error_alone is not None and auto.by_error_alone.float_layers == ["big"]
+    # the latency table is cached per machine: a second run measures nothing and reads the same figures
+    cache = Path(auto.latency_cache)
+    assert cache.is_file() and cache.parent == tmp_path / "latency"
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 4 and all(e["float_ms"] > 0 and e["int_ms"] > 0 for e in entries.values())
+
+
+def test_trt_target_auto_output_passes_lint():
+    from onnxq.testing.models import residual_concat_model
+
+    model = residual_concat_model()
+    x = np.random.default_rng(3).normal(0, 1, (64, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]))
+    data = [{model.graph.input[0].name: x[i:i + 16].astype(np.float32)} for i in range(0, 64, 16)]
+    res = onnxq.optimize(model, method="auto", target="trt", data=data, options={**FAST, "min_cosine": 0.99999},
+                         show_progress=False, check=False)
+    auto = res.report.auto
+    assert auto.float_layers, "precondition: the target should need mixed precision"
+    findings = check_trt_rules(res.model)
+    assert not [f for f in findings if f.severity == "error"], findings
+    assert not [f for f in findings if f.rule in ("unquantized-weighted-input",)], findings
+    # every candidate, the mixed ones included, is a TensorRT-valid plan of the same target
+    assert all(c.error is None for c in auto.candidates)
+
+
+def test_cli_auto_json_validates_and_bad_targets_are_one_line_errors(run_cli, tmp_path):
+    model = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), model)
+    data = tmp_path / "calib"
+    data.mkdir()
+    for i, f in enumerate(feeds([32])):
+        np.savez(data / f"b{i}.npz", **f)
+    out = tmp_path / "mlp.auto.onnx"
+    code, stdout, stderr = run_cli(["optimize", str(model), "-p", "auto", "--min-cosine", "0.9997", "--data", str(data), "--output", str(out),
+                                    "-o", "resamples", "2", "-o", "easyquant", "false", "--json"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    auto = doc["report"]["auto"]
+    assert auto["met"] and auto["candidates"] and auto["sensitivity"] and out.is_file()
+    assert {"name", "score", "cosine_worst", "cosine_p1", "latency_ms", "size_bytes", "spread"} <= set(auto["candidates"][0])
+    jsonschema = pytest.importorskip("jsonschema")
+    code, schema_text, stderr = run_cli(["schema", "report"])
+    assert code == 0, stderr
+    jsonschema.Draft202012Validator(json.loads(schema_text)).validate(doc["report"])
+    for argv, words in ((["-p", "auto", "-p", "mse"], "give it alone"), (["-p", "mse", "--min-agreement", "0.9"], "apply to -p auto"),
+                        (["-p", "auto", "--min-cosine", "0.99", "--max-drop", "1"], "give one target")):
+        code, _, stderr = run_cli(["optimize", str(model), "--data", str(data), "--output", str(tmp_path / "x.onnx"), *argv])
+        assert code == 1 and words in stderr, stderr
