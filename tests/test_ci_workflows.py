@@ -162,6 +162,14 @@ def test_committed_baseline_is_a_baseline_of_the_bundled_example():
     assert (REPO / doc["report"]["model"]) == REPO / env["MODEL"]
 
 
+def test_docs_show_the_files_themselves():
+    import re
+
+    text = (REPO / "docs" / "ci.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert blocks == [GITHUB.read_text(encoding="utf-8"), GITLAB.read_text(encoding="utf-8")]
+
+
 def _has_report_module() -> bool:
     try:
         import matplotlib  # noqa: F401
