@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""``-p auto`` against the best hand-picked recipe of each suite model, and its stability over disjoint calibration sets.
+
+    python benchmarks/auto_bench.py compare ppocr-rec            # hand-picked equalize+mse vs -p auto (defaults), same data
+    python benchmarks/auto_bench.py compare minilm --auto-opt min_cosine 0.9995   # mixed precision vs "by error alone"
+    python benchmarks/auto_bench.py stability ppocr-rec --subsets 3               # auto on 3 disjoint calibration sets
+
+Models: ``ppocr-rec`` (needs ``python benchmarks/bench.py --models ppocr-rec`` to have written .bench/), ``minilm``
+(needs benchmarks/minilm/export_minilm.py), ``digits`` (the bundled example), ``mobilenet`` (tests/fixtures/mobilenet_digits).
+Prints one line per run: the model's task metric against FP32 on its evaluation data, the wall time of the
+quantization (this process, model load included), what auto chose and its reported spread; ``--json FILE``
+writes every figure and auto's whole report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "minilm"))
+
+import onnxq  # noqa: E402
+from onnxq.runtime.ort import make_session  # noqa: E402
+
+#: the best hand-picked recipe of each model (benchmarks/README.md's tables)
+HAND_PICKED = {"ppocr-rec": ["equalize", "mse"], "minilm": ["smoothquant", "minmax"], "digits": ["percentile"], "mobilenet": ["equalize", "minmax"]}
+
+
+class Task:
+    """A suite model: its FP32 file, calibration feeds (optionally a disjoint set k of n) and its fidelity metric."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        if name == "ppocr-rec":
+            self.fp32 = str(workdir / "models" / "ppocr-rec" / "fp32.onnx")
+            self.eval = self._npz(workdir / "data" / "ppocr-rec" / "eval")
+        elif name == "minilm":
+            import retrieval
+            import text_data
+
+            self.fp32 = str(workdir / "minilm" / "model.onnx")
+            texts = [q for q, _ in retrieval.pairs()] + [p for _, p in retrieval.pairs()]
+            self.eval = text_data.batches(texts, 32)
+        elif name == "digits":
+            self.fp32 = str(HERE.parent / "examples" / "digits" / "model.onnx")
+            self.eval = [{"input": np.load(f)["input"]} for f in sorted(glob.glob(str(HERE.parent / "examples/digits/eval/*.npz")))]
+        elif name == "mobilenet":
+            fx = HERE.parent / "tests" / "fixtures" / "mobilenet_digits"
+            self.fp32 = str(fx / "model.onnx")
+            x = np.load(fx / "eval.npz")
+            self.eval = [{k: x[k][i:i + 64] for k in x.files if k not in ("label", "labels")} for i in range(0, len(x[x.files[0]]), 64)]
+        else:
+            raise SystemExit(f"unknown model {name}")
+
+    @staticmethod
+    def _npz(folder: Path) -> list[dict[str, np.ndarray]]:
+        return [dict(np.load(f)) for f in sorted(glob.glob(str(folder / "*.npz")))]
+
+    def calibration(self, subset: int | None = None, subsets: int = 3) -> list[dict[str, np.ndarray]]:
+        """The suite's calibration data, or disjoint set ``subset`` of ``subsets`` (fresh data, same kind, same size)."""
+        if self.name == "ppocr-rec":
+            if subset is None:
+                return self._npz(self.workdir / "data" / "ppocr-rec" / "calib")
+            import ocr_data
+
+            images, _ = ocr_data.render_lines(128, seed=100 + subset, cjk=False)
+            return list(ocr_data.rec_feeds(images, batch_size=8, name="x"))
+        if self.name == "minilm":
+            import retrieval
+            import text_data
+
+            if subset is None:
+                return text_data.batches(retrieval.calibration_sentences(256), 16)
+            pool = retrieval.calibration_sentences(256 * subsets)
+            return text_data.batches(pool[subset::subsets], 16)
+        if self.name == "digits":
+            files = sorted(glob.glob(str(HERE.parent / "examples/digits/calib/*.npz")))
+            x = np.concatenate([np.load(f)["input"] for f in files])
+        else:
+            x = np.load(HERE.parent / "tests/fixtures/mobilenet_digits/calib.npz")
+            x = x[x.files[0]]
+        if subset is not None:
+            x = x[subset::subsets]
+        name = make_session(self.fp32).get_inputs()[0].name
+        return [{name: x[i:i + 16]} for i in range(0, len(x), 16)]
+
+    def fidelity(self, model: Any) -> dict[str, float]:
+        """The task metric against FP32 on the evaluation data."""
+        ref, got = self._outputs(self.fp32), self._outputs(model)
+        if self.name == "ppocr-rec":
+            import ocr_data
+
+            dec = lambda ys: [s for y in ys for s in ocr_data.decode_rec(y)]  # noqa: E731
+            return {"char_agreement": round(ocr_data.char_agreement(dec(got), dec(ref)), 4)}
+        a, b = np.concatenate(ref), np.concatenate(got)
+        if self.name == "minilm":
+            c = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            return {"cosine_mean": round(float(c.mean()), 5), "cosine_min": round(float(c.min()), 4)}
+        return {"top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 4)}
+
+    def _outputs(self, model: Any) -> list[np.ndarray]:
+        sess = make_session(model, "all")
+        names = {i.name for i in sess.get_inputs()}
+        return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in self.eval]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, round(time.perf_counter() - t, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("compare", "stability"))
+    ap.add_argument("model", choices=tuple(HAND_PICKED))
+    ap.add_argument("--auto-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="an option of -p auto")
+    ap.add_argument("--subsets", type=int, default=3)
+    ap.add_argument("--no-hand", action="store_true", help="compare: skip the hand-picked run")
+    ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    task = Task(a.model, a.workdir)
+    opts = dict(a.auto_opt)
+    rows: list[dict[str, Any]] = []
+
+    def auto_row(label: str, calib: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        res, wall = timed(lambda: onnxq.optimize(task.fp32, method="auto", options=opts, data=calib, show_progress=True,
+                                                 cache_dir=a.workdir / "cache"))
+        auto = res.report.auto
+        chosen = next(c for c in auto.candidates if c.name == auto.chosen) if any(c.name == auto.chosen for c in auto.candidates) else None
+        row = {"run": label, "recipe": auto.chosen, "wall_s": wall, **task.fidelity(res.model), "met": auto.met,
+               "score": chosen.score if chosen else None, "spread": chosen.spread if chosen else None,
+               "resample_scores": chosen.resample_scores if chosen else [], "float_layers": auto.float_layers,
+               "latency_ms": chosen.latency_ms if chosen else None, "budget_s": auto.time_budget_s, "report": res.report.to_dict()}
+        if auto.by_error_alone is not None:
+            b = auto.by_error_alone
+            row["by_error_alone"] = {"float_layers": b.float_layers, "score": b.score, "latency_ms": b.latency_ms}
+        return row
+
+    if a.mode == "compare":
+        if not a.no_hand:
+            res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=task.calibration(), show_progress=False,
+                                                     cache_dir=None))
+            rows.append({"run": "hand-picked", "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
+        rows.append(auto_row("auto " + " ".join(f"{k}={v}" for k, v in opts.items()), task.calibration()))
+    else:
+        for k in range(a.subsets):
+            rows.append(auto_row(f"auto, calibration set {k + 1} of {a.subsets}", task.calibration(k, a.subsets)))
+    for r in rows:
+        shown = {k: v for k, v in r.items() if k != "report"}
+        print(json.dumps(shown))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
