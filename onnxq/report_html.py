@@ -116,9 +116,10 @@ h1{font-size:22px;margin:8px 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bo
 table{border-collapse:collapse;font-size:13px;margin:6px 0;background:#fff}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:10px 0;background:#fff;border:1px solid #e3e3e3;padding:6px}figure svg{width:100%;height:auto}
+figure{margin:0;background:#fff;border:1px solid #e3e3e3;padding:6px}figure svg{width:100%;height:auto}
+.cols{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:24px}.grid{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:10px}
 figcaption{font-size:13px;color:#444;margin:4px 6px}
-ul{margin:4px 0 4px 18px;padding:0}li{margin:2px 0}code{font-size:12px}
+ul{margin:4px 0 4px 18px;padding:0;font-size:13px}li{margin:2px 0}code{font-size:12px}
 .kv td:first-child{color:#555;white-space:nowrap}
 """
 
@@ -142,8 +143,8 @@ def render_html(doc: Any, *, title: str | None = None, sections: Sequence[Sectio
     for s in sections:
         body.append(_section_html(s))
     if rep:
-        body.append(_summary_html(rep, d.quality_gate))
-        body.append(_fidelity_html(rep.get("fidelity")))
+        # the run and its verdict side by side: the charts start higher on the page
+        body.append(f"<div class='cols'><div>{_summary_html(rep, d.quality_gate)}</div><div>{_fidelity_html(rep.get('fidelity'))}</div></div>")
     if d.evaluations:
         body.append(_evaluation_html(d.evaluations))
     for note in d.notes:
@@ -179,6 +180,7 @@ def write_html(doc: Any, path: str | os.PathLike[str], *, force: bool = False, t
 
     Without ``force`` an existing file is refused (:class:`OutputError`); a folder always is.
     """
+    _check_target(Path(path), force)  # before the rendering: a refused path costs nothing
     text = render_html(doc, title=title, sections=sections)
     return write_text_atomic(path, text, force=force)
 
@@ -186,10 +188,7 @@ def write_html(doc: Any, path: str | os.PathLike[str], *, force: bool = False, t
 def write_text_atomic(path: str | os.PathLike[str], text: str, *, force: bool = False) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder, renamed into place when complete."""
     out = Path(path)
-    if out.is_dir():
-        raise OutputError(f"report '{out}' is a directory")
-    if out.exists() and not force:
-        raise OutputError(f"report '{out}' already exists (use --force to replace it)")
+    _check_target(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -208,6 +207,13 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, force: bool = 
             raise OutputError(f"cannot write report '{out}': {exc.strerror}") from None
         raise
     return out
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise OutputError(f"report '{out}' is a directory")
+    if out.exists() and not force:
+        raise OutputError(f"report '{out}' already exists (use --force to replace it)")
 
 
 def require_matplotlib() -> None:
@@ -415,13 +421,14 @@ class _Charts:
         text = _REF.sub(lambda m: f"{m.group(1)}{chart_id}-{m.group(2)}", text)
         return text
 
-    def wrap(self, chart_id: str, heading: str, figs_and_captions: Sequence[tuple[str, str]], intro: str = "") -> str:
+    def wrap(self, chart_id: str, heading: str, figs_and_captions: Sequence[tuple[str, str]], intro: str = "", grid: bool = False) -> str:
         out = [f"<section id='{chart_id}'><h2>{_e(heading)}</h2>"]
         if intro:
             out.append(f"<p class='sub'>{intro}</p>")
+        out.append("<div class='grid'>" if grid else "<div>")
         for svg, caption in figs_and_captions:
             out.append(f"<figure>{svg}<figcaption>{caption}</figcaption></figure>")
-        out.append("</section>")
+        out.append("</div></section>")
         return "\n".join(out)
 
     # -- per-layer SQNR and cosine, in graph order ------------------------------------------------
@@ -430,8 +437,7 @@ class _Charts:
         with self.mpl.rc_context(self.rc):
             first = next(iter(series.values()))
             n = len(first)
-            width = min(11.0, max(7.0, 0.12 * n + 4))
-            fig = self.figure(width, 4.6)
+            fig = self.figure(10.0, 4.2 if n <= 40 else 3.6)
             ax1, ax2 = fig.subplots(2, 1, sharex=True)
             for k, (name, rows) in enumerate(series.items()):
                 x = list(range(len(rows)))
@@ -448,11 +454,16 @@ class _Charts:
             ax2.set_ylabel("cosine")
             ax2.set_xlabel("layer (graph order)")
             worst = sorted(range(n), key=lambda i: _key(first[i].get("sqnr_db")))[:WORST_LABELLED]
-            for i in worst:
-                v = _finite_or_nan(first[i].get("sqnr_db"))
-                if not math.isnan(v):
-                    ax1.annotate(_short(first[i].get("node") or first[i].get("tensor")), (i, v), textcoords="offset points", xytext=(0, -11),
-                                 ha="center", fontsize=7, color="#b3261e")
+            pts = [(i, _finite_or_nan(first[i].get("sqnr_db"))) for i in worst]
+            pts = [(i, v) for i, v in pts if not math.isnan(v)]
+            if pts:
+                marks = ax1.scatter([i for i, _ in pts], [v for _, v in pts], s=36, facecolors="none", edgecolors="#b3261e", zorder=3,
+                                    label="worst layers")
+                marks.set_gid("series-worst")
+                if n > 40:  # no names on the axis: name the worst points
+                    for i, v in pts:
+                        ax1.annotate(_short(first[i].get("node") or first[i].get("tensor")), (i, v), textcoords="offset points",
+                                     xytext=(0, 6), ha="center", fontsize=7, color="#b3261e")
             if n <= 40:
                 ax2.set_xticks(range(n), [_short(r.get("node") or r.get("tensor"), 18) for r in first], rotation=60, ha="right", fontsize=7)
             if len(series) > 1:
@@ -480,16 +491,18 @@ class _Charts:
             with self.mpl.rc_context(self.rc):
                 counts = np.asarray(a.get("counts") or [], dtype=np.float64)
                 lo, hi = float(a.get("lo", 0.0)), float(a.get("hi", 0.0))
-                fig = self.figure(8.0, 2.6)
+                fig = self.figure(6.0, 3.0)
                 ax = fig.subplots()
                 if len(counts) and hi > lo:
-                    from matplotlib.ticker import NullFormatter
+                    from matplotlib.ticker import FuncFormatter, NullFormatter
 
                     edges = np.linspace(lo, hi, len(counts) + 1)
                     bars = ax.stairs(np.where(counts > 0, counts, np.nan), edges, fill=True, color="#c6dbef", edgecolor="#6baed6", label="values")
                     bars.set_gid("series-histogram")
                     ax.set_yscale("log")
-                    ax.yaxis.set_minor_formatter(NullFormatter())  # minor log labels cost time and say nothing here
+                    # plain labels (1, 10, 100, 1k): the default 10^k labels go through mathtext, most of a chart's drawing time
+                    ax.yaxis.set_major_formatter(FuncFormatter(_count_label))
+                    ax.yaxis.set_minor_formatter(NullFormatter())
                 rng = a.get("range")
                 if rng and len(rng) == 2:
                     span = ax.axvspan(float(rng[0]), float(rng[1]), color="#fdae6b", alpha=0.18, lw=0, zorder=0,
@@ -506,7 +519,7 @@ class _Charts:
                         line = ax.axvline(x, color=colour, lw=1.3, ls="--" if name != a.get("calibrator") else "-",
                                           label=f"{name} T={t:.3g}" if j == 0 else None)
                         line.set_gid(f"series-threshold-{_slug(name)}" + ("" if j == 0 else "-neg"))
-                ax.set_title(f"{_short(a.get('tensor'), 60)} (input of {_short(a.get('layer'), 40)})")
+                ax.set_title(f"{_short(a.get('tensor'), 48)}\ninput of {_short(a.get('layer'), 44)}", fontsize=9)
                 ax.set_xlabel("value")
                 ax.set_ylabel("count (log)")
                 ax.legend(fontsize=7, loc="upper right", framealpha=0.85)
@@ -516,7 +529,7 @@ class _Charts:
         intro = ("The calibration histogram of the activations feeding the worst layers, with the clip threshold each calibrator "
                  "(minmax, percentile, mse, trt-entropy) would choose from the same statistics, and the range the run deployed. A "
                  "threshold well inside the tail clips values; one far out wastes levels on outliers.")
-        return self.wrap("chart-histograms", "Activation ranges of the worst layers", figs, intro)
+        return self.wrap("chart-histograms", "Activation ranges of the worst layers", figs, intro, grid=True)
 
     # -- weight ranges per channel --------------------------------------------------------------
 
@@ -528,7 +541,7 @@ class _Charts:
             with self.mpl.rc_context(self.rc):
                 lo = np.asarray(w.get("channel_min") or [], dtype=np.float64)
                 hi = np.asarray(w.get("channel_max") or [], dtype=np.float64)
-                fig = self.figure(8.0, 2.4)
+                fig = self.figure(6.0, 2.8)
                 ax = fig.subplots()
                 x = np.arange(len(lo))
                 band = ax.fill_between(x, lo, hi, step="mid", color="#9ecae1", alpha=0.8, label="weight min..max per channel")
@@ -542,14 +555,15 @@ class _Charts:
                 grouped = w.get("grouped", 1) or 1
                 ax.set_xlabel("output channel" if grouped == 1 else f"output channel group ({grouped} channels each)")
                 ax.set_ylabel("weight value")
-                ax.set_title(f"{_short(w.get('initializer'), 50)} of {_short(w.get('node'), 40)}: weight SQNR {_fmt(w.get('sqnr_db'), '.1f')} dB")
+                ax.set_title(f"{_short(w.get('initializer'), 48)} ({_short(w.get('node'), 36)})\nweight SQNR {_fmt(w.get('sqnr_db'), '.1f')} dB",
+                             fontsize=9)
                 ax.legend(fontsize=7, loc="upper right", framealpha=0.85)
                 figs.append((self.svg(fig, f"chart-weights-{k}"),
                              _e(f"{w.get('initializer')}: {len(lo)} {'channels' if grouped == 1 else 'channel groups'} along axis {w.get('axis')}.")))
         intro = ("The weights quantized with the most error (lowest SQNR of the quantized weight against the float one): per output channel, "
                  "the range of the float weights and the range its quantization grid can represent. Channels far narrower than the "
                  "grid use few levels; with a per-tensor grid one wide channel costs all the others their resolution.")
-        return self.wrap("chart-weights", "Weight ranges per channel", figs, intro)
+        return self.wrap("chart-weights", "Weight ranges per channel", figs, intro, grid=True)
 
     # -- auto candidates: fidelity vs latency ---------------------------------------------------
 
@@ -564,7 +578,7 @@ class _Charts:
             rows = [[c.get("name") or c.get("method") or "?", ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("name",))] for c in cands]
             return "<section id='chart-candidates'><h2>auto candidates</h2>" + _table(["candidate", "figures"], rows, numeric_from=99) + "</section>"
         with self.mpl.rc_context(self.rc):
-            fig = self.figure(7.0, 3.6)
+            fig = self.figure(8.0, 3.6)
             ax = fig.subplots()
             fkey = pts[0][1][0]
             flabel = f"score ({auto['metric']})" if fkey == "score" and auto.get("metric") else fkey
@@ -589,6 +603,13 @@ class _Charts:
         why = f" Chosen: {auto.get('chosen')} ({auto.get('reason')})." if auto.get("chosen") else ""
         return self.wrap("chart-candidates", "auto candidates",
                          [(svg, _e(f"Each recipe the auto search built and scored on held-out data; up and to the left is better.{why}"))])
+
+
+def _count_label(v: float, _pos: Any = None) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
 
 
 def _finite_or_nan(v: Any) -> float:
