@@ -358,7 +358,7 @@ class Search:
         """Seconds the finalists' resampling will need: a statistics pass per float form over the subsets, and the builds."""
         if not self.subsets:
             return 0.0
-        per = max((c.seconds for c in self.report.candidates if c.stage == "portfolio"), default=0.0)
+        per = float(np.median([c.seconds for c in self.report.candidates if c.stage == "portfolio"] or [0.0]))
         return len(self.forms) * getattr(self, "pass_seconds", 0.0) + self.o.finalists * len(self.subsets) * per
 
     def note(self, text: str) -> None:
@@ -592,6 +592,18 @@ def _overlay(plan: Any, like: Any) -> None:
             site.qparams = other.qparams
 
 
+def choose(finals: list[AutoCandidate]) -> AutoCandidate:
+    """The best finalist by :func:`_rank`; finalists whose worst scores differ by less than a quarter of the largest
+    spread are a tie, decided by the worst sample's cosine (the reliability criterion), then the mean score."""
+    best = min(finals, key=_rank)
+    spread = max((c.spread or 0.0 for c in finals), default=0.0)
+    if spread <= 0 or best.score_worst is None:
+        return best
+    tied = [c for c in finals if c.meets_target == best.meets_target and len(c.float_layers) == len(best.float_layers)
+            and c.score_worst is not None and best.score_worst - c.score_worst < 0.25 * spread]
+    return max(tied, key=lambda c: (c.cosine_worst if c.cosine_worst is not None else -math.inf, c.score or -math.inf))
+
+
 def _rank(c: AutoCandidate) -> tuple:
     """Sort key, best first: meets the target, fewer float layers, higher worst-case score, higher mean, faster."""
     return (not c.meets_target, len(c.float_layers), -(c.score_worst if c.score_worst is not None else -math.inf),
@@ -609,7 +621,7 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
     s.prepare()
     portfolio(s)
     finals = finalists(s)
-    best = min(finals, key=_rank)
+    best = choose(finals)
     if s.goal.threshold is not None and not best.meets_target and o.mixed:
         mixed = mixed_precision(s, best)
         if mixed is not None:
@@ -820,9 +832,12 @@ def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
         return (f"no full-integer recipe meets {s._target_text()} (best: {finals[0].name}, {g.shown(finals[0].score_worst)}); "
                 f"{len(best.float_layers)} layer(s) left float, chosen by sensitivity per measured millisecond "
                 f"(about {cost:.3f} ms of float latency), {reached} {g.shown(best.score)}")
+    top = min(finals, key=_rank)
+    tie = (f"; tied with {top.name} ({g.shown(top.score_worst)}, within a quarter of the spread) and ahead on the worst held-out "
+           f"sample's cosine ({_f(best.cosine_worst)} vs {_f(top.cosine_worst)})") if top is not best else ""
     if g.threshold is None:
-        return f"the highest worst-case {g.metric} on held-out data over the calibration resamples: {g.shown(best.score_worst)}{spread}"
+        return f"the highest worst-case {g.metric} on held-out data over the calibration resamples: {g.shown(best.score_worst)}{spread}{tie}"
     if best.meets_target:
-        return f"meets {s._target_text()} on its worst resample ({g.shown(best.score_worst)}){spread}, full integer"
+        return f"meets {s._target_text()} on its worst resample ({g.shown(best.score_worst)}){spread}, full integer{tie}"
     return (f"no recipe meets {s._target_text()}{'' if s.o.mixed else ' and mixed precision is off'}; "
             f"the best worst-case {g.metric}: {g.shown(best.score_worst)}{spread}")
