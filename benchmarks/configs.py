@@ -55,7 +55,7 @@ class Config:
 
     key: str
     label: str
-    tool: str  # "fp32" | "onnxq" | "ort"
+    tool: str  # "fp32" | "onnxq" | "ort" | a peer of PEER_TITLES (method = that peer's recipe)
     method: str | None = None
     target: str | None = None
     bits: int = 8
@@ -68,7 +68,7 @@ class Config:
 
 
 def configs_for(model: str, sizes: dict) -> list[Config]:
-    """Every row of ``model``'s table, FP32 first, ORT's quantizer last."""
+    """Every row of ``model``'s table, FP32 first, then onnxq, ORT's quantizer and the peers."""
     if model == "minilm":
         return minilm_configs(sizes)
     rows = [Config("fp32", "FP32", "fp32")]
@@ -101,7 +101,7 @@ def configs_for(model: str, sizes: dict) -> list[Config]:
         rows.append(Config("onnxq-easyquant-trt-int7", "onnxq easyquant INT7 --target trt", "onnxq", "easyquant", "trt", 7))
     if model in ("digits", "ppocr-rec"):
         rows.append(Config("onnxq-minmax-s8", "onnxq minmax --target ort-s8", "onnxq", "minmax", "ort-s8", 8))
-    return rows + ort_configs()
+    return rows + ort_configs() + peer_configs(model)
 
 
 def ort_configs() -> list[Config]:
@@ -124,4 +124,26 @@ def minilm_configs(sizes: dict) -> list[Config]:
         rows.append(Config(f"onnxq-{m}", f"onnxq {m}", "onnxq", m, "ort", 8))
     rows.append(Config("onnxq-smoothquant-minmax", "onnxq smoothquant+minmax", "onnxq", "smoothquant+minmax", "ort", 8))
     rows.append(Config("onnxq-smoothquant-mse", "onnxq smoothquant+mse", "onnxq", "smoothquant+mse", "ort", 8))
-    return rows + ort_configs()
+    return rows + ort_configs() + peer_configs("minilm")
+
+
+#: the peer quantizers (benchmarks/peers/: one script and one virtual environment each), by Config.tool
+PEER_TITLES = {"modelopt": "NVIDIA Model Optimizer", "nncf": "NNCF", "quark": "AMD Quark"}
+PEER_TIMEOUT = 900.0  # s per peer run (ModelOpt's entropy calibration keeps every activation like ORT's)
+#: per model, the fidelity-to-FP32 metric of the "onnxq vs peers" table (higher is better)
+PEER_FIDELITY = {"digits": ("top-1 agree FP32", "top1_agreement_fp32", ".4f"), "ppocr-rec": ("char agree FP32", "char_agreement_fp32", ".4f"),
+                 "ppocr-det": ("box F1 vs FP32", "box_f1_fp32", ".4f"), "minilm": ("cos mean FP32", "cosine_mean_fp32", ".5f")}
+
+
+def peer_configs(model: str) -> list[Config]:
+    """The peers' rows, last in every table: ModelOpt's ONNX PTQ (int8, entropy and max calibration, on
+    CPU), NNCF (its defaults; MiniLM also ``model_type=TRANSFORMER``) and AMD Quark's U8S8 and A8W8
+    presets. ``bench.py --peers`` picks which peers run; their scripts document each recipe."""
+    rows = [Config("modelopt-entropy", "ModelOpt int8 entropy", "modelopt", "entropy", timeout=PEER_TIMEOUT),
+            Config("modelopt-max", "ModelOpt int8 max", "modelopt", "max", timeout=PEER_TIMEOUT),
+            Config("nncf-default", "NNCF default", "nncf", "default", timeout=PEER_TIMEOUT)]
+    if model == "minilm":  # NNCF's transformer patterns apply to the transformer only
+        rows.append(Config("nncf-transformer", "NNCF model_type=TRANSFORMER", "nncf", "transformer", timeout=PEER_TIMEOUT))
+    rows += [Config("quark-u8s8", "Quark U8S8", "quark", "u8s8", timeout=PEER_TIMEOUT),
+             Config("quark-a8w8", "Quark A8W8", "quark", "a8w8", timeout=PEER_TIMEOUT)]
+    return rows

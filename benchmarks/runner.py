@@ -1,7 +1,8 @@
 """Quantization runs: each one a child process measured by ``_measure.py`` (wall time, peak RSS, RSS cap, timeout).
 
 onnxq runs through its CLI (``python -m onnxq optimize ... --no-cache --quiet --json``), ONNX
-Runtime's quantizer through ``ort_quantize.py``; both read the same ``.npz`` calibration folder.
+Runtime's quantizer through ``ort_quantize.py``, each peer through its script in ``peers/`` with its
+own environment's interpreter (``peers/envs.py``); all read the same ``.npz`` calibration folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from _measure import Measurement, run_measured
 from configs import ONNXQ_BATCH, Config
+from peers.envs import PEERS, PeerEnv, ensure
 from tasks import HERE, Task
 
 T0 = time.perf_counter()
@@ -49,6 +51,8 @@ class Runner:
         self.timeout = timeout
         self.env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
         self.history: list[dict] = []  # cap and machine load of every run
+        self.venvs = work / "venvs"  # the peers' environments (bench.py --peer-venvs)
+        self.peer_envs: dict[str, PeerEnv] = {}  # made or found on first use
 
     def onnxq(self, task: Task, cfg: Config, out: Path, max_samples: int | None = None, batch_size: int | None = None, model: Path | None = None) -> Measurement:
         timeout = min(self.timeout, cfg.timeout) if cfg.timeout else None
@@ -73,6 +77,33 @@ class Runner:
         if task.name == "minilm" and method != "minmax":
             argv.append("--pad-seq")  # the histogram calibrators need one sequence length (see ort_quantize.py)
         return self._run(argv, out, min(self.timeout, timeout) if timeout else None)
+
+    def peer_env(self, name: str) -> PeerEnv:
+        """Peer ``name``'s environment, made on first use (minutes: pip install; not part of any row's time)."""
+        if name not in self.peer_envs:
+            self.peer_envs[name] = ensure(self.venvs, name, log)
+        return self.peer_envs[name]
+
+    def peer(self, task: Task, cfg: Config, out: Path, max_samples: int | None = None) -> Measurement:
+        """Peer ``cfg.tool`` with recipe ``cfg.method``: its script in its own environment, measured like the rest.
+
+        An environment that could not be made gives an "error" measurement carrying pip's last line."""
+        env = self.peer_env(cfg.tool)
+        if env.python is None:
+            return Measurement(argv=[], status="error", returncode=None, wall_s=0.0, peak_rss_mb=0.0, stderr=env.error or "install failed")
+        argv = [str(env.python), str(HERE / "peers" / PEERS[cfg.tool].script), str(task.model), str(out), str(task.calib), cfg.method]
+        if max_samples:
+            argv.append(str(max_samples))
+        if task.name == "minilm":
+            argv.append("--pad-seq")  # one sequence length, for the peers that stack or concatenate batches (see peers/npz_feeds.py)
+        timeout = min(self.timeout, cfg.timeout) if cfg.timeout else None
+        m = self._run(argv, out, timeout)
+        if m.ok:
+            try:
+                m.extra["peer_report"] = json.loads(m.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                pass
+        return m
 
     def cap(self, limit: int | None = None) -> int | None:
         """The memory cap for the next run: ``limit`` (default: --mem-cap-gb, the RSS cap), lowered

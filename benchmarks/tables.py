@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from checks import easyquant_ratio_line, memory_time_lines
-from configs import CALIB_SEED, EASYQUANT_OCR_TIMEOUT, EVAL_SEED, METRIC_COLUMNS, ONNXQ_BATCH, ORT_HISTOGRAM_TIMEOUT, REC_FILE_BATCH
+from configs import (CALIB_SEED, EASYQUANT_OCR_TIMEOUT, EVAL_SEED, METRIC_COLUMNS, ONNXQ_BATCH, ORT_HISTOGRAM_TIMEOUT, PEER_FIDELITY, PEER_TITLES,
+                     REC_FILE_BATCH, peer_configs)
 from tasks import MINILM_LAT_BATCH, MINILM_LAT_SEQ, Task
 
 
@@ -47,6 +48,52 @@ def model_table(name: str, res: dict, threads: list[int]) -> str:
             cells += [f"{v['wall']:.2f}x" if v else "-", f"{v['rss']:.2f}x" if v else "-"]
         body.append(cells)
     return md_table(headers, body)
+
+
+def peers_table(doc: dict) -> str:
+    """One row per model: its fidelity-to-FP32 metric for the best onnxq row, ORT MinMax and every peer row.
+
+    A cell is the metric, the failure ("error: ...", "timeout (900 s)", "> 18.0 GB ..."), "n/a" where the
+    row does not exist for that model (NNCF's transformer type off MiniLM) or "-" where it did not run."""
+    columns: list[tuple[str, str]] = [("ort-minmax", "ORT MinMax")]
+    for res in doc["models"].values():
+        for r in res.get("rows", []):
+            c = r["config"]
+            if c["tool"] in PEER_TITLES and c["key"] not in [k for k, _ in columns]:
+                columns.append((c["key"], c["label"]))
+    if len(columns) == 1:
+        return ""
+    body = []
+    for name, res in doc["models"].items():
+        if "rows" not in res:
+            continue
+        header, key, spec = PEER_FIDELITY[name]
+        ok = [r for r in res["rows"] if r["status"] == "ok" and r["config"]["tool"] == "onnxq" and r["metrics"].get(key) is not None]
+        best = max(ok, key=lambda r: r["metrics"][key], default=None)
+        cells = [name, header, f"{fmt(best['metrics'][key], spec)} ({best['config']['label'].replace('onnxq ', '')})" if best else "-"]
+        by_key = {r["config"]["key"]: r for r in res["rows"]}
+        for k, _ in columns:
+            r = by_key.get(k)
+            if r is None:
+                cells.append("-" if k == "ort-minmax" or any(c.key == k for c in peer_configs(name)) else "n/a")
+            elif r["status"] == "ok":
+                cells.append(fmt(r["metrics"].get(key), spec))
+            else:
+                err = r.get("error", r["status"])
+                cells.append(err if len(err) <= 48 else err[:45] + "...")
+        body.append(cells)
+    return md_table(["model", "fidelity", "onnxq best (recipe)"] + [label for _, label in columns], body)
+
+
+def peer_versions_line(doc: dict) -> str:
+    parts = []
+    for name, e in (doc.get("peers") or {}).items():
+        v = e.get("versions") or {}
+        made = f", environment made in {e['install_seconds']:.0f} s" if e.get("install_seconds") else ""
+        deps = ", ".join(f"{d} {v[d]}" for d in ("onnx", "onnxruntime", "torch") if d in v)
+        parts.append(f"{PEER_TITLES[name]}: {e['error']}" if e.get("error") else
+                     f"{PEER_TITLES[name]} {v.get(e['distribution'], '?')} ({deps}{made})")
+    return "peers (each in its own environment, benchmarks/peers/envs.py): " + "; ".join(parts) if parts else ""
 
 
 def describe_task(task: Task, res: dict) -> str:
@@ -120,6 +167,14 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
                 ik = e.get("integer_kernels") or {}
                 body.append([e["tool"], e["result"], f"{ik['integer']}/{ik['integer'] + ik['float']}" if "integer" in ik else "-", str(e.get("warnings", "-"))])
             p(md_table(["tool", "result", "int ops", "quantizer warnings"], body))
+    peers = peers_table(doc)
+    if peers:
+        p("")
+        p("## onnxq vs peers: fidelity to FP32 (higher is better), same calibration and evaluation data")
+        p(peers)
+        line = peer_versions_line(doc)
+        if line:
+            p(line)
     if doc.get("u8_vs_s8"):
         p("")
         p("## ORT U8S8 (--target ort) vs S8S8 (--target ort-s8): onnxq minmax, batch 1, interleaved median latency")
