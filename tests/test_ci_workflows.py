@@ -170,6 +170,20 @@ def test_docs_show_the_files_themselves():
     assert blocks == [GITHUB.read_text(encoding="utf-8"), GITLAB.read_text(encoding="utf-8")]
 
 
+def test_readme_ci_commands_are_the_workflows():
+    """README's "Use in CI" block is the GitHub workflow's commands with its variables filled in (the test above runs those)."""
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Use in CI"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    doc = _load(GITHUB)
+    (job,) = doc["jobs"].values()
+    commands = [line.strip() for st in job["steps"] if "run" in st and st.get("id") != "install" for line in st["run"].strip().splitlines()]
+    filled = [re.sub(r'"\$(\w+)"', lambda m: doc["env"][m.group(1)], c) for c in commands]
+    assert block == filled
+
+
 def _has_report_module() -> bool:
     try:
         import matplotlib  # noqa: F401
