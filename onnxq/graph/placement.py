@@ -14,6 +14,12 @@ Rules, in order:
 4. Scale-preserving ops (MaxPool, Reshape, ...) between two quantized tensors share one scale; so do
    Concat inputs under ``share_concat_scales``.
 Graph outputs are never replaced: a Q/DQ pair feeds the consumers, the output name stays float.
+
+A tensor computed from constants alone (paddle2onnx writes every conv bias as
+``Add(conv, Reshape(bias, shape))``) is a constant here, not an activation: it is never quantized,
+an Add of it is no residual Add, and a weighted op reading one as its weight is left float (its
+weight is no initializer to quantize). Quantizing such a bias with an activation grid is what
+collapsed ``--target trt`` on PP-OCRv5 det (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -31,6 +37,26 @@ from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfil
 from onnxq.graph.prepare import check_float16_target, tensor_shapes
 
 RELU_LIKE = {"Relu", "Clip"}
+
+#: ops that draw new values: never "computed from constants", even with constant inputs
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
+
+
+def constant_computed(idx: GraphIndex) -> set[str]:
+    """Tensors of the main graph computed from constants alone, by deterministic standard ops.
+
+    Walks the nodes in graph (topological) order: a node whose every input is an initializer, a
+    ``Constant`` or such a tensor makes its outputs such tensors. Nodes with subgraphs, other
+    domains, random ops and ops without inputs (other than ``Constant``) never do.
+    """
+    computed: set[str] = set()
+    for node in idx.node_list:
+        if (node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx") or subgraphs(node)
+                or node.op_type == "Constant" or not any(node.input)):
+            continue
+        if all(not n or idx.is_constant(n) or n in computed for n in node.input):
+            computed.update(o for o in node.output if o)
+    return computed
 
 def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     """The output-channel axis of a weight input, or None if it is not a weight slot."""
@@ -105,9 +131,13 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
         return build_weight_only_plan(model, profile, exclude)
     idx = GraphIndex(model)
     plan = QuantPlan(profile)
+    computed = constant_computed(idx)
+
+    def constant(name: str) -> bool:
+        return idx.is_constant(name) or name in computed
 
     def quantizable_activation(name: str) -> bool:
-        return bool(name) and not idx.is_constant(name) and idx.is_float(name)
+        return bool(name) and not constant(name) and idx.is_float(name)
 
     def add_input_site(node: onnx.NodeProto, i: int, reason: str) -> None:
         name = node.input[i]
@@ -124,11 +154,15 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
             continue
         w_index = 1 if len(node.input) > 1 else None
         weight_name = None
-        if node.op_type == "Gemm" and idx.is_constant(node.input[0]):
+        if node.op_type == "Gemm" and constant(node.input[0]):
             plan.skipped.append((node.name, "Gemm with a constant A input"))
             continue
+        if w_index is not None and node.input[w_index] in computed:
+            plan.skipped.append((node.name, f"weight '{node.input[w_index]}' is computed from constants at run time "
+                                            "(no initializer to quantize); fold it into an initializer to quantize this layer"))
+            continue
         if (node.op_type == "MatMul" and not profile.activation_matmul and len(node.input) == 2
-                and not any(idx.is_constant(i) for i in node.input)):
+                and not any(constant(i) for i in node.input)):
             plan.skipped.append((node.name, f"activation x activation MatMul (attention) kept float for target {profile.name}"))
             continue
         if w_index is not None and idx.is_constant(node.input[w_index]):
@@ -146,7 +180,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
                 continue
             if prior is None:
                 plan.weights[weight_name] = WeightSite(weight_name, node.name, w_index, axis)
-        act_inputs = [i for i in range(min(len(node.input), 2)) if node.input[i] and not idx.is_constant(node.input[i])]
+        act_inputs = [i for i in range(min(len(node.input), 2)) if node.input[i] and not constant(node.input[i])]
         if not act_inputs:
             continue
         for i in act_inputs:
@@ -174,7 +208,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
         for node in model.graph.node:  # topological order: producers are decided first
             if node.op_type not in profile.extra_ops or _matches(node, exclude):
                 continue
-            if any(n and idx.is_constant(n) for n in node.input):
+            if any(n and constant(n) for n in node.input):
                 continue
             float_inputs = [i for i, n in enumerate(node.input) if quantizable_activation(n)]
             if not float_inputs or not all(from_island(node.input[i]) for i in float_inputs):

@@ -91,6 +91,7 @@ _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 _FLOAT_SCALE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _TRT_QUANT_TYPES = (TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1)
+_NONDETERMINISTIC = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout")
 _UNSIGNED_OR_WIDE = (
     TensorProto.UINT8, TensorProto.UINT4, TensorProto.UINT2, TensorProto.UINT16, TensorProto.INT16,
 )
@@ -151,6 +152,7 @@ class _Graph:
                     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
                 self.types[vi.name] = (tt.elem_type, shape)
         self._const_cache: dict[str, _Const | None] = {}
+        self._computed: set[str] | None = None
         self.qdq: dict[str, _QDQ] = {}  # keyed by the node's first output
         # QuantizeLinear first: a DequantizeLinear takes its quantized type from the Q feeding it
         for op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -183,6 +185,19 @@ class _Graph:
             np_type = helper.tensor_dtype_to_np_dtype(to)
             return _Const(to, base.shape, lambda: base.load().astype(np_type))
         return None
+
+    def constant_computed(self, name: str) -> bool:
+        """True for a constant, or a tensor computed from constants alone by deterministic standard ops
+        (e.g. ``Reshape(bias, shape)``): TensorRT folds it into a build-time constant."""
+        if self._computed is None:
+            # one pass in graph order (ONNX graphs are topologically sorted)
+            self._computed = set()
+            for node in self.nodes:
+                if (node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC and any(node.input)
+                        and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+                        and all(not i or i in self._computed or self.const(i) is not None for i in node.input)):
+                    self._computed.update(o for o in node.output if o)
+        return name in self._computed or self.const(name) is not None
 
     def values(self, name: str | None) -> np.ndarray | None:
         c = self.const(name) if name else None
@@ -537,12 +552,33 @@ def _residual_add(g: _Graph) -> Iterator[tuple[str, str]]:
                 continue
             if not any(g.dequantized(name) for name in _data_inputs(producer)):
                 continue
-            if g.const(other) is not None or g.dequantized(other):
+            if g.constant_computed(other) or g.dequantized(other):
                 continue
             yield _node_name(node), (f"residual input '{other}' of an Add after {producer.op_type} "
                                      f"'{_node_name(producer)}' is float; add a Q/DQ pair on it so TensorRT "
                                      "can fuse the Add into the INT8 layer")
             break
+
+
+@_rule("quantized-constant", "warning",
+       "Q/DQ with an activation grid on a tensor computed from constants (a conv bias reshaped at run time) feeding no weight slot")
+def _quantized_constant(g: _Graph) -> Iterator[tuple[str, str]]:
+    for q in g.qdq.values():
+        # initializers and weights (a QuantizeLinear of a constant read as a weight) are the weight pattern
+        if not q.is_q or g.const(q.data) is not None or not g.constant_computed(q.data):
+            continue
+        readers = [(c, i) for dq in g.consumers.get(q.node.output[0], []) for c, i in g.consumers.get(dq[0].output[0], [])
+                   if dq[0].op_type == "DequantizeLinear"]
+        if not readers or any(c.op_type in _WEIGHTED_OPS and i == 1 for c, i in readers):  # a weight computed at run time
+            continue
+        producer = g.producer.get(q.data)
+        what = f"{producer.op_type} '{_node_name(producer)}'" if producer is not None else "constants"
+        users = ", ".join(sorted({f"{c.op_type} '{_node_name(c)}'" for c, _ in readers}))
+        yield q.name, (f"'{q.data}' is computed from constants only ({what}; paddle2onnx writes every conv bias as "
+                       f"Add(Conv, Reshape(bias))) but is quantized like an activation for {users}: TensorRT folds it into "
+                       "an INT8 constant with one per-tensor scale, rounding every bias to that grid and clipping it where "
+                       "the range was calibrated short; keep it float (onnxq's trt placement does) or "
+                       "fold the Reshape into an initializer")
 
 
 def _scale_key(g: _Graph, q: _QDQ) -> tuple:

@@ -71,3 +71,40 @@ def test_name_nodes_gives_unique_names():
     name_nodes(m)
     names = [n.name for n in m.graph.node]
     assert all(names) and len(set(names)) == len(names)
+
+
+def paddle_bias_model() -> onnx.ModelProto:
+    """paddle2onnx's conv bias: x -> Conv(w1) -> Add(Reshape(b1, [1,-1,1,1])) -> Relu -> a;
+    a -> Conv(w2) -> Add(a) (a real residual) -> r; r -> Conv(Reshape(w3f, [2,4,1,1])) -> y."""
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    inits = [w("w1", (4, 3, 3, 3)), w("b1", (4,)), w("w2", (4, 4, 3, 3)), w("w3f", (8,)),
+             numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), "bias_shape"),
+             numpy_helper.from_array(np.array([2, 4, 1, 1], np.int64), "w3_shape")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Reshape", ["b1", "bias_shape"], ["b1r"], name="bias_reshape"),
+        helper.make_node("Add", ["c1", "b1r"], ["c1b"], name="bias_add"),
+        helper.make_node("Relu", ["c1b"], ["a"], name="relu1"),
+        helper.make_node("Conv", ["a", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Add", ["c2", "a"], ["r"], name="residual_add"),
+        helper.make_node("Reshape", ["w3f", "w3_shape"], ["w3"], name="weight_reshape"),
+        helper.make_node("Conv", ["r", "w3"], ["y"], name="conv3"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])], inits)
+    return infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))[0]
+
+
+def test_a_bias_reshaped_at_run_time_is_a_constant_not_an_activation():
+    m = paddle_bias_model()
+    for target in ("trt", "ort"):
+        plan = build_plan(m, get_profile(target))
+        # the bias Add after conv1 is no residual Add: its reshaped bias never gets an activation grid
+        assert "b1r" not in plan.activations and "w3" not in plan.activations
+        # conv3's weight is computed at run time: no initializer to quantize, so the layer stays float, said why
+        assert "conv3" not in {layer.node for layer in plan.layers}
+        assert any(n == "conv3" and "computed from constants" in why for n, why in plan.skipped)
+    trt = build_plan(m, get_profile("trt"))
+    # the real residual Add keeps its Q/DQ (its other input 'a' is quantized for conv2 anyway)
+    assert ("residual_add", 1) in trt.activations["a"].consumers

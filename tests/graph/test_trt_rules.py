@@ -412,6 +412,54 @@ def test_residual_add_with_float_input():
     assert_only(check_trt_rules(model), "residual-add", {"add"})
 
 
+def paddle_bias_model(quantize_bias: bool) -> onnx.ModelProto:
+    """The clean graph's conv2 with its bias written as paddle2onnx writes it: Add(Conv, Reshape(bias)),
+    the reshaped bias quantized with an activation grid when ``quantize_bias``."""
+    model = clean_trt_model()
+    conv2 = node(model, "conv2")
+    del conv2.input[2]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([0.5, -4.6, 0.1, 0.0], np.float32), "b2p"),
+                                    numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), "b2_shape")])
+    bias = "b2r"
+    new = [helper.make_node("Reshape", ["b2p", "b2_shape"], [bias], name="bias_reshape")]
+    if quantize_bias:
+        new += [helper.make_node("QuantizeLinear", [bias, "s_r", "zp"], ["b2_q_out"], name="b2_q"),
+                helper.make_node("DequantizeLinear", ["b2_q_out", "s_r", "zp"], ["b2_dq_out"], name="b2_dq")]
+        bias = "b2_dq_out"
+    new.append(helper.make_node("Add", ["conv2_out", bias], ["conv2_biased"], name="bias_add"))
+    at = list(model.graph.node).index(conv2) + 1
+    for offset, n in enumerate(new):
+        model.graph.node.insert(at + offset, n)
+    node(model, "add").input[0] = "conv2_biased"
+    return model
+
+
+def test_quantized_constant_bias():
+    # a float reshaped bias is a constant: no residual-add finding, nothing at all
+    assert check_trt_rules(paddle_bias_model(quantize_bias=False)) == []
+    model = paddle_bias_model(quantize_bias=True)
+    findings = check_trt_rules(model)
+    assert_only(findings, "quantized-constant", {"b2_q"})
+    assert "Reshape 'bias_reshape'" in findings[0].message and "Add 'bias_add'" in findings[0].message
+    run_ort(model, {"x": np.zeros((1, 3, 8, 8), np.float32)})  # a valid, runnable graph otherwise
+
+
+def test_quantized_constant_ignores_weights_computed_at_run_time():
+    model = clean_trt_model()
+    # conv2's weight as a float constant reshaped at run time, then quantized in the graph: a weight, not a bias
+    model.graph.initializer.extend([numpy_helper.from_array(np.full(144, 0.01, np.float32), "w2flat"),
+                                    numpy_helper.from_array(np.array([4, 4, 3, 3], np.int64), "w2_shape"),
+                                    numpy_helper.from_array(np.float32(0.001), "s_w")])
+    conv2 = node(model, "conv2")
+    at = list(model.graph.node).index(conv2)
+    for offset, n in enumerate([helper.make_node("Reshape", ["w2flat", "w2_shape"], ["w2r"], name="w_reshape"),
+                                helper.make_node("QuantizeLinear", ["w2r", "s_w", "zp"], ["w2q"], name="w2_q"),
+                                helper.make_node("DequantizeLinear", ["w2q", "s_w", "zp"], ["w2dq"], name="w2_dqr")]):
+        model.graph.node.insert(at + offset, n)
+    conv2.input[1] = "w2dq"
+    assert [f for f in check_trt_rules(model) if f.rule == "quantized-constant"] == []
+
+
 def test_concat_with_different_scales():
     model = clean_trt_model()
     for name in ("a_q", "a_dq"):
