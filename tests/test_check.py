@@ -105,3 +105,9 @@ def test_baseline_that_cannot_be_compared_is_one_line(run_cli, runs, digits_mode
     (tmp_path / "insample.json").write_text(out)
     code, _, err = run_cli(["check", runs["good"], "--baseline", tmp_path / "insample.json", "--data", digits_eval])
     assert code == 1 and "--eval-data" in err
+
+
+def test_a_gate_that_compares_nothing_is_refused(run_cli, runs, digits_calib):
+    # the calibration data has no labels: accuracy cannot be measured, so --metric accuracy alone would always pass
+    code, _, err = run_cli(["check", runs["good"], "--baseline", runs["baseline"], "--data", digits_calib, "--metric", "accuracy"])
+    assert code == 1 and "no gated metric (accuracy)" in err

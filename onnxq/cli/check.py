@@ -224,8 +224,9 @@ def command(model: Path, baseline: Path, data: str, data_opt: tuple[str, ...], r
     if base_n and base_n != now_n:
         result.notes.append(f"the baseline was measured on {sorted(base_n)[0]} samples and this check on {sorted(now_n)[0]}: "
                             "different data, so the comparison is not like for like")
-    if not result.changes:
-        result.notes.append(f"no gated metric ({', '.join(gated)}) was measured in both the baseline and this check")
+    if not result.changes:  # a gate that compares nothing would always pass
+        raise OnnxqError(f"no gated metric ({', '.join(gated)}) was measured in both the baseline and this check "
+                         "(accuracy needs labelled data, top1_agreement class-score outputs): choose others with --metric")
     for note in result.notes:
         log.warning("%s", note)
 
