@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval", type=int, default=16, help="evaluation pages")
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--search-pages", type=int, default=4, help="calibration pages the detptq search computes its task loss on")
+    ap.add_argument("--memory-mb", type=float, default=384.0,
+                    help="detptq memory_mb: what the search may hold (384 keeps 4 pages at 640x640 in runs of 2; the method's default keeps 2)")
     ap.add_argument("--target", default="trt", choices=["trt", "ort", "ort-s8"])
     ap.add_argument("--granularity", default="tensor", choices=["tensor", "layer"])
     ap.add_argument("--settings", default="int8,w4a4", help="comma-separated: int8, w4a4, w4a8")
@@ -125,7 +127,7 @@ def main(argv=None) -> None:
             extra["layers"] = rep["layers"]
         record(setting, label, res.model, time.time() - t, rep.get("search_seconds") if rep and len(rep.get("p_values", [])) > 1 else None, extra)
 
-    base = {"task": "segmentation-map", "outputs": OUTPUT, "samples": args.search_pages, "granularity": args.granularity}
+    base = {"task": "segmentation-map", "outputs": OUTPUT, "samples": args.search_pages, "granularity": args.granularity, "memory_mb": args.memory_mb}
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     if "int8" in settings:
         t = time.time()

@@ -433,6 +433,11 @@ class DetPtq(QuantMethod):
                 with progress(f"detptq: tensors (round {rnd + 1})", ctx.show_progress, total=len(units), unit="unit") as bar:
                     for u in units:
                         bar.update(1)
+                        if len({self._fingerprint(u, l) for l in self.labels}) == 1:
+                            # every candidate is the same grid: nothing to choose, no tail to run
+                            self._apply(ctx, u, default)
+                            layers[u.name] = self._unit_report(u, {}, default)
+                            continue
                         q_run.run_to(u.start - 1)
                         losses, runs = self._evaluate(ctx, u, q_run, task, targets)
                         evaluations += runs
