@@ -119,7 +119,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:0;background:#fff;border:1px solid #e3e3e3;padding:6px}figure svg{width:100%;height:auto}
 .cols{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:24px}.grid{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:10px}
 figcaption{font-size:13px;color:#444;margin:4px 6px}
-ul{margin:4px 0 4px 18px;padding:0;font-size:13px}li{margin:2px 0}code{font-size:12px}
+ul{margin:4px 0 4px 18px;padding:0;font-size:13px}details{font-size:13px;margin:4px 0}li{margin:2px 0}code{font-size:12px}
 .kv td:first-child{color:#555;white-space:nowrap}
 """
 
@@ -286,14 +286,16 @@ def _summary_html(rep: Mapping[str, Any], gate: str | None) -> str:
     for name, section in (rep.get("methods") or {}).items():
         if isinstance(section, Mapping):
             lines += [f"{name}: {line}" for line in section.get("summary") or []]
-    for item in rep.get("left_in_float") or []:
-        lines.append(f"left in float: {item.get('node')} ({item.get('reason')})")
     for change in rep.get("quantized_rewrites") or []:
         err = change.get("output_error")
         lines.append(f"{change.get('method')} changed the model after quantization: {len(change.get('initializers_changed') or [])} "
                      f"initializers changed; relative output error vs float {_fmt(err, '.3g')}")
     if lines:
         out.append("<ul>" + "".join(f"<li>{_e(x)}</li>" for x in lines) + "</ul>")
+    floats = rep.get("left_in_float") or []
+    if floats:  # a transformer leaves dozens: folded, so the charts stay near the top
+        items = "".join(f"<li>{_e(i.get('node'))} ({_e(i.get('reason'))})</li>" for i in floats)
+        out.append(f"<details><summary>{len(floats)} node{'s' if len(floats) != 1 else ''} left in float</summary><ul>{items}</ul></details>")
     return "\n".join(out)
 
 
@@ -460,10 +462,9 @@ class _Charts:
                 marks = ax1.scatter([i for i, _ in pts], [v for _, v in pts], s=36, facecolors="none", edgecolors="#b3261e", zorder=3,
                                     label="worst layers")
                 marks.set_gid("series-worst")
-                if n > 40:  # no names on the axis: name the worst points
+                if n > 40:  # no names on the axis: number the worst points (the table below names them)
                     for i, v in pts:
-                        ax1.annotate(_short(first[i].get("node") or first[i].get("tensor")), (i, v), textcoords="offset points",
-                                     xytext=(0, 6), ha="center", fontsize=7, color="#b3261e")
+                        ax1.annotate(str(i), (i, v), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7, color="#b3261e")
             if n <= 40:
                 ax2.set_xticks(range(n), [_short(r.get("node") or r.get("tensor"), 18) for r in first], rotation=60, ha="right", fontsize=7)
             if len(series) > 1:
@@ -474,12 +475,12 @@ class _Charts:
         where = ""
         if diag.get("samples"):
             where = f" Measured on {diag['samples']} {'calibration' if diag.get('data') == 'calibration' else 'evaluation'} samples."
-        worst_rows = [[first[i].get("node") or first[i].get("tensor"), _fmt(first[i].get("sqnr_db"), ".1f"), _fmt(first[i].get("cosine"), ".5f")]
+        worst_rows = [[i, first[i].get("node") or first[i].get("tensor"), _fmt(first[i].get("sqnr_db"), ".1f"), _fmt(first[i].get("cosine"), ".5f")]
                       for i in worst]
         caption = (f"Each layer output (Conv, ConvTranspose, Gemm, MatMul) of the quantized model against the same tensor of the FP32 model, "
                    f"left to right in graph order; the error accumulates with depth, so look for the steps down.{where}")
         return self.wrap("chart-layers", "Per-layer error", [(svg, _e(caption))]) + "<p class='sub'>Worst layers:</p>" + _table(
-            ["node", "SQNR dB", "cosine"], worst_rows)
+            ["#", "node", "SQNR dB", "cosine"], worst_rows, numeric_from=2)
 
     # -- activation histograms with each calibrator's threshold ---------------------------------
 
@@ -514,7 +515,9 @@ class _Charts:
                         continue
                     colour = CALIBRATOR_COLOURS.get(name) or f"C{4 + others}"
                     others += name not in CALIBRATOR_COLOURS
-                    xs = [t] + ([-t] if lo < 0 else [])
+                    # the clip range T gives this tensor: [max(min, -T), min(max, T)] (a line on each side that has values)
+                    vmin, vmax = float(a.get("min", lo)), float(a.get("max", hi))
+                    xs = ([min(vmax, t)] if vmax > 0 else []) + ([max(vmin, -t)] if vmin < 0 else [])
                     for j, x in enumerate(xs):
                         line = ax.axvline(x, color=colour, lw=1.3, ls="--" if name != a.get("calibrator") else "-",
                                           label=f"{name} T={t:.3g}" if j == 0 else None)
