@@ -158,7 +158,9 @@ def test_report_command_renders_a_saved_json(run_cli, percentile_run, tmp_path):
     assert code == 1 and "already exists" in stderr and len(stderr.strip().splitlines()) == 1
     assert run_cli(["report", saved, "-o", out, "--force"])[0] == 0
     bad = tmp_path / "bad.json"
-    for text, words in (("{not json", "is not JSON"), ("[1, 2]", "not an onnxq report document"), ('{"x": 1}', "not an onnxq report document")):
+    malformed = json.dumps({"report": {"model": "m.onnx", "method": ["minmax"], "target": "ort", "diagnostics": {"layers": 5}}})
+    for text, words in (("{not json", "is not JSON"), ("[1, 2]", "not an onnxq report document"), ('{"x": 1}', "not an onnxq report document"),
+                        (malformed, "not a well-formed onnxq report document")):
         bad.write_text(text)
         code, _, stderr = run_cli(["report", bad, "-o", tmp_path / "bad.html"])
         assert code == 1 and words in stderr and len(stderr.strip().splitlines()) == 1, stderr

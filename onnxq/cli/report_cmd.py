@@ -34,5 +34,9 @@ def command(run_json: Path, output: Path, force: bool, title: str | None) -> Non
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise OnnxqError(f"'{run_json}' is not JSON ({exc.msg} at line {exc.lineno}): save the output of `onnxq optimize --json`") from None
-    path = write_html(doc, output, force=force, title=title)
+    try:
+        path = write_html(doc, output, force=force, title=title)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a hand-edited or foreign document, not a bug of ours
+        raise OnnxqError(f"'{run_json}' is not a well-formed onnxq report document ({type(exc).__name__}: {exc}); "
+                         "compare it with `onnxq schema report`") from None
     click.echo(f"wrote {path}")
