@@ -42,7 +42,8 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def evaluation_table(evals: Sequence[Evaluation]) -> str:
-    """One row per model: accuracy, top-1 agreement, cosine (per-sample mean, worst, 1st percentile), SQNR, size, latency, int kernels."""
+    """One row per model: accuracy, top-1 agreement, cosine (per-sample mean, worst, 1st percentile), SQNR, size, latency, int kernels;
+    then, for class scores, each quantized model's worst FP32 class by top-1 agreement."""
     lat_keys = sorted({k for e in evals for k in e.latency_ms})
     header = ["model", "accuracy", "top1-agree", "cosine", "cos-worst", "cos-p1", "sqnr-dB", "size"] + [f"latency {k} (ms)" for k in lat_keys] + ["int-kernels"]
     rows = []
@@ -64,7 +65,12 @@ def evaluation_table(evals: Sequence[Evaluation]) -> str:
             + [_fmt(e.latency_ms.get(k), ".3f") for k in lat_keys]
             + [f"{ik['integer_fraction'] * 100:.0f}%" if ik else "-"]
         )
-    return table(rows, header)
+    lines = [table(rows, header)]
+    worst = [(e.name, e.headline()) for e in evals[1:] if "worst_class" in e.headline()]
+    if worst:  # the worst-case view of class scores: the FP32 class whose samples the quantized model agrees on least
+        lines.append("\nworst class (top-1 agreement among the samples FP32 puts in it): " + "; ".join(
+            f"{name}: class {int(h['worst_class'])} {h['worst_class_agreement']:.3f} of {int(h['worst_class_samples'])}" for name, h in worst))
+    return "\n".join(lines)
 
 
 def run_summary(report: Report) -> str:

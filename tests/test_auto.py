@@ -232,3 +232,25 @@ def test_cli_auto_json_validates_and_bad_targets_are_one_line_errors(run_cli, tm
                         (["-p", "auto", "--min-cosine", "0.99", "--max-drop", "1"], "give one target")):
         code, _, stderr = run_cli(["optimize", str(model), "--data", str(data), "--output", str(tmp_path / "x.onnx"), *argv])
         assert code == 1 and words in stderr, stderr
+
+
+def test_compare_reports_the_worst_class():
+    """``onnxq compare``'s worst-case view of class scores: the FP32 class the quantized model agrees on least."""
+    from onnxq.evaluate.metrics import OutputAccumulator
+    from onnxq.report import evaluation_table
+    from onnxq.evaluate.compare import Evaluation
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, (120, 4))
+    ref[np.arange(120), np.arange(120) % 4] += 5.0  # 30 samples per class, each with a clear winner
+    got = ref.copy()
+    flip = np.flatnonzero(np.arange(120) % 4 == 2)[:12]  # 12 of class 2's 30 samples become class 3
+    got[flip, 3] += 20.0
+    acc = OutputAccumulator()
+    acc.update(ref[:64], got[:64])
+    acc.update(ref[64:], got[64:])
+    m = acc.result()
+    assert m["worst_class"] == 2 and m["worst_class_agreement"] == pytest.approx(18 / 30) and m["worst_class_samples"] == 30
+    assert m["top1_agreement"] == pytest.approx(108 / 120)
+    text = evaluation_table([Evaluation("fp32", None, {"y": {"cosine": 1.0}}), Evaluation("q", None, {"y": m})])
+    assert "q: class 2 0.600 of 30" in text

@@ -73,6 +73,9 @@ class OutputAccumulator:
         self.labelled = 0
         self.classification: bool | None = None
         self.integer = False
+        #: per FP32 class: samples, and samples whose quantized top-1 is the same class (the worst class's agreement)
+        self.class_total: dict[int, int] = {}
+        self.class_same: dict[int, int] = {}
 
     def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
         """Add one batch (``labels``: one class per sample, for accuracy)."""
@@ -95,7 +98,11 @@ class OutputAccumulator:
         is_logits = looks_like_logits(reference) and axis == 0
         self.classification = is_logits if self.classification is None else (self.classification and is_logits)
         if is_logits:
-            self.top1_same += int(np.sum(top1(ref) == top1(got)))
+            ref_top, got_top = top1(ref), top1(got)
+            self.top1_same += int(np.sum(ref_top == got_top))
+            for c, n_all, n_same in zip(*_class_counts(ref_top, ref_top == got_top)):
+                self.class_total[c] = self.class_total.get(c, 0) + n_all
+                self.class_same[c] = self.class_same.get(c, 0) + n_same
             self.top1_total += len(ref)
             self.confident += int(np.sum(_confident(ref)))
             if labels is not None and len(labels) == len(ref):
@@ -104,7 +111,8 @@ class OutputAccumulator:
 
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
-        and for [N, C] outputs top1_agreement, confident_share (:func:`_confident`) and accuracy when every sample had a label."""
+        and for [N, C] outputs top1_agreement, confident_share (:func:`_confident`), the worst FP32 class's top-1 agreement
+        (worst_class, worst_class_agreement, worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
         if self.noise == 0:
             sqnr = float("inf")
@@ -119,9 +127,21 @@ class OutputAccumulator:
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
             m["confident_share"] = self.confident / self.top1_total
+            worst = min(self.class_total, key=lambda c: (self.class_same[c] / self.class_total[c], -self.class_total[c]))
+            m["worst_class"] = float(worst)
+            m["worst_class_agreement"] = self.class_same[worst] / self.class_total[worst]
+            m["worst_class_samples"] = float(self.class_total[worst])
             if with_accuracy and self.labelled == self.top1_total:
                 m["accuracy"] = self.correct / self.labelled
         return m
+
+
+def _class_counts(classes: np.ndarray, same: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """Per class present in ``classes``: the class, its sample count and how many of those are ``same``."""
+    values, index = np.unique(np.asarray(classes).reshape(-1), return_inverse=True)
+    totals = np.bincount(index)
+    agreeing = np.bincount(index, weights=np.asarray(same, np.float64).reshape(-1))
+    return [int(v) for v in values], [int(t) for t in totals], [int(a) for a in agreeing]
 
 
 def _confident(reference: np.ndarray) -> np.ndarray:
