@@ -4,6 +4,7 @@
     python benchmarks/large_model.py build .bench/large            # model.onnx + model.onnx.data (2.2 GB), token data
     python benchmarks/large_model.py bench .bench/large            # onnxq INT8 / INT4 and ORT's quantizers, measured
     python benchmarks/large_model.py bench .bench/large --only onnxq-int8
+    python benchmarks/large_model.py bench-executors .bench/large     # --executor local vs ray (needs onnxq[ray])
 
 Nothing is committed or downloaded: the weights are random, drawn from a seed, and written one
 tensor at a time straight into the data file (the builder never holds the model in memory).
@@ -260,6 +261,40 @@ def bench(folder: Path, only: list[str] | None, timeout: float) -> list[dict]:
     return rows
 
 
+def bench_executors(folder: Path, timeout: float, only: list[str] | None = None) -> list[dict]:
+    """The statistics pass (INT8) and GPTQ (INT4) with ``--executor local`` and ``--executor ray`` (a local
+    Ray instance with this machine's CPUs): onnxq's own stage timings from ``--json``, wall time and
+    peak RSS of the driver and of the whole process group (Ray's workers included)."""
+    out = folder / "out"
+    out.mkdir(exist_ok=True)
+    model, calib = folder / "model.onnx", folder / "calib"
+    base = [sys.executable, "-m", "onnxq", "optimize", str(model), "--data", str(calib), "--force", "--quiet", "--no-cache",
+            "--no-check", "--batch-size", "4", "--json"]
+    runs = {
+        "int8-local": [*base, "--executor", "local", "--output", str(out / "x-int8-local.onnx")],
+        "int8-ray": [*base, "--executor", "ray", "--output", str(out / "x-int8-ray.onnx")],
+        "gptq-local": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "--executor", "local", "--output", str(out / "x-gptq-local.onnx")],
+        "gptq-ray": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "--executor", "ray", "--output", str(out / "x-gptq-ray.onnx")],
+    }
+    rows = []
+    for name, argv in runs.items():
+        if only and name not in only:
+            continue
+        m = run_measured(argv, timeout=timeout)
+        row = {"run": name, "status": m.status, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
+               "group_peak_rss_mb": round(m.extra.get("group_peak_rss_mb", 0))}
+        if m.ok:
+            report = json.loads(m.stdout)["report"]
+            row.update(calibration_s=report["calibration_seconds"], refine_s=report["refine_seconds"], total_s=report["total_seconds"])
+        else:
+            row["error"] = m.error_line(160)
+        for f in out.glob(f"x-{name}.onnx*"):
+            f.unlink()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -274,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("folder", type=Path)
     m.add_argument("--only", action="append")
     m.add_argument("--timeout", type=float, default=1800)
+    e = sub.add_parser("bench-executors")
+    e.add_argument("folder", type=Path)
+    e.add_argument("--only", action="append")
+    e.add_argument("--timeout", type=float, default=1800)
     s = sub.add_parser("_ort_static")
     s.add_argument("model"), s.add_argument("output"), s.add_argument("calib"), s.add_argument("--external", action="store_true")
     n = sub.add_parser("_ort_nbits")
@@ -283,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         build(a.folder, a.layers, a.width, a.ffn, a.vocab, a.heads)
     elif a.cmd == "bench":
         bench(a.folder, a.only, a.timeout)
+    elif a.cmd == "bench-executors":
+        bench_executors(a.folder, a.timeout, a.only)
     elif a.cmd == "_ort_static":
         _ort_static(a.model, a.output, a.calib, a.external)
     else:

@@ -358,7 +358,7 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
 
     In a lazy model (``model_io.is_lazy``) large arrays are written to the scratch data file as
     they come (``model_io.spill``) and the copy refers to them."""
-    from onnxq.graph.model_io import is_lazy, spill
+    from onnxq.graph.model_io import is_lazy, release, spill
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -368,4 +368,5 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
         if t.name in values:
             value = np.asarray(values[t.name])
             t.CopyFrom(spill(value, t.name) if lazy else numpy_helper.from_array(value, t.name))
+            release(value)  # a memory-mapped value's pages, read to write it, do not stay resident
     return out

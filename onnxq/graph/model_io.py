@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import shutil
 import sys
@@ -180,9 +181,9 @@ def lazy_files(model: onnx.ModelProto) -> list[Path]:
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The value of ``tensor`` as a numpy array; use it instead of ``numpy_helper.to_array``.
 
-    A lazy external-data tensor is memory-mapped read-only (its pages are read when touched and
-    can be dropped again by the kernel: nothing is copied); 4-bit and other packed types are read
-    (one tensor). In-memory tensors are ``numpy_helper.to_array``'s result.
+    A lazy external-data tensor is memory-mapped read-only (:func:`is_mapped`; its pages are read
+    when touched, nothing is copied, and :func:`release` drops them again); 4-bit and other packed
+    types are read (one tensor). In-memory tensors are ``numpy_helper.to_array``'s result.
     """
     if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
@@ -194,8 +195,37 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     if packed or count == 0 or dtype.kind not in "biuf" or sys.byteorder != "little":
         return numpy_helper.to_array(tensor, base_dir=LAZY_ROOT)
-    path = os.path.join(LAZY_ROOT, info.location)
-    return np.memmap(path, dtype=dtype, mode="r", offset=info.offset or 0, shape=shape if shape else (1,)).reshape(shape)
+    offset = info.offset or 0
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mappings start on the granularity
+    with open(os.path.join(LAZY_ROOT, info.location), "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), offset - start + count * dtype.itemsize, access=mmap.ACCESS_READ, offset=start)
+    # a read-only view whose base is the mapping: unmapped when the last view goes, see release()
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start).reshape(shape)
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    base = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` is a memory-mapped weight from :func:`tensor_array` (or a view of one)."""
+    return isinstance(array, np.ndarray) and _mapping(array) is not None
+
+
+def release(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped weight from this process's memory now.
+
+    Pages a weight's reader touched stay resident (and count in the process's RSS) as long as the
+    mapping lives; a step that is done with a weight but still holds the array (a dictionary of
+    all weights) releases it so that the weights it went through do not add up. The array stays
+    valid: touched again, its pages are read back from the page cache. Other arrays: nothing.
+    """
+    mapped = _mapping(array) if isinstance(array, np.ndarray) else None
+    if mapped is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def external_chunks(tensor: onnx.TensorProto, chunk: int = 16 << 20):

@@ -57,7 +57,7 @@ from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
 from onnxq.graph.edit import with_initializers
-from onnxq.graph.model_io import tensor_array
+from onnxq.graph.model_io import is_lazy, release, spill, tensor_array
 from onnxq.hookspecs import hookimpl
 from onnxq.runtime.executor import current as current_executor
 from onnxq.method import QuantMethod, RunContext
@@ -352,10 +352,21 @@ class Gptq(QuantMethod):
         # inputs they are done before the next H is computed, which reads their quantized weights
         pending: list[tuple[Any, Any, tuple[Any, ...]]] = []
         executor = current_executor()
+        # a model over 2 GB (weights on disk): each dequantized weight goes to disk as it is made, and the
+        # pages of the weights already done are dropped, so the pass never holds every weight at once
+        lazy = is_lazy(ctx.model)
+        done: list[np.ndarray] = []
 
         def flush(bar) -> None:
             results = executor.map(_quantize_layer, [args for _, _, args in pending])
-            for (layer, site, _), res in zip(pending, results):
+            for array in done:
+                release(array)
+            done.clear()
+            for (layer, site, args), res in zip(pending, results):
+                if lazy:
+                    release(args[0])
+                    res.w_hat = tensor_array(spill(res.w_hat, site.initializer))
+                    done.append(res.w_hat)
                 out[layer.node] = res
                 site.qparams = res.qparams()
                 if o.inputs == "sequential":
@@ -419,7 +430,7 @@ class Gptq(QuantMethod):
             results = self._pass(ctx, chunks, weights, bits8, "gptq (mixed precision)")
         # the dequantized GPTQ weights, written by quantized_rewrite; the QDQ rewrite recovers the integers exactly
         by_init = {plan.weights[layer.weight].initializer: results[layer.node] for layer in plan.layers if layer.node in results}
-        self._w_hat = {name: res.w_hat.astype(np.float32) for name, res in by_init.items()}
+        self._w_hat = {name: res.w_hat.astype(np.float32, copy=False) for name, res in by_init.items()}  # no copy: on disk when lazy
         self._sessions.clear()
         layers = [{"node": n, "bits": results[n].bits, "rel_error": round(results[n].rel_error, 6),
                    "rel_error_4bit": round(first_errors[n], 6), "shape": list(weights[plan.weights[lw].initializer].shape),

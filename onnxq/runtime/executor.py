@@ -83,7 +83,11 @@ class RayExecutor:
                  init_options: dict[str, Any] | None = None) -> None:
         ray = _import_ray()
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_options or {}))
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_options or {}))
+            except Exception as exc:  # no cluster at that address, a version mismatch...: the user's setting
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise OptionError(f"cannot start or join Ray{f' at {address}' if address else ''}: {first}") from None
         self._ray = ray
         self.address = address
         self.max_retries = max_retries
