@@ -4,7 +4,8 @@
 :func:`prepare` → :func:`open_data` → :func:`target_rewrites` → :func:`place` →
 :func:`float_rewrites` → :func:`calibrate` → :func:`choose_qparams` → :func:`refine` (each method's
 refine, then its quantized rewrite) → :func:`rewrite_qdq` → :func:`validate` → :func:`save` →
-:func:`check` (the fidelity check, after the save so that a failure never loses the model) → :func:`report`. Each stage reads what earlier stages left on the run and adds its own part.
+:func:`check` (the fidelity check, after the save so that a failure never loses the model) → :func:`diagnose` (the HTML
+report's data, when asked) → :func:`report`. Each stage reads what earlier stages left on the run and adds its own part.
 """
 
 from __future__ import annotations
