@@ -359,7 +359,12 @@ def _layer_series(rep: Mapping[str, Any], compare_layers: Mapping[str, Mapping[s
     diag = rep.get("diagnostics") or {}
     if diag.get("layers"):
         return {"quantized": list(diag["layers"])}
-    return {name: [{"tensor": t, "node": t, **v} for t, v in rows.items()] for name, rows in compare_layers.items() if rows}
+    # compare: one series per model, on one x axis (a tensor one model lacks is a gap in its line)
+    order: dict[str, None] = {}
+    for rows in compare_layers.values():
+        order.update(dict.fromkeys(rows))
+    return {name: [{"tensor": t, "node": t, **(rows.get(t) or {"sqnr_db": None, "cosine": None})} for t in order]
+            for name, rows in compare_layers.items() if rows}
 
 
 def _auto(rep: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -274,3 +274,15 @@ def test_report_renders_in_headless_chromium(percentile_run, tmp_path):
     artefacts.mkdir(parents=True, exist_ok=True)
     shutil.copy(page.screenshot, artefacts / "report-chromium.png")
     shutil.copy(html, artefacts / "report-chromium.html")
+
+
+def test_compare_document_aligns_each_model_on_one_axis():
+    """compare --json: one line per model over the union of layer outputs; a tensor a model lacks is a gap, not a shift."""
+    from onnxq.report_html import normalize_document
+
+    doc = {"evaluations": [], "layers": {"a.onnx": {"t1": {"sqnr_db": 30.0, "cosine": 0.99}, "t2": {"sqnr_db": 20.0, "cosine": 0.98}},
+                                         "b.onnx": {"t2": {"sqnr_db": 25.0, "cosine": 0.985}, "t3": {"sqnr_db": 10.0, "cosine": 0.9}}}}
+    assert normalize_document(doc)["report"] is None
+    html = render_html(doc)
+    assert "chart-layers-series-sqnr-0" in html and "chart-layers-series-sqnr-1" in html
+    assert "<h2>Run</h2>" not in html and "onnxq comparison" in html
