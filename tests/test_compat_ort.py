@@ -117,13 +117,14 @@ def test_documented_example_on_the_bundled_model(tmp_path, digits_model, digits_
 def test_documented_example_on_a_transformer(tmp_path):
     ours, theirs = _both(tmp_path, ATTENTION / "model.onnx", ATTENTION / "calib.npz")
     m = _fidelity(ATTENTION / "model.onnx", {"onnxq": ours, "ort": theirs}, str(ATTENTION / "eval.npz"))
-    # no margin here: ONNX Runtime quantizes attention's activation x activation MatMuls (MatMulConstBOnly is False by
-    # default) and its worst samples fall apart (measured: mean cosine 0.987, 1st percentile 0.867); onnxq keeps them float
-    # (0.99999 and 0.9999)
-    assert m["onnxq"]["top1_agreement"] >= m["ort"]["top1_agreement"]
-    assert m["onnxq"]["cosine"] >= m["ort"]["cosine"]
-    assert m["onnxq"]["cosine_p1"] >= m["ort"]["cosine_p1"]
-    assert m["onnxq"]["cosine"] >= 0.99  # and close to FP32 outright
+    # ONNX Runtime 1.32 quantizes attention's activation x activation MatMuls (MatMulConstBOnly is False by default) and its
+    # worst sequences fall apart (measured: mean cosine 0.987, 1st percentile 0.867); onnxq keeps them float (0.99999 and
+    # 0.9999). The margins (one of the 400 sequences, 1e-4 of mean and 1e-3 of 1st-percentile cosine) only keep a future
+    # ONNX Runtime that caught up from failing the test on rounding
+    assert m["onnxq"]["top1_agreement"] >= m["ort"]["top1_agreement"] - 0.0025
+    assert m["onnxq"]["cosine"] >= m["ort"]["cosine"] - 1e-4
+    assert m["onnxq"]["cosine_p1"] >= m["ort"]["cosine_p1"] - 1e-3
+    assert m["onnxq"]["cosine"] >= 0.999 and m["onnxq"]["top1_agreement"] >= 0.99  # and close to FP32 outright
 
 
 def _digits_reader(digits_calib: Path, n: int = 48):
