@@ -586,7 +586,7 @@ class _Charts:
             rows = [[c.get("name") or c.get("method") or "?", ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("name",))] for c in cands]
             return "<section id='chart-candidates'><h2>auto candidates</h2>" + _table(["candidate", "figures"], rows, numeric_from=99) + "</section>"
         with self.mpl.rc_context(self.rc):
-            fig = self.figure(8.0, 3.6)
+            fig = self.figure(10.0, 3.8)
             ax = fig.subplots()
             fkey = pts[0][1][0]
             flabel = f"score ({auto['metric']})" if fkey == "score" and auto.get("metric") else fkey
