@@ -286,3 +286,12 @@ def test_compare_document_aligns_each_model_on_one_axis():
     html = render_html(doc)
     assert "chart-layers-series-sqnr-0" in html and "chart-layers-series-sqnr-1" in html
     assert "<h2>Run</h2>" not in html and "onnxq comparison" in html
+
+
+def test_a_run_without_report_never_imports_matplotlib():
+    """matplotlib is the report's alone: importing the CLI, the pipeline and the report module loads none of it."""
+    import subprocess
+
+    code = ("import sys, onnxq.cli.main, onnxq.pipeline, onnxq.report_html, onnxq.pipeline.diagnostics; "
+            "sys.exit('matplotlib' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
