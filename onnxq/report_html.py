@@ -157,8 +157,8 @@ def render_html(doc: Any, *, title: str | None = None, sections: Sequence[Sectio
     if layer_series:
         body.append(charts.layers(layer_series, diag))
     elif rep:
-        body.append("<h2>Per-layer error</h2><p class='sub'>No per-layer data in this document: run <code>onnxq optimize ... --report "
-                    "FILE.html</code> (or <code>--diagnostics --json</code>) to collect it.</p>")
+        body.append("<h2>Per-layer error</h2><p class='sub'>No per-layer data in this document (<code>onnxq optimize ... --report "
+                    "FILE.html</code> or <code>--diagnostics</code> collects it; <code>onnxq compare --report</code> measures it).</p>")
     if diag.get("activations"):
         body.append(charts.histograms(diag["activations"]))
     if diag.get("weights"):
