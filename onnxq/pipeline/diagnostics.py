@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from onnxq.calib.statistics import StatRequest, TensorStats
-from onnxq.evaluate.compare import LAYER_OPS, batch_axes, layer_errors
+from onnxq.evaluate.compare import LAYER_OPS, batch_axes, layer_errors, sample_count
 from onnxq.evaluate.fidelity import LayerFidelity, limited
 from onnxq.options import described
 
@@ -122,15 +122,9 @@ def _layers(run: Run, diag: Diagnostics) -> None:
     tensors = list(producer)
     axes = batch_axes(run.float_model)
     source = limited(run.source, LAYER_BATCHES, LAYER_SAMPLES, axes)
-    diag.samples = sum(_samples(b.feeds, axes) for b in source())
+    diag.samples = sum(sample_count(b.feeds, axes) for b in source())
     errors = layer_errors(run.float_model, run.quantized, tensors, source)
     diag.layers = [LayerFidelity(t, producer[t], errors[t]["sqnr_db"], errors[t]["cosine"]) for t in tensors if t in errors]
-
-
-def _samples(feeds: Any, axes: Any) -> int:
-    from onnxq.evaluate.compare import sample_count
-
-    return sample_count(feeds, axes)
 
 
 def _activations(run: Run, diag: Diagnostics) -> None:
