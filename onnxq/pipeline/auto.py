@@ -329,7 +329,9 @@ class Search:
         self.budget = options.time_budget if options.time_budget is not None else math.inf
         self.report = AutoReport(self.goal.metric, self.goal.threshold, self.goal.threshold is None, False, "", "", "", 0, 0, 0,
                                  [], [], [], None, None, None, self.budget, False, 0.0, [])
+        #: built models by candidate name; only those still needed are kept (:meth:`forget`): a large model's copies add up
         self.built: dict[str, Built] = {}
+        self.names: dict[str, int] = {}
         self.scores: dict[str, Scores] = {}
         self.forms: dict[str, Form] = {}
         self.show = settings.show_progress
@@ -353,6 +355,11 @@ class Search:
         log.info("auto: %s", text)
         if self.show:
             print(f"auto [{self.elapsed():5.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def forget(self, cand: AutoCandidate | None) -> None:
+        """Drop a candidate's model once no step needs it (its figures stay in the report)."""
+        if cand is not None:
+            self.built.pop(cand.name, None)
 
     def resample_reserve(self) -> float:
         """Seconds the finalists' resampling will need: a statistics pass per float form over the subsets, and the builds."""
@@ -502,6 +509,9 @@ class Search:
                   limit: int | None = None) -> AutoCandidate:
         """Build and score one candidate on the pool's statistics; add it to the report."""
         name = "+".join(form.rewrite + list(recipe)) + (f" float:{len(float_layers)}" if float_layers else "")
+        self.names[name] = self.names.get(name, 0) + 1
+        if self.names[name] > 1:  # several sets of the same size: names stay unique (the report's chosen names one)
+            name += f" #{self.names[name]}"
         t = time.perf_counter()
         cand = AutoCandidate(name, form.rewrite + list(recipe), list(float_layers), stage, None, None, None, [], None, None, None, None,
                              None, None, None, None, None, None, False, None, None, 0.0, None)
@@ -720,6 +730,8 @@ def finalists(s: Search) -> list[AutoCandidate]:
             s.note(f"time budget spent: {c.name} not resampled")
     for c in ok:
         s.latency(c, _form_name(c.methods))
+        if c not in finals:
+            s.forget(c)
     return finals
 
 
@@ -760,6 +772,7 @@ def mixed_precision(s: Search, best: AutoCandidate) -> AutoCandidate | None:
             break
         c = s.candidate(form, recipe, "mixed", [lay.node], like)
         s.report.candidates.pop()  # one-layer runs go to the sensitivity table, not the candidate table
+        s.forget(c)
         if c.score is not None:
             rows[lay.node].score_float = c.score
             rows[lay.node].gain = round(c.score - base_score, 6)
@@ -783,8 +796,8 @@ def mixed_precision(s: Search, best: AutoCandidate) -> AutoCandidate | None:
     if s.left() > 0:  # the comparison the report shows: by sensitivity alone
         alone = greedy(s, form, recipe, like, sorted(useful, key=lambda r: r.gain, reverse=True), "by-error", record=False)
         if alone is not None:
-            s.latency(alone, "float:" + ",".join(sorted(alone.float_layers)))
             s.report.by_error_alone = alone
+            s.forget(alone)
     return chosen
 
 
@@ -799,6 +812,7 @@ def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: l
             s.note(f"time budget spent while adding float layers ({stage})")
             break
         chosen.append(r.node)
+        s.forget(last)
         last = s.candidate(form, recipe, stage, list(chosen), like)
         if not record:
             s.report.candidates.pop()
@@ -817,7 +831,10 @@ def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: l
         if not record:
             s.report.candidates.pop()
         if c.meets_target:
+            s.forget(last)
             chosen, last = trial, c
+        else:
+            s.forget(c)
     s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
     return last
 
