@@ -602,11 +602,16 @@ def _overlay(plan: Any, like: Any) -> None:
             site.qparams = other.qparams
 
 
-def choose(finals: list[AutoCandidate]) -> AutoCandidate:
+def choose(finals: list[AutoCandidate], goal: Goal) -> AutoCandidate:
     """The best finalist by :func:`_rank`; finalists whose worst scores differ by less than a quarter of the largest
-    spread are a tie, decided by the worst sample's cosine (the reliability criterion), then the mean score."""
-    best = min(finals, key=_rank)
+    spread are a tie, decided by the worst sample's cosine (the reliability criterion), then the mean score.
+    A finalist the time budget left unresampled counts as spreading as much as the most spread one measured."""
     spread = max((c.spread or 0.0 for c in finals), default=0.0)
+    for c in finals:  # a finalist the budget left unresampled is assumed to vary as much as the most varying one measured
+        if not c.resample_scores and c.score is not None and spread > 0:
+            c.score_worst = round(c.score - spread, 6)
+            c.meets_target = goal.met(c.score_worst)
+    best = min(finals, key=_rank)
     if spread <= 0 or best.score_worst is None:
         return best
     tied = [c for c in finals if c.meets_target == best.meets_target and len(c.float_layers) == len(best.float_layers)
@@ -631,7 +636,7 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
     s.prepare()
     portfolio(s)
     finals = finalists(s)
-    best = choose(finals)
+    best = choose(finals, s.goal)
     if s.goal.threshold is not None and not best.meets_target and o.mixed:
         mixed = mixed_precision(s, best)
         if mixed is not None:
