@@ -127,8 +127,8 @@ class SampleFit:
     def describe(self) -> str:
         mb = 2**20
         s = f"{self.samples} of {self.requested} samples" if self.capped else f"{self.samples} samples"
-        return (f"{s} in runs of {self.chunk} (holding {self.footprint.held / mb:.1f} MB per sample, largest tensor "
-                f"{self.footprint.largest / mb:.1f} MB; budget {self.budget / mb:.0f} MB)")
+        return (f"{s} in runs of {self.chunk} (holding {self.footprint.held / mb:.3g} MB per sample, largest tensor "
+                f"{self.footprint.largest / mb:.3g} MB; budget {self.budget / mb:.3g} MB)")
 
 
 def fit_samples(fp: Footprint, requested: int, budget_bytes: int, held_share: float = 0.5, runners: int = 1) -> SampleFit:
