@@ -1,7 +1,9 @@
 """The printed report: one markdown table per model with its goal lines, then the small tables.
 
 Everything printed comes from the JSON document ``bench.py`` builds (``doc``), so the text and
-the JSON always agree.
+the JSON always agree. As a script, ``python benchmarks/tables.py RESULTS.json [...]`` prints the
+"onnxq vs peers" table of one or more ``--json`` documents (their models merged, in order), e.g.
+of runs split by ``--models``.
 """
 
 from __future__ import annotations
@@ -209,3 +211,24 @@ def print_report(doc: dict, tasks: dict[str, Task], threads: list[int]) -> None:
         p(md_table(["model", "samples", "--batch-size", "wall s", "peak RSS MB"], body))
     p("")
     p(f"total runtime {doc['runtime_s']:.0f} s")
+
+
+def merged_peers_report(paths: list[str]) -> str:
+    """The "onnxq vs peers" table and the peers' versions of several ``bench.py --json`` documents."""
+    import json
+
+    doc: dict[str, Any] = {"models": {}, "peers": {}}
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        doc["models"].update(d.get("models", {}))
+        doc["peers"].update(d.get("peers") or {})
+    return "\n".join(x for x in (peers_table(doc), peer_versions_line(doc)) if x)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python benchmarks/tables.py RESULTS.json [RESULTS.json ...]")
+    print(merged_peers_report(sys.argv[1:]))

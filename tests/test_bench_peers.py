@@ -161,3 +161,22 @@ def test_peers_table_puts_the_best_onnxq_row_next_to_each_peer():
     assert cells[:3] == ["ppocr-rec", "char agree FP32", "0.9800 (equalize mse)"]
     assert cells[3:] == ["0.8600", "timeout (900 s)", "0.0400"]
     assert tables.peers_table({"models": {"digits": {"rows": [row("onnxq-minmax", "onnxq", 1.0)]}}}) == ""
+
+
+def test_peers_table_of_runs_split_by_model(tmp_path):
+    """``python benchmarks/tables.py A.json B.json`` merges the models of several --json documents into one table."""
+    import subprocess
+
+    def doc(model, key, value):
+        rows = [{"config": {"key": "onnxq-minmax", "label": "onnxq minmax", "tool": "onnxq"}, "status": "ok", "metrics": {key: value}},
+                {"config": {"key": "nncf-default", "label": "NNCF default", "tool": "nncf"}, "status": "ok", "metrics": {key: value / 2}}]
+        return {"models": {model: {"rows": rows}}, "peers": {"nncf": {"distribution": "nncf", "versions": {"nncf": "9.9"}}}}
+
+    (tmp_path / "a.json").write_text(json.dumps(doc("digits", "top1_agreement_fp32", 0.9)))
+    (tmp_path / "b.json").write_text(json.dumps(doc("minilm", "cosine_mean_fp32", 0.8)))
+    r = subprocess.run([sys.executable, str(BENCH / "tables.py"), str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split("|")[1].strip() for ln in lines[2:4]] == ["digits", "minilm"]
+    assert lines[3].split("|")[-2].strip() == "0.40000" and "NNCF 9.9" in lines[4]
