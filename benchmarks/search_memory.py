@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,9 @@ def measure(row: Row, task, scorer, work: Path, timeout: float, rss_cap_mb: floa
         report = {}
     res["kept"] = kept_samples(report, row.method)
     key, _ = FIDELITY[row.model]
-    res["fidelity"] = scorer.evaluate(out)[key]
+    metrics = scorer.evaluate(out)
+    res["fidelity"] = metrics[key]
+    res["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     return res
 
 
@@ -135,7 +138,10 @@ def table(results: list[dict]) -> str:
             continue
         name = FIDELITY[r["model"]][1]
         fid = f"{name} {r['fidelity']:.4f}" if "fidelity" in r else r.get("error", r["status"])
-        samples = f"{r['calib_samples']}" + (f" (search: {r['kept']})" if r.get("kept") else "")
+        if "prob_map_mae_fp32" in r.get("metrics", {}):
+            fid += f", map MAE {r['metrics']['prob_map_mae_fp32']:.5f}"
+        kept = re.match(r"(\d+)(?: of \d+)? samples in runs of (\d+)", r.get("kept", ""))
+        samples = f"{r['calib_samples']}" + (f" (kept {kept[1]}, runs of {kept[2]})" if kept else "")
         verdict = "PASS" if r["status"] == "ok" and r["peak_rss_mb"] <= BUDGET_MB else "FAIL"
         lines.append(f"| {r['model']} | {r['label']} | {samples} | {r['batch']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} | {r.get('cpu_s', 0):.0f} | {fid} | {verdict} |")
     return "\n".join(lines)
@@ -149,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-cap-mb", type=float, default=4096.0, help="kill a run whose process group goes over this (protects a shared machine)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the fidelity evaluation")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the table of rows saved by earlier --json runs and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return 0
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
     from scoring import Evaluator
