@@ -116,4 +116,6 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
     for name, rows in (per_layer if layers else {}).items():
         click.echo(f"\nper-layer error of {name} (layer output vs FP32):")
         click.echo(table([[t, f"{v['sqnr_db']:.1f}", f"{v['cosine']:.5f}"] for t, v in rows.items()], ["tensor", "sqnr-dB", "cosine"]))
+    if report_html is not None:
+        click.echo(f"wrote report {report_html}")
 
