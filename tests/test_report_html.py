@@ -203,10 +203,10 @@ def test_optimize_report_on_trt_lints_and_charts_minmax(run_cli, tmp_path):
 
 def test_compare_report_charts_each_candidate(run_cli, percentile_run, tmp_path):
     html = tmp_path / "cmp.html"
-    code, _out, stderr = run_cli(["compare", REPO / "examples/digits/model.onnx", percentile_run[1], "--data", REPO / "examples/digits/eval",
+    code, stdout, stderr = run_cli(["compare", REPO / "examples/digits/model.onnx", percentile_run[1], "--data", REPO / "examples/digits/eval",
                                "--max-samples", "64", "--report", html])
     assert code == 0, stderr
-    assert f"wrote report {html}" in _out
+    assert f"wrote report {html}" in stdout
     text = html.read_text()
     assert "onnxq comparison: model.onnx" in text and "chart-layers-series-sqnr-0" in text and "Evaluation" in text
 
