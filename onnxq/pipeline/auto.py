@@ -528,7 +528,8 @@ class Search:
             _fill(cand, sc, self.goal)
             cand.size_bytes = built.model.ByteSize()
         cand.seconds = round(time.perf_counter() - t, 3)
-        self.say(f"{name}: {self.goal.shown(cand.score) if cand.error is None else 'failed: ' + cand.error} "
+        which = f" [{', '.join(float_layers)} float]" if 0 < len(float_layers) <= 3 else ""
+        self.say(f"{name}{which}: {self.goal.shown(cand.score) if cand.error is None else 'failed: ' + cand.error} "
                  f"(cosine {_f(cand.cosine)}, worst sample {_f(cand.cosine_worst)}) {cand.seconds:.1f} s")
         if limit is None:
             self.report.candidates.append(cand)
