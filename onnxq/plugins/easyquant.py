@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 
 from onnxq.search.evaluator import GraphRunner, LayerRunner
 from onnxq.calib.progress import progress
-from onnxq.search.samples import samples_request, take_samples as _take_samples
+from onnxq.search.footprint import fitted_chunks
+from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OnnxqError, OptionError
 from onnxq.graph.plan import Layer
@@ -43,13 +45,24 @@ COSINE_GUARD = 1e-5
 _vecdot = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("...i,...i->...", a, b))
 
 
+#: ``preset=paper``: the settings of the paper's text (arXiv 2006.16669, §3-4.1), applied to every
+#: option left at its onnxq default (docs/methods.md: EasyQuant)
+PAPER = {
+    "act_init": "minmax", "metric": "cosine", "samples": 50, "search": "grid", "grid": "paper", "n_candidates": 100,
+    "search_lo": 0.5, "search_hi": 2.0, "order": "weights_first", "objective_tensor": "conv_output",
+    "magnitude_fix": False, "max_positions": 0, "reach_max": False, "keep_start": False, "rounds": 1, "schedule": "passes",
+}
+
+
 @dataclass(frozen=True)
 class EasyQuantOptions:
     """Options of EasyQuant (defaults: docs/methods.md: EasyQuant)."""
 
-    act_init: str = option("trt-entropy", "calibrator giving the initial activation scales (any calibrating method, e.g. minmax = the paper's max init)")
-    samples: int = option(50, "calibration samples used by the search")
-    search: Literal["golden", "grid"] = option("golden", "golden: 7-point coarse grid over [lo, hi] then golden-section refinement per channel (onnxq default, ~16 evaluations); grid: every candidate of the grid below")
+    preset: Literal["onnxq", "paper"] = option("onnxq", "onnxq: the measured defaults below; paper: the paper's exact settings (max init, cosine, 100-point grid on the conv output, weights first, 50 samples, no onnxq additions) for every option left at its default")
+    act_init: str = option("mse", "calibrator giving the initial activation scales (any calibrating method, e.g. minmax = the paper's max init, trt-entropy = the released code's KL)")
+    samples: int = option(32, "calibration samples used by the search (at most; memory_mb may keep fewer)")
+    memory_mb: float = option(384, "memory the search may hold for its samples (the float and the quantized pass's activations kept between layers, plus one ONNX Runtime run); keeps fewer samples than `samples`, in smaller runs, where they do not fit (the report says how many)")
+    search: Literal["zoom", "golden", "grid"] = option("zoom", "zoom: coarse grid over [lo, hi], then zoom_steps finer grids of zoom_points inside each channel's best bracket, each grid one batched evaluation (onnxq default); golden: coarse grid then refine_steps golden-section steps, one candidate per evaluation; grid: every candidate of the grid below")
     grid: Literal["paper", "code"] = option("paper", "candidates for search=grid — paper: n points in [lo, hi]×S; code: the released code's one-sided grids")
     search_lo: float = option(0.5, "lowest scale multiplier of the paper grid")
     search_hi: float = option(2.0, "highest scale multiplier of the paper grid")
@@ -61,19 +74,33 @@ class EasyQuantOptions:
     search_weights: bool = option(True, "search per-channel weight steps")
     magnitude_fix: bool = option(True, "after the weight search, rescale each channel's dequantization step to restore its output magnitude (cosine ignores it)")
     search_activations: bool = option(True, "search activation steps")
-    metric: Literal["cosine", "mse"] = option("cosine", "objective: cosine = the paper's mean per-sample cosine; mse = minus the normalised squared error, which also sees magnitude (onnxq option)")
-    coarse_points: int = option(7, "points of the coarse grid over [search_lo, search_hi] (search=golden)")
+    metric: Literal["cosine", "mse"] = option("mse", "objective: mse = minus the normalised squared error, which also sees magnitude (onnxq default); cosine = the paper's mean per-sample cosine")
+    coarse_points: int = option(7, "points of the coarse grid over [search_lo, search_hi] (search=zoom or golden)")
+    zoom_steps: int = option(2, "finer grids after the coarse one (search=zoom)")
+    zoom_points: int = option(4, "points of each finer grid, evenly inside the bracket around the best so far (search=zoom)")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
+    reach_max: bool = option(True, "the activation grid always reaches the observed max-abs (recovers a start that clipped an outlier-carrying tensor too hard)")
+    keep_start: bool = option(True, "after the search, keep the starting scales if the searched ones give a larger error at the model's outputs on the search samples (the search never ends worse than its start)")
+    threads: int = option(1, "intra-op threads of the search's ONNX Runtime sessions (0: ONNX Runtime's default); its runs are many and small, where a thread pool costs more CPU than it saves")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
     max_positions: int = option(4096, "score a 2-D conv whose output map is larger than 256 positions (16x16) per sample on random 8x8 output windows, about this many output positions over all samples; 0 = whole outputs")
+
+    def __post_init__(self) -> None:
+        if self.preset == "paper":  # options still at their onnxq default take the paper's value
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key, value in PAPER.items():
+                if getattr(self, key) == defaults[key]:
+                    object.__setattr__(self, key, value)
 
     def validate(self) -> None:
         if self.samples < 1 or self.rounds < 1 or self.n_candidates < 2 or self.coarse_points < 3 or self.refine_steps < 0:
             raise ValueError("samples and rounds must be >= 1, n_candidates >= 2, coarse_points >= 3, refine_steps >= 0")
+        if self.zoom_steps < 0 or self.zoom_points < 1:
+            raise ValueError("zoom_steps must be >= 0 and zoom_points >= 1")
         if not 0 < self.search_lo < 1 < self.search_hi:
             raise ValueError("need 0 < search_lo < 1 < search_hi")
-        if self.chunk_mb < 1 or self.max_positions < 0:
-            raise ValueError("chunk_mb must be >= 1 and max_positions >= 0")
+        if self.chunk_mb < 1 or self.max_positions < 0 or self.memory_mb <= 0 or self.threads < 0:
+            raise ValueError("chunk_mb must be >= 1, max_positions >= 0, memory_mb > 0 and threads >= 0")
 
 
 def _grid(lo: float, hi: float, n: int) -> np.ndarray:
@@ -144,12 +171,14 @@ class EasyQuant(QuantMethod):
         if ctx.profile.weight_only:
             raise OptionError("easyquant searches 8- and 7-bit weights and activations; for --bits 4 use minmax (round to nearest) or mse")
         self._sessions: dict[str, object] = {}
+        self._threads = o.threads or None
         self._fp_cache: dict[str, np.ndarray] = {}
         self._fp_bytes = 0
-        chunks = _take_samples(ctx, o.samples)
+        # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
+        chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, o.samples)], int(o.memory_mb * 2**20), runners=2)
         idx = GraphIndex(ctx.model)
         layers = [self._objective(l) for l in ctx.plan.layers]
-        runners = {l.node: LayerRunner(ctx.model, l, idx) for l in layers if l.weight in ctx.plan.weights}
+        runners = {l.node: LayerRunner(ctx.model, l, idx, threads=self._threads) for l in layers if l.weight in ctx.plan.weights}
         w_init = {w: s.qparams for w, s in ctx.plan.weights.items()}
         a_init = {t: s.range for t, s in ctx.plan.activations.items()}
         self._observed = {t: (ctx.stats[t].min, ctx.stats[t].max) for t in ctx.plan.activations if t in ctx.stats}
@@ -159,18 +188,52 @@ class EasyQuant(QuantMethod):
         if o.order == "activations_first":
             passes.reverse()
         steps = [self._search_weights if kind == "weights" else self._search_activation for kind, enabled in passes if enabled]
+        start = _Scales.of(ctx.plan)
         for _ in range(o.rounds):
             if o.schedule == "layerwise":
                 self._run_pass(ctx, chunks, layers, runners, w_init, a_init, report, steps, "easyquant")
             else:
                 for step, label in zip(steps, [k for k, e in passes if e]):
                     self._run_pass(ctx, chunks, layers, runners, w_init, a_init, report, [step], f"easyquant: {label}")
+        self._fp_cache.clear()
+        outcome = self._keep_better(ctx, chunks, start) if o.keep_start else None
         ctx.report[self.name] = {
             "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
+            "sample_fit": fit.describe(),
+            "preset": o.preset,
+            "outcome": outcome,
             "layers": report,
             "skipped_layers": skipped,
             "note": "INT7 runs on INT8 kernels in ONNX Runtime and TensorRT" if ctx.profile.bits == 7 else None,
         }
+
+    def _keep_better(self, ctx: RunContext, chunks: list[dict[str, np.ndarray]], start: "_Scales") -> dict[str, Any]:
+        """[D] The layer objectives are local: a search that improves every layer can still move the
+        model's outputs further from FP32 (errors compound differently downstream). Compare the
+        searched scales with the start on the model's float outputs (normalised squared error over
+        the search samples) and keep the start unless the search is strictly better there."""
+        idx = GraphIndex(ctx.model)
+        outs = [o.name for o in ctx.model.graph.output if idx.types.get(o.name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+        if not outs:
+            return {"kept": "search", "reason": "no float output to compare"}
+        fp = GraphRunner(ctx.model, chunks, None, self._sessions, keep=outs, threads=self._threads)
+        fp.run_all()
+        ref = {t: fp.value(t) for t in outs}
+        del fp
+
+        def error() -> float:
+            run = GraphRunner(ctx.model, chunks, ctx.plan, self._sessions, keep=outs, threads=self._threads)
+            run.run_all()
+            return float(np.mean([-neg_nmse_rows(ref[t].reshape(1, -1), run.value(t).reshape(1, -1))[0] for t in outs]))
+
+        searched = _Scales.of(ctx.plan)
+        e_search = error()
+        start.apply(ctx.plan)
+        e_start = error()
+        kept = "start" if e_start <= e_search else "search"
+        if kept == "search":
+            searched.apply(ctx.plan)
+        return {"kept": kept, "output_nmse_start": e_start, "output_nmse_search": e_search}
 
     def _objective(self, layer: Layer) -> Layer:
         if self.options.objective_tensor == "conv_output":
@@ -203,7 +266,8 @@ class EasyQuant(QuantMethod):
         for l in layers:
             if l.node in runners and l.inputs and l.inputs[0] in plan.activations:
                 readers.setdefault(l.inputs[0], []).append(l)
-        st = _Sweep(ctx, GraphRunner(ctx.model, chunks, plan, self._sessions), GraphRunner(ctx.model, chunks, None, self._sessions),
+        st = _Sweep(ctx, GraphRunner(ctx.model, chunks, plan, self._sessions, threads=self._threads),
+                    GraphRunner(ctx.model, chunks, None, self._sessions, threads=self._threads),
                     runners, w_init, a_init, report, readers, {t: g for g in plan.share_groups for t in g}, chunks)
         with progress(label, ctx.show_progress, total=len(layers), unit="layer") as bar:
             for layer in layers:
@@ -222,7 +286,7 @@ class EasyQuant(QuantMethod):
             try:
                 v = st.f_run.value(tensor)
             except OnnxqError:
-                st.f_run = GraphRunner(st.ctx.model, st.chunks, None, self._sessions)
+                st.f_run = GraphRunner(st.ctx.model, st.chunks, None, self._sessions, threads=self._threads)
                 v = st.f_run.value(tensor)
             if self._fp_bytes + v.nbytes <= self.options.chunk_mb * 2**20:
                 self._fp_cache[tensor] = v
@@ -306,8 +370,9 @@ class EasyQuant(QuantMethod):
     def _search(self, evaluate, ncols: int, grid: np.ndarray | None, lo: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maximise ``evaluate`` per column over multipliers; returns (chosen g, score at g=1, best score).
 
-        ``grid`` given: evaluate every row of it. Otherwise a 7-point coarse grid over
-        [search_lo, search_hi] and golden-section refinement inside each column's best bracket.
+        ``grid`` given: evaluate every row of it. Otherwise a ``coarse_points`` grid over
+        [search_lo, search_hi], then (search=zoom) ``zoom_steps`` finer grids or (search=golden)
+        golden-section steps inside each column's best bracket.
         g = 1 is always evaluated and kept unless something is strictly better.
         """
         o = self.options
@@ -320,6 +385,21 @@ class EasyQuant(QuantMethod):
         cols = np.arange(ncols)
         best_g = grid[best, cols].copy()
         best_s = scores[best, cols].copy()
+        if o.search == "zoom":
+            # [D] each finer grid is one batched evaluation (all its candidates in one ONNX Runtime
+            # run), where golden section needs one run per candidate: on small layers the run, not
+            # the arithmetic, is the cost
+            lo = grid[np.maximum(best - 1, 0), cols]
+            hi = grid[np.minimum(best + 1, len(grid) - 1), cols]
+            frac = np.arange(1, o.zoom_points + 1) / (o.zoom_points + 1)
+            for _ in range(o.zoom_steps):
+                pts = lo[None, :] + frac[:, None] * (hi - lo)[None, :]  # [zoom_points, C]
+                f = evaluate(pts)
+                k = np.argmax(f, axis=0)
+                better = f[k, cols] > best_s
+                best_g[better], best_s[better] = pts[k, cols][better], f[k, cols][better]
+                half = (hi - lo) / (o.zoom_points + 1)
+                lo, hi = np.maximum(best_g - half, lo), np.minimum(best_g + half, hi)
         if o.search == "golden":
             lo = grid[np.maximum(best - 1, 0), cols]
             hi = grid[np.minimum(best + 1, len(grid) - 1), cols]
@@ -385,7 +465,7 @@ class EasyQuant(QuantMethod):
         amax_seen = max(abs(v) for v in self._observed[t]) if t in self._observed else amax
         # [D] the range always reaches the observed max-abs: a calibrator that clipped an
         # outlier-carrying tensor far too hard (KL does, on some real models) is recoverable
-        lo_g = min(self.options.search_lo, amax / max(amax_seen, 1e-12))
+        lo_g = min(self.options.search_lo, amax / max(amax_seen, 1e-12)) if self.options.reach_max else self.options.search_lo
         chosen, before, after = self._search(evaluate, 1, self._act_grid()[:, None] if self.options.search == "grid" else None, lo=lo_g)
         g_best = float(chosen[0])
         new = ctx.profile.activation_qparams(lo0 / g_best, hi0 / g_best)
@@ -397,6 +477,24 @@ class EasyQuant(QuantMethod):
             r["activation_cosine_before"] = float(before[0])
             r["activation_cosine_after"] = float(after[0])
             r["activation_multiplier"] = g_best
+
+
+@dataclass
+class _Scales:
+    """The plan's quantization parameters at one moment (to go back to them)."""
+
+    weights: dict[str, QParams | None]
+    activations: dict[str, tuple[QParams | None, Any]]
+
+    @classmethod
+    def of(cls, plan) -> "_Scales":
+        return cls({w: s.qparams for w, s in plan.weights.items()}, {t: (s.qparams, s.range) for t, s in plan.activations.items()})
+
+    def apply(self, plan) -> None:
+        for w, q in self.weights.items():
+            plan.weights[w].qparams = q
+        for t, (q, r) in self.activations.items():
+            plan.activations[t].qparams, plan.activations[t].range = q, r
 
 
 @dataclass

@@ -38,14 +38,18 @@ class GraphRunner:
 
     With ``plan`` set, activation sites are fake-quantized for their listed consumers and weight
     sites are fake-quantized, each with the qparams the plan holds *when the consuming node runs*.
+    Tensors named in ``keep`` are never released (e.g. graph outputs that later nodes also read),
+    so :meth:`value` returns them after the runner has moved past their last reader.
+    ``threads``: intra-op threads of the sessions it builds (None: ONNX Runtime's default).
     """
 
     def __init__(self, model: onnx.ModelProto, chunks: Sequence[dict[str, np.ndarray]], plan: QuantPlan | None = None,
-                 sessions: dict[str, object] | None = None) -> None:
+                 sessions: dict[str, object] | None = None, keep: Sequence[str] = (), threads: int | None = None) -> None:
         cap_heap_retention()  # one session per node: keep their freed buffers out of the heap (calib/heap.py)
         self.model = model
         self.idx = GraphIndex(model)
         self.plan = plan
+        self.threads = threads
         self.nodes = list(model.graph.node)
         for n in self.nodes:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
@@ -59,6 +63,9 @@ class GraphRunner:
             for i in n.input:
                 if i:
                     self.remaining[i] += 1
+        self._keep = tuple(sorted(set(keep)))
+        for name in self._keep:  # one read that never comes
+            self.remaining[name] += 1
         for name in self.idx.graph_inputs:
             self.values[name] = [np.asarray(c[name]) for c in chunks]
         self.consts = {t.name: tensor_array(t) for t in model.graph.initializer}  # weights on disk stay memory-mapped
@@ -97,6 +104,10 @@ class GraphRunner:
             raise OnnxqError(f"tensor '{tensor}' was already released or never computed")
         parts = self.values[tensor]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def run_all(self) -> None:
+        """Execute every remaining node (afterwards :meth:`value` serves the graph outputs and ``keep``)."""
+        self._advance_to(len(self.nodes) - 1)
 
     def run_to(self, position: int) -> None:
         """Execute every node up to and including ``self.nodes[position]`` (no-op if already done).
@@ -166,6 +177,8 @@ class GraphRunner:
                     if w is not None and name in self.consts and self.plan.weights[w].qparams is not None:
                         weights[(n.name, i)] = w
         key = (first, last, tuple(sorted((k, tuple(sorted(v.items()))) for k, v in acts.items() if v)), tuple(sorted(weights.items())))
+        if self._keep:  # kept tensors are outputs of the segment that computes them: another layout
+            key += (self._keep,)
         seg = self.sessions.get(key)
         if seg is None:
             seg = self.sessions[key] = self._build_segment(nodes, acts, weights)
@@ -255,7 +268,7 @@ class GraphRunner:
         for params in sites.values():
             inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f in params]
         m = self._small_model(body, "segment", inputs, outputs)
-        sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
+        sess = ort_backend.make_session(m, "disable", threads=self.threads, arena="shared")
         return sess, external, wfeeds, sites, outputs
 
     def _small_model(self, nodes: list[onnx.NodeProto], name: str, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> onnx.ModelProto:
@@ -288,7 +301,7 @@ class GraphRunner:
         if sess is None:
             inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in feeds.items()]
             m = self._small_model([node], node.name, inputs, [o for o in node.output if o])
-            sess = ort_backend.make_session(m, "disable", threads=None, arena="shared")
+            sess = ort_backend.make_session(m, "disable", threads=self.threads, arena="shared")
             self.sessions[node.name] = sess
         return sess
 
@@ -383,10 +396,14 @@ def _post_activation(node: onnx.NodeProto | None, consts: dict[str, np.ndarray])
 
 
 class LayerRunner:
-    """Evaluate one weighted layer (and its objective activation) for many candidates."""
+    """Evaluate one weighted layer (and its objective activation) for many candidates.
 
-    def __init__(self, model: onnx.ModelProto, layer: Layer, idx: GraphIndex | None = None) -> None:
+    ``threads``: intra-op threads of its session (None: ONNX Runtime's default).
+    """
+
+    def __init__(self, model: onnx.ModelProto, layer: Layer, idx: GraphIndex | None = None, threads: int | None = None) -> None:
         self.idx = idx or GraphIndex(model)
+        self.threads = threads
         self.layer = layer
         self.node = self.idx.nodes[layer.node]
         consts = {t.name: tensor_array(t) for t in model.graph.initializer}
@@ -461,7 +478,7 @@ class LayerRunner:
                 inputs.append(helper.make_tensor_value_info("B", onnx.TensorProto.FLOAT, None))
             g = helper.make_graph([node], "layer", inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)])
             m = helper.make_model(g, opset_imports=self.opsets, ir_version=self.ir_version)
-            self._sess = ort_backend.make_session(m, "basic", arena="shared")
+            self._sess = ort_backend.make_session(m, "basic", threads=self.threads, arena="shared")
         return self._sess
 
     def run(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, post: bool = True) -> np.ndarray:

@@ -49,15 +49,20 @@ def _search(evaluate, ncols, **opts):
     return EasyQuant(EasyQuantOptions(**opts))._search(evaluate, ncols, None)
 
 
-def test_golden_search_finds_each_channels_optimum():
+@pytest.mark.parametrize(("search", "resolution"), [("golden", 0.01), ("zoom", 0.025)])
+def test_search_finds_each_channels_optimum(search, resolution):
     rng = np.random.default_rng(0)
     target = rng.uniform(0.55, 1.95, 12)
+    calls = []
 
     def evaluate(g):
+        calls.append(len(g))
         return -((g - target[None, :]) ** 2)
 
-    chosen, before, after = _search(evaluate, 12)
-    np.testing.assert_allclose(chosen, target, atol=0.01)
+    chosen, before, after = _search(evaluate, 12, search=search)
+    # zoom: the coarse grid and two finer grids of 4, each one batched evaluation
+    assert search != "zoom" or calls == [7, 4, 4]
+    np.testing.assert_allclose(chosen, target, atol=resolution)
     assert np.all(after >= before)
 
 
