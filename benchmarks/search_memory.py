@@ -140,7 +140,7 @@ def table(results: list[dict]) -> str:
         fid = f"{name} {r['fidelity']:.4f}" if "fidelity" in r else r.get("error", r["status"])
         if "prob_map_mae_fp32" in r.get("metrics", {}):
             fid += f", map MAE {r['metrics']['prob_map_mae_fp32']:.5f}"
-        kept = re.match(r"(\d+)(?: of \d+)? samples in runs of (\d+)", r.get("kept", ""))
+        kept = re.match(r"(\d+)(?: of \d+)? samples in runs of (?:at most )?(\d+)", r.get("kept", ""))
         samples = f"{r['calib_samples']}" + (f" (kept {kept[1]}, runs of {kept[2]})" if kept else "")
         verdict = "PASS" if r["status"] == "ok" and r["peak_rss_mb"] <= BUDGET_MB else "FAIL"
         lines.append(f"| {r['model']} | {r['label']} | {samples} | {r['batch']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} | {r.get('cpu_s', 0):.0f} | {fid} | {verdict} |")

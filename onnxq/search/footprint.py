@@ -127,7 +127,7 @@ class SampleFit:
     def describe(self) -> str:
         mb = 2**20
         s = f"{self.samples} of {self.requested} samples" if self.capped else f"{self.samples} samples"
-        return (f"{s} in runs of {self.chunk} (holding {self.footprint.held / mb:.3g} MB per sample, largest tensor "
+        return (f"{s} in runs of at most {self.chunk} (holding {self.footprint.held / mb:.3g} MB per sample, largest tensor "
                 f"{self.footprint.largest / mb:.3g} MB; budget {self.budget / mb:.3g} MB)")
 
 
