@@ -809,15 +809,28 @@ def mixed_precision(s: Search, best: AutoCandidate) -> AutoCandidate | None:
 
 def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: list[AutoLayer], stage: str,
            record: bool = True) -> AutoCandidate | None:
-    """Add layers to float in ``order`` until the target is met, then drop those it does not need (costliest first)."""
+    """Add layers to float in ``order`` until the target is met, then drop those it does not need (costliest first).
+
+    Layers are added in jumps sized by their single-layer gains against what the target still misses, each jump
+    measured, so a target that needs many float layers costs a few evaluations, not one per layer."""
     chosen: list[str] = []
     last: AutoCandidate | None = None
-    for r in order:
+    threshold = s.goal.threshold if s.goal.threshold is not None else math.inf
+    base = min((r.score_float - r.gain for r in order if r.score_float is not None and r.gain is not None), default=-math.inf)
+    k = 0
+    while k < len(order):
         if s.left() <= 0:
             s.report.budget_exhausted = True
             s.note(f"time budget spent while adding float layers ({stage})")
             break
-        chosen.append(r.node)
+        # jump to the shortest next prefix whose summed single-layer gains cover what is still missing (at least one
+        # layer): gains are not additive, so each jump is measured and the next one starts from the measured score
+        missing = threshold - (last.score if last is not None and last.score is not None else base)
+        covered = 0.0
+        while k < len(order) and (covered < missing or not covered):
+            covered += max(order[k].gain or 0.0, 0.0) or 1e-12
+            chosen.append(order[k].node)
+            k += 1
         s.forget(last)
         last = s.candidate(form, recipe, stage, list(chosen), like)
         if not record:
