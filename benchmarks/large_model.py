@@ -40,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import run_measured  # noqa: E402
 
 SEQ = 64
+#: a run whose process group holds more than this many times the model's float32 bytes is stopped
+#: (the machine is shared): its row then says it needed more than that
+RSS_CAP = 3
+#: plus what Python, numpy and ONNX Runtime take before any model (a few hundred MB per process)
+BASE_RSS = 2 << 30
 #: channels of the residual stream that carry the outliers (as in OPT/LLaMA: the same few everywhere)
 OUTLIER_CHANNELS = (7, 211, 402, 1001, 1337, 1500)
 
@@ -242,7 +247,7 @@ def bench(folder: Path, only: list[str] | None, timeout: float) -> list[dict]:
     for name, argv in _configs(folder, out).items():
         if only and name not in only:
             continue
-        m = run_measured(argv, timeout=timeout)
+        m = run_measured(argv, timeout=timeout, rss_limit_bytes=RSS_CAP * fp32 + BASE_RSS)
         row = {"config": name, "status": m.status, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
                "rss_over_fp32": round(m.peak_rss_mb * 2**20 / fp32, 2)}
         target = _outputs(name, out)
@@ -253,7 +258,8 @@ def bench(folder: Path, only: list[str] | None, timeout: float) -> list[dict]:
                 row["cosine"] = f"does not run: {str(exc).splitlines()[0][:120]}"
             row["output_mb"] = round(sum(f.stat().st_size for f in out.glob(target.name + "*")) / 2**20)
         else:
-            row["error"] = m.error_line(160)
+            row["error"] = (f"needed more than {RSS_CAP}x the float32 bytes + 2 GiB (stopped at "
+                            f"{m.extra['rss_cap_exceeded_mb']:.0f} MiB)") if m.rss_capped else m.error_line(160)
         for f in out.glob(target.name + "*"):  # the outputs are as large as the model: keep the disk free
             f.unlink()
         print(json.dumps(row), flush=True)
@@ -280,14 +286,15 @@ def bench_executors(folder: Path, timeout: float, only: list[str] | None = None)
     for name, argv in runs.items():
         if only and name not in only:
             continue
-        m = run_measured(argv, timeout=timeout)
+        fp32 = (folder / "model.onnx.data").stat().st_size
+        m = run_measured(argv, timeout=timeout, rss_limit_bytes=(RSS_CAP + 1) * fp32 + BASE_RSS)  # the workers hold the model too
         row = {"run": name, "status": m.status, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
                "group_peak_rss_mb": round(m.extra.get("group_peak_rss_mb", 0))}
         if m.ok:
             report = json.loads(m.stdout)["report"]
             row.update(calibration_s=report["calibration_seconds"], refine_s=report["refine_seconds"], total_s=report["total_seconds"])
         else:
-            row["error"] = m.error_line(160)
+            row["error"] = (f"stopped at {m.extra['rss_cap_exceeded_mb']:.0f} MiB" if m.rss_capped else m.error_line(160))
         for f in out.glob(f"x-{name}.onnx*"):
             f.unlink()
         print(json.dumps(row), flush=True)

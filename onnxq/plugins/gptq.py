@@ -357,7 +357,11 @@ class Gptq(QuantMethod):
         lazy = is_lazy(ctx.model)
         done: list[np.ndarray] = []
 
-        def flush(bar) -> None:
+        # the last layer reading each input: its H is dropped once that layer is done (one K x K float64
+        # per input, 134 MB at K = 4096, would otherwise add up over the whole pass)
+        last_use = {layer.inputs[0]: i for i, layer in enumerate(plan.layers) if layer.weight in plan.weights}
+
+        def flush(bar, position: int) -> None:
             results = executor.map(_quantize_layer, [args for _, _, args in pending])
             for array in done:
                 release(array)
@@ -366,16 +370,19 @@ class Gptq(QuantMethod):
                 if lazy:
                     release(args[0])
                     res.w_hat = tensor_array(spill(res.w_hat, site.initializer))
-                    done.append(res.w_hat)
+                    res.ints = tensor_array(spill(res.ints, f"{site.initializer}_ints"))
+                    done.extend((res.w_hat, res.ints))
                 out[layer.node] = res
                 site.qparams = res.qparams()
                 if o.inputs == "sequential":
                     runner.consts[site.initializer] = res.w_hat  # later layers see the quantized weight
                 bar.update(1)
+                if last_use[layer.inputs[0]] < position:
+                    hs.pop(layer.inputs[0], None)
             pending.clear()
 
         with progress(progress_desc, ctx.show_progress, total=len(plan.layers), unit="layer") as bar:
-            for layer in plan.layers:
+            for position, layer in enumerate(plan.layers):
                 site = plan.weights.get(layer.weight or "")
                 if site is None:
                     continue
@@ -383,12 +390,12 @@ class Gptq(QuantMethod):
                 w = weights[site.initializer]
                 if x_name not in hs:
                     if o.inputs == "sequential":
-                        flush(bar)
+                        flush(bar, position)
                     hs[x_name] = _gram(runner, x_name)
                 h = hs[x_name]
                 bits = 8 if layer.node in bits8 else 4
                 pending.append((layer, site, (w, h, profile.block_size, bits, signed, o.damp, o.act_order, shrink, o.lazy)))
-            flush(bar)
+            flush(bar, len(plan.layers))
         return out
 
     def __init__(self, options: Any = None) -> None:
