@@ -20,7 +20,12 @@ onnxq's procedure (docs/methods.md "DetPTQ" records every choice):
    for each candidate; the lowest wins (ties: the p closest to 2). ``GraphRunner`` computes the
    common prefix once (node by node, with the plan's fake quantization); the rest of the graph runs
    as one ONNX Runtime session per unit with the unit's qparams as inputs
-   (:class:`~onnxq.search.tail.TailSession`); identical candidates are evaluated once.
+   (:class:`~onnxq.search.tail.TailSession`); identical candidates are evaluated once, and a
+   unit whose candidates are all one grid not at all.
+4. **Memory.** What the search holds grows with the samples it evaluates (the frontier between
+   units, per sample) and with the samples per ONNX Runtime run; ``memory_mb`` bounds both
+   (:mod:`onnxq.search.footprint`): the first samples that fit are kept, in runs that fit, and the
+   report's ``samples_kept`` says how many. The same samples in smaller runs give the same choices.
 
 The task loss is a plugin (``register_task_losses``): ``detection`` (ODOL), ``segmentation-map``,
 ``classification``, ``mse``. ``-o weight_bits 4 -o act_bits 4`` is the paper's W4A4 setting,
