@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: the calibrators every float form is scored with
 CALIBRATORS = ("minmax", "mse", "percentile", "trt-entropy")
+#: the calibrators from the cheapest threshold choice to the costliest (what a short budget drops first is last)
+CALIBRATOR_COST = ("minmax", "percentile", "mse", "trt-entropy")
 #: float rewrites tried where the graph has their pattern (each is one more statistics pass)
 FLOAT_FORMS = ("equalize", "smoothquant")
 #: the default time budget: this many times what the first recipe cost (data, prepare, one statistics pass, one candidate),
@@ -675,15 +677,18 @@ def portfolio(s: Search) -> None:
             s.note(f"{rewrite}: the graph has no pattern for it")
             continue
         forms.append(f)
-    for f in forms:
-        s.stats_of(f, None, recipes + [(CALIBRATORS[0], "bias-correction")])
-        for r in recipes:
+    # calibrator by calibrator, cheapest first, across the float forms: when the budget runs short it is the
+    # costly threshold searches that go, not a whole float form; after the first two, the finalists' resampling
+    # keeps its share of the budget
+    for i, r in enumerate(sorted(recipes, key=lambda r: CALIBRATOR_COST.index(r[0]))):
+        for f in forms:
             if f is plain and r == recipes[0]:
                 continue  # scored above, to set the budget
-            if s.left() <= 0:
+            if s.left() <= (0.0 if i < 2 else s.resample_reserve()):
                 s.report.budget_exhausted = True
-                s.note(f"time budget spent: {'+'.join(f.rewrite + list(r))} not tried")
+                s.note(f"time budget: {'+'.join(f.rewrite + list(r))} not tried")
                 continue
+            s.stats_of(f, None, recipes + [(CALIBRATORS[0], "bias-correction")])
             s.candidate(f, r, "portfolio")
     ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
     if not ok:
