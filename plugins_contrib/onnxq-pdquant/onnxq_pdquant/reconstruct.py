@@ -1,0 +1,278 @@
+"""PD-Quant's block reconstruction with PyTorch (plugins_contrib/onnxq-pdquant/README.md).
+
+For each block (onnxq-brecq's blocks: the graph cut at single-tensor articulation points), in order:
+
+1. Distribution correction (DC): the block's input from the quantized prefix, ``x``, becomes a free
+   variable ``x'``; Adam minimises ``Σ_BN ||μ_BN − mean(x_BN)||² + ||σ_BN − std(x_BN)||² +
+   mean((x' − x)²)/λ_c`` where ``x_BN`` are the pre-BatchNorm values of the block's BatchNorms
+   (FP32 block run on ``x'``, statistics per channel over batch and space). The FP32 block on the
+   corrected ``x'`` gives the target ``Y``. Without BatchNorm in the block (or ``-o dc false``) the
+   target is the FP32 block output on the FP32 prefix, as in BRECQ.
+2. The block's weight rounding (AdaRound) and its activation steps (LSQ-style) are learned together
+   on ``||Ŷ − Y||²`` (normalised by its round-to-nearest value) ``+ KL(softmax(z_fp/T) ||
+   softmax(z_q/T))/λ_r`` ``+`` the rounding regulariser, where ``z_q`` is ``Ŷ`` passed through the
+   rest of the network in FP32 and ``z_fp`` the FP32 model's logits on the same samples.
+3. If the hardened result scores worse on that objective (all calibration samples) than nearest
+   rounding with the initial steps, the initial grid is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnxq.graph.plan import QuantPlan
+from onnxq.search.evaluator import GraphRunner
+from onnxq_brecq.blocks import Block, find_blocks
+from onnxq_brecq.torch_graph import AdaRoundWeight, Unsupported
+
+from onnxq_pdquant.bn_stats import BNStat
+from onnxq_pdquant.net import ActStep, Net
+
+
+def _mse(pred: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+    """Squared error summed per sample, averaged over samples (BRECQ's ``lp_loss``, p = 2)."""
+    total = torch.zeros(())
+    for p, t in zip(pred, target):
+        total = total + (p - t).pow(2).reshape(p.shape[0], -1).sum(1).mean()
+    return total
+
+
+def pd_kl(z_fp: torch.Tensor, z_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(softmax(z_fp/T) || softmax(z_q/T))``, averaged over samples (logits on the last axis)."""
+    p_log = torch.log_softmax(z_fp / temperature, dim=-1)
+    q_log = torch.log_softmax(z_q / temperature, dim=-1)
+    return (p_log.exp() * (p_log - q_log)).reshape(z_fp.shape[0], -1).sum(1).mean()
+
+
+def bn_loss(values: dict[str, torch.Tensor], stats: list[BNStat]) -> torch.Tensor:
+    """``Σ ||μ − mean(x)||² + ||σ − std(x)||²`` over BatchNorms, ``x`` the pre-BatchNorm value."""
+    total = torch.zeros(())
+    for s in stats:
+        y = values[s.tensor]
+        c = y.shape[1]
+        shape = (1, c) + (1,) * (y.dim() - 2)
+        x = (y - torch.as_tensor(s.shift, dtype=y.dtype).reshape(shape)) * torch.as_tensor(s.gain, dtype=y.dtype).reshape(shape) \
+            + torch.as_tensor(s.offset, dtype=y.dtype).reshape(shape)
+        flat = x.transpose(0, 1).reshape(c, -1)
+        mean = flat.mean(1)
+        std = (flat.var(1, unbiased=False) + 1e-8).sqrt()
+        total = total + (torch.as_tensor(s.mean, dtype=y.dtype) - mean).pow(2).sum() + (torch.as_tensor(s.std, dtype=y.dtype) - std).pow(2).sum()
+    return total
+
+
+def _n(x: dict[str, torch.Tensor]) -> int:
+    return max(int(v.shape[0]) if v.dim() else 1 for v in x.values())
+
+
+def _take(x: dict[str, torch.Tensor], idx: Any, n: int) -> dict[str, torch.Tensor]:
+    return {k: v[idx] if v.dim() and v.shape[0] == n else v for k, v in x.items()}
+
+
+def distribution_correction(net: Net, x: dict[str, torch.Tensor], stats: list[BNStat], iters: int, lr: float, lambda_c: float,
+                            batch: int, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PD-Quant's DC: the float block inputs ``x`` as free variables, Adam (reduce-on-plateau, patience
+    100) on ``bn_loss`` of the FP32 block ``net`` plus ``mean((x' − x)²)/λ_c``; returns the corrected
+    inputs and the BatchNorm loss on all samples before and after."""
+    keep = {s.tensor for s in stats}
+    was = net.quantize
+    net.quantize = False
+    n = _n(x)
+    free = {k: v.clone().requires_grad_(True) for k, v in x.items() if v.is_floating_point() and v.dim() and v.shape[0] == n}
+    opt = torch.optim.Adam(list(free.values()), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=100)
+    with torch.no_grad():
+        before = float(bn_loss(net(x, keep)[1], stats))
+    for _ in range(iters):
+        idx = torch.randint(0, n, (min(batch, n),), generator=gen)
+        feeds = {**_take(x, idx, n), **{k: v[idx] for k, v in free.items()}}
+        _, vals = net(feeds, keep)
+        dist = sum(((free[k][idx] - x[k][idx]).pow(2).mean() for k in free), torch.zeros(()))
+        loss = bn_loss(vals, stats) + dist / lambda_c
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step(float(loss.detach()))
+    corrected = {**x, **{k: v.detach() for k, v in free.items()}}
+    with torch.no_grad():
+        after = float(bn_loss(net(corrected, keep)[1], stats))
+    net.quantize = was
+    return corrected, {"bn_loss_before": before, "bn_loss_after": after}
+
+
+class PDReconstructor:
+    """Learns weight rounding and activation steps block by block with PD-Quant's objective."""
+
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, chunks: list[dict[str, np.ndarray]], learnable: dict[str, tuple[str, int, str]],
+                 bn: dict[str, BNStat], options: Any, progress: Callable[[int], None] | None = None) -> None:
+        self.model, self.plan, self.o, self.learnable, self.bn = model, plan, options, learnable, bn
+        self.sessions: dict[str, object] = {}
+        self.q_run = GraphRunner(model, chunks, plan, self.sessions)
+        self.f_run = GraphRunner(model, chunks, None, self.sessions)
+        self.logits_name = model.graph.output[0].name
+        fp = GraphRunner(model, chunks, None, self.sessions, keep=[self.logits_name])
+        fp.run_all()
+        self.z_fp = torch.from_numpy(np.ascontiguousarray(fp.value(self.logits_name), dtype=np.float32))
+        self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.nodes = [n for n in model.graph.node if n.op_type != "Constant"]
+        self.weight_edges = {(s.node, s.input_index): key for key, s in plan.weights.items()}
+        grouped = {t for g in plan.share_groups for t in g}
+        # activation steps learned per tensor; a TensorRT share group (one scale for several tensors) stays fixed
+        self.act_sites = {t: s for t, s in plan.activations.items() if s.qparams is not None and t not in grouped}
+        self.fixed_acts = {tuple(c): s.qparams for t, s in plan.activations.items() if t in grouped and s.qparams is not None for c in s.consumers}
+        self.results: dict[str, np.ndarray] = {}
+        self.report: list[dict[str, Any]] = []
+        self.progress = progress or (lambda n: None)
+        self.gen = torch.Generator().manual_seed(int(options.seed))
+
+    def run(self) -> None:
+        for block in find_blocks(self.model, set(self.learnable), "block"):
+            try:
+                self._block(block)
+            except Unsupported as exc:
+                self.report.append({"block": block.names, "skipped": str(exc)})
+                self.progress(len(block.learnable))
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _block_net(self, block: Block) -> tuple[Net, dict[str, AdaRoundWeight], dict[str, ActStep]]:
+        names = set(block.names)
+        rounding: dict[tuple[str, int], AdaRoundWeight] = {}
+        modules: dict[str, AdaRoundWeight] = {}
+        fixed: dict[tuple[str, int], np.ndarray] = {}
+        for node in block.nodes:
+            for i, name in enumerate(node.input):
+                key = self.weight_edges.get((node.name, i))
+                if key is None:
+                    continue
+                site = self.plan.weights[key]
+                if node.name in self.learnable and self.learnable[node.name][1] == i:
+                    m = AdaRoundWeight(self.consts[name], site.qparams)  # type: ignore[arg-type]
+                    m.site = key
+                    rounding[(node.name, i)] = m
+                    modules[name] = m
+                else:
+                    fixed[(node.name, i)] = site.qparams.fake_quantize(self.results.get(name, self.consts[name]))  # type: ignore[union-attr]
+        steps: dict[str, ActStep] = {}
+        acts: dict[tuple[str, int], ActStep] = {}
+        for t, site in self.act_sites.items():
+            for c in site.consumers:
+                if c[0] in names:
+                    if t not in steps:
+                        steps[t] = ActStep(site.qparams)  # type: ignore[arg-type]
+                    acts[tuple(c)] = steps[t]  # type: ignore[index]
+        for c, q in self.fixed_acts.items():
+            if c[0] in names:
+                fixed_step = ActStep(q)
+                fixed_step.u.requires_grad_(False)
+                acts[c] = fixed_step  # type: ignore[index]
+        if not self.o.learn_act_steps:
+            for s in steps.values():
+                s.u.requires_grad_(False)
+        net = Net(block.nodes, self.consts, block.outputs, rounding, fixed, acts)
+        return net, modules, steps
+
+    def _rest_net(self, block: Block) -> Net | None:
+        """FP32 nodes after the block, from its output(s) to the logits (None: the block ends the network)."""
+        if self.logits_name in block.outputs:
+            return None
+        last = max(i for i, n in enumerate(self.nodes) if n.name in set(block.names))
+        rest = self.nodes[last + 1 :]
+        net = Net(rest, self.consts, [self.logits_name])
+        net.quantize = False
+        return net
+
+    def _objective(self, net: Net, rest: Net | None, x, y, idx, n: int, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised block MSE, PD loss) on samples ``idx``."""
+        out, _ = net(_take(x, idx, n))
+        rec = _mse(out, [t[idx] for t in y]) * norm
+        if not self.o.pd_loss:
+            return rec, torch.zeros(())
+        z_q = out[net.outputs.index(self.logits_name)] if rest is None else rest({o: v for o, v in zip(net.outputs, out)})[0][0]
+        return rec, pd_kl(self.z_fp[idx], z_q, self.o.temperature) / self.o.lambda_r
+
+    def _score(self, net: Net, rest: Net | None, x, y, norm: float, chunk: int = 256) -> tuple[float, float]:
+        """(normalised block MSE, PD loss) on all samples."""
+        n = _n(x)
+        rec_sum = pd_sum = 0.0
+        with torch.no_grad():
+            for s in range(0, n, chunk):
+                idx = torch.arange(s, min(n, s + chunk))
+                rec, pd = self._objective(net, rest, x, y, idx, n, norm)
+                rec_sum += float(rec) * len(idx)
+                pd_sum += float(pd) * len(idx)
+        return rec_sum / n, pd_sum / n
+
+    # -- one block ---------------------------------------------------------------------------
+    def _block(self, block: Block) -> None:
+        o = self.o
+        t0 = time.perf_counter()
+        net, modules, steps = self._block_net(block)
+        rest = self._rest_net(block)
+        x = {t: torch.from_numpy(np.ascontiguousarray(self.q_run.value(t))) for t in block.inputs}
+        n = _n(x)
+        produced = {out for nd in block.nodes for out in nd.output}
+        stats = [s for t, s in self.bn.items() if t in produced]
+        entry: dict[str, Any] = {"block": block.names, "layers": [k for k in block.names if k in self.learnable],
+                                 "act_steps": len(steps), "batchnorms": len(stats)}
+        if o.dc and stats:
+            xc, dc_rep = distribution_correction(net, x, stats, o.dc_iters, o.dc_lr, o.lambda_c, o.batch, self.gen)
+            entry.update(dc_rep)
+            net.quantize = False
+            with torch.no_grad():
+                y = [torch.cat([net(_take(xc, slice(s, s + 256), n))[0][j] for s in range(0, n, 256)]) for j in range(len(block.outputs))]
+            net.quantize = True
+        else:
+            y = [torch.from_numpy(np.ascontiguousarray(self.f_run.value(t), dtype=np.float32)) for t in block.outputs]
+        # the starting point: nearest rounding, initial steps
+        for m in modules.values():
+            m.mode = "nearest"
+        with torch.no_grad():
+            rec0 = sum(float(_mse(net(_take(x, slice(s, s + 256), n))[0], [t[s : s + 256] for t in y])) * min(256, n - s) for s in range(0, n, 256)) / n
+        norm = 1.0 / max(rec0, 1e-12)
+        start = self._score(net, rest, x, y, norm)
+        for m in modules.values():
+            m.mode = "soft"
+        params = [{"params": [m.v for m in modules.values()], "lr": o.lr}]
+        act_params = [s.u for s in steps.values() if s.u.requires_grad]
+        if act_params:
+            params.append({"params": act_params, "lr": o.act_lr})
+        if modules or act_params:
+            opt = torch.optim.Adam(params)
+            warm = int(o.warmup * o.iters)
+            for it in range(o.iters):
+                idx = torch.randint(0, n, (min(o.batch, n),), generator=self.gen)
+                rec, pd = self._objective(net, rest, x, y, idx, n, norm)
+                loss = rec + pd
+                if it >= warm and modules:
+                    rel = (it - warm) / max(1, o.iters - warm)
+                    beta = o.beta_end + (o.beta_start - o.beta_end) * max(0.0, 1.0 - rel)
+                    loss = loss + o.reg_weight * sum(m.regulariser(beta) for m in modules.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        for m in modules.values():
+            m.mode = "hard"
+        learned = self._score(net, rest, x, y, norm)
+        keep = sum(learned) <= sum(start)
+        entry.update({"mse_start": start[0], "mse_learned": learned[0], "pd_start": start[1], "pd_learned": learned[1],
+                      "kept": "learned" if keep else "initial"})
+        if keep:
+            for t, s in steps.items():
+                q = s.qparams()
+                site = self.plan.activations[t]
+                site.qparams = q
+                site.range = tuple(float(v) for v in q.real_range())  # type: ignore[assignment]
+            entry["step_change"] = {t: float(torch.exp(s.u)) for t, s in steps.items()}
+        for name, m in modules.items():
+            ints = m.integers("hard" if keep else "nearest")
+            value = (ints.astype(np.float32) * m.step.numpy()).astype(np.float32)
+            self.results[name] = value
+            self.q_run.consts[name] = value
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        self.report.append(entry)
+        self.progress(len(modules))
+
