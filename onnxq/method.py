@@ -55,6 +55,9 @@ class RunContext:
     host: Any = None
     #: keyword arguments of :func:`onnxq.calib.statistics.collect` the host fixes for :meth:`collect` (batch size, memory budget)
     collect_options: dict[str, Any] = field(default_factory=dict)
+    #: the model as loaded, before folding and every rewrite (read only; None where the host has none):
+    #: what folding removed, such as the BatchNorm running statistics PD-Quant's distribution correction needs
+    float_model: onnx.ModelProto | None = None
 
     def collect(self, requests: list[StatRequest], **options: Any) -> StatsMap:
         """Collect ``requests`` on the current ``model`` now, in one streaming pass over the

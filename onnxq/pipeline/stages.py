@@ -228,7 +228,8 @@ def place(run: Run) -> None:
     """The quantization plan of the working model, and the context methods see."""
     s = run.settings
     run.ctx = RunContext(run.work, run.profile, build_plan(run.work, run.profile, s.exclude), run.source,
-                         show_progress=s.show_progress, host=run.host, collect_options={"batch_size": s.batch_size})
+                         show_progress=s.show_progress, host=run.host, collect_options={"batch_size": s.batch_size},
+                         float_model=run.float_model)
 
 
 def float_rewrites(run: Run) -> None:
