@@ -112,11 +112,18 @@ class QuantMethod:
     needs_data: ClassVar[bool] = False
     """Needs calibration data even where the target needs none (4-bit weight-only runs)."""
 
+    approximates: ClassVar[bool] = False
+    """Its :meth:`float_rewrite` approximates the model instead of preserving it (a compression such
+    as a low-rank factorisation of the weights): the host records the rewrite's output error against
+    the float model in the report's ``quantized_rewrites`` instead of requiring 1e-5, and places the
+    result again, so the placement, the statistics and every later step see the rewritten graph."""
+
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
 
     def float_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
-        """Return a rewritten float model (outputs must match the input's to 1e-5), or None."""
+        """Return a rewritten float model (outputs must match the input's to 1e-5 unless the class
+        declares :attr:`approximates`), or None."""
         return None
 
     def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:

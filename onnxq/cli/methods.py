@@ -61,5 +61,5 @@ def command(name: str | None, as_json: bool) -> None:
 
 def capabilities(cls: type) -> dict[str, object]:
     """The composition capabilities a method class declares (docs/plugins.md, "Composing methods")."""
-    names = ("calibrates", "follows_calibrator", "calibrator_option", "replaces_default_calibrator", "needs_data")
+    names = ("calibrates", "follows_calibrator", "calibrator_option", "replaces_default_calibrator", "needs_data", "approximates")
     return {n: getattr(cls, n) for n in names}

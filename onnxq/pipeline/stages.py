@@ -233,12 +233,16 @@ def place(run: Run) -> None:
 
 
 def float_rewrites(run: Run) -> None:
-    """Each method's float rewrite, checked to 1e-5 against the model before it, then placed again."""
+    """Each method's float rewrite, checked to 1e-5 against the model before it (or, for a method
+    that ``approximates``, recorded with its output error like a quantized rewrite), then placed again."""
     for m in run.methods:
         rewritten = m.float_rewrite(run.ctx)
         run.expect_untouched(m, "float_rewrite")
         if rewritten is not None:
-            check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
+            if m.approximates:
+                quantized_rewrite(run, m, rewritten)  # records the change and its error against the float model
+            else:
+                check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
             run.install(rewritten, replan=True)
 
 
