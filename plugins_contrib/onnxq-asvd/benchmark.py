@@ -1,15 +1,16 @@
 """ASVD vs plain SVD on all-MiniLM-L6-v2's weight MatMuls, alone and with INT8 factors.
 
     python benchmarks/minilm/export_minilm.py            # once: .bench/minilm/model.onnx
-    nice -n 5 python plugins_contrib/onnxq-asvd/benchmark.py [--ratios 0.8 0.6] [--json out.json]
+    nice -n 5 python plugins_contrib/onnxq-asvd/benchmark.py [--ratios 0.8 0.6] [--calib 128] [--sentences 256]
+        [--pairs 430] [--no-int8-baseline] [--json out.json]
 
-Calibration: ``benchmarks/minilm/text_data.py:calibration`` (128 sentences, disjoint from the
-evaluated ones); evaluation: the 256 sentences of ``text_data.evaluation`` (embedding cosine vs
-FP32, mean and min) and the retrieval pairs of ``benchmarks/minilm/retrieval.py`` (recall@1 of
+Calibration: ``benchmarks/minilm/text_data.py:calibration`` (``--calib`` sentences, disjoint from the
+evaluated ones; one statistics pass shared by the float rows); evaluation: the ``--sentences`` of ``text_data.evaluation`` (embedding cosine vs
+FP32, mean and min) and the first ``--pairs`` retrieval pairs of ``benchmarks/minilm/retrieval.py`` (recall@1 of
 each query's own passage). Rows per ratio of the MatMul parameters kept: plain SVD (α = 0) and
 ASVD (α = 0.5) as float models (``onnxq_asvd.compress``), and ``onnxq optimize -p asvd -p minmax``
 (INT8 factors, ``--target ort``). Columns: file size (MB = 10^6 bytes), median latency of one batch
-of 16 sentences at 1 intra-op thread (ORT_ENABLE_ALL; noisy on a shared machine) and the number
+of 16 sentences of 128 tokens at 1 intra-op thread (ORT_ENABLE_ALL; noisy on a shared machine) and the number
 of MatMuls ONNX Runtime runs on integer kernels (MatMulInteger / QLinearMatMul /
 MatMulIntegerToFloat after its optimizations).
 """
@@ -35,13 +36,13 @@ from embeddings import DEFAULT_MODEL, cosines, embed  # noqa: E402
 
 import onnxq  # noqa: E402
 from onnxq.runtime.ort import make_session, optimized_op_counts  # noqa: E402
-from onnxq_asvd import AsvdOptions, compress  # noqa: E402
+from onnxq_asvd import AsvdOptions, compress, input_moments  # noqa: E402
 
 INTEGER_MATMULS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 
-def retrieval_feeds() -> tuple[list[dict[str, np.ndarray]], int]:
-    ps = retrieval.pairs()
+def retrieval_feeds(n: int) -> tuple[list[dict[str, np.ndarray]], int]:
+    ps = retrieval.pairs()[:n]
     texts = [q for q, _ in ps] + [p for _, p in ps]
     return text_data.batches(texts, 32), len(ps)
 
@@ -51,7 +52,7 @@ def recall(model, feeds, n: int) -> float:
     return retrieval.recall_at_1(e[:n], e[n:])[0]
 
 
-def latency_ms(model, feed, runs: int = 20) -> float:
+def latency_ms(model, feed, runs: int = 10) -> float:
     sess = make_session(model, "all", threads=1)
     names = {i.name for i in sess.get_inputs()}
     f = {k: v for k, v in feed.items() if k in names}
@@ -69,17 +70,22 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
+    ap.add_argument("--sentences", type=int, default=256, help="evaluated sentences")
+    ap.add_argument("--pairs", type=int, default=430, help="retrieval pairs (430: all)")
+    ap.add_argument("--no-int8-baseline", action="store_true")
     args = ap.parse_args()
     model = onnx.load(str(args.model))
-    calib, evaluation = text_data.calibration(), text_data.evaluation()
-    rfeeds, npairs = retrieval_feeds()
+    calib, evaluation = text_data.calibration(args.calib), text_data.evaluation(args.sentences)
+    rfeeds, npairs = retrieval_feeds(args.pairs)
+    moments = input_moments(model, calib)
     lat_feed = text_data.fixed_batch(text_data.sentences(16), 128)
     ref = embed(model, evaluation, 1)
     rows = []
 
     def row(name: str, m: onnx.ModelProto, **extra) -> None:
         cos = cosines(embed(m, evaluation, 1), ref)
-        ints = sum(optimized_op_counts(m, "all")[op] for op in INTEGER_MATMULS)
+        ints = sum(optimized_op_counts(m, "all")[op] for op in INTEGER_MATMULS) if "int8" in name else 0
         r = {"row": name, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "recall_at_1": recall(m, rfeeds, npairs),
              "size_mb": m.ByteSize() / 1e6, "latency_ms": latency_ms(m, lat_feed), "integer_matmuls": ints, **extra}
         rows.append(r)
@@ -89,14 +95,15 @@ def main() -> int:
     for ratio in args.ratios:
         for alpha, label in ((0.0, "svd"), (0.5, "asvd")):
             t = time.perf_counter()
-            m, summary = compress(model, calib, AsvdOptions(alpha=alpha, ratio=ratio))
+            m, summary = compress(model, None, AsvdOptions(alpha=alpha, ratio=ratio), moments=moments)
             row(f"{label} ratio {ratio}", m, params_ratio=summary["ratio"], seconds=time.perf_counter() - t,
                 dense_layers=sum(v["rank"] is None for v in summary["layers"].values()))
         t = time.perf_counter()
         res = onnxq.optimize(model, method=["asvd", "minmax"], options={"ratio": ratio}, data=calib, target="ort", show_progress=False)
         row(f"asvd ratio {ratio} + int8 (minmax)", res.model, seconds=time.perf_counter() - t)
-    res = onnxq.optimize(model, method="minmax", data=calib, target="ort", show_progress=False)
-    row("int8 (minmax), no factorisation", res.model)
+    if not args.no_int8_baseline:
+        res = onnxq.optimize(model, method="minmax", data=calib, target="ort", show_progress=False)
+        row("int8 (minmax), no factorisation", res.model)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

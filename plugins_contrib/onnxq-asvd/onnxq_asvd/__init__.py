@@ -29,7 +29,7 @@ from onnxq_asvd.factorize import Decomposition, InputMoments, decompose, dense_p
 from onnxq_asvd.ranks import Choice, for_ratio, for_threshold
 from onnxq_asvd.rewrite import Target, factorised, targets
 
-__all__ = ["Asvd", "AsvdOptions", "compress", "plan_ranks"]
+__all__ = ["Asvd", "AsvdOptions", "compress", "input_moments", "plan_ranks"]
 
 
 @dataclass(frozen=True)
@@ -75,23 +75,32 @@ def _factorise(model: onnx.ModelProto, found: list[Target], stats: dict[str, Any
     return (factorised(model, factors, {t.node: t for t in found}) if factors else None), summary
 
 
-def compress(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], options: AsvdOptions | None = None,
-             plan: QuantPlan | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def input_moments(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], plan: QuantPlan | None = None) -> dict[str, Any]:
+    """Mean |x| and ``XᵀX / T`` of every factorisable MatMul's input (by input tensor), in one pass
+    over ``batches``; reusable across :func:`compress` calls with other options."""
+    found = targets(model, plan or build_plan(model, get_profile("ort")))
+    feeds = list(batches)
+    reqs = {t.input: StatRequest(t.input, InputMoments()) for t in found}
+    stats = collect(model, list(reqs.values()), lambda: iter(Batch(f) for f in feeds), show_progress=False)
+    return {x: stats[r] for x, r in reqs.items()}
+
+
+def compress(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]] | None, options: AsvdOptions | None = None,
+             plan: QuantPlan | None = None, moments: dict[str, Any] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """ASVD as a library function on a float model, without quantization: the factorised model and its summary.
 
-    ``batches``: calibration feed dicts. The MatMuls considered are those the ``ort`` target
-    quantizes (or those of ``plan``), as in a run; nodes must be named.
+    ``batches``: calibration feed dicts (or ``moments`` from :func:`input_moments`). The MatMuls
+    considered are those the ``ort`` target quantizes (or those of ``plan``), as in a run; nodes
+    must be named.
     """
     options = options or AsvdOptions()
     options.validate()
     plan = plan or build_plan(model, get_profile("ort"))
     found = targets(model, plan)
-    feeds = list(batches)
-    stats = collect(model, [StatRequest(t.input, InputMoments()) for t in found],
-                    lambda: iter(Batch(f) for f in feeds), show_progress=False)
+    if moments is None:
+        moments = input_moments(model, batches or [], plan)
     inits = {t.name: t for t in model.graph.initializer}
-    rewritten, summary = _factorise(model, found, {t.input: stats[StatRequest(t.input, InputMoments())] for t in found},
-                                    lambda name: onnx.numpy_helper.to_array(inits[name]), options)
+    rewritten, summary = _factorise(model, found, moments, lambda name: onnx.numpy_helper.to_array(inits[name]), options)
     return (rewritten if rewritten is not None else model), summary
 
 
