@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.graph.edit import name_nodes
@@ -108,3 +111,43 @@ def test_a_bias_reshaped_at_run_time_is_a_constant_not_an_activation():
     trt = build_plan(m, get_profile("trt"))
     # the real residual Add keeps its Q/DQ (its other input 'a' is quantized for conv2 anyway)
     assert ("residual_add", 1) in trt.activations["a"].consumers
+
+
+PICODET_PADDLE = Path(__file__).resolve().parents[1] / "fixtures" / "zoo" / "picodet_paddle"
+
+
+def _detector_f1(model, data: dict[str, np.ndarray]) -> float:
+    from onnxq.runtime.ort import make_session
+    from onnxq.tasks.detection import box_f1, decode
+
+    scores, boxes = make_session(model, "all").run(None, {"input": data["input"]})
+    truth = [(b[lab >= 0], lab[lab >= 0]) for b, lab in zip(data["gt_boxes"], data["gt_labels"])]
+    return box_f1(decode(scores, boxes, box_format="centernet", score_threshold=0.3, stride=4), truth)
+
+
+@pytest.mark.parametrize("method", ["trt-entropy", "minmax", "mse"])
+def test_trt_keeps_a_paddle_exported_hard_swish_detector_within_002_of_ort(method: str) -> None:
+    """issue 15: a PP-PicoDet-LCNet-style detector as paddle2onnx writes it (tests/fixtures/zoo/picodet_paddle:
+    hard-swish as Clip/Mul/Div, BatchNorm unfolded, nearest-upsampling neck, conv biases as
+    Add(Conv, Reshape(bias)), one head conv for classes and box distributions).
+
+    ``--target trt`` keeps box F1 within 0.02 of ``--target ort``, and its output passes the lint with
+    no error and no quantized constant (the run-time-reshaped biases stay float).
+    """
+    from onnxq import optimize
+    from onnxq.graph.trt_rules import check_trt_rules
+
+    with np.load(PICODET_PADDLE / "eval.npz") as z:
+        data = {k: z[k] for k in z.files}
+    model = str(PICODET_PADDLE / "model.onnx")
+    fp32 = _detector_f1(model, data)
+    f1 = {}
+    for target in ("ort", "trt"):
+        result = optimize(model, method=method, data=str(PICODET_PADDLE / "calib.npz"), target=target, max_samples=32,
+                          show_progress=False)
+        f1[target] = _detector_f1(result.model, data)
+        if target == "trt":
+            findings = check_trt_rules(result.model)
+            assert not [f for f in findings if f.severity == "error" or f.rule == "quantized-constant"], findings
+    assert f1["ort"] >= fp32 - 0.05, (fp32, f1)  # the reference itself holds
+    assert f1["trt"] >= f1["ort"] - 0.02, (fp32, f1)
