@@ -281,6 +281,11 @@ def bench_executors(folder: Path, timeout: float, only: list[str] | None = None)
         "int8-ray": [*base, "--executor", "ray", "--output", str(out / "x-int8-ray.onnx")],
         "gptq-local": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "--executor", "local", "--output", str(out / "x-gptq-local.onnx")],
         "gptq-ray": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "--executor", "ray", "--output", str(out / "x-gptq-ray.onnx")],
+        # every H from the float model: all MatMuls in one parallel round instead of one round per input
+        "gptq-float-local": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "-o", "inputs", "float", "--executor", "local",
+                             "--output", str(out / "x-gptq-float-local.onnx")],
+        "gptq-float-ray": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "-o", "inputs", "float", "--executor", "ray",
+                           "--output", str(out / "x-gptq-float-ray.onnx")],
     }
     rows = []
     for name, argv in runs.items():
