@@ -92,12 +92,13 @@ def main() -> int:
         print(json.dumps(r), flush=True)
 
     row("fp32", model)
-    for ratio in args.ratios:
+    for ratio in args.ratios:  # the float rows first, then the INT8 ones
         for alpha, label in ((0.0, "svd"), (0.5, "asvd")):
             t = time.perf_counter()
             m, summary = compress(model, None, AsvdOptions(alpha=alpha, ratio=ratio), moments=moments)
             row(f"{label} ratio {ratio}", m, params_ratio=summary["ratio"], seconds=time.perf_counter() - t,
                 dense_layers=sum(v["rank"] is None for v in summary["layers"].values()))
+    for ratio in args.ratios:
         t = time.perf_counter()
         res = onnxq.optimize(model, method=["asvd", "minmax"], options={"ratio": ratio}, data=calib, target="ort", show_progress=False)
         row(f"asvd ratio {ratio} + int8 (minmax)", res.model, seconds=time.perf_counter() - t)

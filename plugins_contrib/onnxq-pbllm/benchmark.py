@@ -78,13 +78,12 @@ def main() -> int:
 
     row("fp32", model, 32.0)
     weights = weight_matmuls(model)
-    for b in (2, 3):
-        row(f"round-to-nearest {b}-bit (per channel)", with_initializers(model, {k: rtn(w, b) for k, (_, w) in weights.items()}), float(b))
+    row("round-to-nearest 2-bit (per channel)", with_initializers(model, {k: rtn(w, 2) for k, (_, w) in weights.items()}), 2.0)
     reqs = {x: StatRequest(x, InputGram()) for x, _ in weights.values()}
     stats = collect(model, list(reqs.values()), lambda: iter(Batch(f) for f in calib), show_progress=False)
     for name, (frac, salience, comp) in (("pbllm 10% (hessian, gptq)", (0.1, "hessian", True)),
-                                         ("pbllm 1/7 = 14.3% (hessian, gptq)", (1 / 7, "hessian", True)),
                                          ("all-binary (gptq)", (0.0, "hessian", True)),
+                                         ("pbllm 1/7 = 14.3% (hessian, gptq)", (1 / 7, "hessian", True)),
                                          ("pbllm 10% (magnitude, gptq)", (0.1, "magnitude", True)),
                                          ("pbllm 10% (hessian, no compensation)", (0.1, "hessian", False)),
                                          ("all-binary (no compensation)", (0.0, "hessian", False))):
@@ -93,6 +92,7 @@ def main() -> int:
         salient = sum(int(p.mask.sum()) for p in pbs.values()) / sum(p.mask.size for p in pbs.values())
         row(name, with_initializers(model, {k: p.dequantized() for k, p in pbs.items()}), 8 * salient + (1 - salient),
             salient_fraction=salient, seconds=time.perf_counter() - t)
+    row("round-to-nearest 3-bit (per channel)", with_initializers(model, {k: rtn(w, 3) for k, (_, w) in weights.items()}), 3.0)
     if args.pipeline:  # the same default row through onnxq optimize -p pbllm (the ONNX form with two DQs)
         res = onnxq.optimize(model, method="pbllm", data=calib, target="ort", show_progress=False)
         row("onnxq optimize -p pbllm (10%, hessian, gptq)", res.model, res.report.methods["pbllm"]["bits_per_weight"])

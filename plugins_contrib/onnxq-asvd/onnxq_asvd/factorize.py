@@ -103,8 +103,8 @@ def decompose(w: np.ndarray, mean_abs: np.ndarray, gram: np.ndarray | None, alph
         m = np.asarray(gram, np.float64)
         if scale is not None:
             m = m / scale[:, None] / scale[None, :]
-        energy = sigma**2 * np.einsum("ki,kl,li->i", u, m, u)
-        total = float(np.einsum("kn,kl,ln->", w64, np.asarray(gram, np.float64), w64))
+        energy = sigma**2 * np.sum(u * (m @ u), axis=0)  # u_iᵀ M u_i for every i, by BLAS
+        total = float(np.sum(w64 * (np.asarray(gram, np.float64) @ w64)))
     tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[r] = sum over i >= r
     errors = np.maximum(tail, 0.0) / max(total, 1e-30)
     return Decomposition(u, sigma, vt, scale, errors)

@@ -18,7 +18,7 @@ from onnxq.calib.readers import Batch  # noqa: E402
 from onnxq.calib.statistics import StatRequest, collect  # noqa: E402
 from onnxq.errors import OptionError  # noqa: E402
 from onnxq.testing.contract import MethodContract  # noqa: E402
-from onnxq_asvd import AsvdOptions, compress  # noqa: E402
+from onnxq_asvd import AsvdOptions, compress, input_moments  # noqa: E402
 from onnxq_asvd.factorize import InputMoments, decompose  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures_decoder" / "score.py"
@@ -110,11 +110,11 @@ def test_activation_aware_on_the_fixtures_outlier_channels(fixture_moments):
 
 def test_ratio_and_error_targets_are_met(fixture_moments):
     model, _, _ = fixture_moments
-    feeds = decoder.calibration()
-    _, summary = compress(model, feeds, AsvdOptions(ratio=0.85))
+    moments = input_moments(model, decoder.calibration())  # one statistics pass for both targets
+    _, summary = compress(model, None, AsvdOptions(ratio=0.85), moments=moments)
     assert 0.8 <= summary["ratio"] <= 0.85
     assert any(v["rank"] is not None for v in summary["layers"].values())
-    _, summary = compress(model, feeds, AsvdOptions(target_error=0.01))
+    _, summary = compress(model, None, AsvdOptions(target_error=0.01), moments=moments)
     for v in summary["layers"].values():
         assert v["error"] <= 0.01
     assert summary["ratio"] < 1.0

@@ -124,7 +124,7 @@ class PbLlm(QuantMethod):
             err = float(np.linalg.norm(deq - w) / (np.linalg.norm(w) + 1e-30))
             if h is not None:
                 d = deq.astype(np.float64) - w
-                err = float(np.sqrt(np.einsum("kn,kl,ln->", d, h, d) / max(np.einsum("kn,kl,ln->", w, h, w), 1e-30)))
+                err = float(np.sqrt(np.sum(d * (h @ d)) / max(float(np.sum(w * (h @ w))), 1e-30)))
             layers[t.node] = {"shape": list(w.shape), "salient": int(pb.mask.sum()), "relative_output_error": err}
         total = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
         salient = sum(v["salient"] for v in layers.values())
