@@ -23,7 +23,7 @@ import onnx
 from onnxq.calib.statistics import Reducer, StatRequest
 from onnxq.errors import OnnxqError
 from onnxq.hookspecs import hookimpl
-from onnxq.method import QuantMethod, RunContext, set_activation_ranges, set_weight_qparams
+from onnxq.method import QuantMethod, RunContext, set_weight_qparams
 from onnxq.options import option
 from onnxq_pbllm.binarize import PartialBinary, partial_binarize, rtn
 from onnxq_pbllm.rewrite import Target, partially_binarized, targets
