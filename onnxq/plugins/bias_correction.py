@@ -43,7 +43,7 @@ class BiasCorrectionOptions:
     """Options of empirical bias correction."""
 
     samples: int = option(64, "calibration samples over which the output means are taken (at most; memory_mb may keep fewer)")
-    memory_mb: float = option(384, "memory the correction may hold for its samples (the float and the quantized pass's activations kept between layers, plus one ONNX Runtime run); keeps fewer samples than `samples`, in smaller runs, where they do not fit (the report says how many)")
+    memory_mb: float = option(768, "memory the correction may hold for its samples (the float and the quantized pass's activations kept between layers, plus one ONNX Runtime run); keeps fewer samples than `samples`, in smaller runs, where they do not fit (the report says how many)")
 
     def validate(self) -> None:
         if self.samples < 1 or self.memory_mb <= 0:
