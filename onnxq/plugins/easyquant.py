@@ -176,6 +176,7 @@ class EasyQuant(QuantMethod):
         self._fp_bytes = 0
         # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
         chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, o.samples)], int(o.memory_mb * 2**20), runners=2)
+        chunks = _same_shapes(chunks)
         idx = GraphIndex(ctx.model)
         layers = [self._objective(l) for l in ctx.plan.layers]
         runners = {l.node: LayerRunner(ctx.model, l, idx, threads=self._threads) for l in layers if l.weight in ctx.plan.weights}
@@ -512,6 +513,14 @@ class _Sweep:
     groups: dict[str, Any]
     chunks: list[dict[str, np.ndarray]]
     done: set[str] = dataclasses.field(default_factory=set)
+
+
+def _same_shapes(chunks: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The chunks whose inputs have the first chunk's shapes past the batch axis: the search joins
+    its samples into one array per tensor, which sequences padded per batch to different lengths
+    (token batches) do not allow."""
+    first = {k: np.shape(v)[1:] for k, v in chunks[0].items()} if chunks else {}
+    return [c for c in chunks if all(np.shape(v)[1:] == first[k] for k, v in c.items())]
 
 
 def _channels(y: np.ndarray, ch_axis: int) -> np.ndarray:
