@@ -92,7 +92,7 @@ def zoo_rows(fixtures, recipes, targets, methods: set[str]):
 
 def suite_rows(models, recipes, targets, methods: set[str], threads: int):
     from configs import SIZES
-    from scoring import Scorer
+    from scoring import Evaluator
     from tasks import ModelUnavailable, prepare_task
 
     from onnxq import optimize
@@ -104,7 +104,7 @@ def suite_rows(models, recipes, targets, methods: set[str], threads: int):
         except ModelUnavailable as exc:
             print(f"skipping {name}: {exc}", file=sys.stderr)
             continue
-        scorer = Scorer(task, threads)
+        scorer = Evaluator(task, threads)
         key, margin = SUITE_METRIC[name]
         fp32 = scorer.evaluate(task.model)[key]
         for r in recipes:
