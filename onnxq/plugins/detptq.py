@@ -568,8 +568,19 @@ class DetPtq(QuantMethod):
 
 
 def _joined(parts: list[dict[str, np.ndarray]], names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-run outputs joined along the batch axis."""
-    return {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in names}
+    """Per-run outputs joined along the batch axis. Runs whose outputs differ beyond the batch axis
+    (sequences padded per batch) are joined as rows of their last axis ([tokens, features]): the
+    reference and every candidate are joined the same way, so the task loss compares like with like."""
+    out = {}
+    for n in names:
+        arrays = [np.asarray(p[n]) for p in parts]
+        if len(arrays) == 1:
+            out[n] = arrays[0]
+        elif len({a.shape[1:] for a in arrays}) == 1:
+            out[n] = np.concatenate(arrays)
+        else:
+            out[n] = np.concatenate([a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a for a in arrays])
+    return out
 
 
 @hookimpl

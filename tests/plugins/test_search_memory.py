@@ -153,3 +153,25 @@ def test_gptq_same_weights_in_smaller_runs():
     changed = sum(int(np.sum(a[k] != b[k])) for k in a)
     assert changed <= 0.05 * sum(v.size for v in a.values()), changed
     assert output_error(fp, runs.model) == pytest.approx(output_error(fp, one.model), rel=0.02)
+
+
+def test_detptq_on_sequences_padded_to_different_lengths_per_batch():
+    from onnx import TensorProto, helper
+
+    from onnxq.runtime.ort import make_session
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((16, 32)) / 4).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((32, 16)) / 6).astype(np.float32), "w2")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="act"),
+                           helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")], "seq",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 16])], [w1, w2])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rng.standard_normal((4, s, 16)).astype(np.float32)} for s in (5, 9, 7)]
+    res = optimize(model, method="detptq", options={"task": "mse", "samples": 12}, data=calib, target="trt", show_progress=False)
+    assert res.report.methods["detptq"]["samples"] == 12
+    onnx.checker.check_model(res.model)
+    x = rng.standard_normal((8, 11, 16)).astype(np.float32)
+    ref, got = make_session(model).run(None, {"x": x})[0], make_session(res.model).run(None, {"x": x})[0]
+    assert float(np.sum((got - ref) ** 2) / np.sum(ref**2)) < 1e-3
