@@ -266,7 +266,7 @@ class PDReconstructor:
                 site = self.plan.activations[t]
                 site.qparams = q
                 site.range = tuple(float(v) for v in q.real_range())  # type: ignore[assignment]
-            entry["step_change"] = {t: float(torch.exp(s.u)) for t, s in steps.items()}
+            entry["step_change"] = {t: float(torch.exp(s.u.detach())) for t, s in steps.items()}
         for name, m in modules.items():
             ints = m.integers("hard" if keep else "nearest")
             value = (ints.astype(np.float32) * m.step.numpy()).astype(np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -12,7 +14,8 @@ torch = pytest.importorskip("torch", reason="pdquant learns with PyTorch (pip in
 
 from onnxq.graph.folding import fold_affine  # noqa: E402
 
-from conftest import ZOO  # noqa: E402
+ZOO = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "zoo"
+
 from onnxq_pdquant.bn_stats import BNStat, batchnorm_stats  # noqa: E402
 from onnxq_pdquant.net import Net  # noqa: E402
 from onnxq_pdquant.reconstruct import bn_loss, distribution_correction, pd_kl  # noqa: E402

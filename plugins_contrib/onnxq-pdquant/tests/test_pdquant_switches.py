@@ -1,0 +1,91 @@
+"""PD-Quant end to end on a small conv net with unfolded BatchNorm: both ablation switches run, DC
+moves the block inputs' statistics toward the BatchNorm statistics, the PD loss goes down."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+pytest.importorskip("onnxq_pdquant", reason="onnxq-pdquant is not installed (pip install -e plugins_contrib/onnxq-pdquant)")
+pytest.importorskip("torch", reason="pdquant learns with PyTorch (pip install 'onnxq-pdquant[torch]')")
+
+import onnxq  # noqa: E402
+
+W4A4 = {"weight_bits": 4, "act_bits": 4, "iters": 40, "dc_iters": 30, "samples": 64}
+
+
+def _bn_cnn() -> onnx.ModelProto:
+    """Conv-BN-Relu x2, global pooling, Gemm: random weights, BatchNorm statistics not those of the data."""
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+    chans = [3, 8, 8]
+    for i in range(2):
+        ci, co = chans[i], chans[i + 1]
+        p = f"l{i}"
+        inits += [numpy_helper.from_array((rng.standard_normal((co, ci, 3, 3)) * 0.4).astype(np.float32), f"{p}_w"),
+                  numpy_helper.from_array(rng.uniform(0.5, 1.5, co).astype(np.float32), f"{p}_g"),
+                  numpy_helper.from_array((rng.standard_normal(co) * 0.2).astype(np.float32), f"{p}_b"),
+                  numpy_helper.from_array((rng.standard_normal(co) * 0.3).astype(np.float32), f"{p}_m"),
+                  numpy_helper.from_array(rng.uniform(0.5, 2.0, co).astype(np.float32), f"{p}_v")]
+        nodes += [helper.make_node("Conv", [x, f"{p}_w"], [f"{p}_c"], name=f"{p}_conv", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"{p}_c", f"{p}_g", f"{p}_b", f"{p}_m", f"{p}_v"], [f"{p}_bn"], name=f"{p}_bn"),
+                  helper.make_node("Relu", [f"{p}_bn"], [f"{p}_r"], name=f"{p}_relu")]
+        x = f"{p}_r"
+    inits += [numpy_helper.from_array((rng.standard_normal((8, 5)) * 0.5).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(np.zeros(5, np.float32), "fc_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc")]
+    g = helper.make_graph(nodes, "bn_cnn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def runs():
+    model = _bn_cnn()
+    data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
+    out = {}
+    for name, extra in (("full", {}), ("no_pd", {"pd_loss": False}), ("no_dc", {"dc": False})):
+        out[name] = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options={**W4A4, **extra})
+    return out
+
+
+def test_every_switch_runs_to_a_valid_w4a4_model(runs):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    for name, r in runs.items():
+        rep = r.report.methods["pdquant"]
+        assert rep["weight_bits"] == 4 and rep["act_bits"] == 4 and rep["batchnorm_stats"] == 2, name
+        out = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert out.shape == (4, 5) and np.all(np.isfinite(out)), name
+        ints = [numpy_helper.to_array(t) for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+        assert ints and all(int(np.abs(q).max()) <= 7 for q in ints), name  # 4-bit weights in int8 storage
+        assert not any(n.op_type == "BatchNormalization" for n in r.model.graph.node), name  # folded as usual
+
+
+def test_dc_moves_block_input_statistics_toward_batchnorm(runs):
+    blocks = [b for b in runs["full"].report.methods["pdquant"]["blocks"] if b["batchnorms"]]
+    assert len(blocks) == 2
+    for b in blocks:
+        assert b["bn_loss_after"] < b["bn_loss_before"], b
+    assert not any("bn_loss_before" in b for b in runs["no_dc"].report.methods["pdquant"]["blocks"])
+
+
+def test_pd_loss_goes_down_and_the_switch_removes_it(runs):
+    blocks = runs["full"].report.methods["pdquant"]["blocks"]
+    kept = [b for b in blocks if b["kept"] == "learned"]
+    assert kept, blocks
+    assert sum(b["pd_learned"] for b in kept) < sum(b["pd_start"] for b in kept)
+    assert all(b["pd_start"] > 0 for b in blocks)
+    assert all(b["pd_start"] == 0 and b["pd_learned"] == 0 for b in runs["no_pd"].report.methods["pdquant"]["blocks"])
+
+
+def test_bad_option_is_a_one_line_error():
+    from onnxq.errors import OnnxqError
+
+    with pytest.raises((OnnxqError, ValueError), match="lambda"):
+        onnxq.optimize(_bn_cnn(), method="pdquant", data=[{"x": np.zeros((2, 3, 8, 8), np.float32)}], show_progress=False, options={"lambda_r": 0})
