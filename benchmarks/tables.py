@@ -65,6 +65,8 @@ def peers_table(doc: dict) -> str:
                 columns.append((c["key"], c["label"]))
     if len(columns) == 1:
         return ""
+    order = [c.key for c in peer_configs("minilm")]  # every peer row, in table order
+    columns[1:] = sorted(columns[1:], key=lambda kl: order.index(kl[0]) if kl[0] in order else len(order))
     body = []
     for name, res in doc["models"].items():
         if "rows" not in res:
