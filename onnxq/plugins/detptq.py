@@ -441,7 +441,7 @@ class DetPtq(QuantMethod):
                         if len({self._fingerprint(u, l) for l in self.labels}) == 1:
                             # every candidate is the same grid: nothing to choose, no tail to run
                             self._apply(ctx, u, default)
-                            layers[u.name] = self._unit_report(u, {}, default)
+                            layers[u.name] = {**self._unit_report(u, {}, default), "single_grid": True}
                             continue
                         q_run.run_to(u.start - 1)
                         losses, runs = self._evaluate(ctx, u, q_run, task, targets)

@@ -114,9 +114,14 @@ def test_report_has_p_per_layer_losses_and_emulation_note(w4a4):
         assert layer["weight_p"] in rep["p_values"] and layer["act_p"] in rep["p_values"], name
     chosen = {u["p"] for u in rep["units"].values()}
     assert len(chosen) >= 3, "the chosen p should differ across tensors"
-    for unit in rep["units"].values():
+    searched = [u for u in rep["units"].values() if not u.get("single_grid")]
+    assert len(searched) >= len(rep["units"]) // 2
+    for unit in searched:
         assert set(unit["loss"]) == set(rep["p_values"])
         assert unit["loss"][unit["p"]] == min(unit["loss"].values())
+    for unit in rep["units"].values():  # every candidate one grid: nothing run, the p closest to 2 kept
+        if unit.get("single_grid"):
+            assert unit["loss"] == {} and unit["p"] == "2.0"
     assert rep["search_seconds"] > 0
     # first layer and both output convolutions stay at 8 bits; the rest is W4A4
     assert sorted(rep["kept_at_target_bits"]) == ["/box_head/box_head.2/Conv", "/hm_head/hm_head.2/Conv", "/stem/stem.0/Conv"]
