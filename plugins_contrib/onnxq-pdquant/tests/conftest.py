@@ -1,30 +1,8 @@
-"""The zoo fixtures the onnxq-pdquant tests use (tests/fixtures/zoo in the repository)."""
+"""Shared set-up of the onnxq-pdquant tests."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-
-ZOO = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "zoo"
-
-
-def load_fixture(name: str, calib: int = 64) -> dict:
-    """Model path, ``calib`` calibration feeds (no labels) and the labelled evaluation split of a zoo fixture."""
-    d = ZOO / name
-    if not (d / "model.onnx").exists():
-        pytest.skip(f"zoo fixture {name} not found at {d}")
-    cal = np.load(d / "calib.npz")["input"][:calib]
-    ev = np.load(d / "eval.npz")
-    return {"model": d / "model.onnx", "calib": [{"input": cal}], "x": ev["input"], "y": ev["label"]}
-
-
-def top1(model, x: np.ndarray, y: np.ndarray) -> float:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return float(np.mean(sess.run(None, {"input": x})[0].argmax(1) == y))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -2,7 +2,9 @@
 
 Baseline = the Lp(2) grids PD-Quant starts from (exactly onnxq-lapq's ``-o maxiter 0 -o p_points 1
 -o p_min 2 -o p_max 2`` with the same bits): the gain is the reconstruction's. A short schedule
-(64 samples, 40 iterations per block) keeps the test fast; the README has the full-length figures.
+(64 samples, 40 iterations per block) keeps the test short; the README has the full-length figures.
+Measured with this schedule: Lp(2) init 92.75 %, PD-Quant 97.75 % top-1 (400 images); asserted: a
+margin of 3 points.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def _top1(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(sess.run(None, {"input": x})[0].argmax(1) == y))
 
 
+@pytest.mark.slow  # a whole MobileNet reconstruction: the package's longest test
 def test_pdquant_beats_the_lp_init_at_w4a4_on_mobilenetv3():
     d = ZOO / "mobilenetv3_hswish"
     if not (d / "model.onnx").exists():
