@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,13 +92,20 @@ class Runner:
         env = self.peer_env(cfg.tool)
         if env.python is None:
             return Measurement(argv=[], status="error", returncode=None, wall_s=0.0, peak_rss_mb=0.0, stderr=env.error or "install failed")
-        argv = [str(env.python), str(HERE / "peers" / PEERS[cfg.tool].script), str(task.model), str(out), str(task.calib), cfg.method]
+        # the peer gets its own copy of the model: some write next to it or into it (ModelOpt saves its
+        # shape-inferred graph over the input; the digits model is the repository's own file)
+        private = out.parent / f"{out.stem}.input"
+        model = private_copy(Path(task.model), private)
+        argv = [str(env.python), str(HERE / "peers" / PEERS[cfg.tool].script), str(model), str(out), str(task.calib), cfg.method]
         if max_samples:
             argv.append(str(max_samples))
         if task.name == "minilm":
             argv.append("--pad-seq")  # one sequence length, for the peers that stack or concatenate batches (see peers/npz_feeds.py)
         timeout = min(self.timeout, cfg.timeout) if cfg.timeout else None
-        m = self._run(argv, out, timeout)
+        try:
+            m = self._run(argv, out, timeout, cwd=private)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
         if m.ok:
             try:
                 m.extra["peer_report"] = json.loads(m.stdout.strip().splitlines()[-1])
@@ -116,13 +124,13 @@ class Runner:
         avail = available_memory()
         return limit if avail is None else max(2 * 2**30, min(limit, avail - int(1.5 * 2**30)))
 
-    def _run(self, argv: list[str], out: Path, timeout: float | None = None) -> Measurement:
+    def _run(self, argv: list[str], out: Path, timeout: float | None = None, cwd: Path | None = None) -> Measurement:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.unlink()
         load = os.getloadavg()[0]
         m = run_measured(argv, timeout=timeout or self.timeout, rss_limit_bytes=self.cap(),
-                         mem_limit_bytes=self.cap(self.as_mem) if self.as_mem else None, cwd=self.work, env=self.env)
+                         mem_limit_bytes=self.cap(self.as_mem) if self.as_mem else None, cwd=cwd or self.work, env=self.env)
         m.extra["loadavg_1min_before"] = round(load, 2)
         m.extra["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
         self.history.append({"cap_mb": m.rss_limit_mb, "as_cap_mb": m.mem_limit_mb,
@@ -153,3 +161,19 @@ def short_error(m: Measurement) -> str:
             line = line[len(prefix):]
     line = line.replace(" (run with --debug for the traceback; please report it)", "")
     return "error: " + (line if len(line) <= 70 else line[:67] + "...")
+
+
+def private_copy(model: Path, folder: Path) -> Path:
+    """``model`` and its external-data files copied into a fresh ``folder``; the copy's path."""
+    import onnx
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy2(model, folder / model.name)
+    proto = onnx.load(str(model), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location" and not (folder / e.value).exists():
+                (folder / e.value).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(model.parent / e.value, folder / e.value)
+    return folder / model.name

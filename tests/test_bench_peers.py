@@ -180,3 +180,24 @@ def test_peers_table_of_runs_split_by_model(tmp_path):
     lines = r.stdout.splitlines()
     assert [ln.split("|")[1].strip() for ln in lines[2:4]] == ["digits", "minilm"]
     assert lines[3].split("|")[-2].strip() == "0.40000" and "NNCF 9.9" in lines[4]
+
+
+def test_peers_get_a_private_copy_of_the_model_with_its_external_data(tmp_path):
+    """ModelOpt writes its shape-inferred graph over the model it is given: a peer must never see the
+    repository's own file (or a model's external data) by path."""
+    from onnx import helper, numpy_helper
+
+    runner = _bench("runner")
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [w])
+    src = tmp_path / "src" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(helper.make_model(g), str(src), save_as_external_data=True, location="m.data", size_threshold=0)
+    copy = runner.private_copy(src, tmp_path / "private")
+    assert copy.parent == tmp_path / "private" and (copy.parent / "m.data").is_file()
+    before = src.read_bytes()
+    onnx.save_model(onnx.shape_inference.infer_shapes(onnx.load(str(copy))), str(copy))  # what ModelOpt does to its input
+    assert src.read_bytes() == before
+    onnx.checker.check_model(str(copy))
