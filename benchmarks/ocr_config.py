@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--target", default="ort")
     ap.add_argument("--exclude", action="append", default=[])
+    ap.add_argument("--no-fold", action="store_true", help="keep BatchNorm/affine ops unfolded (onnxq's --no-fold)")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     a = ap.parse_args(argv)
     fp32 = a.workdir / "models" / a.model / "fp32.onnx"
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fp32} is missing: run python benchmarks/bench.py --models {a.model} first", file=sys.stderr)
         return 2
     t = time.perf_counter()
-    res = onnxq.optimize(fp32, method=a.methods, options=dict(a.opts), data=str(data / "calib"), bits=a.bits, target=a.target,
+    res = onnxq.optimize(fp32, method=a.methods, options=dict(a.opts), data=str(data / "calib"), bits=a.bits, target=a.target, fold=not a.no_fold,
                          exclude=a.exclude, show_progress=False)
     wall = time.perf_counter() - t
     ref, got = outputs(str(fp32), data / "eval"), outputs(res.model, data / "eval")
