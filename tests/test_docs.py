@@ -17,7 +17,8 @@ from onnxq.testing.models import conv_relu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 #: methods of the plugins_contrib/ packages the docs may name, and their modules
-CONTRIB_METHODS = {"lapq": "onnxq_lapq", "brecq": "onnxq_brecq", "plugin-template": "onnxq_plugin_template"}
+CONTRIB_METHODS = {"lapq": "onnxq_lapq", "brecq": "onnxq_brecq", "plugin-template": "onnxq_plugin_template", "sparq": "onnxq_sparq",
+                   "multipoint": "onnxq_multipoint", "pdquant": "onnxq_pdquant", "asvd": "onnxq_asvd", "pbllm": "onnxq_pbllm"}
 
 
 def python_blocks(path: Path) -> list[str]:
