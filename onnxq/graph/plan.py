@@ -7,9 +7,13 @@ ranges and qparams; the QDQ transformer turns the finished plan into rewrite com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from onnxq.graph.targets import TargetProfile
 from onnxq.qparams import QParams
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass
@@ -73,3 +77,31 @@ class QuantPlan:
         out = [t for t, s in self.activations.items() if s.qparams is None]
         out += [w for w, s in self.weights.items() if s.qparams is None]
         return out
+
+
+@dataclass(frozen=True)
+class MatMulWeight:
+    """A ``MatMul`` whose second input is a 2-D constant weight that no other node reads."""
+
+    node: str  #: the MatMul node
+    input: str  #: its activation input
+    weight: str  #: the weight initializer
+
+
+def sole_matmul_weights(model: "onnx.ModelProto", plan: QuantPlan) -> list[MatMulWeight]:
+    """The plan's MatMul weight sites (so ``--exclude`` and the target's placement apply) whose
+    weight is a 2-D initializer read by that MatMul alone: the ones a method may replace by another
+    subgraph (low-rank factors, a sum of dequantized parts) without touching other readers."""
+    from collections import Counter
+
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    reads = Counter(i for n in model.graph.node for i in n.input)
+    out = []
+    for site in plan.weights.values():
+        n, t = nodes.get(site.node), inits.get(site.initializer)
+        if n is None or t is None or n.op_type != "MatMul" or site.input_index != 1:
+            continue
+        if len(t.dims) == 2 and reads[site.initializer] == 1:
+            out.append(MatMulWeight(n.name, n.input[0], site.initializer))
+    return out

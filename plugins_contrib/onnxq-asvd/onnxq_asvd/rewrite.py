@@ -2,42 +2,25 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.graph.edit import Namer, cleanup, replace_nodes
-from onnxq.graph.plan import QuantPlan
+from onnxq.graph.plan import MatMulWeight, QuantPlan, sole_matmul_weights
 from onnxq.graph.prepare import infer_shapes
 
 
-@dataclass(frozen=True)
-class Target:
-    """A MatMul whose second input is a 2-D constant weight read by nothing else."""
-
-    node: str
-    input: str
-    weight: str
+#: a MatMul whose weight may be factorised (onnxq's own selection of sole-reader 2-D MatMul weights)
+Target = MatMulWeight
 
 
 def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
-    """The plan's MatMul weights (so ``--exclude`` and the target's placement apply) that can be factorised."""
-    nodes = {n.name: n for n in model.graph.node}
+    """The plan's MatMul weights (so ``--exclude`` and the target's placement apply) that can be
+    factorised: read by their MatMul alone, at least 2 x 2."""
     inits = {t.name: t for t in model.graph.initializer}
-    reads = Counter(i for n in model.graph.node for i in n.input)
-    out = []
-    for site in plan.weights.values():
-        n = nodes.get(site.node)
-        t = inits.get(site.initializer)
-        if n is None or t is None or n.op_type != "MatMul" or site.input_index != 1:
-            continue
-        if len(t.dims) != 2 or reads[site.initializer] != 1 or min(t.dims) < 2:
-            continue
-        out.append(Target(n.name, n.input[0], site.initializer))
-    return out
+    return [t for t in sole_matmul_weights(model, plan) if min(inits[t.weight].dims) >= 2]
 
 
 def factorised(model: onnx.ModelProto, factors: dict[str, tuple[np.ndarray, np.ndarray]],

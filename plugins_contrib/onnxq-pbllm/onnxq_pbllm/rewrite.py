@@ -9,40 +9,23 @@ Standard opset-13 operators; ONNX Runtime computes it in float (an emulation of 
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.graph.edit import Namer, cleanup, replace_nodes
-from onnxq.graph.plan import QuantPlan
+from onnxq.graph.plan import MatMulWeight, QuantPlan, sole_matmul_weights
 from onnxq_pbllm.binarize import PartialBinary
 
 
-@dataclass(frozen=True)
-class Target:
-    """A MatMul whose second input is a 2-D constant weight read by nothing else."""
-
-    node: str
-    input: str
-    weight: str
+#: a MatMul PB-LLM may rewrite (onnxq's own selection of sole-reader 2-D MatMul weights)
+Target = MatMulWeight
 
 
 def targets(model: onnx.ModelProto, plan: QuantPlan) -> list[Target]:
     """The plan's MatMul weights (``--exclude`` applies) that PB-LLM can rewrite."""
-    nodes = {n.name: n for n in model.graph.node}
-    inits = {t.name: t for t in model.graph.initializer}
-    reads = Counter(i for n in model.graph.node for i in n.input)
-    out = []
-    for site in plan.weights.values():
-        n, t = nodes.get(site.node), inits.get(site.initializer)
-        if n is None or t is None or n.op_type != "MatMul" or site.input_index != 1:
-            continue
-        if len(t.dims) == 2 and reads[site.initializer] == 1:
-            out.append(Target(n.name, n.input[0], site.initializer))
-    return out
+    return sole_matmul_weights(model, plan)
 
 
 def partially_binarized(model: onnx.ModelProto, results: dict[str, PartialBinary], by_node: dict[str, Target]) -> onnx.ModelProto:
