@@ -88,7 +88,6 @@ class _Weight:
     shape: tuple[int, ...]
     channel_axis: int
     block: int | None  #: block size along the rows (weight-only 4-bit), None: one step per row
-    rows: np.ndarray
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: [points-1, channels, blocks] of the extra points
     ints: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: [points-1, channels, length]
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -163,7 +162,7 @@ class Multipoint(QuantMethod):
             point_bytes = rows.shape[1] * bits / 8 + 4 * nb
             base_bytes += rows.size * bits / 8 + 4 * nb * rows.shape[0]
             signal = float(np.sum(output_error(rows, var, mu)))
-            self._weights[init] = _Weight(init, tuple(w.shape), chan_axis, block, rows,
+            self._weights[init] = _Weight(init, tuple(w.shape), chan_axis, block,
                                           extra.steps if extra is not None else np.zeros((0, rows.shape[0], nb)),
                                           extra.ints if extra is not None else np.zeros((0,) + rows.shape, np.int8))
             layers.append(LayerPoints(init, errors, point_bytes, signal))
