@@ -294,16 +294,22 @@ def refine(run: Run) -> None:
         raise OnnxqError(f"no quantization parameters were chosen for '{missing[0]}'")
 
 
+def error_against_float(run: Run, model: onnx.ModelProto) -> float:
+    """Worst output's relative error of ``model`` against the float model on the first calibration
+    batch (the float outputs computed once, while the working model is still the float one)."""
+    feeds = check_feeds(run.work, run.first)
+    if run.float_outputs is None:
+        run.float_outputs = model_outputs(run.work, feeds)
+    return relative_error(run.float_outputs, model_outputs(model, feeds))
+
+
 def quantized_rewrite(run: Run, method: QuantMethod, model: onnx.ModelProto) -> None:
     """Record what a method's quantized rewrite changed and how far it moved the outputs, then install it."""
     if model is run.work:
         raise OnnxqError(f"method '{method.name}' returned ctx.model from quantized_rewrite; return a changed copy (or None)")
-    feeds = check_feeds(run.work, run.first)
     error: float | None
     try:
-        if run.float_outputs is None:  # the working model is still the float one
-            run.float_outputs = model_outputs(run.work, feeds)
-        error = relative_error(run.float_outputs, model_outputs(model, feeds))
+        error = error_against_float(run, model)
     except Exception as exc:  # the figure is a report; the final model is validated on its own
         log.warning("could not run the model rewritten by method '%s' to measure its output error: %s", method.name, exc)
         error = None
@@ -343,12 +349,8 @@ def qdq_rewrite(run: Run, method: QuantMethod, quantized: onnx.ModelProto) -> on
     if rewritten is None:
         return quantized
     model_io.check_model(rewritten, f"the model returned by method '{method.name}' from qdq_rewrite")
-    feeds = check_feeds(run.work, run.first)
-    error: float | None
     try:
-        if run.float_outputs is None:
-            run.float_outputs = model_outputs(run.work, feeds)
-        error = relative_error(run.float_outputs, model_outputs(rewritten, feeds))
+        error = error_against_float(run, rewritten)
     except Exception as exc:
         raise OnnxqError(f"the model returned by method '{method.name}' from qdq_rewrite does not run in ONNX Runtime: {exc}") from exc
     run.quantized_rewrites.append(QuantizedRewrite(method.name, **model_changes(quantized, rewritten), output_error=error))
