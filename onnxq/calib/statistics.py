@@ -3,7 +3,7 @@
 Methods *declare* what they need: a :class:`StatRequest` names a tensor and carries a
 :class:`Reducer`, the object that turns that tensor's values, batch by batch, into a result.
 Built in: :class:`MinMax` and :class:`Histogram` (``"minmax"``/``"histogram"`` are shorthands for
-them), :class:`ChannelAbsMax` (per-channel ``max |x|``), :class:`TensorSamples` (the first N
+them), :class:`ChannelAbsMax` (per-channel ``max |x|``), :class:`ChannelRange` (per-channel max and min), :class:`TensorSamples` (the first N
 samples of a tensor) and :class:`InputSamples` (the first N calibration batches' feeds, for
 searches). Third parties subclass :class:`Reducer`. The host merges every request of a run and
 streams the data through ONNX Runtime:
@@ -177,6 +177,34 @@ class ChannelAbsMax(Reducer):
     def update(self, acc: np.ndarray | None, values: np.ndarray, stats: TensorStats | None) -> np.ndarray:
         v = np.asarray(values, np.float32).reshape(-1)
         return v if acc is None else np.maximum(acc, v)
+
+
+@dataclass(frozen=True)
+class ChannelRange(Reducer):
+    """Per-channel ``max`` and ``min`` along ``axis`` (-1: ``[..., C]``; 1: ``[N, C, ...]``), reduced
+    inside the graph, over the first ``samples`` samples (None: all). Result: float32 ``[2, C]``,
+    row 0 the maxima and row 1 the minima (RPTQ's clustering of channels by their ranges)."""
+
+    axis: int = -1
+    samples: int | None = None
+    kind: ClassVar[str] = "channel_range"
+    cacheable: ClassVar[bool] = True
+    in_graph: ClassVar[bool] = True
+
+    @property
+    def limit(self) -> int | None:
+        return self.samples
+
+    def add_to_graph(self, model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+        from onnxq.graph.smoothing import channel_range_model
+
+        return channel_range_model(model, tensors, channel_axis=self.axis)
+
+    def update(self, acc: np.ndarray | None, values: np.ndarray, stats: TensorStats | None) -> np.ndarray:
+        v = np.asarray(values, np.float32).reshape(2, -1)
+        if acc is None:
+            return v.copy()
+        return np.stack([np.maximum(acc[0], v[0]), np.minimum(acc[1], v[1])])
 
 
 @dataclass(frozen=True)

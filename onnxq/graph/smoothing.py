@@ -40,7 +40,7 @@ from onnxq.graph import edit
 from onnxq.graph.edit import Namer
 from onnxq.graph.index import GraphIndex, node_attr
 
-__all__ = ["SmoothSite", "find_smooth_sites", "smoothing_scales", "apply_smoothing", "channel_absmax_model"]
+__all__ = ["SmoothSite", "find_smooth_sites", "smoothing_scales", "apply_smoothing", "channel_absmax_model", "channel_range_model"]
 
 
 @dataclass
@@ -166,6 +166,53 @@ def channel_absmax_model(model: onnx.ModelProto, tensors: list[str], channel_axi
             g.node.append(helper.make_node("Flatten", [lead], [flat], axis=1))  # [C, prod(rest)]
             reduce_max(flat, 1, red)
         g.node.append(helper.make_node("Cast", [red], [r], to=onnx.TensorProto.FLOAT))  # float16 models too
+        g.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None))
+        outs.append(r)
+    return m, outs
+
+
+def channel_range_model(model: onnx.ModelProto, tensors: list[str], channel_axis: int = -1) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose extra outputs are the per-channel ``max`` and ``min`` of each tensor,
+    stacked as one float32 ``[2, C]`` output (row 0 the maxima, row 1 the minima).
+
+    ``channel_axis`` is -1 (``[..., C]``) or 1 (``[N, C, ...]``); reduced inside the graph, as
+    :func:`channel_absmax_model`, so only ``2·C`` values per tensor leave ONNX Runtime.
+    """
+    if channel_axis not in (-1, 1):
+        raise ValueError("channel_axis must be -1 or 1")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    outs = []
+    fresh = Namer.of(m).fresh
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+    def reduce(op: str, x: str, axis: int, out: str, keep: int) -> None:
+        if opset >= 18:
+            ax = fresh(f"{out}__axes")
+            g.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), ax))
+            g.node.append(helper.make_node(op, [x, ax], [out], keepdims=keep))
+        else:
+            g.node.append(helper.make_node(op, [x], [out], axes=[axis], keepdims=keep))
+
+    for t in tensors:
+        flat, hi, lo, both, r = (fresh(f"{t}__{s}") for s in ("rflat", "chmax", "chmin", "chrange_raw", "chrange"))
+        if channel_axis == -1:
+            g.node.append(helper.make_node("Flatten", [t], [flat], axis=-1))  # [..., C] -> [prod(lead), C]
+            reduce("ReduceMax", flat, 0, hi, 1)  # [1, C]
+            reduce("ReduceMin", flat, 0, lo, 1)
+            g.node.append(helper.make_node("Concat", [hi, lo], [both], axis=0))  # [2, C]
+        else:
+            lead_hi, lead_lo, flat_lo, cols = (fresh(f"{t}__{s}") for s in ("rmax0", "rmin0", "rflat_min", "chrange_cols"))
+            reduce("ReduceMax", t, 0, lead_hi, 0)  # [N, C, ...] -> [C, ...]
+            reduce("ReduceMin", t, 0, lead_lo, 0)
+            g.node.append(helper.make_node("Flatten", [lead_hi], [flat], axis=1))  # [C, prod(rest)]
+            g.node.append(helper.make_node("Flatten", [lead_lo], [flat_lo], axis=1))
+            reduce("ReduceMax", flat, 1, hi, 1)  # [C, 1]
+            reduce("ReduceMin", flat_lo, 1, lo, 1)
+            g.node.append(helper.make_node("Concat", [hi, lo], [cols], axis=1))  # [C, 2]
+            g.node.append(helper.make_node("Transpose", [cols], [both], perm=[1, 0]))
+        g.node.append(helper.make_node("Cast", [both], [r], to=onnx.TensorProto.FLOAT))  # float16 models too
         g.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, None))
         outs.append(r)
     return m, outs
