@@ -13,39 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 import onnxq
 from onnxq.runtime.ort import make_session
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(fixture: str):
-    if fixture == "digits":
-        d = ROOT / "examples" / "digits"
-        ev = [np.load(p) for p in sorted((d / "eval").glob("*.npz"))]
-        return d / "model.onnx", str(d / "calib"), {"input": np.concatenate([e["input"] for e in ev])}, np.concatenate([e["label"] for e in ev])
-    d = ROOT / "tests" / "fixtures" / "zoo" / fixture
-    ev = np.load(d / "eval.npz")
-    names = [i.name for i in make_session(str(d / "model.onnx"), "all").get_inputs()]
-    return d / "model.onnx", str(d / "calib.npz"), {k: ev[k] for k in names}, ev["label"]
-
-
-def scores(model, feeds, labels, ref) -> tuple[float, float, float]:
-    """Top-1, mean per-sample cosine and SQNR (dB) of ``model``'s first output against ``ref``."""
-    out = make_session(model, "all").run(None, feeds)[0]
-    a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
-    cos = float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
-    sqnr = float(10 * np.log10(np.sum(b**2) / max(np.sum((a - b) ** 2), 1e-30)))
-    return float(np.mean(out.argmax(-1) == labels)), cos, sqnr
+from onnxq.testing.fixtures import CNN_FIXTURES, classifier_fixture, output_scores
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fixtures", default="digits,mnist_norm_resnet,imagenet_norm_cnn,repvgg_norm,mobilenetv3_hswish")
+    ap.add_argument("--fixtures", default=",".join(CNN_FIXTURES))
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--minilm", metavar="MODEL", help="instead: --bits 4 weight-only rows on all-MiniLM-L6-v2 (benchmarks/minilm/export_minilm.py makes it)")
     args = ap.parse_args(argv)
@@ -60,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| fixture | config | top-1 | cosine | SQNR dB | weight KB | extra |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for fx in args.fixtures.split(","):
-        model, calib, feeds, labels = _load(fx)
-        ref = make_session(str(model), "all").run(None, feeds)[0]
+        fixture = classifier_fixture(fx)
+        model, calib, feeds, labels = fixture.model, fixture.calib, fixture.feeds, fixture.labels
+        ref = make_session(str(model), "all", threads=1).run(None, feeds)[0]
         print(f"| {fx} | FP32 | {np.mean(ref.argmax(-1) == labels):.2%} | 1 | inf | | |")
         for name, opts in rows:
             res = onnxq.optimize(model, method=["mse", "multipoint"], data=calib, target="ort", options=opts, show_progress=False, check=False)
             rep = res.report.methods["multipoint"]
-            top1, cos, sqnr = scores(res.model, feeds, labels, ref)
+            top1, cos, sqnr = output_scores(res.model, fixture, ref)
             kb = (rep["weight_bytes"] + rep["extra_bytes"]) / 1024
             print(f"| {fx} | {name} | {top1:.2%} | {cos:.4f} | {sqnr:.1f} | {kb:.1f} | {rep['extra_fraction']:+.1%} |")
         sys.stdout.flush()

@@ -13,40 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 import onnxq
 from onnxq.runtime.ort import make_session
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(fixture: str) -> tuple[Path, object, dict[str, np.ndarray], np.ndarray]:
-    if fixture == "digits":
-        d = ROOT / "examples" / "digits"
-        ev = [np.load(p) for p in sorted((d / "eval").glob("*.npz"))]
-        feeds = {"input": np.concatenate([e["input"] for e in ev])}
-        return d / "model.onnx", str(d / "calib"), feeds, np.concatenate([e["label"] for e in ev])
-    d = ROOT / "tests" / "fixtures" / "zoo" / fixture
-    ev = np.load(d / "eval.npz")
-    names = [i.name for i in make_session(str(d / "model.onnx"), "all").get_inputs()]
-    return d / "model.onnx", str(d / "calib.npz"), {k: ev[k] for k in names}, ev["label"]
-
-
-def _scores(model, feeds, labels, ref) -> tuple[float, float, float]:
-    out = make_session(model, "all").run(None, feeds)[0]
-    a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
-    cos = float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
-    sqnr = float(10 * np.log10(np.sum(b**2) / max(np.sum((a - b) ** 2), 1e-30)))
-    return float(np.mean(out.argmax(-1) == labels)), cos, sqnr
+from onnxq.testing.fixtures import CNN_FIXTURES, classifier_fixture, output_scores
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calibrator", default="mse")
-    ap.add_argument("--fixtures", default="digits,mnist_norm_resnet,imagenet_norm_cnn,repvgg_norm,mobilenetv3_hswish")
+    ap.add_argument("--fixtures", default=",".join(CNN_FIXTURES))
     ap.add_argument("--bits", default="4", help="window bits to compare, e.g. 4,3 (3-bit windows: 6 placements)")
     args = ap.parse_args(argv)
     try:
@@ -66,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| fixture | config | top-1 | cosine | SQNR dB | trimmed activations |")
     print("| --- | --- | --- | --- | --- | --- |")
     for fx in args.fixtures.split(","):
-        model, calib, feeds, labels = _load(fx)
-        ref = make_session(str(model), "all").run(None, feeds)[0]
+        fixture = classifier_fixture(fx)
+        model, calib, feeds, labels = fixture.model, fixture.calib, fixture.feeds, fixture.labels
+        ref = make_session(str(model), "all", threads=1).run(None, feeds)[0]
         acc = float(np.mean(ref.argmax(-1) == labels))
         print(f"| {fx} | FP32 | {acc:.2%} | 1 | inf | |")
         for name, methods, opts in rows:
@@ -76,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             except onnxq.OnnxqError as exc:
                 print(f"| {fx} | {name} | - | - | - | {exc} |")
                 continue
-            top1, cos, sqnr = _scores(res.model, feeds, labels, ref)
+            top1, cos, sqnr = output_scores(res.model, fixture, ref)
             sp = res.report.methods.get("sparq", {})
             trimmed = f"{sp['trimmed_activations']} (8-bit: {len(sp['left_8bit'])})" if sp else ""
             print(f"| {fx} | {name} | {top1:.2%} | {cos:.4f} | {sqnr:.1f} | {trimmed} |")
