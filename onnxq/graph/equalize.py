@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxq.graph.index import GraphIndex, node_attr
+from onnxq.graph.model_io import new_initializer, tensor_array
 from onnxq.graph.smoothing import channel_absmax_model
 
 __all__ = ["EqualizeSite", "find_equalize_sites", "channel_absmax", "equalize_scales", "apply_equalization"]
@@ -66,7 +66,7 @@ def _const_initializer(idx: GraphIndex, name: str) -> np.ndarray | None:
     """The value of a float initializer (only initializers can be rewritten in place)."""
     if name not in idx.initializers:
         return None
-    v = numpy_helper.to_array(idx.initializers[name])
+    v = tensor_array(idx.initializers[name])
     return v if v.dtype.kind == "f" else None
 
 
@@ -181,10 +181,10 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
     inits = idx.initializers
 
     def scale_init(name: str, factor: np.ndarray, axis: int) -> None:
-        v = numpy_helper.to_array(inits[name])
+        v = tensor_array(inits[name])
         shape = [1] * v.ndim
         shape[axis] = -1
-        inits[name].CopyFrom(numpy_helper.from_array((v * factor.reshape(shape)).astype(v.dtype), name))
+        inits[name].CopyFrom(new_initializer(model, (v * factor.reshape(shape)).astype(v.dtype), name))
 
     for s in sites:
         if s.scale is None:
@@ -197,9 +197,9 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
             continue  # an initializer read by another node as well: scaling it would change that node
         for n in names[:-1]:
             scale_init(n, k, 0)
-        w = numpy_helper.to_array(inits[cons.input[1]])
+        w = tensor_array(inits[cons.input[1]])
         if s.depthwise:
-            inits[cons.input[1]].CopyFrom(numpy_helper.from_array((w / np.repeat(k, w.shape[0] // len(k)).reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype), cons.input[1]))
+            inits[cons.input[1]].CopyFrom(new_initializer(model, (w / np.repeat(k, w.shape[0] // len(k)).reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype), cons.input[1]))
         else:
             scale_init(cons.input[1], 1.0 / k, 1)
     return out

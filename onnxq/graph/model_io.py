@@ -300,6 +300,20 @@ def spill(array: np.ndarray, name: str) -> onnx.TensorProto:
     return tensor
 
 
+def new_initializer(model: onnx.ModelProto, array: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer ``name`` holding ``array``, for a rewrite of ``model`` to add: on a lazy model
+    (:func:`is_lazy`) written to the scratch data file now (:func:`spill`), otherwise
+    ``numpy_helper.from_array``'s in-memory tensor. How float rewrites (SmoothQuant's scaled
+    weights) put new weights into a model over 2 GB without holding them all."""
+    return spill(array, name) if is_lazy(model) else numpy_helper.from_array(np.asarray(array), name)
+
+
+def total_bytes(model: onnx.ModelProto) -> int:
+    """The model's size in bytes, its lazy weights' external data included (``ByteSize()`` fails
+    over 2 GB and counts only the references of a lazy model)."""
+    return serialized_size(model) + (external_data_bytes(model) if is_lazy(model) else 0)
+
+
 def check_model(model: onnx.ModelProto, label: str = "model") -> None:
     """Run onnx.checker on an in-memory model.
 

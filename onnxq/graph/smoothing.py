@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.graph import edit
 from onnxq.graph.edit import Namer
+from onnxq.graph.model_io import new_initializer, tensor_array
 from onnxq.graph.index import GraphIndex, node_attr
 
 __all__ = ["SmoothSite", "find_smooth_sites", "smoothing_scales", "apply_smoothing", "channel_absmax_model", "channel_range_model"]
@@ -250,7 +251,7 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
 
     def new_init(value: np.ndarray, like: str) -> str:
         name = fresh_tensor(f"{like}_smooth")
-        g.initializer.append(numpy_helper.from_array(value, name))
+        g.initializer.append(new_initializer(model, value, name))  # spilled to disk on a model over 2 GB
         inits[name] = g.initializer[-1]
         return name
 
@@ -259,13 +260,13 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
         prod = nodes[site.producer]
         target = prod
         if site.shared and shared == "mul":
-            dtype = numpy_helper.to_array(inits[nodes[site.matmuls[0]].input[1]]).dtype  # the model's float type
+            dtype = tensor_array(inits[nodes[site.matmuls[0]].input[1]]).dtype  # the model's float type
             inv = new_init((1.0 / s).astype(dtype), f"{site.tensor}_inv_smooth")
             mul = helper.make_node("Mul", [site.tensor, inv], [fresh_tensor(f"{site.tensor}_smooth")], name=fresh_node(f"{prod.name}_smooth"))
             inserts[prod.name] = mul
             for mm_name in site.matmuls:
                 mm = nodes[mm_name]
-                w = numpy_helper.to_array(inits[mm.input[1]])
+                w = tensor_array(inits[mm.input[1]])
                 mm.input[1] = new_init((w * s[:, None]).astype(w.dtype), mm.input[1])
                 mm.input[0] = mul.output[0]
             continue
@@ -280,17 +281,17 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: Map
         if site.kind == "layernorm":
             for slot in (1, 2):
                 if len(target.input) > slot and target.input[slot]:
-                    v = numpy_helper.to_array(inits[target.input[slot]])
+                    v = tensor_array(inits[target.input[slot]])
                     target.input[slot] = new_init((v.astype(np.float32) / s).astype(v.dtype), target.input[slot])
         else:
             slot = next(i for i, n in enumerate(target.input) if n in inits)
-            v = numpy_helper.to_array(inits[target.input[slot]])
+            v = tensor_array(inits[target.input[slot]])
             base = (v.reshape(-1) if v.size > 1 else v.reshape(())).astype(np.float32)
             target.input[slot] = new_init((base / s).astype(v.dtype), target.input[slot])
         for mm_name in site.matmuls:
             mm = nodes[mm_name]
             w_name = mm.input[1]
-            w = numpy_helper.to_array(inits[w_name])
+            w = tensor_array(inits[w_name])
             mm.input[1] = new_init((w * s[:, None]).astype(w.dtype), w_name)
             mm.input[0] = x_new
     if inserts:

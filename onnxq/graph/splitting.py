@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.graph import edit
 from onnxq.graph.edit import Namer
+from onnxq.graph.model_io import new_initializer, tensor_array
 from onnxq.qparams import MIN_SCALE
 
 __all__ = ["RepConvDecision", "SplitConv", "centre_ratio", "find_rep_convs", "split_convs", "split_kernel", "weight_mse"]
@@ -112,7 +113,7 @@ def find_rep_convs(model: onnx.ModelProto, tau: float = 1.5, include: Iterable[s
     for node in model.graph.node:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = tensor_array(inits[node.input[1]])
         if w.dtype.kind != "f" or w.ndim != 4:
             continue
         forced = _matches(node.name, include)
@@ -186,22 +187,22 @@ def split_convs(model: onnx.ModelProto, decisions: Iterable[RepConvDecision], qm
         if d is None:
             new_nodes.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = tensor_array(inits[node.input[1]])
         coarse, fine, scale = split_kernel(w, qmax, per_channel)
         attrs = _attrs(node)
         y = node.output[0]
         wf = fresh(f"{node.input[1]}_cfws_fine")
         wc = fresh(f"{node.input[1]}_cfws_coarse")
-        g.initializer.append(numpy_helper.from_array(fine, wf))
+        g.initializer.append(new_initializer(model, fine, wf))
         if d.pointwise_coarse:
-            g.initializer.append(numpy_helper.from_array(coarse[:, :, None, None], wc))
+            g.initializer.append(new_initializer(model, coarse[:, :, None, None], wc))
             coarse_attrs = {"kernel_shape": [1, 1], "pads": [0, 0, 0, 0], "strides": list(attrs.get("strides", (1, 1))),
                             "group": int(attrs.get("group", 1)), "dilations": [1, 1]}
             form = "1x1"
         else:
             full = np.zeros_like(w, dtype=np.float32)
             full[:, :, w.shape[2] // 2, w.shape[3] // 2] = coarse
-            g.initializer.append(numpy_helper.from_array(full, wc))
+            g.initializer.append(new_initializer(model, full, wc))
             coarse_attrs = dict(attrs)
             form = "3x3"
         y_fine, y_coarse = fresh(f"{y}_cfws_fine"), fresh(f"{y}_cfws_coarse")

@@ -31,6 +31,7 @@ from onnxq.search.footprint import fitted_chunks
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.graph.edit import Namer
 from onnxq.graph.index import GraphIndex
+from onnxq.graph.model_io import tensor_array
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -100,7 +101,7 @@ class BiasCorrection(QuantMethod):
                         node.input[2] = bias_name  # an empty optional-input slot
                     else:
                         node.input.append(bias_name)
-                bias = numpy_helper.to_array(inits[bias_name])
+                bias = tensor_array(inits[bias_name])
                 if shift.shape != bias.shape or not np.all(np.isfinite(shift)):
                     skipped[layer.node] = "output channels do not match the bias"
                     continue

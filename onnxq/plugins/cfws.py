@@ -32,10 +32,10 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxq.errors import OptionError
 from onnxq.graph import edit
+from onnxq.graph.model_io import new_initializer, tensor_array
 from onnxq.graph.targets import SCALE_PRESERVING_OPS
 from onnxq.graph.splitting import SplitConv, find_rep_convs, split_convs
 from onnxq.hookspecs import hookimpl
@@ -95,7 +95,7 @@ class Cfws(QuantMethod):
         per_channel = o.per_channel_coarse and profile.weight_per_channel
         model, self.splits = split_convs(ctx.model, decisions, qmax, per_channel)
         inits = {t.name: t for t in ctx.model.graph.initializer}
-        self._merged = {d.node: numpy_helper.to_array(inits[d.weight]) for d in decisions if d.split}
+        self._merged = {d.node: tensor_array(inits[d.weight]) for d in decisions if d.split}
         by_node = {s.node: s for s in self.splits}
         ctx.report[self.name] = {
             "tau": o.tau,
@@ -235,14 +235,14 @@ class Cfws(QuantMethod):
             node = nodes.get(s.coarse_node)
             if node is None or len(node.input) < 3 or node.input[2] not in inits:
                 continue
-            b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+            b = tensor_array(inits[node.input[2]]).astype(np.float32)
             amax = float(np.abs(b).max())
             if amax == 0:
                 continue
             step = np.float32(amax / levels)
             bq = (np.clip(np.rint(b / step), -levels, levels - 1) * step).astype(np.float32)
             name = fresh(f"{node.input[2]}_cfws_b{self.options.bias_bits}")
-            model.graph.initializer.append(numpy_helper.from_array(bq, name))
+            model.graph.initializer.append(new_initializer(model, bq, name))
             node.input[2] = name
             changed = True
         # the float biases go unless something else still reads them; node order stays (the plan's)

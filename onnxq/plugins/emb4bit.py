@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import ModelError, OptionError
 from onnxq.graph import edit
+from onnxq.graph.model_io import tensor_array, total_bytes
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
@@ -582,7 +583,7 @@ def find_tables(model: onnx.ModelProto, names: tuple[str, ...] = (), min_rows: i
             reason = f"{t.dims[0]} rows < min_rows {min_rows}"
         value = None
         if reason is None:
-            value = numpy_helper.to_array(t)
+            value = tensor_array(t)  # memory-mapped on a model over 2 GB
             if not np.all(np.isfinite(value)) or float(np.abs(value).max(initial=0.0)) > FP16_MAX:
                 reason = "values are not finite or exceed the float16 range of the scale/bias"
         if reason is not None:
@@ -647,7 +648,7 @@ def quantize_tables(model: onnx.ModelProto, opts: "Emb4bitOptions") -> tuple[onn
             "rows_worse_than_minmax": int(np.sum(st["row_l2"] > st["row_l2_minmax"] * (1 + 1e-6) + 1e-12)),
         })
     note = None
-    before = model.ByteSize()
+    before = total_bytes(model)
     if done and prepare.default_opset(model) < FORMAT_OPSET[fmt]:
         try:
             model = prepare.upgrade_opset(model, FORMAT_OPSET[fmt])
@@ -660,7 +661,7 @@ def quantize_tables(model: onnx.ModelProto, opts: "Emb4bitOptions") -> tuple[onn
         "tables": rows_report, "left_in_float": [{"table": t, "reason": r} for t, r in skipped],
         "table_bytes_fp32": sum(r["bytes_fp32"] for r in rows_report),
         "table_bytes_quantized": sum(r["bytes_quantized"] for r in rows_report),
-        "model_bytes_before": before, "model_bytes_after": out.ByteSize(),
+        "model_bytes_before": before, "model_bytes_after": total_bytes(out),
     }
     if note:
         report["note"] = note

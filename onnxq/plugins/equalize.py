@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxq.calib.statistics import ChannelAbsMax, StatRequest
+from onnxq.graph.model_io import tensor_array
 from onnxq.graph.equalize import apply_equalization, equalize_scales, find_equalize_sites
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
@@ -71,7 +71,7 @@ class Equalize(QuantMethod):
             live = a[a > 0]
             if live.size == 0 or live.max() < o.min_spread * np.median(live):
                 continue
-            w = numpy_helper.to_array(inits[nodes[s.consumer].input[1]])
+            w = tensor_array(inits[nodes[s.consumer].input[1]])
             s.scale = equalize_scales(s, a, w, o.alpha, o.max_scale)
             chosen.append(s)
             section["equalized"].append({"tensor": s.tensor, "consumer": s.consumer, "producer": s.producer,

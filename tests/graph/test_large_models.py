@@ -235,3 +235,69 @@ def test_real_model_over_2gb_quantizes_through_the_cli(tmp_path: Path) -> None:
     assert float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.99
     for f in list(tmp_path.rglob("*.data")):
         os.unlink(f)
+
+
+def build_conv(folder: Path, seed: int = 0) -> Path:
+    """Conv (3x3, centre-heavy: CFWS splits it) -> BatchNormalization (channels of very different
+    scale: equalize balances them) -> depthwise Conv -> Relu -> 1x1 Conv, weights in external data."""
+    rng = np.random.default_rng(seed)
+    c = 16
+    w1 = (rng.normal(0, 0.05, (c, c, 3, 3))).astype(np.float32)
+    w1[:, :, 1, 1] += rng.normal(0, 1, (c, c)).astype(np.float32)
+    spread = np.geomspace(0.01, 4, c).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b1"),
+             numpy_helper.from_array(spread, "bn_g"), numpy_helper.from_array(np.zeros(c, np.float32), "bn_b"),
+             numpy_helper.from_array(np.zeros(c, np.float32), "bn_m"), numpy_helper.from_array(np.ones(c, np.float32), "bn_v"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (c, 1, 3, 3)).astype(np.float32), "wd"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (c, c, 1, 1)).astype(np.float32), "w3"),
+             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "b3")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "bn_g", "bn_b", "bn_m", "bn_v"], ["n1"], name="bn1"),
+             helper.make_node("Conv", ["n1", "wd"], ["c2"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="pw", kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", c, 8, 8])], inits)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "conv.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, location="conv.onnx.data", size_threshold=0)
+    np.savez(folder / "calib.npz", x=rng.normal(0, 1, (16, c, 8, 8)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def conv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_conv(tmp_path_factory.mktemp("conv"))
+
+
+def _quantized_weights(path: Path) -> dict[str, bytes]:
+    return {t.name: numpy_helper.to_array(t, str(path.parent)).tobytes() for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+@pytest.mark.parametrize(("method", "model", "changed"), [
+    ("smoothquant", "lm", "_smooth"), ("emb4bit", "lm", "emb"),  # both apply to decoder LMs (the benchmark model)
+    ("equalize", "conv", "wd"), ("cfws", "conv", "cfws"), (["minmax", "bias-correction"], "conv", "b3")])
+def test_float_rewrites_on_a_lazy_model_match_the_in_memory_run(method, model: str, changed: str, request, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The methods that rewrite weights (SmoothQuant's scaling, equalization, CFWS's split, bias
+    correction, 4-bit tables) read them as memory maps on a model over 2 GB and spill what they
+    write, and give the same quantized model as on the weights read into memory."""
+    path: Path = request.getfixturevalue(model)
+    data = path.parent / "calib.npz"
+    eager = tmp_path / "eager.onnx"
+    onnxq.optimize(path, eager, method=method, data=data, show_progress=False, check=False)
+    full_reads = request.getfixturevalue("large_path")  # from here on: the large-model path
+    monkeypatch.setattr(model_io, "SPILL_MIN_BYTES", 1024)
+    lazy = tmp_path / "lazy.onnx"
+    onnxq.optimize(path, lazy, method=method, data=data, show_progress=False, check=False)
+    assert full_reads == []  # no weight was read whole from disk
+    assert (tmp_path / "lazy.onnx.data").is_file()
+    want, got = _quantized_weights(eager), _quantized_weights(lazy)
+    assert got == want  # the same model, bit for bit
+    original = {t.name: numpy_helper.to_array(t, str(path.parent)).tobytes() for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    # the method did rewrite something: a new or changed weight whose name says which
+    assert any(changed in name and original.get(name) != value for name, value in got.items())
+    feeds = dict(np.load(data))
+    feeds = {k: v[:2] for k, v in feeds.items()}
+    np.testing.assert_array_equal(ort.InferenceSession(str(lazy)).run(None, feeds)[0], ort.InferenceSession(str(eager)).run(None, feeds)[0])
