@@ -18,6 +18,7 @@ chosen with the objective averaged over those layers (the placement rules in onn
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import zlib
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
 from onnxq.qparams import QParams
+from onnxq.runtime.executor import SerialExecutor, current as current_executor
 
 COSINE_GUARD = 1e-5
 
@@ -270,11 +272,33 @@ class EasyQuant(QuantMethod):
         st = _Sweep(ctx, GraphRunner(ctx.model, chunks, plan, self._sessions, threads=self._threads),
                     GraphRunner(ctx.model, chunks, None, self._sessions, threads=self._threads),
                     runners, w_init, a_init, report, readers, {t: g for g in plan.share_groups for t in g}, chunks)
+        # --executor ray: the weight searches of layers reading one input (attention's Q, K and V) are
+        # independent (their input comes before all of them), so they run as parallel tasks; the
+        # model goes to the object store once per pass (docs/scale.md)
+        executor = current_executor()
+        parallel = steps == [self._search_weights] and not isinstance(executor, SerialExecutor)
+        model_ref, worker = (executor.share(ctx.model), self._for_workers()) if parallel else (None, None)
         with progress(label, ctx.show_progress, total=len(layers), unit="layer") as bar:
-            for layer in layers:
-                bar.update(1)
-                for step in steps:
-                    step(st, layer)
+            i = 0
+            while i < len(layers):
+                group = _same_input_run(layers, i) if parallel else layers[i : i + 1]
+                if len(group) > 1:
+                    jobs = [(layer, self._weights_job(st, layer)) for layer in group]
+                    jobs = [(layer, job) for layer, job in jobs if job is not None]
+                    results = executor.map(_weight_search_task, [(worker, model_ref, layer, *job) for layer, job in jobs])
+                    for (layer, job), result in zip(jobs, results):
+                        self._apply_weights(st, layer, job, result)
+                else:
+                    for step in steps:
+                        step(st, group[0])
+                bar.update(len(group))
+                i += len(group)
+
+    def _for_workers(self) -> "EasyQuant":
+        """A copy to send to Ray tasks: the options and search code, without sessions or cached tensors."""
+        light = copy.copy(self)
+        light._sessions, light._fp_cache, light._observed = {}, {}, {}
+        return light
 
     def _fp_value(self, st: "_Sweep", tensor: str) -> np.ndarray:
         """FP32 objective tensor; kept (up to ``chunk_mb``) so a later pass need not run the float model again.
@@ -295,44 +319,33 @@ class EasyQuant(QuantMethod):
         return v
 
     def _search_weights(self, st: "_Sweep", layer: Layer) -> None:
+        job = self._weights_job(st, layer)
+        if job is not None:
+            self._apply_weights(st, layer, job, _weight_search(self, st.runners[layer.node], *job))
+
+    def _weights_job(self, st: "_Sweep", layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray, QParams, int] | None:
+        """What one layer's weight search reads: (input, FP32 objective, weight, start qparams, axis); None: nothing to search."""
         ctx, plan, runners, w_init, report = st.ctx, st.ctx.plan, st.runners, st.w_init, st.report
-        q_run = st.q_run
         runner = runners.get(layer.node)
         if runner is None or not runner.stackable:
-            return
+            return None
         site = plan.weights[layer.weight]
-        x = self._layer_input(q_run, layer, plan)
+        x = self._layer_input(st.q_run, layer, plan)
         w = ctx.weight(layer.weight)
         q0: QParams = w_init[layer.weight]
         if np.array_equal(q0.fake_quantize(w), w):
             report[layer.node]["weight_search"] = "skipped: the initial grid represents the weights exactly"
-            return
-        runner, x, ref, group = self._windowed(runner, x, self._fp_value(st, layer.objective))
-        s0 = np.asarray(q0.scale, np.float64).reshape(-1)
-        axis = site.axis if site.axis is not None else 0
-        ch_axis = runner.channel_axis % ref.ndim
-        ref_c = group(_channels(ref, ch_axis))
-        step = self._chunk(ref.nbytes * 2, 10**9)
+            return None
+        return x, self._fp_value(st, layer.objective), w, q0, site.axis if site.axis is not None else 0
 
-        def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, C] multipliers -> per-channel cosines [k, C]
-            out = np.empty(g.shape)
-            for start in range(0, len(g), step):
-                part = g[start : start + step]
-                cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
-                y = group(runner.run_stacked_rows(x, cands, axis))  # [N, C, k, S]
-                out[start : start + step] = _stacked_channel_score(ref_c, y, self.options.metric, inplace=True)
-            return out
-
-        ncols = s0.size
-        chosen, before, after = self._search(evaluate, ncols, self._weight_grid(s0, q0.qmax) if self.options.search == "grid" else None)
-        step = (s0 / chosen).astype(np.float32)
-        alpha = np.ones(ncols)
-        if self.options.magnitude_fix and ncols > 1:
-            alpha, after = self._magnitude_fix(runner, x, w, q0, step, axis, ch_axis, ref_c, after, group)
+    def _apply_weights(self, st: "_Sweep", layer: Layer, job: tuple[Any, ...], result: tuple[np.ndarray, ...]) -> None:
+        """Install a weight search's result in the plan and the report."""
+        q0 = job[3]
+        step, alpha, chosen, before, after = result
         shape = (lambda a: a if q0.scale.ndim else np.float32(a[0]))
-        site.qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
-                                           quant_scale=None if np.all(alpha == 1) else shape(step))
-        r = report[layer.node]
+        st.ctx.plan.weights[layer.weight].qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
+                                                                        quant_scale=None if np.all(alpha == 1) else shape(step))
+        r = st.report[layer.node]
         r["weight_cosine_before"] = float(before.mean())
         r["weight_cosine_after"] = float(after.mean())
         r["weight_multiplier_mean"] = float(chosen.mean())
@@ -478,6 +491,48 @@ class EasyQuant(QuantMethod):
             r["activation_cosine_before"] = float(before[0])
             r["activation_cosine_after"] = float(after[0])
             r["activation_multiplier"] = g_best
+
+
+def _weight_search(method: EasyQuant, runner: LayerRunner, x: np.ndarray, ref: np.ndarray, w: np.ndarray, q0: QParams,
+                   axis: int) -> tuple[np.ndarray, ...]:
+    """One layer's weight-scale search (a pure function of its arguments: the same result in this
+    process or in a Ray task). Returns (step, magnitude factor, chosen multiplier, objective at the
+    start, objective after), per channel."""
+    runner, x, ref, group = method._windowed(runner, x, ref)
+    s0 = np.asarray(q0.scale, np.float64).reshape(-1)
+    ch_axis = runner.channel_axis % ref.ndim
+    ref_c = group(_channels(ref, ch_axis))
+    step = method._chunk(ref.nbytes * 2, 10**9)
+
+    def evaluate(g: np.ndarray) -> np.ndarray:  # g: [k, C] multipliers -> per-channel cosines [k, C]
+        out = np.empty(g.shape)
+        for start in range(0, len(g), step):
+            part = g[start : start + step]
+            cands = np.stack([_fq_weight(w, s0 / (gk if s0.size > 1 else gk[:1]), q0, axis) for gk in part])
+            y = group(runner.run_stacked_rows(x, cands, axis))  # [N, C, k, S]
+            out[start : start + step] = _stacked_channel_score(ref_c, y, method.options.metric, inplace=True)
+        return out
+
+    ncols = s0.size
+    chosen, before, after = method._search(evaluate, ncols, method._weight_grid(s0, q0.qmax) if method.options.search == "grid" else None)
+    new_step = (s0 / chosen).astype(np.float32)
+    alpha = np.ones(ncols)
+    if method.options.magnitude_fix and ncols > 1:
+        alpha, after = method._magnitude_fix(runner, x, w, q0, new_step, axis, ch_axis, ref_c, after, group)
+    return new_step, alpha, chosen, before, after
+
+
+def _weight_search_task(method: EasyQuant, model: onnx.ModelProto, layer: Layer, *job: Any) -> tuple[np.ndarray, ...]:
+    """:func:`_weight_search` in a Ray task: the layer's runner is built there, from the shared model."""
+    return _weight_search(method, LayerRunner(model, layer, threads=method._threads), *job)
+
+
+def _same_input_run(layers: list[Layer], i: int) -> list[Layer]:
+    """``layers[i]`` and the layers right after it that read the same input tensor."""
+    j = i + 1
+    while layers[i].inputs and j < len(layers) and layers[j].inputs[:1] == layers[i].inputs[:1]:
+        j += 1
+    return layers[i:j]
 
 
 @dataclass
