@@ -174,6 +174,56 @@ def test_mixed_precision_meets_a_target_no_full_integer_recipe_meets():
     assert any("left float by -p auto" in item.reason for item in res.report.left_in_float)
 
 
+def deep_model(layers: int = 20, outlier: int = 13, seed: int = 0) -> onnx.ModelProto:
+    """A chain of ``layers`` 32x32 MatMul+Relu; layer ``outlier``'s input has one channel 30x larger (and its weight
+    row 30x smaller, so the float model is unchanged in kind): its per-tensor input scale rounds the other channels
+    away, so that one layer carries the loss."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = {}, [], "x"
+    for i in range(layers):
+        w = rng.normal(0, 1.4 / np.sqrt(32), (32, 32))
+        if i == outlier - 1:
+            w[:, 0] *= 30.0
+        if i == outlier:
+            w[0, :] /= 30.0
+        inits[f"w{i}"] = w
+        y = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y if i == layers - 1 else f"m{i}"], name=f"mm{i}"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [y], name=f"relu{i}"))
+        x = y
+    return _model(nodes, inits, [32])
+
+
+def test_no_target_leaves_a_few_layers_float_below_the_default_cosine():
+    """Without a target, a best full-integer recipe below default_min_cosine gets at most default_float_layers layers float
+    (and only when that scores higher); with default_min_cosine off, nothing is left float."""
+    model, data, fresh = mlp_model(), feeds([32]), feeds([32], n=64, seed=9)
+    res = onnxq.optimize(model, method="auto", data=data, options={**FAST, "default_min_cosine": 0.9997, "default_float_layers": 1},
+                         show_progress=False, check=False)
+    auto = res.report.auto
+    full = [c for c in auto.candidates if not c.float_layers]
+    assert auto.default_target and max(c.score_worst for c in full) < 0.9997, "precondition: the full-integer recipes reach it"
+    assert len(auto.float_layers) == 1 and auto.sensitivity, auto.float_layers
+    off = onnxq.optimize(model, method="auto", data=data, options={**FAST, "default_min_cosine": None}, show_progress=False, check=False)
+    assert not off.report.auto.float_layers and not off.report.auto.sensitivity
+    assert 1 - cosine_on(res.model, model, fresh) < 0.7 * (1 - cosine_on(off.model, model, fresh))
+
+
+def test_sensitivity_of_a_deep_model_finds_the_loss_in_fewer_runs_than_layers():
+    """More layers than GROUP_FROM: runs of consecutive layers first, single layers only inside the runs that gain."""
+    model = deep_model()
+    res = onnxq.optimize(model, method="auto", data=feeds([32]), options={**FAST, "min_cosine": 0.999, "finalists": 1},
+                         show_progress=False, check=False)
+    auto = res.report.auto
+    measured = [r for r in auto.sensitivity if r.gain is not None]
+    assert len(auto.sensitivity) == 20 and 0 < len(measured) <= 10, len(measured)
+    best = max(measured, key=lambda r: r.gain)
+    assert best.node == "mm13", [(r.node, r.gain) for r in measured]
+    assert auto.met and "mm13" in auto.float_layers, auto.float_layers
+    assert cosine_on(res.model, model, feeds([32], n=64, seed=9)) > max(c.cosine for c in auto.candidates if not c.float_layers)
+
+
 def test_measured_latency_changes_which_layer_stays_float(tmp_path):
     """Leaving 'big' float gains most, but 'small' meets the target too at a fraction of the latency."""
     model, target = branches_model(), 0.9996
