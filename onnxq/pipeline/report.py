@@ -104,7 +104,7 @@ class AutoReport:
 
     metric: str = described("the target's metric: cosine, agreement or drop (accuracy drop / top-1 disagreement in points; lower is better, scores are its negative)")
     threshold: float | None = described("the target (null: none, the best full-integer recipe is chosen)")
-    default_target: bool = described("no target was given; the best full-integer recipe is chosen and none is left float")
+    default_target: bool = described("no target was given: the best full-integer recipe, with up to default_float_layers layers float when its worst-case cosine is below default_min_cosine")
     met: bool = described("the chosen model meets the target (on its worst resample)")
     chosen: str = described("the chosen candidate's name")
     reason: str = described("why it was chosen")
