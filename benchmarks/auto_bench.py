@@ -32,7 +32,7 @@ import onnxq  # noqa: E402
 from onnxq.runtime.ort import make_session  # noqa: E402
 
 #: the best hand-picked recipe of each model (benchmarks/README.md's tables)
-HAND_PICKED = {"ppocr-rec": ["equalize", "mse"], "minilm": ["smoothquant", "minmax"], "digits": ["percentile"], "mobilenet": ["equalize", "minmax"]}
+HAND_PICKED = {"ppocr-rec": ["equalize", "mse"], "ppocr-det": ["minmax"], "minilm": ["smoothquant", "minmax"], "digits": ["percentile"], "mobilenet": ["equalize", "minmax"]}
 
 
 class Task:
@@ -44,6 +44,9 @@ class Task:
         if name == "ppocr-rec":
             self.fp32 = str(workdir / "models" / "ppocr-rec" / "fp32.onnx")
             self.eval = self._npz(workdir / "data" / "ppocr-rec" / "eval")
+        elif name == "ppocr-det":
+            self.fp32 = str(workdir / "models" / "ppocr-det" / "fp32.onnx")
+            self.eval = self._npz(workdir / "data" / "ppocr-det" / "eval")
         elif name == "minilm":
             import retrieval
             import text_data
@@ -75,6 +78,13 @@ class Task:
 
             images, _ = ocr_data.render_lines(128, seed=100 + subset, cjk=False)
             return list(ocr_data.rec_feeds(images, batch_size=8, name="x"))
+        if self.name == "ppocr-det":
+            if subset is None:
+                return self._npz(self.workdir / "data" / "ppocr-det" / "calib")
+            import ocr_data
+
+            pages, _ = ocr_data.render_pages(16, seed=100 + subset)
+            return list(ocr_data.det_feeds(pages, batch_size=1, name="x"))
         if self.name == "minilm":
             import retrieval
             import text_data
@@ -96,7 +106,7 @@ class Task:
 
     def fidelity(self, model: Any) -> dict[str, float]:
         """The task metric against FP32 on the evaluation data."""
-        ref, got = self._outputs(self.fp32), self._outputs(model)
+        ref, got = self._ref(), self._outputs(model)
         flat = lambda ys: np.concatenate([y.reshape(len(y), -1) for y in ys]).astype(np.float64)  # noqa: E731
         a, b = flat(ref), flat(got)
         c = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -106,9 +116,21 @@ class Task:
 
             dec = lambda ys: [s for y in ys for s in ocr_data.decode_rec(y)]  # noqa: E731
             return {"char_agreement": round(ocr_data.char_agreement(dec(got), dec(ref)), 4), **cos}
+        if self.name == "ppocr-det":
+            import ocr_data
+
+            boxes = lambda ys: [b for y in ys for b in ocr_data.decode_det(np.asarray(y, np.float32))]  # noqa: E731
+            mae = float(np.mean([ocr_data.prob_map_error(np.asarray(q, np.float32), np.asarray(r, np.float32)) for q, r in zip(got, ref)]))
+            return {"box_f1": round(ocr_data.box_f1(boxes(got), boxes(ref), 0.5), 4), "prob_mae": round(mae, 5), **cos}
         if self.name == "minilm":
             return cos
         return {"top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 4), **cos}
+
+    def _ref(self) -> list[np.ndarray]:
+        """FP32's outputs on the evaluation data, computed once per process."""
+        if not hasattr(self, "_ref_outputs"):
+            self._ref_outputs = self._outputs(self.fp32)
+        return self._ref_outputs
 
     def _outputs(self, model: Any) -> list[np.ndarray]:
         sess = make_session(model, "all")
@@ -129,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auto-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="an option of -p auto")
     ap.add_argument("--subsets", type=int, default=3)
     ap.add_argument("--no-hand", action="store_true", help="compare: skip the hand-picked run")
+    ap.add_argument("--no-fold", action="store_true", help="compare: also the hand-picked recipe with fold=False")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -155,11 +178,19 @@ def main(argv: list[str] | None = None) -> int:
             res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=task.calibration(), show_progress=False,
                                                      cache_dir=None))
             rows.append({"run": "hand-picked", "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
+            print(json.dumps(rows[-1]), flush=True)
+        if a.no_fold:
+            res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=task.calibration(), show_progress=False,
+                                                     cache_dir=None, fold=False))
+            rows.append({"run": "hand-picked --no-fold", "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
+            print(json.dumps(rows[-1]), flush=True)
         rows.append(auto_row("auto " + " ".join(f"{k}={v}" for k, v in opts.items()), task.calibration()))
     else:
         for k in range(a.subsets):
             rows.append(auto_row(f"auto, calibration set {k + 1} of {a.subsets}", task.calibration(k, a.subsets)))
     for r in rows:
+        if r["run"].startswith("hand-picked"):
+            continue  # printed as it finished
         shown = {k: v for k, v in r.items() if k != "report"}
         print(json.dumps(shown))
     if a.json:
