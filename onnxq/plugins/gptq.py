@@ -159,11 +159,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, block_size: int, bits: in
     w = np.asarray(w, np.float32)
     k, n = w.shape
     H = np.eye(k) if h is None else np.array(h, np.float64)
-    W = w.astype(np.float64)
     dead = np.flatnonzero(np.diag(H) <= 0)
     if dead.size:
         H[dead, dead] = 1.0
-        W[dead] = 0.0
     nblocks = -(-k // block_size)
     group = np.arange(k) // block_size
     diag = np.diag(H).copy()
@@ -173,54 +171,70 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, block_size: int, bits: in
     else:
         gorder = np.arange(nblocks)
         perm = np.arange(k)
-    W = W[perm]
     H = H[np.ix_(perm, perm)]
     U, damp_used = _inverse_cholesky_upper(H, damp)
+    del H
     ud = np.diag(U).copy()
+    dead_rows = np.isin(perm, dead)  # rows (in processing order) of inputs that are always zero
     # segments: one per block, in processing order; lazy batches hold whole segments
     sizes = [int(np.sum(group == g)) for g in gorder]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     qmin, qmax = int_range(bits, signed, False)
+    # results are written straight to their unpermuted rows (no permuted copy to invert at the end)
     ints = np.zeros((k, n), np.int32)
     deq = np.zeros((k, n), np.float32)
     scale = np.ones((nblocks, n), np.float32)
     zp = np.zeros((nblocks, n), np.int32)
-    seg = 0
-    while seg < len(sizes):
-        i1 = starts[seg]
-        last = seg
-        while last + 1 < len(sizes) and starts[last + 2] - i1 <= max(lazy, sizes[seg]):
-            last += 1
-        i2 = starts[last + 1]
-        W1 = W[i1:i2].copy()
-        U1 = U[i1:i2, i1:i2]
-        err1 = np.zeros_like(W1)
-        for sg in range(seg, last + 1):
-            a, b = starts[sg] - i1, starts[sg + 1] - i1
-            g = gorder[sg]
-            s, z = block_grid(W1[a:b], bits, signed, 1.0 / ud[i1 + a:i1 + b] ** 2, shrink)
-            scale[g], zp[g] = s, z
-            s64, z64 = s.astype(np.float64), z.astype(np.float64)
-            for r in range(a, b):
-                row = W1[r]
-                q = np.clip(np.rint(row / s64) + z64, qmin, qmax)
-                dq = ((q - z64) * s64).astype(np.float32)
-                ints[i1 + r] = q
-                deq[i1 + r] = dq
-                e = (row - dq) / U1[r, r]
-                if r + 1 < W1.shape[0]:
-                    W1[r + 1:] -= np.outer(U1[r, r + 1:], e)
-                err1[r] = e
-        if i2 < k:
-            W[i2:] -= U[i1:i2, i2:].T @ err1
-        seg = last + 1
-    inv = np.empty(k, int)
-    inv[perm] = np.arange(k)
-    ints, deq = ints[inv], deq[inv]
+    num = den = 0.0
+    # every output column is quantized independently of the others (the updates mix rows, never
+    # columns), so the columns go in slices: the float64 working copy and the error terms stay
+    # within CHUNK_BYTES whatever N is (an LM head of 1536 x 50257 held 4 GB at once otherwise)
+    cols = max(1, CHUNK_BYTES // (8 * k))
+    for c0 in range(0, n, cols):
+        c = slice(c0, min(n, c0 + cols))
+        W = w[perm, c].astype(np.float64)
+        W[dead_rows] = 0.0
+        seg = 0
+        while seg < len(sizes):
+            i1 = starts[seg]
+            last = seg
+            while last + 1 < len(sizes) and starts[last + 2] - i1 <= max(lazy, sizes[seg]):
+                last += 1
+            i2 = starts[last + 1]
+            W1 = W[i1:i2].copy()
+            U1 = U[i1:i2, i1:i2]
+            err1 = np.zeros_like(W1)
+            for sg in range(seg, last + 1):
+                a, b = starts[sg] - i1, starts[sg + 1] - i1
+                g = gorder[sg]
+                bs, bz = block_grid(W1[a:b], bits, signed, 1.0 / ud[i1 + a:i1 + b] ** 2, shrink)
+                scale[g, c], zp[g, c] = bs, bz
+                s64, z64 = bs.astype(np.float64), bz.astype(np.float64)
+                for r in range(a, b):
+                    row = W1[r]
+                    q = np.clip(np.rint(row / s64) + z64, qmin, qmax)
+                    dq = ((q - z64) * s64).astype(np.float32)
+                    ints[perm[i1 + r], c] = q
+                    deq[perm[i1 + r], c] = dq
+                    e = (row - dq) / U1[r, r]
+                    if r + 1 < W1.shape[0]:
+                        W1[r + 1:] -= np.outer(U1[r, r + 1:], e)
+                    err1[r] = e
+            if i2 < k:
+                W[i2:] -= U[i1:i2, i2:].T @ err1
+            seg = last + 1
+        del W
+        if h is not None:
+            part_num, part_den = _error_terms(w[:, c], deq[:, c], h)
+            num, den = num + part_num, den + part_den
     res = GptqResult(ints, scale, zp, deq, bits, signed, block_size, damp_used=damp_used)
     if h is not None:
-        res.rel_error = relative_error(w, deq, h)
+        res.rel_error = num / den if den > 0 else 0.0
     return res
+
+
+#: the most bytes one slice of columns takes in float64 while GPTQ works on it (and for its error terms)
+CHUNK_BYTES = 64 << 20
 
 
 def rtn_quantize(w: np.ndarray, block_size: int, bits: int = 4, signed: bool = False) -> GptqResult:
@@ -244,11 +258,17 @@ def rtn_quantize(w: np.ndarray, block_size: int, bits: int = 4, signed: bool = F
 
 def relative_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """``‖X(W − Ŵ)‖² / ‖XW‖²`` from ``h = XᵀX``."""
-    e = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
-    w = np.asarray(w, np.float64)
-    num = float(np.sum(e * (h @ e)))
-    den = float(np.sum(w * (h @ w)))
+    num, den = _error_terms(w, w_hat, h)
     return num / den if den > 0 else 0.0
+
+
+def _error_terms(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """``‖X(W − Ŵ)‖²`` and ``‖XW‖²`` (sums over the columns given: slices add up)."""
+    e = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    num = float(np.sum(e * (h @ e)))
+    del e
+    w = np.asarray(w, np.float64)
+    return num, float(np.sum(w * (h @ w)))
 
 
 def _one_blas_thread():

@@ -301,3 +301,28 @@ def test_float_rewrites_on_a_lazy_model_match_the_in_memory_run(method, model: s
     feeds = dict(np.load(data))
     feeds = {k: v[:2] for k, v in feeds.items()}
     np.testing.assert_array_equal(ort.InferenceSession(str(lazy)).run(None, feeds)[0], ort.InferenceSession(str(eager)).run(None, feeds)[0])
+
+
+def test_gptq_works_on_column_slices_with_the_same_result_in_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ of a wide weight (an LM head: K x 50k) goes through its output columns in slices: the
+    result is the one-slice result bit for bit, and the memory held stays near the result's own
+    (integers and dequantized weight) instead of several float64 copies of the whole weight."""
+    from onnxq.plugins import gptq
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 20000
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((256, k))
+    x[:, 5] = 0.0  # a dead input row too
+    h = x.T @ x
+    whole = gptq.gptq_quantize(w, h, 32, bits=4, shrink=(1.0, 0.9), lazy=16)
+    monkeypatch.setattr(gptq, "CHUNK_BYTES", 8 * k * 1500)  # slices of 1500 columns (the last one shorter)
+    tracemalloc.start()
+    sliced = gptq.gptq_quantize(w, h, 32, bits=4, shrink=(1.0, 0.9), lazy=16)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    for field in ("ints", "w_hat", "scale", "zero_point"):
+        assert np.array_equal(getattr(sliced, field), getattr(whole, field)), field
+    assert sliced.rel_error == pytest.approx(whole.rel_error, rel=1e-9) and 0 < sliced.rel_error < 0.05
+    result = sliced.ints.nbytes + sliced.w_hat.nbytes + sliced.scale.nbytes + sliced.zero_point.nbytes
+    assert peak < result + 8 * 8 * k * 1500  # the result plus a few float64 slices (the whole weight in float64 alone: 10 MB)
