@@ -157,6 +157,14 @@ def test_every_candidate_is_reported_with_its_spread_and_worst_case():
     assert auto.heldout == "split" and auto.heldout_samples == 24 and auto.calibration_samples == 72
 
 
+def test_the_portfolio_can_be_narrowed_to_some_calibrators_and_rewrites():
+    res = onnxq.optimize(layernorm_model(), method="auto", data=feeds([8, 64]),
+                         options={**FAST, "calibrators": ["minmax", "mse"], "rewrites": ["smoothquant"]}, show_progress=False, check=False)
+    assert sorted(c.name for c in res.report.auto.candidates) == ["minmax", "mse", "smoothquant+minmax", "smoothquant+mse"]
+    with pytest.raises(onnxq.errors.OptionError, match="calibrators must be"):
+        onnxq.optimize(layernorm_model(), method="auto", data=feeds([8, 64]), options={"calibrators": ["kl"]}, show_progress=False)
+
+
 def test_mixed_precision_meets_a_target_no_full_integer_recipe_meets():
     model, target = mlp_model(), 0.9997
     res = onnxq.optimize(model, method="auto", data=feeds([32]), options={**FAST, "min_cosine": target}, show_progress=False, check=False)

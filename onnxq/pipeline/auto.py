@@ -94,6 +94,9 @@ class AutoOptions:
     mixed: bool = option(True, "when no full-integer recipe meets the target, leave layers in float until it does")
     max_sensitivity_layers: int = option(64, "most layers whose sensitivity is measured one at a time")
     easyquant: bool = option(True, "try easyquant on the best recipe when the time budget allows")
+    calibrators: tuple[str, ...] = option(CALIBRATORS, "the calibrators of the portfolio (a subset of minmax, mse, percentile, trt-entropy; "
+                                          "minmax alone also makes each statistics pass a min/max pass, without histograms)")
+    rewrites: tuple[str, ...] = option(FLOAT_FORMS, "the float rewrites tried beside the model as it is (a subset of equalize, smoothquant)")
     default_min_cosine: float | None = option(0.99, "with no target given: when the best full-integer recipe's worst-case cosine is below this, "
                                               "leave up to default_float_layers layers float, cheapest gain first (null: never)")
     default_float_layers: int = option(4, "most layers left float for default_min_cosine")
@@ -112,6 +115,10 @@ class AutoOptions:
             raise ValueError("min_agreement must be in [0, 1]")
         if self.default_min_cosine is not None and not (math.isfinite(self.default_min_cosine) and -1 <= self.default_min_cosine <= 1):
             raise ValueError("default_min_cosine must be in [-1, 1]")
+        if not self.calibrators or set(self.calibrators) - set(CALIBRATORS):
+            raise ValueError(f"calibrators must be some of {', '.join(CALIBRATORS)}")
+        if set(self.rewrites) - set(FLOAT_FORMS):
+            raise ValueError(f"rewrites must be some of {', '.join(FLOAT_FORMS)}")
         if self.default_float_layers < 0:
             raise ValueError("need default_float_layers >= 0")
         if (self.time_budget is not None and self.time_budget <= 0) or self.resamples < 0 or self.finalists < 1 or self.heldout_samples < 1:
@@ -475,7 +482,7 @@ class Search:
         batches = self.pool if subset is None else self.subsets[subset]
         ctx = form.run.ctx
         requests = []
-        for recipe in [*recipes, *((c,) for c in CALIBRATORS)]:  # every calibrator reads this pass, whichever asks first
+        for recipe in [*recipes, *((c,) for c in self.o.calibrators)]:  # every calibrator reads this pass, whichever asks first
             for m in resolve_methods(list(recipe), None, self.host):
                 requests += m.declare_statistics(ctx)
         t = time.perf_counter()
@@ -699,12 +706,12 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
 def portfolio(s: Search) -> None:
     """Every calibrator on every float form the graph has a pattern for, then bias correction and easyquant on the best."""
     plain = s.form(None)
-    recipes = [(c,) for c in CALIBRATORS]
-    s.stats_of(plain, None, recipes + [(CALIBRATORS[0], "bias-correction")])
+    recipes = [(c,) for c in CALIBRATORS if c in s.o.calibrators]
+    s.stats_of(plain, None, recipes + [(recipes[0][0], "bias-correction")])
     s.candidate(plain, recipes[0], "portfolio")
     s.set_budget()
     forms = [plain]
-    for rewrite in FLOAT_FORMS:
+    for rewrite in (r for r in FLOAT_FORMS if r in s.o.rewrites):
         if s.left() <= 0:
             s.report.budget_exhausted = True
             s.note(f"time budget spent: {rewrite} not tried")
@@ -730,7 +737,7 @@ def portfolio(s: Search) -> None:
                 s.report.budget_exhausted = True
                 s.note(f"time budget: {'+'.join(f.rewrite + list(r))} not tried")
                 continue
-            s.stats_of(f, None, recipes + [(CALIBRATORS[0], "bias-correction")])
+            s.stats_of(f, None, recipes + [(recipes[0][0], "bias-correction")])
             s.candidate(f, r, "portfolio")
     ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
     if not ok:
