@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -183,6 +184,9 @@ def _configs(folder: Path, out: Path) -> dict[str, list[str]]:
         # without the clip search (6 grids per block): about half the time on this machine
         "onnxq-int4-gptq-noclip": [*onnxq, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "-o", "clip", "false",
                                    "--output", str(out / "onnxq-int4-gptq-noclip.onnx")],
+        # the float rewrites on a model over 2 GB: SmoothQuant before the default calibrator, 4-bit embedding table
+        "onnxq-int8-smoothquant": [*onnxq, "-p", "smoothquant", "-p", "trt-entropy", "--output", str(out / "onnxq-int8-smoothquant.onnx")],
+        "onnxq-int4-minmax-emb4bit": [*onnxq, "--bits", "4", "-p", "minmax", "-p", "emb4bit", "--output", str(out / "onnxq-int4-minmax-emb4bit.onnx")],
         "ort-quantize_static": [sys.executable, str(here), "_ort_static", str(model), str(out / "ort-static.onnx"), str(calib)],
         "ort-quantize_static-external": [sys.executable, str(here), "_ort_static", str(model), str(out / "ort-static-ext.onnx"), str(calib), "--external"],
         "ort-MatMulNBits": [sys.executable, str(here), "_ort_nbits", str(model), str(out / "ort-nbits.onnx")],
@@ -190,6 +194,8 @@ def _configs(folder: Path, out: Path) -> dict[str, list[str]]:
 
 
 def _outputs(name: str, out: Path) -> Path:
+    if name.startswith("onnxq-"):
+        return out / f"{name}.onnx"
     return out / {"onnxq-int8": "onnxq-int8.onnx", "onnxq-int4-minmax": "onnxq-int4-minmax.onnx", "onnxq-int4-gptq": "onnxq-int4-gptq.onnx", "onnxq-int4-gptq-noclip": "onnxq-int4-gptq-noclip.onnx",
                   "ort-quantize_static": "ort-static.onnx", "ort-quantize_static-external": "ort-static-ext.onnx",
                   "ort-MatMulNBits": "ort-nbits.onnx"}[name]
@@ -251,7 +257,7 @@ def bench(folder: Path, only: list[str] | None, timeout: float) -> list[dict]:
             continue
         m = run_measured(argv, timeout=timeout, rss_limit_bytes=RSS_CAP * fp32 + BASE_RSS)
         row = {"config": name, "status": m.status, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
-               "rss_over_fp32": round(m.peak_rss_mb * 2**20 / fp32, 2)}
+               "rss_over_fp32": round(m.peak_rss_mb * 2**20 / fp32, 2), "load_average": [round(v, 1) for v in os.getloadavg()]}
         target = _outputs(name, out)
         if m.ok and target.exists():
             try:
@@ -269,7 +275,7 @@ def bench(folder: Path, only: list[str] | None, timeout: float) -> list[dict]:
     return rows
 
 
-def bench_executors(folder: Path, timeout: float, only: list[str] | None = None) -> list[dict]:
+def bench_executors(folder: Path, timeout: float, only: list[str] | None = None, cosine: bool = False) -> list[dict]:
     """The statistics pass (INT8) and GPTQ (INT4) with ``--executor local`` and ``--executor ray`` (a local
     Ray instance with this machine's CPUs): onnxq's own stage timings from ``--json``, wall time and
     peak RSS of the driver and of the whole process group (Ray's workers included)."""
@@ -283,6 +289,11 @@ def bench_executors(folder: Path, timeout: float, only: list[str] | None = None)
         "int8-ray": [*base, "--executor", "ray", "--output", str(out / "x-int8-ray.onnx")],
         "gptq-local": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "--executor", "local", "--output", str(out / "x-gptq-local.onnx")],
         "gptq-ray": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "--executor", "ray", "--output", str(out / "x-gptq-ray.onnx")],
+        # without the clip search: about half the time (the large model's rows in benchmarks/README.md)
+        "gptq-noclip-local": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "-o", "clip", "false", "--executor", "local",
+                              "--output", str(out / "x-gptq-noclip-local.onnx")],
+        "gptq-noclip-ray": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "-o", "clip", "false", "--executor", "ray",
+                            "--output", str(out / "x-gptq-noclip-ray.onnx")],
         # every H from the float model: all MatMuls in one parallel round instead of one round per input
         "gptq-float-local": [*base, "--bits", "4", "-p", "gptq", "-o", "samples", "32", "-o", "inputs", "float", "--executor", "local",
                              "--output", str(out / "x-gptq-float-local.onnx")],
@@ -297,9 +308,14 @@ def bench_executors(folder: Path, timeout: float, only: list[str] | None = None)
         m = run_measured(argv, timeout=timeout, rss_limit_bytes=(RSS_CAP + 1) * fp32 + BASE_RSS)  # the workers hold the model too
         row = {"run": name, "status": m.status, "wall_s": round(m.wall_s, 1), "peak_rss_mb": round(m.peak_rss_mb),
                "group_peak_rss_mb": round(m.extra.get("group_peak_rss_mb", 0))}
+        fp32 = (folder / "model.onnx.data").stat().st_size
+        row["rss_over_fp32"] = round(m.peak_rss_mb * 2**20 / fp32, 2)
         if m.ok:
             report = json.loads(m.stdout)["report"]
             row.update(calibration_s=report["calibration_seconds"], refine_s=report["refine_seconds"], total_s=report["total_seconds"])
+            if cosine:
+                row["cosine"] = round(_cosines(model, out / f"x-{name}.onnx", folder / "heldout.npz"), 5)
+            row["load_average"] = [round(v, 1) for v in os.getloadavg()]  # the last 1, 5, 15 minutes, read at the end
         else:
             row["error"] = (f"stopped at {m.extra['rss_cap_exceeded_mb']:.0f} MiB" if m.rss_capped else m.error_line(160))
         for f in out.glob(f"x-{name}.onnx*"):
@@ -327,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("folder", type=Path)
     e.add_argument("--only", action="append")
     e.add_argument("--timeout", type=float, default=1800)
+    e.add_argument("--cosine", action="store_true", help="also the logits cosine of each output with FP32 on the held-out tokens")
     s = sub.add_parser("_ort_static")
     s.add_argument("model"), s.add_argument("output"), s.add_argument("calib"), s.add_argument("--external", action="store_true")
     n = sub.add_parser("_ort_nbits")
@@ -337,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "bench":
         bench(a.folder, a.only, a.timeout)
     elif a.cmd == "bench-executors":
-        bench_executors(a.folder, a.timeout, a.only)
+        bench_executors(a.folder, a.timeout, a.only, a.cosine)
     elif a.cmd == "_ort_static":
         _ort_static(a.model, a.output, a.calib, a.external)
     else:
