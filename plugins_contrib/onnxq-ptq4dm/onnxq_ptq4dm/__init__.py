@@ -93,19 +93,23 @@ class Ptq4dmReader(DataReader):
         schedule = schedule_of(self.model_path, o.steps, o.beta_start, o.beta_end)
         denoise = ort_denoiser(self.model_path, x_name, t_name)
         shape = self._x_shape(x_name)
-        its = iterations(o.samples, schedule.steps, o.timesteps, o.mean, o.std, o.seed)
+        # independent streams for the draws, the initial noise and each chunk's per-step noise, so that
+        # two seeds give disjoint calibration sets (seed k's streams never reappear under seed k + 1)
+        draw_seed, noise_seed, step_seed = np.random.SeedSequence(o.seed).spawn(3)
+        its = iterations(o.samples, schedule.steps, o.timesteps, o.mean, o.std, draw_seed)
         ts = paired_timesteps(its, schedule.steps, o.pairing)
         t_dtype = next(i.dtype for i in self.inputs if i.name == t_name)
-        rng = np.random.default_rng(o.seed + 1)
-        for start in range(0, o.samples, o.chunk):
+        rng = np.random.default_rng(noise_seed)
+        starts = range(0, o.samples, o.chunk)
+        for start, chunk_seed in zip(starts, step_seed.spawn(len(starts))):
             n = min(o.chunk, o.samples - start)
             noise = rng.standard_normal((n, *shape))
-            _, kept = sample(denoise, schedule, noise, seed=o.seed + 2 + start, capture=its[start:start + n])
+            _, kept = sample(denoise, schedule, noise, seed=chunk_seed, capture=its[start:start + n])
             yield Batch({x_name: kept.astype(np.float32), t_name: ts[start:start + n].astype(t_dtype)}, None,
                         source=f"ptq4dm samples {start}-{start + n - 1}")
 
     def fingerprint(self) -> str | None:
-        h = hashlib.sha256(repr(self.options).encode())
+        h = hashlib.sha256(f"seeding 2 {self.options!r}".encode())  # "seeding 2": the SeedSequence streams
         with open(self.model_path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)

@@ -56,7 +56,7 @@ def schedule_of(model: onnx.ModelProto | str | Path, steps: int | None = None, b
 Denoise = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def sample(denoise: Denoise, schedule: Schedule, noise: np.ndarray, seed: int = 0,
+def sample(denoise: Denoise, schedule: Schedule, noise: np.ndarray, seed: int | np.random.SeedSequence = 0,
            capture: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Run the reverse process from ``noise`` (``[n, ...]``) and return the samples.
 
@@ -79,11 +79,13 @@ def sample(denoise: Denoise, schedule: Schedule, noise: np.ndarray, seed: int = 
     return x, kept
 
 
-def ort_denoiser(model: str | Path | onnx.ModelProto, x_name: str = "x", t_name: str = "t") -> Denoise:
-    """``eps(x, t)`` by an ONNX Runtime session of ``model`` (the timestep cast to the input's type)."""
+def ort_denoiser(model: str | Path | onnx.ModelProto, x_name: str = "x", t_name: str = "t", threads: int | None = None) -> Denoise:
+    """``eps(x, t)`` by an ONNX Runtime session of ``model`` (the timestep cast to the input's type).
+
+    ``threads``: ONNX Runtime's intra-op threads (None: its default)."""
     from onnxq.runtime.ort import make_session
 
-    sess = make_session(model if isinstance(model, onnx.ModelProto) else str(model), "all")
+    sess = make_session(model if isinstance(model, onnx.ModelProto) else str(model), "all", threads=threads)
     t_type = next(i.type for i in sess.get_inputs() if i.name == t_name)
     t_dtype = np.float32 if "float" in t_type else np.int64
 

@@ -15,7 +15,8 @@ CHOICES = ("normal", "uniform", "last")
 PAIRINGS = ("sampler", "as_released")
 
 
-def iterations(n: int, steps: int, choice: str = "normal", mean: float = 0.4, std: float = 0.4, seed: int = 0) -> np.ndarray:
+def iterations(n: int, steps: int, choice: str = "normal", mean: float = 0.4, std: float = 0.4,
+               seed: int | np.random.SeedSequence = 0) -> np.ndarray:
     """``n`` iteration indices in ``[0, steps - 1]`` (0: the first step, from pure noise).
 
     ``normal``: the paper's ``int(N(mean, std) · T)`` clamped (about 16 % of draws land on 0);

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnxq_ptq4dm", reason="onnxq-ptq4dm is not installed (pip install -e plugins_contrib/onnxq-ptq4dm)")
 
 import onnxq  # noqa: E402
-from onnxq_ptq4dm.evaluate import swd_to_fp32  # noqa: E402
+from onnxq_ptq4dm.evaluate import generated, paired_score  # noqa: E402
 from onnxq_ptq4dm.metrics import sliced_wasserstein  # noqa: E402
 from onnxq_ptq4dm.sampler import Schedule, sample, schedule_of  # noqa: E402
 from onnxq_ptq4dm.timesteps import iterations, paired_timesteps  # noqa: E402
@@ -73,17 +73,32 @@ def test_reader_yields_the_requested_pairs():
     assert np.array_equal(np.concatenate([b.feeds["x"] for b in again]), x)  # seeded: the same calibration set
 
 
-def _swd(choice: str, seed: int = 0) -> float:
-    res = onnxq.optimize(MODEL, method="minmax", data=f"ptq4dm:{MODEL}", target="ort",
-                         data_options={"timesteps": choice, "samples": 256, "seed": seed}, show_progress=False, check=False)
-    return swd_to_fp32(res.model, MODEL, n=1500)
+def test_paired_score_measures_moved_samples():
+    a = np.random.default_rng(0).standard_normal((400, 2))
+    same = paired_score(a, a)
+    assert same.swd == 0.0 and same.drift == 0.0
+    moved = paired_score(a + np.array([0.3, 0.4]), a)
+    assert moved.drift == pytest.approx(0.5) and 0.2 < moved.swd < 0.5
+    swapped = paired_score(a[::-1], a)  # the same cloud, every sample moved: the SWD forgives it, the drift does not
+    assert swapped.swd == pytest.approx(0.0, abs=1e-12) and swapped.drift > 1.0
+
+
+def _drift(choice: str, draws: int = 2) -> float:
+    """Mean L2 drift of W8A8 minmax samples from FP32's (paired: the same noise), over ``draws`` calibration sets."""
+    fp32 = generated(MODEL, MODEL, n=1024, seed=123)
+    out = []
+    for seed in range(draws):
+        res = onnxq.optimize(MODEL, method="minmax", data=f"ptq4dm:{MODEL}", target="ort",
+                             data_options={"timesteps": choice, "samples": 256, "seed": seed}, show_progress=False, check=False)
+        out.append(paired_score(generated(res.model, MODEL, n=1024, seed=123), fp32).drift)
+    return float(np.mean(out))
 
 
 def test_normal_timesteps_beat_the_noise_end_and_hold_against_uniform():
-    last, uniform, normal = _swd("last"), _swd("uniform"), _swd("normal")
-    print(f"W8A8 minmax SWD to FP32: last {last:.4f}, uniform {uniform:.4f}, normal {normal:.4f}")
+    last, uniform, normal = _drift("last"), _drift("uniform"), _drift("normal")
+    print(f"W8A8 minmax paired drift from FP32: last {last:.4f}, uniform {uniform:.4f}, normal {normal:.4f}")
     assert normal < 0.5 * last
-    assert normal <= 1.25 * uniform
+    assert normal <= 1.5 * uniform  # benchmark.py: equal within about one standard error at W8A8
 
 
 def test_cli_and_bad_spec(tmp_path):
