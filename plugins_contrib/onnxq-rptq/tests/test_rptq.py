@@ -130,3 +130,19 @@ def test_onnxq_plugins_lists_rptq():
     assert out.returncode == 0
     line = next(x for x in out.stdout.splitlines() if x.startswith("rptq"))
     assert "onnxq-rptq" in line and "ok" in line and "method:rptq" in line
+
+
+def test_tensorrt_target_gets_per_tensor_activation_scales_and_no_rule_violation(fixture):
+    """TensorRT takes per-channel scales for weights only: the split form gives every cluster one
+    per-tensor activation scale, which onnxq's TensorRT Q/DQ rule check accepts."""
+    from onnxq.graph.trt_rules import check_trt_rules
+
+    model, feeds, ref = fixture
+    res = onnxq.optimize(model, method=["rptq", "minmax"], options={"clusters": 4}, data=feeds, target="trt", show_progress=False)
+    assert check_trt_rules(res.model) == []
+    inits = {t.name for t in res.model.graph.initializer}
+    scales = scales_of(res.model)
+    acts = [n for n in res.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert sum("_rptq" in n.input[0] for n in acts) == 9 * 4
+    assert all(scales[n.input[1]].size == 1 for n in acts)
+    assert decoder.score(res.model, ref)["cosine"] > 0.9
