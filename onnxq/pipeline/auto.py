@@ -75,6 +75,8 @@ MIXED_FACTOR = 1.5
 GROUP_FROM = 16
 #: ... and only the runs gaining at least this share of the best run's gain are measured layer by layer
 GROUP_SHARE = 0.5
+#: after the target is met, at most this many float layers (the costliest) are tried back in integer, one evaluation each
+PUT_BACK = 4
 #: methods whose refine is a search: a mixed-precision model keeps their refined qparams instead of searching again
 SEARCHES = ("easyquant",)
 
@@ -911,7 +913,8 @@ def sensitivity(s: Search, form: Form, recipe: tuple[str, ...], like: Built, lay
 
 def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: list[AutoLayer], stage: str,
            record: bool = True) -> AutoCandidate | None:
-    """Add layers to float in ``order`` until the target is met, then drop those it does not need (costliest first).
+    """Add layers to float in ``order`` until the target is met, then drop those it does not need (the
+    :data:`PUT_BACK` costliest, one evaluation each).
 
     Layers are added in jumps sized by their single-layer gains against what the target still misses, each jump
     measured, so a target that needs many float layers costs a few evaluations, not one per layer."""
@@ -944,7 +947,7 @@ def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: l
             s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
         return last
     cost = {r.node: (r.float_cost_ms or 0.0) for r in order}
-    for node in sorted(chosen[:-1], key=lambda n: -cost[n]):  # the last one added was needed
+    for node in sorted(chosen[:-1], key=lambda n: -cost[n])[:PUT_BACK]:  # the last one added was needed
         if s.left() <= 0:
             break
         trial = [n for n in chosen if n != node]
