@@ -34,7 +34,7 @@ def _bn(prefix: str, x: str, y: str, c: int, inits: list) -> onnx.NodeProto:
 
 
 def affine_model() -> onnx.ModelProto:
-    """Conv -> BN -> Mul(per-channel) -> Add(scalar) -> Relu -> grouped ConvTranspose -> BN -> Div
+    """Conv -> BN -> Mul(per-channel) -> Add(per-channel) -> Relu -> grouped ConvTranspose -> BN -> Div
     -> standalone-BN branch (after Relu) and Sub -> ... -> Flatten -> Gemm(transB) -> BN -> MatMul -> BN."""
     inits: list = []
     nodes = []
@@ -43,7 +43,7 @@ def affine_model() -> onnx.ModelProto:
     nodes.append(_bn("bn1", "c1", "n1", 8, inits))
     inits.append(_t("k1", RNG.uniform(0.5, 2.0, (1, 8, 1, 1))))
     nodes.append(helper.make_node("Mul", ["n1", "k1"], ["m1"], name="mul1"))
-    inits.append(_t("a1", np.array(0.25)))
+    inits.append(_t("a1", RNG.normal(0, 1, (8, 1, 1))))
     nodes.append(helper.make_node("Add", ["a1", "m1"], ["a1o"], name="add1"))  # constant first: still x + c
     nodes.append(helper.make_node("Relu", ["a1o"], ["r1"], name="relu1"))
     inits.append(_t("wt", RNG.normal(0, 0.5, (8, 3, 2, 2))))  # group 2: Cin 8, Cout 6
@@ -61,7 +61,7 @@ def affine_model() -> onnx.ModelProto:
     nodes.append(helper.make_node("Gemm", ["fl", "wg", "bg"], ["gm"], name="gemm", transB=1, beta=0.5))
     nodes.append(_bn("bn4", "gm", "n4", 5, inits))
     inits.append(_t("s4", np.array(0.3)))
-    nodes.append(helper.make_node("Sub", ["n4", "s4"], ["sb4"], name="sub4"))
+    nodes.append(helper.make_node("Sub", ["n4", "s4"], ["sb4"], name="sub4"))  # a uniform shift: stays
     inits.append(_t("wm", RNG.normal(0, 0.5, (5, 4))))
     nodes.append(helper.make_node("MatMul", ["sb4", "wm"], ["mm"], name="matmul"))
     nodes.append(_bn("bn5", "mm", "y", 4, inits))
@@ -79,10 +79,11 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_fold_is_exact_and_folds_what_follows_a_weighted_op() -> None:
     model, _ = infer_shapes(affine_model())  # the MatMul's output rank comes from shape inference, as in a run
     folded, names = fold_affine(model)
-    assert names == ["bn1", "mul1", "add1", "bn2", "div2", "bn4", "sub4", "bn5"]
+    assert names == ["bn1", "mul1", "add1", "bn2", "div2", "bn4", "bn5"]
     ops = [n.op_type for n in folded.graph.node]
-    # the standalone BatchNorm and the Sub after it stay; the MatMul's shift becomes one bias Add
-    assert ops.count("BatchNormalization") == 1 and ops.count("Sub") == 1 and ops.count("Mul") == 0 and ops.count("Div") == 0
+    # the standalone BatchNorm and the Sub after it stay, and so does the uniform shift sub4; the
+    # MatMul's shift becomes one bias Add
+    assert ops.count("BatchNormalization") == 1 and ops.count("Sub") == 2 and ops.count("Mul") == 0 and ops.count("Div") == 0
     assert [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"] == ["bn_alone"]
     assert ops.count("Add") == 1
     onnx.checker.check_model(folded, full_check=True)
