@@ -4,8 +4,12 @@ It runs both models on a few batches (the evaluation data when given, otherwise 
 the calibration data, labelled in-sample), streams per-output agreement through
 :func:`~onnxq.evaluate.compare.compare_runners` (per-sample cosine: mean, worst, 1st percentile;
 SQNR; top-1 agreement where an output holds class scores) and warns when an output collapsed.
-Only then does it pay for the per-layer SQNR (:func:`~onnxq.evaluate.compare.layer_errors`), to
-name the layers where the error starts, and a suggestion of what to try.
+Outputs that look like embeddings (``[N, D]`` floats that are not class scores) are also judged
+by how they rank the compared samples against each other (:func:`neighbour_agreement`): a
+sentence embedding can keep a cosine of 0.97 with FP32 and still swap which sentences are
+nearest, which is what a retrieval task reads. Only on a warning does the check pay for the
+per-layer SQNR (:func:`~onnxq.evaluate.compare.layer_errors`), to name the layers where the error
+starts, and a suggestion of what to try.
 
 Thresholds (:data:`THRESHOLDS`) were chosen by measurement: docs/methods.md, "Fidelity check".
 """
@@ -22,8 +26,9 @@ import onnx
 
 from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch
-from onnxq.evaluate.compare import LAYER_OPS, Candidate, batch_axes, compare_runners, layer_errors, sample_count
+from onnxq.evaluate.compare import LAYER_OPS, Candidate, batch_axes, compare_runners, layer_errors, sample_count, split_batch
 from onnxq.options import described
+from onnxq.runtime.runner import Runner
 
 
 @dataclass
@@ -38,6 +43,9 @@ class OutputFidelity:
     top1_agreement: float | None = described("share of samples whose arg-max class matches FP32 (class-score outputs only: [N, C] with a "
                                               "clear FP32 winner on most samples, unlike an embedding)")
     scored: bool = described("a float output, judged by the thresholds (integer outputs are reported only)", default=True)
+    neighbour_agreement: float | None = described(
+        "embedding-like outputs ([N, D] floats, not class scores) only: share of sample triples (i, j, k) of the compared samples "
+        "on which the quantized output orders cos(i, j) and cos(i, k) as FP32 does (what a retrieval reads; 0.5: chance)", default=None)
 
 
 @dataclass
@@ -80,12 +88,125 @@ class Thresholds:
     cosine_p1: float = 0.50
     #: top-1 agreement with FP32 below this, for class-score outputs
     top1_agreement: float = 0.90
+    #: neighbour agreement with FP32 below this, for embedding-like outputs (:func:`neighbour_agreement`): MiniLM's
+    #: sentence embedding keeps 0.977-0.986 with -p smoothquant -p minmax, 0.91-0.955 with trt-entropy, percentile and
+    #: every calibrator on --target trt (retrieval top-1 agreement with FP32 <= 0.86)
+    neighbour_agreement: float = 0.96
 
 
 THRESHOLDS = Thresholds()
 #: an [N, C] output counts as class scores when at least this share of samples has a clear FP32 winner
 #: (digits logits: all; MiniLM's 384-wide sentence embedding: few)
 CLASS_SCORES_SHARE = 0.5
+#: an [N, D] output that is not class scores counts as an embedding from this width on (narrower:
+#: box coordinates, a handful of regression targets, whose neighbours mean nothing)
+EMBEDDING_MIN_WIDTH = 16
+#: the neighbour agreement is measured on at most this many samples (the first ones the check reads)
+#: and on at most this many bytes of one output's rows per model
+NEIGHBOUR_SAMPLES, NEIGHBOUR_BYTES = 128, 16 << 20
+
+
+def neighbour_agreement(reference: np.ndarray, test: np.ndarray) -> float:
+    """How well ``test`` keeps the ranking of the samples by similarity that ``reference`` gives (both [N, D], one row per sample).
+
+    For every anchor sample ``i`` and every pair of other samples ``j < k``: does the quantized
+    output order ``cos(i, j)`` and ``cos(i, k)`` as FP32 does? The share of such triples that
+    agree, ``(1 + Kendall's tau) / 2`` of each anchor's row of the cosine-similarity matrix,
+    averaged. It reads what a retrieval or clustering reads (which samples are nearer), needs no
+    labels, and counts a swap between near-ties as one triple among ``(N-1)(N-2)/2``, unlike the
+    agreement of the single nearest neighbour, which flips on near-duplicates under noise that
+    costs nothing. 1.0 keeps every ranking; 0.5 is chance.
+    """
+    s_ref = _similarities(reference)
+    s_got = _similarities(test)
+    n = len(s_ref)
+    if n < 3:
+        return 1.0
+    j, k = np.triu_indices(n, 1)
+    agree = total = 0
+    for i in range(n):  # one anchor at a time: n^2 memory, not n^3
+        keep = (j != i) & (k != i)
+        d_ref = np.sign(s_ref[i, j[keep]] - s_ref[i, k[keep]])
+        d_got = np.sign(s_got[i, j[keep]] - s_got[i, k[keep]])
+        agree += int(np.sum(d_ref == d_got))
+        total += int(keep.sum())
+    return agree / total
+
+
+def _similarities(x: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every pair of rows."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+    return u @ u.T
+
+
+class _Recording(Runner):
+    """A runner that passes everything to ``inner`` and keeps the first rows of its [N, D] outputs (for :func:`neighbour_agreement`)."""
+
+    def __init__(self, inner: Runner, axes: Mapping[str, int | None]) -> None:
+        super().__init__(inner.name)
+        self.inner = inner
+        self.axes = axes
+        self.rows: dict[str, list[np.ndarray]] = {}
+        self.kept: dict[str, int] = {}
+
+    def activate_impl(self) -> None:
+        self.inner.activate()
+
+    def deactivate_impl(self) -> None:
+        self.inner.deactivate()
+
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.inner.infer(feeds)
+        n = sample_count(feeds, self.axes)
+        for name, value in out.items():
+            if np.ndim(value) != 2 or np.shape(value)[0] != n or np.shape(value)[1] < EMBEDDING_MIN_WIDTH or np.asarray(value).dtype.kind != "f":
+                continue
+            room = min(NEIGHBOUR_SAMPLES, NEIGHBOUR_BYTES // (4 * np.shape(value)[1])) - self.kept.get(name, 0)
+            if room > 0:
+                self.rows.setdefault(name, []).append(np.array(value[:room], np.float32))
+                self.kept[name] = self.kept.get(name, 0) + min(room, n)
+        return out
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.inner.output_names
+
+    @property
+    def size_bytes(self) -> int | None:
+        return self.inner.size_bytes
+
+    def latency_ms(self, feeds: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return self.inner.latency_ms(feeds)
+
+    def kernel_report(self) -> dict | None:
+        return self.inner.kernel_report()
+
+    def details(self) -> dict:
+        return self.inner.details()
+
+    def kept_rows(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.rows.items()}
+
+
+def recorded_rows(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Callable[[], Iterable[Batch]],
+                  max_samples: int = NEIGHBOUR_SAMPLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first ``max_samples`` rows of every [N, D] float output of both models, ``{name: (fp32, quantized)}``.
+
+    What :func:`fidelity_of` runs when it is given metrics but no rows (``optimize --eval-data``,
+    ``onnxq check``): both models once more, on at most ``max_samples`` samples.
+    """
+    axes = batch_axes(reference)
+    backend = OrtBackend()
+    kept = []
+    for model, name in ((reference, "fp32"), (quantized, "quantized")):
+        rec = _Recording(backend.runner(model, name, reference=name == "fp32"), axes)
+        with rec:
+            for b in limited(batches, None, max_samples, axes)():
+                for piece in split_batch(b, axes):
+                    rec.infer(piece.feeds)
+        kept.append(rec.kept_rows())
+    return {k: (kept[0][k], kept[1][k]) for k in kept[0] if k in kept[1] and kept[0][k].shape == kept[1][k].shape}
 
 
 def limited(batches: Callable[[], Iterable[Batch]], max_batches: int | None, max_samples: int | None,
@@ -112,6 +233,8 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     why = []
     if out.top1_agreement is not None and out.top1_agreement < t.top1_agreement:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
+    if out.neighbour_agreement is not None and out.neighbour_agreement < t.neighbour_agreement:
+        why.append(f"neighbour agreement {out.neighbour_agreement:.3f} < {t.neighbour_agreement} (the samples' nearest neighbours changed)")
     if out.cosine < t.cosine:
         why.append(f"mean cosine {out.cosine:.4f} < {t.cosine}")
     if out.cosine_p1 < t.cosine_p1:
@@ -119,9 +242,17 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     return ", ".join(why) or None
 
 
-def suggest(methods: Sequence[str], target: str, bits: int, worst_node: str | None = None) -> str | None:
-    """The command-line change most likely to fix a collapse of a run with ``methods`` on ``target``."""
+def suggest(methods: Sequence[str], target: str, bits: int, worst_node: str | None = None, matmul_net: bool = False) -> str | None:
+    """The command-line change most likely to fix a collapse of a run with ``methods`` on ``target``.
+
+    ``matmul_net``: the model is built of MatMuls without convolutions (a transformer encoder),
+    where SmoothQuant is what keeps the activations' outlier channels (MiniLM: the sentence
+    embedding's neighbour agreement 0.985 with ``-p smoothquant -p minmax``, 0.92-0.97 with any
+    calibrator alone; docs/methods.md, "Fidelity check").
+    """
     exclude = f"--exclude '{worst_node}'" if worst_node else "--exclude NODE"
+    if matmul_net and "smoothquant" not in methods and "percentile" not in methods and bits == 8:
+        return "try -p smoothquant -p minmax: activation outlier channels of MatMul layers need smoothing before INT8"
     kl = [m for m in methods if "entropy" in m or m in ("cfws",)]
     if kl:
         return f"try -p mse (or -p minmax) instead of -p {kl[0]}: KL thresholds can clip what matters on this model"
@@ -148,21 +279,29 @@ def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batch
     axes = batch_axes(reference)
     source = limited(batches, max_batches, max_samples, axes)
     backend = OrtBackend()
-    rows = [Candidate("fp32", lambda: backend.runner(reference, "fp32", reference=True)), Candidate("quantized", lambda: backend.runner(quantized, "quantized"))]
+    # both runners keep the first rows of their [N, D] outputs on the way: the neighbour agreement needs no second pass
+    recs = [_Recording(backend.runner(reference, "fp32", reference=True), axes), _Recording(backend.runner(quantized, "quantized"), axes)]
+    rows = [Candidate("fp32", lambda: recs[0]), Candidate("quantized", lambda: recs[1])]
     evals = compare_runners(rows, source, axes=axes)
+    ref_rows, q_rows = recs[0].kept_rows(), recs[1].kept_rows()
+    kept = {k: (ref_rows[k], q_rows[k]) for k in ref_rows if k in q_rows and ref_rows[k].shape == q_rows[k].shape}
     fid = fidelity_of(evals[1].outputs, reference, quantized, source, in_sample=in_sample, methods=methods, target=target, bits=bits,
-                      thresholds=thresholds)
+                      thresholds=thresholds, rows=kept)
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
 
 
 def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.ModelProto, quantized: onnx.ModelProto,
                 batches: Callable[[], Iterable[Batch]], *, in_sample: bool, methods: Sequence[str] = (), target: str = "ort", bits: int = 8,
-                thresholds: Thresholds = THRESHOLDS) -> Fidelity:
+                thresholds: Thresholds = THRESHOLDS, rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Fidelity:
     """The fidelity verdict from per-output metrics already measured (a comparison row's ``outputs``).
 
     ``optimize --eval-data`` judges its evaluation table's row this way instead of running the
-    models twice. On a collapse the worst layers are measured on the first of ``batches()``.
+    models twice. ``rows`` are the first rows of the [N, D] outputs of both models,
+    ``{name: (fp32, quantized)}``, for the neighbour agreement of embedding-like outputs; without
+    them, and only when the model has such an output, both models run once more on at most
+    :data:`NEIGHBOUR_SAMPLES` samples of ``batches()`` (:func:`recorded_rows`). On a collapse the
+    worst layers are measured on the first of ``batches()``.
     """
     t0 = time.perf_counter()
     outputs = []
@@ -171,6 +310,12 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                       round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
                                       round(m["top1_agreement"], 6) if m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE else None,
                                       not m.get("integer", False)))
+    embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
+    if embeddings and rows is None:
+        rows = recorded_rows(reference, quantized, batches)
+    for o in embeddings:
+        if rows and o.name in rows and len(rows[o.name][0]) >= 3:
+            o.neighbour_agreement = round(neighbour_agreement(*rows[o.name]), 6)
     samples = max((int(m["samples"]) for m in metrics.values()), default=0)
     warnings = [f"output '{o.name}' collapsed against FP32 ({why})" for o in outputs if (why := collapsed(o, thresholds))]
     fid = Fidelity("calibration" if in_sample else "evaluation", in_sample, samples, outputs, bool(warnings), warnings, [], None, None, 0.0)
@@ -179,9 +324,20 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
         errors = layer_errors(reference, quantized, list(producer), batches, max_batches=1)
         worst = sorted(errors.items(), key=lambda kv: _key(kv[1]["sqnr_db"]))[:3]
         fid.worst_layers = [LayerFidelity(t, producer[t], v["sqnr_db"], v["cosine"]) for t, v in worst]
-        fid.suggestion = suggest(methods, target, bits, fid.worst_layers[0].node if fid.worst_layers else None)
+        ops = {n.op_type for n in reference.graph.node}
+        fid.suggestion = suggest(methods, target, bits, fid.worst_layers[0].node if fid.worst_layers else None,
+                                 matmul_net="MatMul" in ops and not ops & {"Conv", "ConvTranspose"})
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
+
+
+def _may_be_embedding(model: onnx.ModelProto, name: str) -> bool:
+    """A graph output declared (or of unknown shape, so possibly) [N, D] with D >= :data:`EMBEDDING_MIN_WIDTH`."""
+    vi = next((o for o in model.graph.output if o.name == name), None)
+    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return True
+    dims = vi.type.tensor_type.shape.dim
+    return len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value < EMBEDDING_MIN_WIDTH)
 
 
 def _key(sqnr: float) -> float:

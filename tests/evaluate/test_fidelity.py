@@ -142,3 +142,95 @@ def test_verdict_on_nan_and_integer_outputs():
     good = OutputFidelity("y", 0.99, 0.9, 0.95, 20.0, 0.97)
     assert collapsed(good) is None
     assert "top-1" in collapsed(OutputFidelity("y", 0.99, 0.9, 0.95, 20.0, 0.5))
+
+
+# ------------------------------------------------------------------------------- embedding outputs
+# A sentence embedding can keep a per-sample cosine of 0.97 with FP32 and still swap which
+# samples are nearest (MiniLM: recall@1 down 4-7 of 64 queries). The check ranks the compared
+# samples by similarity in both models (neighbour_agreement); docs/methods.md has the measurement.
+
+ATTENTION = FIX / "zoo" / "attention_padded"
+
+
+@pytest.fixture(scope="module")
+def attention_embedding(tmp_path_factory) -> Path:
+    """The zoo's padded-token attention encoder cut at its masked mean pooling: a [N, 32] sentence-embedding-like output.
+
+    Its weight Transposes are folded into initializers first, so that both targets quantize the
+    q/k/v/o and MLP MatMuls (as shipped, ONNX Runtime computes them at run time and onnxq leaves them float).
+    """
+    from onnxq.graph.edit import export_model, import_graph
+
+    model = onnx.load(str(ATTENTION / "model.onnx"))
+    graph = import_graph(model)
+    graph.fold_constants().cleanup()
+    pooled = graph.tensors()["/Div_2_output_0"]
+    pooled.dtype, pooled.shape = np.float32, ["N", 32]
+    graph.outputs = [pooled]
+    graph.cleanup()
+    out = export_model(graph, model)
+    onnx.checker.check_model(out)
+    path = tmp_path_factory.mktemp("embedding") / "model.onnx"
+    onnx.save(out, str(path))
+    return path
+
+
+def _embedding_run(path: Path, **kw):
+    r = onnxq.optimize(path, data=str(ATTENTION / "calib.npz"), cache_dir=None, show_progress=False, **kw)
+    assert r.report.quantized_weights >= 6  # q, k, v, o and the MLP: the encoder is really quantized
+    fid = r.report.fidelity
+    (out,) = fid.outputs
+    assert fid.error is None and out.top1_agreement is None  # an embedding, not class scores
+    return fid, out
+
+
+def test_neighbour_agreement_reads_rankings_not_scale():
+    from onnxq.evaluate.fidelity import neighbour_agreement
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 24))
+    assert neighbour_agreement(x, x) == 1.0
+    assert neighbour_agreement(x, x * rng.uniform(0.5, 2.0, size=(40, 1))) == 1.0  # per-sample scale: cosines unchanged
+    assert 0.4 < neighbour_agreement(x, rng.normal(size=(40, 24))) < 0.6  # unrelated: chance
+    slight, heavy = (neighbour_agreement(x, x + s * rng.normal(size=x.shape)) for s in (0.05, 0.5))
+    assert 0.97 < slight < 1.0 and heavy < slight - 0.1
+
+
+@pytest.mark.parametrize("method,target", [("minmax", "ort"), ("minmax", "trt"), ("smoothquant+minmax", "ort")])
+def test_quiet_on_a_well_quantized_embedding(attention_embedding, method, target):
+    from onnxq.evaluate.fidelity import THRESHOLDS
+
+    fid, out = _embedding_run(attention_embedding, method=method.split("+"), target=target)
+    assert not fid.warned, fid.warnings
+    assert out.neighbour_agreement is not None and out.neighbour_agreement >= THRESHOLDS.neighbour_agreement + 0.02
+
+
+def test_warns_when_the_neighbours_change_though_the_cosine_holds(attention_embedding):
+    """Activations clipped at their 90th percentile: the cosine floor alone passes it, the ranking does not."""
+    from onnxq.evaluate.fidelity import THRESHOLDS
+
+    fid, out = _embedding_run(attention_embedding, method="percentile", options={"percentile": 90}, target="ort")
+    assert out.cosine > THRESHOLDS.cosine + 0.05 and out.cosine_p1 > THRESHOLDS.cosine_p1 + 0.2  # what the check saw before
+    assert out.neighbour_agreement < THRESHOLDS.neighbour_agreement - 0.02
+    assert fid.warned and "neighbour agreement" in fid.warnings[0] and fid.worst_layers
+    assert "percentile" in fid.suggestion
+
+
+def test_suggestion_for_matmul_nets():
+    from onnxq.evaluate.fidelity import suggest
+
+    assert "-p smoothquant -p minmax" in suggest(["trt-entropy"], "trt", 8, matmul_net=True)
+    assert "-p smoothquant" not in suggest(["smoothquant", "minmax"], "ort", 8, matmul_net=True)
+    assert "-p mse" in suggest(["trt-entropy"], "trt", 8, matmul_net=False)  # conv nets: the KL suggestion as before
+
+
+def test_neighbour_agreement_on_evaluation_data(attention_embedding):
+    """With eval_data the check judges the evaluation row's metrics and measures the neighbours on its first samples."""
+    from onnxq.evaluate.fidelity import NEIGHBOUR_SAMPLES
+
+    r = onnxq.optimize(attention_embedding, method="minmax", data=str(ATTENTION / "calib.npz"), eval_data=str(ATTENTION / "eval.npz"),
+                       cache_dir=None, show_progress=False)
+    fid = r.report.fidelity
+    assert not fid.in_sample and fid.samples == 400 and not fid.warned, fid.warnings
+    assert fid.outputs[0].neighbour_agreement is not None and fid.outputs[0].neighbour_agreement > 0.95
+    assert NEIGHBOUR_SAMPLES < fid.samples  # measured on a sample: the check stays cheap
