@@ -10,7 +10,13 @@ check does not exist). A row that is outside the margin and did not warn is ``SI
     python benchmarks/robustness.py                       # the zoo (~10 minutes on 2 busy cores)
     python benchmarks/robustness.py --fixture picodet_head --recipe minmax --target trt
     python benchmarks/robustness.py --suite ppocr-rec --suite ppocr-det --suite minilm   # + suite models (slow)
+    python benchmarks/robustness.py --no-zoo --suite minilm --json minilm.json           # one suite model, every built-in method
     python benchmarks/robustness.py --json out.json       # also write the rows as JSON
+
+On the suite models every built-in recipe of the zoo runs (``--contrib`` adds the contributed
+ones): the script does not guess which apply, a method that refuses a model is a row saying so
+(``refused``). The JSON rows carry the check's per-output figures (``outputs``), so that a
+threshold change can be judged on them without quantizing again.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ def fidelity_of(result) -> tuple[str, str]:
     return ("yes" if fid.warned else "no"), detail
 
 
+def fidelity_figures(result) -> list[dict]:
+    """The check's per-output figures (for the JSON rows: thresholds can be re-judged on them)."""
+    from dataclasses import asdict
+
+    fid = getattr(result.report, "fidelity", None)
+    return [asdict(o) for o in getattr(fid, "outputs", None) or []]
+
+
 def quantize(model, recipe: zoo.Recipe, options, data, target: str):
     from onnxq import optimize
 
@@ -61,7 +75,7 @@ def quantize(model, recipe: zoo.Recipe, options, data, target: str):
 
 def verdict(within: bool | None, warned: str) -> str:
     if within is None:
-        return "error"
+        return "refused" if warned == "refused" else "error"
     if within:
         return "ok" if warned != "yes" else "ok (warned)"
     return "warned" if warned == "yes" else ("SILENT" if warned == "no" else "bad (no check)")
@@ -82,6 +96,7 @@ def zoo_rows(fixtures, recipes, targets, methods: set[str]):
                     value = ev.score(res.model)
                     row.update(value=value, drop=ev.fp32 - value, within=ev.within_margin(value), margin=fx.margin)
                     row["warned"], row["fidelity"] = fidelity_of(res)
+                    row["outputs"] = fidelity_figures(res)
                 except Exception as exc:  # a method that fails on a fixture is a row, not the end of the table
                     row.update(value=None, drop=None, within=None, margin=fx.margin, warned="-", fidelity=f"{type(exc).__name__}: {exc}"[:120])
                     logging.debug("%s", traceback.format_exc())
@@ -96,6 +111,7 @@ def suite_rows(models, recipes, targets, methods: set[str], threads: int):
     from tasks import ModelUnavailable, prepare_task
 
     from onnxq import optimize
+    from onnxq.errors import OnnxqError
 
     work = Path(tempfile.mkdtemp(prefix="onnxq-robustness-"))
     for name in models:
@@ -108,7 +124,7 @@ def suite_rows(models, recipes, targets, methods: set[str], threads: int):
         key, margin = SUITE_METRIC[name]
         fp32 = scorer.evaluate(task.model)[key]
         for r in recipes:
-            if r.needs == "detector" or r.needs == "transformer" and name != "minilm" or not set(r.methods) <= methods:
+            if not set(r.methods) <= methods:
                 continue
             for target in targets:
                 t = time.perf_counter()
@@ -117,14 +133,22 @@ def suite_rows(models, recipes, targets, methods: set[str], threads: int):
                     out = work / f"{name}-{r.id}-{target}.onnx"
                     res = optimize(str(task.model), str(out), method=list(r.methods), options=r.options, data=str(task.calib),
                                    target=target, bits=r.bits, show_progress=False)
-                    value = scorer.evaluate(out)[key]
+                    scores = scorer.evaluate(out)
+                    value = scores[key]
+                    row["scores"] = {k: v for k, v in scores.items() if isinstance(v, (int, float))}  # agreement with FP32 too
                     row.update(value=value, drop=fp32 - value, within=value >= fp32 - margin, margin=margin)
                     row["warned"], row["fidelity"] = fidelity_of(res)
+                    row["outputs"] = fidelity_figures(res)
+                except OnnxqError as exc:  # the method refuses the model (no convolution, no detector head, ...): a row saying so
+                    row.update(value=None, drop=None, within=None, margin=margin, warned="refused", fidelity=f"{exc}".splitlines()[0][:160])
                 except Exception as exc:
-                    row.update(value=None, drop=None, within=None, margin=margin, warned="-", fidelity=f"{type(exc).__name__}: {exc}"[:120])
+                    row.update(value=None, drop=None, within=None, margin=margin, warned="-", fidelity=f"{type(exc).__name__}: {exc}"[:160])
+                    logging.debug("%s", traceback.format_exc())
                 row["seconds"] = round(time.perf_counter() - t, 1)
                 row["verdict"] = verdict(row["within"], row["warned"])
                 yield row
+                if row["warned"] == "refused":
+                    break  # a refusal does not depend on the target
 
 
 def fmt(v, spec: str = ".4f") -> str:
@@ -138,6 +162,7 @@ def main() -> None:
     ap.add_argument("--target", action="append", choices=TARGETS, help="targets (default: ort and trt)")
     ap.add_argument("--suite", action="append", choices=sorted(SUITE_METRIC), default=[], help="also run this suite model (slow; downloads are the suite's own)")
     ap.add_argument("--no-zoo", action="store_true", help="only the --suite models")
+    ap.add_argument("--contrib", action="store_true", help="on the suite models, also the contributed methods' recipes (lapq, brecq)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
@@ -152,11 +177,14 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     gens = [] if args.no_zoo else [zoo_rows(args.fixture or list(zoo.FIXTURES), recipes, targets, methods)]
     if args.suite:
-        gens.append(suite_rows(args.suite, recipes, targets, methods, args.threads))
+        suite_recipes = [r for r in recipes if args.contrib or args.recipe is not None or not r.contrib]
+        gens.append(suite_rows(args.suite, suite_recipes, targets, methods, args.threads))
     for gen in gens:
         for row in gen:
             rows.append(row)
             err = f" ({row['fidelity']})" if row["value"] is None else ""
+            if args.json:  # written as the rows come, so that a run cut short keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1))
             print(f"| {row['method']} | {row['model']} | {row['target']} | {row['metric']} | {fmt(row['fp32'])} | {fmt(row['value'])}{err} | "
                   f"{fmt(row['drop'], '+.4f')} | {row['margin']} | {row['warned']} | {row['verdict']} | {row['seconds']} |", flush=True)
     counts = {v: sum(r["verdict"] == v for r in rows) for v in sorted({r["verdict"] for r in rows})}
