@@ -17,6 +17,13 @@ What folds (``y = x * s + t`` per output channel, into the op that produces ``x`
   constant is a scalar or varies only along the op's output-channel axis, so the op neither
   broadcasts the output to a new shape nor mixes positions.
 
+A *uniform* shift (``Add``/``Sub`` of a scalar, or of the same value on every channel) stays in the
+graph: a per-tensor activation grid absorbs it exactly where it is, so folding gains nothing, and
+folded it moves the quantized conv output off zero, which onnxq's one-threshold calibrators
+(clip to ``[max(min, -T), min(max, T)]``) then clip lopsidedly. On PP-OCRv4 rec (28 conv ->
+scalar Mul -> scalar Add before hard-swish) folding those shifts cost ``mse`` 2.5 points of
+character agreement (docs/methods.md, "Folding").
+
 Only where the weighted op's output is read by that one op alone (not by a graph output, nor by
 an If/Loop/Scan body); the weights must be float32/float64 constants (an fp16 weight would round
 differently). A MatMul with no bias gains an ``Add`` for the shift. Chains (Conv -> BatchNorm -> Mul -> Add) fold one op at a
