@@ -16,9 +16,11 @@ Scoring is the MiniLM scoring of ``plugins_contrib/onnxq-asvd/benchmark.py``, th
 helpers of ``benchmarks/minilm``: calibration ``text_data.calibration`` (``--calib`` sentences, disjoint
 from the evaluated ones), embedding cosine vs FP32 (mean and min) on the ``--sentences`` of
 ``text_data.evaluation`` (``embeddings.embed``/``cosines``) and recall@1 of each query's own passage on
-the first ``--pairs`` pairs of ``retrieval.pairs`` (``retrieval.recall_at_1``). ``--latency`` adds the
-median latency of one batch of 16 sentences of 128 tokens at 1 intra-op thread (noisy on a shared
-machine) and the number of MatMuls ONNX Runtime runs on integer kernels.
+the first ``--pairs`` pairs of ``retrieval.pairs`` (``retrieval.recall_at_1``), with ``top1_agreement``: the
+share of queries whose top-1 passage is the FP32 model's (a fidelity measure: recall@1 can rise or fall
+by a few pairs by chance). ``integer_matmuls``: MatMuls ONNX Runtime runs on integer kernels after its
+optimizations, of ``matmuls`` in the graph. ``--latency`` adds the median latency of one batch of 16
+sentences of 128 tokens at 1 intra-op thread (noisy on a shared machine).
 """
 
 from __future__ import annotations
@@ -85,17 +87,21 @@ def main() -> int:
     rfeeds = text_data.batches([q for q, _ in ps] + [p for _, p in ps], 32)
     lat_feed = text_data.fixed_batch(text_data.sentences(16), 128) if args.latency else None
     ref = embed(model, evaluation, 1)
+    e = embed(model, rfeeds, 1)
+    ref_top = retrieval.recall_at_1(e[: len(ps)], e[len(ps):])[1]
     rows = []
 
     def row(name: str, bits: int | None, m: onnx.ModelProto, **extra) -> None:
         cos = cosines(embed(m, evaluation, 1), ref)
         e = embed(m, rfeeds, 1)
+        recall, top = retrieval.recall_at_1(e[: len(ps)], e[len(ps):])
         r = {"row": name, "act_bits": bits, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-             "recall_at_1": retrieval.recall_at_1(e[: len(ps)], e[len(ps):])[0], **extra}
-        if args.latency:
-            r["latency_ms"] = latency_ms(m, lat_feed)
+             "recall_at_1": recall, "top1_agreement": float((top == ref_top).mean()), **extra}
+        if bits is not None:  # the split MatMuls on ONNX Runtime's integer kernels (after its optimizations)
             r["integer_matmuls"] = sum(optimized_op_counts(m, "all")[op] for op in INTEGER_MATMULS)
             r["matmuls"] = sum(n.op_type == "MatMul" for n in m.graph.node)
+        if args.latency:
+            r["latency_ms"] = latency_ms(m, lat_feed)
         rows.append(r)
         print(json.dumps(r), flush=True)
 
