@@ -1,14 +1,29 @@
-"""The README's table: Lp(2) init, BRECQ and PD-Quant (with both ablations) on one zoo fixture.
+"""The README's tables: Lp(2) init, BRECQ and PD-Quant (with both ablations) on one zoo fixture.
 
-    python plugins_contrib/onnxq-pdquant/benchmark.py mobilenetv3_hswish 4 4 [--iters 200] [--dc-iters 50] [--only pdquant]
+    python plugins_contrib/onnxq-pdquant/benchmark.py mobilenetv3_hswish 4 4 [--seeds 0 1 2] [--split test|val]
+        [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...] [--jsonl out.jsonl]
 
-Prints one line per column: name, top-1 on the fixture's evaluation split, wall seconds (noisy on a
-shared machine). Every run uses all the fixture's calibration images and target ``ort``.
+Every column of one seed is calibrated on the same 128 images of the fixture's training split
+(seed 0: the fixture's ``calib.npz``; seed s > 0: another 128 of the same training images) with
+target ``ort``, and scored on images disjoint from every calibration set:
+
+* ``test`` (the figures): the fixture's ``eval.npz`` plus more of the same distribution, 4,000 images
+  in all (mobilenetv3_hswish: 3,600 more synthetic shapes, generator seed 3; mnist_norm_resnet: the 500
+  held-out digits and each shifted by one pixel in 7 directions, as the model's training shifted them);
+* ``val`` (for choosing settings, never the test images): mobilenetv3_hswish 2,000 synthetic shapes of
+  generator seed 4; mnist_norm_resnet the training digits outside every calibration set used.
+
+Three measures per run: top-1 against the labels, top-1 agreement with the FP32 model, and the mean
+``KL(softmax(z_fp) || softmax(z_q))`` of the logits (finer than accuracy when the fixture is easy).
+Then one summary line per column: mean ± standard deviation over the seeds. Wall seconds are printed
+but noisy on a shared machine. One torch thread, one ONNX Runtime thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,28 +34,112 @@ import onnxruntime as ort
 import onnxq
 
 ZOO = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "zoo"
+CALIB = 128
+SEEDS_USED = range(8)  # calibration seeds a val split must avoid (mnist_norm_resnet)
 
 
-def top1(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return float(np.mean(sess.run(None, {"input": x})[0].argmax(1) == y))
+def _zoo_common():
+    sys.path.insert(0, str(ZOO))
+    import _common  # the fixtures' own data generators (tests/fixtures/zoo/_common.py)
+
+    return _common
+
+
+def _shifted(x: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
+    out = np.full_like(x, fill)
+    h, w = x.shape[-2:]
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+    return out
+
+
+def load_data(fixture: str, split: str, seeds: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """(calibration images per seed, evaluation images, labels) for ``fixture``."""
+    c = _zoo_common()
+    d = ZOO / fixture
+    fixture_calib = np.load(d / "calib.npz")["input"]
+    ev = np.load(d / "eval.npz")
+    if fixture == "mobilenetv3_hswish":
+        x_tr = c.imagenet_normalize(c.colour_shapes(2000, seed=1)[0])
+        assert np.array_equal(x_tr[:CALIB], fixture_calib), "fixture calib.npz is no longer the first 128 training images"
+        picks = {s: np.arange(CALIB) if s == 0 else c.calib_subset(len(x_tr), CALIB, seed=s) for s in seeds}
+        if split == "test":
+            more, y_more = c.colour_shapes(3600, seed=3)
+            x_ev, y_ev = np.concatenate([ev["input"], c.imagenet_normalize(more)]), np.concatenate([ev["label"], y_more])
+        else:
+            xv, y_ev = c.colour_shapes(2000, seed=4)
+            x_ev = c.imagenet_normalize(xv)
+    elif fixture == "mnist_norm_resnet":
+        x_tr, y_tr, _, _ = c.digits_split(28)
+        x_tr, y_tr = c.mnist_normalize(x_tr).numpy(), np.asarray(y_tr)
+        picks = {s: c.calib_subset(len(x_tr), CALIB, seed=s) for s in seeds}
+        assert np.array_equal(x_tr[picks.get(0, c.calib_subset(len(x_tr), CALIB, 0))], fixture_calib), "fixture calib.npz is no longer calib_subset(seed 0)"
+        if split == "test":
+            bg = float(c.mnist_normalize(np.zeros(1, np.float32))[0])
+            shifts = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1)]
+            x_ev = np.concatenate([ev["input"]] + [_shifted(ev["input"], dy, dx, bg) for dy, dx in shifts])
+            y_ev = np.tile(ev["label"], 1 + len(shifts))
+        else:
+            used = set(np.concatenate([c.calib_subset(len(x_tr), CALIB, seed=s) for s in set(SEEDS_USED) | set(seeds)]).tolist())
+            keep = np.array([i for i in range(len(x_tr)) if i not in used])
+            x_ev, y_ev = x_tr[keep], y_tr[keep]
+    else:
+        raise SystemExit(f"benchmark.py knows mobilenetv3_hswish and mnist_norm_resnet, not {fixture}")
+    return {s: np.ascontiguousarray(x_tr[p], dtype=np.float32) for s, p in picks.items()}, np.ascontiguousarray(x_ev, dtype=np.float32), y_ev
+
+
+def logits(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    src = str(model) if isinstance(model, Path) else model.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, {"input": x[i : i + 500]})[0] for i in range(0, len(x), 500)])
+
+
+def measures(z_q: np.ndarray, z_fp: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """top-1, top-1 agreement with FP32, mean KL(softmax(z_fp) || softmax(z_q))."""
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64) - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lp, lq = log_softmax(z_fp), log_softmax(z_q)
+    return {"top1": float(np.mean(z_q.argmax(1) == y)), "agree": float(np.mean(z_q.argmax(1) == z_fp.argmax(1))),
+            "kl": float(np.mean((np.exp(lp) * (lp - lq)).sum(1)))}
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fixture")
     ap.add_argument("wbits", type=int)
     ap.add_argument("abits", type=int)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dc-iters", type=int, default=50)
     ap.add_argument("--only", nargs="*", default=None, help="column names to run (default: all)")
+    ap.add_argument("--pd", nargs="*", default=[], metavar="KEY=VALUE", help="extra pdquant options (all pdquant columns)")
+    ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per run")
     a = ap.parse_args()
-    d = ZOO / a.fixture
-    cal, ev = np.load(d / "calib.npz"), np.load(d / "eval.npz")
-    data = [{"input": cal["input"][i : i + 64]} for i in range(0, len(cal["input"]), 64)]
+    fixture = Path(a.fixture).name
+    d = ZOO / fixture
+    calib, x_ev, y_ev = load_data(fixture, a.split, a.seeds)
+    z_fp = logits(d / "model.onnx", x_ev)
+    print(f"{fixture}: {len(x_ev)} {a.split} images, FP32 top-1 {np.mean(z_fp.argmax(1) == y_ev):.4f}; calibration {CALIB} images, seeds {a.seeds}", flush=True)
     bits = {"weight_bits": a.wbits, "act_bits": a.abits}
     lp = {**bits, "maxiter": 0, "p_points": 1, "p_min": 2, "p_max": 2}
-    pd = {**bits, "iters": a.iters, "dc_iters": a.dc_iters}
+    pd = {**bits, "iters": a.iters, "dc_iters": a.dc_iters, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in a.pd)}}
     columns = {
         "lp-init": ("lapq", lp),
         "brecq": (["lapq", "brecq"], [lp, {"weight_bits": a.wbits, "keep_first_last": False, "iters": a.iters}]),
@@ -48,12 +147,27 @@ def main() -> None:
         "pdquant-no-pd": ("pdquant", {**pd, "pd_loss": False}),
         "pdquant-no-dc": ("pdquant", {**pd, "dc": False}),
     }
-    for name, (method, options) in columns.items():
-        if a.only and name not in a.only:
-            continue
-        t0 = time.perf_counter()
-        r = onnxq.optimize(d / "model.onnx", method=method, options=options, data=data, target="ort", show_progress=False, check=False)
-        print(f"{a.fixture} W{a.wbits}A{a.abits} {name}: top-1 {top1(r.model, ev['input'], ev['label']):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    results: dict[str, list[dict[str, float]]] = {}
+    for seed in a.seeds:
+        data = [{"input": calib[seed][i : i + 64]} for i in range(0, CALIB, 64)]
+        for name, (method, options) in columns.items():
+            if a.only and name not in a.only:
+                continue
+            t0 = time.perf_counter()
+            r = onnxq.optimize(d / "model.onnx", method=method, options=options, data=data, target="ort", show_progress=False, check=False)
+            m = measures(logits(r.model, x_ev), z_fp, y_ev)
+            results.setdefault(name, []).append(m)
+            print(f"{fixture} W{a.wbits}A{a.abits} seed {seed} {name}: top-1 {m['top1']:.4f}  agree {m['agree']:.4f}  KL {m['kl']:.4f}  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if a.jsonl:
+                with a.jsonl.open("a") as f:
+                    f.write(json.dumps({"fixture": fixture, "wbits": a.wbits, "abits": a.abits, "split": a.split, "seed": seed, "column": name,
+                                        "options": options, **m}, default=str) + "\n")
+    print(f"summary {fixture} W{a.wbits}A{a.abits} ({a.split}, {len(x_ev)} images, mean ± sd over seeds {a.seeds}):")
+    for name, ms in results.items():
+        cells = "  ".join(f"{k} {np.mean([m[k] for m in ms]) * (100 if k != 'kl' else 1):.{2 if k != 'kl' else 4}f} ± "
+                          f"{np.std([m[k] for m in ms]) * (100 if k != 'kl' else 1):.{2 if k != 'kl' else 4}f}" for k in ("top1", "agree", "kl"))
+        print(f"  {name:14s} {cells}", flush=True)
 
 
 if __name__ == "__main__":

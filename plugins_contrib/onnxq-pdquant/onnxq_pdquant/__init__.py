@@ -3,15 +3,16 @@
 1. Grids: activation clips and per-channel weight steps from the Lp init (p = 2 by default) on
    ``act_bits`` / ``weight_bits`` grids stored in 8 bits (onnxq-lapq's clips, so ``-p lapq -o
    maxiter 0 -o p_points 1 -o p_min 2 -o p_max 2`` with the same bits is exactly the starting point).
-2. Block by block (onnxq-brecq's blocks): distribution correction of the block input toward the FP32
-   model's BatchNorm statistics (read from ``RunContext.float_model``, the model before folding),
-   then AdaRound weight rounding and LSQ-style activation steps learned on the block MSE plus the
-   prediction difference ``KL(softmax(z_fp/T) || softmax(z_q/T))/λ_r`` through the rest of the FP32
-   network. PyTorch does the optimisation (``pip install 'onnxq-pdquant[torch]'``).
+2. Block by block (onnxq-brecq's blocks): distribution correction of the block's FP32 input toward
+   the FP32 model's BatchNorm statistics (read from ``RunContext.float_model``, the model before
+   folding) for the target, then AdaRound weight rounding and LSQ-style activation steps learned
+   with QDrop on the block MSE plus the prediction difference ``KL(softmax(z_fp/T) ||
+   softmax(z_q/T))/λ_r`` through the rest of the FP32 network. PyTorch does the optimisation
+   (``pip install 'onnxq-pdquant[torch]'``).
 3. The learned integers are written back as ``integer × step`` float weights (ordinary QDQ after the
    host's rewrite) and the learned steps as the activation qparams.
 
-``-o pd_loss false`` and ``-o dc false`` are the paper's ablations.
+``-o pd_loss false`` and ``-o dc false`` are the paper's ablations; ``-o qdrop_prob 1`` turns QDrop off.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class PDQuantOptions:
     init_p: float = option(2.0, "p of the Lp init of activation clips and weight steps")
     pd_loss: bool = option(True, "add the prediction-difference loss KL(softmax(z_fp/T) || softmax(z_q/T))/lambda_r through the rest of the FP32 network")
     dc: bool = option(True, "distribution correction of block inputs toward the FP32 model's BatchNorm statistics")
+    qdrop_prob: float = option(0.5, "QDrop (the paper's prob / input_prob): while learning, each activation element is quantized with this probability and the block's MSE input mixes quantized and FP32 elements; 1 turns it off")
     learn_act_steps: bool = option(True, "learn the activation steps of each block (LSQ-style) together with the weight rounding")
     temperature: float = option(4.0, "softmax temperature T of the prediction-difference loss")
     lambda_r: float = option(0.1, "the prediction-difference loss is divided by lambda_r")
@@ -72,6 +74,8 @@ class PDQuantOptions:
             raise ValueError("temperature, lambda_r and lambda_c must be > 0")
         if not 0 <= self.warmup < 1 or self.lr <= 0 or self.act_lr <= 0 or self.dc_lr <= 0 or self.reg_weight < 0:
             raise ValueError("need 0 <= warmup < 1, positive learning rates, reg_weight >= 0")
+        if not 0 < self.qdrop_prob <= 1:
+            raise ValueError("qdrop_prob must be in (0, 1]")
         if self.init_p <= 0 or self.threads < 0:
             raise ValueError("init_p must be > 0 and threads >= 0")
 

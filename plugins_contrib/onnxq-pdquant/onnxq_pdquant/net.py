@@ -48,7 +48,9 @@ class ActStep(torch.nn.Module):
     """Fake quantization of one activation tensor with a learnable step ``s = s0·exp(u)``.
 
     ``y = s·(clamp(round(x/s) + z, qmin, qmax) − z)``, round straight-through, so the step gets
-    LSQ's gradient; the zero point ``z`` and the integer range stay those of the plan.
+    LSQ's gradient; the zero point ``z`` and the integer range stay those of the plan. With
+    ``prob < 1`` (QDrop, set only while learning) each element is quantized with probability ``prob``
+    and passed through in float otherwise.
     """
 
     def __init__(self, q: QParams) -> None:
@@ -57,6 +59,7 @@ class ActStep(torch.nn.Module):
         self.z = float(np.asarray(q.zero_point).reshape(-1)[0])
         self.q = q
         self.u = torch.nn.Parameter(torch.zeros(()))
+        self.prob = 1.0
 
     def step(self) -> torch.Tensor:
         return self.s0 * torch.exp(self.u)
@@ -65,7 +68,8 @@ class ActStep(torch.nn.Module):
         s = self.step()
         v = x / s
         v = v + (torch.round(v) - v).detach()
-        return s * (torch.clamp(v + self.z, self.q.qmin, self.q.qmax) - self.z)
+        y = s * (torch.clamp(v + self.z, self.q.qmin, self.q.qmax) - self.z)
+        return y if self.prob >= 1.0 else torch.where(torch.rand_like(x) < self.prob, y, x)
 
     def qparams(self) -> QParams:
         """The plan's qparams with the learned step."""

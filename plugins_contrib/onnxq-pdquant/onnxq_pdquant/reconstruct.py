@@ -2,18 +2,21 @@
 
 For each block (onnxq-brecq's blocks: the graph cut at single-tensor articulation points), in order:
 
-1. Distribution correction (DC): the block's input from the quantized prefix, ``x``, becomes a free
-   variable ``x'``; Adam minimises ``Σ_BN ||μ_BN − mean(x_BN)||² + ||σ_BN − std(x_BN)||² +
-   mean((x' − x)²)/λ_c`` where ``x_BN`` are the pre-BatchNorm values of the block's BatchNorms
-   (FP32 block run on ``x'``, statistics per channel over batch and space). The FP32 block on the
-   corrected ``x'`` gives the target ``Y``. Without BatchNorm in the block (or ``-o dc false``) the
-   target is the FP32 block output on the FP32 prefix, as in BRECQ.
+1. Distribution correction (DC), as the paper's released code does it: the block's FP32 input
+   ``x_fp`` becomes a free variable ``x'``; Adam minimises, ``batch`` samples at a time, the
+   per-sample BatchNorm term ``Σ_BN mean_n Σ_c (μ_c − mean_hw(x_BN))² + (σ_c − std_hw(x_BN))²``
+   plus ``||x' − x_fp||²/λ_c``, ``x_BN`` the pre-BatchNorm values of the block's BatchNorms (FP32
+   block run on ``x'``). The FP32 block on ``x'`` gives the target ``Y``. Without BatchNorm in the
+   block (or ``-o dc false``) ``x' = x_fp`` and the target is the FP32 block output, as in BRECQ.
 2. The block's weight rounding (AdaRound) and its activation steps (LSQ-style) are learned together
    on ``||Ŷ − Y||²`` (normalised by its round-to-nearest value) ``+ KL(softmax(z_fp/T) ||
-   softmax(z_q/T))/λ_r`` ``+`` the rounding regulariser, where ``z_q`` is ``Ŷ`` passed through the
-   rest of the network in FP32 and ``z_fp`` the FP32 model's logits on the same samples.
-3. If the hardened result scores worse on that objective (all calibration samples) than nearest
-   rounding with the initial steps, the initial grid is kept.
+   softmax(z_q/T))/λ_r`` ``+`` the rounding regulariser, where ``z_q`` is the block output on the
+   quantized prefix's output passed through the rest of the network in FP32 and ``z_fp`` the FP32
+   model's logits on the same samples. QDrop (the paper builds on it): while learning, each
+   activation element is quantized with probability ``qdrop_prob``, and the MSE term's block input
+   mixes quantized-prefix and ``x'`` elements with that probability.
+3. If the hardened result scores worse on that objective (all calibration samples, no dropping) than
+   nearest rounding with the initial steps, the initial grid is kept.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def pd_kl(z_fp: torch.Tensor, z_q: torch.Tensor, temperature: float) -> torch.Te
 
 
 def bn_loss(values: dict[str, torch.Tensor], stats: list[BNStat]) -> torch.Tensor:
-    """``Σ ||μ − mean(x)||² + ||σ − std(x)||²`` over BatchNorms, ``x`` the pre-BatchNorm value."""
+    """``Σ_BN mean_n Σ_c (μ_c − mean_hw(x_nc))² + (σ_c − std_hw(x_nc))²``, ``x`` the pre-BatchNorm value.
+
+    Statistics per sample and channel over space, as the paper's released DC computes them; a
+    tensor without spatial axes uses statistics over the batch instead.
+    """
     total = torch.zeros(())
     for s in stats:
         y = values[s.tensor]
@@ -58,11 +65,18 @@ def bn_loss(values: dict[str, torch.Tensor], stats: list[BNStat]) -> torch.Tenso
         shape = (1, c) + (1,) * (y.dim() - 2)
         x = (y - torch.as_tensor(s.shift, dtype=y.dtype).reshape(shape)) * torch.as_tensor(s.gain, dtype=y.dtype).reshape(shape) \
             + torch.as_tensor(s.offset, dtype=y.dtype).reshape(shape)
-        flat = x.transpose(0, 1).reshape(c, -1)
-        mean = flat.mean(1)
-        std = (flat.var(1, unbiased=False) + 1e-8).sqrt()
-        total = total + (torch.as_tensor(s.mean, dtype=y.dtype) - mean).pow(2).sum() + (torch.as_tensor(s.std, dtype=y.dtype) - std).pow(2).sum()
+        flat = x.reshape(x.shape[0], c, -1) if x.dim() > 2 else x.transpose(0, 1).reshape(1, c, -1)
+        mean = flat.mean(2)
+        std = (flat.var(2, unbiased=False) + 1e-8).sqrt()
+        mu, sigma = torch.as_tensor(s.mean, dtype=y.dtype), torch.as_tensor(s.std, dtype=y.dtype)
+        total = total + ((mu - mean).pow(2).sum(1) + (sigma - std).pow(2).sum(1)).mean()
     return total
+
+
+def _closeness(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distance summed over channels (axis 1), averaged over the other axes (the paper's ``lp_loss``)."""
+    d = (a - b).pow(2)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
 def _n(x: dict[str, torch.Tensor]) -> int:
@@ -74,30 +88,35 @@ def _take(x: dict[str, torch.Tensor], idx: Any, n: int) -> dict[str, torch.Tenso
 
 
 def distribution_correction(net: Net, x: dict[str, torch.Tensor], stats: list[BNStat], iters: int, lr: float, lambda_c: float,
-                            batch: int, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """PD-Quant's DC: the float block inputs ``x`` as free variables, Adam (reduce-on-plateau, patience
-    100) on ``bn_loss`` of the FP32 block ``net`` plus ``mean((x' − x)²)/λ_c``; returns the corrected
-    inputs and the BatchNorm loss on all samples before and after."""
+                            batch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PD-Quant's DC: the FP32 block inputs ``x`` as free variables, optimised ``batch`` samples at a
+    time for ``iters`` Adam steps each (reduce-on-plateau, patience 100) on ``bn_loss`` of the FP32
+    block ``net`` plus the squared distance to ``x`` over ``λ_c``; returns the corrected inputs and
+    the BatchNorm loss on all samples before and after."""
     keep = {s.tensor for s in stats}
     was = net.quantize
     net.quantize = False
     n = _n(x)
-    free = {k: v.clone().requires_grad_(True) for k, v in x.items() if v.is_floating_point() and v.dim() and v.shape[0] == n}
-    opt = torch.optim.Adam(list(free.values()), lr=lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=100)
+    free_keys = [k for k, v in x.items() if v.is_floating_point() and v.dim() and v.shape[0] == n]
     with torch.no_grad():
         before = float(bn_loss(net(x, keep)[1], stats))
-    for _ in range(iters):
-        idx = torch.randint(0, n, (min(batch, n),), generator=gen)
-        feeds = {**_take(x, idx, n), **{k: v[idx] for k, v in free.items()}}
-        _, vals = net(feeds, keep)
-        dist = sum(((free[k][idx] - x[k][idx]).pow(2).mean() for k in free), torch.zeros(()))
-        loss = bn_loss(vals, stats) + dist / lambda_c
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step(float(loss.detach()))
-    corrected = {**x, **{k: v.detach() for k, v in free.items()}}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in free_keys}
+    for start in range(0, n, batch):
+        rows = slice(start, min(n, start + batch))
+        ref = {k: x[k][rows] for k in free_keys}
+        free = {k: v.clone().requires_grad_(True) for k, v in ref.items()}
+        opt = torch.optim.Adam(list(free.values()), lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=100, min_lr=1e-5)
+        for _ in range(iters):
+            _, vals = net({**_take(x, rows, n), **free}, keep)
+            loss = bn_loss(vals, stats) + sum((_closeness(free[k], ref[k]) for k in free), torch.zeros(())) / lambda_c
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step(float(loss.detach()))
+        for k in free_keys:
+            parts[k].append(free[k].detach())
+    corrected = {**x, **{k: torch.cat(v) for k, v in parts.items()}}
     with torch.no_grad():
         after = float(bn_loss(net(corrected, keep)[1], stats))
     net.quantize = was
@@ -130,12 +149,14 @@ class PDReconstructor:
         self.gen = torch.Generator().manual_seed(int(options.seed))
 
     def run(self) -> None:
-        for block in find_blocks(self.model, set(self.learnable), "block"):
-            try:
-                self._block(block)
-            except Unsupported as exc:
-                self.report.append({"block": block.names, "skipped": str(exc)})
-                self.progress(len(block.learnable))
+        with torch.random.fork_rng():  # QDrop's masks draw from torch's global generator: seeded, and restored after
+            torch.manual_seed(int(self.o.seed))
+            for block in find_blocks(self.model, set(self.learnable), "block"):
+                try:
+                    self._block(block)
+                except Unsupported as exc:
+                    self.report.append({"block": block.names, "skipped": str(exc)})
+                    self.progress(len(block.learnable))
 
     # -- pieces ------------------------------------------------------------------------------
     def _block_net(self, block: Block) -> tuple[Net, dict[str, AdaRoundWeight], dict[str, ActStep]]:
@@ -185,13 +206,34 @@ class PDReconstructor:
         net.quantize = False
         return net
 
-    def _objective(self, net: Net, rest: Net | None, x, y, idx, n: int, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised block MSE, PD loss) on samples ``idx``."""
-        out, _ = net(_take(x, idx, n))
-        rec = _mse(out, [t[idx] for t in y]) * norm
+    def _objective(self, net: Net, rest: Net | None, x, y, idx, n: int, norm: float, x_fp=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised block MSE, PD loss) on samples ``idx``.
+
+        With ``x_fp`` (QDrop, while learning) the block runs on two copies of the batch, as the
+        paper's code does: the MSE on inputs mixed element-wise (probability ``qdrop_prob``) from the
+        quantized ``x`` and the FP32 ``x_fp``, the PD loss on the quantized inputs alone.
+        """
+        xq = _take(x, idx, n)
+        b = len(idx)
+        if x_fp is None:
+            out, _ = net(xq)
+            rec_out = pd_out = out
+        else:
+            xf = _take(x_fp, idx, n)
+            feeds = {}
+            for k, v in xq.items():
+                if v.dim() and v.shape[0] == b and v.is_floating_point():
+                    mixed = torch.where(torch.rand_like(v) < self.o.qdrop_prob, v, xf[k])
+                    feeds[k] = torch.cat([mixed, v]) if self.o.pd_loss else mixed
+                else:
+                    feeds[k] = v
+            out, _ = net(feeds)
+            rec_out = [o[:b] for o in out]
+            pd_out = [o[b:] for o in out] if self.o.pd_loss else rec_out
+        rec = _mse(rec_out, [t[idx] for t in y]) * norm
         if not self.o.pd_loss:
             return rec, torch.zeros(())
-        z_q = out[net.outputs.index(self.logits_name)] if rest is None else rest({o: v for o, v in zip(net.outputs, out)})[0][0]
+        z_q = pd_out[net.outputs.index(self.logits_name)] if rest is None else rest({o: v for o, v in zip(net.outputs, pd_out)})[0][0]
         return rec, pd_kl(self.z_fp[idx], z_q, self.o.temperature) / self.o.lambda_r
 
     def _score(self, net: Net, rest: Net | None, x, y, norm: float, chunk: int = 256) -> tuple[float, float]:
@@ -213,17 +255,20 @@ class PDReconstructor:
         net, modules, steps = self._block_net(block)
         rest = self._rest_net(block)
         x = {t: torch.from_numpy(np.ascontiguousarray(self.q_run.value(t))) for t in block.inputs}
+        x_fp = {t: torch.from_numpy(np.ascontiguousarray(self.f_run.value(t))) for t in block.inputs}
         n = _n(x)
         produced = {out for nd in block.nodes for out in nd.output}
         stats = [s for t, s in self.bn.items() if t in produced]
         entry: dict[str, Any] = {"block": block.names, "layers": [k for k in block.names if k in self.learnable],
                                  "act_steps": len(steps), "batchnorms": len(stats)}
         if o.dc and stats:
-            xc, dc_rep = distribution_correction(net, x, stats, o.dc_iters, o.dc_lr, o.lambda_c, o.batch, self.gen)
+            # as the paper's released code: the FP32 block input is corrected, and the FP32 block on it
+            # gives the target (the quantized block still reads the quantized prefix's output)
+            x_fp, dc_rep = distribution_correction(net, x_fp, stats, o.dc_iters, o.dc_lr, o.lambda_c, o.batch)
             entry.update(dc_rep)
             net.quantize = False
             with torch.no_grad():
-                y = [torch.cat([net(_take(xc, slice(s, s + 256), n))[0][j] for s in range(0, n, 256)]) for j in range(len(block.outputs))]
+                y = [torch.cat([net(_take(x_fp, slice(s, s + 256), n))[0][j] for s in range(0, n, 256)]) for j in range(len(block.outputs))]
             net.quantize = True
         else:
             y = [torch.from_numpy(np.ascontiguousarray(self.f_run.value(t), dtype=np.float32)) for t in block.outputs]
@@ -243,9 +288,12 @@ class PDReconstructor:
         if modules or act_params:
             opt = torch.optim.Adam(params)
             warm = int(o.warmup * o.iters)
+            qdrop = o.qdrop_prob < 1.0
+            for s in steps.values():
+                s.prob = o.qdrop_prob
             for it in range(o.iters):
                 idx = torch.randint(0, n, (min(o.batch, n),), generator=self.gen)
-                rec, pd = self._objective(net, rest, x, y, idx, n, norm)
+                rec, pd = self._objective(net, rest, x, y, idx, n, norm, x_fp if qdrop else None)
                 loss = rec + pd
                 if it >= warm and modules:
                     rel = (it - warm) / max(1, o.iters - warm)
@@ -254,6 +302,8 @@ class PDReconstructor:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        for s in steps.values():
+            s.prob = 1.0
         for m in modules.values():
             m.mode = "hard"
         learned = self._score(net, rest, x, y, norm)

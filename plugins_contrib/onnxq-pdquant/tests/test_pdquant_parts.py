@@ -72,7 +72,6 @@ def test_zoo_fixtures_carry_batchnorm_the_working_model_has_folded():
 
 
 def test_distribution_correction_moves_block_input_statistics_toward_batchnorm():
-    gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(1)
     w = (np.eye(3, dtype=np.float32) * 1.0).reshape(3, 3, 1, 1)
     node = helper.make_node("Conv", ["x", "w"], ["c"], name="conv")
@@ -81,11 +80,11 @@ def test_distribution_correction_moves_block_input_statistics_toward_batchnorm()
     stat = BNStat("bn", "c", target_mean, target_std, np.ones(3), np.zeros(3), np.zeros(3))
     # the "quantized" input: shifted and rescaled away from the statistics BatchNorm expects
     x = torch.from_numpy((rng.standard_normal((64, 3, 6, 6)) * 1.5 + 0.4).astype(np.float32))
-    corrected, rep = distribution_correction(net, {"x": x}, [stat], iters=100, lr=2e-2, lambda_c=0.02, batch=32, gen=gen)
-    loose, rep_loose = distribution_correction(net, {"x": x}, [stat], iters=100, lr=2e-2, lambda_c=1.0, batch=32, gen=gen)
+    corrected, rep = distribution_correction(net, {"x": x}, [stat], iters=100, lr=2e-2, lambda_c=0.1, batch=32)
+    loose, rep_loose = distribution_correction(net, {"x": x}, [stat], iters=100, lr=2e-2, lambda_c=3.0, batch=32)
     # the BatchNorm term goes down; a larger lambda_c (a weaker pull back to x) lets it go down further
-    assert rep["bn_loss_after"] < 0.95 * rep["bn_loss_before"], rep
-    assert rep_loose["bn_loss_after"] < 0.5 * rep_loose["bn_loss_before"] and rep_loose["bn_loss_after"] < rep["bn_loss_after"], rep_loose
+    assert rep["bn_loss_after"] < 0.9 * rep["bn_loss_before"], rep
+    assert rep_loose["bn_loss_after"] < 0.25 * rep_loose["bn_loss_before"] and rep_loose["bn_loss_after"] < rep["bn_loss_after"], rep_loose
     assert float(bn_loss({"c": corrected["x"]}, [stat])) == pytest.approx(rep["bn_loss_after"], rel=1e-4)
     # the ||x' - x||^2 / lambda_c term keeps the corrected input close to the one it corrects
     assert float((corrected["x"] - x).pow(2).mean()) < float((loose["x"] - x).pow(2).mean())

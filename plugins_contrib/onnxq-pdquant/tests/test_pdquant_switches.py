@@ -48,7 +48,7 @@ def runs():
     model = _bn_cnn()
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     out = {}
-    for name, extra in (("full", {}), ("no_pd", {"pd_loss": False}), ("no_dc", {"dc": False})):
+    for name, extra in (("full", {}), ("no_pd", {"pd_loss": False}), ("no_dc", {"dc": False}), ("no_qdrop", {"qdrop_prob": 1.0})):
         out[name] = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options={**W4A4, **extra})
     return out
 
