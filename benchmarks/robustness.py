@@ -12,6 +12,7 @@ check does not exist). A row that is outside the margin and did not warn is ``SI
     python benchmarks/robustness.py --suite ppocr-rec --suite ppocr-det --suite minilm   # + suite models (slow)
     python benchmarks/robustness.py --no-zoo --suite minilm --json minilm.json           # one suite model, every built-in method
     python benchmarks/robustness.py --json out.json       # also write the rows as JSON
+    python benchmarks/robustness.py --merge a.json b.json # one table of pieces run apart (re-judged by today's thresholds)
 
 On the suite models every built-in recipe of the zoo runs (``--contrib`` adds the contributed
 ones): the script does not guess which apply, a method that refuses a model is a row saying so
@@ -155,6 +156,57 @@ def fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def rejudge(row: dict) -> dict:
+    """``row`` with ``warned``/``verdict`` recomputed from its recorded per-output figures by the current check's thresholds.
+
+    The check's decision is a function of those figures alone (``onnxq.evaluate.fidelity.collapsed``),
+    so pieces measured before a threshold change are judged as the check judges them now.
+    """
+    from onnxq.evaluate.fidelity import OutputFidelity, collapsed
+
+    if not row.get("outputs"):
+        return row
+    warned = "yes" if any(collapsed(OutputFidelity(**o)) for o in row["outputs"]) else "no"
+    return {**row, "warned_when_measured": row["warned"], "warned": warned, "verdict": verdict(row["within"], warned)}
+
+
+def fidelity_figure(row: dict) -> str:
+    """The row's headline fidelity figure: the lowest neighbour agreement of an embedding output, else the lowest mean cosine."""
+    outs = row.get("outputs") or []
+    ranks = [o["neighbour_agreement"] for o in outs if o.get("neighbour_agreement") is not None]
+    if ranks:
+        return f"nb {min(ranks):.3f}"
+    return f"cos {min(o['cosine'] for o in outs):.3f}" if outs else ""
+
+
+def merged_table(rows: list[dict]) -> str:
+    """One Markdown table, method x suite model, ``ort / trt`` cells: metric, fidelity figure, W (warned) / S (SILENT)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        cell.setdefault((r["method"], r["model"]), {})[r["target"]] = r
+    head = [f"`{m}` {next(r['metric'] for r in rows if r['model'] == m)} ort / trt (FP32 {next(r['fp32'] for r in rows if r['model'] == m):.4f})"
+            for m in models]
+    lines = ["| method | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(models)]
+    mark = {"warned": " **W**", "SILENT": " **S**", "ok (warned)": " (w)"}
+    for meth in methods:
+        cells = []
+        for m in models:
+            got = cell.get((meth, m), {})
+            if not got:
+                cells.append("not run")
+            elif any(r["verdict"] == "refused" for r in got.values()):
+                cells.append("refused: " + next(r["fidelity"] for r in got.values()).replace("|", "/")[:90])
+            else:
+                cells.append(" / ".join(
+                    (f"{fmt(r['value'])} ({fidelity_figure(r)}){mark.get(r['verdict'], '')}" if r["value"] is not None
+                     else f"error ({r['fidelity'][:60]})") if r else "-" for r in (got.get("ort"), got.get("trt"))))
+        lines.append(f"| `{meth}` | " + " | ".join(cells) + " |")
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in sorted({r["verdict"] for r in rows})}
+    return "\n".join(lines) + f"\n\n{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixture", action="append", choices=sorted(zoo.FIXTURES), help="zoo fixtures (default: all)")
@@ -165,7 +217,15 @@ def main() -> None:
     ap.add_argument("--contrib", action="store_true", help="on the suite models, also the contributed methods' recipes (lapq, brecq)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="print one table of the rows of these --json files (suite pieces run apart), re-judged by the current thresholds")
     args = ap.parse_args()
+    if args.merge:
+        rows = [rejudge(r) for f in args.merge for r in json.loads(f.read_text())]
+        changed = sum(r.get("warned_when_measured", r["warned"]) != r["warned"] for r in rows)
+        print(merged_table(rows))
+        print(f"{changed} rows judged differently than when measured (thresholds changed since)")
+        return
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("onnxq").setLevel(logging.ERROR)
 

@@ -150,29 +150,8 @@ def test_verdict_on_nan_and_integer_outputs():
 # samples by similarity in both models (neighbour_agreement); docs/methods.md has the measurement.
 
 ATTENTION = FIX / "zoo" / "attention_padded"
-
-
-@pytest.fixture(scope="module")
-def attention_embedding(tmp_path_factory) -> Path:
-    """The zoo's padded-token attention encoder cut at its masked mean pooling: a [N, 32] sentence-embedding-like output.
-
-    Its weight Transposes are folded into initializers first, so that both targets quantize the
-    q/k/v/o and MLP MatMuls (as shipped, ONNX Runtime computes them at run time and onnxq leaves them float).
-    """
-    from onnxq.graph.edit import export_model, import_graph
-
-    model = onnx.load(str(ATTENTION / "model.onnx"))
-    graph = import_graph(model)
-    graph.fold_constants().cleanup()
-    pooled = graph.tensors()["/Div_2_output_0"]
-    pooled.dtype, pooled.shape = np.float32, ["N", 32]
-    graph.outputs = [pooled]
-    graph.cleanup()
-    out = export_model(graph, model)
-    onnx.checker.check_model(out)
-    path = tmp_path_factory.mktemp("embedding") / "model.onnx"
-    onnx.save(out, str(path))
-    return path
+#: the zoo's attention encoder cut at its masked mean pooling: an [N, 32] embedding (tests/fixtures/attention_embedding)
+EMBEDDING = FIX / "attention_embedding" / "model.onnx"
 
 
 def _embedding_run(path: Path, **kw):
@@ -197,19 +176,19 @@ def test_neighbour_agreement_reads_rankings_not_scale():
 
 
 @pytest.mark.parametrize("method,target", [("minmax", "ort"), ("minmax", "trt"), ("smoothquant+minmax", "ort")])
-def test_quiet_on_a_well_quantized_embedding(attention_embedding, method, target):
+def test_quiet_on_a_well_quantized_embedding(method, target):
     from onnxq.evaluate.fidelity import THRESHOLDS
 
-    fid, out = _embedding_run(attention_embedding, method=method.split("+"), target=target)
+    fid, out = _embedding_run(EMBEDDING, method=method.split("+"), target=target)
     assert not fid.warned, fid.warnings
     assert out.neighbour_agreement is not None and out.neighbour_agreement >= THRESHOLDS.neighbour_agreement + 0.02
 
 
-def test_warns_when_the_neighbours_change_though_the_cosine_holds(attention_embedding):
+def test_warns_when_the_neighbours_change_though_the_cosine_holds():
     """Activations clipped at their 90th percentile: the cosine floor alone passes it, the ranking does not."""
     from onnxq.evaluate.fidelity import THRESHOLDS
 
-    fid, out = _embedding_run(attention_embedding, method="percentile", options={"percentile": 90}, target="ort")
+    fid, out = _embedding_run(EMBEDDING, method="percentile", options={"percentile": 90}, target="ort")
     assert out.cosine > THRESHOLDS.cosine + 0.05 and out.cosine_p1 > THRESHOLDS.cosine_p1 + 0.2  # what the check saw before
     assert out.neighbour_agreement < THRESHOLDS.neighbour_agreement - 0.02
     assert fid.warned and "neighbour agreement" in fid.warnings[0] and fid.worst_layers
@@ -224,11 +203,11 @@ def test_suggestion_for_matmul_nets():
     assert "-p mse" in suggest(["trt-entropy"], "trt", 8, matmul_net=False)  # conv nets: the KL suggestion as before
 
 
-def test_neighbour_agreement_on_evaluation_data(attention_embedding):
+def test_neighbour_agreement_on_evaluation_data():
     """With eval_data the check judges the evaluation row's metrics and measures the neighbours on its first samples."""
     from onnxq.evaluate.fidelity import NEIGHBOUR_SAMPLES
 
-    r = onnxq.optimize(attention_embedding, method="minmax", data=str(ATTENTION / "calib.npz"), eval_data=str(ATTENTION / "eval.npz"),
+    r = onnxq.optimize(EMBEDDING, method="minmax", data=str(ATTENTION / "calib.npz"), eval_data=str(ATTENTION / "eval.npz"),
                        cache_dir=None, show_progress=False)
     fid = r.report.fidelity
     assert not fid.in_sample and fid.samples == 400 and not fid.warned, fid.warnings
