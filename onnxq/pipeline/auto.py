@@ -58,6 +58,8 @@ from onnxq.runtime import ort as ort_backend
 
 log = logging.getLogger(__name__)
 
+#: ``stats_of``'s key for every calibration sample (pool and split-off held-out samples)
+ALL = -1
 #: the calibrators every float form is scored with
 CALIBRATORS = ("minmax", "mse", "percentile", "trt-entropy")
 #: the calibrators from the cheapest threshold choice to the costliest (what a short budget drops first is last)
@@ -99,6 +101,8 @@ class AutoOptions:
     calibrators: tuple[str, ...] = option(CALIBRATORS, "the calibrators of the portfolio (a subset of minmax, mse, percentile, trt-entropy; "
                                           "minmax alone also makes each statistics pass a min/max pass, without histograms)")
     rewrites: tuple[str, ...] = option(FLOAT_FORMS, "the float rewrites tried beside the model as it is (a subset of equalize, smoothquant)")
+    refit: bool = option(True, "calibrate the chosen recipe again on every calibration sample, the held-out ones included "
+                                "(when no eval_data is given)")
     default_min_cosine: float | None = option(0.99, "with no target given: when the best full-integer recipe's worst-case cosine is below this, "
                                               "leave up to default_float_layers layers float, cheapest gain first (null: never)")
     default_float_layers: int = option(4, "most layers left float for default_min_cosine")
@@ -361,6 +365,8 @@ class Search:
         self.show = settings.show_progress
         #: seconds the first recipe cost (data, preparation, one statistics pass, one candidate)
         self.first_recipe_s = 0.0
+        #: the calibration samples held out for scoring (empty with eval_data): the final refit calibrates on them too
+        self.split_off: list[Batch] = []
         #: no target was given and the default_min_cosine step left layers float
         self.default_mixed = False
 
@@ -423,6 +429,7 @@ class Search:
             self.report.heldout = "evaluation"
         else:
             held, subsets = split_samples(base.source(), axes, parts, every=4)
+            self.split_off = held  # calibrated on again by the final refit (:func:`refit`)
             held = _limit(held, axes, self.o.heldout_samples)
             self.report.heldout = "split"
         if not held:
@@ -444,12 +451,14 @@ class Search:
             return "none given: the best full-integer recipe by worst-case cosine"
         return f"max drop {-g.threshold} pt" if g.metric == "drop" else f"{g.metric} >= {g.threshold}"
 
-    def form(self, rewrite: str | None) -> Form | None:
-        """The float form made by ``rewrite`` (None: the prepared model), or None when the graph has nothing for it."""
+    def form(self, rewrite: str | None, batches: list[Batch] | None = None) -> Form | None:
+        """The float form made by ``rewrite`` (None: the prepared model), or None when the graph has nothing for it.
+
+        The rewrite reads the pool (cached by name), or ``batches`` when given (not cached: the refit's own form)."""
         name = rewrite or "plain"
-        if name in self.forms:
+        if batches is None and name in self.forms:
             return self.forms[name]
-        run = self._run([rewrite] if rewrite else [], self.pool)
+        run = self._run([rewrite] if rewrite else [], self.pool if batches is None else batches)
         run.work, run.ctx = self.base.work, None
         stages.place(run)
         if rewrite:
@@ -462,7 +471,8 @@ class Search:
             check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
             run.install(rewritten, replan=True)
         f = Form(name, [rewrite] if rewrite else [], run)
-        self.forms[name] = f
+        if batches is None:
+            self.forms[name] = f
         return f
 
     def _run(self, methods: list[str], batches: list[Batch]) -> Run:
@@ -478,10 +488,10 @@ class Search:
 
     def stats_of(self, form: Form, subset: int | None, recipes: Sequence[Sequence[str]]) -> statistics.StatsMap:
         """The one statistics pass of ``form`` on the pool (``subset`` None) or one subset, serving every recipe."""
-        key = "pool" if subset is None else f"subset{subset}"
+        key = "pool" if subset is None else "all" if subset == ALL else f"subset{subset}"
         if key in form.stats:
             return form.stats[key]
-        batches = self.pool if subset is None else self.subsets[subset]
+        batches = self.pool if subset is None else self.pool + self.split_off if subset == ALL else self.subsets[subset]
         ctx = form.run.ctx
         requests = []
         for recipe in [*recipes, *((c,) for c in self.o.calibrators)]:  # every calibrator reads this pass, whichever asks first
@@ -492,7 +502,8 @@ class Search:
                                              show_progress=False)
         if subset is None:
             self.pass_seconds = max(getattr(self, "pass_seconds", 0.0), time.perf_counter() - t)
-        self.say(f"statistics of {form.name} on {'all calibration samples' if subset is None else f'subset {subset + 1}'}: "
+        where = "the calibration pool" if subset is None else "every calibration sample" if subset == ALL else f"subset {subset + 1}"
+        self.say(f"statistics of {form.name} on {where}: "
                  f"{time.perf_counter() - t:.1f} s")
         return form.stats[key]
 
@@ -674,6 +685,8 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
     elif s.goal.threshold is None and o.mixed and o.default_min_cosine is not None and o.default_float_layers > 0 \
             and best.score_worst is not None and best.score_worst < o.default_min_cosine:
         best = default_mixed(s, best, finals)
+    if o.refit:
+        refit(s, best)
     s.report.chosen = best.name
     s.report.met = best.meets_target or s.report.default_target  # no target given: nothing to miss (the notes say what the default step reached)
     s.report.float_layers = list(best.float_layers)
@@ -682,6 +695,38 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
     s.report.seconds = round(s.elapsed(), 3)
     run = s.built[best.name].run
     return run, s.report
+
+
+def refit(s: Search, best: AutoCandidate) -> None:
+    """The chosen recipe calibrated again on every calibration sample, the held-out quarter included.
+
+    The candidates are compared on samples they were not calibrated on, but the model handed back should see all
+    the data a hand-picked run of the same recipe would: on PP-OCR rec, ``equalize+mse`` calibrated without the
+    held-out quarter keeps 0.938 character agreement and 0.980 with it. A recipe with a search (easyquant) keeps
+    its searched model."""
+    if not s.split_off:
+        return
+    if any(m in SEARCHES for m in best.methods):
+        s.note(f"{best.name}: its search is not run again on all calibration samples")
+        return
+    pooled = s.forms[_form_name(best.methods)]
+    recipe = tuple(best.methods[len(pooled.rewrite):])
+    every = s.pool + s.split_off
+    try:
+        # a data-dependent float rewrite (smoothquant's scales) is made again from every sample too
+        form = s.form(pooled.rewrite[0], every) if pooled.rewrite else pooled
+        if form is None:
+            raise OnnxqError(f"{pooled.rewrite[0]} found no pattern on all calibration samples")
+        stats = s.stats_of(form, ALL, [recipe])
+        built = s.build(form, recipe, stats, every, best.float_layers)
+        cos = s.heldout.score(built.model).cosine
+    except Exception as exc:  # noqa: BLE001 - the chosen model calibrated on the pool still stands
+        s.note(f"refit of {best.name} on all calibration samples failed ({type(exc).__name__}: {exc}); kept the pool's model")
+        return
+    s.built[best.name] = built
+    n = sum(sample_count(b.feeds, s.axes) for b in s.pool + s.split_off)
+    s.note(f"{best.name} calibrated again on all {n} calibration samples "
+           f"(held-out cosine, now in-sample: {cos:.5f})")
 
 
 def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> AutoCandidate:
