@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     fp32 = generated(a.model, a.model, n=a.n, seed=123)
     other = generated(a.model, a.model, n=a.n, seed=456)
-    print(f"FP32 vs FP32 from other noise (unpaired, what the old benchmark's floor was): "
+    print(f"FP32 vs FP32 from other noise (unpaired: the scale of sampling noise, which paired scores exclude): "
           f"SWD {paired_score(other, fp32).swd:.4f}\n")
     print(f"{a.draws} calibration draws x {a.samples} samples; {a.n} paired points; mean ± std over the draws\n")
     print("| config | calibration | SWD to FP32 | mean L2 drift |")

@@ -50,17 +50,6 @@ def paired_score(quantized: np.ndarray, fp32: np.ndarray, projections: int = 102
     return PairedScore(sliced_wasserstein(q, f, projections=projections, seed=0), drift)
 
 
-def swd_to_fp32(quantized: str | Path | onnx.ModelProto, fp32: str | Path, n: int = 2000, seed: int = 123, **kw) -> float:
-    """Sliced Wasserstein distance between the quantized and the FP32 sampler's paired samples."""
-    return sliced_wasserstein(generated(quantized, fp32, n, seed, **kw), generated(fp32, fp32, n, seed, **kw))
-
-
-def paired_rms(quantized: str | Path | onnx.ModelProto, fp32: str | Path, n: int = 2000, seed: int = 123, **kw) -> float:
-    """RMS distance between each quantized sample and the FP32 sample drawn from the same noise."""
-    q, f = generated(quantized, fp32, n, seed, **kw), generated(fp32, fp32, n, seed, **kw)
-    return float(np.sqrt(np.mean(np.sum((q - f) ** 2, axis=1))))
-
-
 def eps_error_by_timestep(quantized: str | Path | onnx.ModelProto, fp32: str | Path, n: int = 1024, seed: int = 123,
                           x_name: str = "x", t_name: str = "t", shape: tuple[int, ...] = (2,), threads: int | None = 1) -> np.ndarray:
     """``[T]``: at each timestep ``t``, the RMS difference of the quantized and the FP32 denoiser's
