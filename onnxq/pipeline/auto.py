@@ -774,13 +774,14 @@ def portfolio(s: Search) -> None:
             continue
         forms.append(f)
     # calibrator by calibrator, cheapest first, across the float forms: when the budget runs short it is the
-    # costly threshold searches that go, not a whole float form; after the first two, the finalists' resampling
-    # keeps its share of the budget
-    for i, r in enumerate(sorted(recipes, key=lambda r: CALIBRATOR_COST.index(r[0]))):
+    # costly threshold searches that go, not a whole float form. Each costs seconds beside the statistics passes
+    # (PP-OCR rec: 5-11 s against a 100 s pass), so all are tried while any budget is left; a finalist the
+    # resampling then cannot reach counts as spreading as much as the most spread one (:func:`choose`)
+    for r in sorted(recipes, key=lambda r: CALIBRATOR_COST.index(r[0])):
         for f in forms:
             if f is plain and r == recipes[0]:
                 continue  # scored above, to set the budget
-            if s.left() <= (0.0 if i < 2 else s.resample_reserve()):
+            if s.left() <= 0:
                 s.report.budget_exhausted = True
                 s.note(f"time budget: {'+'.join(f.rewrite + list(r))} not tried")
                 continue
