@@ -159,11 +159,12 @@ def test_every_candidate_is_reported_with_its_spread_and_worst_case():
 
 def test_the_chosen_recipe_is_calibrated_again_on_every_sample_like_a_hand_picked_run():
     """Candidates are scored on a held-out quarter they are not calibrated on; the model handed back is calibrated on all
-    of it, so it is the model a hand-picked run of the same recipe on the same data makes (same scales)."""
-    model, data = layernorm_model(), feeds([8, 64])
+    of it (when that scores at least as well there), so it is the model a hand-picked run of the same recipe on the same
+    data makes (same scales)."""
+    model, data = mlp_model(), feeds([32])
     res = onnxq.optimize(model, method="auto", data=data, options=FAST, show_progress=False, check=False)
     auto = res.report.auto
-    assert any("calibrated again on all 96 calibration samples" in n for n in auto.notes), auto.notes
+    assert any("calibrated again on all 96 calibration samples (" in n for n in auto.notes), auto.notes
     chosen = next(c for c in auto.candidates if c.name == auto.chosen)
     hand = onnxq.optimize(model, method=chosen.methods, data=data, show_progress=False, check=False).model
 
