@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     other = generated(a.model, a.model, n=a.n, seed=456)
     print(f"FP32 vs FP32 from other noise (unpaired: the scale of sampling noise, which paired scores exclude): "
           f"SWD {paired_score(other, fp32).swd:.4f}\n")
-    print(f"{a.draws} calibration draws x {a.samples} samples; {a.n} paired points; mean ± std over the draws\n")
+    print(f"{a.draws} calibration draws x {a.samples} samples (unless a --calib item sets samples); "
+          f"{a.n} paired points; mean ± std over the draws\n")
     print("| config | calibration | SWD to FP32 | mean L2 drift |")
     print("| --- | --- | --- | --- |")
     results: dict[tuple[str, str], np.ndarray] = {}
