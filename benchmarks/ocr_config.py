@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         boxes = lambda ys: [b for y in ys for b in ocr_data.decode_det(y)]  # noqa: E731
         metric = f"box F1 vs FP32 {ocr_data.box_f1(boxes(got), boxes(ref), 0.5):.4f}"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print(f"{a.model} {'+'.join(a.methods)} {dict(a.opts)} bits={a.bits} target={a.target} exclude={a.exclude}: {metric}, quantize {wall:.1f} s, peak RSS {rss} MB (incl. evaluation)")
+    print(f"{a.model} {'+'.join(a.methods)} {dict(a.opts)} bits={a.bits} target={a.target} exclude={a.exclude}{' no-fold' if a.no_fold else ''}: "
+          f"{metric}, quantize {wall:.1f} s, peak RSS {rss} MB (incl. evaluation)")
+    for name, section in res.report.methods.items():  # a search's own verdict (easyquant: start kept or search)
+        if isinstance(section, dict) and section.get("outcome"):
+            print(f"  {name} outcome: {section['outcome']}")
     return 0
 
 
