@@ -358,7 +358,7 @@ def quantize_table(
     """Quantize a float table [N, d] (d even) row-wise to 4 bits; ``stats`` holds the per-row errors."""
     e = np.asarray(table)
     dtype = e.dtype
-    x = e.astype(np.float32)
+    x = np.asarray(e, np.float32)  # no copy of a float32 table (a memory-mapped one stays on disk)
     if x.ndim != 2 or x.shape[1] % 2:
         raise ValueError(f"table '{name}' must be 2-D with an even row length, got shape {x.shape}")
     n, d = x.shape
@@ -373,10 +373,19 @@ def quantize_table(
             lo[s:s + rows_per_chunk], hi[s:s + rows_per_chunk], iters[s:s + rows_per_chunk] = r.lo, r.hi, r.iterations
         else:
             lo[s:s + rows_per_chunk], hi[s:s + rows_per_chunk] = minmax_ranges(xs)
-    q, scale, bias = encode_rows(x, lo, hi)
-    uniform_err = row_errors(x, decode_rows(q, scale, bias))
-    mm_q, mm_s, mm_b = encode_rows(x, *minmax_ranges(x)) if search != "minmax" else (q, scale, bias)
-    minmax_err = row_errors(x, decode_rows(mm_q, mm_s, mm_b)) if search != "minmax" else uniform_err
+    # codes and per-row errors chunk by chunk (every step is row-wise): the float64 error terms of a
+    # whole 50k x 1536 table took 1.8 GB at once
+    q = np.empty((n, d), np.uint8)
+    scale, bias = np.empty(n, np.float16), np.empty(n, np.float16)
+    uniform_err, minmax_err = np.empty(n), np.empty(n)
+    for s in range(0, n, rows_per_chunk):
+        xs, rows = x[s:s + rows_per_chunk], slice(s, s + rows_per_chunk)
+        q[rows], scale[rows], bias[rows] = encode_rows(xs, lo[rows], hi[rows])
+        uniform_err[rows] = row_errors(xs, decode_rows(q[rows], scale[rows], bias[rows]))
+        if search != "minmax":
+            minmax_err[rows] = row_errors(xs, decode_rows(*encode_rows(xs, *minmax_ranges(xs))))
+    if search == "minmax":
+        minmax_err = uniform_err
     stats: dict[str, Any] = {"row_l2_minmax": minmax_err, "row_l2_uniform": uniform_err, "greedy_iterations": iters}
     if scheme == "uniform":
         qt = QuantizedTable(name, n, d, "uniform", pack4(q), scale, bias, dtype=dtype, stats=stats)

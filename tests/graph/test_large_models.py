@@ -326,3 +326,24 @@ def test_gptq_works_on_column_slices_with_the_same_result_in_bounded_memory(monk
     assert sliced.rel_error == pytest.approx(whole.rel_error, rel=1e-9) and 0 < sliced.rel_error < 0.05
     result = sliced.ints.nbytes + sliced.w_hat.nbytes + sliced.scale.nbytes + sliced.zero_point.nbytes
     assert peak < result + 8 * 8 * k * 1500  # the result plus a few float64 slices (the whole weight in float64 alone: 10 MB)
+
+
+def test_emb4bit_encodes_a_large_table_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """emb4bit's codes and per-row errors come chunk by chunk: the same table (codes, fp16 scale and
+    bias, every per-row statistic) as in one piece, without float64 copies of the whole table."""
+    from onnxq.plugins import emb4bit
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((24000, 256)).astype(np.float32)
+    table[:, 3] *= 8.0  # an outlier channel, as in LLM embeddings
+    monkeypatch.setattr(emb4bit, "_CHUNK_ELEMS", table.size)  # one chunk: the reference
+    whole = emb4bit.quantize_table(table, search="minmax")
+    monkeypatch.setattr(emb4bit, "_CHUNK_ELEMS", 1 << 18)  # 1024 rows at a time
+    tracemalloc.start()
+    chunked = emb4bit.quantize_table(table, search="minmax")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert np.array_equal(chunked.packed, whole.packed) and np.array_equal(chunked.scale, whole.scale) and np.array_equal(chunked.bias, whole.bias)
+    assert set(chunked.stats) == set(whole.stats) and all(np.array_equal(chunked.stats[k], whole.stats[k]) for k in whole.stats)
+    assert 0 < float(np.mean(chunked.stats["row_l2"])) < float(np.mean(np.linalg.norm(table, axis=1)))  # a real encoding
+    assert peak < table.nbytes  # codes (1 byte per value) and chunk temporaries; the whole table in float64 is 2x its size
