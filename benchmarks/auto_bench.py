@@ -106,7 +106,7 @@ class Task:
 
     def fidelity(self, model: Any) -> dict[str, float]:
         """The task metric against FP32 on the evaluation data."""
-        ref, got = self._ref(), self._outputs(model)
+        ref, got = self.reference(), self._outputs(model)
         flat = lambda ys: np.concatenate([y.reshape(len(y), -1) for y in ys]).astype(np.float64)  # noqa: E731
         a, b = flat(ref), flat(got)
         c = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -126,7 +126,7 @@ class Task:
             return cos
         return {"top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 4), **cos}
 
-    def _ref(self) -> list[np.ndarray]:
+    def reference(self) -> list[np.ndarray]:
         """FP32's outputs on the evaluation data, computed once per process."""
         if not hasattr(self, "_ref_outputs"):
             self._ref_outputs = self._outputs(self.fp32)
