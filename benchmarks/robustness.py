@@ -208,7 +208,8 @@ def merged_table(rows: list[dict]) -> str:
             else:
                 cells.append(" / ".join(
                     (f"{fmt(r['value'])} ({fidelity_figure(r)}){mark.get(r['verdict'], '')}" if r["value"] is not None
-                     else f"error ({r['fidelity'][:60]})") if r else "-" for r in (got.get("ort"), got.get("trt"))))
+                     else "error (host check)" if "this is a bug" in r["fidelity"] else f"error ({r['fidelity'][:60]})") if r else "not run"
+                    for r in (got.get("ort"), got.get("trt"))))
         lines.append(f"| `{meth}` | " + " | ".join(cells) + " |")
     counts = {v: sum(r["verdict"] == v for r in rows) for v in sorted({r["verdict"] for r in rows})}
     return "\n".join(lines) + f"\n\n{len(rows)} runs: " + ", ".join(f"{k} {v}" for k, v in counts.items())
