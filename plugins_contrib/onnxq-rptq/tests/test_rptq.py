@@ -83,11 +83,17 @@ def test_reordering_and_split_are_exact_float_rewrites(fixture):
     assert all(not np.array_equal(inits[s.fold.weight], before[s.fold.weight]) for s in folded)
     assert _relative(decoder.logits(perm), ref) <= 1e-5
     # the k-means reordering and the split into one MatMul per cluster, summed
-    rewritten, summary = reorder_and_split(model, sites, _ranges(model, sites, feeds), RptqOptions(clusters=4))
+    ranges = _ranges(model, sites, feeds)
+    rewritten, summary = reorder_and_split(model, sites, ranges, RptqOptions(clusters=4))
     onnx.checker.check_model(rewritten, full_check=True)
     assert sum(n.op_type == "Sum" for n in rewritten.graph.node) == 13
+    assert sum(n.op_type == "Split" for n in rewritten.graph.node) == 2  # the folded sites: contiguous clusters
     assert {v["reorder"] for v in summary.values()} == {"gather", "folded into /blocks.0/fc1/MatMul", "folded into /blocks.1/fc1/MatMul"}
     assert _relative(decoder.logits(rewritten), ref) <= 1e-5
+    # without folding, every site reads its clusters with Gathers: the same function again
+    gathered, _ = reorder_and_split(model, sites, ranges, RptqOptions(clusters=4, fold=False))
+    assert not any(n.op_type == "Split" for n in gathered.graph.node)
+    assert _relative(decoder.logits(gathered), ref) <= 1e-5
 
 
 @pytest.fixture(scope="module")
