@@ -82,7 +82,7 @@ class EasyQuantOptions:
     zoom_points: int = option(4, "points of each finer grid, evenly inside the bracket around the best so far (search=zoom)")
     refine_steps: int = option(8, "golden-section steps after the coarse grid (search=golden)")
     reach_max: bool = option(True, "the activation grid always reaches the observed max-abs (recovers a start that clipped an outlier-carrying tensor too hard)")
-    keep_start: bool = option(True, "after the search, keep the starting scales if the searched ones give a larger error at the model's outputs on the search samples (the search never ends worse than its start)")
+    keep_start: bool = option(True, "after each pass (all layers' weights, or all layers' activations), keep its scales only if they lower the error at the model's outputs on the search samples, else undo the pass (the search never ends worse than its start)")
     threads: int = option(1, "intra-op threads of the search's ONNX Runtime sessions (0: ONNX Runtime's default); its runs are many and small, where a thread pool costs more CPU than it saves")
     chunk_mb: int = option(256, "memory for one batch of stacked candidate outputs, in MB")
     max_positions: int = option(4096, "score a 2-D conv whose output map is larger than 256 positions (16x16) per sample on random 8x8 output windows, about this many output positions over all samples; 0 = whole outputs")
@@ -191,15 +191,21 @@ class EasyQuant(QuantMethod):
         if o.order == "activations_first":
             passes.reverse()
         steps = [self._search_weights if kind == "weights" else self._search_activation for kind, enabled in passes if enabled]
-        start = _Scales.of(ctx.plan)
-        for _ in range(o.rounds):
+        guard = _PassGuard(self, ctx, chunks) if o.keep_start else None
+        for r in range(o.rounds):
             if o.schedule == "layerwise":
+                before = _Scales.of(ctx.plan)
                 self._run_pass(ctx, chunks, layers, runners, w_init, a_init, report, steps, "easyquant")
+                if guard is not None:
+                    guard.settle(before, f"round {r + 1}")
             else:
                 for step, label in zip(steps, [k for k, e in passes if e]):
+                    before = _Scales.of(ctx.plan)
                     self._run_pass(ctx, chunks, layers, runners, w_init, a_init, report, [step], f"easyquant: {label}")
+                    if guard is not None:
+                        guard.settle(before, f"{label} (round {r + 1})")
         self._fp_cache.clear()
-        outcome = self._keep_better(ctx, chunks, start) if o.keep_start else None
+        outcome = guard.outcome() if guard is not None else None
         ctx.report[self.name] = {
             "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
             "sample_fit": fit.describe(),
@@ -209,34 +215,6 @@ class EasyQuant(QuantMethod):
             "skipped_layers": skipped,
             "note": "INT7 runs on INT8 kernels in ONNX Runtime and TensorRT" if ctx.profile.bits == 7 else None,
         }
-
-    def _keep_better(self, ctx: RunContext, chunks: list[dict[str, np.ndarray]], start: "_Scales") -> dict[str, Any]:
-        """[D] The layer objectives are local: a search that improves every layer can still move the
-        model's outputs further from FP32 (errors compound differently downstream). Compare the
-        searched scales with the start on the model's float outputs (normalised squared error over
-        the search samples) and keep the start unless the search is strictly better there."""
-        idx = GraphIndex(ctx.model)
-        outs = [o.name for o in ctx.model.graph.output if idx.types.get(o.name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
-        if not outs:
-            return {"kept": "search", "reason": "no float output to compare"}
-        fp = GraphRunner(ctx.model, chunks, None, self._sessions, keep=outs, threads=self._threads)
-        fp.run_all()
-        ref = {t: fp.value(t) for t in outs}
-        del fp
-
-        def error() -> float:
-            run = GraphRunner(ctx.model, chunks, ctx.plan, self._sessions, keep=outs, threads=self._threads)
-            run.run_all()
-            return float(np.mean([-neg_nmse_rows(ref[t].reshape(1, -1), run.value(t).reshape(1, -1))[0] for t in outs]))
-
-        searched = _Scales.of(ctx.plan)
-        e_search = error()
-        start.apply(ctx.plan)
-        e_start = error()
-        kept = "start" if e_start <= e_search else "search"
-        if kept == "search":
-            searched.apply(ctx.plan)
-        return {"kept": kept, "output_nmse_start": e_start, "output_nmse_search": e_search}
 
     def _objective(self, layer: Layer) -> Layer:
         if self.options.objective_tensor == "conv_output":
@@ -533,6 +511,54 @@ def _same_input_run(layers: list[Layer], i: int) -> list[Layer]:
     while layers[i].inputs and j < len(layers) and layers[j].inputs[:1] == layers[i].inputs[:1]:
         j += 1
     return layers[i:j]
+
+
+class _PassGuard:
+    """[D] The layer objectives are local: a pass that improves every layer's objective can still
+    move the model's outputs further from FP32 (errors compound differently downstream; on PP-OCRv4
+    rec the activation pass does, the weight pass does not). After each pass the model's float
+    outputs on the search samples are compared with FP32 (normalised squared error); the pass is
+    kept only if it lowers that error, otherwise its scales are undone, so the search never ends
+    worse than its start and a harmful pass does not take a useful one with it."""
+
+    def __init__(self, method: "EasyQuant", ctx: RunContext, chunks: list[dict[str, np.ndarray]]) -> None:
+        self.method, self.ctx, self.chunks = method, ctx, chunks
+        idx = GraphIndex(ctx.model)
+        self.outs = [o.name for o in ctx.model.graph.output if idx.types.get(o.name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+        self.ref: dict[str, np.ndarray] = {}
+        self.passes: list[dict[str, Any]] = []
+        if self.outs:
+            fp = GraphRunner(ctx.model, chunks, None, method._sessions, keep=self.outs, threads=method._threads)
+            fp.run_all()
+            self.ref = {t: fp.value(t) for t in self.outs}
+            del fp
+        self.start = self.best = self.error() if self.outs else None
+
+    def error(self) -> float:
+        """Mean over the float outputs of the normalised squared error against FP32 on the search samples."""
+        m = self.method
+        run = GraphRunner(self.ctx.model, self.chunks, self.ctx.plan, m._sessions, keep=self.outs, threads=m._threads)
+        run.run_all()
+        return float(np.mean([-neg_nmse_rows(self.ref[t].reshape(1, -1), run.value(t).reshape(1, -1))[0] for t in self.outs]))
+
+    def settle(self, before: "_Scales", label: str) -> None:
+        """Keep the pass that just ran if it lowered the output error, else go back to ``before``."""
+        if self.best is None:
+            return
+        e = self.error()
+        kept = e < self.best
+        if kept:
+            self.best = e
+        else:
+            before.apply(self.ctx.plan)
+        self.passes.append({"pass": label, "output_nmse": e, "kept": kept})
+
+    def outcome(self) -> dict[str, Any]:
+        if self.start is None:
+            return {"kept": "search", "reason": "no float output to compare"}
+        kept = any(p["kept"] for p in self.passes)
+        return {"kept": "search" if kept else "start", "output_nmse_start": self.start, "output_nmse_search": self.best,
+                "passes": self.passes}
 
 
 @dataclass
