@@ -228,3 +228,16 @@ def test_ray_easyquant_is_bit_identical_to_serial(ray_cluster, tmp_path: Path) -
     start = onnx.load(str(onnxq.optimize(path, tmp_path / "minmax.onnx", method="minmax", data=data, show_progress=False, check=False).path))
     scales = lambda m: {t.name: t.SerializeToString() for t in m.graph.initializer if "scale" in t.name}  # noqa: E731
     assert scales(start) != scales(a)
+
+
+def _big_result(n: int) -> dict[str, np.ndarray]:
+    return {"big": np.full((n, 64), 1.5, np.float32), "small": np.arange(4, dtype=np.float32)}
+
+
+@needs_ray
+def test_ray_results_do_not_stay_pinned_in_the_object_store(ray_cluster) -> None:
+    """Results are the driver's own arrays (writeable, not views of the store's read-only objects):
+    keeping a small part of a result must not keep its large parts in the object store."""
+    got = ray_cluster.map(_big_result, [(4096,), (2048,)])
+    assert [r["big"].shape[0] for r in got] == [4096, 2048] and float(got[0]["big"].sum()) == 1.5 * 4096 * 64
+    assert all(r["big"].flags.writeable and r["small"].flags.writeable for r in got)

@@ -11,7 +11,8 @@ through one interface, :meth:`Executor.map`, which returns the results in order:
 * :class:`RayExecutor` (``--executor ray[:ADDRESS]``, extra ``onnxq[ray]``) submits them as Ray
   tasks. Each large numpy argument is put into Ray's object store once per :meth:`map` call (an
   array passed to several tasks, such as a Hessian shared by the Q, K and V projections, travels
-  once) and workers read it there without copying. A task whose worker dies is retried
+  once) and workers read it there without copying; results are copied out of the store, so that
+  nothing the driver keeps pins an object there. A task whose worker dies is retried
   (``max_retries``); the pieces are pure functions of their arguments, so a retry gives the same
   result.
 
@@ -22,6 +23,7 @@ one run, library users wrap ``optimize`` in ``with using(RayExecutor()):``.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -114,7 +116,11 @@ class RayExecutor:
 
         # top-level object refs are resolved by Ray before the task runs (zero-copy for arrays)
         futures = [task.remote(*[share(a) for a in args]) for args in calls]
-        return list(self._ray.get(futures))
+        # a result's arrays come back as read-only views of its object in the store, and any one of
+        # them kept (GPTQ keeps each layer's block scales) pins the whole object (its integers and
+        # dequantized weight too): on the 2.2 GB model the store grew past 4 GB. Copied out one at a
+        # time, results are the driver's own and the store frees each object when its ref goes.
+        return [copy.deepcopy(self._ray.get(future)) for future in futures]
 
     def share(self, value: Any) -> Any:
         """Put ``value`` into the object store once; pass the result (top level) to several :meth:`map` calls."""
