@@ -94,3 +94,31 @@ def test_paper_preset_is_the_papers_settings():
     # an option given with the preset wins over the preset's value
     assert EasyQuantOptions(preset="paper", samples=16, act_init="trt-entropy").samples == 16
     assert EasyQuantOptions(preset="paper", act_init="trt-entropy").act_init == "trt-entropy"
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_each_pass_is_kept_only_if_it_lowers_the_output_error(bits):
+    """keep_start guards every pass: on PP-OCRv4 rec the activation pass raised the output error
+    and the weight pass lowered it, and guarding only the whole search threw the weight pass away
+    with the activation pass (docs/methods.md, EasyQuant). Every kept pass must lower the best error
+    so far, every undone one must not have, and an undone pass must leave the scales as they were."""
+    outcome = run("easyquant", bits).report.methods["easyquant"]["outcome"]
+    passes = outcome["passes"]
+    assert [p["pass"].split()[0] for p in passes] == ["activations", "weights"]
+    best = outcome["output_nmse_start"]
+    for p in passes:
+        assert np.isfinite(p["output_nmse"])
+        if p["kept"]:
+            assert p["output_nmse"] < best
+            best = p["output_nmse"]
+        else:
+            assert p["output_nmse"] >= best
+    assert outcome["output_nmse_search"] == pytest.approx(best)
+    assert outcome["kept"] == ("search" if any(p["kept"] for p in passes) else "start")
+    # one pass alone, undone: the written model is the start's (mse's) model
+    only_acts = run("easyquant", bits, search_weights=False)
+    acts = only_acts.report.methods["easyquant"]["outcome"]
+    if not acts["passes"][0]["kept"]:
+        assert output_error(only_acts) == pytest.approx(output_error(run("mse", bits)), rel=1e-6)
+    else:
+        assert acts["output_nmse_search"] < acts["output_nmse_start"]
