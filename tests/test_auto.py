@@ -266,6 +266,8 @@ def test_measured_latency_changes_which_layer_stays_float(tmp_path):
     assert rows["big"].float_cost_ms > rows["small"].float_cost_ms, "the 2048-wide layer should cost more in float"
     assert auto.met and auto.float_layers == ["small"], auto.float_layers
     assert auto.by_error_alone is not None and auto.by_error_alone.float_layers == ["big"]
+    # auto keeps whichever verified set is cheaper on the latency table, never the costlier one
+    assert rows["small"].float_cost_ms <= sum(rows[n].float_cost_ms for n in auto.by_error_alone.float_layers)
     # the latency table is cached per machine: a second run measures nothing and reads the same figures
     cache = Path(auto.latency_cache)
     assert cache.is_file() and cache.parent == tmp_path / "latency"

@@ -901,7 +901,24 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
         alone = greedy(s, form, recipe, like, sorted(useful, key=lambda r: r.gain, reverse=True), "by-error", record=False)
         if alone is not None:
             s.report.by_error_alone = alone
-            s.forget(alone)
+            # gains are not additive: many cheap layers of small gain can cost more in all than a few costly ones of
+            # large gain. Both sets were verified; the one cheaper on the latency table (then with fewer layers) is kept
+            cost = lambda c: (sum(rows[n].float_cost_ms or 0.0 for n in c.float_layers), len(c.float_layers))  # noqa: E731
+            if alone.meets_target and chosen is not None and (not chosen.meets_target or cost(alone) < cost(chosen)):
+                s.note(f"by sensitivity alone the target is met with {len(alone.float_layers)} float layers at "
+                       f"{cost(alone)[0]:.3f} ms on the latency table, by gain per millisecond with {len(chosen.float_layers)} at "
+                       f"{cost(chosen)[0]:.3f} ms: kept the cheaper")
+                for name in chosen.float_layers:
+                    rows[name].kept_float = False
+                for name in alone.float_layers:
+                    rows[name].kept_float = True
+                s.forget(chosen)
+                chosen = copy.copy(alone)
+                chosen.stage = "mixed"
+                s.built[chosen.name] = s.built[alone.name]
+                s.report.candidates.append(chosen)
+            else:
+                s.forget(alone)
     return chosen
 
 
@@ -1030,7 +1047,8 @@ def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
         cost = sum((r.float_cost_ms or 0.0) for r in s.report.sensitivity if r.node in best.float_layers)
         reached = "meet the target with" if best.meets_target else "still miss the target (the time budget or the layers ran out) at"
         return (f"no full-integer recipe meets {s._target_text()} (best: {finals[0].name}, {g.shown(finals[0].score_worst)}); "
-                f"{len(best.float_layers)} layer(s) left float, chosen by sensitivity per measured millisecond "
+                f"{len(best.float_layers)} layer(s) left float, chosen by sensitivity per measured millisecond or by sensitivity "
+                f"alone, whichever costs less on the latency table "
                 f"(about {cost:.3f} ms of float latency), {reached} {g.shown(best.score)}")
     top = min(finals, key=_rank)
     tie = (f"; tied with {top.name} ({g.shown(top.score_worst)}, within a quarter of the spread) and ahead on the worst held-out "
