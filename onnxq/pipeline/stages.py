@@ -26,6 +26,7 @@ from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.readers import Batch, DataReader
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.graph import model_io, prepare as graph_prepare
+from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
 from onnxq.graph.folding import fold_affine
 from onnxq.graph.placement import build_plan, left_float_warnings
@@ -113,6 +114,8 @@ class Run:
     gemm_rewrites: list[str] = field(default_factory=list)
     #: the BatchNorm/Mul/Add/... nodes folded into the weighted op before them
     folded: list[str] = field(default_factory=list)
+    #: the constant-only nodes (Transpose/Cast/... of weights) folded into initializers
+    constants_folded: list[str] = field(default_factory=list)
     quantized_rewrites: list[QuantizedRewrite] = field(default_factory=list)
     #: the float model's outputs on the first batch (computed at the first quantized rewrite)
     float_outputs: list[np.ndarray] | None = None
@@ -205,10 +208,19 @@ def open_data(run: Run) -> None:
 
 
 def target_rewrites(run: Run) -> None:
-    """Folding (BatchNorm and constant affine ops into the conv before them, unless ``fold=False``)
+    """Folding (constant-only nodes into initializers, then BatchNorm and constant affine ops into
+    the conv before them, unless ``fold=False``)
     and the target's own float rewrites (Gemm outputs as MatMul), each checked to 1e-5."""
     profile = run.profile
-    if run.settings.fold:
+    if run.settings.fold:  # weights computed from initializers at run time first: placement quantizes constant weights only
+        candidate, folded = fold_constants(run.work)
+        if folded:
+            err = outputs_error(run.work, candidate, run.first)
+            if err > FOLD_TOLERANCE:
+                log.warning("folding constants changed the float model's outputs (relative error %.2e > %.0e); keeping them unfolded",
+                            err, FOLD_TOLERANCE)
+            else:
+                run.work, run.constants_folded = candidate, folded
         candidate, folded = fold_affine(run.work)
         if folded:
             err = outputs_error(run.work, candidate, run.first)
@@ -448,7 +460,7 @@ def report(run: Run) -> Report:
         quantized_activations=len(plan.activations),
         quantized_weights=len(plan.weights),
         layers=len(plan.layers),
-        float_rewrites={k: v for k, v in (("fold_affine", run.folded), ("gemm_to_matmul", run.gemm_rewrites)) if v},
+        float_rewrites={k: v for k, v in (("fold_constants", run.constants_folded), ("fold_affine", run.folded), ("gemm_to_matmul", run.gemm_rewrites)) if v},
         left_in_float=[LeftInFloat(n, r) for n, r in plan.skipped],
         calibration_seconds=round(run.timings["calibration"], 3),
         refine_seconds=round(run.timings["refine"], 3),

@@ -1,0 +1,88 @@
+"""Fold weights computed at run time into initializers (an output-preserving float rewrite).
+
+Torch exports often compute a weight from an initializer inside the graph: ``Linear`` becomes
+``MatMul(x, Transpose(W))``, and Reshape/Cast/Unsqueeze of weights are common too. Placement
+quantizes a weighted op's weight only when it is a constant, so such a MatMul kept a float weight
+and only its activation was quantized (the ``attention_padded`` zoo fixture quantized only its
+classifier on ``--target ort``). Folding every node whose inputs are all constants into an
+initializer, with onnx-graphsurgeon's ``Graph.fold_constants``, turns those weights into constants
+before placement, as ONNX Runtime's ``quant_pre_process`` does.
+
+Memory stays bounded: ops that make a tensor from a shape (``Expand``, ``Tile``,
+``ConstantOfShape``, ``Range``, ...) are not folded, nor is any folded tensor larger than the
+model's largest initializer (at least :data:`MIN_SIZE_THRESHOLD`); a lazily loaded model (weights
+left on disk, over :data:`onnxq.graph.model_io.LAZY_ABOVE`) is left alone, since folding would
+read its weights into memory. Shape computations are not folded from declared shapes
+(``fold_shapes=False``): a dynamic dimension stays dynamic. Q/DQ pairs of a model that is already
+quantized and random generators stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from onnxq.graph import edit
+from onnxq.graph.model_io import is_lazy
+
+__all__ = ["KEEP_OPS", "MIN_SIZE_THRESHOLD", "fold_constants"]
+
+log = logging.getLogger(__name__)
+
+#: ops never folded: they grow a tensor from a shape, are random, or are a quantized model's own Q/DQ
+KEEP_OPS = frozenset({
+    "Expand", "Tile", "ConstantOfShape", "Range", "EyeLike", "Resize", "Upsample", "Pad",
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+})
+#: smallest size limit (bytes) of a folded tensor, for models whose weights are all tiny
+MIN_SIZE_THRESHOLD = 1 << 20
+
+
+def _largest_initializer(model: onnx.ModelProto) -> int:
+    largest = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        largest = max(largest, n * 8)  # at most 8 bytes an element: a bound, not the exact size
+    return largest
+
+
+def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Return a copy of ``model`` whose constant-only nodes are folded into initializers, and the
+    names of the nodes folded (empty, and ``model`` itself, when nothing folds).
+
+    Only the main graph is folded (If/Loop/Scan bodies stay as they are); see the module docstring
+    for what is never folded.
+    """
+    if is_lazy(model):
+        log.info("weights left on disk (lazily loaded model): not folding constant subgraphs, which would read them into memory")
+        return model, []
+    graph = edit.import_graph(model)
+    before = {n.name for n in graph.nodes}
+    threshold = max(MIN_SIZE_THRESHOLD, _largest_initializer(model))
+    # graphsurgeon evaluates the constant subgraph in a default ONNX Runtime session, whose optimizer
+    # logs a warning for every Unsqueeze it cannot remove: quiet while folding (back to ORT's default after)
+    ort.set_default_logger_severity(3)
+    try:
+        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False, error_ok=True,
+                             size_threshold=threshold, recurse_functions=False,
+                             should_exclude_node=lambda node: node.op in KEEP_OPS or node.domain not in (None, "", "ai.onnx"))
+    finally:
+        ort.set_default_logger_severity(2)
+    # drop the folded nodes only: a node nobody reads stays, as the run's other rewrites keep it
+    outputs = list(graph.outputs)
+    listed = {id(t) for t in outputs}
+    graph.outputs = outputs + [t for n in graph.nodes for t in n.outputs
+                               if t.name and id(t) not in listed and not isinstance(t, gs.Constant)]
+    graph.cleanup(remove_unused_graph_inputs=False)
+    graph.outputs = outputs
+    folded = sorted(before - {n.name for n in graph.nodes})
+    if not folded:
+        return model, []
+    graph.toposort()
+    return edit.export_model(graph, model), folded
