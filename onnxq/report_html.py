@@ -308,9 +308,15 @@ def _fidelity_html(fid: Mapping[str, Any] | None) -> str:
     if fid.get("error"):
         out.append(f"<p class='fail'>The check could not run: {_e(fid['error'])}</p>")
         return "\n".join(out)
+    outputs = fid.get("outputs") or []
     rows = [[o.get("name"), _fmt(o.get("cosine"), ".5f"), _fmt(o.get("cosine_worst"), ".5f"), _fmt(o.get("cosine_p1"), ".5f"),
-             _fmt(o.get("sqnr_db"), ".1f"), _fmt(o.get("top1_agreement"), ".4f")] for o in fid.get("outputs") or []]
-    out.append(_table(["output", "cosine", "worst sample", "1st pct", "SQNR dB", "top-1 agreement"], rows))
+             _fmt(o.get("sqnr_db"), ".1f"), _fmt(o.get("top1_agreement"), ".4f")] for o in outputs]
+    header = ["output", "cosine", "worst sample", "1st pct", "SQNR dB", "top-1 agreement"]
+    if any(o.get("neighbour_agreement") is not None for o in outputs):  # embedding-like outputs only: no empty column otherwise
+        header.append("neighbour agreement")
+        for row, o in zip(rows, outputs):
+            row.append(_fmt(o.get("neighbour_agreement"), ".4f"))
+    out.append(_table(header, rows))
     verdict = "<p class='fail'>" if fid.get("warned") else "<p class='ok'>"
     if fid.get("warned"):
         items = list(fid.get("warnings") or [])

@@ -277,6 +277,27 @@ def test_report_renders_in_headless_chromium(percentile_run, tmp_path):
     shutil.copy(html, artefacts / "report-chromium.html")
 
 
+def test_neighbour_agreement_is_shown_where_the_check_measured_it(percentile_html):
+    """An embedding output's neighbour agreement reaches the text and HTML reports with the value the
+    check recorded; a run without one (the digits classifier) gets no empty column."""
+    from onnxq.report import fidelity_lines
+
+    fixture = REPO / "tests/fixtures/attention_embedding/model.onnx"
+    with np.load(REPO / "tests/fixtures/zoo/attention_padded/calib.npz") as z:
+        feeds = [{k: z[k][:16] for k in ("input_ids", "attention_mask")}]
+    rep = optimize(fixture, method="minmax", data=feeds, show_progress=False).report
+    (out,) = rep.fidelity.outputs
+    assert out.neighbour_agreement is not None and 0.9 < out.neighbour_agreement <= 1.0
+    text = "\n".join(fidelity_lines(rep.fidelity))
+    assert f"neighbour agreement {out.neighbour_agreement:.3f}" in text
+    page = render_html({"report": rep.to_dict()})
+    fidelity_table = page[page.index("<h2>Fidelity"):]
+    fidelity_table = fidelity_table[:fidelity_table.index("</table>")]
+    assert "<th>neighbour agreement</th>" in fidelity_table
+    assert f"<td class='num'>{out.neighbour_agreement:.4f}</td></tr>" in fidelity_table
+    assert "neighbour agreement" not in percentile_html
+
+
 def test_compare_document_aligns_each_model_on_one_axis():
     """compare --json: one line per model over the union of layer outputs; a tensor a model lacks is a gap, not a shift."""
     from onnxq.report_html import normalize_document
