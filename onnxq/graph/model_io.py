@@ -282,17 +282,27 @@ def spill(array: np.ndarray, name: str) -> onnx.TensorProto:
     """A lazy initializer ``name`` holding ``array``, written to this process's scratch data file now.
 
     How rewrites of a lazy model put large new weights in place without growing the ``ModelProto``
-    (the file is removed at exit; saving copies the bytes into the output's data file). Arrays of a
-    packed or non-numeric type, and small ones, become ordinary in-memory initializers.
+    (the file is removed at exit; saving copies the bytes into the output's data file). Packed types
+    (4-bit) are written as ONNX packs them; small arrays, and non-numeric ones, become ordinary
+    in-memory initializers.
     """
     a = np.asarray(array)
-    if a.nbytes < SPILL_MIN_BYTES or a.dtype.kind not in "biuf" or a.dtype.itemsize * 8 < 8:
+    if a.nbytes < SPILL_MIN_BYTES:
         return numpy_helper.from_array(a, name)
-    location, offset, length = _scratch.write(a)
-    tensor = onnx.TensorProto()
-    tensor.name = name
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(a.dtype)
-    tensor.dims.extend(a.shape)
+    if a.dtype.kind not in "biuf" or a.dtype.itemsize * 8 < 8:
+        # 4-bit and other packed types: ONNX's own packing, then its bytes go to the file (the
+        # 4-bit weights of a 2 GB model are 280 MB, and every copy of the model copied them)
+        tensor = numpy_helper.from_array(a, name)
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < SPILL_MIN_BYTES:
+            return tensor
+        location, offset, length = _scratch.write(np.frombuffer(tensor.raw_data, np.uint8))
+        tensor.ClearField("raw_data")
+    else:
+        location, offset, length = _scratch.write(a)
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(a.dtype)
+        tensor.dims.extend(a.shape)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()

@@ -347,3 +347,14 @@ def test_emb4bit_encodes_a_large_table_chunk_by_chunk(monkeypatch: pytest.Monkey
     assert set(chunked.stats) == set(whole.stats) and all(np.array_equal(chunked.stats[k], whole.stats[k]) for k in whole.stats)
     assert 0 < float(np.mean(chunked.stats["row_l2"])) < float(np.mean(np.linalg.norm(table, axis=1)))  # a real encoding
     assert peak < table.nbytes  # codes (1 byte per value) and chunk temporaries; the whole table in float64 is 2x its size
+
+
+def test_spill_writes_4bit_weights_packed_to_the_scratch_file(large_path) -> None:
+    """INT4 weights of a lazy model go to the scratch file too (two per byte, as ONNX packs them),
+    so copies of the quantized model stay graph-sized; ONNX's reader gets the same values back."""
+    int4 = helper.tensor_dtype_to_np_dtype(TensorProto.INT4)
+    values = np.random.default_rng(0).integers(-8, 8, (256, 192)).astype(int4)
+    tensor = model_io.spill(values, "w_q")
+    assert model_io.is_lazy(tensor) and not tensor.HasField("raw_data") and tensor.data_type == TensorProto.INT4
+    assert int(next(e.value for e in tensor.external_data if e.key == "length")) == values.size // 2
+    assert np.array_equal(model_io.tensor_array(tensor).astype(np.int8), values.astype(np.int8))
