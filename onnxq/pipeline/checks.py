@@ -10,8 +10,16 @@ from onnxq.calib.readers import Batch
 from onnxq.errors import ModelError
 from onnxq.runtime import ort as ort_backend
 
-#: largest relative output error a float rewrite may cause
+#: largest relative output error a float rewrite may always cause
 FLOAT_REWRITE_TOLERANCE = 1e-5
+#: above :data:`FLOAT_REWRITE_TOLERANCE`, a rewrite may differ by this many times the model's own float32
+#: rounding noise (:func:`float_noise_floor`). On PP-OCRv4 det the noise floor is 1.2e-5, CFWS's
+#: correct channel split changes the outputs by 1.1e-5, and one output channel of one conv scaled by
+#: 1 + 1e-3 (a small real bug) by 1.5e-4 to 5.8e-3 depending on the layer: 4x the noise floor
+#: (4.9e-5) is about 4x above the first and 3x below the second (benchmarks/README.md, "Robustness").
+NOISE_FLOOR_FACTOR = 4.0
+#: never more than this, whatever the noise floor: a change this large is a bug
+FLOAT_REWRITE_CEILING = 1e-3
 
 
 def check_feeds(model: onnx.ModelProto, batch: Batch) -> dict[str, np.ndarray]:
@@ -43,11 +51,31 @@ def outputs_error(a: onnx.ModelProto, b: onnx.ModelProto, batch: Batch) -> float
     return relative_error(model_outputs(a, feeds), model_outputs(b, feeds))
 
 
+def float_noise_floor(model: onnx.ModelProto, batch: Batch) -> float:
+    """The model's own float32 rounding noise: the relative output error between ONNX Runtime runs of
+    ``model`` with graph optimizations off and on (fusions and kernels that sum in another order)."""
+    feeds = check_feeds(model, batch)
+    optimized = ort_backend.run(ort_backend.make_session(model, "all", arena=False), feeds)
+    return relative_error(model_outputs(model, feeds), optimized)
+
+
 def check_float_rewrite(who: str, before: onnx.ModelProto, after: onnx.ModelProto, batch: Batch) -> None:
-    """Raise :class:`ModelError` unless ``after`` gives ``before``'s outputs to 1e-5."""
+    """Raise :class:`ModelError` unless ``after`` gives ``before``'s outputs within float32 rounding.
+
+    Within :data:`FLOAT_REWRITE_TOLERANCE` always passes. A correct rewrite that reorders float32
+    sums (a channel split, an equalization) on a deep net can exceed it by rounding alone, so above
+    it the error is compared with :data:`NOISE_FLOOR_FACTOR` times ``before``'s noise floor (one
+    more run of the model, only then), capped at :data:`FLOAT_REWRITE_CEILING`.
+    """
     err = outputs_error(before, after, batch)
-    if err > FLOAT_REWRITE_TOLERANCE:
-        raise ModelError(f"{who} changed the float model's outputs (relative error {err:.2e} > 1e-5); this is a bug")
+    if err <= FLOAT_REWRITE_TOLERANCE:
+        return
+    noise = float_noise_floor(before, batch) if err <= FLOAT_REWRITE_CEILING else 0.0
+    tolerance = min(FLOAT_REWRITE_CEILING, max(FLOAT_REWRITE_TOLERANCE, NOISE_FLOOR_FACTOR * noise))
+    if err > tolerance:
+        raise ModelError(f"{who} changed the float model's outputs (relative error {err:.2e} > {tolerance:.1e}, "
+                         f"{NOISE_FLOOR_FACTOR:g}x the model's float32 rounding noise {noise:.1e} or at least "
+                         f"{FLOAT_REWRITE_TOLERANCE:g}); this is a bug")
 
 
 def _tensor_key(t: onnx.TensorProto) -> bytes:
