@@ -71,7 +71,7 @@ class EasyQuantOptions:
     n_candidates: int = option(100, "points of the paper grid")
     rounds: int = option(1, "alternation rounds (one pass over all layers' weights and one over all activations)")
     schedule: Literal["passes", "layerwise"] = option("passes", "passes: every layer's weights, then every layer's activations (paper, Algorithm 1); layerwise: both searches for one layer before the next (half the full-model evaluations)")
-    order: Literal["activations_first", "weights_first"] = option("activations_first", "which pass comes first in a round (paper and code: weights_first)")
+    order: Literal["activations_first", "weights_first"] = option("weights_first", "which pass comes first in a round (paper, code and onnxq default: weights_first; each pass is guarded on its own, see keep_start)")
     objective_tensor: Literal["post_activation", "conv_output"] = option("post_activation", "compare the layer output after a sole following Relu/Clip (code) or the raw output (paper formula)")
     search_weights: bool = option(True, "search per-channel weight steps")
     magnitude_fix: bool = option(True, "after the weight search, rescale each channel's dequantization step to restore its output magnitude (cosine ignores it)")
