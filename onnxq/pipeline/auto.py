@@ -381,7 +381,9 @@ class Search:
         """The default budget: :data:`BUDGET_FACTOR` times what one recipe has cost so far, at least :data:`MIN_BUDGET` seconds."""
         if self.o.time_budget is None:
             self.first_recipe_s = self.elapsed()
-            self.budget = max(MIN_BUDGET, BUDGET_FACTOR * self.elapsed())
+            # the refit's statistics pass on every sample comes after the search: it is taken out of the budget
+            refit = getattr(self, "pass_seconds", 0.0) if self.o.refit and self.split_off else 0.0
+            self.budget = max(MIN_BUDGET, BUDGET_FACTOR * self.elapsed() - refit)
             self.report.time_budget_s = round(self.budget, 1)
             self.say(f"time budget {self.budget:.0f} s ({BUDGET_FACTOR:g}x the first recipe's {self.elapsed():.1f} s)")
 
