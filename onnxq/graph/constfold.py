@@ -20,10 +20,12 @@ quantized and random generators stay as they are.
 from __future__ import annotations
 
 import logging
+import math
 
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx import helper
 
 from onnxq.graph import edit
 from onnxq.graph.model_io import is_lazy
@@ -43,12 +45,11 @@ MIN_SIZE_THRESHOLD = 1 << 20
 
 
 def _largest_initializer(model: onnx.ModelProto) -> int:
+    """Bytes of the model's largest initializer (from its dims and type: no values are read)."""
     largest = 0
     for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        largest = max(largest, n * 8)  # at most 8 bytes an element: a bound, not the exact size
+        itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 8
+        largest = max(largest, math.prod(t.dims) * itemsize)
     return largest
 
 
