@@ -40,8 +40,10 @@ def embedding_model(table: np.ndarray | None = None, opset: int = 17, small_tabl
     nodes = [helper.make_node("Gather", ["word_table", "ids"], ["emb"], name="word_gather")]
     if small_table:
         inits.append(numpy_helper.from_array(rng.standard_normal((2, d)).astype(np.float32), "type_table"))
-        inits.append(numpy_helper.from_array(np.zeros((1, 1), np.int64), "type_ids"))
-        nodes += [helper.make_node("Gather", ["type_table", "type_ids"], ["type_emb"], name="type_gather"),
+        # type ids computed from the input (all 0), so graph preparation's constant folding keeps the lookup
+        inits.append(numpy_helper.from_array(np.zeros((), np.int64), "zero"))
+        nodes += [helper.make_node("Mul", ["ids", "zero"], ["type_ids"], name="type_ids"),
+                  helper.make_node("Gather", ["type_table", "type_ids"], ["type_emb"], name="type_gather"),
                   helper.make_node("Add", ["emb", "type_emb"], ["emb_sum"], name="add_type")]
     nodes += [helper.make_node("ReduceMean", ["emb_sum" if small_table else "emb"], ["pooled"], axes=[1], keepdims=0, name="mean"),
               helper.make_node("MatMul", ["pooled", "head"], ["out"], name="head_matmul")]
