@@ -155,19 +155,25 @@ class Histogram(Reducer):
 
 
 @dataclass(frozen=True)
-class ChannelAbsMax(Reducer):
-    """``max |x|`` per channel along ``axis`` (-1: ``[..., C]``; 1: ``[N, C, ...]``), reduced inside the
-    graph, over the first ``samples`` samples (None: all). Result: float32 ``[C]``."""
+class ChannelReducer(Reducer):
+    """Base of the per-channel reducers computed inside the graph along ``axis`` (-1: ``[..., C]``;
+    1: ``[N, C, ...]``) over the first ``samples`` samples (None: all)."""
 
     axis: int = -1
     samples: int | None = None
-    kind: ClassVar[str] = "channel_absmax"
     cacheable: ClassVar[bool] = True
     in_graph: ClassVar[bool] = True
 
     @property
     def limit(self) -> int | None:
         return self.samples
+
+
+@dataclass(frozen=True)
+class ChannelAbsMax(ChannelReducer):
+    """``max |x|`` per channel along ``axis``, reduced inside the graph. Result: float32 ``[C]``."""
+
+    kind: ClassVar[str] = "channel_absmax"
 
     def add_to_graph(self, model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
         from onnxq.graph.smoothing import channel_absmax_model
@@ -180,20 +186,11 @@ class ChannelAbsMax(Reducer):
 
 
 @dataclass(frozen=True)
-class ChannelRange(Reducer):
-    """Per-channel ``max`` and ``min`` along ``axis`` (-1: ``[..., C]``; 1: ``[N, C, ...]``), reduced
-    inside the graph, over the first ``samples`` samples (None: all). Result: float32 ``[2, C]``,
-    row 0 the maxima and row 1 the minima (RPTQ's clustering of channels by their ranges)."""
+class ChannelRange(ChannelReducer):
+    """Per-channel ``max`` and ``min`` along ``axis``, reduced inside the graph. Result: float32
+    ``[2, C]``, row 0 the maxima and row 1 the minima (RPTQ's clustering of channels by their ranges)."""
 
-    axis: int = -1
-    samples: int | None = None
     kind: ClassVar[str] = "channel_range"
-    cacheable: ClassVar[bool] = True
-    in_graph: ClassVar[bool] = True
-
-    @property
-    def limit(self) -> int | None:
-        return self.samples
 
     def add_to_graph(self, model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
         from onnxq.graph.smoothing import channel_range_model

@@ -29,7 +29,7 @@ all-MiniLM-L6-v2, docs/methods.md). The host checks that the rewritten model's o
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +131,29 @@ def find_smooth_sites(model: onnx.ModelProto, include: Iterable[str] = ("LayerNo
     return sites, rejected
 
 
+def _reduction_copy(model: onnx.ModelProto, channel_axis: int) -> tuple[onnx.ModelProto, Callable[[str], str], Callable[[str, str, int, str, int], None]]:
+    """A copy of ``model`` to add per-channel reductions to, its name allocator, and
+    ``reduce(op, x, axis, out, keepdims)`` writing a Reduce* node in the model's opset's form
+    (axes as an input from opset 18, an attribute before)."""
+    if channel_axis not in (-1, 1):
+        raise ValueError("channel_axis must be -1 or 1")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    fresh = Namer.of(m).fresh
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+    def reduce(op: str, x: str, axis: int, out: str, keep: int) -> None:
+        if opset >= 18:
+            ax = fresh(f"{out}__axes")
+            g.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), ax))
+            g.node.append(helper.make_node(op, [x, ax], [out], keepdims=keep))
+        else:
+            g.node.append(helper.make_node(op, [x], [out], axes=[axis], keepdims=keep))
+
+    return m, fresh, reduce
+
+
 def channel_absmax_model(model: onnx.ModelProto, tensors: list[str], channel_axis: int = -1) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose extra outputs are ``max |x|`` per channel of each tensor, as float32.
 
@@ -138,22 +161,12 @@ def channel_absmax_model(model: onnx.ModelProto, tensors: list[str], channel_axi
     ``[N, C, ...]``). The reduction happens inside the graph, so only a ``[C]`` vector per tensor
     leaves ONNX Runtime whatever the activation size.
     """
-    if channel_axis not in (-1, 1):
-        raise ValueError("channel_axis must be -1 or 1")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m, fresh, reduce = _reduction_copy(model, channel_axis)
     g = m.graph
     outs = []
-    fresh = Namer.of(m).fresh
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
 
     def reduce_max(x: str, axis: int, out: str) -> None:
-        if opset >= 18:
-            ax = fresh(f"{out}__axes")
-            g.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), ax))
-            g.node.append(helper.make_node("ReduceMax", [x, ax], [out], keepdims=0))
-        else:
-            g.node.append(helper.make_node("ReduceMax", [x], [out], axes=[axis], keepdims=0))
+        reduce("ReduceMax", x, axis, out, 0)
 
     for t in tensors:
         a, flat, red, r = (fresh(f"{t}__{s}") for s in ("abs", "flat", "chmax_raw", "chmax"))
@@ -179,22 +192,9 @@ def channel_range_model(model: onnx.ModelProto, tensors: list[str], channel_axis
     ``channel_axis`` is -1 (``[..., C]``) or 1 (``[N, C, ...]``); reduced inside the graph, as
     :func:`channel_absmax_model`, so only ``2·C`` values per tensor leave ONNX Runtime.
     """
-    if channel_axis not in (-1, 1):
-        raise ValueError("channel_axis must be -1 or 1")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m, fresh, reduce = _reduction_copy(model, channel_axis)
     g = m.graph
     outs = []
-    fresh = Namer.of(m).fresh
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-
-    def reduce(op: str, x: str, axis: int, out: str, keep: int) -> None:
-        if opset >= 18:
-            ax = fresh(f"{out}__axes")
-            g.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), ax))
-            g.node.append(helper.make_node(op, [x, ax], [out], keepdims=keep))
-        else:
-            g.node.append(helper.make_node(op, [x], [out], axes=[axis], keepdims=keep))
 
     for t in tensors:
         flat, hi, lo, both, r = (fresh(f"{t}__{s}") for s in ("rflat", "chmax", "chmin", "chrange_raw", "chrange"))
