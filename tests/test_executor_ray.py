@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -241,3 +242,27 @@ def test_ray_results_do_not_stay_pinned_in_the_object_store(ray_cluster) -> None
     got = ray_cluster.map(_big_result, [(4096,), (2048,)])
     assert [r["big"].shape[0] for r in got] == [4096, 2048] and float(got[0]["big"].sum()) == 1.5 * 4096 * 64
     assert all(r["big"].flags.writeable and r["small"].flags.writeable for r in got)
+
+
+@needs_ray
+def test_ray_auto_sensitivity_runs_as_tasks_and_chooses_as_serial(ray_cluster) -> None:
+    """``-p auto``'s sensitivity analysis (each layer float alone, scored on the held-out data) runs as Ray
+    tasks and chooses the same float layers and the same model as the local run (test_auto's mixed-precision
+    case: no full-integer recipe reaches the target)."""
+    from test_auto import FAST, feeds, mlp_model
+
+    model, opts = mlp_model(), {**FAST, "min_cosine": 0.9997}
+    local = onnxq.optimize(model, method="auto", data=feeds([32]), options=opts, show_progress=False, check=False)
+    with ex.using(ray_cluster):
+        dist = onnxq.optimize(model, method="auto", data=feeds([32]), options=opts, show_progress=False, check=False)
+    a, b = local.report.auto, dist.report.auto
+    assert a.met and a.float_layers, "precondition: the target needs mixed precision"
+    assert all(r.gain is not None for r in a.sensitivity) and len(a.sensitivity) == 3
+    assert [(r.node, r.score_float, r.gain) for r in b.sensitivity] == [(r.node, r.score_float, r.gain) for r in a.sensitivity]
+    assert (b.chosen, b.float_layers, b.met) == (a.chosen, a.float_layers, a.met)
+    assert [t.SerializeToString() for t in dist.model.graph.initializer] == [t.SerializeToString() for t in local.model.graph.initializer]
+    # where they ran: every evaluation was a task, in Ray's worker processes (the local run says nothing of the kind)
+    notes = [n for n in b.notes if "evaluations ran as tasks" in n]
+    assert len(notes) == 1 and not any("evaluations ran as tasks" in n for n in a.notes), b.notes
+    ran = re.search(r"(\d+) evaluations ran as tasks on RayExecutor\(.*\), in (\d+) worker", notes[0])
+    assert ran and int(ran[1]) == len(a.sensitivity) and int(ran[2]) >= 1, notes[0]

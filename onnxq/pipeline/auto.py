@@ -30,6 +30,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -55,6 +57,7 @@ from onnxq.pipeline.latency import LatencyTable
 from onnxq.pipeline.report import AutoCandidate, AutoLayer, AutoReport
 from onnxq.pipeline.stages import Run, Settings
 from onnxq.runtime import ort as ort_backend
+from onnxq.runtime.executor import SerialExecutor, current as current_executor
 
 log = logging.getLogger(__name__)
 
@@ -548,8 +551,10 @@ class Search:
         return Built(run.quantized, run)
 
     def candidate(self, form: Form, recipe: Sequence[str], stage: str, float_layers: Sequence[str] = (), like: Built | None = None,
-                  limit: int | None = None) -> AutoCandidate:
-        """Build and score one candidate on the pool's statistics; add it to the report."""
+                  limit: int | None = None, ready: Callable[[], tuple[Built, Scores]] | None = None) -> AutoCandidate:
+        """Build and score one candidate on the pool's statistics; add it to the report.
+
+        ``ready``: the candidate was built and scored already (a sensitivity task on the executor): its model and scores."""
         name = "+".join(form.rewrite + list(recipe)) + (f" float:{len(float_layers)}" if float_layers else "")
         self.names[name] = self.names.get(name, 0) + 1
         if self.names[name] > 1:  # several sets of the same size: names stay unique (the report's chosen names one)
@@ -558,9 +563,12 @@ class Search:
         cand = AutoCandidate(name, form.rewrite + list(recipe), list(float_layers), stage, None, None, None, [], None, None, None, None,
                              None, None, None, None, None, None, False, None, None, 0.0, None)
         try:
-            stats = self.stats_of(form, None, [recipe])
-            built = self.build(form, recipe, stats, self.pool, float_layers, like)
-            sc = self.heldout.score(built.model, limit)
+            if ready is not None:
+                built, sc = ready()
+            else:
+                stats = self.stats_of(form, None, [recipe])
+                built = self.build(form, recipe, stats, self.pool, float_layers, like)
+                sc = self.heldout.score(built.model, limit)
         except OnnxqError as exc:
             cand.error = str(exc).splitlines()[0]
         except Exception as exc:  # one failing recipe never ends the search
@@ -940,46 +948,158 @@ def sensitivity(s: Search, form: Form, recipe: tuple[str, ...], like: Built, lay
     consecutive layers, each run measured float as a whole, and single layers are measured only inside the runs
     that gain, most gaining run first: on a deep model a few layers carry the loss, and this finds them in about
     2 sqrt(n) evaluations instead of n. Only runs gaining at least :data:`GROUP_SHARE` of the best run's gain are
-    opened; a layer in another run is not measured (a stated approximation: gains are not additive)."""
-    def single(lay: Any) -> bool:
-        if s.left() <= 0:
-            return False
-        v = _measure(s, form, recipe, like, [lay.node])
-        if v is not None:
-            rows[lay.node].score_float = v
-            rows[lay.node].gain = round(v - base_score, 6)
-        return True
+    opened; a layer in another run is not measured (a stated approximation: gains are not additive).
+
+    The evaluations are independent: with ``--executor ray`` they are scored as Ray tasks, as many at a time as the
+    executor has shards (:class:`_Sensitivity`); locally one at a time, the budget checked before each."""
+    ev = _Sensitivity(s, form, recipe, like)
+    step = ev.step
+
+    def singles(lays: list[Any], done: int) -> int | None:
+        """Each of ``lays`` measured alone; how many were measured in all, None when the budget ran out first."""
+        for i in range(0, len(lays), step):
+            if s.left() <= 0:
+                out_of_time(done)
+                return None
+            part = lays[i:i + step]
+            for lay, v in zip(part, ev.measure([[lay.node] for lay in part])):
+                if v is not None:
+                    rows[lay.node].score_float = v
+                    rows[lay.node].gain = round(v - base_score, 6)
+            done += len(part)
+        return done
 
     def out_of_time(done: int) -> None:
         s.report.budget_exhausted = True
         s.note(f"time budget spent: sensitivity measured on {done} of {len(layers)} layers")
+        ev.record()
 
     if len(layers) <= GROUP_FROM:
-        for i, lay in enumerate(layers):
-            if not single(lay):
-                return out_of_time(i)
+        singles(layers, 0)
+        ev.record()
         return
     size = math.ceil(math.sqrt(len(layers)))
     groups = [layers[i:i + size] for i in range(0, len(layers), size)]
     gains: list[tuple[float, list[Any]]] = []
-    for g in groups:
+    for i in range(0, len(groups), step):
         if s.left() <= 0:
             return out_of_time(0)
-        v = _measure(s, form, recipe, like, [lay.node for lay in g])
-        if v is not None:
-            gains.append((v - base_score, g))
-        s.say(f"layers {g[0].node} .. {g[-1].node} ({len(g)}) float: gain {_f(None if v is None else v - base_score)}")
+        part = groups[i:i + step]
+        for g, v in zip(part, ev.measure([[lay.node for lay in g] for g in part])):
+            if v is not None:
+                gains.append((v - base_score, g))
+            s.say(f"layers {g[0].node} .. {g[-1].node} ({len(g)}) float: gain {_f(None if v is None else v - base_score)}")
     done = 0
     top = max((gain for gain, _ in gains), default=0.0)
     for gain, g in sorted(gains, key=lambda x: -x[0]):
         if gain <= 0 or gain < GROUP_SHARE * top:  # leaving any run float gains a little; the runs that carry the loss gain most
             break
-        for lay in g:
-            if not single(lay):
-                return out_of_time(done)
-            done += 1
+        measured = singles(g, done)
+        if measured is None:
+            return
+        done = measured
+    ev.record()
     s.note(f"sensitivity: {len(groups)} runs of about {size} consecutive layers measured float, then the {done} single layers "
            f"of the runs gaining at least {GROUP_SHARE:g}x the best run's gain")
+
+
+class _Sensitivity:
+    """Sensitivity evaluations (the target's score with some layers float) through the run's executor.
+
+    Locally (:class:`SerialExecutor`) each is :func:`_measure`, one at a time, as always. On another executor
+    (``--executor ray``) the models are built here (placement and qparams need the run's plugins) and scored as
+    tasks of :func:`_score_task`, a pure function of its arguments: the held-out feeds with FP32's outputs on them,
+    and the weights the mixed models share with the full-integer and the float model, go to the object store
+    once per sensitivity step; each task carries its model without those weights (what its float layers changed)."""
+
+    def __init__(self, s: Search, form: Form, recipe: tuple[str, ...], like: Built) -> None:
+        self.s, self.form, self.recipe, self.like = s, form, recipe, like
+        self.ex = current_executor()
+        self.parallel = not isinstance(self.ex, SerialExecutor)
+        self.step = max(1, self.ex.shards) if self.parallel else 1
+        self.tasks = 0
+        self.pids: set[int] = set()
+        self._shared: tuple[Any, Any, dict[str, onnx.TensorProto]] | None = None
+
+    def measure(self, sets: list[list[str]]) -> list[float | None]:
+        """The score with each node list float (None where it could not be built or scored)."""
+        s = self.s
+        if not self.parallel:
+            return [_measure(s, self.form, self.recipe, self.like, nodes) for nodes in sets]
+        if self._shared is None:  # the first wave: what every task reads goes to the object store once
+            weights = {t.name: t for m in (self.form.run.work, self.like.model) for t in m.graph.initializer}
+            self._shared = (self.ex.share(s.heldout), self.ex.share(weights), weights)
+        heldout, weights_ref, weights = self._shared
+        built: list[Built | Exception] = []
+        for nodes in sets:
+            try:
+                stats = s.stats_of(self.form, None, [self.recipe])
+                built.append(s.build(self.form, self.recipe, stats, s.pool, nodes, self.like))
+            except Exception as exc:  # noqa: BLE001 - reported by candidate(), as a failed build is locally
+                built.append(exc)
+        calls = [(heldout, weights_ref, *_without(b.model, weights)) for b in built if isinstance(b, Built)]
+        results = iter(self.ex.map(_score_task, calls))
+        out: list[float | None] = []
+        for nodes, b in zip(sets, built):
+            if isinstance(b, Exception):
+                ready = _raiser(b)
+            else:
+                sc, pid = next(results)
+                self.tasks += 1
+                self.pids.add(pid)
+                ready = _raiser(sc) if isinstance(sc, Exception) else (lambda b=b, sc=sc: (b, sc))
+            c = s.candidate(self.form, self.recipe, "mixed", nodes, self.like, ready=ready)
+            s.report.candidates.pop()
+            s.forget(c)
+            out.append(c.score)
+        return out
+
+    def record(self) -> None:
+        """Say in the report where the evaluations ran (on another executor only)."""
+        if self.parallel and self.tasks:
+            others = len(self.pids - {os.getpid()})
+            self.s.note(f"sensitivity: {self.tasks} evaluations ran as tasks on {self.ex!r}, in {others} worker "
+                        f"process(es) besides the driver")
+
+
+def _raiser(exc: BaseException) -> Callable[[], Any]:
+    def ready() -> Any:
+        raise exc
+    return ready
+
+
+def _without(model: onnx.ModelProto, weights: dict[str, onnx.TensorProto]) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` without the initializers equal to ``weights``' (those travel once), and its initializer order."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    order = [t.name for t in model.graph.initializer]
+    own = [t for t in model.graph.initializer if not (t.name in weights and weights[t.name] == t)]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(own)
+    return light, order
+
+
+def _score_task(heldout: HeldOut, weights: dict[str, onnx.TensorProto], light: onnx.ModelProto,
+                order: list[str]) -> tuple[Scores | Exception, int]:
+    """One sensitivity evaluation as an executor task: the model put back together from ``light`` and the shared
+    ``weights`` (in its own initializer order), scored on the held-out data; with the process it ran in."""
+    own = {t.name: t for t in light.graph.initializer}
+    model = onnx.ModelProto()
+    model.CopyFrom(light)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(own[n] if n in own else weights[n] for n in order)
+    try:
+        return heldout.score(model), os.getpid()
+    except Exception as exc:  # noqa: BLE001 - one failing evaluation is one failed candidate, as locally
+        return (exc if _picklable(exc) else OnnxqError(f"{type(exc).__name__}: {exc}")), os.getpid()
+
+
+def _picklable(exc: Exception) -> bool:
+    try:
+        pickle.dumps(exc)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: list[AutoLayer], stage: str,
