@@ -27,7 +27,7 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep nodes in float: node-name glob or op type. Repeatable.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Statistics cache folder (default ~/.cache/onnxq/stats).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the statistics cache.")
-@click.option("--no-fold", is_flag=True, help="Keep BatchNorm and constant Mul/Add after Conv/ConvTranspose/Gemm/MatMul unfolded (folded into the weights by default).")
+@click.option("--no-fold", is_flag=True, help="Keep BatchNorm and constant Mul/Add after Conv/ConvTranspose/Gemm/MatMul unfolded, and weights computed from constants at run time (Transpose/Cast/... of initializers) as nodes (both folded by default).")
 @click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
 @click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
 @click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed. With -p auto: the target.")

@@ -486,7 +486,7 @@ class Search:
         run = Run(replace(self.settings, method=methods or [CALIBRATORS[0]], options=None), self.host)
         run.profile, run.float_model, run.in_path, run.out_path = b.profile, b.float_model, b.in_path, b.out_path
         run.shape_status, run.inputs, run.reader, run.first = b.shape_status, b.inputs, b.reader, b.first
-        run.folded, run.gemm_rewrites = b.folded, b.gemm_rewrites
+        run.constants_folded, run.folded, run.gemm_rewrites = b.constants_folded, b.folded, b.gemm_rewrites
         run.source = _source(batches)
         run.methods = resolve_methods(methods, None, self.host) if methods else []
         return run
