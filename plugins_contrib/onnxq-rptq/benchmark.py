@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,22 +41,15 @@ import text_data  # noqa: E402
 from embeddings import DEFAULT_MODEL, cosines, embed  # noqa: E402
 
 import onnxq  # noqa: E402
-from onnxq.runtime.ort import make_session, optimized_op_counts  # noqa: E402
+from onnxq.runtime.ort import latency_ms as ort_latency_ms, optimized_op_counts  # noqa: E402
 
 INTEGER_MATMULS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 
 def latency_ms(model: onnx.ModelProto, feed, runs: int = 10) -> float:
-    sess = make_session(model, "all", threads=1)
-    names = {i.name for i in sess.get_inputs()}
-    f = {k: v for k, v in feed.items() if k in names}
-    sess.run(None, f)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, f)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median ms of one run (one thread, full optimizations) on the model's own inputs of ``feed``."""
+    names = {i.name for i in model.graph.input}
+    return ort_latency_ms(model, {k: v for k, v in feed.items() if k in names}, threads=1, repeats=runs, warmup=1)
 
 
 def configs(bits: int, clusters: list[int]) -> list[tuple[str, list[str], dict]]:
