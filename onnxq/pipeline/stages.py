@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,27 +213,30 @@ def target_rewrites(run: Run) -> None:
     and the target's own float rewrites (Gemm outputs as MatMul), each checked to 1e-5."""
     profile = run.profile
     if run.settings.fold:  # weights computed from initializers at run time first: placement quantizes constant weights only
-        candidate, folded = fold_constants(run.work)
-        if folded:
-            err = outputs_error(run.work, candidate, run.first)
-            if err > FOLD_TOLERANCE:
-                log.warning("folding constants changed the float model's outputs (relative error %.2e > %.0e); keeping them unfolded",
-                            err, FOLD_TOLERANCE)
-            else:
-                run.work, run.constants_folded = candidate, folded
-        candidate, folded = fold_affine(run.work)
-        if folded:
-            err = outputs_error(run.work, candidate, run.first)
-            if err > FOLD_TOLERANCE:  # never lose a run to the default preparation: quantize it unfolded
-                log.warning("folding changed the float model's outputs (relative error %.2e > %.0e); quantizing the model unfolded",
-                            err, FOLD_TOLERANCE)
-            else:
-                run.work, run.folded = candidate, folded
+        run.constants_folded = _checked_fold(run, fold_constants, "folding constants")
+        run.folded = _checked_fold(run, fold_affine, "folding")
     if profile.gemm_outputs_as_matmul or profile.weight_only:
         candidate, run.gemm_rewrites = gemm_outputs_to_matmul(run.work, every_gemm=profile.weight_only)
         if run.gemm_rewrites:
             check_float_rewrite("target " + profile.name, run.work, candidate, run.first)
             run.work = candidate
+
+
+def _checked_fold(run: Run, fold: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[str]]], what: str) -> list[str]:
+    """Install ``fold(run.work)`` if it keeps the outputs within :data:`FOLD_TOLERANCE`; the nodes folded.
+
+    Never lose a run to the default preparation: a fold that moves the outputs further is logged and
+    the model quantized unfolded."""
+    candidate, folded = fold(run.work)
+    if not folded:
+        return []
+    err = outputs_error(run.work, candidate, run.first)
+    if err > FOLD_TOLERANCE:
+        log.warning("%s changed the float model's outputs (relative error %.2e > %.0e); leaving it unfolded",
+                    what, err, FOLD_TOLERANCE)
+        return []
+    run.work = candidate
+    return folded
 
 
 def place(run: Run) -> None:
