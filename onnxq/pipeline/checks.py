@@ -34,9 +34,9 @@ def check_feeds(model: onnx.ModelProto, batch: Batch) -> dict[str, np.ndarray]:
     return {k: v[:4] for k, v in batch.feeds.items()} if batch_is_dynamic(model_inputs(model)) else batch.feeds
 
 
-def model_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The model's outputs on ``feeds`` (no graph optimizations, no arena)."""
-    sess = ort_backend.make_session(model, "disable", arena=False)
+def model_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimization: str = "disable") -> list[np.ndarray]:
+    """The model's outputs on ``feeds`` (by default without graph optimizations; no arena)."""
+    sess = ort_backend.make_session(model, optimization, arena=False)
     try:
         return ort_backend.run(sess, feeds)
     finally:
@@ -74,12 +74,14 @@ def outputs_error(a: onnx.ModelProto, b: onnx.ModelProto, batch: Batch) -> float
     return relative_error(model_outputs(a, feeds), model_outputs(b, feeds))
 
 
-def float_noise_floor(model: onnx.ModelProto, batch: Batch) -> float:
+def float_noise_floor(model: onnx.ModelProto, batch: Batch, reference: list[np.ndarray] | None = None) -> float:
     """The model's own float32 rounding noise: the relative output error between ONNX Runtime runs of
-    ``model`` with graph optimizations off and on (fusions and kernels that sum in another order)."""
+    ``model`` with graph optimizations off and on (fusions and kernels that sum in another order).
+    ``reference``: the unoptimized outputs on ``check_feeds(model, batch)`` when already computed."""
     feeds = check_feeds(model, batch)
-    optimized = ort_backend.run(ort_backend.make_session(model, "all", arena=False), feeds)
-    return relative_error(model_outputs(model, feeds), optimized)
+    if reference is None:
+        reference = model_outputs(model, feeds)
+    return relative_error(reference, model_outputs(model, feeds, "all"))
 
 
 def check_float_rewrite(who: str, before: onnx.ModelProto, after: onnx.ModelProto, batch: Batch) -> None:
@@ -90,10 +92,12 @@ def check_float_rewrite(who: str, before: onnx.ModelProto, after: onnx.ModelProt
     it the error is compared with :data:`NOISE_FLOOR_FACTOR` times ``before``'s noise floor (one
     more run of the model, only then), capped at :data:`FLOAT_REWRITE_CEILING`.
     """
-    err = outputs_error(before, after, batch)
+    feeds = check_feeds(before, batch)
+    reference = model_outputs(before, feeds)
+    err = relative_error(reference, model_outputs(after, feeds))
     if err <= FLOAT_REWRITE_TOLERANCE:
         return
-    noise = float_noise_floor(before, batch) if err <= FLOAT_REWRITE_CEILING else 0.0
+    noise = float_noise_floor(before, batch, reference) if err <= FLOAT_REWRITE_CEILING else 0.0
     tolerance = min(FLOAT_REWRITE_CEILING, max(FLOAT_REWRITE_TOLERANCE, NOISE_FLOOR_FACTOR * noise))
     if err > tolerance:
         raise ModelError(f"{who} changed the float model's outputs (relative error {err:.2e} > {tolerance:.1e}, "
