@@ -198,15 +198,21 @@ def recorded_rows(reference: onnx.ModelProto, quantized: onnx.ModelProto, batche
     """
     axes = batch_axes(reference)
     backend = OrtBackend()
-    kept = []
+    recs: list[_Recording] = []
     for model, name in ((reference, "fp32"), (quantized, "quantized")):
         rec = _Recording(backend.runner(model, name, reference=name == "fp32"), axes)
         with rec:
             for b in limited(batches, None, max_samples, axes)():
                 for piece in split_batch(b, axes):
                     rec.infer(piece.feeds)
-        kept.append(rec.kept_rows())
-    return {k: (kept[0][k], kept[1][k]) for k in kept[0] if k in kept[1] and kept[0][k].shape == kept[1][k].shape}
+        recs.append(rec)
+    return _paired_rows(*recs)
+
+
+def _paired_rows(fp32: _Recording, quantized: _Recording) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (fp32 rows, quantized rows)}`` for the outputs both runners kept alike."""
+    ref, got = fp32.kept_rows(), quantized.kept_rows()
+    return {k: (ref[k], got[k]) for k in ref if k in got and ref[k].shape == got[k].shape}
 
 
 def limited(batches: Callable[[], Iterable[Batch]], max_batches: int | None, max_samples: int | None,
@@ -283,10 +289,8 @@ def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batch
     recs = [_Recording(backend.runner(reference, "fp32", reference=True), axes), _Recording(backend.runner(quantized, "quantized"), axes)]
     rows = [Candidate("fp32", lambda: recs[0]), Candidate("quantized", lambda: recs[1])]
     evals = compare_runners(rows, source, axes=axes)
-    ref_rows, q_rows = recs[0].kept_rows(), recs[1].kept_rows()
-    kept = {k: (ref_rows[k], q_rows[k]) for k in ref_rows if k in q_rows and ref_rows[k].shape == q_rows[k].shape}
     fid = fidelity_of(evals[1].outputs, reference, quantized, source, in_sample=in_sample, methods=methods, target=target, bits=bits,
-                      thresholds=thresholds, rows=kept)
+                      thresholds=thresholds, rows=_paired_rows(*recs))
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
 
