@@ -932,9 +932,11 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
     return chosen
 
 
-def _measure(s: Search, form: Form, recipe: tuple[str, ...], like: Built, nodes: list[str]) -> float | None:
-    """The target's score with ``nodes`` float (a sensitivity run: kept out of the candidate table)."""
-    c = s.candidate(form, recipe, "mixed", nodes, like)
+def _measure(s: Search, form: Form, recipe: tuple[str, ...], like: Built, nodes: list[str],
+             ready: Callable[[], Any] | None = None) -> float | None:
+    """The target's score with ``nodes`` float (a sensitivity run: kept out of the candidate table);
+    ``ready``: the model built and scored already (a task's result), as :meth:`Search.candidate` takes it."""
+    c = s.candidate(form, recipe, "mixed", nodes, like, ready=ready)
     s.report.candidates.pop()
     s.forget(c)
     return c.score
@@ -1048,10 +1050,7 @@ class _Sensitivity:
                 self.tasks += 1
                 self.pids.add(pid)
                 ready = _raiser(sc) if isinstance(sc, Exception) else (lambda b=b, sc=sc: (b, sc))
-            c = s.candidate(self.form, self.recipe, "mixed", nodes, self.like, ready=ready)
-            s.report.candidates.pop()
-            s.forget(c)
-            out.append(c.score)
+            out.append(_measure(s, self.form, self.recipe, self.like, nodes, ready))
         return out
 
     def record(self) -> None:
