@@ -82,6 +82,8 @@ class AutoCandidate:
     size_bytes: int | None = described("serialized size of the quantized model")
     seconds: float = described("time spent building and scoring this candidate")
     error: str | None = described("why the candidate could not be built or scored (null: it ran)")
+    score_bound: float | None = described("mixed precision: score less margin_z standard errors of its mean over the held-out samples, "
+                                          "what a set of float layers is judged on (null: not a mixed-precision set)", default=None)
 
 
 @dataclass
