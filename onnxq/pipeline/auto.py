@@ -933,9 +933,10 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
     cost = {r.node: max(r.float_cost_ms or 0.0, 0.0) for r in rows.values()}
     gain = {r.node: r.gain or 0.0 for r in useful}
     failed: set[frozenset[str]] = set()  # sets of float layers measured short of the target: never measured twice
-    chosen = greedy(s, form, recipe, like, sorted(useful, key=per_ms, reverse=True)[:most], "mixed", failed=failed)
+    ranked = sorted(useful, key=per_ms, reverse=True)[:most]
+    chosen = greedy(s, form, recipe, like, ranked, "mixed", failed=failed)
     if chosen is not None and chosen.meets_target:
-        chosen = put_back(s, form, recipe, like, chosen, cost, gain, "mixed", failed=failed)
+        chosen = trim(s, form, recipe, like, chosen, ranked, cost, gain, failed=failed)
     if chosen is not None and (chosen.score or -math.inf) <= base_score:
         return None
     if compare and s.left() > 0:
@@ -950,8 +951,8 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
             # gains are not additive: many cheap layers of small gain can cost more in all than a few costly ones of large
             # gain. Auto's second order is that set with every layer the target does not need put back, costliest first
             # (the last one added is needed: the set without it was measured short); the cheaper verified set is kept
-            trimmed = put_back(s, form, recipe, like, alone, cost, gain, "mixed", known=alone.float_layers[-1:], record=False,
-                               failed=failed)
+            trimmed = trim(s, form, recipe, like, alone, ranked, cost, gain, known=alone.float_layers[-1:], record=False,
+                           failed=failed)
             price = lambda c: (round(sum(cost.get(n, 0.0) for n in c.float_layers), 6), len(c.float_layers))  # noqa: E731
             if chosen is None or not chosen.meets_target or price(trimmed) < price(chosen):
                 if chosen is not None:
@@ -974,6 +975,18 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
         if chosen.meets_target:
             s.note("left float: " + ", ".join(f"{n} (gain {_f(rows[n].gain)}, {cost.get(n, 0.0):.3f} ms)" for n in chosen.float_layers))
     return chosen
+
+
+def trim(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: AutoCandidate, ranked: list[AutoLayer],
+         cost: dict[str, float], gain: dict[str, float], known: Sequence[str] = (), record: bool = True,
+         failed: set[frozenset[str]] | None = None) -> AutoCandidate:
+    """A set meeting the target made cheaper: every layer it does not need put back (:func:`put_back`), then costly
+    layers swapped for cheaper ones (:func:`swap`), and put back once more after a swap."""
+    out = put_back(s, form, recipe, like, last, cost, gain, "mixed", known=known, record=record, failed=failed)
+    swapped = swap(s, form, recipe, like, out, ranked, cost, gain, "mixed", record=record, failed=failed)
+    if swapped is not out:
+        swapped = put_back(s, form, recipe, like, swapped, cost, gain, "mixed", record=record, failed=failed)
+    return swapped
 
 
 def _measure(s: Search, form: Form, recipe: tuple[str, ...], like: Built, nodes: list[str],
@@ -1213,6 +1226,50 @@ def put_back(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: 
         if s.left() <= 0:
             s.report.budget_exhausted = True
             s.note(f"time budget spent while putting float layers back in integer ({stage})")
+            break
+        c = _judge(s, s.candidate(form, recipe, stage, trial, like))
+        if not record:
+            s.report.candidates.pop()
+        if c.meets_target:
+            s.forget(last)
+            chosen, last = trial, c
+        else:
+            failed.add(frozenset(trial))
+            s.forget(c)
+    if last.latency_ms is None:
+        s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
+    return last
+
+
+def swap(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: AutoCandidate, ranked: list[AutoLayer],
+         cost: dict[str, float], gain: dict[str, float], stage: str, record: bool = True,
+         failed: set[frozenset[str]] | None = None) -> AutoCandidate:
+    """Each float layer of ``last`` (a set meeting the target), costliest first, tried swapped for layers still integer
+    taken in ``ranked`` order (best gain per millisecond first) whose single-layer gains add up to at least its own
+    and whose float costs add up to less than its own; one evaluation each, kept when the target still holds.
+
+    Putting layers back only removes; this trades one costly layer of large gain for a few cheap ones of smaller gain,
+    which the order of gain per millisecond prefers but a jump followed by putting back the costliest may not reach."""
+    failed = set() if failed is None else failed
+    chosen = list(last.float_layers)
+    for node in sorted(chosen, key=lambda n: -cost.get(n, 0.0)):
+        if node not in chosen or cost.get(node, 0.0) <= 0:
+            continue
+        pick: list[str] = []
+        got = spent = 0.0
+        for r in ranked:
+            if got >= gain.get(node, 0.0):
+                break
+            if r.node in chosen or spent + cost.get(r.node, 0.0) >= cost[node]:
+                continue
+            pick.append(r.node)
+            got, spent = got + gain.get(r.node, 0.0), spent + cost.get(r.node, 0.0)
+        trial = [n for n in chosen if n != node] + pick
+        if not pick or got < gain.get(node, 0.0) or frozenset(trial) in failed:
+            continue
+        if s.left() <= 0:
+            s.report.budget_exhausted = True
+            s.note(f"time budget spent while swapping float layers for cheaper ones ({stage})")
             break
         c = _judge(s, s.candidate(form, recipe, stage, trial, like))
         if not record:
