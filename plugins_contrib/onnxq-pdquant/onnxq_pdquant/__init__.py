@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,14 +43,16 @@ class PDQuantOptions:
     weight_bits: int | None = option(None, "weight grid bits, 2-8 (default: the target's --bits), int8 storage restricted to that range")
     act_bits: int | None = option(None, "activation grid bits, 2-8 (default: the target's --bits); below it a Clip emulates the grid in 8-bit storage")
     keep_first_last: bool = option(False, "keep the first and last weighted layers at the target's bits (the paper does; off so every layer has the requested bits)")
-    init_p: float = option(2.0, "p of the Lp init of activation clips and weight steps")
+    init_p: float = option(2.0, "p of the Lp init of the activation clips (and of the weight steps below 8-bit activations)")
+    weight_init_p: float | None = option(None, "p of the Lp init of the weight steps (default: init_p below 8-bit activations, BRECQ's 2.4 at 8 bits)")
     pd_loss: bool = option(True, "add the prediction-difference loss KL(softmax(z_fp/T) || softmax(z_q/T))/lambda_r through the rest of the FP32 network")
     dc: bool = option(True, "distribution correction of block inputs toward the FP32 model's BatchNorm statistics")
-    qdrop_prob: float = option(0.5, "QDrop (the paper's prob / input_prob): while learning, each activation element is quantized with this probability and the block's MSE input mixes quantized and FP32 elements; 1 turns it off")
+    qdrop_prob: float | None = option(None, "QDrop (the paper's prob / input_prob): while learning, each activation element is quantized with this probability and the block's MSE input mixes quantized and FP32 elements; 1 turns it off (default: 0.5 below 8-bit activations, 1 at 8 bits)")
     learn_act_steps: bool = option(True, "learn the activation steps of each block (LSQ-style) together with the weight rounding")
     temperature: float = option(4.0, "softmax temperature T of the prediction-difference loss")
     lambda_r: float = option(0.1, "the prediction-difference loss is divided by lambda_r")
     lambda_c: float = option(0.02, "DC: the distance of the corrected input to the quantized one is divided by lambda_c")
+    dc_gate: float | None = option(None, "if > 0: a block's DC target is used only where its prediction difference to FP32 is <= dc_gate x the quantized block's at nearest rounding; 0 always uses it (default: 0 below 8-bit activations, 1 at 8 bits)")
     dc_iters: int = option(200, "DC Adam steps per block (paper: 500)")
     dc_lr: float = option(1e-3, "DC Adam learning rate (the paper's bn_lr)")
     iters: int = option(1000, "Adam iterations per block (paper: 20000)")
@@ -74,10 +77,34 @@ class PDQuantOptions:
             raise ValueError("temperature, lambda_r and lambda_c must be > 0")
         if not 0 <= self.warmup < 1 or self.lr <= 0 or self.act_lr <= 0 or self.dc_lr <= 0 or self.reg_weight < 0:
             raise ValueError("need 0 <= warmup < 1, positive learning rates, reg_weight >= 0")
-        if not 0 < self.qdrop_prob <= 1:
+        if self.qdrop_prob is not None and not 0 < self.qdrop_prob <= 1:
             raise ValueError("qdrop_prob must be in (0, 1]")
-        if self.init_p <= 0 or self.threads < 0:
-            raise ValueError("init_p must be > 0 and threads >= 0")
+        if self.init_p <= 0 or (self.weight_init_p is not None and self.weight_init_p <= 0) or self.threads < 0:
+            raise ValueError("init_p and weight_init_p must be > 0 and threads >= 0")
+        if self.dc_gate is not None and self.dc_gate < 0:
+            raise ValueError("dc_gate must be >= 0")
+
+
+#: activation bits from which the 8-bit defaults apply (README, "Differences from the paper")
+FINE_ACT_BITS = 8
+
+
+def resolved(o: PDQuantOptions, act_bits: int) -> PDQuantOptions:
+    """``o`` with the bits-dependent defaults filled in.
+
+    [design decision] Below 8-bit activations the paper's settings (QDrop 0.5, DC always, the Lp
+    init's p for the weights too). At 8-bit activations the weight rounding is nearly all of the
+    error, and on the validation split QDrop, DC's shifted target and the Lp(2) weight steps each
+    cost more than they gave (README): QDrop off, BRECQ's p = 2.4 for the weight steps, and DC
+    gated by its target's own prediction difference.
+    """
+    fine = act_bits >= FINE_ACT_BITS
+    return dataclasses.replace(
+        o,
+        qdrop_prob=o.qdrop_prob if o.qdrop_prob is not None else (1.0 if fine else 0.5),
+        weight_init_p=o.weight_init_p if o.weight_init_p is not None else (2.4 if fine else o.init_p),
+        dc_gate=o.dc_gate if o.dc_gate is not None else (1.0 if fine else 0.0),
+    )
 
 
 class PDQuant(QuantMethod):
@@ -105,6 +132,7 @@ class PDQuant(QuantMethod):
         _refuse_weight_only(ctx)
         wbits, abits = self._bits(ctx)
         p = self.options.init_p
+        wp = resolved(self.options, abits).weight_init_p
         missing = [t for t in ctx.plan.activations if ctx.stats.get(t) is None or ctx.stats[t].hist is None]
         if missing:
             raise OnnxqError(f"pdquant: no histogram for '{missing[0]}'")
@@ -124,7 +152,7 @@ class PDQuant(QuantMethod):
         for key, site in weighted:
             b = ctx.profile.bits if key in edge else wbits
             qmin, qmax = int_range(b, True, ctx.profile.weight_narrow)
-            site.qparams = weight_qparams(weight_lp_steps(ctx.weight(site.initializer), site.axis, qmin, qmax, p), site.axis, qmin, qmax)
+            site.qparams = weight_qparams(weight_lp_steps(ctx.weight(site.initializer), site.axis, qmin, qmax, wp), site.axis, qmin, qmax)
 
     def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
         """The working model with the learned ``integer × step`` weights (None if nothing was learned)."""
@@ -138,7 +166,9 @@ class PDQuant(QuantMethod):
 
         bn = batchnorm_stats(ctx.float_model, ctx.model)
         wbits, abits = self._bits(ctx)
+        o = resolved(o, abits)
         report: dict[str, Any] = {"weight_bits": wbits, "act_bits": abits, "pd_loss": o.pd_loss, "dc": o.dc,
+                                  "qdrop_prob": o.qdrop_prob, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate,
                                   "batchnorm_stats": len(bn), "float_model": ctx.float_model is not None}
         ctx.report[self.name] = report
         if o.iters == 0 and not (o.dc and bn):

@@ -248,6 +248,17 @@ class PDReconstructor:
                 pd_sum += float(pd) * len(idx)
         return rec_sum / n, pd_sum / n
 
+    def _logits_kl(self, rest: Net | None, block: Block, y: list[torch.Tensor], chunk: int = 256) -> float:
+        """KL(softmax(z_fp/T) || softmax(z/T)) of the logits that block outputs ``y`` (all samples) give through the rest of the network."""
+        n = int(y[0].shape[0])
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, n, chunk):
+                out = [t[s : s + chunk] for t in y]
+                z = out[block.outputs.index(self.logits_name)] if rest is None else rest(dict(zip(block.outputs, out)))[0][0]
+                total += float(pd_kl(self.z_fp[s : s + chunk], z, self.o.temperature)) * len(out[0])
+        return total / n
+
     # -- one block ---------------------------------------------------------------------------
     def _block(self, block: Block) -> None:
         o = self.o
@@ -261,20 +272,28 @@ class PDReconstructor:
         stats = [s for t, s in self.bn.items() if t in produced]
         entry: dict[str, Any] = {"block": block.names, "layers": [k for k in block.names if k in self.learnable],
                                  "act_steps": len(steps), "batchnorms": len(stats)}
+        y = [torch.from_numpy(np.ascontiguousarray(self.f_run.value(t), dtype=np.float32)) for t in block.outputs]
+        for m in modules.values():
+            m.mode = "nearest"
+        # the starting point's prediction difference: nearest rounding, initial steps, quantized prefix
+        with torch.no_grad():
+            kl0 = self._logits_kl(rest, block, [torch.cat(v) for v in zip(*(net(_take(x, slice(s, s + 256), n))[0] for s in range(0, n, 256)))])
+        entry["kl_start"] = kl0
         if o.dc and stats:
             # as the paper's released code: the FP32 block input is corrected, and the FP32 block on it
             # gives the target (the quantized block still reads the quantized prefix's output)
-            x_fp, dc_rep = distribution_correction(net, x_fp, stats, o.dc_iters, o.dc_lr, o.lambda_c, o.batch)
+            x_dc, dc_rep = distribution_correction(net, x_fp, stats, o.dc_iters, o.dc_lr, o.lambda_c, o.batch)
             entry.update(dc_rep)
             net.quantize = False
             with torch.no_grad():
-                y = [torch.cat([net(_take(x_fp, slice(s, s + 256), n))[0][j] for s in range(0, n, 256)]) for j in range(len(block.outputs))]
+                y_dc = [torch.cat([net(_take(x_dc, slice(s, s + 256), n))[0][j] for s in range(0, n, 256)]) for j in range(len(block.outputs))]
             net.quantize = True
-        else:
-            y = [torch.from_numpy(np.ascontiguousarray(self.f_run.value(t), dtype=np.float32)) for t in block.outputs]
-        # the starting point: nearest rounding, initial steps
-        for m in modules.values():
-            m.mode = "nearest"
+            # [design decision] the corrected target's own prediction difference against how far the
+            # quantized block is from FP32: DC is used only where its target is the closer one by dc_gate
+            entry["kl_dc_target"] = self._logits_kl(rest, block, y_dc)
+            entry["dc_used"] = o.dc_gate <= 0 or entry["kl_dc_target"] <= o.dc_gate * kl0
+            if entry["dc_used"]:
+                x_fp, y = x_dc, y_dc
         with torch.no_grad():
             rec0 = sum(float(_mse(net(_take(x, slice(s, s + 256), n))[0], [t[s : s + 256] for t in y])) * min(256, n - s) for s in range(0, n, 256)) / n
         norm = 1.0 / max(rec0, 1e-12)

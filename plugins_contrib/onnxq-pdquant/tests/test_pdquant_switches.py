@@ -89,3 +89,26 @@ def test_bad_option_is_a_one_line_error():
 
     with pytest.raises((OnnxqError, ValueError), match="lambda"):
         onnxq.optimize(_bn_cnn(), method="pdquant", data=[{"x": np.zeros((2, 3, 8, 8), np.float32)}], show_progress=False, options={"lambda_r": 0})
+
+
+def test_8bit_activation_defaults_and_the_dc_gate(runs):
+    """At 8-bit activations: QDrop off, p = 2.4 weight steps, DC gated by its target's prediction
+    difference (README, differences from the paper); below 8 bits the paper's settings, DC always."""
+    model = _bn_cnn()
+    data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
+    a4 = runs["full"].report.methods["pdquant"]
+    assert (a4["qdrop_prob"], a4["weight_init_p"], a4["dc_gate"]) == (0.5, 2.0, 0.0)
+    assert all(b["dc_used"] for b in a4["blocks"] if b["batchnorms"])
+    a8 = {**W4A4, "act_bits": 8, "iters": 20}
+    rep = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options=a8).report.methods["pdquant"]
+    assert (rep["qdrop_prob"], rep["weight_init_p"], rep["dc_gate"]) == (1.0, 2.4, 1.0)
+    bn_blocks = [b for b in rep["blocks"] if b["batchnorms"]]
+    assert len(bn_blocks) == 2
+    for b in bn_blocks:  # the gate's decision is the comparison it documents
+        assert b["kl_dc_target"] > 0 and b["kl_start"] > 0
+        assert b["dc_used"] == (b["kl_dc_target"] <= b["kl_start"]), b
+    # explicit options win over the bits-dependent defaults; a tiny gate refuses every DC target
+    strict = onnxq.optimize(model, method="pdquant", data=data, show_progress=False,
+                            options={**a8, "qdrop_prob": 0.5, "weight_init_p": 2.0, "dc_gate": 1e-9}).report.methods["pdquant"]
+    assert (strict["qdrop_prob"], strict["weight_init_p"], strict["dc_gate"]) == (0.5, 2.0, 1e-9)
+    assert not any(b["dc_used"] for b in strict["blocks"] if b["batchnorms"])
