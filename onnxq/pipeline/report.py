@@ -117,7 +117,8 @@ class AutoReport:
     candidates: list[AutoCandidate] = described("every candidate tried, in the order tried")
     sensitivity: list[AutoLayer] = described("per-layer sensitivity and latency (only when mixed precision was searched)")
     float_layers: list[str] = described("layers left in float in the chosen model")
-    by_error_alone: AutoCandidate | None = described("the comparison: layers kept float by sensitivity alone, ignoring latency, until the target is met")
+    by_error_alone: AutoCandidate | None = described("the comparison: the layers of largest single-layer gain left float one at a time, latency ignored and "
+                                                    "nothing put back, until the target is met (on score_bound, as auto's own sets)")
     latency_cache: str | None = described("the per-machine latency table file (null: not cached)")
     machine: str | None = described("the latency table's machine key")
     time_budget_s: float = described("the search's time budget, seconds")
