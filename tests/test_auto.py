@@ -239,6 +239,10 @@ def test_no_target_leaves_a_few_layers_float_below_the_default_cosine():
     off = onnxq.optimize(model, method="auto", data=data, options={**FAST, "default_min_cosine": None}, show_progress=False, check=False)
     assert not off.report.auto.float_layers and not off.report.auto.sensitivity
     assert 1 - cosine_on(res.model, model, fresh) < 0.95 * (1 - cosine_on(off.model, model, fresh))  # both refit on all samples
+    # the default step finding nothing to leave float keeps the full-integer recipe, and never claims it meets the default cosine
+    kept = onnxq.optimize(model, method="auto", data=data, show_progress=False, check=False,
+                          options={**FAST, "default_min_cosine": 0.9997, "default_float_layers": 1, "max_sensitivity_layers": 0})
+    assert not kept.report.auto.float_layers and "meets" not in kept.report.auto.reason, kept.report.auto.reason
 
 
 def test_sensitivity_of_a_deep_model_finds_the_loss_in_fewer_runs_than_layers():

@@ -786,11 +786,12 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
     if o.time_budget is None:
         s.budget = max(s.budget, s.elapsed()) + MIXED_FACTOR * s.first_recipe_s
         s.report.time_budget_s = round(s.budget, 1)
-    s.goal = Goal("cosine", o.default_min_cosine)
+    plain, s.goal = s.goal, Goal("cosine", o.default_min_cosine)
     s.default_mixed = True
     mixed = mixed_precision(s, best, most=o.default_float_layers, compare=False)
     if mixed is None or mixed.score is None or best.score is None or mixed.score <= best.score:
         s.note("mixed precision did not improve on the full-integer recipe: kept it")
+        s.goal = plain  # the full-integer choice stands as made: no target was given, so there is none to claim it meets
         return best
     return mixed
 
