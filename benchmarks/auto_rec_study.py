@@ -4,6 +4,9 @@
     python benchmarks/auto_rec_study.py hand equalize+mse --no-fold --pool    # a hand-picked recipe on auto's 96-line pool
     python benchmarks/auto_rec_study.py hand equalize+mse --no-fold           # ... on all 128 calibration lines
     python benchmarks/auto_rec_study.py portfolio --no-fold                   # every candidate auto builds (no resampling)
+    python benchmarks/auto_rec_study.py swap equalize+mse --no-fold           # the pool's model with one tensor's qparams from the 128-line model
+    python benchmarks/auto_rec_study.py exclude mse --layers p2o.Conv.0-18     # a hand-picked recipe with layers left float
+    python benchmarks/auto_rec_study.py polish equalize+mse --no-fold         # activation scales tuned on the network output (overfits)
 
 Needs ``python benchmarks/bench.py --models ppocr-rec`` to have written .bench/. Prints one JSON line per model:
 character agreement and per-line cosine against FP32 on the suite's 256 evaluation lines (FP32's outputs
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper  # noqa: F401  (onnx.numpy_helper below)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -50,18 +54,134 @@ def pool(calib: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     return [{"x": x[i:i + 8]} for i in range(0, len(x), 8)]
 
 
+def _qparam_inits(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Activation tensor -> the scale and zero-point initializers of its QuantizeLinear and DequantizeLinear, in graph order."""
+    consts = {i.name for i in model.graph.initializer}
+    out: dict[str, list[str]] = {}
+    q_of: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in consts:
+            out.setdefault(n.input[0], []).extend(n.input[1:])
+            q_of[n.output[0]] = n.input[0]
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in q_of:
+            out[q_of[n.input[0]]].extend(n.input[1:])
+    return out
+
+
+def swap(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray]) -> None:
+    """How much of the gap between the pool's model and the 128-line model one activation tensor's qparams explain."""
+    calib = task.calibration()
+    full = onnxq.optimize(task.fp32, method=recipe, data=calib, show_progress=False, fold=fold, check=False).model
+    part = onnxq.optimize(task.fp32, method=recipe, data=pool(calib), show_progress=False, fold=fold, check=False).model
+    qa, qp = _qparam_inits(full), _qparam_inits(part)
+    src = {i.name: i for i in full.graph.initializer}
+    tensors = [t for t in qp if t in qa]
+    print(json.dumps({"model": "all lines", **agreement(task, full, ref)}), json.dumps({"model": "pool", **agreement(task, part, ref)}), flush=True)
+
+    def with_full(sel: list[str]) -> dict[str, float]:
+        m = onnx.ModelProto()
+        m.CopyFrom(part)
+        dst = {i.name: i for i in m.graph.initializer}
+        for t in sel:
+            for a, b in zip(qa[t], qp[t]):
+                dst[b].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(src[a]), b))
+        return agreement(task, m, ref)
+
+    n = len(tensors)
+    for lo, hi in [(0, n // 4), (n // 4, n // 2), (n // 2, 3 * n // 4), (3 * n // 4, n), (0, n)]:
+        print(json.dumps({"tensors": f"{lo}..{hi - 1} of {n}", **with_full(tensors[lo:hi])}), flush=True)
+    for t in tensors[: n // 4]:
+        scale = lambda m, q: float(onnx.numpy_helper.to_array({i.name: i for i in m.graph.initializer}[q[t][0]]).ravel()[0])  # noqa: E731
+        print(json.dumps({"tensor": t, "scale_all": scale(full, qa), "scale_pool": scale(part, qp), **with_full([t])}), flush=True)
+
+
+def _layers(spec: str) -> list[str]:
+    """``p2o.Conv.0-18`` -> p2o.Conv.0 .. p2o.Conv.18; names separated by commas otherwise."""
+    out: list[str] = []
+    for part in spec.split(","):
+        head, _, rng = part.rpartition(".")
+        if "-" in rng:
+            lo, hi = map(int, rng.split("-"))
+            out += [f"{head}.{i}" for i in range(lo, hi + 1)]
+        else:
+            out.append(part)
+    return out
+
+
+def polish(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray], lines: int, top: int) -> None:
+    """Tune the most sensitive activation scales on the network output over the first ``lines`` calibration lines
+    (factors 0.85..1.15 of the calibrated scale, one tensor at a time), then score on the evaluation lines."""
+    calib = task.calibration()
+    model = onnxq.optimize(task.fp32, method=recipe, data=calib, show_progress=False, fold=fold, check=False).model
+    print(json.dumps({"model": "calibrated", **agreement(task, model, ref)}), flush=True)
+    tune = calib[: max(1, lines // 8)]
+    fp = make_session(task.fp32, "all", threads=1)
+    tune_ref = [fp.run(None, f)[0] for f in tune]
+    inits = {i.name: i for i in model.graph.initializer}
+    sites = _qparam_inits(model)
+    base = {t: float(onnx.numpy_helper.to_array(inits[v[0]]).ravel()[0]) for t, v in sites.items()}
+
+    def set_scale(t: str, value: float) -> None:
+        for name in set(sites[t]):
+            arr = onnx.numpy_helper.to_array(inits[name])
+            if arr.dtype.kind == "f":  # the scales; the zero points stay
+                inits[name].CopyFrom(onnx.numpy_helper.from_array(np.full_like(arr, value), name))
+
+    def tuned() -> float:
+        sess = make_session(model, "all", threads=1)
+        a = np.concatenate([r.reshape(len(r), -1) for r in tune_ref]).astype(np.float64)
+        b = np.concatenate([sess.run(None, f)[0].reshape(len(r), -1) for f, r in zip(tune, tune_ref)]).astype(np.float64)
+        return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+    start = tuned()
+    gain = {}
+    for t in sites:
+        best = start
+        for f in (0.93, 1.07):
+            set_scale(t, base[t] * f)
+            best = max(best, tuned())
+        set_scale(t, base[t])
+        gain[t] = best - start
+    now = start
+    for t in sorted(gain, key=gain.get, reverse=True)[:top]:
+        pick = 1.0
+        for f in np.arange(0.85, 1.1501, 0.025):
+            set_scale(t, base[t] * f)
+            v = tuned()
+            if v > now + 1e-6:
+                pick, now = float(f), v
+        set_scale(t, base[t] * pick)
+    print(json.dumps({"model": f"polished ({top} scales on {len(tune) * 8} lines)", "tune_cosine_before": round(start, 5),
+                      "tune_cosine_after": round(now, 5), **agreement(task, model, ref)}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("hand", "portfolio"))
+    ap.add_argument("mode", choices=("hand", "portfolio", "swap", "exclude", "polish"))
     ap.add_argument("recipe", nargs="?", default="equalize+mse", help="hand: methods joined by +")
     ap.add_argument("--no-fold", action="store_true")
     ap.add_argument("--pool", action="store_true", help="hand: calibrate on auto's 96-line pool instead of all 128 lines")
+    ap.add_argument("--layers", default="", help="exclude: layers left float (p2o.Conv.0-18 or names joined by commas)")
+    ap.add_argument("--lines", type=int, default=48, help="polish: calibration lines the scales are tuned on")
+    ap.add_argument("--top", type=int, default=10, help="polish: the most sensitive scales tuned")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     a = ap.parse_args(argv)
     task = Task("ppocr-rec", a.workdir)
     ref = task.reference()
     calib = task.calibration()
     fold = not a.no_fold
+    if a.mode == "swap":
+        swap(task, a.recipe.split("+"), fold, ref)
+        return 0
+    if a.mode == "polish":
+        polish(task, a.recipe.split("+"), fold, ref, a.lines, a.top)
+        return 0
+    if a.mode == "exclude":
+        res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=calib, show_progress=False, fold=fold, check=False,
+                             exclude=_layers(a.layers))
+        print(json.dumps({"recipe": a.recipe, "fold": fold, "float": a.layers, **agreement(task, res.model, ref)}), flush=True)
+        return 0
     if a.mode == "hand":
         data = pool(calib) if a.pool else calib
         t = time.perf_counter()
