@@ -11,7 +11,8 @@ target ``ort``, and scored on images disjoint from every calibration set:
   in all (mobilenetv3_hswish: 3,600 more synthetic shapes, generator seed 3; mnist_norm_resnet: the 500
   held-out digits and each shifted by one pixel in 7 directions, as the model's training shifted them);
 * ``val`` (for choosing settings, never the test images): mobilenetv3_hswish 2,000 synthetic shapes of
-  generator seed 4; mnist_norm_resnet the training digits outside every calibration set used.
+  generator seed 4; mnist_norm_resnet the training digits outside every calibration set used;
+* ``val-shifted`` (mnist_norm_resnet): those validation digits and each shifted as in ``test`` (4,464 images).
 
 Three measures per run: top-1 against the labels, top-1 agreement with the FP32 model, and the mean
 ``KL(softmax(z_fp) || softmax(z_q))`` of the logits (finer than accuracy when the fixture is easy).
@@ -73,15 +74,18 @@ def load_data(fixture: str, split: str, seeds: list[int]) -> tuple[dict[int, np.
         x_tr, y_tr = c.mnist_normalize(x_tr).numpy(), np.asarray(y_tr)
         picks = {s: c.calib_subset(len(x_tr), CALIB, seed=s) for s in seeds}
         assert np.array_equal(x_tr[picks.get(0, c.calib_subset(len(x_tr), CALIB, 0))], fixture_calib), "fixture calib.npz is no longer calib_subset(seed 0)"
+        bg = float(c.mnist_normalize(np.zeros(1, np.float32))[0])
+        shifts = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1)]
         if split == "test":
-            bg = float(c.mnist_normalize(np.zeros(1, np.float32))[0])
-            shifts = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1)]
             x_ev = np.concatenate([ev["input"]] + [_shifted(ev["input"], dy, dx, bg) for dy, dx in shifts])
             y_ev = np.tile(ev["label"], 1 + len(shifts))
         else:
             used = set(np.concatenate([c.calib_subset(len(x_tr), CALIB, seed=s) for s in set(SEEDS_USED) | set(seeds)]).tolist())
             keep = np.array([i for i in range(len(x_tr)) if i not in used])
             x_ev, y_ev = x_tr[keep], y_tr[keep]
+            if split == "val-shifted":  # the test split's one-pixel shifts, on the validation digits
+                x_ev = np.concatenate([x_ev] + [_shifted(x_ev, dy, dx, bg) for dy, dx in shifts])
+                y_ev = np.tile(y_ev, 1 + len(shifts))
     else:
         raise SystemExit(f"benchmark.py knows mobilenetv3_hswish and mnist_norm_resnet, not {fixture}")
     return {s: np.ascontiguousarray(x_tr[p], dtype=np.float32) for s, p in picks.items()}, np.ascontiguousarray(x_ev, dtype=np.float32), y_ev
@@ -125,7 +129,7 @@ def main() -> None:
     ap.add_argument("wbits", type=int)
     ap.add_argument("abits", type=int)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--split", choices=["test", "val"], default="test")
+    ap.add_argument("--split", choices=["test", "val", "val-shifted"], default="test")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dc-iters", type=int, default=50)
     ap.add_argument("--only", nargs="*", default=None, help="column names to run (default: all)")
@@ -146,13 +150,14 @@ def main() -> None:
         "pdquant": ("pdquant", pd),
         "pdquant-no-pd": ("pdquant", {**pd, "pd_loss": False}),
         "pdquant-no-dc": ("pdquant", {**pd, "dc": False}),
+        "pdquant-dc": ("pdquant", {**pd, "dc": True}),  # the DC ablation at 8-bit activations, where DC is off by default
     }
     results: dict[str, list[dict[str, float]]] = {}
     for seed in a.seeds:
         data = [{"input": calib[seed][i : i + 64]} for i in range(0, CALIB, 64)]
         for name, (method, options) in columns.items():
-            if a.only and name not in a.only:
-                continue
+            if (a.only and name not in a.only) or (not a.only and name == "pdquant-dc" and a.abits < 8) or (not a.only and name == "pdquant-no-dc" and a.abits >= 8):
+                continue  # by default only the DC column that differs from the defaults at these bits
             t0 = time.perf_counter()
             r = onnxq.optimize(d / "model.onnx", method=method, options=options, data=data, target="ort", show_progress=False, check=False)
             m = measures(logits(r.model, x_ev), z_fp, y_ev)

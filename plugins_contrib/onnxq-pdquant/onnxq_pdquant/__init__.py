@@ -13,6 +13,8 @@
    host's rewrite) and the learned steps as the activation qparams.
 
 ``-o pd_loss false`` and ``-o dc false`` are the paper's ablations; ``-o qdrop_prob 1`` turns QDrop off.
+At 8-bit activations the defaults differ (QDrop and DC off, p = 2.4 weight steps, blocks cut before a
+global pooling; :func:`resolved`, README "Differences from the paper"); ``-o dc true`` is then the DC ablation.
 """
 
 from __future__ import annotations
@@ -45,14 +47,15 @@ class PDQuantOptions:
     keep_first_last: bool = option(False, "keep the first and last weighted layers at the target's bits (the paper does; off so every layer has the requested bits)")
     init_p: float = option(2.0, "p of the Lp init of the activation clips (and of the weight steps below 8-bit activations)")
     weight_init_p: float | None = option(None, "p of the Lp init of the weight steps (default: init_p below 8-bit activations, BRECQ's 2.4 at 8 bits)")
+    cut_pooling: bool | None = option(None, "a block ending in a global pooling is compared before the pooling, which joins the next block (default: off below 8-bit activations, on at 8 bits)")
     pd_loss: bool = option(True, "add the prediction-difference loss KL(softmax(z_fp/T) || softmax(z_q/T))/lambda_r through the rest of the FP32 network")
-    dc: bool = option(True, "distribution correction of block inputs toward the FP32 model's BatchNorm statistics")
+    dc: bool | None = option(None, "distribution correction of block inputs toward the FP32 model's BatchNorm statistics (default: on below 8-bit activations, off at 8 bits)")
     qdrop_prob: float | None = option(None, "QDrop (the paper's prob / input_prob): while learning, each activation element is quantized with this probability and the block's MSE input mixes quantized and FP32 elements; 1 turns it off (default: 0.5 below 8-bit activations, 1 at 8 bits)")
     learn_act_steps: bool = option(True, "learn the activation steps of each block (LSQ-style) together with the weight rounding")
     temperature: float = option(4.0, "softmax temperature T of the prediction-difference loss")
     lambda_r: float = option(0.1, "the prediction-difference loss is divided by lambda_r")
     lambda_c: float = option(0.02, "DC: the distance of the corrected input to the quantized one is divided by lambda_c")
-    dc_gate: float | None = option(None, "if > 0: a block's DC target is used only where its prediction difference to FP32 is <= dc_gate x the quantized block's at nearest rounding; 0 always uses it (default: 0 below 8-bit activations, 1 at 8 bits)")
+    dc_gate: float = option(0.0, "if > 0: a block's DC target is used only where its prediction difference to FP32 is <= dc_gate x the quantized block's at nearest rounding; 0 always uses it")
     dc_iters: int = option(200, "DC Adam steps per block (paper: 500)")
     dc_lr: float = option(1e-3, "DC Adam learning rate (the paper's bn_lr)")
     iters: int = option(1000, "Adam iterations per block (paper: 20000)")
@@ -81,7 +84,7 @@ class PDQuantOptions:
             raise ValueError("qdrop_prob must be in (0, 1]")
         if self.init_p <= 0 or (self.weight_init_p is not None and self.weight_init_p <= 0) or self.threads < 0:
             raise ValueError("init_p and weight_init_p must be > 0 and threads >= 0")
-        if self.dc_gate is not None and self.dc_gate < 0:
+        if self.dc_gate < 0:
             raise ValueError("dc_gate must be >= 0")
 
 
@@ -92,18 +95,20 @@ FINE_ACT_BITS = 8
 def resolved(o: PDQuantOptions, act_bits: int) -> PDQuantOptions:
     """``o`` with the bits-dependent defaults filled in.
 
-    [design decision] Below 8-bit activations the paper's settings (QDrop 0.5, DC always, the Lp
-    init's p for the weights too). At 8-bit activations the weight rounding is nearly all of the
-    error, and on the validation split QDrop, DC's shifted target and the Lp(2) weight steps each
-    cost more than they gave (README): QDrop off, BRECQ's p = 2.4 for the weight steps, and DC
-    gated by its target's own prediction difference.
+    [design decision] Below 8-bit activations the paper's settings (QDrop 0.5, DC on, the Lp init's
+    p for the weight steps too, blocks as onnxq-brecq cuts them). At 8-bit activations the weight
+    rounding is nearly all of the error, and on the validation split QDrop, DC's shifted target and
+    the Lp(2) weight steps each cost more than they gave, and a block compared on a globally pooled
+    vector over-fitted its rounding (README): QDrop off, DC off, BRECQ's p = 2.4 for the weight
+    steps, blocks cut before a global pooling.
     """
     fine = act_bits >= FINE_ACT_BITS
     return dataclasses.replace(
         o,
         qdrop_prob=o.qdrop_prob if o.qdrop_prob is not None else (1.0 if fine else 0.5),
         weight_init_p=o.weight_init_p if o.weight_init_p is not None else (2.4 if fine else o.init_p),
-        dc_gate=o.dc_gate if o.dc_gate is not None else (1.0 if fine else 0.0),
+        dc=o.dc if o.dc is not None else not fine,
+        cut_pooling=o.cut_pooling if o.cut_pooling is not None else fine,
     )
 
 
@@ -168,7 +173,7 @@ class PDQuant(QuantMethod):
         wbits, abits = self._bits(ctx)
         o = resolved(o, abits)
         report: dict[str, Any] = {"weight_bits": wbits, "act_bits": abits, "pd_loss": o.pd_loss, "dc": o.dc,
-                                  "qdrop_prob": o.qdrop_prob, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate,
+                                  "qdrop_prob": o.qdrop_prob, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate, "cut_pooling": o.cut_pooling,
                                   "batchnorm_stats": len(bn), "float_model": ctx.float_model is not None}
         ctx.report[self.name] = report
         if o.iters == 0 and not (o.dc and bn):

@@ -123,6 +123,48 @@ def distribution_correction(net: Net, x: dict[str, torch.Tensor], stats: list[BN
     return corrected, {"bn_loss_before": before, "bn_loss_after": after}
 
 
+#: weight-free ops that reduce a feature map to a vector (and the reshapes that follow them)
+POOL_TAIL = {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "Flatten", "Reshape", "Squeeze"}
+_POOLING = {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"}
+
+
+def cut_before_pooling(blocks: list[Block], model: onnx.ModelProto) -> list[Block]:
+    """Move a block's trailing global pooling (and reshapes after it) to the start of the next block.
+
+    [design decision] A block that ends in a global pooling is otherwise compared on the pooled
+    vector: a few numbers per sample, which the rounding of the convs before it can match on 128
+    calibration samples in many ways, most of them worse on other images (README). Cut before the
+    pooling, the block is compared on the feature map, and the pooling becomes part of the next
+    block (and of the rest of the network for the PD loss).
+    """
+    consts = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    out = list(blocks)
+    for i in range(len(out) - 1):
+        b = out[i]
+        k = 0
+        while k < len(b.nodes) - 1 and b.nodes[-1 - k].op_type in POOL_TAIL and b.nodes[-1 - k].name not in b.learnable:
+            k += 1
+        tail = b.nodes[len(b.nodes) - k :]
+        if not any(n.op_type in _POOLING for n in tail):
+            continue
+        head = b.nodes[: len(b.nodes) - k]
+        nxt = out[i + 1]
+        later = tail + nxt.nodes + [n for blk in out[i + 2 :] for n in blk.nodes]
+        reads = {t for n in later for t in n.input if t} | graph_outputs
+        outputs = [o for n in head for o in n.output if o and o in reads]
+        nodes = tail + nxt.nodes
+        produced = {o for n in nodes for o in n.output if o}
+        inputs: list[str] = []
+        for n in nodes:
+            for t in n.input:
+                if t and t not in consts and t not in produced and t not in inputs:
+                    inputs.append(t)
+        out[i] = Block(head, b.inputs, outputs, b.learnable)
+        out[i + 1] = Block(nodes, inputs, nxt.outputs, nxt.learnable)
+    return out
+
+
 class PDReconstructor:
     """Learns weight rounding and activation steps block by block with PD-Quant's objective."""
 
@@ -151,7 +193,10 @@ class PDReconstructor:
     def run(self) -> None:
         with torch.random.fork_rng():  # QDrop's masks draw from torch's global generator: seeded, and restored after
             torch.manual_seed(int(self.o.seed))
-            for block in find_blocks(self.model, set(self.learnable), "block"):
+            blocks = find_blocks(self.model, set(self.learnable), "block")
+            if self.o.cut_pooling:
+                blocks = cut_before_pooling(blocks, self.model)
+            for block in blocks:
                 try:
                     self._block(block)
                 except Unsupported as exc:

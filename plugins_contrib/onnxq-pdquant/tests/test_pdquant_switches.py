@@ -92,23 +92,27 @@ def test_bad_option_is_a_one_line_error():
 
 
 def test_8bit_activation_defaults_and_the_dc_gate(runs):
-    """At 8-bit activations: QDrop off, p = 2.4 weight steps, DC gated by its target's prediction
-    difference (README, differences from the paper); below 8 bits the paper's settings, DC always."""
+    """At 8-bit activations: QDrop and DC off, p = 2.4 weight steps, blocks cut before a global
+    pooling (README, differences from the paper); below 8 bits the paper's settings. The DC gate
+    uses a block's DC target only where its prediction difference is within dc_gate x the start's."""
     model = _bn_cnn()
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     a4 = runs["full"].report.methods["pdquant"]
-    assert (a4["qdrop_prob"], a4["weight_init_p"], a4["dc_gate"]) == (0.5, 2.0, 0.0)
+    assert (a4["qdrop_prob"], a4["weight_init_p"], a4["dc"], a4["cut_pooling"]) == (0.5, 2.0, True, False)
     assert all(b["dc_used"] for b in a4["blocks"] if b["batchnorms"])
+    assert a4["blocks"][-1]["block"][0] == "fc"  # the pooling stays in the block before the Gemm
     a8 = {**W4A4, "act_bits": 8, "iters": 20}
     rep = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options=a8).report.methods["pdquant"]
-    assert (rep["qdrop_prob"], rep["weight_init_p"], rep["dc_gate"]) == (1.0, 2.4, 1.0)
-    bn_blocks = [b for b in rep["blocks"] if b["batchnorms"]]
-    assert len(bn_blocks) == 2
-    for b in bn_blocks:  # the gate's decision is the comparison it documents
-        assert b["kl_dc_target"] > 0 and b["kl_start"] > 0
-        assert b["dc_used"] == (b["kl_dc_target"] <= b["kl_start"]), b
-    # explicit options win over the bits-dependent defaults; a tiny gate refuses every DC target
-    strict = onnxq.optimize(model, method="pdquant", data=data, show_progress=False,
-                            options={**a8, "qdrop_prob": 0.5, "weight_init_p": 2.0, "dc_gate": 1e-9}).report.methods["pdquant"]
-    assert (strict["qdrop_prob"], strict["weight_init_p"], strict["dc_gate"]) == (0.5, 2.0, 1e-9)
-    assert not any(b["dc_used"] for b in strict["blocks"] if b["batchnorms"])
+    assert (rep["qdrop_prob"], rep["weight_init_p"], rep["dc"], rep["cut_pooling"]) == (1.0, 2.4, False, True)
+    assert not any("dc_used" in b for b in rep["blocks"])
+    assert rep["blocks"][-1]["block"][:3] == ["gap", "flat", "fc"] and rep["blocks"][-2]["block"][-1] == "l1_relu"
+    # explicit options win over the bits-dependent defaults; the gate's decision is the comparison it documents
+    for gate in (1.0, 1e-9):
+        r = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options={**a8, "dc": True, "dc_gate": gate}).report.methods["pdquant"]
+        bn_blocks = [b for b in r["blocks"] if b["batchnorms"]]
+        assert r["dc"] is True and len(bn_blocks) == 2
+        for b in bn_blocks:
+            assert b["kl_dc_target"] > 0 and b["kl_start"] > 0
+            assert b["dc_used"] == (b["kl_dc_target"] <= gate * b["kl_start"]), b
+        if gate < 1e-6:
+            assert not any(b["dc_used"] for b in bn_blocks)
