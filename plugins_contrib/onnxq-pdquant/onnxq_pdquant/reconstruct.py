@@ -17,6 +17,10 @@ For each block (onnxq-brecq's blocks: the graph cut at single-tensor articulatio
    mixes quantized-prefix and ``x'`` elements with that probability.
 3. If the hardened result scores worse on that objective (all calibration samples, no dropping) than
    nearest rounding with the initial steps, the initial grid is kept.
+
+With ``cut_pooling`` (the default at 8-bit activations) a block ending in a global pooling is
+compared before the pooling (:func:`cut_before_pooling`); with ``dc_gate`` > 0 a block's DC target
+is used only where its own prediction difference is within ``dc_gate`` times the starting point's.
 """
 
 from __future__ import annotations
