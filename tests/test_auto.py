@@ -236,6 +236,9 @@ def test_no_target_leaves_a_few_layers_float_below_the_default_cosine():
     full = [c for c in auto.candidates if not c.float_layers]
     assert auto.default_target and max(c.score_worst for c in full) < 0.9997, "precondition: the full-integer recipes reach it"
     assert len(auto.float_layers) == 1 and auto.sensitivity, auto.float_layers
+    chosen = next(c for c in auto.candidates if c.name == auto.chosen)
+    recipe = next(c for c in full if c.methods == chosen.methods and c.resample_scores)
+    assert chosen.spread == recipe.spread > 0  # the set of float layers reports its recipe's spread over the subsets
     off = onnxq.optimize(model, method="auto", data=data, options={**FAST, "default_min_cosine": None}, show_progress=False, check=False)
     assert not off.report.auto.float_layers and not off.report.auto.sensitivity
     assert 1 - cosine_on(res.model, model, fresh) < 0.95 * (1 - cosine_on(off.model, model, fresh))  # both refit on all samples

@@ -716,7 +716,7 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
     s.prepare()
     portfolio(s)
     finals = finalists(s)
-    best = choose(finals, s.goal)
+    best = full = choose(finals, s.goal)
     if s.goal.threshold is not None and not best.meets_target and o.mixed:
         mixed = mixed_precision(s, best)
         if mixed is not None:
@@ -724,6 +724,11 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
     elif s.goal.threshold is None and o.mixed and o.default_min_cosine is not None and o.default_float_layers > 0 \
             and best.score_worst is not None and best.score_worst < o.default_min_cosine:
         best = default_mixed(s, best, finals)
+    if best is not full and best.spread is None and full.spread is not None:
+        # a set of float layers is not recalibrated on the subsets (each would be one more pass per subset); how much its
+        # recipe moves with the calibration data was measured full integer, and that is the spread the report gives
+        best.spread = full.spread
+        s.note(f"{best.name}: the spread over the calibration subsets is {full.name}'s, measured full integer ({full.spread:.5f})")
     if o.refit:
         refit(s, best)
     s.report.chosen = best.name
