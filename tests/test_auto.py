@@ -157,6 +157,14 @@ def test_every_candidate_is_reported_with_its_spread_and_worst_case():
     assert auto.heldout == "split" and auto.heldout_samples == 24 and auto.calibration_samples == 72
 
 
+def test_the_best_candidate_is_resampled_even_when_the_portfolio_spent_the_budget():
+    res = onnxq.optimize(mlp_model(), method="auto", data=feeds([32]), options={**FAST, "time_budget": 0.01}, show_progress=False, check=False)
+    auto = res.report.auto
+    assert auto.budget_exhausted and len(auto.candidates) < 8, [c.name for c in auto.candidates]
+    best = min((c for c in auto.candidates if not c.float_layers), key=lambda c: -c.score)
+    assert len(best.resample_scores) == 2 and best.spread is not None and best.score_worst <= best.score
+
+
 def test_the_chosen_recipe_is_calibrated_again_on_every_sample_like_a_hand_picked_run():
     """Candidates are scored on a held-out quarter they are not calibrated on; the model handed back is calibrated on all
     of it (when that scores at least as well there), so it is the model a hand-picked run of the same recipe on the same

@@ -614,12 +614,13 @@ class Search:
             self.report.candidates.append(cand)
         return cand
 
-    def resample(self, cand: AutoCandidate) -> None:
-        """Recalibrate ``cand`` on each disjoint subset and score it: its spread and worst score."""
+    def resample(self, cand: AutoCandidate, whole: bool = False) -> None:
+        """Recalibrate ``cand`` on each disjoint subset and score it: its spread and worst score.
+        ``whole``: on every subset even past the time budget."""
         form = self.forms[_form_name(cand.methods)]
         recipe = cand.methods[len(form.rewrite):]
         for i, part in enumerate(self.subsets):
-            if self.left() <= 0:
+            if self.left() <= 0 and not whole:
                 self.report.budget_exhausted = True
                 self.note(f"time budget spent: {cand.name} resampled on {i} of {len(self.subsets)} subsets")
                 break
@@ -881,9 +882,11 @@ def finalists(s: Search) -> list[AutoCandidate]:
     """The best few candidates, each recalibrated on the disjoint subsets and measured for latency."""
     ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
     finals = ok[: s.o.finalists]
-    for c in finals:
-        if s.subsets and s.left() > 0:
-            s.resample(c)
+    for i, c in enumerate(finals):
+        if s.subsets and (s.left() > 0 or i == 0):
+            # the best is resampled even when the portfolio spent the budget (about one statistics pass over the pool):
+            # without one measured spread the choice cannot tell a recipe that holds from one that got lucky
+            s.resample(c, whole=i == 0)
         elif s.subsets:
             s.report.budget_exhausted = True
             s.note(f"time budget spent: {c.name} not resampled")
