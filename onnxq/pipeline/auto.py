@@ -1232,22 +1232,12 @@ def put_back(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: 
         trial = [n for n in chosen if n != node]
         if node in known or not trial or frozenset(trial) in failed:
             continue
-        if s.left() <= 0:
-            s.report.budget_exhausted = True
-            s.note(f"time budget spent while putting float layers back in integer ({stage})")
+        if _out_of_time(s, f"putting float layers back in integer ({stage})"):
             break
-        c = _judge(s, s.candidate(form, recipe, stage, trial, like))
-        if not record:
-            s.report.candidates.pop()
-        if c.meets_target:
-            s.forget(last)
+        c = _try(s, form, recipe, like, stage, trial, last, record, failed)
+        if c is not None:
             chosen, last = trial, c
-        else:
-            failed.add(frozenset(trial))
-            s.forget(c)
-    if last.latency_ms is None:
-        s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
-    return last
+    return _measured(s, last)
 
 
 def swap(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: AutoCandidate, ranked: list[AutoLayer],
@@ -1276,19 +1266,40 @@ def swap(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: Auto
         trial = [n for n in chosen if n != node] + pick
         if not pick or got < gain.get(node, 0.0) or frozenset(trial) in failed:
             continue
-        if s.left() <= 0:
-            s.report.budget_exhausted = True
-            s.note(f"time budget spent while swapping float layers for cheaper ones ({stage})")
+        if _out_of_time(s, f"swapping float layers for cheaper ones ({stage})"):
             break
-        c = _judge(s, s.candidate(form, recipe, stage, trial, like))
-        if not record:
-            s.report.candidates.pop()
-        if c.meets_target:
-            s.forget(last)
+        c = _try(s, form, recipe, like, stage, trial, last, record, failed)
+        if c is not None:
             chosen, last = trial, c
-        else:
-            failed.add(frozenset(trial))
-            s.forget(c)
+    return _measured(s, last)
+
+
+def _out_of_time(s: Search, doing: str) -> bool:
+    """True (and said in the notes) when the time budget is spent."""
+    if s.left() > 0:
+        return False
+    s.report.budget_exhausted = True
+    s.note(f"time budget spent while {doing}")
+    return True
+
+
+def _try(s: Search, form: Form, recipe: tuple[str, ...], like: Built, stage: str, trial: list[str], last: AutoCandidate,
+         record: bool, failed: set[frozenset[str]]) -> AutoCandidate | None:
+    """Measure the set of float layers ``trial``: its candidate when it meets the target (``last`` is then dropped),
+    None when it does not (the set is added to ``failed``)."""
+    c = _judge(s, s.candidate(form, recipe, stage, trial, like))
+    if not record:
+        s.report.candidates.pop()
+    if c.meets_target:
+        s.forget(last)
+        return c
+    failed.add(frozenset(trial))
+    s.forget(c)
+    return None
+
+
+def _measured(s: Search, last: AutoCandidate) -> AutoCandidate:
+    """``last`` with its whole-model latency measured (once per set of float layers)."""
     if last.latency_ms is None:
         s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
     return last
