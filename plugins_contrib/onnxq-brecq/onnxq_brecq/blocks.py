@@ -34,7 +34,8 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _external_inputs(nodes: list[onnx.NodeProto], consts: set[str]) -> list[str]:
+def external_inputs(nodes: list[onnx.NodeProto], consts: set[str]) -> list[str]:
+    """The tensors ``nodes`` read that no node among them produces and that are not constants, in first-read order."""
     produced = {o for n in nodes for o in n.output if o}
     out: list[str] = []
     for n in nodes:
@@ -92,7 +93,7 @@ def find_blocks(model: onnx.ModelProto, learnable: set[str], mode: str = "block"
         produced = {o for n in seg for o in n.output if o}
         later_reads = _reads_after(nodes, seg[-1], consts) | outputs
         outs = [o for n in seg for o in n.output if o and o in later_reads]
-        blocks.append(Block(seg, _external_inputs(seg, consts), [o for o in outs if o in produced], [n.name for n in seg if n.name in learnable]))
+        blocks.append(Block(seg, external_inputs(seg, consts), [o for o in outs if o in produced], [n.name for n in seg if n.name in learnable]))
     return blocks
 
 
@@ -115,5 +116,5 @@ def _layer_blocks(nodes: list[onnx.NodeProto], consts: set[str], outputs: set[st
         nxt = consumers.get(n.output[0], [])
         if len(nxt) == 1 and n.output[0] not in outputs and nxt[0].op_type in ("Relu", "Clip", "LeakyRelu"):
             seg.append(nxt[0])
-        blocks.append(Block(seg, _external_inputs(seg, consts), [seg[-1].output[0]], [n.name]))
+        blocks.append(Block(seg, external_inputs(seg, consts), [seg[-1].output[0]], [n.name]))
     return blocks

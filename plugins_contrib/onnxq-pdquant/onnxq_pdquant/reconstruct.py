@@ -34,7 +34,7 @@ import onnx
 import torch
 from onnxq.graph.plan import QuantPlan
 from onnxq.search.evaluator import GraphRunner
-from onnxq_brecq.blocks import Block, find_blocks
+from onnxq_brecq.blocks import Block, external_inputs, find_blocks
 from onnxq_brecq.torch_graph import AdaRoundWeight, Unsupported
 
 from onnxq_pdquant.bn_stats import BNStat
@@ -158,14 +158,8 @@ def cut_before_pooling(blocks: list[Block], model: onnx.ModelProto) -> list[Bloc
         reads = {t for n in later for t in n.input if t} | graph_outputs
         outputs = [o for n in head for o in n.output if o and o in reads]
         nodes = tail + nxt.nodes
-        produced = {o for n in nodes for o in n.output if o}
-        inputs: list[str] = []
-        for n in nodes:
-            for t in n.input:
-                if t and t not in consts and t not in produced and t not in inputs:
-                    inputs.append(t)
         out[i] = Block(head, b.inputs, outputs, b.learnable)
-        out[i + 1] = Block(nodes, inputs, nxt.outputs, nxt.learnable)
+        out[i + 1] = Block(nodes, external_inputs(nodes, consts), nxt.outputs, nxt.learnable)
     return out
 
 
