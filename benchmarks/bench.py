@@ -10,6 +10,8 @@ recognition and detection models and, when exported, all-MiniLM-L6-v2), side by 
   ``--target trt`` INT8 and INT7 and ``easyquant --target trt`` INT7; digits and ppocr-rec also
   ``minmax --target ort-s8`` for the U8S8 vs S8S8 latency question), with a line per model
   giving easyquant's wall time over onnxq minmax's (goal: within 10x);
+* onnxq ``-p auto`` with its defaults (``onnxq-auto``, every model, after the hand-picked onnxq rows);
+  the JSON keeps what it chose (recipe, float layers, candidates) and the tables show it;
 * ONNX Runtime ``quantize_static`` (QDQ, per-channel, U8S8) with its MinMax calibrator and with
   its two histogram calibrators, Percentile and Entropy (every model; ``--quick``: digits only;
   ``--skip-ort-histogram`` leaves them out), each with a 900 s timeout (ORT_HISTOGRAM_TIMEOUT);
@@ -80,7 +82,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from checks import easyquant_ratios, memory_time_check  # noqa: E402
-from configs import CALIB_SEED, EVAL_SEED, MODELS, ONNXQ_BATCH, ORT_HISTOGRAM_KEYS, ORT_HISTOGRAM_TIMEOUT, PEER_TITLES, SIZES, configs_for  # noqa: E402
+from configs import CALIB_SEED, EVAL_SEED, MODELS, ONNXQ_BATCH, ORT_HISTOGRAM_KEYS, ORT_HISTOGRAM_TIMEOUT, PEER_TITLES, SIZES, Config, configs_for  # noqa: E402
 from probes import as_shipped_probe, batch_size_probe, memory_flat, u8_vs_s8_probe  # noqa: E402
 from runner import T0, Runner, available_memory, log, short_error  # noqa: E402
 from scoring import Evaluator, integer_kernels  # noqa: E402
@@ -109,6 +111,8 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
             log(f"{task.name}: quantizing with {cfg.label} ...")
             if cfg.tool == "onnxq":
                 m = runner.onnxq(task, cfg, path)
+                if cfg.method == "auto":
+                    row["auto"] = auto_summary(m.stdout)
             elif cfg.tool in PEER_TITLES:
                 m = runner.peer(task, cfg, path)
             else:
@@ -147,12 +151,43 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
     result["memory_time_check"] = memory_time_check(task.name, rows)
 
 
+#: ``-p auto`` with its defaults (no target, default time budget), on the same calibration folder as
+#: every other row; it comes after the hand-picked onnxq rows of every model's table
+AUTO_CONFIG = Config("onnxq-auto", "onnxq auto", "onnxq", "auto", "ort", 8)
+#: what a row keeps of auto's own report (``report.auto`` of ``optimize --json``)
+AUTO_KEYS = ("chosen", "float_layers", "reason", "met", "default_target", "heldout", "heldout_samples", "calibration_samples",
+             "time_budget_s", "budget_exhausted", "seconds")
+
+
+def with_auto(cfgs: list[Config]) -> list[Config]:
+    """``cfgs`` with :data:`AUTO_CONFIG` after the last onnxq row (once)."""
+    if any(c.key == AUTO_CONFIG.key for c in cfgs):
+        return cfgs
+    last = max((i for i, c in enumerate(cfgs) if c.tool in ("fp32", "onnxq")), default=len(cfgs) - 1)
+    return cfgs[: last + 1] + [AUTO_CONFIG] + cfgs[last + 1:]
+
+
+def auto_summary(stdout: str) -> dict:
+    """What ``-p auto`` chose, from the CLI's ``--json`` output: :data:`AUTO_KEYS` of its report and
+    each candidate's name and worst-case score (``{}`` when the output has no auto report)."""
+    try:
+        rep = json.loads(stdout)["report"]["auto"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not rep:
+        return {}
+    out = {k: rep.get(k) for k in AUTO_KEYS}
+    out["metric"] = rep.get("metric")
+    out["candidates"] = [[c.get("name"), c.get("score_worst")] for c in rep.get("candidates") or []]
+    return out
+
+
 def selected_configs(model: str, sizes: dict, peers: list[str], rows: list[str] | None) -> list:
     """``model``'s rows for this run: the peers in ``peers`` only and, with ``rows`` (``--rows``
     patterns), only the rows whose key matches one (FP32 always: it is the reference)."""
     from fnmatch import fnmatch
 
-    out = [c for c in configs_for(model, sizes) if c.tool not in PEER_TITLES or c.tool in peers]
+    out = [c for c in with_auto(configs_for(model, sizes)) if c.tool not in PEER_TITLES or c.tool in peers]
     if rows:
         out = [c for c in out if c.tool == "fp32" or any(fnmatch(c.key, pat) for pat in rows)]
     return out

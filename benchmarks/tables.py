@@ -32,7 +32,7 @@ def model_table(name: str, res: dict, threads: list[int]) -> str:
     headers = ["config"] + [c[0] for c in mcols] + ["size MB"] + [f"lat {t}t ms" for t in threads] + ["int ops", "quant wall s", "peak RSS MB", "wall vs ORT-minmax", "RSS vs ORT-minmax"]
     body = []
     for r in res["rows"]:
-        cells = [r["config"]["label"]]
+        cells = [r["config"]["label"] + (f" (chose {r['auto']['chosen']})" if (r.get("auto") or {}).get("chosen") else "")]
         if r["status"] != "ok":
             q = r.get("quantize")
             cells += [r.get("error", r["status"])] + ["-"] * (len(mcols) - 1) + ["-"] + ["-"] * len(threads) + ["-"]
@@ -53,7 +53,8 @@ def model_table(name: str, res: dict, threads: list[int]) -> str:
 
 
 def peers_table(doc: dict) -> str:
-    """One row per model: its fidelity-to-FP32 metric for the best onnxq row, ORT MinMax and every peer row.
+    """One row per model: its fidelity-to-FP32 metric for the best hand-picked onnxq row, ``-p auto``
+    (with what it chose), ORT MinMax and every peer row.
 
     A cell is the metric, the failure ("error: ...", "timeout (900 s)", "> 18.0 GB ..."), "n/a" where the
     row does not exist for that model (NNCF's transformer type off MiniLM) or "-" where it did not run."""
@@ -65,6 +66,7 @@ def peers_table(doc: dict) -> str:
                 columns.append((c["key"], c["label"]))
     if len(columns) == 1:
         return ""
+    with_auto = any(r["config"]["key"] == "onnxq-auto" for res in doc["models"].values() for r in res.get("rows", []))
     order = [c.key for c in peer_configs("minilm")]  # every peer row, in table order
     columns[1:] = sorted(columns[1:], key=lambda kl: order.index(kl[0]) if kl[0] in order else len(order))
     body = []
@@ -72,10 +74,13 @@ def peers_table(doc: dict) -> str:
         if "rows" not in res:
             continue
         header, key, spec = PEER_FIDELITY[name]
-        ok = [r for r in res["rows"] if r["status"] == "ok" and r["config"]["tool"] == "onnxq" and r["metrics"].get(key) is not None]
+        ok = [r for r in res["rows"] if r["status"] == "ok" and r["config"]["tool"] == "onnxq" and r["metrics"].get(key) is not None
+              and r["config"].get("method") != "auto"]
         best = max(ok, key=lambda r: r["metrics"][key], default=None)
         cells = [name, header, f"{fmt(best['metrics'][key], spec)} ({best['config']['label'].replace('onnxq ', '')})" if best else "-"]
         by_key = {r["config"]["key"]: r for r in res["rows"]}
+        if with_auto:
+            cells.append(auto_cell(by_key.get("onnxq-auto"), key, spec))
         for k, _ in columns:
             r = by_key.get(k)
             if r is None:
@@ -86,7 +91,19 @@ def peers_table(doc: dict) -> str:
                 err = r.get("error", r["status"])
                 cells.append(err if len(err) <= 48 else err[:45] + "...")
         body.append(cells)
-    return md_table(["model", "fidelity", "onnxq best (recipe)"] + [label for _, label in columns], body)
+    return md_table(["model", "fidelity", "onnxq best (recipe)"] + (["onnxq auto (chose)"] if with_auto else []) + [label for _, label in columns], body)
+
+
+def auto_cell(row: dict | None, key: str, spec: str) -> str:
+    """The ``-p auto`` cell of the peers table: its fidelity and the recipe it chose (with its float layers, if any)."""
+    if row is None:
+        return "-"
+    if row["status"] != "ok":
+        err = row.get("error", row["status"])
+        return err if len(err) <= 48 else err[:45] + "..."
+    auto = row.get("auto") or {}
+    chose = auto.get("chosen") or "?"
+    return f"{fmt(row['metrics'].get(key), spec)} ({chose})"
 
 
 def peer_versions_line(doc: dict) -> str:
