@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.graph.trt_rules import check_trt_rules
 from onnxq.runtime.ort import make_session
+from onnxq.report import run_summary
 
 MOBILENET = Path(__file__).resolve().parent / "fixtures" / "mobilenet_digits"
 #: fast settings: two resamples, two finalists, no easyquant; a budget that a loaded machine never runs out of (the
@@ -335,6 +336,8 @@ def test_a_set_of_float_layers_meets_the_target_on_the_bound_not_on_the_mean():
     chosen = next(c for c in auto.candidates if c.name == auto.chosen)
     cos = sample_cosines(by_bound.model, model, heldout)
     assert chosen.score_bound == pytest.approx(cos.mean() - z * sem(cos), abs=2e-6) and chosen.score_bound >= target
+    line = next(x for x in run_summary(by_bound.report).splitlines() if x.startswith("* " + chosen.name))
+    assert f"{chosen.score_bound:.5f}" in line.split(), line  # the text report shows the bound the set was judged on
     assert sample_cosines(by_bound.model, model, fresh).mean() >= target
 
 
