@@ -8,6 +8,8 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -36,6 +38,7 @@ def test_auto_row_comes_once_after_the_hand_picked_onnxq_rows_of_every_model():
 def test_auto_row_keeps_what_auto_chose_and_the_tables_show_it(tmp_path):
     """A real ``-p auto`` run on the digits example through the bench's runner (a short time budget to keep
     the test quick), scored by the bench's evaluator: its choice reaches the JSON and both tables."""
+    pytest.importorskip("cv2", reason="the bench's task and scoring modules need the bench extra (opencv): pip install -e '.[bench]'")
     bench, runner, scoring, tables, tasks, configs = (_bench(n) for n in ("bench", "runner", "scoring", "tables", "tasks", "configs"))
     task = tasks.prepare_task("digits", tmp_path, configs.SIZES["quick"], False, False)
     cfg = dataclasses.replace(bench.AUTO_CONFIG, options=(("time_budget", "2"),))
