@@ -156,7 +156,9 @@ def bench_model(task: Task, runner: Runner, sizes: dict, args, threads: list[int
 AUTO_CONFIG = Config("onnxq-auto", "onnxq auto", "onnxq", "auto", "ort", 8)
 #: what a row keeps of auto's own report (``report.auto`` of ``optimize --json``)
 AUTO_KEYS = ("chosen", "float_layers", "reason", "met", "default_target", "heldout", "heldout_samples", "calibration_samples",
-             "time_budget_s", "budget_exhausted", "seconds")
+             "time_budget_s", "budget_exhausted", "seconds", "notes")
+#: what a row keeps of each candidate auto tried (``report.auto.candidates[]``)
+AUTO_CANDIDATE_KEYS = ("name", "stage", "score", "score_worst", "spread", "resample_scores", "meets_target", "error")
 
 
 def with_auto(cfgs: list[Config]) -> list[Config]:
@@ -169,7 +171,7 @@ def with_auto(cfgs: list[Config]) -> list[Config]:
 
 def auto_summary(stdout: str) -> dict:
     """What ``-p auto`` chose, from the CLI's ``--json`` output: :data:`AUTO_KEYS` of its report and
-    each candidate's name and worst-case score (``{}`` when the output has no auto report)."""
+    :data:`AUTO_CANDIDATE_KEYS` of each candidate (``{}`` when the output has no auto report)."""
     try:
         rep = json.loads(stdout)["report"]["auto"]
     except (ValueError, KeyError, TypeError):
@@ -178,7 +180,7 @@ def auto_summary(stdout: str) -> dict:
         return {}
     out = {k: rep.get(k) for k in AUTO_KEYS}
     out["metric"] = rep.get("metric")
-    out["candidates"] = [[c.get("name"), c.get("score_worst")] for c in rep.get("candidates") or []]
+    out["candidates"] = [{k: c.get(k) for k in AUTO_CANDIDATE_KEYS} for c in rep.get("candidates") or []]
     return out
 
 

@@ -46,7 +46,8 @@ def test_auto_row_keeps_what_auto_chose_and_the_tables_show_it(tmp_path):
     m = runner.Runner(tmp_path, 4.0, 120.0).onnxq(task, cfg, out)
     assert m.ok, m.stderr[-500:]
     auto = bench.auto_summary(m.stdout)
-    names = [n for n, _ in auto["candidates"]]
+    names = [c["name"] for c in auto["candidates"]]
+    assert all(c["score_worst"] is None or c["score"] is None or c["score_worst"] <= c["score"] + 1e-9 for c in auto["candidates"])
     assert auto["chosen"] and auto["chosen"] in names
     assert auto["heldout"] == "split" and auto["calibration_samples"] > auto["heldout_samples"] > 0
     assert bench.auto_summary("not json") == {} and bench.auto_summary('{"report": {"auto": null}}') == {}
