@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.graph.trt_rules import check_trt_rules
 from onnxq.runtime.ort import make_session
+from onnxq.options import parse_options
+from onnxq.pipeline.stages import Settings
 from onnxq.report import run_summary
 
 MOBILENET = Path(__file__).resolve().parent / "fixtures" / "mobilenet_digits"
@@ -164,6 +166,23 @@ def test_the_best_candidate_is_resampled_even_when_the_portfolio_spent_the_budge
     assert auto.budget_exhausted and len(auto.candidates) < 8, [c.name for c in auto.candidates]
     best = min((c for c in auto.candidates if not c.float_layers), key=lambda c: -c.score)
     assert len(best.resample_scores) == 2 and best.spread is not None and best.score_worst <= best.score
+
+
+def test_finalists_sharing_a_float_form_are_resampled_past_the_budget():
+    """Once the best finalist's float form has every subset's statistics, another finalist of that form costs only its
+    builds: it is resampled even with the budget spent, instead of being judged on a spread assumed from the best."""
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, {**FAST, "finalists": 3, "rewrites": []}, "auto")
+    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    auto_mod.portfolio(s)
+    s.budget = s.elapsed()  # spent: only the forced resampling and the cheap ones may run
+    finals = auto_mod.finalists(s)
+    assert len(finals) == 3 and len({tuple(c.methods[:-1]) for c in finals}) == 1, [c.name for c in finals]
+    assert all(len(c.resample_scores) == 2 and c.spread is not None for c in finals), [(c.name, c.resample_scores) for c in finals]
 
 
 def test_the_chosen_recipe_is_calibrated_again_on_every_sample_like_a_hand_picked_run():

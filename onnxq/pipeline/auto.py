@@ -883,10 +883,15 @@ def finalists(s: Search) -> list[AutoCandidate]:
     ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
     finals = ok[: s.o.finalists]
     for i, c in enumerate(finals):
-        if s.subsets and (s.left() > 0 or i == 0):
+        form = s.forms[_form_name(c.methods)]
+        # a finalist whose float form already has every subset's statistics (another finalist of that form was
+        # resampled) costs only its builds: resampled even past the budget, so that it is not judged on a spread
+        # assumed from another recipe (:func:`choose`)
+        cheap = all(f"subset{k}" in form.stats for k in range(len(s.subsets)))
+        if s.subsets and (s.left() > 0 or i == 0 or cheap):
             # the best is resampled even when the portfolio spent the budget (about one statistics pass over the pool):
             # without one measured spread the choice cannot tell a recipe that holds from one that got lucky
-            s.resample(c, whole=i == 0)
+            s.resample(c, whole=i == 0 or cheap)
         elif s.subsets:
             s.report.budget_exhausted = True
             s.note(f"time budget spent: {c.name} not resampled")
