@@ -6,6 +6,7 @@ whole session (``XDG_CACHE_HOME``), so tests never write to the user's ``~/.cach
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -275,3 +276,16 @@ def run_subprocess(args: Sequence[str], cwd: Path | None = None, timeout: float 
     env = dict(os.environ)
     env.setdefault("PYTHONIOENCODING", "utf-8")
     return subprocess.run([str(a) for a in args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def bench_module() -> Callable[[str], object]:
+    """Import a module of benchmarks/ (or benchmarks/peers/) by name, the way the bench scripts import each other."""
+
+    def load(name: str) -> object:
+        for folder in (REPO / "benchmarks", REPO / "benchmarks" / "peers"):
+            if str(folder) not in sys.path:
+                sys.path.insert(0, str(folder))
+        return importlib.import_module(name)
+
+    return load

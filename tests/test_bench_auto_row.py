@@ -4,25 +4,12 @@ onnxq rows and the peers, and what it chose kept in the JSON and shown in the ta
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 
-
-def _bench(name: str):
-    for p in (BENCH, BENCH / "peers"):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
-    return importlib.import_module(name)
-
-
-def test_auto_row_comes_once_after_the_hand_picked_onnxq_rows_of_every_model():
-    bench, configs = _bench("bench"), _bench("configs")
+def test_auto_row_comes_once_after_the_hand_picked_onnxq_rows_of_every_model(bench_module):
+    bench, configs = bench_module("bench"), bench_module("configs")
     sizes = configs.SIZES["full"]
     for model in configs.MODELS:
         rows = bench.selected_configs(model, sizes, list(configs.PEER_TITLES), None)
@@ -35,11 +22,11 @@ def test_auto_row_comes_once_after_the_hand_picked_onnxq_rows_of_every_model():
     assert [c.key for c in only] == ["fp32", "onnxq-auto"]
 
 
-def test_auto_row_keeps_what_auto_chose_and_the_tables_show_it(tmp_path):
+def test_auto_row_keeps_what_auto_chose_and_the_tables_show_it(tmp_path, bench_module):
     """A real ``-p auto`` run on the digits example through the bench's runner (a short time budget to keep
     the test quick), scored by the bench's evaluator: its choice reaches the JSON and both tables."""
     pytest.importorskip("cv2", reason="the bench's task and scoring modules need the bench extra (opencv): pip install -e '.[bench]'")
-    bench, runner, scoring, tables, tasks, configs = (_bench(n) for n in ("bench", "runner", "scoring", "tables", "tasks", "configs"))
+    bench, runner, scoring, tables, tasks, configs = (bench_module(n) for n in ("bench", "runner", "scoring", "tables", "tasks", "configs"))
     task = tasks.prepare_task("digits", tmp_path, configs.SIZES["quick"], False, False)
     cfg = dataclasses.replace(bench.AUTO_CONFIG, options=(("time_budget", "2"),))
     out = tmp_path / "auto.onnx"

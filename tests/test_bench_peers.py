@@ -25,15 +25,9 @@ DIGITS = ROOT / "examples" / "digits"
 pytest.importorskip("onnxruntime.quantization")
 
 
-def _bench(name: str):
-    for p in (BENCH, BENCH / "peers"):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
-    return importlib.import_module(name)
 
-
-def test_every_model_gets_every_peer_and_nncf_transformer_only_on_minilm():
-    configs, envs = _bench("configs"), _bench("peers.envs")
+def test_every_model_gets_every_peer_and_nncf_transformer_only_on_minilm(bench_module):
+    configs, envs = bench_module("configs"), bench_module("peers.envs")
     assert set(configs.PEER_TITLES) == set(envs.PEERS)
     for peer in envs.PEERS.values():
         assert (BENCH / "peers" / peer.script).is_file()
@@ -50,8 +44,8 @@ def test_every_model_gets_every_peer_and_nncf_transformer_only_on_minilm():
         assert configs.PEER_FIDELITY[model][1] in {k for _, k, _ in configs.METRIC_COLUMNS[model]}
 
 
-def test_row_selection_keeps_fp32_and_drops_unselected_peers():
-    bench, configs = _bench("bench"), _bench("configs")
+def test_row_selection_keeps_fp32_and_drops_unselected_peers(bench_module):
+    bench, configs = bench_module("bench"), bench_module("configs")
     sizes = configs.SIZES["full"]
     none = bench.selected_configs("digits", sizes, [], None)
     assert none and not [c for c in none if c.tool in configs.PEER_TITLES]
@@ -66,8 +60,8 @@ def _feeds(folder: Path, lengths: list[int], batch: int = 3) -> None:
                  attention_mask=np.ones((batch, seq), np.int64), label=np.zeros(batch, np.int64))
 
 
-def test_feed_folder_as_the_peer_scripts_read_it(tmp_path):
-    nf = _bench("npz_feeds")
+def test_feed_folder_as_the_peer_scripts_read_it(tmp_path, bench_module):
+    nf = bench_module("npz_feeds")
     _feeds(tmp_path / "d", [4, 6, 5])
     names = ["input_ids", "attention_mask"]
     batches = nf.load_batches(tmp_path / "d", names, limit=7)
@@ -85,7 +79,7 @@ def test_feed_folder_as_the_peer_scripts_read_it(tmp_path):
 
 
 @pytest.mark.parametrize("script,reader", [("quark_quantize", "BatchReader"), ("modelopt_quantize", "SampleReader")])
-def test_peer_calibration_readers_drive_onnxruntimes_calibrator(tmp_path, script, reader):
+def test_peer_calibration_readers_drive_onnxruntimes_calibrator(tmp_path, script, reader, bench_module):
     """The readers the Quark and ModelOpt scripts hand their peer follow ONNX Runtime's reader
     protocol, which both peers call: ORT's own quantize_static calibrates the digits example
     through them to a model that runs and keeps its accuracy."""
@@ -93,7 +87,7 @@ def test_peer_calibration_readers_drive_onnxruntimes_calibrator(tmp_path, script
 
     from onnxq.runtime.ort import make_session
 
-    nf, mod = _bench("npz_feeds"), _bench(script)
+    nf, mod = bench_module("npz_feeds"), bench_module(script)
     batches = nf.load_batches(DIGITS / "calib", nf.graph_inputs(DIGITS / "model.onnx"), limit=64)
     items = batches if reader == "BatchReader" else list(nf.samples(batches))
     rd = getattr(mod, reader)(items)
@@ -109,10 +103,10 @@ def test_peer_calibration_readers_drive_onnxruntimes_calibrator(tmp_path, script
     assert agree >= 0.95
 
 
-def test_failed_peer_runs_become_rows_that_say_how(tmp_path):
+def test_failed_peer_runs_become_rows_that_say_how(tmp_path, bench_module):
     """A peer whose environment could not be made, and a peer script that fails in its child process
     (here: NNCF's script run without NNCF), both give an error measurement, not an exception."""
-    runner_mod, tasks, configs, envs = _bench("runner"), _bench("tasks"), _bench("configs"), _bench("peers.envs")
+    runner_mod, tasks, configs, envs = bench_module("runner"), bench_module("tasks"), bench_module("configs"), bench_module("peers.envs")
     if importlib.util.find_spec("nncf") is not None:
         pytest.skip("nncf is installed in this environment; the failing run needs it absent")
     runner = runner_mod.Runner(tmp_path, mem_cap_gb=4, timeout=120)
@@ -129,8 +123,8 @@ def test_failed_peer_runs_become_rows_that_say_how(tmp_path):
     assert m.status == "error" and runner_mod.short_error(m).startswith("error: install failed: ERROR: No matching distribution")
 
 
-def test_environment_marker_decides_whether_to_reinstall(tmp_path):
-    envs = _bench("peers.envs")
+def test_environment_marker_decides_whether_to_reinstall(tmp_path, bench_module):
+    envs = bench_module("peers.envs")
     peer = envs.PEERS["nncf"]
     (tmp_path / "nncf" / "bin").mkdir(parents=True)
     assert not envs.is_current(tmp_path, peer)  # no interpreter, no marker
@@ -141,8 +135,8 @@ def test_environment_marker_decides_whether_to_reinstall(tmp_path):
     assert not envs.is_current(tmp_path, changed)
 
 
-def test_peers_table_puts_the_best_onnxq_row_next_to_each_peer():
-    tables = _bench("tables")
+def test_peers_table_puts_the_best_onnxq_row_next_to_each_peer(bench_module):
+    tables = bench_module("tables")
 
     def row(key, tool, value=None, error=None):
         r = {"config": {"key": key, "label": key.replace("-", " "), "tool": tool}, "status": "ok" if error is None else "error"}
@@ -182,12 +176,12 @@ def test_peers_table_of_runs_split_by_model(tmp_path):
     assert lines[3].split("|")[-2].strip() == "0.40000" and "NNCF 9.9" in lines[4]
 
 
-def test_peers_get_a_private_copy_of_the_model_with_its_external_data(tmp_path):
+def test_peers_get_a_private_copy_of_the_model_with_its_external_data(tmp_path, bench_module):
     """ModelOpt writes its shape-inferred graph over the model it is given: a peer must never see the
     repository's own file (or a model's external data) by path."""
     from onnx import helper, numpy_helper
 
-    runner = _bench("runner")
+    runner = bench_module("runner")
     w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
