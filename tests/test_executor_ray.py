@@ -259,7 +259,10 @@ def test_ray_auto_sensitivity_runs_as_tasks_and_chooses_as_serial(ray_cluster) -
     assert a.met and a.float_layers, "precondition: the target needs mixed precision"
     assert all(r.gain is not None for r in a.sensitivity) and len(a.sensitivity) == 3
     assert [(r.node, r.score_float, r.gain) for r in b.sensitivity] == [(r.node, r.score_float, r.gain) for r in a.sensitivity]
-    assert (b.chosen, b.float_layers, b.met) == (a.chosen, a.float_layers, a.met)
+    # the same recipe and float layers; the name's " #n" counts the same-size sets measured on the way, and the order
+    # in which layers are tried back follows each run's own (noisy) latency measurements
+    recipe = lambda c: c.split(" #")[0]  # noqa: E731
+    assert (recipe(b.chosen), sorted(b.float_layers), b.met) == (recipe(a.chosen), sorted(a.float_layers), a.met)
     assert [t.SerializeToString() for t in dist.model.graph.initializer] == [t.SerializeToString() for t in local.model.graph.initializer]
     # where they ran: every evaluation was a task, in Ray's worker processes (the local run says nothing of the kind)
     notes = [n for n in b.notes if "evaluations ran as tasks" in n]
