@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -289,3 +290,25 @@ def bench_module() -> Callable[[str], object]:
         return importlib.import_module(name)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def host_with() -> Callable[..., object]:
+    """A host without entry points whose only methods are the given classes (registered as a plugin module would)."""
+    from onnxq.hookspecs import hookimpl
+    from onnxq.host import Host
+
+    def make(*classes: type) -> Host:
+        @hookimpl
+        def register_methods(register):
+            for cls in classes:
+                register(cls)
+
+        module = types.ModuleType("host_with_test_methods")
+        module.register_methods = register_methods  # type: ignore[attr-defined]
+        host = Host(load_entry_points=False)
+        rec = host.register_module("host-with-test-methods", module)
+        assert rec.ok, rec.error
+        return host
+
+    return make

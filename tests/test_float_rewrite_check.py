@@ -4,7 +4,6 @@ but still stops a method whose float rewrite is wrong, even slightly (issue 15 f
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,7 @@ from onnx import numpy_helper
 import onnxq
 from onnxq.calib.readers import Batch
 from onnxq.errors import ModelError
-from onnxq.hookspecs import hookimpl
-from onnxq.host import Host, get_host
+from onnxq.host import get_host
 from onnxq.method import QuantMethod, RunContext
 from onnxq.pipeline.checks import FLOAT_REWRITE_CEILING, check_float_rewrite, float_noise_floor
 
@@ -48,22 +46,10 @@ class WrongChannelScale(QuantMethod):
         return _scaled_channel(ctx.model, 0.5, 1.001)
 
 
-def _host_with(*classes: type) -> Host:
-    @hookimpl
-    def register_methods(register):
-        for cls in classes:
-            register(cls)
 
-    module = types.ModuleType("float_rewrite_check_test")
-    module.register_methods = register_methods  # type: ignore[attr-defined]
-    host = Host(load_entry_points=False)
-    assert host.register_module("float-rewrite-check-test", module).ok
-    return host
-
-
-def test_a_slightly_wrong_float_rewrite_stops_the_run() -> None:
+def test_a_slightly_wrong_float_rewrite_stops_the_run(host_with) -> None:
     fx = zoo.FIXTURES["mnist_norm_resnet"]
-    host = _host_with(WrongChannelScale, get_host().method("minmax"))
+    host = host_with(WrongChannelScale, get_host().method("minmax"))
     feeds = [{k: v[:16] for k, v in zoo.load_npz(fx.calib).items()}]
     with pytest.raises(ModelError, match=r"method 'wrong-channel-scale' changed the float model's outputs .*this is a bug"):
         onnxq.optimize(str(fx.model), method=["minmax", "wrong-channel-scale"], data=feeds,

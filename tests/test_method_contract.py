@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import numpy as np
 import onnx
@@ -12,24 +11,10 @@ from onnx import numpy_helper
 
 import onnxq
 from onnxq.errors import OnnxqError
-from onnxq.hookspecs import hookimpl
-from onnxq.host import Host, get_host
+from onnxq.host import get_host
 from onnxq.method import QuantMethod, RunContext
 from onnxq.pipeline import QuantizedRewrite, Report
 
-
-def _host_with(*classes: type) -> Host:
-    @hookimpl
-    def register_methods(register):
-        for cls in classes:
-            register(cls)
-
-    module = types.ModuleType("contract_test")
-    module.register_methods = register_methods  # type: ignore[attr-defined]
-    host = Host(load_entry_points=False)
-    rec = host.register_module("contract-test", module)
-    assert rec.ok, rec.error
-    return host
 
 
 class ScaleWeights(QuantMethod):
@@ -59,8 +44,8 @@ class AssignsModel(QuantMethod):
         ctx.model = model
 
 
-def test_quantized_rewrite_is_installed_and_reported(tiny_model, tiny_feeds):
-    host = _host_with(ScaleWeights, get_host().method("minmax"))
+def test_quantized_rewrite_is_installed_and_reported(tiny_model, tiny_feeds, host_with):
+    host = host_with(ScaleWeights, get_host().method("minmax"))
     res = onnxq.optimize(tiny_model, method=["minmax", "scale-weights"], data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
     (change,) = res.report.quantized_rewrites
     assert isinstance(change, QuantizedRewrite) and change.method == "scale-weights"
@@ -74,8 +59,8 @@ def test_quantized_rewrite_is_installed_and_reported(tiny_model, tiny_feeds):
     assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_assigning_ctx_model_is_refused(tiny_model, tiny_feeds):
-    host = _host_with(AssignsModel, get_host().method("minmax"))
+def test_assigning_ctx_model_is_refused(tiny_model, tiny_feeds, host_with):
+    host = host_with(AssignsModel, get_host().method("minmax"))
     with pytest.raises(OnnxqError, match=r"^method 'assigns-model' assigned ctx.model in refine; return the changed model"):
         onnxq.optimize(tiny_model, method=["minmax", "assigns-model"], data=tiny_feeds, host=host, show_progress=False, cache_dir=None)
 
