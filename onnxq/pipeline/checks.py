@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import numpy as np
 import onnx
 
@@ -12,6 +9,7 @@ from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.readers import Batch
 from onnxq.errors import ModelError
 from onnxq.runtime import ort as ort_backend
+from onnxq.runtime.heap import return_freed_memory
 
 #: largest relative output error a float rewrite may always cause
 FLOAT_REWRITE_TOLERANCE = 1e-5
@@ -42,21 +40,6 @@ def model_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimiza
     finally:
         del sess
         return_freed_memory()
-
-
-def return_freed_memory() -> None:
-    """Hand the heap pages that a dropped ONNX Runtime session freed back to the operating system.
-
-    glibc keeps freed heap memory for reuse, and a session's weights are many blocks: after the
-    host's check of a 2.2 GB model (a float session, then the rewritten model's) 1.8 GB stayed
-    resident, and the sessions that followed grew the heap again past it (emb4bit on the large
-    benchmark model: 1.52x its float32 bytes). Elsewhere (no glibc): nothing.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # musl and others: no malloc_trim
-            pass
 
 
 def relative_error(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
