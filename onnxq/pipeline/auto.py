@@ -959,8 +959,7 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
         alone = greedy(s, form, recipe, like, sorted(useful, key=lambda r: r.gain, reverse=True), "by-error", record=False, jumps=False,
                        failed=failed)
         if alone is not None:
-            s.report.by_error_alone = alone
-            s.latency(alone, "float:" + ",".join(sorted(alone.float_layers)))
+            s.report.by_error_alone = alone  # its latency measured by greedy
         if alone is not None and alone.meets_target and s.left() > 0:
             # gains are not additive: many cheap layers of small gain can cost more in all than a few costly ones of large
             # gain. Auto's second order is that set with every layer the target does not need put back, costliest first
@@ -1220,9 +1219,7 @@ def greedy(s: Search, form: Form, recipe: tuple[str, ...], like: Built, order: l
         if last.meets_target:
             break
         failed.add(frozenset(chosen))
-    if last is not None:
-        s.latency(last, "float:" + ",".join(sorted(last.float_layers)))
-    return last
+    return None if last is None else _measured(s, last)
 
 
 def put_back(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: AutoCandidate, cost: dict[str, float],
