@@ -28,7 +28,8 @@ class Block:
         return [n.name for n in self.nodes]
 
 
-def _constants(model: onnx.ModelProto) -> set[str]:
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    """The names of the model's initializers and Constant nodes' outputs."""
     names = {t.name for t in model.graph.initializer}
     names |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
     return names
@@ -48,7 +49,7 @@ def external_inputs(nodes: list[onnx.NodeProto], consts: set[str]) -> list[str]:
 def find_blocks(model: onnx.ModelProto, learnable: set[str], mode: str = "block") -> list[Block]:
     """Split the graph into reconstruction blocks; ``mode='layer'`` makes one block per weighted node."""
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
-    consts = _constants(model)
+    consts = constant_names(model)
     outputs = {o.name for o in model.graph.output}
     if mode == "layer":
         return _layer_blocks(nodes, consts, outputs, learnable)

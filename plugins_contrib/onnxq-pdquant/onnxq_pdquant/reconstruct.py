@@ -34,7 +34,7 @@ import onnx
 import torch
 from onnxq.graph.plan import QuantPlan
 from onnxq.search.evaluator import GraphRunner
-from onnxq_brecq.blocks import Block, external_inputs, find_blocks
+from onnxq_brecq.blocks import Block, constant_names, external_inputs, find_blocks
 from onnxq_brecq.torch_graph import AdaRoundWeight, Unsupported
 
 from onnxq_pdquant.bn_stats import BNStat
@@ -91,6 +91,12 @@ def _take(x: dict[str, torch.Tensor], idx: Any, n: int) -> dict[str, torch.Tenso
     return {k: v[idx] if v.dim() and v.shape[0] == n else v for k, v in x.items()}
 
 
+def _outputs(net: Net, x: dict[str, torch.Tensor], n: int, chunk: int = 256) -> list[torch.Tensor]:
+    """``net``'s block outputs on all ``n`` samples of ``x``, run ``chunk`` samples at a time (no gradients)."""
+    with torch.no_grad():
+        return [torch.cat(v) for v in zip(*(net(_take(x, slice(s, s + chunk), n))[0] for s in range(0, n, chunk)))]
+
+
 def distribution_correction(net: Net, x: dict[str, torch.Tensor], stats: list[BNStat], iters: int, lr: float, lambda_c: float,
                             batch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """PD-Quant's DC: the FP32 block inputs ``x`` as free variables, optimised ``batch`` samples at a
@@ -141,7 +147,7 @@ def cut_before_pooling(blocks: list[Block], model: onnx.ModelProto) -> list[Bloc
     pooling, the block is compared on the feature map, and the pooling becomes part of the next
     block (and of the rest of the network for the PD loss).
     """
-    consts = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
+    consts = constant_names(model)
     graph_outputs = {o.name for o in model.graph.output}
     out = list(blocks)
     for i in range(len(out) - 1):
@@ -319,8 +325,7 @@ class PDReconstructor:
         for m in modules.values():
             m.mode = "nearest"
         # the starting point's prediction difference: nearest rounding, initial steps, quantized prefix
-        with torch.no_grad():
-            kl0 = self._logits_kl(rest, block, [torch.cat(v) for v in zip(*(net(_take(x, slice(s, s + 256), n))[0] for s in range(0, n, 256)))])
+        kl0 = self._logits_kl(rest, block, _outputs(net, x, n))
         entry["kl_start"] = kl0
         if o.dc and stats:
             # as the paper's released code: the FP32 block input is corrected, and the FP32 block on it
@@ -328,8 +333,7 @@ class PDReconstructor:
             x_dc, dc_rep = distribution_correction(net, x_fp, stats, o.dc_iters, o.dc_lr, o.lambda_c, o.batch)
             entry.update(dc_rep)
             net.quantize = False
-            with torch.no_grad():
-                y_dc = [torch.cat([net(_take(x_dc, slice(s, s + 256), n))[0][j] for s in range(0, n, 256)]) for j in range(len(block.outputs))]
+            y_dc = _outputs(net, x_dc, n)
             net.quantize = True
             # [design decision] the corrected target's own prediction difference against how far the
             # quantized block is from FP32: DC is used only where its target is the closer one by dc_gate
