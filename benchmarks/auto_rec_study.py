@@ -30,21 +30,15 @@ from onnx import numpy_helper  # noqa: F401  (onnx.numpy_helper below)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import ocr_data  # noqa: E402
 import onnxq  # noqa: E402
 from auto_bench import Task  # noqa: E402
 from onnxq.runtime.ort import make_session  # noqa: E402
 
 
-def agreement(task: Task, model: Any, ref: list[np.ndarray]) -> dict[str, float]:
-    """Character agreement and mean per-line cosine of ``model`` against FP32 on the evaluation lines."""
-    sess = make_session(model, "all", threads=1)
-    got = [sess.run(None, f)[0] for f in task.eval]
-    dec = lambda ys: [s for y in ys for s in ocr_data.decode_rec(y)]  # noqa: E731
-    a = np.concatenate([y.reshape(len(y), -1) for y in ref]).astype(np.float64)
-    b = np.concatenate([y.reshape(len(y), -1) for y in got]).astype(np.float64)
-    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"char_agreement": round(ocr_data.char_agreement(dec(got), dec(ref)), 4), "cosine_mean": round(float(cos.mean()), 5)}
+def agreement(task: Task, model: Any) -> dict[str, float]:
+    """Character agreement and mean per-line cosine of ``model`` against FP32 on the evaluation lines (:meth:`Task.fidelity`)."""
+    fid = task.fidelity(model)
+    return {k: fid[k] for k in ("char_agreement", "cosine_mean")}
 
 
 def pool(calib: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -69,7 +63,7 @@ def _qparam_inits(model: onnx.ModelProto) -> dict[str, list[str]]:
     return out
 
 
-def swap(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray]) -> None:
+def swap(task: Task, recipe: list[str], fold: bool) -> None:
     """How much of the gap between the pool's model and the 128-line model one activation tensor's qparams explain."""
     calib = task.calibration()
     full = onnxq.optimize(task.fp32, method=recipe, data=calib, show_progress=False, fold=fold, check=False).model
@@ -77,7 +71,7 @@ def swap(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray]) -> No
     qa, qp = _qparam_inits(full), _qparam_inits(part)
     src = {i.name: i for i in full.graph.initializer}
     tensors = [t for t in qp if t in qa]
-    print(json.dumps({"model": "all lines", **agreement(task, full, ref)}), json.dumps({"model": "pool", **agreement(task, part, ref)}), flush=True)
+    print(json.dumps({"model": "all lines", **agreement(task, full)}), json.dumps({"model": "pool", **agreement(task, part)}), flush=True)
 
     def with_full(sel: list[str]) -> dict[str, float]:
         m = onnx.ModelProto()
@@ -86,7 +80,7 @@ def swap(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray]) -> No
         for t in sel:
             for a, b in zip(qa[t], qp[t]):
                 dst[b].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(src[a]), b))
-        return agreement(task, m, ref)
+        return agreement(task, m)
 
     n = len(tensors)
     for lo, hi in [(0, n // 4), (n // 4, n // 2), (n // 2, 3 * n // 4), (3 * n // 4, n), (0, n)]:
@@ -109,12 +103,12 @@ def _layers(spec: str) -> list[str]:
     return out
 
 
-def polish(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray], lines: int, top: int) -> None:
+def polish(task: Task, recipe: list[str], fold: bool, lines: int, top: int) -> None:
     """Tune the most sensitive activation scales on the network output over the first ``lines`` calibration lines
     (factors 0.85..1.15 of the calibrated scale, one tensor at a time), then score on the evaluation lines."""
     calib = task.calibration()
     model = onnxq.optimize(task.fp32, method=recipe, data=calib, show_progress=False, fold=fold, check=False).model
-    print(json.dumps({"model": "calibrated", **agreement(task, model, ref)}), flush=True)
+    print(json.dumps({"model": "calibrated", **agreement(task, model)}), flush=True)
     tune = calib[: max(1, lines // 8)]
     fp = make_session(task.fp32, "all", threads=1)
     tune_ref = [fp.run(None, f)[0] for f in tune]
@@ -153,7 +147,7 @@ def polish(task: Task, recipe: list[str], fold: bool, ref: list[np.ndarray], lin
                 pick, now = float(f), v
         set_scale(t, base[t] * pick)
     print(json.dumps({"model": f"polished ({top} scales on {len(tune) * 8} lines)", "tune_cosine_before": round(start, 5),
-                      "tune_cosine_after": round(now, 5), **agreement(task, model, ref)}), flush=True)
+                      "tune_cosine_after": round(now, 5), **agreement(task, model)}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,26 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     a = ap.parse_args(argv)
     task = Task("ppocr-rec", a.workdir)
-    ref = task.reference()
     calib = task.calibration()
     fold = not a.no_fold
     if a.mode == "swap":
-        swap(task, a.recipe.split("+"), fold, ref)
+        swap(task, a.recipe.split("+"), fold)
         return 0
     if a.mode == "polish":
-        polish(task, a.recipe.split("+"), fold, ref, a.lines, a.top)
+        polish(task, a.recipe.split("+"), fold, a.lines, a.top)
         return 0
     if a.mode == "exclude":
         res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=calib, show_progress=False, fold=fold, check=False,
                              exclude=_layers(a.layers))
-        print(json.dumps({"recipe": a.recipe, "fold": fold, "float": a.layers, **agreement(task, res.model, ref)}), flush=True)
+        print(json.dumps({"recipe": a.recipe, "fold": fold, "float": a.layers, **agreement(task, res.model)}), flush=True)
         return 0
     if a.mode == "hand":
         data = pool(calib) if a.pool else calib
         t = time.perf_counter()
         res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=data, show_progress=False, fold=fold, check=False)
         print(json.dumps({"recipe": a.recipe, "fold": fold, "calibration": "pool" if a.pool else "all",
-                          "wall_s": round(time.perf_counter() - t, 1), **agreement(task, res.model, ref)}), flush=True)
+                          "wall_s": round(time.perf_counter() - t, 1), **agreement(task, res.model)}), flush=True)
         return 0
     from onnxq.host import get_host
     from onnxq.options import parse_options
@@ -203,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if c.name in s.built:
             model: onnx.ModelProto = s.built[c.name].model
             print(json.dumps({"candidate": c.name, "fold": fold, "heldout_cosine": c.score, "heldout_worst": c.cosine_worst,
-                              **agreement(task, model, ref)}), flush=True)
+                              **agreement(task, model)}), flush=True)
     return 0
 
 
