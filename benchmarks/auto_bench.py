@@ -104,12 +104,16 @@ class Task:
         name = make_session(self.fp32).get_inputs()[0].name
         return [{name: x[i:i + 16]} for i in range(0, len(x), 16)]
 
+    def sample_cosines(self, model: Any, got: list[np.ndarray] | None = None) -> np.ndarray:
+        """The first output's per-sample cosine against FP32 on the evaluation data (``got``: its outputs, when run already)."""
+        got = self._outputs(model) if got is None else got
+        a, b = _rows(self.reference()), _rows(got)
+        return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
     def fidelity(self, model: Any) -> dict[str, float]:
         """The task metric against FP32 on the evaluation data."""
         ref, got = self.reference(), self._outputs(model)
-        flat = lambda ys: np.concatenate([y.reshape(len(y), -1) for y in ys]).astype(np.float64)  # noqa: E731
-        a, b = flat(ref), flat(got)
-        c = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        c = self.sample_cosines(model, got)
         cos = {"cosine_mean": round(float(c.mean()), 5), "cosine_min": round(float(c.min()), 4)}  # the first output, per sample
         if self.name == "ppocr-rec":
             import ocr_data
@@ -124,7 +128,7 @@ class Task:
             return {"box_f1": round(ocr_data.box_f1(boxes(got), boxes(ref), 0.5), 4), "prob_mae": round(mae, 5), **cos}
         if self.name == "minilm":
             return cos
-        return {"top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 4), **cos}
+        return {"top1_agreement": round(float(np.mean(_rows(ref).argmax(1) == _rows(got).argmax(1))), 4), **cos}
 
     def reference(self) -> list[np.ndarray]:
         """FP32's outputs on the evaluation data, computed once per process."""
@@ -136,6 +140,11 @@ class Task:
         sess = make_session(model, "all")
         names = {i.name for i in sess.get_inputs()}
         return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in self.eval]
+
+
+def _rows(outputs: list[np.ndarray]) -> np.ndarray:
+    """The batches' first outputs as one float64 row per sample."""
+    return np.concatenate([y.reshape(len(y), -1) for y in outputs]).astype(np.float64)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

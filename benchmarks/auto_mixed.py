@@ -32,17 +32,7 @@ sys.path.insert(0, str(HERE))
 
 import onnxq  # noqa: E402
 from auto_bench import Task, timed  # noqa: E402
-from onnxq.runtime.ort import latency_ms, make_session  # noqa: E402
-
-
-def per_sample_cosine(task: Task, model: Any) -> np.ndarray:
-    """The first output's per-sample cosine against FP32 on the task's evaluation data (as ``Task.fidelity`` averages it)."""
-    sess = make_session(model, "all")
-    names = {i.name for i in sess.get_inputs()}
-    got = [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in task.eval]
-    flat = lambda ys: np.concatenate([y.reshape(len(y), -1) for y in ys]).astype(np.float64)  # noqa: E731
-    a, b = flat(task.reference()), flat(got)
-    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+from onnxq.runtime.ort import latency_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         longer than any calibration sentence): the cosine of each half, and its standard error."""
         if a.model != "minilm":
             return {}
-        c = per_sample_cosine(task, model)
+        c = task.sample_cosines(model)
         half = getattr(task, "split_at", len(c) // 2)
         sem = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))  # noqa: E731
         return {"eval_queries": round(float(c[:half].mean()), 6), "eval_passages": round(float(c[half:].mean()), 6),
