@@ -1,11 +1,16 @@
 """The README's tables: Lp(2) init, BRECQ and PD-Quant (with both ablations) on one zoo fixture.
 
     python plugins_contrib/onnxq-pdquant/benchmark.py mobilenetv3_hswish 4 4 [--seeds 0 1 2] [--split test|val]
-        [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...] [--jsonl out.jsonl]
+        [--samples 128] [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...] [--jsonl out.jsonl]
 
-Every column of one seed is calibrated on the same 128 images of the fixture's training split
-(seed 0: the fixture's ``calib.npz``; seed s > 0: another 128 of the same training images) with
-target ``ort``, and scored on images disjoint from every calibration set:
+Every column of one seed is calibrated on the same ``--samples`` N images (default 128) of the
+fixture's training split (seed 0 at N = 128: the fixture's ``calib.npz``; seed s > 0: another draw of
+N from the same training images) with target ``ort``, and scored on images disjoint from every
+calibration set. A larger N holds the smaller one of the same seed (the draws are nested). The
+training splits hold: mobilenetv3_hswish 2,000 shapes (the images it was trained on), so N <= 2,000;
+mnist_norm_resnet 1,297 digits, of which the 8 calibration seeds' 128-image draws cover 739 and the
+other 558 are the ``val`` split, so N <= 739 there (larger draws come from those 739 only, which
+keeps ``val`` the same digits at every N).
 
 * ``test`` (the figures): the fixture's ``eval.npz`` plus more of the same distribution, 4,000 images
   in all (mobilenetv3_hswish: 3,600 more synthetic shapes, generator seed 3; mnist_norm_resnet: the 500
@@ -53,8 +58,20 @@ def _shifted(x: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
     return out
 
 
-def load_data(fixture: str, split: str, seeds: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
-    """(calibration images per seed, evaluation images, labels) for ``fixture``."""
+def _nested_draw(n_total: int, n: int, seed: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """``n`` indices of ``calib_subset``'s permutation for ``seed`` (restricted to ``pool``), sorted:
+    the first ``n`` of one permutation, so a draw of 128 is ``calib_subset(n_total, 128, seed)`` and a
+    larger draw of the same seed contains it."""
+    order = np.random.default_rng(seed).permutation(n_total)
+    if pool is not None:
+        order = order[np.isin(order, pool)]
+    if n > len(order):
+        raise SystemExit(f"--samples {n}: the training split has only {len(order)} images to calibrate on")
+    return np.sort(order[:n])
+
+
+def load_data(fixture: str, split: str, seeds: list[int], n: int = CALIB) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """(``n`` calibration images per seed, evaluation images, labels) for ``fixture``."""
     c = _zoo_common()
     d = ZOO / fixture
     fixture_calib = np.load(d / "calib.npz")["input"]
@@ -62,7 +79,9 @@ def load_data(fixture: str, split: str, seeds: list[int]) -> tuple[dict[int, np.
     if fixture == "mobilenetv3_hswish":
         x_tr = c.imagenet_normalize(c.colour_shapes(2000, seed=1)[0])
         assert np.array_equal(x_tr[:CALIB], fixture_calib), "fixture calib.npz is no longer the first 128 training images"
-        picks = {s: np.arange(CALIB) if s == 0 else c.calib_subset(len(x_tr), CALIB, seed=s) for s in seeds}
+        if n > len(x_tr):
+            raise SystemExit(f"--samples {n}: the training split has only {len(x_tr)} images to calibrate on")
+        picks = {s: np.arange(n) if s == 0 else _nested_draw(len(x_tr), n, s) for s in seeds}
         if split == "test":
             more, y_more = c.colour_shapes(3600, seed=3)
             x_ev, y_ev = np.concatenate([ev["input"], c.imagenet_normalize(more)]), np.concatenate([ev["label"], y_more])
@@ -72,16 +91,16 @@ def load_data(fixture: str, split: str, seeds: list[int]) -> tuple[dict[int, np.
     elif fixture == "mnist_norm_resnet":
         x_tr, y_tr, _, _ = c.digits_split(28)
         x_tr, y_tr = c.mnist_normalize(x_tr).numpy(), np.asarray(y_tr)
-        picks = {s: c.calib_subset(len(x_tr), CALIB, seed=s) for s in seeds}
-        assert np.array_equal(x_tr[picks.get(0, c.calib_subset(len(x_tr), CALIB, 0))], fixture_calib), "fixture calib.npz is no longer calib_subset(seed 0)"
+        assert np.array_equal(x_tr[c.calib_subset(len(x_tr), CALIB, 0)], fixture_calib), "fixture calib.npz is no longer calib_subset(seed 0)"
+        used = np.unique(np.concatenate([c.calib_subset(len(x_tr), CALIB, seed=s) for s in set(SEEDS_USED) | set(seeds)]))
+        picks = {s: _nested_draw(len(x_tr), n, s, used) for s in seeds}
         bg = float(c.mnist_normalize(np.zeros(1, np.float32))[0])
         shifts = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1)]
         if split == "test":
             x_ev = np.concatenate([ev["input"]] + [_shifted(ev["input"], dy, dx, bg) for dy, dx in shifts])
             y_ev = np.tile(ev["label"], 1 + len(shifts))
         else:
-            used = set(np.concatenate([c.calib_subset(len(x_tr), CALIB, seed=s) for s in set(SEEDS_USED) | set(seeds)]).tolist())
-            keep = np.array([i for i in range(len(x_tr)) if i not in used])
+            keep = np.setdiff1d(np.arange(len(x_tr)), used)  # every calibration draw lies inside ``used``
             x_ev, y_ev = x_tr[keep], y_tr[keep]
             if split == "val-shifted":  # the test split's one-pixel shifts, on the validation digits
                 x_ev = np.concatenate([x_ev] + [_shifted(x_ev, dy, dx, bg) for dy, dx in shifts])
@@ -130,6 +149,7 @@ def main() -> None:
     ap.add_argument("abits", type=int)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--split", choices=["test", "val", "val-shifted"], default="test")
+    ap.add_argument("--samples", type=int, default=CALIB, help="calibration images per seed (every column of a seed the same)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--dc-iters", type=int, default=50)
     ap.add_argument("--only", nargs="*", default=None, help="column names to run (default: all)")
@@ -138,15 +158,15 @@ def main() -> None:
     a = ap.parse_args()
     fixture = Path(a.fixture).name
     d = ZOO / fixture
-    calib, x_ev, y_ev = load_data(fixture, a.split, a.seeds)
+    calib, x_ev, y_ev = load_data(fixture, a.split, a.seeds, a.samples)
     z_fp = logits(d / "model.onnx", x_ev)
-    print(f"{fixture}: {len(x_ev)} {a.split} images, FP32 top-1 {np.mean(z_fp.argmax(1) == y_ev):.4f}; calibration {CALIB} images, seeds {a.seeds}", flush=True)
+    print(f"{fixture}: {len(x_ev)} {a.split} images, FP32 top-1 {np.mean(z_fp.argmax(1) == y_ev):.4f}; calibration {a.samples} images, seeds {a.seeds}", flush=True)
     bits = {"weight_bits": a.wbits, "act_bits": a.abits}
     lp = {**bits, "maxiter": 0, "p_points": 1, "p_min": 2, "p_max": 2}
-    pd = {**bits, "iters": a.iters, "dc_iters": a.dc_iters, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in a.pd)}}
+    pd = {**bits, "iters": a.iters, "dc_iters": a.dc_iters, "samples": a.samples, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in a.pd)}}
     columns = {
         "lp-init": ("lapq", lp),
-        "brecq": (["lapq", "brecq"], [lp, {"weight_bits": a.wbits, "keep_first_last": False, "iters": a.iters}]),
+        "brecq": (["lapq", "brecq"], [lp, {"weight_bits": a.wbits, "keep_first_last": False, "iters": a.iters, "samples": a.samples}]),
         "pdquant": ("pdquant", pd),
         "pdquant-no-pd": ("pdquant", {**pd, "pd_loss": False}),
         "pdquant-no-dc": ("pdquant", {**pd, "dc": False}),
@@ -154,7 +174,7 @@ def main() -> None:
     }
     results: dict[str, list[dict[str, float]]] = {}
     for seed in a.seeds:
-        data = [{"input": calib[seed][i : i + 64]} for i in range(0, CALIB, 64)]
+        data = [{"input": calib[seed][i : i + 64]} for i in range(0, a.samples, 64)]
         for name, (method, options) in columns.items():
             if (a.only and name not in a.only) or (not a.only and name == "pdquant-dc" and a.abits < 8) or (not a.only and name == "pdquant-no-dc" and a.abits >= 8):
                 continue  # by default only the DC column that differs from the defaults at these bits
@@ -166,9 +186,9 @@ def main() -> None:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if a.jsonl:
                 with a.jsonl.open("a") as f:
-                    f.write(json.dumps({"fixture": fixture, "wbits": a.wbits, "abits": a.abits, "split": a.split, "seed": seed, "column": name,
+                    f.write(json.dumps({"fixture": fixture, "wbits": a.wbits, "abits": a.abits, "split": a.split, "seed": seed, "samples": a.samples, "column": name,
                                         "options": options, **m}, default=str) + "\n")
-    print(f"summary {fixture} W{a.wbits}A{a.abits} ({a.split}, {len(x_ev)} images, mean ± sd over seeds {a.seeds}):")
+    print(f"summary {fixture} W{a.wbits}A{a.abits} ({a.split}, {len(x_ev)} images, {a.samples} calibration images, mean ± sd over seeds {a.seeds}):")
     for name, ms in results.items():
         cells = "  ".join(f"{k} {np.mean([m[k] for m in ms]) * (100 if k != 'kl' else 1):.{2 if k != 'kl' else 4}f} ± "
                           f"{np.std([m[k] for m in ms]) * (100 if k != 'kl' else 1):.{2 if k != 'kl' else 4}f}" for k in ("top1", "agree", "kl"))
