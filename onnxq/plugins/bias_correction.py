@@ -18,6 +18,7 @@ model and the host reports the change. Compose after a calibrator or a search: `
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.search.evaluator import GraphRunner
+from onnxq.calib.feeds import CONSTANT_SHARE, constant_region
 from onnxq.calib.progress import progress
 from onnxq.calib.statistics import StatRequest
 from onnxq.search.footprint import fitted_chunks
@@ -37,6 +39,8 @@ from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,62 +70,121 @@ class BiasCorrection(QuantMethod):
         # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
         # size and sample count: a float and a quantized runner each hold their frontier
         chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, self.options.samples)], int(self.options.memory_mb * 2**20), runners=2)
-        # the runners and the corrections share one copy, as they shared the working model before
-        model = onnx.ModelProto()
-        model.CopyFrom(ctx.model)
-        idx = GraphIndex(model)
-        sessions: dict[str, object] = {}
-        q_run = GraphRunner(model, chunks, ctx.plan, sessions)
-        f_run = GraphRunner(model, chunks, None, sessions)
-        inits = {t.name: t for t in model.graph.initializer}
-        fresh = Namer.of(model)
-        section: dict[str, dict[str, float]] = {}
-        skipped: dict[str, str] = {}
-        with progress("bias-correction", ctx.show_progress, total=len(ctx.plan.layers), unit="layer") as bar:
-            for layer in ctx.plan.layers:
-                bar.update(1)
-                node = idx.nodes[layer.node]
-                if node.op_type not in CORRECTED_OPS or layer.weight not in ctx.plan.weights:
-                    skipped[layer.node] = f"{node.op_type}: no bias input to fold into" if node.op_type not in CORRECTED_OPS else "weight not quantized"
-                    continue
-                bias_name = node.input[2] if len(node.input) > 2 else ""
-                add_bias = not bias_name and node.op_type in ("Conv", "ConvTranspose")  # the bias input is optional
-                if not add_bias and (not bias_name or bias_name not in inits or len(idx.consumers.get(bias_name, [])) != 1):
-                    skipped[layer.node] = "no float bias of its own"
-                    continue
-                ch_axis = 1 if node.op_type != "Gemm" else -1
-                shift, energy, channels, ndim = _mean_shift(f_run, q_run, node.output[0], ch_axis)
-                if add_bias:
-                    # both runners have already executed this node, so a new input is safe to add
-                    bias_name = fresh(f"{node.name}_bias")
-                    t = numpy_helper.from_array(np.zeros(channels, np.float32), bias_name)
-                    model.graph.initializer.append(t)
-                    inits[bias_name] = model.graph.initializer[-1]
-                    if len(node.input) > 2:
-                        node.input[2] = bias_name  # an empty optional-input slot
-                    else:
-                        node.input.append(bias_name)
-                bias = tensor_array(inits[bias_name])
-                if shift.shape != bias.shape or not np.all(np.isfinite(shift)):
-                    skipped[layer.node] = "output channels do not match the bias"
-                    continue
-                new_bias = (bias + shift).astype(bias.dtype)
-                inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
-                q_run.consts[bias_name] = new_bias
-                # the quantized run already computed this output with the old bias: shift it, so
-                # later layers are corrected against what the deployed model will feed them
-                shape = [1] * ndim
-                shape[ch_axis % ndim] = -1
-                q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
-                section[layer.node] = {"mean_abs_shift": float(np.abs(shift).mean()), "relative_shift": float(np.abs(shift).mean() / max(energy, 1e-12))}
+        model, section, skipped = correct_biases(ctx, chunks, self.name)
         ctx.report[self.name] = {"corrected": section, "skipped": skipped, "samples": sum(next(iter(c.values())).shape[0] for c in chunks),
                                  "samples_kept": fit.describe()}
         return model
 
 
-def _mean_shift(f_run: GraphRunner, q_run: GraphRunner, tensor: str, ch_axis: int) -> tuple[np.ndarray, float, int, int]:
-    """Per-channel mean of ``y_fp − y_q`` over samples and positions, the RMS of ``y_fp``, the channel
-    count and the rank, accumulated run by run (never the whole tensor over every sample at once)."""
+@dataclass(frozen=True)
+class PadCorrectionOptions:
+    """Options of bias correction on the input's constant region."""
+
+    samples: int = option(64, "calibration samples read to find each input's dominant (padding) value")
+    min_share: float = option(CONSTANT_SHARE, "an input has a constant region when, in every channel, at least this share of the elements equal the channel's most frequent value")
+
+    def validate(self) -> None:
+        if self.samples < 1 or not 0 < self.min_share <= 1:
+            raise ValueError("samples must be >= 1 and min_share in (0, 1]")
+
+
+class PadCorrection(QuantMethod):
+    """Bias correction measured on the input's constant region (padding) alone.
+
+    Where the inputs repeat one value over a large share of their elements (text lines padded to a
+    fixed width, letterboxed images), every layer's output there is one constant per channel, and the
+    rounding of those constants on each activation grid is a systematic shift that the next layers
+    inherit: on PP-OCR rec it makes the quantized model read spaces into the padded margin where FP32
+    reads nothing, and which calibration lines set the scales moves character agreement by several
+    points. This method makes one synthetic sample filled with each input channel's dominant value
+    (:func:`onnxq.calib.feeds.constant_region`) and corrects each quantized layer's bias, in
+    topological order, so that the quantized model's per-channel output on that sample matches FP32's
+    (the update of ``bias-correction`` on that one sample, taken at the centre position instead of averaged over
+    positions, so that the borders, where the convs' zero padding changes the constant, do not pull it). Inputs without such a value: the
+    model is left as it is and the report says why. Compose after a calibrator: ``-p mse -p pad-correction``.
+    """
+
+    name = "pad-correction"
+    summary = "bias correction on the input's constant region (padding): each quantized layer's output shift on a sample of the inputs' dominant value (compose after a calibrator)"
+    Options = PadCorrectionOptions
+
+    def declare_statistics(self, ctx: RunContext) -> list[StatRequest]:
+        return super().declare_statistics(ctx) + [samples_request(self.options.samples)]
+
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
+        feeds = [b.feeds for b in sample_batches(ctx, self.options.samples)]
+        sample, info = constant_region(feeds, self.options.min_share)
+        if sample is None:
+            log.warning("pad-correction changed nothing: %s", info["reason"])
+            ctx.report[self.name] = {"corrected": {}, "skipped": {}, "constant": info}
+            return None
+        # the centre position: a constant input gives one value per channel away from the borders, where the convs'
+        # zero padding makes the rest differ (on a short feature map the borders are most of the positions)
+        model, section, skipped = correct_biases(ctx, [sample], self.name, at_centre=True)
+        ctx.report[self.name] = {"corrected": section, "skipped": skipped, "constant": info}
+        return model
+
+
+def correct_biases(ctx: RunContext, chunks: list[dict[str, np.ndarray]], label: str, at_centre: bool = False
+                   ) -> tuple[onnx.ModelProto, dict[str, dict[str, float]], dict[str, str]]:
+    """A copy of ``ctx.model`` whose quantized Conv/ConvTranspose/Gemm biases absorb the per-channel mean of
+    ``y_fp − y_q`` over ``chunks`` (or its value at the centre position: ``at_centre``), layer by layer in topological
+    order; the corrected layers and the skipped ones."""
+    # the runners and the corrections share one copy, as they shared the working model before
+    model = onnx.ModelProto()
+    model.CopyFrom(ctx.model)
+    idx = GraphIndex(model)
+    sessions: dict[str, object] = {}
+    q_run = GraphRunner(model, chunks, ctx.plan, sessions)
+    f_run = GraphRunner(model, chunks, None, sessions)
+    inits = {t.name: t for t in model.graph.initializer}
+    fresh = Namer.of(model)
+    section: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    with progress(label, ctx.show_progress, total=len(ctx.plan.layers), unit="layer") as bar:
+        for layer in ctx.plan.layers:
+            bar.update(1)
+            node = idx.nodes[layer.node]
+            if node.op_type not in CORRECTED_OPS or layer.weight not in ctx.plan.weights:
+                skipped[layer.node] = f"{node.op_type}: no bias input to fold into" if node.op_type not in CORRECTED_OPS else "weight not quantized"
+                continue
+            bias_name = node.input[2] if len(node.input) > 2 else ""
+            add_bias = not bias_name and node.op_type in ("Conv", "ConvTranspose")  # the bias input is optional
+            if not add_bias and (not bias_name or bias_name not in inits or len(idx.consumers.get(bias_name, [])) != 1):
+                skipped[layer.node] = "no float bias of its own"
+                continue
+            ch_axis = 1 if node.op_type != "Gemm" else -1
+            shift, energy, channels, ndim = _mean_shift(f_run, q_run, node.output[0], ch_axis, at_centre)
+            if add_bias:
+                # both runners have already executed this node, so a new input is safe to add
+                bias_name = fresh(f"{node.name}_bias")
+                t = numpy_helper.from_array(np.zeros(channels, np.float32), bias_name)
+                model.graph.initializer.append(t)
+                inits[bias_name] = model.graph.initializer[-1]
+                if len(node.input) > 2:
+                    node.input[2] = bias_name  # an empty optional-input slot
+                else:
+                    node.input.append(bias_name)
+            bias = tensor_array(inits[bias_name])
+            if shift.shape != bias.shape or not np.all(np.isfinite(shift)):
+                skipped[layer.node] = "output channels do not match the bias"
+                continue
+            new_bias = (bias + shift).astype(bias.dtype)
+            inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
+            q_run.consts[bias_name] = new_bias
+            # the quantized run already computed this output with the old bias: shift it, so
+            # later layers are corrected against what the deployed model will feed them
+            shape = [1] * ndim
+            shape[ch_axis % ndim] = -1
+            q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
+            section[layer.node] = {"mean_abs_shift": float(np.abs(shift).mean()), "relative_shift": float(np.abs(shift).mean() / max(energy, 1e-12))}
+    return model, section, skipped
+
+
+def _mean_shift(f_run: GraphRunner, q_run: GraphRunner, tensor: str, ch_axis: int, at_centre: bool = False) -> tuple[np.ndarray, float, int, int]:
+    """Per-channel mean of ``y_fp − y_q`` over samples and positions (or, ``at_centre``, its value at the middle index
+    of every other axis of the first sample), the RMS of ``y_fp``, the channel count and the rank, accumulated run by
+    run (never the whole tensor over every sample at once)."""
     for r in (f_run, q_run):
         producer = r.idx.producer.get(tensor)
         if producer is not None:
@@ -138,9 +201,16 @@ def _mean_shift(f_run: GraphRunner, q_run: GraphRunner, tensor: str, ch_axis: in
         count += y_f.size // y_f.shape[ch]
         square += float(np.sum(f64**2))
     assert total is not None
-    return total / max(count, 1), float(np.sqrt(square / max(count * len(total), 1))), len(total), y_f.ndim
+    shift = total / max(count, 1)
+    if at_centre:
+        y_f, y_q = f_run.values[tensor][0], q_run.values[tensor][0]
+        ch = ch_axis % y_f.ndim
+        centre = tuple(slice(None) if a == ch else (0 if a == 0 else y_f.shape[a] // 2) for a in range(y_f.ndim))
+        shift = y_f[centre].astype(np.float64) - y_q[centre]
+    return shift, float(np.sqrt(square / max(count * len(total), 1))), len(total), y_f.ndim
 
 
 @hookimpl
 def register_methods(register) -> None:
     register(BiasCorrection)
+    register(PadCorrection)
