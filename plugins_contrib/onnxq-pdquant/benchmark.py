@@ -1,7 +1,8 @@
 """The README's tables: Lp(2) init, BRECQ and PD-Quant (with both ablations) on one zoo fixture.
 
     python plugins_contrib/onnxq-pdquant/benchmark.py mobilenetv3_hswish 4 4 [--seeds 0 1 2] [--split test|val]
-        [--samples 128] [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...] [--jsonl out.jsonl]
+        [--samples 128] [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...]
+        [--brecq key=value ...] [--jsonl out.jsonl]
 
 Every column of one seed is calibrated on the same ``--samples`` N images (default 128) of the
 fixture's training split (seed 0 at N = 128: the fixture's ``calib.npz``; seed s > 0: another draw of
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--dc-iters", type=int, default=50)
     ap.add_argument("--only", nargs="*", default=None, help="column names to run (default: all)")
     ap.add_argument("--pd", nargs="*", default=[], metavar="KEY=VALUE", help="extra pdquant options (all pdquant columns)")
+    ap.add_argument("--brecq", nargs="*", default=[], metavar="KEY=VALUE", help="extra onnxq-brecq options of the brecq column, e.g. blocks=layer")
     ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per run")
     a = ap.parse_args()
     fixture = Path(a.fixture).name
@@ -166,7 +168,8 @@ def main() -> None:
     pd = {**bits, "iters": a.iters, "dc_iters": a.dc_iters, "samples": a.samples, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in a.pd)}}
     columns = {
         "lp-init": ("lapq", lp),
-        "brecq": (["lapq", "brecq"], [lp, {"weight_bits": a.wbits, "keep_first_last": False, "iters": a.iters, "samples": a.samples}]),
+        "brecq": (["lapq", "brecq"], [lp, {"weight_bits": a.wbits, "keep_first_last": False, "iters": a.iters, "samples": a.samples,
+                                           **{k: _value(v) for k, v in (kv.split("=", 1) for kv in a.brecq)}}]),
         "pdquant": ("pdquant", pd),
         "pdquant-no-pd": ("pdquant", {**pd, "pd_loss": False}),
         "pdquant-no-dc": ("pdquant", {**pd, "dc": False}),
