@@ -440,3 +440,23 @@ def test_compare_reports_the_worst_class():
     assert m["top1_agreement"] == pytest.approx(108 / 120)
     text = evaluation_table([Evaluation("fp32", None, {"y": {"cosine": 1.0}}), Evaluation("q", None, {"y": m})])
     assert "q: class 2 0.600 of 30" in text
+
+
+def test_pad_correction_is_tried_where_the_inputs_are_padded():
+    """Inputs padded to a fixed width (a constant region): pad-correction is tried on the best four full-integer
+    candidates, each scored on the held-out samples like its recipe without it (whether it wins is the model's: on
+    PP-OCR rec it does, on this toy the content columns lose what the padding gains); without padding a note says why not."""
+    from tests.plugins.test_pad_correction import padded_data, padded_model
+
+    model = padded_model()
+    res = onnxq.optimize(model, method="auto", data=padded_data(128, 1), options={**FAST, "rewrites": []}, show_progress=False, check=False)
+    cands = {c.name: c for c in res.report.auto.candidates}
+    pads = [c for c in cands.values() if c.stage == "pad-correction"]
+    assert len(pads) == 4 and all(c.error is None and c.methods[-1] == "pad-correction" for c in pads), list(cands)
+    for c in pads:
+        base = cands["+".join(c.methods[:-1])]
+        assert base.stage == "portfolio" and c.score != base.score and -1 <= c.cosine_worst <= c.cosine <= 1, (c.name, c.score, base.score)
+    plain = onnxq.optimize(model, method="auto", data=padded_data(128, 1, pad=False), options={**FAST, "rewrites": []},
+                           show_progress=False, check=False)
+    assert not any("pad-correction" in c.methods for c in plain.report.auto.candidates)
+    assert any(n.startswith("pad-correction not tried") and "no constant region" in n for n in plain.report.auto.notes), plain.report.auto.notes
