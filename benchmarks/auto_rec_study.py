@@ -7,6 +7,8 @@
     python benchmarks/auto_rec_study.py swap equalize+mse --no-fold           # the pool's model with one tensor's qparams from the 128-line model
     python benchmarks/auto_rec_study.py exclude mse --layers p2o.Conv.0-18     # a hand-picked recipe with layers left float
     python benchmarks/auto_rec_study.py polish equalize+mse --no-fold         # activation scales tuned on the network output (overfits)
+    python benchmarks/auto_rec_study.py scan equalize+mse --no-fold --pool --tensor depthwise_conv2d_0.tmp_0   # one tensor's scale x 0.94..1.06
+    python benchmarks/auto_rec_study.py hand mse+pad-correction --pool        # ... with pad-correction (docs/methods.md, Pad correction)
 
 Needs ``python benchmarks/bench.py --models ppocr-rec`` to have written .bench/. Prints one JSON line per model:
 character agreement and per-line cosine against FP32 on the suite's 256 evaluation lines (FP32's outputs
@@ -39,6 +41,36 @@ def agreement(task: Task, model: Any) -> dict[str, float]:
     """Character agreement and mean per-line cosine of ``model`` against FP32 on the evaluation lines (:meth:`Task.fidelity`)."""
     fid = task.fidelity(model)
     return {k: fid[k] for k in ("char_agreement", "cosine_mean")}
+
+
+def spaces(task: Task, model: Any) -> dict[str, float]:
+    """How much of the disagreement with FP32 is spaces: character agreement with spaces removed, and the lines that differ
+    with and without them."""
+    import ocr_data
+
+    dec = lambda sess: [t for f in task.eval for t in ocr_data.decode_rec(sess.run(None, f)[0])]  # noqa: E731
+    got, ref = dec(make_session(model, "all")), dec(make_session(task.fp32, "all"))
+    bare = lambda xs: [x.replace(" ", "") for x in xs]  # noqa: E731
+    return {"char_agreement_without_spaces": round(ocr_data.char_agreement(got, ref, ignore_spaces=True), 4),
+            "lines_differing": sum(g != r for g, r in zip(got, ref)),
+            "lines_differing_without_spaces": sum(g != r for g, r in zip(bare(got), bare(ref)))}
+
+
+def scan(task: Task, recipe: list[str], fold: bool, data: list[dict[str, np.ndarray]], tensor: str, factors: np.ndarray) -> None:
+    """The model of ``recipe`` on ``data`` with one activation tensor's scale multiplied by each of ``factors``."""
+    base = onnxq.optimize(task.fp32, method=recipe, data=data, show_progress=False, fold=fold, check=False).model
+    names = _qparam_inits(base).get(tensor)
+    if not names:
+        raise SystemExit(f"{tensor} is not a quantized activation of this model")
+    inits = {i.name: i for i in base.graph.initializer}
+    s0 = float(onnx.numpy_helper.to_array(inits[names[0]]).ravel()[0])
+    for f in factors:
+        m = onnx.ModelProto()
+        m.CopyFrom(base)
+        dst = {i.name: i for i in m.graph.initializer}
+        for k in (names[0], names[2]):  # the QuantizeLinear's and the DequantizeLinear's scale
+            dst[k].CopyFrom(onnx.numpy_helper.from_array(np.full(onnx.numpy_helper.to_array(dst[k]).shape, s0 * f, np.float32), k))
+        print(json.dumps({"tensor": tensor, "scale_factor": round(float(f), 4), **agreement(task, m)}), flush=True)
 
 
 def pool(calib: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -152,13 +184,15 @@ def polish(task: Task, recipe: list[str], fold: bool, lines: int, top: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("hand", "portfolio", "swap", "exclude", "polish"))
+    ap.add_argument("mode", choices=("hand", "portfolio", "swap", "exclude", "polish", "scan"))
     ap.add_argument("recipe", nargs="?", default="equalize+mse", help="hand: methods joined by +")
     ap.add_argument("--no-fold", action="store_true")
-    ap.add_argument("--pool", action="store_true", help="hand: calibrate on auto's 96-line pool instead of all 128 lines")
+    ap.add_argument("--pool", action="store_true", help="hand, scan: calibrate on auto's 96-line pool instead of all 128 lines")
     ap.add_argument("--layers", default="", help="exclude: layers left float (p2o.Conv.0-18 or names joined by commas)")
     ap.add_argument("--lines", type=int, default=48, help="polish: calibration lines the scales are tuned on")
     ap.add_argument("--top", type=int, default=10, help="polish: the most sensitive scales tuned")
+    ap.add_argument("--tensor", default="depthwise_conv2d_0.tmp_0", help="scan: the activation whose scale is scanned")
+    ap.add_argument("--factors", default="0.94:1.06:13", help="scan: lo:hi:steps of the scale factor")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     a = ap.parse_args(argv)
     task = Task("ppocr-rec", a.workdir)
@@ -170,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.mode == "polish":
         polish(task, a.recipe.split("+"), fold, a.lines, a.top)
         return 0
+    if a.mode == "scan":
+        lo, hi, n = a.factors.split(":")
+        scan(task, a.recipe.split("+"), fold, pool(calib) if a.pool else calib, a.tensor, np.linspace(float(lo), float(hi), int(n)))
+        return 0
     if a.mode == "exclude":
         res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=calib, show_progress=False, fold=fold, check=False,
                              exclude=_layers(a.layers))
@@ -180,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=data, show_progress=False, fold=fold, check=False)
         print(json.dumps({"recipe": a.recipe, "fold": fold, "calibration": "pool" if a.pool else "all",
-                          "wall_s": round(time.perf_counter() - t, 1), **agreement(task, res.model)}), flush=True)
+                          "wall_s": round(time.perf_counter() - t, 1), **agreement(task, res.model), **spaces(task, res.model)}), flush=True)
         return 0
     from onnxq.host import get_host
     from onnxq.options import parse_options
