@@ -74,8 +74,9 @@ FLOAT_FORMS = ("equalize", "smoothquant")
 #: the default time budget: this many times what the first recipe cost (data, prepare, one statistics pass, one candidate),
 #: so that the whole run stays within about 5x a single hand-picked recipe's wall time
 BUDGET_FACTOR = 4.0
-#: ... and at least this many seconds (on small models fixed costs, sessions and passes, dominate)
-MIN_BUDGET = 10.0
+#: ... and at least this many seconds, so that a model whose statistics pass takes milliseconds still has every calibrator
+#: scored (the bundled digits example: 0.2 s for the first recipe). It was 10 s, which made auto 10x a 0.7 s hand-picked run there
+MIN_BUDGET = 1.0
 #: with no target given, the default-target mixed-precision step gets this many times the first recipe's cost on top of the budget
 MIXED_FACTOR = 1.5
 #: more layers than this: sensitivity is measured on runs of consecutive layers first (:func:`sensitivity`)
@@ -96,7 +97,7 @@ class AutoOptions:
     max_drop: float | None = option(None, "target: accuracy drop in points (top-1 disagreement with FP32 without labels)")
     min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, or per position for sequences), 0..1")
     time_budget: float | None = option(None, "seconds the search may take (the chosen model's validation and save come on top); "
-                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 10 s")
+                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 1 s")
     resamples: int = option(3, "disjoint calibration subsets each finalist is recalibrated on (0: none)")
     finalists: int = option(3, "candidates recalibrated on the subsets")
     heldout_samples: int = option(128, "most held-out samples the candidates are scored on")
