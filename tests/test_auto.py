@@ -460,3 +460,14 @@ def test_pad_correction_is_tried_where_the_inputs_are_padded():
                            show_progress=False, check=False)
     assert not any("pad-correction" in c.methods for c in plain.report.auto.candidates)
     assert any(n.startswith("pad-correction not tried") and "no constant region" in n for n in plain.report.auto.notes), plain.report.auto.notes
+
+
+def test_mixed_precision_cut_short_by_the_budget_says_so():
+    """With the budget spent before any layer's sensitivity is measured, the report says mixed precision was not tried,
+    not that no layer helps (which it did not measure)."""
+    res = onnxq.optimize(mlp_model(), method="auto", data=feeds([32]), options={**FAST, "time_budget": 0.01, "min_cosine": 0.9999999},
+                         show_progress=False, check=False)
+    auto = res.report.auto
+    assert not auto.met and all(c.float_layers == [] for c in auto.candidates), "precondition: no recipe meets the target"
+    assert any(n.startswith("mixed precision not tried: the time budget was spent") for n in auto.notes), auto.notes
+    assert not any("no single layer left float improves" in n for n in auto.notes), auto.notes

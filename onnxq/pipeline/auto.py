@@ -77,6 +77,8 @@ BUDGET_FACTOR = 4.0
 #: ... and at least this many seconds, so that a model whose statistics pass takes milliseconds still has every calibrator
 #: scored (the bundled digits example: 0.2 s for the first recipe). It was 10 s, which made auto 10x a 0.7 s hand-picked run there
 MIN_BUDGET = 1.0
+#: ... with a target given (mixed precision measures layer by layer when no recipe meets it)
+MIN_BUDGET_TARGET = 10.0
 #: with no target given, the default-target mixed-precision step gets this many times the first recipe's cost on top of the budget
 MIXED_FACTOR = 1.5
 #: more layers than this: sensitivity is measured on runs of consecutive layers first (:func:`sensitivity`)
@@ -97,7 +99,7 @@ class AutoOptions:
     max_drop: float | None = option(None, "target: accuracy drop in points (top-1 disagreement with FP32 without labels)")
     min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, or per position for sequences), 0..1")
     time_budget: float | None = option(None, "seconds the search may take (the chosen model's validation and save come on top); "
-                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 1 s")
+                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 1 s (10 s with a target)")
     resamples: int = option(3, "disjoint calibration subsets each finalist is recalibrated on (0: none)")
     finalists: int = option(3, "candidates recalibrated on the subsets")
     heldout_samples: int = option(128, "most held-out samples the candidates are scored on")
@@ -418,12 +420,15 @@ class Search:
         return self.budget - self.elapsed()
 
     def set_budget(self) -> None:
-        """The default budget: :data:`BUDGET_FACTOR` times what one recipe has cost so far, at least :data:`MIN_BUDGET` seconds."""
+        """The default budget: :data:`BUDGET_FACTOR` times what one recipe has cost so far, at least :data:`MIN_BUDGET` seconds
+        (:data:`MIN_BUDGET_TARGET` with a target)."""
         if self.o.time_budget is None:
             self.first_recipe_s = self.elapsed()
             # the refit's statistics pass on every sample comes after the search: it is taken out of the budget
             refit = getattr(self, "pass_seconds", 0.0) if self.o.refit and self.split_off else 0.0
-            self.budget = max(MIN_BUDGET, BUDGET_FACTOR * self.elapsed() - refit)
+            # with a target, mixed precision may have to measure every layer: the floor of before (10 s) stays there
+            floor = MIN_BUDGET if self.goal.threshold is None else MIN_BUDGET_TARGET
+            self.budget = max(floor, BUDGET_FACTOR * self.elapsed() - refit)
             self.report.time_budget_s = round(self.budget, 1)
             self.say(f"time budget {self.budget:.0f} s ({BUDGET_FACTOR:g}x the first recipe's {self.elapsed():.1f} s)")
 
@@ -970,6 +975,9 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
     sensitivity(s, form, recipe, like, layers[: s.o.max_sensitivity_layers], rows, base_score)
     s.report.sensitivity = list(rows.values())
     useful = [r for r in rows.values() if r.gain is not None and r.gain > 0]
+    if not any(r.gain is not None for r in rows.values()):
+        s.note("mixed precision not tried: the time budget was spent before any layer's sensitivity was measured (--time-budget)")
+        return None
     if not useful:
         s.note("mixed precision: no single layer left float improves the target's metric")
         return None
