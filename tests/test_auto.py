@@ -471,3 +471,25 @@ def test_mixed_precision_cut_short_by_the_budget_says_so():
     assert not auto.met and all(c.float_layers == [] for c in auto.candidates), "precondition: no recipe meets the target"
     assert any(n.startswith("mixed precision not tried: the time budget was spent") for n in auto.notes), auto.notes
     assert not any("no single layer left float improves" in n for n in auto.notes), auto.notes
+
+
+def test_the_best_of_each_float_form_is_a_finalist_and_resampled():
+    """When the best held-out scores all belong to one float form, the best recipe of the other form is still a
+    finalist and is resampled (PP-OCR rec: three equalize recipes, each 0.03 lower on one subset, and no plain recipe
+    ever resampled)."""
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, {**FAST, "finalists": 3, "rewrites": ["smoothquant"]}, "auto")
+    settings = Settings(layernorm_model(), None, "auto", None, feeds([8, 64]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    auto_mod.portfolio(s)
+    for c in s.report.candidates:  # make every smoothquant recipe rank above every plain one
+        c.score = c.score_worst = (0.9 if "smoothquant" in c.methods else 0.5) + 0.01 * len(c.name) % 0.05
+    s.budget = s.elapsed()  # spent: only the forced resampling may run
+    finals = auto_mod.finalists(s)
+    plain = [c for c in finals if "smoothquant" not in c.methods]
+    assert len(finals) == 3 and len(plain) == 1, [c.name for c in finals]
+    best_plain = max((c for c in s.report.candidates if "smoothquant" not in c.methods), key=lambda c: c.score)
+    assert plain[0] is best_plain and len(plain[0].resample_scores) == 2, (plain[0].name, plain[0].resample_scores)
