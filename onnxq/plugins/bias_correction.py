@@ -98,10 +98,11 @@ class PadCorrection(QuantMethod):
     reads nothing, and which calibration lines set the scales moves character agreement by several
     points. This method makes one synthetic sample filled with each input channel's dominant value
     (:func:`onnxq.calib.feeds.constant_region`) and corrects each quantized layer's bias, in
-    topological order, so that the quantized model's per-channel output on that sample matches FP32's
-    (the update of ``bias-correction`` on that one sample, taken at the centre position instead of averaged over
-    positions, so that the borders, where the convs' zero padding changes the constant, do not pull it). Inputs without such a value: the
-    model is left as it is and the report says why. Compose after a calibrator: ``-p mse -p pad-correction``.
+    topological order, so that the quantized model's per-channel output on that sample matches FP32's:
+    the update of ``bias-correction`` on that one sample, taken at the centre position instead of
+    averaged over positions, so that the borders, where the convs' zero padding changes the constant,
+    do not pull it. Inputs without such a value: the model is left as it is, with a warning and the
+    reason in the report. Compose after a calibrator: ``-p mse -p pad-correction``.
     """
 
     name = "pad-correction"
