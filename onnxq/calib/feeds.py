@@ -149,6 +149,8 @@ def rebatch(batches: Iterable[Batch], inputs: list[InputSpec], batch_size: int) 
 #: share of a channel's elements its most frequent value must cover for :func:`constant_region` (padding covers 30 % of PP-OCR rec's
 #: calibration lines; natural images have no value over 1 %)
 CONSTANT_SHARE = 0.1
+#: about how many elements of each input :func:`constant_region` reads
+CONSTANT_VALUES = 8_000_000
 
 
 def constant_region(feeds: Sequence[dict[str, np.ndarray]], min_share: float = CONSTANT_SHARE) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
@@ -167,7 +169,17 @@ def constant_region(feeds: Sequence[dict[str, np.ndarray]], min_share: float = C
         return None, {**info, "reason": "no calibration samples"}
     sample: dict[str, np.ndarray] = {}
     for name in feeds[0]:
-        x = np.concatenate([np.asarray(f[name]) for f in feeds])
+        # the feeds shaped like the first (dynamic sizes may differ), up to about CONSTANT_VALUES elements: a mode
+        # needs no more, and a detector's 64 kept pages would be copied whole otherwise
+        first = np.asarray(feeds[0][name])
+        parts, total = [], 0
+        for f in feeds:
+            a = np.asarray(f[name])
+            if a.shape[1:] != first.shape[1:] or total >= CONSTANT_VALUES:
+                continue
+            parts.append(a)
+            total += a.size
+        x = np.concatenate(parts)
         if x.dtype.kind != "f" or x.ndim < 3:
             return None, {**info, "reason": f"input '{name}' is not a float tensor of rank >= 3 ({x.dtype}, rank {x.ndim})"}
         axis = 1 if x.shape[1] <= x.shape[-1] else x.ndim - 1

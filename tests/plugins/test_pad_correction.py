@@ -98,3 +98,10 @@ def test_no_constant_region_leaves_the_model_and_says_why(caplog):
 
 class TestPadCorrectionContract(MethodContract):
     method = "pad-correction"
+
+
+def test_constant_region_reads_feeds_of_the_first_shape_only():
+    """Dynamic sizes: feeds shaped unlike the first are left out instead of failing the concatenation."""
+    feeds = padded_data(32, 1) + [{"x": np.zeros((4, 3, 8, 40), np.float32)}]
+    sample, info = constant_region(feeds)
+    assert sample is not None and sample["x"].shape == (1, 3, 8, 24)
