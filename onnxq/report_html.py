@@ -434,14 +434,16 @@ class _Charts:
         text = _REF.sub(lambda m: f"{m.group(1)}{chart_id}-{m.group(2)}", text)
         return text
 
-    def wrap(self, chart_id: str, heading: str, figs_and_captions: Sequence[tuple[str, str]], intro: str = "", grid: bool = False) -> str:
+    def wrap(self, chart_id: str, heading: str, figs_and_captions: Sequence[tuple[str, str]], intro: str = "", grid: bool = False,
+             after: str = "") -> str:
+        """A chart section: heading, intro, the figures with their captions, then ``after`` (HTML, e.g. a table)."""
         out = [f"<section id='{chart_id}'><h2>{_e(heading)}</h2>"]
         if intro:
             out.append(f"<p class='sub'>{intro}</p>")
         out.append("<div class='grid'>" if grid else "<div>")
         for svg, caption in figs_and_captions:
             out.append(f"<figure>{svg}<figcaption>{caption}</figcaption></figure>")
-        out.append("</div></section>")
+        out.append("</div>" + after + "</section>")
         return "\n".join(out)
 
     # -- per-layer SQNR and cosine, in graph order ------------------------------------------------
@@ -616,7 +618,29 @@ class _Charts:
             svg = self.svg(fig, "chart-candidates")
         why = f" Chosen: {auto.get('chosen')} ({auto.get('reason')})." if auto.get("chosen") else ""
         return self.wrap("chart-candidates", "auto candidates",
-                         [(svg, _e(f"Each recipe the auto search built and scored on held-out data; up and to the left is better.{why}"))])
+                         [(svg, _e(f"Each recipe the auto search built and scored on held-out data; up and to the left is better.{why}"))],
+                         after=_candidate_table(auto))
+
+
+#: the auto candidates table: column heading and ``report.auto.candidates[]`` field
+CANDIDATE_COLUMNS = (("stage", "stage"), ("score", "score"), ("worst resample", "score_worst"), ("spread", "spread"),
+                     ("bound", "score_bound"), ("worst sample cosine", "cosine_worst"), ("latency ms", "latency_ms"))
+
+
+def _candidate_table(auto: Mapping[str, Any]) -> str:
+    """Every candidate's figures (the chart shows score and latency only): the spread the choice is made on and, for a
+    set of float layers, the bound it had to meet."""
+    rows = []
+    for c in auto.get("candidates") or []:
+        mark = "* " if c.get("name") == auto.get("chosen") else ""
+        cells = [f"{mark}{c.get('name') or c.get('method') or '?'}"]
+        for _, key in CANDIDATE_COLUMNS:
+            v = c.get(key)
+            cells.append("-" if v is None else f"{v:.5f}" if isinstance(v, float) else str(v))
+        if c.get("error"):
+            cells[1] = f"failed: {c['error']}"
+        rows.append(cells)
+    return _table(["candidate", *(h for h, _ in CANDIDATE_COLUMNS)], rows, numeric_from=2) if rows else ""
 
 
 def _count_label(v: float, _pos: Any = None) -> str:

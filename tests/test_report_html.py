@@ -148,12 +148,17 @@ def test_sections_and_auto_candidates_are_drawn(percentile_run):
     doc["report"]["auto"] = {"metric": "cosine", "threshold": 0.999, "chosen": "mse", "reason": "meets the target at the least latency",
                              "candidates": [{"name": "minmax", "score": 0.9990, "latency_ms": 0.050},
                                             {"name": "mse", "score": 0.9995, "latency_ms": 0.048},
-                                            {"name": "mse float:1", "score": 0.9998, "latency_ms": 0.061},
+                                            {"name": "mse float:1", "score": 0.9998, "latency_ms": 0.061, "score_bound": 0.99962},
                                             {"name": "broken", "score": None, "latency_ms": None, "error": "did not build"}]}
     html = render_html(doc, sections=[Section("CI gate: passed", ["cosine 0.9995 >= 0.999"], status="ok")])
     assert "<section id='chart-candidates'>" in html
     assert "chart-candidates-series-candidates" in html and "chart-candidates-series-chosen" in html
     assert html.index("CI gate: passed") < html.index("<h2>Run</h2>")
+    # every candidate's figures in a table under the chart: the bound of a set of float layers, the failed one's error
+    section = html[html.index("<section id='chart-candidates'>"):]
+    section = section[:section.index("</section>")]
+    assert "<th>bound</th>" in section and "0.99962" in section and "failed: did not build" in section
+    assert "<td>* mse</td>" in section
 
 
 def test_report_command_renders_a_saved_json(run_cli, percentile_run, tmp_path):
