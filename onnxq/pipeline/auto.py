@@ -886,7 +886,7 @@ def pad_correction(s: Search, ranked: list[AutoCandidate]) -> None:
     if sample is None:
         s.note(f"pad-correction not tried: {info['reason']}")
         return
-    plain = [c for c in ranked if len(c.methods) - len(_rewrites(c.methods)) == 1][: s.o.pad_correction]
+    plain = [c for c in ranked if _one_calibrator(c)][: s.o.pad_correction]
     for c in plain:
         # like a calibrator, tried while any budget is left: it costs a candidate's build and one pass over one sample
         # (PP-OCR rec: seconds beside a 35 s statistics pass), and on a padded model it can matter more than the recipe
@@ -900,7 +900,7 @@ def pad_correction(s: Search, ranked: list[AutoCandidate]) -> None:
 
 def easyquant(s: Search) -> None:
     """easyquant from the best calibrator's ranges, when the measured cost of a candidate says the budget allows it."""
-    ok = sorted([c for c in s.report.candidates if c.error is None and len(c.methods) - len(_rewrites(c.methods)) == 1], key=_rank)
+    ok = sorted([c for c in s.report.candidates if c.error is None and _one_calibrator(c)], key=_rank)
     if not ok:
         return
     best = ok[0]
@@ -917,27 +917,33 @@ def _rewrites(methods: Sequence[str]) -> list[str]:
     return [m for m in methods if m in FLOAT_FORMS]
 
 
+def _one_calibrator(c: AutoCandidate) -> bool:
+    """A calibrator on a float form with no correction or search after it."""
+    return len(c.methods) - len(_rewrites(c.methods)) == 1
+
+
 def finalists(s: Search) -> list[AutoCandidate]:
     """The best few candidates, each recalibrated on the disjoint subsets and measured for latency."""
     ok = sorted([c for c in s.report.candidates if c.error is None], key=_rank)
     # the best of each float form first, then the rest by rank: a rewrite's recipes tend to share its luck with the
     # calibration data (PP-OCR rec: the three best held-out scores were all equalize recipes, each falling 0.03 on one
     # subset, and the plain recipes were never resampled)
-    heads = list({_form_name(c.methods): c for c in reversed(ok)}.values())[::-1]
-    heads.sort(key=_rank)
-    finals = (heads + [c for c in ok if c not in heads])[: s.o.finalists]
-    finals.sort(key=_rank)
-    for i, c in enumerate(finals):
+    firsts: dict[str, AutoCandidate] = {}
+    for c in ok:
+        firsts.setdefault(_form_name(c.methods), c)
+    heads = {c.name for c in firsts.values()}
+    finals = sorted([*firsts.values(), *(c for c in ok if c.name not in heads)][: s.o.finalists], key=_rank)
+    for c in finals:
         form = s.forms[_form_name(c.methods)]
         # a finalist whose float form already has every subset's statistics (another finalist of that form was
         # resampled) costs only its builds: resampled even past the budget, so that it is not judged on a spread
         # assumed from another recipe (:func:`choose`)
         cheap = all(f"subset{k}" in form.stats for k in range(len(s.subsets)))
-        if s.subsets and (s.left() > 0 or c in heads or cheap):
+        if s.subsets and (s.left() > 0 or c.name in heads or cheap):
             # the best of each float form is resampled even when the portfolio spent the budget (about one statistics
             # pass over the pool each): without a measured spread the choice cannot tell a recipe that holds from one
             # that got lucky
-            s.resample(c, whole=c in heads or cheap)
+            s.resample(c, whole=c.name in heads or cheap)
         elif s.subsets:
             s.report.budget_exhausted = True
             s.note(f"time budget spent: {c.name} not resampled")

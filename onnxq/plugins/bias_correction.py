@@ -202,12 +202,13 @@ def _mean_shift(f_run: GraphRunner, q_run: GraphRunner, tensor: str, ch_axis: in
         count += y_f.size // y_f.shape[ch]
         square += float(np.sum(f64**2))
     assert total is not None
-    shift = total / max(count, 1)
     if at_centre:
         y_f, y_q = f_run.values[tensor][0], q_run.values[tensor][0]
         ch = ch_axis % y_f.ndim
         centre = tuple(slice(None) if a == ch else (0 if a == 0 else y_f.shape[a] // 2) for a in range(y_f.ndim))
         shift = y_f[centre].astype(np.float64) - y_q[centre]
+    else:
+        shift = total / max(count, 1)
     return shift, float(np.sqrt(square / max(count * len(total), 1))), len(total), y_f.ndim
 
 
