@@ -106,13 +106,13 @@ class Task:
 
     def sample_cosines(self, model: Any, got: list[np.ndarray] | None = None) -> np.ndarray:
         """The first output's per-sample cosine against FP32 on the evaluation data (``got``: its outputs, when run already)."""
-        got = self._outputs(model) if got is None else got
+        got = self.outputs(model) if got is None else got
         a, b = _rows(self.reference()), _rows(got)
         return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
-    def fidelity(self, model: Any) -> dict[str, float]:
-        """The task metric against FP32 on the evaluation data."""
-        ref, got = self.reference(), self._outputs(model)
+    def fidelity(self, model: Any, got: list[np.ndarray] | None = None) -> dict[str, float]:
+        """The task metric against FP32 on the evaluation data (``got``: the model's outputs, when run already)."""
+        ref, got = self.reference(), self.outputs(model) if got is None else got
         c = self.sample_cosines(model, got)
         cos = {"cosine_mean": round(float(c.mean()), 5), "cosine_min": round(float(c.min()), 4)}  # the first output, per sample
         if self.name == "ppocr-rec":
@@ -133,10 +133,11 @@ class Task:
     def reference(self) -> list[np.ndarray]:
         """FP32's outputs on the evaluation data, computed once per process."""
         if not hasattr(self, "_ref_outputs"):
-            self._ref_outputs = self._outputs(self.fp32)
+            self._ref_outputs = self.outputs(self.fp32)
         return self._ref_outputs
 
-    def _outputs(self, model: Any) -> list[np.ndarray]:
+    def outputs(self, model: Any) -> list[np.ndarray]:
+        """The model's first output on each evaluation batch."""
         sess = make_session(model, "all")
         names = {i.name for i in sess.get_inputs()}
         return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in self.eval]

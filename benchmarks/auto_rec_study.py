@@ -37,19 +37,20 @@ from auto_bench import Task  # noqa: E402
 from onnxq.runtime.ort import make_session  # noqa: E402
 
 
-def agreement(task: Task, model: Any) -> dict[str, float]:
-    """Character agreement and mean per-line cosine of ``model`` against FP32 on the evaluation lines (:meth:`Task.fidelity`)."""
-    fid = task.fidelity(model)
+def agreement(task: Task, model: Any, got: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Character agreement and mean per-line cosine of ``model`` against FP32 on the evaluation lines (:meth:`Task.fidelity`;
+    ``got``: its outputs, when run already)."""
+    fid = task.fidelity(model, got)
     return {k: fid[k] for k in ("char_agreement", "cosine_mean")}
 
 
-def spaces(task: Task, model: Any) -> dict[str, float]:
-    """How much of the disagreement with FP32 is spaces: character agreement with spaces removed, and the lines that differ
-    with and without them."""
+def spaces(task: Task, got: list[np.ndarray]) -> dict[str, float]:
+    """How much of the disagreement with FP32 is spaces, from a model's evaluation outputs ``got``: character agreement with
+    spaces removed, and the lines that differ with and without them."""
     import ocr_data
 
-    dec = lambda sess: [t for f in task.eval for t in ocr_data.decode_rec(sess.run(None, f)[0])]  # noqa: E731
-    got, ref = dec(make_session(model, "all")), dec(make_session(task.fp32, "all"))
+    dec = lambda ys: [t for y in ys for t in ocr_data.decode_rec(y)]  # noqa: E731
+    got, ref = dec(got), dec(task.reference())
     bare = lambda xs: [x.replace(" ", "") for x in xs]  # noqa: E731
     return {"char_agreement_without_spaces": round(ocr_data.char_agreement(got, ref, ignore_spaces=True), 4),
             "lines_differing": sum(g != r for g, r in zip(got, ref)),
@@ -217,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         data = pool(calib) if a.pool else calib
         t = time.perf_counter()
         res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=data, show_progress=False, fold=fold, check=False)
+        wall = round(time.perf_counter() - t, 1)
+        got = task.outputs(res.model)
         print(json.dumps({"recipe": a.recipe, "fold": fold, "calibration": "pool" if a.pool else "all",
-                          "wall_s": round(time.perf_counter() - t, 1), **agreement(task, res.model), **spaces(task, res.model)}), flush=True)
+                          "wall_s": wall, **agreement(task, res.model, got), **spaces(task, got)}), flush=True)
         return 0
     from onnxq.host import get_host
     from onnxq.options import parse_options

@@ -88,10 +88,15 @@ def peers_table(doc: dict) -> str:
             elif r["status"] == "ok":
                 cells.append(fmt(r["metrics"].get(key), spec))
             else:
-                err = r.get("error", r["status"])
-                cells.append(err if len(err) <= 48 else err[:45] + "...")
+                cells.append(failed_cell(r))
         body.append(cells)
     return md_table(["model", "fidelity", "onnxq best (recipe)"] + (["onnxq auto (chose)"] if with_auto else []) + [label for _, label in columns], body)
+
+
+def failed_cell(row: dict) -> str:
+    """A peers-table cell for a row that did not finish: its error (or status), cut to 48 characters."""
+    err = row.get("error", row["status"])
+    return err if len(err) <= 48 else err[:45] + "..."
 
 
 def auto_cell(row: dict | None, key: str, spec: str) -> str:
@@ -99,8 +104,7 @@ def auto_cell(row: dict | None, key: str, spec: str) -> str:
     if row is None:
         return "-"
     if row["status"] != "ok":
-        err = row.get("error", row["status"])
-        return err if len(err) <= 48 else err[:45] + "..."
+        return failed_cell(row)
     auto = row.get("auto") or {}
     chose = auto.get("chosen") or "?"
     return f"{fmt(row['metrics'].get(key), spec)} ({chose})"
