@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -47,6 +47,7 @@ class PDQuantOptions:
     keep_first_last: bool = option(False, "keep the first and last weighted layers at the target's bits (the paper does; off so every layer has the requested bits)")
     init_p: float = option(2.0, "p of the Lp init of the activation clips (and of the weight steps below 8-bit activations)")
     weight_init_p: float | None = option(None, "p of the Lp init of the weight steps (default: init_p below 8-bit activations, BRECQ's 2.4 at 8 bits)")
+    unit: Literal["block", "layer"] | None = option(None, "reconstruction unit: onnxq-brecq's blocks, or one weighted layer (+ its Relu) at a time with the PD loss through the rest of the network (default: block)")
     cut_pooling: bool | None = option(None, "a block ending in a global pooling is compared before the pooling, which joins the next block (default: off below 8-bit activations, on at 8 bits)")
     pd_loss: bool = option(True, "add the prediction-difference loss KL(softmax(z_fp/T) || softmax(z_q/T))/lambda_r through the rest of the FP32 network")
     dc: bool | None = option(None, "distribution correction of block inputs toward the FP32 model's BatchNorm statistics (default: on below 8-bit activations, off at 8 bits)")
@@ -109,6 +110,7 @@ def resolved(o: PDQuantOptions, act_bits: int) -> PDQuantOptions:
         weight_init_p=o.weight_init_p if o.weight_init_p is not None else (2.4 if fine else o.init_p),
         dc=o.dc if o.dc is not None else not fine,
         cut_pooling=o.cut_pooling if o.cut_pooling is not None else fine,
+        unit=o.unit or "block",
     )
 
 
@@ -173,7 +175,7 @@ class PDQuant(QuantMethod):
         wbits, abits = self._bits(ctx)
         o = resolved(o, abits)
         report: dict[str, Any] = {"weight_bits": wbits, "act_bits": abits, "pd_loss": o.pd_loss, "dc": o.dc,
-                                  "qdrop_prob": o.qdrop_prob, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate, "cut_pooling": o.cut_pooling,
+                                  "qdrop_prob": o.qdrop_prob, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate, "cut_pooling": o.cut_pooling, "unit": o.unit,
                                   "batchnorm_stats": len(bn), "float_model": ctx.float_model is not None}
         ctx.report[self.name] = report
         if o.iters == 0 and not (o.dc and bn):

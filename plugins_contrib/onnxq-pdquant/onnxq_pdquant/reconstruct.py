@@ -169,6 +169,18 @@ def cut_before_pooling(blocks: list[Block], model: onnx.ModelProto) -> list[Bloc
     return out
 
 
+class Rest:
+    """The FP32 rest of the network after a unit: its logits from the unit's outputs, plus the earlier
+    tensors it also reads (``side``, all samples; picked per mini-batch)."""
+
+    def __init__(self, net: Net, side: dict[str, torch.Tensor]) -> None:
+        self.net, self.side = net, side
+
+    def __call__(self, outputs: dict[str, torch.Tensor], idx: Any) -> torch.Tensor:
+        n = _n(self.side) if self.side else 0
+        return self.net({**outputs, **_take(self.side, idx, n)})[0][0]
+
+
 class PDReconstructor:
     """Learns weight rounding and activation steps block by block with PD-Quant's objective."""
 
@@ -197,8 +209,8 @@ class PDReconstructor:
     def run(self) -> None:
         with torch.random.fork_rng():  # QDrop's masks draw from torch's global generator: seeded, and restored after
             torch.manual_seed(int(self.o.seed))
-            blocks = find_blocks(self.model, set(self.learnable), "block")
-            if self.o.cut_pooling:
+            blocks = find_blocks(self.model, set(self.learnable), self.o.unit)
+            if self.o.cut_pooling and self.o.unit == "block":
                 blocks = cut_before_pooling(blocks, self.model)
             for block in blocks:
                 try:
@@ -245,17 +257,23 @@ class PDReconstructor:
         net = Net(block.nodes, self.consts, block.outputs, rounding, fixed, acts)
         return net, modules, steps
 
-    def _rest_net(self, block: Block) -> Net | None:
-        """FP32 nodes after the block, from its output(s) to the logits (None: the block ends the network)."""
+    def _rest_net(self, block: Block) -> Rest | None:
+        """FP32 nodes after the block, from its output(s) to the logits (None: the block ends the network).
+
+        A layer unit inside a residual block leaves tensors the rest also reads (the skip branch):
+        those are the quantized prefix's values, read once for all samples.
+        """
         if self.logits_name in block.outputs:
             return None
         last = max(i for i, n in enumerate(self.nodes) if n.name in set(block.names))
         rest = self.nodes[last + 1 :]
         net = Net(rest, self.consts, [self.logits_name])
         net.quantize = False
-        return net
+        produced = {o for nd in rest for o in nd.output}
+        side = {t for nd in rest for t in nd.input if t and t not in produced and t not in self.consts and t not in block.outputs}
+        return Rest(net, {t: torch.from_numpy(np.ascontiguousarray(self.q_run.value(t))) for t in sorted(side)})
 
-    def _objective(self, net: Net, rest: Net | None, x, y, idx, n: int, norm: float, x_fp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _objective(self, net: Net, rest: Rest | None, x, y, idx, n: int, norm: float, x_fp=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised block MSE, PD loss) on samples ``idx``.
 
         With ``x_fp`` (QDrop, while learning) the block runs on two copies of the batch, as the
@@ -282,10 +300,10 @@ class PDReconstructor:
         rec = _mse(rec_out, [t[idx] for t in y]) * norm
         if not self.o.pd_loss:
             return rec, torch.zeros(())
-        z_q = pd_out[net.outputs.index(self.logits_name)] if rest is None else rest({o: v for o, v in zip(net.outputs, pd_out)})[0][0]
+        z_q = pd_out[net.outputs.index(self.logits_name)] if rest is None else rest(dict(zip(net.outputs, pd_out)), idx)
         return rec, pd_kl(self.z_fp[idx], z_q, self.o.temperature) / self.o.lambda_r
 
-    def _score(self, net: Net, rest: Net | None, x, y, norm: float, chunk: int = 256) -> tuple[float, float]:
+    def _score(self, net: Net, rest: Rest | None, x, y, norm: float, chunk: int = 256) -> tuple[float, float]:
         """(normalised block MSE, PD loss) on all samples."""
         n = _n(x)
         rec_sum = pd_sum = 0.0
@@ -297,14 +315,14 @@ class PDReconstructor:
                 pd_sum += float(pd) * len(idx)
         return rec_sum / n, pd_sum / n
 
-    def _logits_kl(self, rest: Net | None, block: Block, y: list[torch.Tensor], chunk: int = 256) -> float:
+    def _logits_kl(self, rest: Rest | None, block: Block, y: list[torch.Tensor], chunk: int = 256) -> float:
         """KL(softmax(z_fp/T) || softmax(z/T)) of the logits that block outputs ``y`` (all samples) give through the rest of the network."""
         n = int(y[0].shape[0])
         total = 0.0
         with torch.no_grad():
             for s in range(0, n, chunk):
                 out = [t[s : s + chunk] for t in y]
-                z = out[block.outputs.index(self.logits_name)] if rest is None else rest(dict(zip(block.outputs, out)))[0][0]
+                z = out[block.outputs.index(self.logits_name)] if rest is None else rest(dict(zip(block.outputs, out)), slice(s, s + chunk))
                 total += float(pd_kl(self.z_fp[s : s + chunk], z, self.o.temperature)) * len(out[0])
         return total / n
 
