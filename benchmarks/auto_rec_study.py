@@ -9,6 +9,7 @@
     python benchmarks/auto_rec_study.py polish equalize+mse --no-fold         # activation scales tuned on the network output (overfits)
     python benchmarks/auto_rec_study.py scan equalize+mse --no-fold --pool --tensor depthwise_conv2d_0.tmp_0   # one tensor's scale x 0.94..1.06
     python benchmarks/auto_rec_study.py hand mse+pad-correction --pool        # ... with pad-correction (docs/methods.md, Pad correction)
+    python benchmarks/auto_rec_study.py floor                                 # FP32 against itself: pixel noise, a one-column shift
 
 Needs ``python benchmarks/bench.py --models ppocr-rec`` to have written .bench/. Prints one JSON line per model:
 character agreement and per-line cosine against FP32 on the suite's 256 evaluation lines (FP32's outputs
@@ -123,6 +124,31 @@ def swap(task: Task, recipe: list[str], fold: bool) -> None:
         print(json.dumps({"tensor": t, "scale_all": scale(full, qa), "scale_pool": scale(part, qp), **with_full([t])}), flush=True)
 
 
+def floor(task: Task) -> None:
+    """FP32 against itself on perturbed evaluation lines: uniform noise of a quarter and half a pixel step (2/255 after
+    the normalization) on the content, the zero padding kept exact, and the content shifted right by one column.
+    How much of the character agreement is the model's own reading of spaces, not quantization."""
+    step = 2 / 255
+    x_all = [f["x"] for f in task.eval]
+    sess = make_session(task.fp32, "all")
+
+    def report(label: str, xs: list[np.ndarray]) -> None:
+        got = [sess.run(None, {"x": x})[0] for x in xs]
+        print(json.dumps({"fp32_perturbed": label, **agreement(task, None, got), **spaces(task, got)}), flush=True)
+
+    for frac in (0.25, 0.5):
+        for seed in (0, 1):
+            rng = np.random.default_rng(seed)
+            report(f"uniform noise +-{frac} pixel step, seed {seed}",
+                   [np.where(x == 0, x, x + rng.uniform(-frac * step, frac * step, x.shape).astype(np.float32)) for x in x_all])
+    shifted = []
+    for x in x_all:
+        y = np.zeros_like(x)
+        y[..., 1:] = x[..., :-1]
+        shifted.append(y)
+    report("content shifted right by one column", shifted)
+
+
 def _layers(spec: str) -> list[str]:
     """``p2o.Conv.0-18`` -> p2o.Conv.0 .. p2o.Conv.18; names separated by commas otherwise."""
     out: list[str] = []
@@ -185,7 +211,7 @@ def polish(task: Task, recipe: list[str], fold: bool, lines: int, top: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("hand", "portfolio", "swap", "exclude", "polish", "scan"))
+    ap.add_argument("mode", choices=("hand", "portfolio", "swap", "exclude", "polish", "scan", "floor"))
     ap.add_argument("recipe", nargs="?", default="equalize+mse", help="hand: methods joined by +")
     ap.add_argument("--no-fold", action="store_true")
     ap.add_argument("--pool", action="store_true", help="hand, scan: calibrate on auto's 96-line pool instead of all 128 lines")
@@ -209,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi, n = a.factors.split(":")
         scan(task, a.recipe.split("+"), fold, pool(calib) if a.pool else calib, a.tensor, np.linspace(float(lo), float(hi), int(n)))
         return 0
+    if a.mode == "floor":
+        floor(task)
+        return 0
     if a.mode == "exclude":
         res = onnxq.optimize(task.fp32, method=a.recipe.split("+"), data=calib, show_progress=False, fold=fold, check=False,
                              exclude=_layers(a.layers))
-        print(json.dumps({"recipe": a.recipe, "fold": fold, "float": a.layers, **agreement(task, res.model)}), flush=True)
+        got = task.outputs(res.model)
+        print(json.dumps({"recipe": a.recipe, "fold": fold, "float": a.layers, **agreement(task, res.model, got), **spaces(task, got)}),
+              flush=True)
         return 0
     if a.mode == "hand":
         data = pool(calib) if a.pool else calib
