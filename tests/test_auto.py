@@ -276,6 +276,27 @@ def test_no_target_leaves_a_few_layers_float_below_the_default_cosine():
     assert not kept.report.auto.float_layers and "meets" not in kept.report.auto.reason, kept.report.auto.reason
 
 
+def test_the_default_mixed_step_gets_no_time_once_the_resampling_overran_the_budget():
+    """The default step's share comes on top of the default budget, not on top of what the finalists' resampling overran
+    it by: a run already past budget plus share keeps the full-integer recipe (the step measured on the same model and
+    data leaves a layer float when it has the time, test above), so the whole run stays near 5x one recipe."""
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, {**FAST, "time_budget": None, "default_min_cosine": 0.9997, "default_float_layers": 1}, "auto")
+    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    auto_mod.portfolio(s)
+    finals = auto_mod.finalists(s)
+    best = auto_mod.choose(finals, s.goal)
+    assert best.score_worst < 0.9997, "precondition: the default step applies"
+    s.budget = s.elapsed() - 10 * (s.first_recipe_s + auto_mod.MIXED_FACTOR * s.first_recipe_s)  # the resampling overran it
+    kept = auto_mod.default_mixed(s, best, finals)
+    assert kept is best and not kept.float_layers and not s.report.sensitivity
+    assert any(n.startswith("time budget spent before the default mixed-precision step") for n in s.report.notes), s.report.notes
+
+
 def test_sensitivity_of_a_deep_model_finds_the_loss_in_fewer_runs_than_layers():
     """More layers than GROUP_FROM: runs of consecutive layers first, single layers only inside the runs that gain."""
     model = deep_model()
