@@ -208,6 +208,27 @@ def test_the_chosen_recipe_is_calibrated_again_on_every_sample_like_a_hand_picke
     assert any(not np.allclose(scales(off.model)[k], want[k], rtol=1e-6) for k in want), "precondition: the held-out quarter changes a scale"
 
 
+def test_a_refit_that_scores_lower_widens_the_reported_spread():
+    """A refit on every sample that scores lower on the held-out samples (in-sample for it) than the chosen model is not
+    kept, and the chosen candidate's spread becomes at least that drop: the same recipe on other calibration data moves
+    by that much."""
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, FAST, "auto")
+    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    auto_mod.portfolio(s)
+    best = auto_mod.choose(auto_mod.finalists(s), s.goal)
+    kept = s.built[best.name]
+    assert best.spread is not None and best.spread < 0.5, "precondition: resampled"
+    best.score = 1.5  # above any cosine: the refit scores lower by more than the subsets' spread
+    auto_mod.refit(s, best)
+    assert s.built[best.name] is kept, "the refit scoring lower is not kept"
+    assert best.spread > 0.5 and any("its spread is the refit's drop" in n for n in s.report.notes), (best.spread, s.report.notes)
+
+
 def test_the_portfolio_can_be_narrowed_to_some_calibrators_and_rewrites():
     res = onnxq.optimize(layernorm_model(), method="auto", data=feeds([8, 64]),
                          options={**FAST, "calibrators": ["minmax", "mse"], "rewrites": ["smoothquant"]}, show_progress=False, check=False)

@@ -66,7 +66,8 @@ class AutoCandidate:
     score: float | None = described("the target's metric on the held-out data, calibrated on all calibration samples")
     score_worst: float | None = described("the worst of score and the resampled scores: what the choice is made on")
     spread: float | None = described("max - min of the target's metric over the calibration resamples and the full set (null: not resampled; "
-                                     "a chosen set of float layers: its recipe's, measured full integer)")
+                                     "a chosen set of float layers: its recipe's, measured full integer; the chosen candidate: at least "
+                                     "how much lower it scored calibrated again on every sample, when that refit was not kept)")
     resample_scores: list[float] = described("the target's metric when calibrated on each disjoint calibration subset")
     cosine: float | None = described("first output: mean per-sample cosine with FP32")
     cosine_worst: float | None = described("first output: the worst sample's cosine")
