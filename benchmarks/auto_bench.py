@@ -138,11 +138,11 @@ class Task:
             self._ref_outputs = self.outputs(self.fp32)
         return self._ref_outputs
 
-    def outputs(self, model: Any) -> list[np.ndarray]:
-        """The model's first output on each evaluation batch."""
+    def outputs(self, model: Any, feeds: list[dict[str, np.ndarray]] | None = None) -> list[np.ndarray]:
+        """The model's first output on each evaluation batch (or on each of ``feeds``, e.g. perturbed evaluation batches)."""
         sess = make_session(model, "all")
         names = {i.name for i in sess.get_inputs()}
-        return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in self.eval]
+        return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in (self.eval if feeds is None else feeds)]
 
 
 def same_recipe(task: Task, runs: list[dict[str, Any]], subsets: int) -> list[dict[str, Any]]:
@@ -195,7 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     opts = dict(a.auto_opt)
     rows: list[dict[str, Any]] = []
 
-    def auto_row(label: str, calib: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    def done(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+
+    def hand_row(label: str, calib: list[dict[str, np.ndarray]], fold: bool = True) -> None:
+        res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=calib, show_progress=False,
+                                                 cache_dir=None, fold=fold))
+        done({"run": label, "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
+
+    def auto_row(label: str, calib: list[dict[str, np.ndarray]]) -> None:
         res, wall = timed(lambda: onnxq.optimize(task.fp32, method="auto", options=opts, data=calib, show_progress=True,
                                                  cache_dir=a.workdir / "cache"))
         auto = res.report.auto
@@ -208,38 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         if auto.by_error_alone is not None:
             b = auto.by_error_alone
             row["by_error_alone"] = {"float_layers": b.float_layers, "score": b.score, "latency_ms": b.latency_ms}
-        return row
+        done(row)
 
     if a.mode == "compare":
         if not a.no_hand:
-            res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=task.calibration(), show_progress=False,
-                                                     cache_dir=None))
-            rows.append({"run": "hand-picked", "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
-            print(json.dumps(rows[-1]), flush=True)
+            hand_row("hand-picked", task.calibration())
         if a.no_fold:
-            res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=task.calibration(), show_progress=False,
-                                                     cache_dir=None, fold=False))
-            rows.append({"run": "hand-picked --no-fold", "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
-            print(json.dumps(rows[-1]), flush=True)
-        rows.append(auto_row("auto " + " ".join(f"{k}={v}" for k, v in opts.items()), task.calibration()))
+            hand_row("hand-picked --no-fold", task.calibration(), fold=False)
+        auto_row("auto " + " ".join(f"{k}={v}" for k, v in opts.items()), task.calibration())
     else:
         for k in range(a.subsets):
             calib = task.calibration(k, a.subsets)
             if a.hand:  # one calibration set is one draw: the hand-picked recipe's figure moves with the set too
-                res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=calib, show_progress=False,
-                                                         cache_dir=None))
-                rows.append({"run": f"hand-picked, calibration set {k + 1} of {a.subsets}", "recipe": "+".join(HAND_PICKED[a.model]),
-                             "wall_s": wall, **task.fidelity(res.model)})
-                print(json.dumps(rows[-1]), flush=True)
-            rows.append(auto_row(f"auto, calibration set {k + 1} of {a.subsets}", calib))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}), flush=True)
+                hand_row(f"hand-picked, calibration set {k + 1} of {a.subsets}", calib)
+            auto_row(f"auto, calibration set {k + 1} of {a.subsets}", calib)
         if a.same_recipe:
             rows += same_recipe(task, [r for r in rows if r["run"].startswith("auto")], a.subsets)
-    for r in rows:
-        if a.mode == "stability" or r["run"].startswith("hand-picked"):
-            continue  # printed as it finished
-        shown = {k: v for k, v in r.items() if k != "report"}
-        print(json.dumps(shown))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1, default=str))
     return 0

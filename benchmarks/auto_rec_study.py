@@ -130,10 +130,9 @@ def floor(task: Task) -> None:
     How much of the character agreement is the model's own reading of spaces, not quantization."""
     step = 2 / 255
     x_all = [f["x"] for f in task.eval]
-    sess = make_session(task.fp32, "all")
 
     def report(label: str, xs: list[np.ndarray]) -> None:
-        got = [sess.run(None, {"x": x})[0] for x in xs]
+        got = task.outputs(task.fp32, [{**f, "x": x} for f, x in zip(task.eval, xs)])
         print(json.dumps({"fp32_perturbed": label, **agreement(task, None, got), **spaces(task, got)}), flush=True)
 
     for frac in (0.25, 0.5):
