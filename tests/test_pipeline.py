@@ -356,3 +356,21 @@ def test_report_fields(quantize):
     assert {k: report.options["trt-entropy"].get(k) for k in defaults} == defaults
     counts = Counter(n.op_type for n in quantize("trt-entropy", "ort").model.graph.node)
     assert counts["Conv"] == 6 and counts["DequantizeLinear"] >= 7 + r["quantized_activations"]
+
+
+def test_exclude_takes_none_a_list_and_refuses_a_bare_string(digits_model, digits_calib_feeds):
+    """``exclude=None`` is no exclusion; a node named in a list stays float; a bare string is a one-line option error
+    (iterated, it would name one node per character and exclude nothing)."""
+    model = onnx.load(str(digits_model))
+    conv = next(n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name)
+    plain = onnxq.optimize(digits_model, method="minmax", data=digits_calib_feeds, exclude=None, cache_dir=None, show_progress=False)
+    kept = onnxq.optimize(digits_model, method="minmax", data=digits_calib_feeds, exclude=[conv], cache_dir=None, show_progress=False)
+
+    def fed_by_dq(m: onnx.ModelProto) -> bool:
+        made_by = {o: n.op_type for n in m.graph.node for o in n.output}
+        node = next(n for n in m.graph.node if n.name == conv)
+        return made_by.get(node.input[0]) == "DequantizeLinear"
+
+    assert fed_by_dq(plain.model) and not fed_by_dq(kept.model)
+    with pytest.raises(onnxq.errors.OptionError, match="list of node names"):
+        onnxq.optimize(digits_model, method="minmax", data=digits_calib_feeds, exclude=conv, cache_dir=None, show_progress=False)

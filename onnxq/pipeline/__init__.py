@@ -23,7 +23,7 @@ from onnxq.pipeline import stages
 from onnxq.pipeline.checks import outputs_error
 from onnxq.pipeline.compose import check_composition, resolve_methods
 from onnxq.pipeline.data import DataSpec, batch_source, make_reader
-from onnxq.errors import QualityGateError
+from onnxq.errors import OptionError, QualityGateError
 from onnxq.pipeline.report import Fidelity, LeftInFloat, QuantizedRewrite, Report, WeightOnlyFormat
 from onnxq.pipeline.stages import Run, Settings
 
@@ -64,7 +64,7 @@ def optimize(
     block_size: int | None = None,
     batch_size: int = 16,
     max_samples: int | None = None,
-    exclude: Sequence[str] = (),
+    exclude: Sequence[str] | None = (),
     cache_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     show_progress: bool = True,
@@ -95,8 +95,11 @@ def optimize(
     ``diagnostics`` collects what the HTML report charts into ``report.diagnostics`` (per-layer error,
     histograms with calibrator thresholds, weight ranges, TensorRT lint; :mod:`onnxq.report_html`).
     """
+    if isinstance(exclude, str):
+        # a bare string would be read as its characters, each a node name that matches nothing
+        raise OptionError(f"exclude takes a list of node names, not the string {exclude!r}")
     settings = Settings(model, output, method, options, data, data_options, reader, target, bits, block_size, batch_size,
-                        max_samples, exclude, cache_dir, force, show_progress, fold, check=check, eval_data=eval_data,
+                        max_samples, tuple(exclude or ()), cache_dir, force, show_progress, fold, check=check, eval_data=eval_data,
                         diagnostics=diagnostics)
     if method == "auto" or (not isinstance(method, str) and list(method) == ["auto"]):
         result, run = _optimize_auto(settings, host or get_host())
