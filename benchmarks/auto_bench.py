@@ -159,8 +159,9 @@ def same_recipe(task: Task, runs: list[dict[str, Any]], subsets: int) -> list[di
             cos.append(task.fidelity(res.model))
         c = [f["cosine_mean"] for f in cos]
         out.append({"run": f"same recipe: {r['recipe']} ({r['run']})", "recipe": r["recipe"], "per_set": cos,
-                    "varies_by": round(max(c) - min(c), 5), "reported_spread": r["spread"],
-                    "within": r["spread"] is not None and max(c) - min(c) < r["spread"]})
+                    "varies_by": round(max(c) - min(c), 5), "reported_spread": r["spread"], "spread_bound": r.get("spread_bound"),
+                    "within": r["spread"] is not None and max(c) - min(c) < r["spread"],
+                    "within_bound": r.get("spread_bound") is not None and max(c) - min(c) < r["spread_bound"]})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = next(c for c in auto.candidates if c.name == auto.chosen) if any(c.name == auto.chosen for c in auto.candidates) else None
         row = {"run": label, "recipe": auto.chosen, "wall_s": wall, **task.fidelity(res.model), "met": auto.met,
                "score": chosen.score if chosen else None, "spread": chosen.spread if chosen else None,
+               "spread_bound": chosen.spread_bound if chosen else None,
                "resample_scores": chosen.resample_scores if chosen else [], "float_layers": auto.float_layers,
                "latency_ms": chosen.latency_ms if chosen else None, "budget_s": auto.time_budget_s, "report": res.report.to_dict(),
                "methods": list(chosen.methods) if chosen else None}

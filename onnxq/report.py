@@ -107,7 +107,7 @@ def auto_lines(auto: AutoReport) -> list[str]:
     val = lambda v: _fmt(None if v is None else sign * v, ".2f" if auto.metric == "drop" else ".5f")  # noqa: E731
     rows = []
     for c in auto.candidates:
-        rows.append([("* " if c.name == auto.chosen else "  ") + c.name, c.stage, val(c.score), val(c.score_worst), _fmt(c.spread, ".5f"), val(c.score_bound),
+        rows.append([("* " if c.name == auto.chosen else "  ") + c.name, c.stage, val(c.score), val(c.score_worst), _fmt(c.spread, ".5f"), _fmt(c.spread_bound, ".5f"), val(c.score_bound),
                      _fmt(c.cosine_worst, ".5f"), _fmt(c.cosine_p1, ".5f"), _fmt(c.agreement_worst, ".4f"),
                      f"{c.worst_output} {_fmt(c.worst_output_cosine, '.4f')}" if c.worst_output else "-",
                      f"{c.worst_class} {_fmt(c.worst_class_agreement, '.3f')}" if c.worst_class is not None else "-",
@@ -116,7 +116,7 @@ def auto_lines(auto: AutoReport) -> list[str]:
     lines = [f"auto: target {target}; scored on {auto.heldout_samples} held-out samples ({auto.heldout}), calibrated on "
              f"{auto.calibration_samples}, {auto.resamples} disjoint resamples for the finalists; {auto.seconds:.1f} s of a "
              f"{auto.time_budget_s:.0f} s budget{' (spent)' if auto.budget_exhausted else ''}",
-             table(rows, ["candidate", "stage", metric, "worst-resample", "spread", "bound", "cos-worst", "cos-p1", "agree-worst", "worst output",
+             table(rows, ["candidate", "stage", metric, "worst-resample", "spread", "spread-95", "bound", "cos-worst", "cos-p1", "agree-worst", "worst output",
                           "worst class", "size", "latency ms", "s", "meets"])]
     if auto.sensitivity:
         lines.append("auto: per-layer sensitivity (only this layer float) and measured latency (ONNX Runtime CPU, 1 sample, 1 thread)"

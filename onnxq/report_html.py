@@ -624,7 +624,7 @@ class _Charts:
 
 #: the auto candidates table: column heading and ``report.auto.candidates[]`` field
 CANDIDATE_COLUMNS = (("stage", "stage"), ("score", "score"), ("worst resample", "score_worst"), ("spread", "spread"),
-                     ("bound", "score_bound"), ("worst sample cosine", "cosine_worst"), ("latency ms", "latency_ms"))
+                     ("spread, 95% over new sets", "spread_bound"), ("bound", "score_bound"), ("worst sample cosine", "cosine_worst"), ("latency ms", "latency_ms"))
 
 
 def _candidate_table(auto: Mapping[str, Any]) -> str:

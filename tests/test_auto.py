@@ -153,6 +153,7 @@ def test_every_candidate_is_reported_with_its_spread_and_worst_case():
     assert len(resampled) == 2 and all(len(c.resample_scores) == 2 for c in resampled)
     for c in resampled:
         assert c.spread == pytest.approx(max(c.resample_scores + [c.score]) - min(c.resample_scores + [c.score]), abs=1e-5)
+        assert c.spread_bound is not None and c.spread_bound >= 2 * c.spread  # three new sets against three measured: about 4.4x
         assert c.score_worst <= c.score
     for c in auto.candidates:
         assert c.error is None and -1 <= c.cosine_worst <= c.cosine_p1 <= c.cosine <= 1 and c.size_bytes > 0
@@ -227,6 +228,20 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     auto_mod.refit(s, best)
     assert s.built[best.name] is kept, "the refit scoring lower is not kept"
     assert best.spread > 0.5 and any("its spread is the refit's drop" in n for n in s.report.notes), (best.spread, s.report.notes)
+    assert best.spread_bound >= best.spread
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_the_spread_bound_covers_the_range_over_three_new_sets_95_times_in_100(k):
+    """``range_factor`` times the range of ``k`` scores bounds the range of three further scores of the same spread in
+    95% of draws: checked on draws of its own (another seed, another scale), not on the simulation that made it."""
+    from onnxq.pipeline.auto import range_factor
+
+    rng = np.random.default_rng(7)
+    measured, new = rng.normal(0.98, 0.004, (20_000, k)), rng.normal(0.98, 0.004, (20_000, 3))
+    covered = np.mean(np.ptp(new, axis=1) <= range_factor(k) * np.ptp(measured, axis=1))
+    assert 0.94 <= covered <= 0.96, covered
+    assert np.mean(np.ptp(new, axis=1) <= np.ptp(measured, axis=1)) < 0.8  # the bare range would not do
 
 
 def test_the_portfolio_can_be_narrowed_to_some_calibrators_and_rewrites():

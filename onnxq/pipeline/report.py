@@ -68,6 +68,9 @@ class AutoCandidate:
     spread: float | None = described("max - min of the target's metric over the calibration resamples and the full set (null: not resampled; "
                                      "a chosen set of float layers: its recipe's, measured full integer; the chosen candidate: at least "
                                      "how much lower it scored calibrated again on every sample, when that refit was not kept)")
+    spread_bound: float | None = described("how much the target's metric may vary over three new calibration sets of the same kind: "
+                                           "spread times the 95th percentile of (range of 3 new draws) / (range of the k measured), "
+                                           "for normal draws; at least the refit's drop (null: not resampled)")
     resample_scores: list[float] = described("the target's metric when calibrated on each disjoint calibration subset")
     cosine: float | None = described("first output: mean per-sample cosine with FP32")
     cosine_worst: float | None = described("first output: the worst sample's cosine")
