@@ -58,6 +58,40 @@ def test_segments_match_node_by_node(captured, plan):
         assert not np.array_equal(got[out], flt[out])
 
 
+def test_runners_of_one_graph_share_segment_sessions_and_still_use_their_own_qparams(captured):
+    """A second runner of the same graph and layout builds no segment session of its own (they are shared by their
+    model's bytes), and with every activation scale doubled its values are those of a runner that built its own."""
+    import copy
+    import dataclasses
+
+    import onnxq.search.evaluator as ev
+
+    chunks = take_samples(captured, 8)
+    out = captured.model.graph.output[0].name
+    GraphRunner(captured.model, chunks, captured.plan).run_all()
+    before = ev.segment_cache_info()
+    coarse = copy.deepcopy(captured.plan)
+    for site in coarse.activations.values():
+        if site.qparams is not None:
+            site.qparams = dataclasses.replace(site.qparams, scale=site.qparams.scale * 2)
+    shared = GraphRunner(captured.model, chunks, coarse, keep=[out])
+    shared.run_all()
+    after = ev.segment_cache_info()
+    assert after["builds"] == before["builds"] and after["hits"] > before["hits"], (before, after)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ev, "_segments", type(ev._segments)())
+    mp.setattr(ev, "SEGMENT_SESSIONS", 0)
+    try:
+        own = GraphRunner(captured.model, chunks, coarse, keep=[out])
+        own.run_all()
+    finally:
+        mp.undo()
+    np.testing.assert_array_equal(shared.value(out), own.value(out))
+    first = GraphRunner(captured.model, chunks, captured.plan, keep=[out])
+    first.run_all()
+    assert not np.array_equal(shared.value(out), first.value(out)), "precondition: the coarser scales change the output"
+
+
 @pytest.mark.parametrize("attrs", [
     {"pads": [1, 1, 1, 1]},
     {"pads": [2, 0, 1, 3], "strides": [2, 2]},
