@@ -519,6 +519,20 @@ def test_pad_correction_is_tried_where_the_inputs_are_padded():
     assert any(n.startswith("pad-correction not tried") and "no constant region" in n for n in plain.report.auto.notes), plain.report.auto.notes
 
 
+def test_the_best_candidate_is_pad_corrected_even_when_the_portfolio_spent_the_budget():
+    """With the budget spent before the second calibrator, the best full-integer candidate is still pad-corrected (one
+    build and one layer-by-layer pass over one sample)."""
+    from tests.plugins.test_pad_correction import padded_data, padded_model
+
+    res = onnxq.optimize(padded_model(), method="auto", data=padded_data(128, 1), options={**FAST, "rewrites": [], "time_budget": 0.01},
+                         show_progress=False, check=False)
+    auto = res.report.auto
+    assert auto.budget_exhausted
+    pads = [c for c in auto.candidates if c.stage == "pad-correction"]
+    best = min((c for c in auto.candidates if c.stage == "portfolio" and c.score is not None), key=lambda c: -c.score)
+    assert len(pads) == 1 and pads[0].error is None and pads[0].methods == best.methods + ["pad-correction"], [c.name for c in pads]
+
+
 def test_mixed_precision_cut_short_by_the_budget_says_so():
     """With the budget spent before any layer's sensitivity is measured, the report says mixed precision was not tried,
     not that no layer helps (which it did not measure)."""
