@@ -231,6 +231,31 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     assert best.spread_bound >= best.spread
 
 
+def test_the_subsets_statistics_come_from_the_pool_pass(monkeypatch):
+    """The pool's statistics pass also gives each disjoint subset its own ranges (equal to a pass over that subset),
+    so recalibrating a finalist on the subsets runs no statistics pass."""
+    from onnxq.calib import statistics
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, FAST, "auto")
+    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    plain = s.form(None)
+    s.stats_of(plain, None, [("minmax",)])
+    cand = s.candidate(plain, ("mse",), "portfolio")
+    for k, part in enumerate(s.subsets):
+        own = plain.stats[f"subset{k}"]
+        alone = statistics.collect(plain.run.ctx.model, [statistics.StatRequest(t, "histogram") for t in own], lambda part=part: iter(part),
+                                   show_progress=False)
+        assert all((own[t].min, own[t].max) == (alone[t].min, alone[t].max) for t in own)
+    passes = []
+    monkeypatch.setattr(statistics, "collect", lambda *a, **k: passes.append(a) or pytest.fail("a statistics pass in the resampling"))
+    s.resample(cand)
+    assert len(cand.resample_scores) == len(s.subsets) == 2 and not passes
+
+
 @pytest.mark.parametrize("k", [3, 4, 6])
 def test_the_spread_bound_covers_the_range_over_three_new_sets_95_times_in_100(k):
     """``range_factor`` times the range of ``k`` scores bounds the range of three further scores of the same spread in

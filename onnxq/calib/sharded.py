@@ -18,6 +18,7 @@ read at the same path), and each shard's batches once, reused by both rounds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,11 +35,12 @@ from onnxq.calib.statistics import (
     TensorStats,
     bincount,
     collect,
+    plan_requests,
 )
 from onnxq.errors import DataError
 from onnxq.runtime.executor import Executor, SerialExecutor, split, using
 
-__all__ = ["RangedHistogram", "collect_ranges"]
+__all__ = ["RangedHistogram", "collect_groups", "collect_ranges", "rebin"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,40 @@ def collect_ranges(model: onnx.ModelProto, ranges: dict[str, StatRequest], sourc
     batches = [b.feeds for b in source()]
     if not batches:
         raise DataError("the calibration data is empty")
+    merged, _ = _two_rounds(model, ranges, split(batches, executor.shards), executor, batch_size, memory_budget, optimization)
+    return merged
+
+
+def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: Sequence[Sequence[Batch]], executor: Executor | None = None, *,
+                   batch_size: int = 16, memory_budget: int = 512 * 2**20, optimization: str = "basic") -> tuple[StatsMap, list[StatsMap]]:
+    """The statistics of every batch of ``groups`` together, and each group's own min/max and histograms, in one pass.
+
+    The first result equals :func:`~onnxq.calib.statistics.collect` over the groups' batches in order, bit for bit
+    (each group is a shard). Each group's :class:`TensorStats` has its own min, max and count, and its histogram
+    is the one it counted over the merged range, re-binned onto its own range (:func:`rebin`): ``-p auto`` gets the
+    statistics of its disjoint calibration subsets from the pool's pass instead of one more pass per subset. Other
+    requests (samples, per-channel reducers) are collected for the merged result only."""
+    ranges, others = plan_requests(requests)
+    parts = [[b.feeds for b in g] for g in groups]
+    if not parts or not any(parts):
+        raise DataError("the calibration data is empty")
+    if any(not part for part in parts):
+        raise DataError("a calibration group is empty")
+    executor = executor or SerialExecutor()
+    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization)
+    if others:
+        every = [b for g in groups for b in g]
+        merged.results.update(collect(model, others, lambda: iter(every), batch_size=batch_size, memory_budget=memory_budget,
+                                      show_progress=False, optimization=optimization).results)
+    return merged, per_group
+
+
+def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: list[list[dict[str, np.ndarray]]], executor: Executor,
+                batch_size: int, memory_budget: int, optimization: str) -> tuple[StatsMap, list[StatsMap]]:
+    """Min/max of every part, merged; then histograms of every part over the merged range, summed. Returns the merged
+    statistics and each part's own (its histogram re-binned onto its own range)."""
     shared_model = executor.share(model.SerializeToString())  # a lazy model: the graph only
-    shards = [executor.share(part) for part in split(batches, executor.shards)]
-    del batches
+    shards = [executor.share(part) for part in parts]
 
     def each(requests: list[StatRequest]) -> list[StatsMap]:
         return executor.map(_shard, [(shared_model, part, requests, batch_size, memory_budget, optimization) for part in shards])
@@ -86,15 +119,39 @@ def collect_ranges(model: onnx.ModelProto, ranges: dict[str, StatRequest], sourc
     firsts = each([StatRequest(t, "minmax") for t in tensors])
     stats = StatsMap()
     for t in tensors:
-        parts = [f[t] for f in firsts]
-        stats[t] = TensorStats(min(p.min for p in parts), max(p.max for p in parts), sum(p.count for p in parts))
+        got = [f[t] for f in firsts]
+        stats[t] = TensorStats(min(p.min for p in got), max(p.max for p in got), sum(p.count for p in got))
+    own = [StatsMap({t: TensorStats(f[t].min, f[t].max, f[t].count) for t in tensors}) for f in firsts]
     hist = [t for t in tensors if ranges[t].kind == "histogram"]
     if hist:
         requests = [StatRequest(t, RangedHistogram(stats[t].amax, ranges[t].bins)) for t in hist]
         seconds = each(requests)
         for t, r in zip(hist, requests):
             counts: Any = np.zeros(2 * r.reducer.bins, np.int64)  # type: ignore[attr-defined]
-            for s in seconds:
-                counts += s[r]
+            for k, sec in enumerate(seconds):
+                counts += sec[r]
+                own[k][t].hist = rebin(sec[r], stats[t].amax, own[k][t].amax)
             stats[t].hist = counts
-    return stats
+    return stats, own
+
+
+def rebin(hist: np.ndarray, amax_from: float, amax_to: float) -> np.ndarray:
+    """A signed histogram of ``2·bins`` equal bins over ``[−amax_from, amax_from]`` as ``2·bins`` bins over
+    ``[−amax_to, amax_to]`` (``amax_to <= amax_from``): the counts' cumulative sum interpolated linearly at the new
+    edges, so each old bin's count spreads evenly over the part of it a new bin covers; what an old bin holds beyond
+    ``±amax_to`` goes to the outer new bins (the values themselves lie inside). Counts become fractional."""
+    counts = np.asarray(hist, np.float64)
+    n = len(counts)
+    total = float(counts.sum())
+    if not amax_to > 0 or not amax_from > 0:
+        out = np.zeros(n)
+        out[n // 2] = total  # bincount puts a zero range's values in the middle bin
+        return out
+    if amax_to >= amax_from:
+        return counts
+    cdf = np.concatenate([[0.0], np.cumsum(counts)])
+    at = np.interp(np.linspace(-amax_to, amax_to, n + 1), np.linspace(-amax_from, amax_from, n + 1), cdf)
+    out = np.diff(at)
+    out[0] += at[0]
+    out[-1] += total - at[-1]
+    return out
