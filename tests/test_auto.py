@@ -231,6 +231,33 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     assert best.spread_bound >= best.spread
 
 
+def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatch):
+    """When the chosen recipe, calibrated again on every sample, scores lower by more than its spread (its thresholds
+    drift with the amount of data), that score becomes its worst and the next finalist is chosen and refit in turn."""
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, FAST, "auto")
+    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    auto_mod.portfolio(s)
+    finals = auto_mod.finalists(s)
+    first = auto_mod.choose(finals, s.goal)
+    assert len(finals) == 2 and all(c.resample_scores for c in finals), "precondition: two resampled finalists"
+    refits = []
+    real = auto_mod.refit
+
+    def falls_once(s_, cand):  # the first choice falls far below every finalist's worst score; the real refit after that
+        refits.append(cand.name)
+        return -1.0 if len(refits) == 1 else real(s_, cand)
+
+    monkeypatch.setattr(auto_mod, "refit", falls_once)
+    chosen = auto_mod.refit_choice(s, first, finals)
+    assert refits[:2] == [first.name, chosen.name] and chosen is not first, refits
+    assert first.score_worst == -1.0 and any("chose again among the finalists" in n for n in s.report.notes), s.report.notes
+
+
 def test_the_subsets_statistics_come_from_the_pool_pass(monkeypatch):
     """The pool's statistics pass also gives each disjoint subset its own ranges (equal to a pass over that subset),
     so recalibrating a finalist on the subsets runs no statistics pass."""
