@@ -116,3 +116,25 @@ def test_8bit_activation_defaults_and_the_dc_gate(runs):
             assert b["dc_used"] == (b["kl_dc_target"] <= gate * b["kl_start"]), b
         if gate < 1e-6:
             assert not any(b["dc_used"] for b in bn_blocks)
+
+
+def test_activation_step_learning_rate_is_lower_below_8bit_activations(runs):
+    """Below 8-bit activations the steps are learned at lr 3e-4 (README, "W4A4 at the package's own
+    schedule"), at 8 bits at 1e-3; explicit act_lr wins. The steps then move measurably less than
+    at 1e-3 on the same data, and still move."""
+    model = _bn_cnn()
+    data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
+    a4 = runs["full"].report.methods["pdquant"]
+    assert a4["act_lr"] == pytest.approx(3e-4)
+    fast = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options={**W4A4, "act_lr": 1e-3}).report.methods["pdquant"]
+    assert fast["act_lr"] == pytest.approx(1e-3)
+
+    def moved(rep) -> float:
+        changes = [abs(np.log(c)) for b in rep["blocks"] for c in b.get("step_change", {}).values()]
+        assert changes, "no block kept its learned steps"
+        return max(changes)
+
+    slow_move, fast_move = moved(a4), moved(fast)
+    assert 0 < slow_move < 0.6 * fast_move, (slow_move, fast_move)
+    a8 = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options={**W4A4, "act_bits": 8, "iters": 20}).report.methods["pdquant"]
+    assert a8["act_lr"] == pytest.approx(1e-3)
