@@ -231,9 +231,11 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     assert best.spread_bound >= best.spread
 
 
-def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatch):
+@pytest.mark.parametrize("spent", [False, True], ids=["budget-left", "budget-spent"])
+def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatch, spent):
     """When the chosen recipe, calibrated again on every sample, scores lower by more than its spread (its thresholds
-    drift with the amount of data), that score becomes its worst and the next finalist is chosen and refit in turn."""
+    drift with the amount of data), that score becomes its worst and the next finalist is chosen and refit in turn;
+    with the budget spent, the next one is not refit when that needs a statistics pass of its own."""
     from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
@@ -253,8 +255,11 @@ def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatc
         return -1.0 if len(refits) == 1 else real(s_, cand)
 
     monkeypatch.setattr(auto_mod, "refit", falls_once)
+    if spent:
+        s.budget = 0.0
     chosen = auto_mod.refit_choice(s, first, finals)
-    assert refits[:2] == [first.name, chosen.name] and chosen is not first, refits
+    assert chosen is not first and refits == ([first.name] if spent else refits[:1] + [chosen.name]), refits
+    assert spent == any("the pool's model stands" in n for n in s.report.notes)
     assert first.score_worst == -1.0 and any("chose again among the finalists" in n for n in s.report.notes), s.report.notes
 
 
