@@ -98,9 +98,9 @@ def resolved(o: PDQuantOptions, act_bits: int) -> PDQuantOptions:
 
     [design decision] Below 8-bit activations the paper's settings (QDrop 0.5, DC on, the Lp init's
     p for the weight steps too, blocks as onnxq-brecq cuts them), with the activation steps learned
-    at lr 3e-4: at 1e-3 (the 8-bit value) they moved far enough in 1,000 iterations to cost
-    mnist_norm_resnet W4A4 its lead on the validation split, 3e-4 kept MobileNet's (README, "W4A4 at
-    the package's own schedule"). At 8-bit activations the weight
+    at lr 3e-4: at 1e-3 (kept at 8 bits) they moved too far in 1,000 iterations, and on the
+    validation splits 3e-4 was better at W4A4 on both fixtures (README, "mnist_norm_resnet against
+    BRECQ"). At 8-bit activations the weight
     rounding is nearly all of the error, and on the validation split QDrop, DC's shifted target and
     the Lp(2) weight steps each cost more than they gave, and a block compared on a globally pooled
     vector over-fitted its rounding (README): QDrop off, DC off, BRECQ's p = 2.4 for the weight

@@ -119,8 +119,8 @@ def test_8bit_activation_defaults_and_the_dc_gate(runs):
 
 
 def test_activation_step_learning_rate_is_lower_below_8bit_activations(runs):
-    """Below 8-bit activations the steps are learned at lr 3e-4 (README, "W4A4 at the package's own
-    schedule"), at 8 bits at 1e-3; explicit act_lr wins. The steps then move measurably less than
+    """Below 8-bit activations the steps are learned at lr 3e-4 (README, "mnist_norm_resnet against
+    BRECQ"), at 8 bits at 1e-3; explicit act_lr wins. The steps then move measurably less than
     at 1e-3 on the same data, and still move."""
     model = _bn_cnn()
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
