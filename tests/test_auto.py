@@ -110,6 +110,19 @@ def cosine_on(model: onnx.ModelProto | str, reference: onnx.ModelProto | str, da
 # tests
 # ---------------------------------------------------------------------------------------------
 
+
+def _search(options: dict | None = None, model: onnx.ModelProto | None = None, data: list | None = None):
+    """A prepared :class:`~onnxq.pipeline.auto.Search` (the held-out split and subsets made), for tests of one step."""
+    from onnxq.host import get_host
+    from onnxq.pipeline import auto as auto_mod
+
+    opts = parse_options(auto_mod.AutoOptions, FAST if options is None else options, "auto")
+    settings = Settings(mlp_model() if model is None else model, None, "auto", None, feeds([32]) if data is None else data, None, None,
+                        "ort", 8, None, 16, None, (), None, False, True, True)
+    s = auto_mod.Search(settings, get_host(), opts)
+    s.prepare()
+    return s
+
 def test_portfolio_picks_smoothquant_on_a_layernorm_outlier_and_equalize_on_mobilenet():
     """Different recipes win on different models, and each choice beats the default recipe on fresh data."""
     ln = layernorm_model()
@@ -172,13 +185,9 @@ def test_the_best_candidate_is_resampled_even_when_the_portfolio_spent_the_budge
 def test_finalists_sharing_a_float_form_are_resampled_past_the_budget():
     """Once the best finalist's float form has every subset's statistics, another finalist of that form costs only its
     builds: it is resampled even with the budget spent, instead of being judged on a spread assumed from the best."""
-    from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
-    opts = parse_options(auto_mod.AutoOptions, {**FAST, "finalists": 3, "rewrites": []}, "auto")
-    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
-    s = auto_mod.Search(settings, get_host(), opts)
-    s.prepare()
+    s = _search(options={**FAST, "finalists": 3, "rewrites": []})
     auto_mod.portfolio(s)
     s.budget = s.elapsed()  # spent: only the forced resampling and the cheap ones may run
     finals = auto_mod.finalists(s)
@@ -213,13 +222,9 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     """A refit on every sample that scores lower on the held-out samples (in-sample for it) than the chosen model is not
     kept, and the chosen candidate's spread becomes at least that drop: the same recipe on other calibration data moves
     by that much."""
-    from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
-    opts = parse_options(auto_mod.AutoOptions, FAST, "auto")
-    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
-    s = auto_mod.Search(settings, get_host(), opts)
-    s.prepare()
+    s = _search()
     auto_mod.portfolio(s)
     best = auto_mod.choose(auto_mod.finalists(s), s.goal)
     kept = s.built[best.name]
@@ -236,13 +241,9 @@ def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatc
     """When the chosen recipe, calibrated again on every sample, scores lower by more than its spread (its thresholds
     drift with the amount of data), that score becomes its worst and the next finalist is chosen and refit in turn;
     with the budget spent, the next one is not refit when that needs a statistics pass of its own."""
-    from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
-    opts = parse_options(auto_mod.AutoOptions, FAST, "auto")
-    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
-    s = auto_mod.Search(settings, get_host(), opts)
-    s.prepare()
+    s = _search()
     auto_mod.portfolio(s)
     finals = auto_mod.finalists(s)
     first = auto_mod.choose(finals, s.goal)
@@ -267,13 +268,9 @@ def test_the_subsets_statistics_come_from_the_pool_pass(monkeypatch):
     """The pool's statistics pass also gives each disjoint subset its own ranges (equal to a pass over that subset),
     so recalibrating a finalist on the subsets runs no statistics pass."""
     from onnxq.calib import statistics
-    from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
-    opts = parse_options(auto_mod.AutoOptions, FAST, "auto")
-    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
-    s = auto_mod.Search(settings, get_host(), opts)
-    s.prepare()
+    s = _search()
     plain = s.form(None)
     s.stats_of(plain, None, [("minmax",)])
     cand = s.candidate(plain, ("mse",), "portfolio")
@@ -373,13 +370,9 @@ def test_the_default_mixed_step_gets_no_time_once_the_resampling_overran_the_bud
     """The default step's share comes on top of the default budget, not on top of what the finalists' resampling overran
     it by: a run already past budget plus share keeps the full-integer recipe (the step measured on the same model and
     data leaves a layer float when it has the time, test above), so the whole run stays near 5x one recipe."""
-    from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
-    opts = parse_options(auto_mod.AutoOptions, {**FAST, "time_budget": None, "default_min_cosine": 0.9997, "default_float_layers": 1}, "auto")
-    settings = Settings(mlp_model(), None, "auto", None, feeds([32]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
-    s = auto_mod.Search(settings, get_host(), opts)
-    s.prepare()
+    s = _search(options={**FAST, "time_budget": None, "default_min_cosine": 0.9997, "default_float_layers": 1})
     auto_mod.portfolio(s)
     finals = auto_mod.finalists(s)
     best = auto_mod.choose(finals, s.goal)
@@ -605,13 +598,9 @@ def test_the_best_of_each_float_form_is_a_finalist_and_resampled():
     """When the best held-out scores all belong to one float form, the best recipe of the other form is still a
     finalist and is resampled (PP-OCR rec: three equalize recipes, each 0.03 lower on one subset, and no plain recipe
     ever resampled)."""
-    from onnxq.host import get_host
     from onnxq.pipeline import auto as auto_mod
 
-    opts = parse_options(auto_mod.AutoOptions, {**FAST, "finalists": 3, "rewrites": ["smoothquant"]}, "auto")
-    settings = Settings(layernorm_model(), None, "auto", None, feeds([8, 64]), None, None, "ort", 8, None, 16, None, (), None, False, True, True)
-    s = auto_mod.Search(settings, get_host(), opts)
-    s.prepare()
+    s = _search(options={**FAST, "finalists": 3, "rewrites": ["smoothquant"]}, model=layernorm_model(), data=feeds([8, 64]))
     auto_mod.portfolio(s)
     for c in s.report.candidates:  # make every smoothquant recipe rank above every plain one
         c.score = c.score_worst = (0.9 if "smoothquant" in c.methods else 0.5) + 0.01 * len(c.name) % 0.05
