@@ -265,8 +265,8 @@ def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatc
 
 
 def test_the_subsets_statistics_come_from_the_pool_pass(monkeypatch):
-    """The pool's statistics pass also gives each disjoint subset its own ranges (equal to a pass over that subset),
-    so recalibrating a finalist on the subsets runs no statistics pass."""
+    """The pool's statistics pass also gives each disjoint subset its own ranges and histograms (equal to a pass over
+    that subset), so recalibrating a finalist on the subsets runs no statistics pass."""
     from onnxq.calib import statistics
     from onnxq.pipeline import auto as auto_mod
 
@@ -279,6 +279,7 @@ def test_the_subsets_statistics_come_from_the_pool_pass(monkeypatch):
         alone = statistics.collect(plain.run.ctx.model, [statistics.StatRequest(t, "histogram") for t in own], lambda part=part: iter(part),
                                    show_progress=False)
         assert all((own[t].min, own[t].max) == (alone[t].min, alone[t].max) for t in own)
+        assert all(own[t].hist is not None and np.array_equal(own[t].hist, alone[t].hist) for t in own)
     passes = []
     monkeypatch.setattr(statistics, "collect", lambda *a, **k: passes.append(a) or pytest.fail("a statistics pass in the resampling"))
     s.resample(cand)

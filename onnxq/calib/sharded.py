@@ -40,7 +40,7 @@ from onnxq.calib.statistics import (
 from onnxq.errors import DataError
 from onnxq.runtime.executor import Executor, SerialExecutor, split, using
 
-__all__ = ["RangedHistogram", "collect_groups", "collect_ranges", "rebin"]
+__all__ = ["RangedHistogram", "collect_groups", "collect_ranges"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: 
 
     The first result equals :func:`~onnxq.calib.statistics.collect` over the groups' batches in order, bit for bit
     (each group is a shard). Each group's :class:`TensorStats` has its own min, max and count, and its histogram
-    is the one it counted over the merged range, re-binned onto its own range (:func:`rebin`): ``-p auto`` gets the
+    is counted on its own range in the same pass: both equal a pass over those batches alone, and ``-p auto`` gets the
     statistics of its disjoint calibration subsets from the pool's pass instead of one more pass per subset. Other
     requests (samples, per-channel reducers) are collected for the merged result only."""
     ranges, others = plan_requests(requests)
@@ -107,16 +107,17 @@ def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: 
 
 def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: list[list[dict[str, np.ndarray]]], executor: Executor,
                 batch_size: int, memory_budget: int, optimization: str) -> tuple[StatsMap, list[StatsMap]]:
-    """Min/max of every part, merged; then histograms of every part over the merged range, summed. Returns the merged
-    statistics and each part's own (its histogram re-binned onto its own range)."""
+    """Min/max of every part, merged; then histograms of every part over the merged range, summed, and (for
+    :func:`collect_groups`) over the part's own range where that differs. Returns the merged statistics and each
+    part's own, both equal to a pass over those batches alone."""
     shared_model = executor.share(model.SerializeToString())  # a lazy model: the graph only
     shards = [executor.share(part) for part in parts]
 
-    def each(requests: list[StatRequest]) -> list[StatsMap]:
-        return executor.map(_shard, [(shared_model, part, requests, batch_size, memory_budget, optimization) for part in shards])
+    def each(requests: list[list[StatRequest]]) -> list[StatsMap]:
+        return executor.map(_shard, [(shared_model, part, reqs, batch_size, memory_budget, optimization) for part, reqs in zip(shards, requests)])
 
     tensors = list(ranges)
-    firsts = each([StatRequest(t, "minmax") for t in tensors])
+    firsts = each([[StatRequest(t, "minmax") for t in tensors]] * len(shards))
     stats = StatsMap()
     for t in tensors:
         got = [f[t] for f in firsts]
@@ -124,34 +125,15 @@ def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: l
     own = [StatsMap({t: TensorStats(f[t].min, f[t].max, f[t].count) for t in tensors}) for f in firsts]
     hist = [t for t in tensors if ranges[t].kind == "histogram"]
     if hist:
-        requests = [StatRequest(t, RangedHistogram(stats[t].amax, ranges[t].bins)) for t in hist]
-        seconds = each(requests)
-        for t, r in zip(hist, requests):
-            counts: Any = np.zeros(2 * r.reducer.bins, np.int64)  # type: ignore[attr-defined]
+        merged = {t: StatRequest(t, RangedHistogram(stats[t].amax, ranges[t].bins)) for t in hist}
+        # a part's own grid is counted too (one more bincount of its values) where its range is narrower, so that its
+        # histogram is the one a pass over it alone would count, not an approximation from the merged grid
+        mine = [{t: StatRequest(t, RangedHistogram(o[t].amax, ranges[t].bins)) for t in hist if o[t].amax != stats[t].amax} for o in own]
+        seconds = each([[*merged.values(), *m.values()] for m in mine])
+        for t, r in merged.items():
+            counts: Any = np.zeros(2 * ranges[t].bins, np.int64)
             for k, sec in enumerate(seconds):
                 counts += sec[r]
-                own[k][t].hist = rebin(sec[r], stats[t].amax, own[k][t].amax)
+                own[k][t].hist = sec[mine[k][t]] if t in mine[k] else sec[r].copy()
             stats[t].hist = counts
     return stats, own
-
-
-def rebin(hist: np.ndarray, amax_from: float, amax_to: float) -> np.ndarray:
-    """A signed histogram of ``2·bins`` equal bins over ``[−amax_from, amax_from]`` as ``2·bins`` bins over
-    ``[−amax_to, amax_to]`` (``amax_to <= amax_from``): the counts' cumulative sum interpolated linearly at the new
-    edges, so each old bin's count spreads evenly over the part of it a new bin covers; what an old bin holds beyond
-    ``±amax_to`` goes to the outer new bins (the values themselves lie inside). Counts become fractional."""
-    counts = np.asarray(hist, np.float64)
-    n = len(counts)
-    total = float(counts.sum())
-    if not amax_to > 0 or not amax_from > 0:
-        out = np.zeros(n)
-        out[n // 2] = total  # bincount puts a zero range's values in the middle bin
-        return out
-    if amax_to >= amax_from:
-        return counts
-    cdf = np.concatenate([[0.0], np.cumsum(counts)])
-    at = np.interp(np.linspace(-amax_to, amax_to, n + 1), np.linspace(-amax_from, amax_from, n + 1), cdf)
-    out = np.diff(at)
-    out[0] += at[0]
-    out[-1] += total - at[-1]
-    return out

@@ -154,14 +154,12 @@ def _batches(items: list[dict[str, np.ndarray]], batch_size: int) -> list[Batch]
 
 
 def test_grouped_collection_equals_one_pass_and_each_group_keeps_its_own_range():
-    """collect_groups: the merged statistics are those of one pass over every group's batches, bit for bit; each
-    group's min/max are its own pass's, and its histogram, counted over the merged range and re-binned onto its own,
-    puts the percentile threshold within two merged bins of its own pass's and holds every value."""
+    """collect_groups: the merged statistics are those of one pass over every group's batches, and each group's are
+    those of a pass over its batches alone, bit for bit, though its range is narrower than the merged one."""
     from onnxq.calib.sharded import collect_groups
-    from onnxq.calib.thresholds import percentile_threshold
 
     model = conv_relu_model()
-    # the third group reaches 3x the others' range: the other groups' histograms are re-binned onto 3x finer bins
+    # the third group reaches 3x the others' range: their own grids are 3x finer than the merged one
     groups = [_batches(feeds(8, seed=k), 4) for k in range(2)] + [_batches([{"x": f["x"] * 3} for f in feeds(8, seed=2)], 4)]
     reqs = [statistics.StatRequest(t, "histogram") for t in ("x", "c", "y")]
     merged, own = collect_groups(model, reqs, groups, batch_size=4)
@@ -173,22 +171,6 @@ def test_grouped_collection_equals_one_pass_and_each_group_keeps_its_own_range()
     for g, mine in zip(groups, own):
         alone = statistics.collect(model, reqs, lambda g=g: iter(g), batch_size=4, show_progress=False)
         for t in ("x", "c", "y"):
-            assert (mine[t].min, mine[t].max) == (alone[t].min, alone[t].max)
-            assert mine[t].hist.sum() == pytest.approx(alone[t].hist.sum())
-            for p in (99.0, 99.99):
-                assert abs(percentile_threshold(mine[t], p) - percentile_threshold(alone[t], p)) <= 2 * merged[t].bin_width, (t, p)
+            assert (mine[t].min, mine[t].max, mine[t].count) == (alone[t].min, alone[t].max, alone[t].count)
+            np.testing.assert_array_equal(mine[t].hist, alone[t].hist, err_msg=t)
     assert own[0]["x"].amax < merged["x"].amax / 2, "precondition: a group's own range is narrower than the merged one"
-
-
-def test_rebin_keeps_the_counts_and_moves_nothing_across_zero():
-    from onnxq.calib.sharded import rebin
-
-    h = np.zeros(8, np.int64)
-    h[[3, 4, 5]] = [4, 6, 2]  # bins of width 0.25 over [-1, 1]: all mass inside [-0.25, 0.5]
-    same = rebin(h, 1.0, 1.0)
-    np.testing.assert_array_equal(same, h)
-    half = rebin(h, 1.0, 0.5)  # bins of width 0.125 over [-0.5, 0.5]
-    assert half.sum() == pytest.approx(12) and half[:4].sum() == pytest.approx(4) and half[4:].sum() == pytest.approx(8)
-    np.testing.assert_allclose(half[2:4], [2, 2])  # the old bin [-0.25, 0) spread evenly over the two new ones it covers
-    zero = rebin(h, 1.0, 0.0)
-    assert zero[4] == 12 and zero.sum() == 12
