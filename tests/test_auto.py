@@ -175,9 +175,13 @@ def test_every_candidate_is_reported_with_its_spread_and_worst_case():
 
 
 def test_the_best_candidate_is_resampled_even_when_the_portfolio_spent_the_budget():
+    """With the budget spent by the first recipe, no other float form is tried, but every calibrator is scored from the
+    statistics pass that has run, and the best candidate is still resampled."""
     res = onnxq.optimize(mlp_model(), method="auto", data=feeds([32]), options={**FAST, "time_budget": 0.01}, show_progress=False, check=False)
     auto = res.report.auto
     assert auto.budget_exhausted and len(auto.candidates) < 8, [c.name for c in auto.candidates]
+    # the statistics pass of the model as it is has run: every calibrator is scored from it, only new passes are cut
+    assert {"minmax", "mse", "percentile", "trt-entropy"} <= {c.name for c in auto.candidates}, [c.name for c in auto.candidates]
     best = min((c for c in auto.candidates if not c.float_layers), key=lambda c: -c.score)
     assert len(best.resample_scores) == 2 and best.spread is not None and best.score_worst <= best.score
 

@@ -943,7 +943,10 @@ def portfolio(s: Search) -> None:
         for f in forms:
             if f is plain and r == recipes[0]:
                 continue  # scored above, to set the budget
-            if s.left() <= 0:
+            if s.left() <= 0 and "pool" not in f.stats:
+                # a form whose statistics pass has run gets every calibrator: each costs a build and a scoring beside
+                # that pass (PP-OCR rec: 1 s against 11-23 s), and a pass that ran long under load had left the budget
+                # to two of eight candidates (auto chose equalize+minmax+pad-correction, 0.903 character agreement)
                 s.report.budget_exhausted = True
                 s.note(f"time budget: {'+'.join(f.rewrite + list(r))} not tried")
                 continue
