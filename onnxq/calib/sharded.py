@@ -77,7 +77,7 @@ def collect_ranges(model: onnx.ModelProto, ranges: dict[str, StatRequest], sourc
     batches = [b.feeds for b in source()]
     if not batches:
         raise DataError("the calibration data is empty")
-    merged, _ = _two_rounds(model, ranges, split(batches, executor.shards), executor, batch_size, memory_budget, optimization)
+    merged, _ = _two_rounds(model, ranges, split(batches, executor.shards), executor, batch_size, memory_budget, optimization, own_grids=False)
     return merged
 
 
@@ -97,7 +97,7 @@ def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: 
     if any(not part for part in parts):
         raise DataError("a calibration group is empty")
     executor = executor or SerialExecutor()
-    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization)
+    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization, own_grids=True)
     if others:
         every = [b for g in groups for b in g]
         merged.results.update(collect(model, others, lambda: iter(every), batch_size=batch_size, memory_budget=memory_budget,
@@ -106,10 +106,10 @@ def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: 
 
 
 def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: list[list[dict[str, np.ndarray]]], executor: Executor,
-                batch_size: int, memory_budget: int, optimization: str) -> tuple[StatsMap, list[StatsMap]]:
-    """Min/max of every part, merged; then histograms of every part over the merged range, summed, and (for
-    :func:`collect_groups`) over the part's own range where that differs. Returns the merged statistics and each
-    part's own, both equal to a pass over those batches alone."""
+                batch_size: int, memory_budget: int, optimization: str, own_grids: bool) -> tuple[StatsMap, list[StatsMap]]:
+    """Min/max of every part, merged; then histograms of every part over the merged range, summed, and with
+    ``own_grids`` over the part's own range where that differs. Returns the merged statistics and each part's own
+    (histograms only with ``own_grids``), both equal to a pass over those batches alone."""
     shared_model = executor.share(model.SerializeToString())  # a lazy model: the graph only
     shards = [executor.share(part) for part in parts]
 
@@ -128,12 +128,15 @@ def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: l
         merged = {t: StatRequest(t, RangedHistogram(stats[t].amax, ranges[t].bins)) for t in hist}
         # a part's own grid is counted too (one more bincount of its values) where its range is narrower, so that its
         # histogram is the one a pass over it alone would count, not an approximation from the merged grid
-        mine = [{t: StatRequest(t, RangedHistogram(o[t].amax, ranges[t].bins)) for t in hist if o[t].amax != stats[t].amax} for o in own]
+        # (the shards of collect_ranges only merge: they skip it)
+        mine = [{t: StatRequest(t, RangedHistogram(o[t].amax, ranges[t].bins)) for t in hist if own_grids and o[t].amax != stats[t].amax}
+                for o in own]
         seconds = each([[*merged.values(), *m.values()] for m in mine])
         for t, r in merged.items():
             counts: Any = np.zeros(2 * ranges[t].bins, np.int64)
             for k, sec in enumerate(seconds):
                 counts += sec[r]
-                own[k][t].hist = sec[mine[k][t]] if t in mine[k] else sec[r].copy()
+                if own_grids:
+                    own[k][t].hist = sec[mine[k][t]] if t in mine[k] else sec[r].copy()
             stats[t].hist = counts
     return stats, own

@@ -451,13 +451,12 @@ class Search:
             self.built.pop(cand.name, None)
 
     def resample_reserve(self) -> float:
-        """Seconds the finalists' resampling will need: the builds (the subsets' statistics come from the pool's pass,
-        :meth:`stats_of`), and a statistics pass for a float form whose pool pass did not keep them."""
+        """Seconds the finalists' resampling will need: its builds (the subsets' statistics come from the pool's pass,
+        :meth:`stats_of`)."""
         if not self.subsets:
             return 0.0
         per = float(np.median([c.seconds for c in self.report.candidates if c.stage == "portfolio"] or [0.0]))
-        passes = sum(1 for f in self.forms.values() if "pool" in f.stats and "subset0" not in f.stats)
-        return passes * getattr(self, "pass_seconds", 0.0) + self.o.finalists * len(self.subsets) * per
+        return self.o.finalists * len(self.subsets) * per
 
     def note(self, text: str) -> None:
         self.report.notes.append(text)
@@ -554,7 +553,7 @@ class Search:
             for m in resolve_methods(list(recipe), None, self.host):
                 requests += m.declare_statistics(ctx)
         t = time.perf_counter()
-        if subset is None and len(self.subsets) > 1:
+        if subset is None and self.subsets:
             # the pool is the subsets' batches in order: one pass gives the pool's statistics (bit for bit those of a pass
             # over it) and each subset's own ranges and histograms, so the finalists' resampling needs no pass of its own
             # (on PP-OCR rec that was one more pool's worth of data per float form, about 23 s each on a quiet machine)
@@ -645,16 +644,11 @@ class Search:
             self.report.candidates.append(cand)
         return cand
 
-    def resample(self, cand: AutoCandidate, whole: bool = False) -> None:
-        """Recalibrate ``cand`` on each disjoint subset and score it: its spread and worst score.
-        ``whole``: on every subset even past the time budget."""
+    def resample(self, cand: AutoCandidate) -> None:
+        """Recalibrate ``cand`` on each disjoint subset and score it: its spread and worst score."""
         form = self.forms[_form_name(cand.methods)]
         recipe = cand.methods[len(form.rewrite):]
         for i, part in enumerate(self.subsets):
-            if self.left() <= 0 and not whole:
-                self.report.budget_exhausted = True
-                self.note(f"time budget spent: {cand.name} resampled on {i} of {len(self.subsets)} subsets")
-                break
             stats = self.stats_of(form, i, [recipe])
             built = self.build(form, recipe, stats, part)
             v = self.heldout.score(built.model).value(self.goal.metric)
@@ -1037,19 +1031,10 @@ def finalists(s: Search) -> list[AutoCandidate]:
     heads = {c.name for c in firsts.values()}
     finals = sorted([*firsts.values(), *(c for c in ok if c.name not in heads)][: s.o.finalists], key=_rank)
     for c in finals:
-        form = s.forms[_form_name(c.methods)]
-        # a finalist whose float form already has every subset's statistics (another finalist of that form was
-        # resampled) costs only its builds: resampled even past the budget, so that it is not judged on a spread
-        # assumed from another recipe (:func:`choose`)
-        cheap = all(f"subset{k}" in form.stats for k in range(len(s.subsets)))
-        if s.subsets and (s.left() > 0 or c.name in heads or cheap):
-            # the best of each float form is resampled even when the portfolio spent the budget (about one statistics
-            # pass over the pool each): without a measured spread the choice cannot tell a recipe that holds from one
-            # that got lucky
-            s.resample(c, whole=c.name in heads or cheap)
-        elif s.subsets:
-            s.report.budget_exhausted = True
-            s.note(f"time budget spent: {c.name} not resampled")
+        # every finalist is resampled, even with the budget spent: its float form's pool pass holds every subset's
+        # statistics (:meth:`Search.stats_of`), so it costs only builds, and without a measured spread the choice cannot
+        # tell a recipe that holds from one that got lucky
+        s.resample(c)
     for c in ok:
         s.latency(c, _form_name(c.methods))
         if c not in finals:
@@ -1468,9 +1453,10 @@ def _measured(s: Search, last: AutoCandidate) -> AutoCandidate:
 def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
     """Why ``best`` was chosen, in one sentence."""
     g = s.goal
-    spread = (f" (spread {best.spread:.5f} over {len(best.resample_scores)} calibration subsets; over new calibration sets it may vary "
-              f"by up to {best.spread_bound:.5f})" if best.spread is not None and best.spread_bound is not None else
-              f" (spread {best.spread:.5f} over {len(best.resample_scores)} calibration subsets)" if best.spread is not None else "")
+    spread = ""
+    if best.spread is not None:
+        bound = f"; over new calibration sets it may vary by up to {best.spread_bound:.5f}" if best.spread_bound is not None else ""
+        spread = f" (spread {best.spread:.5f} over {len(best.resample_scores)} calibration subsets{bound})"
     if best.float_layers and s.default_mixed:
         cost = sum((r.float_cost_ms or 0.0) for r in s.report.sensitivity if r.node in best.float_layers)
         top = min(finals, key=_rank)
