@@ -1,6 +1,6 @@
 """The README's tables: Lp(2) init, BRECQ and PD-Quant (with both ablations) on one zoo fixture.
 
-    python plugins_contrib/onnxq-pdquant/benchmark.py mobilenetv3_hswish 4 4 [--seeds 0 1 2] [--split test|val]
+    python plugins_contrib/onnxq-pdquant/benchmark.py {mobilenetv3_hswish,imagenet_norm_cnn,mnist_norm_resnet} 4 4 [--seeds 0 1 2] [--split test|val]
         [--samples 128] [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...]
         [--brecq key=value ...] [--jsonl out.jsonl]
 
@@ -8,16 +8,18 @@ Every column of one seed is calibrated on the same ``--samples`` N images (defau
 fixture's training split (seed 0 at N = 128: the fixture's ``calib.npz``; seed s > 0: another draw of
 N from the same training images) with target ``ort``, and scored on images disjoint from every
 calibration set. A larger N holds the smaller one of the same seed (the draws are nested). The
-training splits hold: mobilenetv3_hswish 2,000 shapes (the images it was trained on), so N <= 2,000;
+training splits hold: mobilenetv3_hswish and imagenet_norm_cnn 2,000 shapes each (the images they were
+trained on: ``colour_shapes`` generator seed 1 for both), so N <= 2,000;
 mnist_norm_resnet 1,297 digits, of which the 8 calibration seeds' 128-image draws cover 739 and the
 other 558 are the ``val`` split, so N <= 739 there (larger draws come from those 739 only, which
 keeps ``val`` the same digits at every N).
 
 * ``test`` (the figures): the fixture's ``eval.npz`` plus more of the same distribution, 4,000 images
-  in all (mobilenetv3_hswish: 3,600 more synthetic shapes, generator seed 3; mnist_norm_resnet: the 500
+  in all (mobilenetv3_hswish and imagenet_norm_cnn: 3,600 more synthetic shapes, generator seed 3, after
+  the fixture's 400 of seed 2; mnist_norm_resnet: the 500
   held-out digits and each shifted by one pixel in 7 directions, as the model's training shifted them);
-* ``val`` (for choosing settings, never the test images): mobilenetv3_hswish 2,000 synthetic shapes of
-  generator seed 4; mnist_norm_resnet the training digits outside every calibration set used;
+* ``val`` (for choosing settings, never the test images): mobilenetv3_hswish and imagenet_norm_cnn 2,000
+  synthetic shapes of generator seed 4; mnist_norm_resnet the training digits outside every calibration set used;
 * ``val-shifted`` (mnist_norm_resnet): those validation digits and each shifted as in ``test`` (4,464 images).
 
 Three measures per run: top-1 against the labels, top-1 agreement with the FP32 model, and the mean
@@ -77,7 +79,8 @@ def load_data(fixture: str, split: str, seeds: list[int], n: int = CALIB) -> tup
     d = ZOO / fixture
     fixture_calib = np.load(d / "calib.npz")["input"]
     ev = np.load(d / "eval.npz")
-    if fixture == "mobilenetv3_hswish":
+    if fixture in ("mobilenetv3_hswish", "imagenet_norm_cnn"):
+        # both fixtures' build.py: training images colour_shapes(2000, seed=1), eval.npz seed 2
         x_tr = c.imagenet_normalize(c.colour_shapes(2000, seed=1)[0])
         assert np.array_equal(x_tr[:CALIB], fixture_calib), "fixture calib.npz is no longer the first 128 training images"
         if n > len(x_tr):
@@ -107,7 +110,7 @@ def load_data(fixture: str, split: str, seeds: list[int], n: int = CALIB) -> tup
                 x_ev = np.concatenate([x_ev] + [_shifted(x_ev, dy, dx, bg) for dy, dx in shifts])
                 y_ev = np.tile(y_ev, 1 + len(shifts))
     else:
-        raise SystemExit(f"benchmark.py knows mobilenetv3_hswish and mnist_norm_resnet, not {fixture}")
+        raise SystemExit(f"benchmark.py knows mobilenetv3_hswish, imagenet_norm_cnn and mnist_norm_resnet, not {fixture}")
     return {s: np.ascontiguousarray(x_tr[p], dtype=np.float32) for s, p in picks.items()}, np.ascontiguousarray(x_ev, dtype=np.float32), y_ev
 
 
