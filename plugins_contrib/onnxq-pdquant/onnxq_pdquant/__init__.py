@@ -20,6 +20,7 @@ global pooling; :func:`resolved`, README "Differences from the paper"); ``-o dc 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +37,12 @@ from onnxq.qparams import int_range
 from onnxq.search.samples import samples_request, take_samples
 
 __version__ = "0.1.0"
+
+log = logging.getLogger(__name__)
+
+#: the report's ``dc_note`` (and the logged warning) when DC is on but the model carries no BatchNorm statistics
+DC_NOT_APPLICABLE = ("distribution correction not applicable: the model as loaded has no BatchNorm statistics "
+                     "(none in the graph, e.g. folded by the exporter); every block keeps the FP32 block output as its target")
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,11 @@ class PDQuant(QuantMethod):
         o = resolved(o, abits)
         report: dict[str, Any] = {"weight_bits": wbits, "act_bits": abits, "pd_loss": o.pd_loss, "dc": o.dc,
                                   "qdrop_prob": o.qdrop_prob, "act_lr": o.act_lr, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate, "cut_pooling": o.cut_pooling, "unit": o.unit,
-                                  "batchnorm_stats": len(bn), "float_model": ctx.float_model is not None}
+                                  "batchnorm_stats": len(bn), "float_model": ctx.float_model is not None, "dc_applies": bool(bn)}
+        if o.dc and not bn:
+            # DC has nothing to correct toward; say so rather than report "dc": true as if it ran
+            report["dc_note"] = DC_NOT_APPLICABLE
+            log.warning("pdquant: %s", DC_NOT_APPLICABLE)
         ctx.report[self.name] = report
         if o.iters == 0 and not (o.dc and bn):
             return

@@ -60,6 +60,7 @@ def test_every_switch_runs_to_a_valid_w4a4_model(runs):
     for name, r in runs.items():
         rep = r.report.methods["pdquant"]
         assert rep["weight_bits"] == 4 and rep["act_bits"] == 4 and rep["batchnorm_stats"] == 2, name
+        assert rep["dc_applies"] is True and "dc_note" not in rep, name  # statistics there: no "not applicable"
         out = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         assert out.shape == (4, 5) and np.all(np.isfinite(out)), name
         ints = [numpy_helper.to_array(t) for t in r.model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
