@@ -40,7 +40,7 @@ from onnxq.calib.statistics import (
 from onnxq.errors import DataError
 from onnxq.runtime.executor import Executor, SerialExecutor, split, using
 
-__all__ = ["RangedHistogram", "collect_groups", "collect_ranges"]
+__all__ = ["RangedHistogram", "collect_groups", "collect_ranges", "collect_unions"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def collect_ranges(model: onnx.ModelProto, ranges: dict[str, StatRequest], sourc
     if not batches:
         raise DataError("the calibration data is empty")
     merged, _ = _two_rounds(model, ranges, split(batches, executor.shards), executor, batch_size, memory_budget, optimization, own_grids=False)
-    return merged
+    return merged[0]
 
 
 def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: Sequence[Sequence[Batch]], executor: Executor | None = None, *,
@@ -90,26 +90,47 @@ def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: 
     is counted on its own range in the same pass: both equal a pass over those batches alone, and ``-p auto`` gets the
     statistics of its disjoint calibration subsets from the pool's pass instead of one more pass per subset. Other
     requests (samples, per-channel reducers) are collected for the merged result only."""
+    merged, per_group = collect_unions(model, requests, groups, [range(len(groups))], executor, batch_size=batch_size,
+                                       memory_budget=memory_budget, optimization=optimization)
+    return merged[0], per_group
+
+
+def collect_unions(model: onnx.ModelProto, requests: list[StatRequest], groups: Sequence[Sequence[Batch]],
+                   unions: Sequence[Sequence[int]], executor: Executor | None = None, *, batch_size: int = 16,
+                   memory_budget: int = 512 * 2**20, optimization: str = "basic") -> tuple[list[StatsMap], list[StatsMap]]:
+    """:func:`collect_groups` for several unions of the groups at once: the statistics of each union (a list of group
+    indices), each equal to a pass over that union's batches in group order, bit for bit, and each group's own.
+
+    The model runs over every batch once. Where two unions' ranges differ, each batch is binned once more, on the other
+    union's grid: ``-p auto`` gets its calibration pool's statistics and those of the pool with its held-out samples
+    (the refit on every sample) from one pass. Other requests (samples, per-channel reducers) cost one pass per union."""
     ranges, others = plan_requests(requests)
     parts = [[b.feeds for b in g] for g in groups]
     if not parts or not any(parts):
         raise DataError("the calibration data is empty")
     if any(not part for part in parts):
         raise DataError("a calibration group is empty")
+    if not unions or any(not u for u in unions) or any(not 0 <= k < len(parts) for u in unions for k in u):
+        raise ValueError(f"unions must be non-empty lists of group indices below {len(parts)}")
     executor = executor or SerialExecutor()
-    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization, own_grids=True)
+    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization, own_grids=True,
+                                    unions=[list(u) for u in unions])
     if others:
-        every = [b for g in groups for b in g]
-        merged.results.update(collect(model, others, lambda: iter(every), batch_size=batch_size, memory_budget=memory_budget,
-                                      show_progress=False, optimization=optimization).results)
+        for u, stats in zip(unions, merged):
+            every = [b for k in u for b in groups[k]]
+            stats.results.update(collect(model, others, lambda every=every: iter(every), batch_size=batch_size,
+                                         memory_budget=memory_budget, show_progress=False, optimization=optimization).results)
     return merged, per_group
 
 
 def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: list[list[dict[str, np.ndarray]]], executor: Executor,
-                batch_size: int, memory_budget: int, optimization: str, own_grids: bool) -> tuple[StatsMap, list[StatsMap]]:
-    """Min/max of every part, merged; then histograms of every part over the merged range, summed, and with
-    ``own_grids`` over the part's own range where that differs. Returns the merged statistics and each part's own
-    (histograms only with ``own_grids``), both equal to a pass over those batches alone."""
+                batch_size: int, memory_budget: int, optimization: str, own_grids: bool,
+                unions: list[list[int]] | None = None) -> tuple[list[StatsMap], list[StatsMap]]:
+    """Min/max of every part, merged per union of parts (default: one union of all); then histograms of every part
+    over each of its unions' merged ranges, summed per union, and with ``own_grids`` over the part's own range too.
+    Returns each union's statistics and each part's own (histograms only with ``own_grids``), each equal to a pass
+    over those batches alone."""
+    unions = unions if unions is not None else [list(range(len(parts)))]
     shared_model = executor.share(model.SerializeToString())  # a lazy model: the graph only
     shards = [executor.share(part) for part in parts]
 
@@ -118,25 +139,36 @@ def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: l
 
     tensors = list(ranges)
     firsts = each([[StatRequest(t, "minmax") for t in tensors]] * len(shards))
-    stats = StatsMap()
-    for t in tensors:
-        got = [f[t] for f in firsts]
-        stats[t] = TensorStats(min(p.min for p in got), max(p.max for p in got), sum(p.count for p in got))
+    merged = [StatsMap() for _ in unions]
+    for u, stats in zip(unions, merged):
+        for t in tensors:
+            got = [firsts[k][t] for k in u]
+            stats[t] = TensorStats(min(p.min for p in got), max(p.max for p in got), sum(p.count for p in got))
     own = [StatsMap({t: TensorStats(f[t].min, f[t].max, f[t].count) for t in tensors}) for f in firsts]
     hist = [t for t in tensors if ranges[t].kind == "histogram"]
     if hist:
-        merged = {t: StatRequest(t, RangedHistogram(stats[t].amax, ranges[t].bins)) for t in hist}
-        # a part's own grid is counted too (one more bincount of its values) where its range is narrower, so that its
-        # histogram is the one a pass over it alone would count, not an approximation from the merged grid
-        # (the shards of collect_ranges only merge: they skip it)
-        mine = [{t: StatRequest(t, RangedHistogram(o[t].amax, ranges[t].bins)) for t in hist if own_grids and o[t].amax != stats[t].amax}
-                for o in own]
-        seconds = each([[*merged.values(), *m.values()] for m in mine])
-        for t, r in merged.items():
-            counts: Any = np.zeros(2 * ranges[t].bins, np.int64)
-            for k, sec in enumerate(seconds):
-                counts += sec[r]
-                if own_grids:
-                    own[k][t].hist = sec[mine[k][t]] if t in mine[k] else sec[r].copy()
-            stats[t].hist = counts
-    return stats, own
+        def grid(t: str, amax: float) -> StatRequest:
+            return StatRequest(t, RangedHistogram(amax, ranges[t].bins))
+
+        # every part bins its values on the grid of each union it belongs to and, with own_grids, on its own range, so
+        # that each result is the histogram a pass over those batches alone would count, not an approximation from
+        # another grid (equal grids are one request; the shards of collect_ranges only merge: they skip their own)
+        wanted: list[dict[StatRequest, None]] = [{} for _ in parts]
+        for u, stats in zip(unions, merged):
+            for k in u:
+                wanted[k].update((grid(t, stats[t].amax), None) for t in hist)
+        if own_grids:
+            for k, o in enumerate(own):
+                wanted[k].update((grid(t, o[t].amax), None) for t in hist)
+        seconds = each([list(w) for w in wanted])
+        for u, stats in zip(unions, merged):
+            for t in hist:
+                counts: Any = np.zeros(2 * ranges[t].bins, np.int64)
+                for k in u:
+                    counts += seconds[k][grid(t, stats[t].amax)]
+                stats[t].hist = counts
+        if own_grids:
+            for k, o in enumerate(own):
+                for t in hist:
+                    o[t].hist = seconds[k][grid(t, o[t].amax)].copy()
+    return merged, own

@@ -174,3 +174,25 @@ def test_grouped_collection_equals_one_pass_and_each_group_keeps_its_own_range()
             assert (mine[t].min, mine[t].max, mine[t].count) == (alone[t].min, alone[t].max, alone[t].count)
             np.testing.assert_array_equal(mine[t].hist, alone[t].hist, err_msg=t)
     assert own[0]["x"].amax < merged["x"].amax / 2, "precondition: a group's own range is narrower than the merged one"
+
+
+def test_each_union_of_groups_equals_a_pass_over_its_batches():
+    """collect_unions: the pool (groups 0-1) and the pool with a wider third group (every sample) from one pass, each
+    bit for bit a pass over its own batches, though the two ranges and so the two histogram grids differ."""
+    from onnxq.calib.sharded import collect_unions
+
+    model = conv_relu_model()
+    groups = [_batches(feeds(8, seed=k), 4) for k in range(2)] + [_batches([{"x": f["x"] * 3} for f in feeds(8, seed=2)], 4)]
+    reqs = [statistics.StatRequest(t, "histogram") for t in ("x", "c", "y")]
+    unions = [[0, 1], [0, 1, 2]]
+    merged, own = collect_unions(model, reqs, groups, unions, batch_size=4)
+    assert len(merged) == 2 and len(own) == 3
+    for u, got in zip(unions, merged):
+        every = [b for k in u for b in groups[k]]
+        one = statistics.collect(model, reqs, lambda every=every: iter(every), batch_size=4, show_progress=False)
+        for t in ("x", "c", "y"):
+            assert (got[t].min, got[t].max, got[t].count) == (one[t].min, one[t].max, one[t].count)
+            np.testing.assert_array_equal(got[t].hist, one[t].hist, err_msg=f"{u} {t}")
+    alone = statistics.collect(model, reqs, lambda: iter(groups[2]), batch_size=4, show_progress=False)
+    np.testing.assert_array_equal(own[2]["x"].hist, alone["x"].hist)
+    assert merged[0]["x"].amax < merged[1]["x"].amax / 2, "precondition: the two unions' grids differ"
