@@ -240,11 +240,13 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     assert best.spread_bound >= best.spread
 
 
-@pytest.mark.parametrize("spent", [False, True], ids=["budget-left", "budget-spent"])
-def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatch, spent):
+@pytest.mark.parametrize("spent,ready", [(False, False), (True, False), (True, True)],
+                         ids=["budget-left", "budget-spent", "budget-spent-statistics-at-hand"])
+def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatch, spent, ready):
     """When the chosen recipe, calibrated again on every sample, scores lower by more than its spread (its thresholds
     drift with the amount of data), that score becomes its worst and the next finalist is chosen and refit in turn;
-    with the budget spent, the next one is not refit when that needs a statistics pass of its own."""
+    with the budget spent, the next one is not refit when that needs a statistics pass of its own, and is when the
+    statistics of every sample are at hand (the prepared model's, from the pool's pass)."""
     from onnxq.pipeline import auto as auto_mod
 
     s = _search()
@@ -260,11 +262,14 @@ def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatc
         return -1.0 if len(refits) == 1 else real(s_, cand)
 
     monkeypatch.setattr(auto_mod, "refit", falls_once)
+    assert "all" in s.forms["plain"].stats, "precondition: every sample's statistics came with the pool's pass"
+    if not ready:  # as for a rewritten form, made again from every sample and then a pass of its own
+        s.forms["plain"].stats.pop("all")
     if spent:
         s.budget = 0.0
     chosen = auto_mod.refit_choice(s, first, finals)
-    assert chosen is not first and refits == ([first.name] if spent else refits[:1] + [chosen.name]), refits
-    assert spent == any("the pool's model stands" in n for n in s.report.notes)
+    assert chosen is not first and refits == ([first.name] if spent and not ready else refits[:1] + [chosen.name]), refits
+    assert (spent and not ready) == any("the pool's model stands" in n for n in s.report.notes)
     assert first.score_worst == -1.0 and any("chose again among the finalists" in n for n in s.report.notes), s.report.notes
 
 
@@ -299,7 +304,7 @@ def test_the_refit_of_a_prepared_model_recipe_takes_every_samples_statistics_fro
     s = _search()
     assert s.split_off and s.o.refit, "precondition: samples are held out and refit"
     plain = s.form(None)
-    s.stats_of(plain, None, [("minmax",)])
+    s.stats_of(plain, None, [("minmax",), ("minmax", "bias-correction")])  # as the portfolio asks: its kept samples too
     cand = s.candidate(plain, ("mse",), "portfolio")
     every = s.pool + s.split_off
     got = plain.stats["all"]

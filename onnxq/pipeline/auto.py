@@ -558,10 +558,12 @@ class Search:
             # over it) and each subset's own ranges and histograms, so the finalists' resampling needs no pass of its own
             # (on PP-OCR rec that was one more pool's worth of data per float form, about 23 s each on a quiet machine).
             groups, unions = list(self.subsets), [range(len(self.subsets))]
-            if not form.rewrite and self.o.refit and self.split_off and not statistics.plan_requests(requests)[1]:
+            others = statistics.plan_requests(requests)[1]
+            if not form.rewrite and self.o.refit and self.split_off and all(isinstance(r.reducer, statistics.InputSamples) for r in others):
                 # the prepared model's statistics on every sample (the refit's) come from the same pass with the held-out
                 # samples as one more group: a third more data in this pass instead of a pass over all of it (PP-OCR rec:
-                # 15-35 s) when a recipe of this form is refit. A rewritten form is made again from every sample first.
+                # 15-35 s) when a recipe of this form is refit (the kept input samples of the corrections need no run).
+                # A rewritten form is made again from every sample first.
                 groups.append(self.split_off)
                 unions.append(range(len(groups)))
             merged, own = collect_unions(ctx.model, requests, groups, unions, current_executor(), batch_size=self.settings.batch_size)
