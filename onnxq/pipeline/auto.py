@@ -559,11 +559,12 @@ class Search:
             # (on PP-OCR rec that was one more pool's worth of data per float form, about 23 s each on a quiet machine).
             groups, unions = list(self.subsets), [range(len(self.subsets))]
             others = statistics.plan_requests(requests)[1]
-            if not form.rewrite and self.o.refit and self.split_off and all(isinstance(r.reducer, statistics.InputSamples) for r in others):
-                # the prepared model's statistics on every sample (the refit's) come from the same pass with the held-out
-                # samples as one more group: a third more data in this pass instead of a pass over all of it (PP-OCR rec:
+            if self.o.refit and self.split_off and all(isinstance(r.reducer, statistics.InputSamples) for r in others):
+                # the form's statistics on every sample (the refit's) come from the same pass with the held-out samples
+                # as one more group: a third more data in this pass instead of a pass over all of it (PP-OCR rec:
                 # 15-35 s) when a recipe of this form is refit (the kept input samples of the corrections need no run).
-                # A rewritten form is made again from every sample first.
+                # They serve a rewritten form's refit only where the rewrite made again from every sample is the same
+                # model (:func:`refit_form`).
                 groups.append(self.split_off)
                 unions.append(range(len(groups)))
             merged, own = collect_unions(ctx.model, requests, groups, unions, current_executor(), batch_size=self.settings.batch_size)
@@ -830,10 +831,28 @@ def refit_choice(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) ->
 
 
 def _refit_ready(s: Search, cand: AutoCandidate) -> bool:
-    """Whether :func:`refit` of ``cand`` costs only a build: the statistics of every sample of its float form are at hand."""
-    name = _form_name(cand.methods)
-    form = s.forms[name] if name == "plain" else s.refit_forms.get(name)
+    """Whether :func:`refit` of ``cand`` costs only a build (and its float rewrite made again): the statistics of every
+    sample of its float form are at hand."""
+    try:
+        form = refit_form(s, s.forms[_form_name(cand.methods)])
+    except OnnxqError:
+        return False
     return form is not None and "all" in form.stats
+
+
+def refit_form(s: Search, pooled: Form) -> Form | None:
+    """``pooled``'s float form made again from every calibration sample (made once per rewrite): ``pooled`` itself when
+    the rewrite makes the same model from them, as one that reads fewer samples than the pool does (``equalize`` reads
+    the first 64; the pool comes first), so that the statistics of every sample collected with the pool's pass serve
+    its refit; None when the rewrite finds nothing to do on every sample."""
+    if not pooled.rewrite:
+        return pooled
+    rewrite = pooled.rewrite[0]
+    if rewrite not in s.refit_forms:
+        # a data-dependent float rewrite (smoothquant's scales) is made again from every sample
+        form = s.form(rewrite, s.pool + s.split_off)
+        s.refit_forms[rewrite] = pooled if form is not None and form.run.work == pooled.run.work else form
+    return s.refit_forms[rewrite]
 
 
 def refit(s: Search, best: AutoCandidate) -> float | None:
@@ -855,10 +874,7 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     recipe = tuple(best.methods[len(pooled.rewrite):])
     every = s.pool + s.split_off
     try:
-        # a data-dependent float rewrite (smoothquant's scales) is made again from every sample too
-        if pooled.rewrite and pooled.rewrite[0] not in s.refit_forms:
-            s.refit_forms[pooled.rewrite[0]] = s.form(pooled.rewrite[0], every)
-        form = s.refit_forms[pooled.rewrite[0]] if pooled.rewrite else pooled
+        form = refit_form(s, pooled)
         if form is None:
             raise OnnxqError(f"{pooled.rewrite[0]} found no pattern on all calibration samples")
         stats = s.stats_of(form, ALL, [recipe])
