@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 pytest.importorskip("onnxq_pdquant", reason="onnxq-pdquant is not installed (pip install -e plugins_contrib/onnxq-pdquant)")
 pytest.importorskip("torch", reason="pdquant learns with PyTorch (pip install 'onnxq-pdquant[torch]')")
@@ -19,32 +19,10 @@ import onnxq  # noqa: E402
 W4A4 = {"weight_bits": 4, "act_bits": 4, "iters": 30, "dc_iters": 20, "samples": 64}
 
 
-def _folded_cnn() -> onnx.ModelProto:
-    """Conv(+bias)-Relu x2, global pooling, Gemm: what an exporter leaves of conv-BN-ReLU after folding."""
-    rng = np.random.default_rng(0)
-    inits, nodes, x = [], [], "x"
-    chans = [3, 8, 8]
-    for i in range(2):
-        ci, co = chans[i], chans[i + 1]
-        inits += [numpy_helper.from_array((rng.standard_normal((co, ci, 3, 3)) * 0.4).astype(np.float32), f"l{i}_w"),
-                  numpy_helper.from_array((rng.standard_normal(co) * 0.2).astype(np.float32), f"l{i}_b")]
-        nodes += [helper.make_node("Conv", [x, f"l{i}_w", f"l{i}_b"], [f"l{i}_c"], name=f"l{i}_conv", pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", [f"l{i}_c"], [f"l{i}_r"], name=f"l{i}_relu")]
-        x = f"l{i}_r"
-    inits += [numpy_helper.from_array((rng.standard_normal((8, 5)) * 0.5).astype(np.float32), "fc_w"),
-              numpy_helper.from_array(np.zeros(5, np.float32), "fc_b")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
-              helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
-              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc")]
-    g = helper.make_graph(nodes, "folded_cnn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 5])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def test_dc_is_reported_not_applicable_and_changes_nothing_without_batchnorm(caplog):
+def test_dc_is_reported_not_applicable_and_changes_nothing_without_batchnorm(caplog, small_cnn):
     import onnxruntime as ort
 
-    model = _folded_cnn()
+    model = small_cnn(batchnorm=False)
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     with caplog.at_level(logging.WARNING, logger="onnxq_pdquant"):
         on = onnxq.optimize(model, method="pdquant", data=data, show_progress=False, options=W4A4)  # DC on by default at A4

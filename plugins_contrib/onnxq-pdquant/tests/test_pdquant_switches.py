@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 pytest.importorskip("onnxq_pdquant", reason="onnxq-pdquant is not installed (pip install -e plugins_contrib/onnxq-pdquant)")
 pytest.importorskip("torch", reason="pdquant learns with PyTorch (pip install 'onnxq-pdquant[torch]')")
@@ -16,36 +16,9 @@ import onnxq  # noqa: E402
 W4A4 = {"weight_bits": 4, "act_bits": 4, "iters": 40, "dc_iters": 30, "samples": 64}
 
 
-def _bn_cnn() -> onnx.ModelProto:
-    """Conv-BN-Relu x2, global pooling, Gemm: random weights, BatchNorm statistics not those of the data."""
-    rng = np.random.default_rng(0)
-    inits, nodes, x = [], [], "x"
-    chans = [3, 8, 8]
-    for i in range(2):
-        ci, co = chans[i], chans[i + 1]
-        p = f"l{i}"
-        inits += [numpy_helper.from_array((rng.standard_normal((co, ci, 3, 3)) * 0.4).astype(np.float32), f"{p}_w"),
-                  numpy_helper.from_array(rng.uniform(0.5, 1.5, co).astype(np.float32), f"{p}_g"),
-                  numpy_helper.from_array((rng.standard_normal(co) * 0.2).astype(np.float32), f"{p}_b"),
-                  numpy_helper.from_array((rng.standard_normal(co) * 0.3).astype(np.float32), f"{p}_m"),
-                  numpy_helper.from_array(rng.uniform(0.5, 2.0, co).astype(np.float32), f"{p}_v")]
-        nodes += [helper.make_node("Conv", [x, f"{p}_w"], [f"{p}_c"], name=f"{p}_conv", pads=[1, 1, 1, 1]),
-                  helper.make_node("BatchNormalization", [f"{p}_c", f"{p}_g", f"{p}_b", f"{p}_m", f"{p}_v"], [f"{p}_bn"], name=f"{p}_bn"),
-                  helper.make_node("Relu", [f"{p}_bn"], [f"{p}_r"], name=f"{p}_relu")]
-        x = f"{p}_r"
-    inits += [numpy_helper.from_array((rng.standard_normal((8, 5)) * 0.5).astype(np.float32), "fc_w"),
-              numpy_helper.from_array(np.zeros(5, np.float32), "fc_b")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
-              helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
-              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc")]
-    g = helper.make_graph(nodes, "bn_cnn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 5])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 @pytest.fixture(scope="module")
-def runs():
-    model = _bn_cnn()
+def runs(small_cnn):
+    model = small_cnn(batchnorm=True)
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     out = {}
     for name, extra in (("full", {}), ("no_pd", {"pd_loss": False}), ("no_dc", {"dc": False}), ("no_qdrop", {"qdrop_prob": 1.0})):
@@ -85,18 +58,18 @@ def test_pd_loss_goes_down_and_the_switch_removes_it(runs):
     assert all(b["pd_start"] == 0 and b["pd_learned"] == 0 for b in runs["no_pd"].report.methods["pdquant"]["blocks"])
 
 
-def test_bad_option_is_a_one_line_error():
+def test_bad_option_is_a_one_line_error(small_cnn):
     from onnxq.errors import OnnxqError
 
     with pytest.raises((OnnxqError, ValueError), match="lambda"):
-        onnxq.optimize(_bn_cnn(), method="pdquant", data=[{"x": np.zeros((2, 3, 8, 8), np.float32)}], show_progress=False, options={"lambda_r": 0})
+        onnxq.optimize(small_cnn(batchnorm=True), method="pdquant", data=[{"x": np.zeros((2, 3, 8, 8), np.float32)}], show_progress=False, options={"lambda_r": 0})
 
 
-def test_8bit_activation_defaults_and_the_dc_gate(runs):
+def test_8bit_activation_defaults_and_the_dc_gate(runs, small_cnn):
     """At 8-bit activations: QDrop and DC off, p = 2.4 weight steps, blocks cut before a global
     pooling (README, differences from the paper); below 8 bits the paper's settings. The DC gate
     uses a block's DC target only where its prediction difference is within dc_gate x the start's."""
-    model = _bn_cnn()
+    model = small_cnn(batchnorm=True)
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     a4 = runs["full"].report.methods["pdquant"]
     assert (a4["qdrop_prob"], a4["weight_init_p"], a4["dc"], a4["cut_pooling"]) == (0.5, 2.0, True, False)
@@ -119,11 +92,11 @@ def test_8bit_activation_defaults_and_the_dc_gate(runs):
             assert not any(b["dc_used"] for b in bn_blocks)
 
 
-def test_activation_step_learning_rate_is_lower_below_8bit_activations(runs):
+def test_activation_step_learning_rate_is_lower_below_8bit_activations(runs, small_cnn):
     """Below 8-bit activations the steps are learned at lr 3e-4 (README, "mnist_norm_resnet against
     BRECQ"), at 8 bits at 1e-3; explicit act_lr wins. The steps then move measurably less than
     at 1e-3 on the same data, and still move."""
-    model = _bn_cnn()
+    model = small_cnn(batchnorm=True)
     data = [{"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     a4 = runs["full"].report.methods["pdquant"]
     assert a4["act_lr"] == pytest.approx(3e-4)
