@@ -409,8 +409,6 @@ class Search:
         self.names: dict[str, int] = {}
         self.scores: dict[str, Scores] = {}
         self.forms: dict[str, Form] = {}
-        #: float rewrites made again from every calibration sample (the refit's), by rewrite
-        self.refit_forms: dict[str, Form | None] = {}
         self.show = settings.show_progress
         #: seconds the first recipe cost (data, preparation, one statistics pass, one candidate)
         self.first_recipe_s = 0.0
@@ -506,14 +504,13 @@ class Search:
             return "none given: the best full-integer recipe by worst-case cosine"
         return f"max drop {-g.threshold} pt" if g.metric == "drop" else f"{g.metric} >= {g.threshold}"
 
-    def form(self, rewrite: str | None, batches: list[Batch] | None = None) -> Form | None:
-        """The float form made by ``rewrite`` (None: the prepared model), or None when the graph has nothing for it.
-
-        The rewrite reads the pool (cached by name), or ``batches`` when given (not cached: the refit's own form)."""
+    def form(self, rewrite: str | None) -> Form | None:
+        """The float form made by ``rewrite`` from the pool (None: the prepared model), or None when the graph has nothing
+        for it; made once."""
         name = rewrite or "plain"
-        if batches is None and name in self.forms:
+        if name in self.forms:
             return self.forms[name]
-        run = self._run([rewrite] if rewrite else [], self.pool if batches is None else batches)
+        run = self._run([rewrite] if rewrite else [], self.pool)
         run.work, run.ctx = self.base.work, None
         stages.place(run)
         if rewrite:
@@ -526,8 +523,7 @@ class Search:
             check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
             run.install(rewritten, replan=True)
         f = Form(name, [rewrite] if rewrite else [], run)
-        if batches is None:
-            self.forms[name] = f
+        self.forms[name] = f
         return f
 
     def _run(self, methods: list[str], batches: list[Batch]) -> Run:
@@ -562,9 +558,7 @@ class Search:
             if self.o.refit and self.split_off and all(isinstance(r.reducer, statistics.InputSamples) for r in others):
                 # the form's statistics on every sample (the refit's) come from the same pass with the held-out samples
                 # as one more group: a third more data in this pass instead of a pass over all of it (PP-OCR rec:
-                # 15-35 s) when a recipe of this form is refit (the kept input samples of the corrections need no run).
-                # They serve a rewritten form's refit only where the rewrite made again from every sample is the same
-                # model (:func:`refit_form`).
+                # 15-35 s) when a recipe of this form is refit (the kept input samples of the corrections need no run)
                 groups.append(self.split_off)
                 unions.append(range(len(groups)))
             merged, own = collect_unions(ctx.model, requests, groups, unions, current_executor(), batch_size=self.settings.batch_size)
@@ -824,35 +818,15 @@ def refit_choice(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) ->
                f"{nxt.name}")
         best = nxt
         if s.left() <= 0 and not _refit_ready(s, best):
-            # its refit would cost a statistics pass over every sample (and its float rewrite made again): past the
-            # budget, the model calibrated on the pool stands (PP-OCR rec: 40 s more, taking auto to 5.4x a hand-picked run)
+            # its refit would cost a statistics pass over every sample: past the budget, the model calibrated on the
+            # pool stands (PP-OCR rec: 40 s more, taking auto to 5.4x a hand-picked run)
             s.note(f"{best.name}: not calibrated again on every sample (time budget spent); the pool's model stands")
             return best
 
 
 def _refit_ready(s: Search, cand: AutoCandidate) -> bool:
-    """Whether :func:`refit` of ``cand`` costs only a build (and its float rewrite made again): the statistics of every
-    sample of its float form are at hand."""
-    try:
-        form = refit_form(s, s.forms[_form_name(cand.methods)])
-    except OnnxqError:
-        return False
-    return form is not None and "all" in form.stats
-
-
-def refit_form(s: Search, pooled: Form) -> Form | None:
-    """``pooled``'s float form made again from every calibration sample (made once per rewrite): ``pooled`` itself when
-    the rewrite makes the same model from them, as one that reads fewer samples than the pool does (``equalize`` reads
-    the first 64; the pool comes first), so that the statistics of every sample collected with the pool's pass serve
-    its refit; None when the rewrite finds nothing to do on every sample."""
-    if not pooled.rewrite:
-        return pooled
-    rewrite = pooled.rewrite[0]
-    if rewrite not in s.refit_forms:
-        # a data-dependent float rewrite (smoothquant's scales) is made again from every sample
-        form = s.form(rewrite, s.pool + s.split_off)
-        s.refit_forms[rewrite] = pooled if form is not None and form.run.work == pooled.run.work else form
-    return s.refit_forms[rewrite]
+    """Whether :func:`refit` of ``cand`` costs only a build: the statistics of every sample of its float form are at hand."""
+    return "all" in s.forms[_form_name(cand.methods)].stats
 
 
 def refit(s: Search, best: AutoCandidate) -> float | None:
@@ -870,13 +844,13 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     if any(m in SEARCHES for m in best.methods):
         s.note(f"{best.name}: its search is not run again on all calibration samples")
         return None
-    pooled = s.forms[_form_name(best.methods)]
-    recipe = tuple(best.methods[len(pooled.rewrite):])
+    # the float rewrite stays the one the candidate was scored with: it is exact in float arithmetic, and what a
+    # recipe calibrated on fewer samples misses is its ranges (PP-OCR rec: equalize reads the same first 64 lines
+    # either way, and equalize+mse keeps 0.938 on the pool's ranges against 0.980 on every line's)
+    form = s.forms[_form_name(best.methods)]
+    recipe = tuple(best.methods[len(form.rewrite):])
     every = s.pool + s.split_off
     try:
-        form = refit_form(s, pooled)
-        if form is None:
-            raise OnnxqError(f"{pooled.rewrite[0]} found no pattern on all calibration samples")
         stats = s.stats_of(form, ALL, [recipe])
         built = s.build(form, recipe, stats, every, best.float_layers)
         value = s.heldout.score(built.model).value(s.goal.metric)
