@@ -128,6 +128,14 @@ def test_bincount_never_overflows_for_any_finite_positive_range(amax):
     assert wide[0] == 1 and wide[-1] == 1
 
 
+def test_bincount_puts_a_nan_in_the_zero_bin_and_infinities_in_the_outer_ones():
+    """A NaN never becomes a negative index (np.bincount would raise); ±inf are clamped like any value out of range."""
+    x = np.array([np.nan, np.inf, -np.inf, 0.25, np.nan], np.float32)
+    with np.errstate(all="raise"):
+        h = statistics.bincount(x, 1.0, 8)
+    assert h.sum() == 5 and h[4] == 2 and h[7] == 1 and h[0] == 1 and h[5] == 1
+
+
 def test_bincount_below_the_smallest_subnormal_is_all_zero():
     h = statistics.bincount(np.zeros(10, np.float32), 1e-50, 4096)
     assert h[2048] == 10 and h.sum() == 10
