@@ -429,7 +429,9 @@ class Search:
         (:data:`MIN_BUDGET_TARGET` with a target)."""
         if self.o.time_budget is None:
             self.first_recipe_s = self.elapsed()
-            # the refit's statistics pass on every sample comes after the search: it is taken out of the budget
+            # one statistics pass is taken out of the budget: it was the refit's on every sample, after the search; the
+            # refit now takes its statistics from the pool passes, which read a third more data for it, and the run
+            # stays where it was measured against a hand-picked one (benchmarks/README.md, "-p auto")
             refit = getattr(self, "pass_seconds", 0.0) if self.o.refit and self.split_off else 0.0
             # with a target, mixed precision may have to measure every layer: the floor of before (10 s) stays there
             floor = MIN_BUDGET if self.goal.threshold is None else MIN_BUDGET_TARGET
