@@ -659,6 +659,28 @@ def test_under_the_default_budget_every_pad_correction_is_tried_even_when_it_is_
     assert all(c.error is None for c in pads)
 
 
+def test_only_the_chosen_candidates_quantized_rewrite_is_measured_and_it_is():
+    """Candidate builds leave the output error of their pad/bias correction unmeasured (two runs of the first batch
+    each); the chosen candidate's is measured at the end, as a hand-picked run reports it."""
+    from onnxq.pipeline import auto as auto_mod
+    from tests.plugins.test_pad_correction import padded_data, padded_model
+
+    s = _search(model=padded_model(), data=padded_data(128, 1))
+    plain = s.form(None)
+    s.stats_of(plain, None, [("minmax",), ("minmax", "pad-correction")])
+    cand = s.candidate(plain, ("minmax", "pad-correction"), "pad-correction")
+    run = s.built[cand.name].run
+    assert [r.method for r in run.quantized_rewrites] == ["pad-correction"] and run.quantized_rewrites[0].output_error is None
+    auto_mod.measure_rewrite(s, cand, run)
+    err = run.quantized_rewrites[0].output_error
+    assert err is not None and np.isfinite(err) and 0 < err < 0.5, err
+    res = onnxq.optimize(padded_model(), method="auto", data=padded_data(128, 1), options={**FAST, "calibrators": ["minmax"], "rewrites": []},
+                         show_progress=False, check=False)
+    chosen = res.report.quantized_rewrites
+    assert res.report.auto.chosen.endswith("-correction"), "precondition: a corrected recipe is chosen"
+    assert len(chosen) == 1 and chosen[0].output_error is not None and 0 < chosen[0].output_error < 0.5, chosen
+
+
 def test_mixed_precision_cut_short_by_the_budget_says_so():
     """With the budget spent before any layer's sensitivity is measured, the report says mixed precision was not tried,
     not that no layer helps (which it did not measure)."""

@@ -117,6 +117,9 @@ class Run:
     #: the constant-only nodes (Transpose/Cast/... of weights) folded into initializers
     constants_folded: list[str] = field(default_factory=list)
     quantized_rewrites: list[QuantizedRewrite] = field(default_factory=list)
+    #: measure each quantized rewrite's output error as it is installed (``-p auto`` measures only its chosen
+    #: candidate's: its many builds would each run the float and the rewritten model on the first batch)
+    measure_rewrites: bool = True
     #: the float model's outputs on the first batch (computed at the first quantized rewrite)
     float_outputs: list[np.ndarray] | None = None
     quantized: onnx.ModelProto | None = None
@@ -322,12 +325,12 @@ def quantized_rewrite(run: Run, method: QuantMethod, model: onnx.ModelProto) -> 
     """Record what a method's quantized rewrite changed and how far it moved the outputs, then install it."""
     if model is run.work:
         raise OnnxqError(f"method '{method.name}' returned ctx.model from quantized_rewrite; return a changed copy (or None)")
-    error: float | None
+    error: float | None = None
     try:
-        error = error_against_float(run, model)
+        if run.measure_rewrites:
+            error = error_against_float(run, model)
     except Exception as exc:  # the figure is a report; the final model is validated on its own
         log.warning("could not run the model rewritten by method '%s' to measure its output error: %s", method.name, exc)
-        error = None
     run.quantized_rewrites.append(QuantizedRewrite(method.name, **model_changes(run.work, model), output_error=error))
     run.install(model)
 
