@@ -13,8 +13,11 @@ One run, in four steps (docs/methods.md, "auto"):
    ``pad-correction`` on the best four where the inputs have a constant region (padding), and
    ``easyquant`` on the best one when the time budget allows. The finalists are recalibrated on
    each disjoint subset: the choice is made on each candidate's worst score, so a recipe that only
-   got lucky on one calibration set loses to one that holds.
-3. **Mixed precision** (only when a target is given and no full-integer recipe meets it): each
+   got lucky on one calibration set loses to one that holds. The choice is then calibrated again on
+   every sample (the held-out ones too, their statistics taken in the pool's pass), and chosen again
+   if that refit falls by more than its spread.
+3. **Mixed precision** (when a target is given and no full-integer recipe meets it, or, with no
+   target, a few layers when the best worst-case cosine is below ``default_min_cosine``): each
    weighted layer's sensitivity (the target's metric with only that layer in float) and its
    measured latency on ONNX Runtime CPU (:mod:`onnxq.pipeline.latency`, cached per machine), then
    layers are moved to float in the order of gain per millisecond until the target is met on a
