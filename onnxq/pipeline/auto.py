@@ -58,7 +58,7 @@ from onnxq.host import Host
 from onnxq.method import RunContext
 from onnxq.options import option, parse_options
 from onnxq.pipeline import stages
-from onnxq.pipeline.checks import check_feeds, check_float_rewrite, model_outputs, relative_error
+from onnxq.pipeline.checks import check_float_rewrite
 from onnxq.pipeline.compose import calibrator_of, resolve_methods
 from onnxq.pipeline.data import batch_source, make_reader
 from onnxq.pipeline.latency import LatencyTable
@@ -817,8 +817,7 @@ def measure_rewrite(s: Search, cand: AutoCandidate, run: Run) -> None:
         return
     form = s.forms[_form_name(cand.methods)]
     try:
-        feeds = check_feeds(form.run.work, run.first)
-        run.quantized_rewrites[-1].output_error = relative_error(model_outputs(form.run.work, feeds), model_outputs(run.work, feeds))
+        run.quantized_rewrites[-1].output_error = stages.error_against_float(run, run.work, form.run.work)
     except Exception as exc:  # noqa: BLE001 - the figure is a report; the final model is validated on its own
         log.warning("could not run the model rewritten by %s to measure its output error: %s", cand.name, exc)
 

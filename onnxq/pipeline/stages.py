@@ -312,12 +312,14 @@ def refine(run: Run) -> None:
         raise OnnxqError(f"no quantization parameters were chosen for '{missing[0]}'")
 
 
-def error_against_float(run: Run, model: onnx.ModelProto) -> float:
+def error_against_float(run: Run, model: onnx.ModelProto, float_model: onnx.ModelProto | None = None) -> float:
     """Worst output's relative error of ``model`` against the float model on the first calibration
-    batch (the float outputs computed once, while the working model is still the float one)."""
-    feeds = check_feeds(run.work, run.first)
+    batch (the float outputs computed once, while the working model is still the float one, or from
+    ``float_model`` when a measurement was deferred past the rewrite: ``-p auto``'s chosen candidate)."""
+    reference = run.work if float_model is None else float_model
+    feeds = check_feeds(reference, run.first)
     if run.float_outputs is None:
-        run.float_outputs = model_outputs(run.work, feeds)
+        run.float_outputs = model_outputs(reference, feeds)
     return relative_error(run.float_outputs, model_outputs(model, feeds))
 
 
