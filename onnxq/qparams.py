@@ -130,13 +130,18 @@ def symmetric(threshold: np.ndarray | float, bits: int, narrow: bool, axis: int 
     return QParams(scale, np.zeros_like(scale, dtype=np.int8), container_for(bits, True), qmin, qmax, axis)
 
 
-def asymmetric(lo: float, hi: float, bits: int) -> QParams:
-    """Unsigned asymmetric qparams covering ``[lo, hi]`` (the range is widened to include 0)."""
+def asymmetric(lo: float | np.ndarray, hi: float | np.ndarray, bits: int, axis: int | None = None) -> QParams:
+    """Unsigned asymmetric qparams covering ``[lo, hi]`` (the range is widened to include 0).
+
+    ``lo`` and ``hi`` may be 1-D arrays, one range per channel along ``axis`` (a calibrator scoring
+    many candidate ranges at once); each channel's step and zero point are what the scalar call gives.
+    """
     qmin, qmax = int_range(bits, False, False)
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = max((hi - lo) / (qmax - qmin), MIN_SCALE)
-    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
-    return QParams(np.float32(scale), np.array(zp, dtype=np.uint8), container_for(bits, False), qmin, qmax)
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+    scale = np.maximum((hi - lo) / (qmax - qmin), MIN_SCALE)
+    zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.uint8)
+    return QParams(scale.astype(np.float32), zp, container_for(bits, False), qmin, qmax, axis)
 
 
 def blockwise(weight: np.ndarray, axis: int, block_size: int, bits: int, signed: bool) -> QParams:

@@ -57,6 +57,25 @@ def test_per_channel_axis_matches_onnxruntime():
     np.testing.assert_allclose(q.fake_quantize(w), run_qdq(w, q), atol=1e-7)
 
 
+@pytest.mark.parametrize("target,bits", [("ort", 8), ("ort", 7), ("trt", 8), ("trt", 7)])
+def test_activation_grids_for_many_ranges_at_once_are_each_the_single_ranges_grid(target, bits):
+    # a calibrator scores all its candidate ranges in one array operation: each must be the grid it deploys
+    from onnxq.graph.targets import get_profile
+
+    profile = get_profile(target, bits)
+    rng = np.random.default_rng(3)
+    lo = np.concatenate([-rng.exponential(2.0, 60), rng.uniform(0.1, 1.0, 4), [0.0, -1e-12]])
+    hi = np.concatenate([rng.exponential(3.0, 60), rng.uniform(1.0, 2.0, 4), [0.0, 1e-12]])
+    many = profile.activation_qparams(lo, hi, axis=0)
+    assert many.axis == 0 and many.scale.shape == lo.shape
+    for k in range(len(lo)):
+        one = profile.activation_qparams(float(lo[k]), float(hi[k]))
+        assert (many.scale[k], many.zero_point[k], many.qmin, many.qmax, many.dtype) == (one.scale, one.zero_point, one.qmin, one.qmax, one.dtype)
+    if bits == 8:  # INT7's narrower range is a Clip in the graph, not QuantizeLinear's
+        x = rng.uniform(-6, 6, (1, 256)).astype(np.float32)
+        np.testing.assert_allclose(many.fake_quantize(x), run_qdq(np.repeat(x, len(lo), 0), many), atol=1e-6)
+
+
 def test_int7_uses_narrow_range():
     q = symmetric(1.0, 7, narrow=True)
     assert (q.qmin, q.qmax) == (-63, 63) and q.narrowed and q.dtype == "int8"

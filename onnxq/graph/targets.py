@@ -84,13 +84,17 @@ class TargetProfile:
         """Quantization levels on one side of zero for a symmetric grid (128 at INT8, 64 at INT7)."""
         return 2 ** (self.bits - 1)
 
-    def activation_qparams(self, lo: float, hi: float) -> qp.QParams:
-        """QParams for an activation whose (clipped) real range is ``[lo, hi]``."""
+    def activation_qparams(self, lo: float | np.ndarray, hi: float | np.ndarray, axis: int | None = None) -> qp.QParams:
+        """QParams for an activation whose (clipped) real range is ``[lo, hi]``.
+
+        With 1-D ``lo``/``hi`` and ``axis``: one grid per entry along ``axis``, each the one the scalar
+        call gives (a search scores all its candidate ranges in one array operation).
+        """
         if self.activation_signed:
-            t = max(abs(float(lo)), abs(float(hi)))
+            t = np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
             # TensorRT and ONNX int8 Q saturate to [-128, 127]; INT7 narrows to [-63, 63] by Clip
-            return qp.symmetric(t, self.bits, narrow=self.bits < 8)
-        return qp.asymmetric(lo, hi, self.bits)
+            return qp.symmetric(t, self.bits, narrow=self.bits < 8, axis=axis)
+        return qp.asymmetric(lo, hi, self.bits, axis)
 
     def weight_qparams(self, absmax: np.ndarray, axis: int | None) -> qp.QParams:
         """Symmetric per-channel (or per-tensor) weight qparams from max-abs values."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from onnxq.calib.statistics import TensorStats
 from onnxq.calib.thresholds import mse_threshold
 from onnxq.hookspecs import hookimpl
 from onnxq.method import RangeMethod, RunContext
 from onnxq.options import option
+from onnxq.qparams import QParams
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,10 @@ class Mse(RangeMethod):
     def threshold(self, stats: TensorStats, ctx: RunContext) -> float:
         profile = ctx.profile
 
-        def grid(t: float):
-            q = profile.activation_qparams(max(stats.min, -t), min(stats.max, t))
-            return q.fake_quantize
+        def grids(t: np.ndarray) -> QParams:
+            return profile.activation_qparams(np.maximum(stats.min, -t), np.minimum(stats.max, t), axis=0)
 
-        return mse_threshold(stats, grid, self.options.candidates, self.options.lowest)
+        return mse_threshold(stats, grids, self.options.candidates, self.options.lowest)
 
 
 @hookimpl

@@ -123,7 +123,7 @@ def test_least_error_threshold_is_near_mse_calibrators(rng):
     s = stats_of(x)
     err = expected_sq_errors(s, grid_steps(s, True, 127))
     t_err = int(np.argmin(err)) * s.bin_width
-    t_mse = mse_threshold(s, lambda t: symmetric(t, 8, False).fake_quantize)
+    t_mse = mse_threshold(s, lambda t: symmetric(t, 8, False, axis=0))
     assert t_err == pytest.approx(t_mse, rel=0.1)
 
 
