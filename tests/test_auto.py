@@ -445,6 +445,28 @@ def test_the_default_mixed_step_gets_no_time_once_the_resampling_overran_the_bud
     assert any(n.startswith("time budget spent before the default mixed-precision step") for n in s.report.notes), s.report.notes
 
 
+def test_the_default_mixed_step_is_not_started_when_the_budget_cannot_cover_the_evaluations_any_float_layer_needs():
+    """Time left, but less than the fewest evaluations that can leave a layer float (a single layer, then the first
+    set): the step is skipped before any evaluation, and the report says why (the same run with time leaves one float,
+    test above)."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search(options={**FAST, "time_budget": None, "default_min_cosine": 0.9997, "default_float_layers": 1})
+    auto_mod.portfolio(s)
+    finals = auto_mod.finalists(s)
+    best = auto_mod.choose(finals, s.goal)
+    assert best.score_worst < 0.9997, "precondition: the default step applies"
+    # 47 layers (PP-OCR rec): 7 runs of 7, one single, the first set; with 4 shards the 7 runs take 2 rounds
+    assert auto_mod.least_mixed_evaluations(3) == 2 and auto_mod.least_mixed_evaluations(47) == 9 and auto_mod.least_mixed_evaluations(47, 4) == 4
+    best.seconds = 2.0  # what an evaluation is taken to cost
+    # 3 s left once the step's share is added: 1.5 evaluations, less than the 2 any float layer needs on 3 layers
+    s.budget = s.elapsed() - auto_mod.MIXED_FACTOR * s.first_recipe_s + 3.0
+    seen = len(s.report.candidates)
+    kept = auto_mod.default_mixed(s, best, finals)
+    assert kept is best and not kept.float_layers and not s.report.sensitivity and len(s.report.candidates) == seen
+    assert any(n.startswith("default mixed-precision step not tried: it needs at least 2 evaluations") for n in s.report.notes), s.report.notes
+
+
 def test_sensitivity_of_a_deep_model_finds_the_loss_in_fewer_runs_than_layers():
     """More layers than GROUP_FROM: runs of consecutive layers first, single layers only inside the runs that gain."""
     model = deep_model()

@@ -912,7 +912,8 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
     At most ``default_float_layers`` layers, ranked by gain per measured millisecond; the mixed model is kept only
     when it scores higher than ``best`` on the held-out data. With the default time budget this step gets
     :data:`MIXED_FACTOR` times the first recipe's cost on top of the portfolio's budget (about 5x one recipe in all), and is
-    skipped when the run is already past that."""
+    skipped when the run is already past that, or when what is left cannot pay for :func:`least_mixed_evaluations`
+    evaluations at the cost of building and scoring ``best``."""
     o = s.o
     s.note(f"no target given and the best full-integer recipe {best.name} keeps a worst-case cosine of {best.score_worst:.5f} "
            f"< {o.default_min_cosine} (default_min_cosine): trying up to {o.default_float_layers} layer(s) float")
@@ -924,6 +925,14 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         # layers on top would take the run past 5x a hand-picked recipe (PP-OCR rec: 29-79 s more, no gain in 3 runs)
         s.report.budget_exhausted = True
         s.note(f"time budget spent before the default mixed-precision step: {best.name} kept full integer")
+        return best
+    least = least_mixed_evaluations(len(_floatable_layers(s, best)[: o.max_sensitivity_layers]), _Sensitivity.steps())
+    if best.seconds and s.left() < least * best.seconds:
+        # no float layer can come out of fewer evaluations (runs of layers, one layer, the first set): started anyway,
+        # the step spent what was left on the runs and ended with nothing (PP-OCR rec: 7 runs, 15 s, 0 of 47 layers)
+        s.report.budget_exhausted = True
+        s.note(f"default mixed-precision step not tried: it needs at least {least} evaluations of about {best.seconds:.1f} s, "
+               f"{max(s.left(), 0.0):.0f} s of the time budget left: {best.name} kept full integer")
         return best
     plain, s.goal = s.goal, Goal("cosine", o.default_min_cosine)
     s.default_mixed = True
@@ -1083,8 +1092,7 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
     form = s.forms[_form_name(best.methods)]
     recipe = tuple(best.methods[len(form.rewrite):])
     like = s.built[best.name]
-    plan = like.run.ctx.plan
-    layers = [lay for lay in plan.layers if lay.weight is not None and lay.weight in plan.weights]
+    layers = _floatable_layers(s, best)
     if not layers:
         s.note("mixed precision: no quantized weighted layer to leave float")
         return None
@@ -1164,6 +1172,23 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
         if chosen.meets_target:
             s.note("left float: " + ", ".join(f"{n} (gain {_f(rows[n].gain)}, {cost.get(n, 0.0):.3f} ms)" for n in chosen.float_layers))
     return chosen
+
+
+def _floatable_layers(s: Search, best: AutoCandidate) -> list[Any]:
+    """The weighted layers ``best`` quantizes, in graph order: what mixed precision may leave float."""
+    plan = s.built[best.name].run.ctx.plan
+    return [lay for lay in plan.layers if lay.weight is not None and lay.weight in plan.weights]
+
+
+def least_mixed_evaluations(layers: int, step: int = 1) -> int:
+    """The fewest rounds of evaluations (``step`` at a time) before mixed precision can leave any of ``layers`` float:
+    the runs of consecutive layers :func:`sensitivity` measures first (beyond :data:`GROUP_FROM` layers), one round of
+    single layers, and the first float set the greedy search measures."""
+    runs = 0
+    if layers > GROUP_FROM:
+        size = math.ceil(math.sqrt(layers))
+        runs = math.ceil(math.ceil(layers / size) / step)
+    return runs + 2
 
 
 def trim(s: Search, form: Form, recipe: tuple[str, ...], like: Built, last: AutoCandidate, ranked: list[AutoLayer],
@@ -1264,10 +1289,16 @@ class _Sensitivity:
         self.s, self.form, self.recipe, self.like = s, form, recipe, like
         self.ex = current_executor()
         self.parallel = not isinstance(self.ex, SerialExecutor)
-        self.step = max(1, self.ex.shards) if self.parallel else 1
+        self.step = self.steps()
         self.tasks = 0
         self.pids: set[int] = set()
         self._shared: tuple[Any, Any, dict[str, onnx.TensorProto]] | None = None
+
+    @staticmethod
+    def steps() -> int:
+        """How many evaluations run at a time: the executor's shards, or one locally."""
+        ex = current_executor()
+        return 1 if isinstance(ex, SerialExecutor) else max(1, ex.shards)
 
     def measure(self, sets: list[list[str]]) -> list[float | None]:
         """The score with each node list float (None where it could not be built or scored)."""
