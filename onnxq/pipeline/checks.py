@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
@@ -75,17 +77,42 @@ def check_float_rewrite(who: str, before: onnx.ModelProto, after: onnx.ModelProt
     it the error is compared with :data:`NOISE_FLOOR_FACTOR` times ``before``'s noise floor (one
     more run of the model, only then), capped at :data:`FLOAT_REWRITE_CEILING`.
     """
+    verdict = float_rewrite_verdict(before, after, batch)
+    if not verdict.ok:
+        raise ModelError(f"{who} changed the float model's outputs ({verdict}); this is a bug")
+
+
+@dataclass(frozen=True)
+class RewriteVerdict:
+    """How far a float rewrite moved the outputs, against what float32 rounding alone may move them."""
+
+    error: float
+    tolerance: float
+    noise: float
+    floor: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+    def __str__(self) -> str:
+        return (f"relative error {self.error:.2e} {'<=' if self.ok else '>'} {self.tolerance:.1e}, "
+                f"{NOISE_FLOOR_FACTOR:g}x the model's float32 rounding noise {self.noise:.1e} or at least {self.floor:g}")
+
+
+def float_rewrite_verdict(before: onnx.ModelProto, after: onnx.ModelProto, batch: Batch,
+                          floor: float = FLOAT_REWRITE_TOLERANCE) -> RewriteVerdict:
+    """Whether ``after`` gives ``before``'s outputs within float32 rounding (:func:`check_float_rewrite`'s rule).
+
+    Within ``floor`` always; above it, within :data:`NOISE_FLOOR_FACTOR` times ``before``'s own noise floor
+    (measured only then), never above :data:`FLOAT_REWRITE_CEILING`."""
     feeds = check_feeds(before, batch)
     reference = model_outputs(before, feeds)
     err = relative_error(reference, model_outputs(after, feeds))
-    if err <= FLOAT_REWRITE_TOLERANCE:
-        return
+    if err <= floor:
+        return RewriteVerdict(err, floor, 0.0, floor)
     noise = float_noise_floor(before, batch, reference) if err <= FLOAT_REWRITE_CEILING else 0.0
-    tolerance = min(FLOAT_REWRITE_CEILING, max(FLOAT_REWRITE_TOLERANCE, NOISE_FLOOR_FACTOR * noise))
-    if err > tolerance:
-        raise ModelError(f"{who} changed the float model's outputs (relative error {err:.2e} > {tolerance:.1e}, "
-                         f"{NOISE_FLOOR_FACTOR:g}x the model's float32 rounding noise {noise:.1e} or at least "
-                         f"{FLOAT_REWRITE_TOLERANCE:g}); this is a bug")
+    return RewriteVerdict(err, min(FLOAT_REWRITE_CEILING, max(floor, NOISE_FLOOR_FACTOR * noise)), noise, floor)
 
 
 def _tensor_key(t: onnx.TensorProto) -> bytes:
