@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--pd", nargs="*", default=[], metavar="KEY=VALUE", help="extra pdquant options (all pdquant columns)")
     ap.add_argument("--brecq", nargs="*", default=[], metavar="KEY=VALUE", help="extra onnxq-brecq options of the brecq column, e.g. blocks=layer")
     ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per run")
+    ap.add_argument("--calib-measures", action="store_true",
+                    help="also score every run on its own calibration images (a fit-vs-generalisation diagnostic; "
+                         "the JSON line then holds them as calib_* and pdquant's per-block report)")
     a = ap.parse_args()
     fixture = Path(a.fixture).name
     d = ZOO / fixture
@@ -188,12 +191,17 @@ def main() -> None:
             r = onnxq.optimize(d / "model.onnx", method=method, options=options, data=data, target="ort", show_progress=False, check=False)
             m = measures(logits(r.model, x_ev), z_fp, y_ev)
             results.setdefault(name, []).append(m)
+            extra: dict = {}
+            if a.calib_measures:  # the calibration images carry no labels here: agreement and KL only
+                mc = measures(logits(r.model, calib[seed]), logits(d / "model.onnx", calib[seed]), np.full(len(calib[seed]), -1))
+                extra = {"calib_agree": mc["agree"], "calib_kl": mc["kl"], "blocks": r.report.methods.get("pdquant", {}).get("blocks")}
             print(f"{fixture} W{a.wbits}A{a.abits} seed {seed} {name}: top-1 {m['top1']:.4f}  agree {m['agree']:.4f}  KL {m['kl']:.4f}  "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  + (f"[calibration images: agree {extra['calib_agree']:.4f}  KL {extra['calib_kl']:.4f}]  " if extra else "")
+                  + f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if a.jsonl:
                 with a.jsonl.open("a") as f:
                     f.write(json.dumps({"fixture": fixture, "wbits": a.wbits, "abits": a.abits, "split": a.split, "seed": seed, "samples": a.samples, "column": name,
-                                        "options": options, **m}, default=str) + "\n")
+                                        "options": options, **m, **extra}, default=str) + "\n")
     print(f"summary {fixture} W{a.wbits}A{a.abits} ({a.split}, {len(x_ev)} images, {a.samples} calibration images, mean ± sd over seeds {a.seeds}):")
     for name, ms in results.items():
         cells = "  ".join(f"{k} {np.mean([m[k] for m in ms]) * (100 if k != 'kl' else 1):.{2 if k != 'kl' else 4}f} ± "
