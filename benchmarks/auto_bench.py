@@ -6,6 +6,7 @@
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3               # auto on 3 disjoint calibration sets
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3 --hand        # ... and the hand-picked recipe on each of them
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3 --same-recipe # ... and each chosen recipe rebuilt on every set
+    python benchmarks/auto_bench.py compare ppocr-det --profile out/det.prof      # ... with the auto run under cProfile
 
 Models: ``ppocr-rec`` (needs ``python benchmarks/bench.py --models ppocr-rec`` to have written .bench/), ``minilm``
 (needs benchmarks/minilm/export_minilm.py), ``digits`` (the bundled example), ``mobilenet`` (tests/fixtures/mobilenet_digits).
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fold", action="store_true", help="compare: also the hand-picked recipe with fold=False")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="compare: cProfile the auto run into this file and print its 40 costliest calls by cumulative time")
     a = ap.parse_args(argv)
     task = Task(a.model, a.workdir)
     opts = dict(a.auto_opt)
@@ -207,8 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         done({"run": label, "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
 
     def auto_row(label: str, calib: list[dict[str, np.ndarray]]) -> None:
-        res, wall = timed(lambda: onnxq.optimize(task.fp32, method="auto", options=opts, data=calib, show_progress=True,
-                                                 cache_dir=a.workdir / "cache"))
+        run = lambda: onnxq.optimize(task.fp32, method="auto", options=opts, data=calib, show_progress=True,  # noqa: E731
+                                     cache_dir=a.workdir / "cache")
+        if a.profile is not None and a.mode == "compare":
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            res, wall = timed(lambda: prof.runcall(run))
+            prof.dump_stats(a.profile)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        else:
+            res, wall = timed(run)
         auto = res.report.auto
         chosen = next(c for c in auto.candidates if c.name == auto.chosen) if any(c.name == auto.chosen for c in auto.candidates) else None
         row = {"run": label, "recipe": auto.chosen, "wall_s": wall, **task.fidelity(res.model), "met": auto.met,
