@@ -191,12 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="stability: rebuild each run's chosen recipe (and float layers) on every calibration set: how that recipe's "
                          "own fidelity varies, against the spread auto reported for it")
     ap.add_argument("--no-fold", action="store_true", help="compare: also the hand-picked recipe with fold=False")
+    ap.add_argument("--hand-recipe", default=None, metavar="M+M",
+                    help="compare/stability: this recipe as the hand-picked row instead of HAND_PICKED's (e.g. equalize+mse on ppocr-det, "
+                         "the best by fidelity there; HAND_PICKED keeps the cheapest recipe of equal box F1)")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", type=Path, default=None,
                     help="compare: cProfile the auto run into this file and print its 40 costliest calls by cumulative time")
     a = ap.parse_args(argv)
     task = Task(a.model, a.workdir)
+    hand = a.hand_recipe.split("+") if a.hand_recipe else HAND_PICKED[a.model]
     opts = dict(a.auto_opt)
     rows: list[dict[str, Any]] = []
 
@@ -205,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
 
     def hand_row(label: str, calib: list[dict[str, np.ndarray]], fold: bool = True) -> None:
-        res, wall = timed(lambda: onnxq.optimize(task.fp32, method=HAND_PICKED[a.model], data=calib, show_progress=False,
-                                                 cache_dir=None, fold=fold))
-        done({"run": label, "recipe": "+".join(HAND_PICKED[a.model]), "wall_s": wall, **task.fidelity(res.model)})
+        res, wall = timed(lambda: onnxq.optimize(task.fp32, method=hand, data=calib, show_progress=False, cache_dir=None, fold=fold))
+        done({"run": label, "recipe": "+".join(hand), "wall_s": wall, **task.fidelity(res.model)})
 
     def auto_row(label: str, calib: list[dict[str, np.ndarray]]) -> None:
         run = lambda: onnxq.optimize(task.fp32, method="auto", options=opts, data=calib, show_progress=True,  # noqa: E731
