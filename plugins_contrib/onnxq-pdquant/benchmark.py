@@ -2,7 +2,7 @@
 
     python plugins_contrib/onnxq-pdquant/benchmark.py {mobilenetv3_hswish,imagenet_norm_cnn,mnist_norm_resnet} 4 4 [--seeds 0 1 2] [--split test|val]
         [--samples 128] [--iters 200] [--dc-iters 50] [--only pdquant brecq] [--pd key=value ...]
-        [--brecq key=value ...] [--jsonl out.jsonl]
+        [--brecq key=value ...] [--jsonl out.jsonl] [--calib-measures]
 
 Every column of one seed is calibrated on the same ``--samples`` N images (default 128) of the
 fixture's training split (seed 0 at N = 128: the fixture's ``calib.npz``; seed s > 0: another draw of
