@@ -94,6 +94,42 @@ def test_mse_threshold_beats_max_and_is_near_optimal(rng):
     assert err(t) <= brute * 1.05
 
 
+@pytest.mark.parametrize("kl", ["trt", "cfws"])
+@pytest.mark.parametrize("merge", ["even", "mxnet"])
+@pytest.mark.parametrize("zero_bin", ["copy_next", "keep", "drop"])
+def test_vectorised_divergences_equal_the_reference_loop(kl, merge, zero_bin):
+    from onnxq.calib.thresholds import entropy_divergences_reference
+
+    rng = np.random.default_rng(5)
+    h = rng.poisson(rng.exponential(40, 2048)).astype(float)
+    h[rng.random(2048) < 0.3] = 0
+    fast = entropy_divergences(h, 128, zero_bin, kl, merge)
+    ref = entropy_divergences_reference(h, 128, zero_bin, kl, merge)
+    np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(ref))
+    ok = np.isfinite(ref)
+    np.testing.assert_allclose(fast[ok], ref[ok], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("target", ["trt", "ort"])
+def test_exact_method_is_tensorrts_algorithm(rng, target):
+    # trt-entropy-exact (and trt-entropy -o tolerance inf) return entropy_threshold unchanged, on
+    # every distribution, the spiky normalized-image one included (where trt-entropy itself differs)
+    from types import SimpleNamespace
+
+    from onnxq.graph.targets import get_profile
+    from onnxq.options import parse_options
+    from onnxq.plugins.trt_entropy import EntropyOptions, TrtEntropy, TrtEntropyExact
+
+    ctx = SimpleNamespace(profile=get_profile(target))
+    spike = np.where(rng.random(10**5) < 0.6, 0.0, rng.random(10**5))
+    for x in (rng.standard_normal(10**5), np.maximum(rng.standard_normal(10**5), 0), (spike - 0.1307) / 0.3081):
+        s = stats_of(x)
+        levels = TrtEntropyExact().levels(s, ctx.profile)
+        want = entropy_threshold(s, levels)
+        assert TrtEntropyExact().threshold(s, ctx) == want
+        assert TrtEntropy(parse_options(EntropyOptions, {"tolerance": "inf"}, "t")).threshold(s, ctx) == want
+
+
 def _mse_errors_one_at_a_time(s: TensorStats, profile, candidates: int = 128, lowest: float = 0.02, subpoints: int = 4) -> list[float]:
     """The MSE search as first written: one grid built and scored per candidate."""
     hist = s.hist.astype(np.float64)
