@@ -816,10 +816,7 @@ def measure_rewrite(s: Search, cand: AutoCandidate, run: Run) -> None:
     if not run.quantized_rewrites:
         return
     form = s.forms[_form_name(cand.methods)]
-    try:
-        run.quantized_rewrites[-1].output_error = stages.error_against_float(run, run.work, form.run.work)
-    except Exception as exc:  # noqa: BLE001 - the figure is a report; the final model is validated on its own
-        log.warning("could not run the model rewritten by %s to measure its output error: %s", cand.name, exc)
+    run.quantized_rewrites[-1].output_error = stages.rewrite_error(run, run.work, cand.name, form.run.work)
 
 
 def refit_choice(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> AutoCandidate:

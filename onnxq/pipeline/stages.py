@@ -325,16 +325,21 @@ def error_against_float(run: Run, model: onnx.ModelProto, float_model: onnx.Mode
     return relative_error(run.float_outputs, model_outputs(model, feeds))
 
 
+def rewrite_error(run: Run, model: onnx.ModelProto, who: str, float_model: onnx.ModelProto | None = None) -> float | None:
+    """:func:`error_against_float` of a quantized rewrite, for the report: None, with a warning, when ``model`` does not
+    run (the final model is validated on its own)."""
+    try:
+        return error_against_float(run, model, float_model)
+    except Exception as exc:  # noqa: BLE001 - the figure is a report
+        log.warning("could not run the model rewritten by %s to measure its output error: %s", who, exc)
+        return None
+
+
 def quantized_rewrite(run: Run, method: QuantMethod, model: onnx.ModelProto) -> None:
     """Record what a method's quantized rewrite changed and how far it moved the outputs, then install it."""
     if model is run.work:
         raise OnnxqError(f"method '{method.name}' returned ctx.model from quantized_rewrite; return a changed copy (or None)")
-    error: float | None = None
-    try:
-        if run.measure_rewrites:
-            error = error_against_float(run, model)
-    except Exception as exc:  # the figure is a report; the final model is validated on its own
-        log.warning("could not run the model rewritten by method '%s' to measure its output error: %s", method.name, exc)
+    error = rewrite_error(run, model, f"method '{method.name}'") if run.measure_rewrites else None
     run.quantized_rewrites.append(QuantizedRewrite(method.name, **model_changes(run.work, model), output_error=error))
     run.install(model)
 
