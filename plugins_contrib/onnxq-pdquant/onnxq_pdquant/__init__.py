@@ -62,6 +62,7 @@ class PDQuantOptions:
     learn_act_steps: bool = option(True, "learn the activation steps of each block (LSQ-style) together with the weight rounding")
     temperature: float = option(4.0, "softmax temperature T of the prediction-difference loss")
     lambda_r: float = option(0.1, "the prediction-difference loss is divided by lambda_r")
+    pd_weight: Literal["fixed", "distance"] | None = option(None, "weight of each block's PD term: fixed (1, the paper's) or distance (kl0/(kl0 + lambda_r), kl0 the block's starting prediction difference; README) (default: fixed)")
     lambda_c: float = option(0.02, "DC: the distance of the corrected input to the quantized one is divided by lambda_c")
     dc_gate: float = option(0.0, "if > 0: a block's DC target is used only where its prediction difference to FP32 is <= dc_gate x the quantized block's at nearest rounding; 0 always uses it")
     dc_iters: int = option(200, "DC Adam steps per block (paper: 500)")
@@ -122,6 +123,7 @@ def resolved(o: PDQuantOptions, act_bits: int) -> PDQuantOptions:
         cut_pooling=o.cut_pooling if o.cut_pooling is not None else fine,
         unit=o.unit or "block",
         act_lr=o.act_lr if o.act_lr is not None else (1e-3 if fine else 3e-4),
+        pd_weight=o.pd_weight or "fixed",
     )
 
 
@@ -186,7 +188,7 @@ class PDQuant(QuantMethod):
         wbits, abits = self._bits(ctx)
         o = resolved(o, abits)
         report: dict[str, Any] = {"weight_bits": wbits, "act_bits": abits, "pd_loss": o.pd_loss, "dc": o.dc,
-                                  "qdrop_prob": o.qdrop_prob, "act_lr": o.act_lr, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate, "cut_pooling": o.cut_pooling, "unit": o.unit,
+                                  "qdrop_prob": o.qdrop_prob, "act_lr": o.act_lr, "weight_init_p": o.weight_init_p, "dc_gate": o.dc_gate, "cut_pooling": o.cut_pooling, "unit": o.unit, "pd_weight": o.pd_weight,
                                   "batchnorm_stats": len(bn), "float_model": ctx.float_model is not None, "dc_applies": bool(bn)}
         if o.dc and not bn:
             # DC has nothing to correct toward; say so rather than report "dc": true as if it ran

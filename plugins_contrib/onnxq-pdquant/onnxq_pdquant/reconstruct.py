@@ -56,6 +56,23 @@ def pd_kl(z_fp: torch.Tensor, z_q: torch.Tensor, temperature: float) -> torch.Te
     return (p_log.exp() * (p_log - q_log)).reshape(z_fp.shape[0], -1).sum(1).mean()
 
 
+def pd_block_weight(kl0: float, lambda_r: float, mode: str) -> float:
+    """The weight of a block's PD term (``-o pd_weight``): 1 (``fixed``, the paper's), or
+    ``kl0/(kl0 + λ_r)`` (``distance``), ``kl0`` the block's starting prediction difference.
+
+    [design decision] With the block MSE normalised to 1 at the starting point, ``ρ = kl0/λ_r`` is the
+    PD term's size beside the reconstruction term there; ``ρ/(1 + ρ)`` keeps the paper's weight where the
+    start's prediction difference dominates and shrinks it in proportion where the block's quantization
+    barely moves the predictions (README, "A PD weight that shrinks as the block's start nears FP32").
+    """
+    if mode == "fixed":
+        return 1.0
+    if mode != "distance":
+        raise ValueError(f"pd_weight must be fixed or distance, not {mode!r}")
+    kl0 = max(float(kl0), 0.0)
+    return kl0 / (kl0 + lambda_r)
+
+
 def bn_loss(values: dict[str, torch.Tensor], stats: list[BNStat]) -> torch.Tensor:
     """``Σ_BN mean_n Σ_c (μ_c − mean_hw(x_nc))² + (σ_c − std_hw(x_nc))²``, ``x`` the pre-BatchNorm value.
 
@@ -205,6 +222,7 @@ class PDReconstructor:
         self.report: list[dict[str, Any]] = []
         self.progress = progress or (lambda n: None)
         self.gen = torch.Generator().manual_seed(int(options.seed))
+        self.pd_w = 1.0  # the current block's PD weight (pd_block_weight)
 
     def run(self) -> None:
         with torch.random.fork_rng():  # QDrop's masks draw from torch's global generator: seeded, and restored after
@@ -301,7 +319,7 @@ class PDReconstructor:
         if not self.o.pd_loss:
             return rec, torch.zeros(())
         z_q = pd_out[net.outputs.index(self.logits_name)] if rest is None else rest(dict(zip(net.outputs, pd_out)), idx)
-        return rec, pd_kl(self.z_fp[idx], z_q, self.o.temperature) / self.o.lambda_r
+        return rec, pd_kl(self.z_fp[idx], z_q, self.o.temperature) / self.o.lambda_r * self.pd_w  # x 1.0 exact: fixed is unchanged
 
     def _score(self, net: Net, rest: Rest | None, x, y, norm: float, chunk: int = 256) -> tuple[float, float]:
         """(normalised block MSE, PD loss) on all samples."""
@@ -345,6 +363,8 @@ class PDReconstructor:
         # the starting point's prediction difference: nearest rounding, initial steps, quantized prefix
         kl0 = self._logits_kl(rest, block, _outputs(net, x, n))
         entry["kl_start"] = kl0
+        self.pd_w = pd_block_weight(kl0, o.lambda_r, getattr(o, "pd_weight", None) or "fixed")
+        entry["pd_weight"] = self.pd_w
         if o.dc and stats:
             # as the paper's released code: the FP32 block input is corrected, and the FP32 block on it
             # gives the target (the quantized block still reads the quantized prefix's output)
