@@ -426,7 +426,8 @@ def run_batch_size(model: onnx.ModelProto, batch_size: int, memory_budget: int) 
     """Largest batch (<= ``batch_size``) whose activations fit ``memory_budget`` (at least 1)."""
     from onnxq.graph.prepare import tensor_shapes
 
-    every = [t for t in tensor_shapes(model) if t not in {i.name for i in model.graph.initializer}]
+    weights = {i.name for i in model.graph.initializer}
+    every = [t for t in tensor_shapes(model) if t not in weights]
     per_sample = sum(tensor_bytes_per_sample(model, every).values())
     return max(1, min(batch_size, memory_budget // max(per_sample, 1)))
 
