@@ -77,7 +77,7 @@ def collect_ranges(model: onnx.ModelProto, ranges: dict[str, StatRequest], sourc
     batches = [b.feeds for b in source()]
     if not batches:
         raise DataError("the calibration data is empty")
-    merged, _ = _two_rounds(model, ranges, split(batches, executor.shards), executor, batch_size, memory_budget, optimization, own_grids=False)
+    merged, _ = _two_rounds(model, ranges, split(batches, executor.shards), executor, batch_size, memory_budget, optimization, own_grids=())
     return merged[0]
 
 
@@ -97,13 +97,17 @@ def collect_groups(model: onnx.ModelProto, requests: list[StatRequest], groups: 
 
 def collect_unions(model: onnx.ModelProto, requests: list[StatRequest], groups: Sequence[Sequence[Batch]],
                    unions: Sequence[Sequence[int]], executor: Executor | None = None, *, batch_size: int = 16,
-                   memory_budget: int = 512 * 2**20, optimization: str = "basic") -> tuple[list[StatsMap], list[StatsMap]]:
+                   memory_budget: int = 512 * 2**20, optimization: str = "basic",
+                   own: Sequence[int] | None = None) -> tuple[list[StatsMap], list[StatsMap]]:
     """:func:`collect_groups` for several unions of the groups at once: the statistics of each union (a list of group
     indices), each equal to a pass over that union's batches in group order, bit for bit, and each group's own.
 
     The model runs over every batch once. Where two unions' ranges differ, each batch is binned once more, on the other
     union's grid: ``-p auto`` gets its calibration pool's statistics and those of the pool with its held-out samples
-    (the refit on every sample) from one pass. Other requests (samples, per-channel reducers) cost one pass per union."""
+    (the refit on every sample) from one pass. Other requests (samples, per-channel reducers) cost one pass per union.
+    ``own`` (default: every group) lists the groups whose own histograms are wanted; the others keep their own min, max
+    and count only, and their batches are not binned on their own grids (``-p auto`` resamples on its subsets, not on
+    its held-out group: on PP-OCR det that binning was a tenth of the pass's)."""
     ranges, others = plan_requests(requests)
     parts = [[b.feeds for b in g] for g in groups]
     if not parts or not any(parts):
@@ -113,8 +117,10 @@ def collect_unions(model: onnx.ModelProto, requests: list[StatRequest], groups: 
     if not unions or any(not u for u in unions) or any(not 0 <= k < len(parts) for u in unions for k in u):
         raise ValueError(f"unions must be non-empty lists of group indices below {len(parts)}")
     executor = executor or SerialExecutor()
-    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization, own_grids=True,
-                                    unions=[list(u) for u in unions])
+    if own is not None and any(not 0 <= k < len(parts) for k in own):
+        raise ValueError(f"own must list group indices below {len(parts)}")
+    merged, per_group = _two_rounds(model, ranges, parts, executor, batch_size, memory_budget, optimization,
+                                    own_grids=range(len(parts)) if own is None else own, unions=[list(u) for u in unions])
     if others:
         for u, stats in zip(unions, merged):
             every = [b for k in u for b in groups[k]]
@@ -124,11 +130,11 @@ def collect_unions(model: onnx.ModelProto, requests: list[StatRequest], groups: 
 
 
 def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: list[list[dict[str, np.ndarray]]], executor: Executor,
-                batch_size: int, memory_budget: int, optimization: str, own_grids: bool,
+                batch_size: int, memory_budget: int, optimization: str, own_grids: Sequence[int],
                 unions: list[list[int]] | None = None) -> tuple[list[StatsMap], list[StatsMap]]:
     """Min/max of every part, merged per union of parts (default: one union of all); then histograms of every part
-    over each of its unions' merged ranges, summed per union, and with ``own_grids`` over the part's own range too.
-    Returns each union's statistics and each part's own (histograms only with ``own_grids``), each equal to a pass
+    over each of its unions' merged ranges, summed per union, and of the parts in ``own_grids`` over their own range too.
+    Returns each union's statistics and each part's own (histograms only for ``own_grids``), each equal to a pass
     over those batches alone."""
     unions = unions if unions is not None else [list(range(len(parts)))]
     shared_model = executor.share(model.SerializeToString())  # a lazy model: the graph only
@@ -157,9 +163,8 @@ def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: l
         for u, stats in zip(unions, merged):
             for k in u:
                 wanted[k].update((grid(t, stats[t].amax), None) for t in hist)
-        if own_grids:
-            for k, o in enumerate(own):
-                wanted[k].update((grid(t, o[t].amax), None) for t in hist)
+        for k in own_grids:
+            wanted[k].update((grid(t, own[k][t].amax), None) for t in hist)
         seconds = each([list(w) for w in wanted])
         for u, stats in zip(unions, merged):
             for t in hist:
@@ -167,8 +172,7 @@ def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: l
                 for k in u:
                     counts += seconds[k][grid(t, stats[t].amax)]
                 stats[t].hist = counts
-        if own_grids:
-            for k, o in enumerate(own):
-                for t in hist:
-                    o[t].hist = seconds[k][grid(t, o[t].amax)].copy()
+        for k in own_grids:
+            for t in hist:
+                own[k][t].hist = seconds[k][grid(t, own[k][t].amax)].copy()
     return merged, own

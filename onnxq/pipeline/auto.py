@@ -565,7 +565,8 @@ class Search:
                 # 15-35 s) when a recipe of this form is refit (the kept input samples of the corrections need no run)
                 groups.append(self.split_off)
                 unions.append(range(len(groups)))
-            merged, own = collect_unions(ctx.model, requests, groups, unions, current_executor(), batch_size=self.settings.batch_size)
+            merged, own = collect_unions(ctx.model, requests, groups, unions, current_executor(), batch_size=self.settings.batch_size,
+                                         own=range(len(self.subsets)))
             form.stats[key] = merged[0]
             if len(merged) > 1:
                 form.stats.setdefault("all", merged[1])

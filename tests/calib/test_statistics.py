@@ -204,3 +204,38 @@ def test_each_union_of_groups_equals_a_pass_over_its_batches():
     alone = statistics.collect(model, reqs, lambda: iter(groups[2]), batch_size=4, show_progress=False)
     np.testing.assert_array_equal(own[2]["x"].hist, alone["x"].hist)
     assert merged[0]["x"].amax < merged[1]["x"].amax / 2, "precondition: the two unions' grids differ"
+
+
+def test_groups_left_out_of_own_are_not_binned_on_their_own_grids(monkeypatch):
+    """collect_unions(own=...): the listed groups' own histograms and every union's are what they were; a group left out
+    keeps its own range and count but no histogram, and none of its values is binned on its own grid."""
+    from onnxq.calib import sharded
+
+    model = conv_relu_model()
+    groups = [_batches(feeds(8, seed=k), 4) for k in range(2)] + [_batches([{"x": f["x"] * 0.5} for f in feeds(8, seed=2)], 4)]
+    reqs = [statistics.StatRequest(t, "histogram") for t in ("x", "c", "y")]
+    unions = [[0, 1], [0, 1, 2]]
+    binned: list[tuple[float, int]] = []
+    real = sharded.bincount
+
+    def counting(x, amax, nbins2):
+        binned.append((float(amax), np.size(x)))
+        return real(x, amax, nbins2)
+
+    monkeypatch.setattr(sharded, "bincount", counting)
+    every_merged, every_own = sharded.collect_unions(model, reqs, groups, unions, batch_size=4)
+    all_values = sum(n for _, n in binned)
+    binned.clear()
+    merged, own = sharded.collect_unions(model, reqs, groups, unions, batch_size=4, own=[0, 1])
+    for t in ("x", "c", "y"):
+        for a, b in zip(merged + own[:2], every_merged + every_own[:2]):
+            assert (a[t].min, a[t].max, a[t].count) == (b[t].min, b[t].max, b[t].count)
+            np.testing.assert_array_equal(a[t].hist, b[t].hist, err_msg=t)
+        assert (own[2][t].min, own[2][t].max, own[2][t].count) == (every_own[2][t].min, every_own[2][t].max, every_own[2][t].count)
+        assert own[2][t].hist is None
+    third = {float(every_own[2][t].amax) for t in ("x", "c", "y")}
+    assert not third & {float(u[t].amax) for u in merged for t in ("x", "c", "y")}, "precondition: group 2's own grids are its own"
+    assert not any(a in third for a, _ in binned), "group 2 was binned on its own grid"
+    assert sum(n for _, n in binned) < all_values
+    with pytest.raises(ValueError, match="own"):
+        sharded.collect_unions(model, reqs, groups, unions, own=[3])
