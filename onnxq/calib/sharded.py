@@ -61,13 +61,13 @@ class RangedHistogram(Reducer):
 
 
 def _shard(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], requests: list[StatRequest], batch_size: int,
-           memory_budget: int, optimization: str) -> StatsMap:
+           memory_budget: int, optimization: str, expose_ranges: bool | None = None) -> StatsMap:
     """One shard's statistics (a Ray task, or a call here): the serial pass over its batches."""
     model = onnx.load_from_string(model_bytes)
     batches = [Batch(dict(f), None, f"shard batch {i}") for i, f in enumerate(feeds)]
     with using(SerialExecutor()):  # a shard never splits again
         return collect(model, requests, lambda: iter(batches), batch_size=batch_size, memory_budget=memory_budget,
-                       show_progress=False, optimization=optimization)
+                       show_progress=False, optimization=optimization, expose_ranges=expose_ranges)
 
 
 def collect_ranges(model: onnx.ModelProto, ranges: dict[str, StatRequest], source: BatchSource, executor: Executor, *,
@@ -140,18 +140,20 @@ def _two_rounds(model: onnx.ModelProto, ranges: dict[str, StatRequest], parts: l
     shared_model = executor.share(model.SerializeToString())  # a lazy model: the graph only
     shards = [executor.share(part) for part in parts]
 
-    def each(requests: list[list[StatRequest]]) -> list[StatsMap]:
-        return executor.map(_shard, [(shared_model, part, reqs, batch_size, memory_budget, optimization) for part, reqs in zip(shards, requests)])
+    def each(requests: list[list[StatRequest]], expose: bool | None = None) -> list[StatsMap]:
+        return executor.map(_shard, [(shared_model, part, reqs, batch_size, memory_budget, optimization, expose)
+                                     for part, reqs in zip(shards, requests)])
 
     tensors = list(ranges)
-    firsts = each([[StatRequest(t, "minmax") for t in tensors]] * len(shards))
+    hist = [t for t in tensors if ranges[t].kind == "histogram"]
+    # the histogram round exposes these tensors in the second call: the min/max round may expose them too (collect())
+    firsts = each([[StatRequest(t, "minmax") for t in tensors]] * len(shards), expose=bool(hist))
     merged = [StatsMap() for _ in unions]
     for u, stats in zip(unions, merged):
         for t in tensors:
             got = [firsts[k][t] for k in u]
             stats[t] = TensorStats(min(p.min for p in got), max(p.max for p in got), sum(p.count for p in got))
     own = [StatsMap({t: TensorStats(f[t].min, f[t].max, f[t].count) for t in tensors}) for f in firsts]
-    hist = [t for t in tensors if ranges[t].kind == "histogram"]
     if hist:
         def grid(t: str, amax: float) -> StatRequest:
             return StatRequest(t, RangedHistogram(amax, ranges[t].bins))
