@@ -651,8 +651,9 @@ def _collect(model: onnx.ModelProto, ranges: dict[str, StatRequest], others: lis
         extra = groups[1:]
         if dynamic:
             run_batch = min(run_batch or raw_batch, raw_batch)
-    # ONNX Runtime's ReduceMin/ReduceMax take 2.5x as long as the whole model (PP-OCR det: 7 s of a 10 s range round,
-    # numpy's min and max of the same tensors 1.3 s), but they hold no activation past its consumers. Where a histogram
+    # In-graph ReduceMin/ReduceMax hold no activation past its consumers, but without ONNX Runtime's arena (off in these
+    # passes, for their peak) they made the round cost several times the model (PP-OCR det, 253 tensors, 32 pages: 10.3 s,
+    # the bare model 2.7 s, the tensors exposed and reduced by numpy 3.8 s; docs/architecture.md). Where a histogram
     # round follows that exposes the range tensors anyway (or the caller says one does), and nothing else is exposed
     # now, the range round exposes them too when they fit the memory budget at once: the same values, the same bound on
     # memory, a third of the time. A min/max-only pass keeps the reductions and its lower peak.
