@@ -41,6 +41,9 @@ class QParams:
         scale = np.asarray(self.scale, dtype=np.float32)
         if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
             raise ValueError(f"quantization scale must be finite and positive, got {scale.ravel()[:4]}")
+        if self.axis is None and self.block_size is None and scale.size != 1:
+            # several scales with no axis would be written as a per-tensor Q/DQ that no runtime can read as meant
+            raise ValueError(f"a per-tensor scale must be one value, got shape {scale.shape}: give the channel axis")
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "zero_point", np.asarray(self.zero_point, dtype=self.np_dtype))
         if self.quant_scale is not None:

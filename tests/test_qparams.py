@@ -89,6 +89,16 @@ def test_scales_must_be_finite_and_positive(bad):
         QParams(np.float32(bad), np.int8(0), "int8", -128, 127)
 
 
+def test_several_scales_without_an_axis_are_refused():
+    """Many ranges at once need the channel axis: without it they would be written as one per-tensor Q/DQ."""
+    with pytest.raises(ValueError, match="per-tensor scale must be one value"):
+        asymmetric(np.array([-1.0, -2.0]), np.array([1.0, 3.0]), 8)
+    with pytest.raises(ValueError, match="per-tensor scale must be one value"):
+        symmetric(np.array([1.0, 2.0]), 8, True)
+    assert asymmetric(np.array([-1.0, -2.0]), np.array([1.0, 3.0]), 8, axis=0).scale.shape == (2,)
+    assert symmetric(np.array([2.0]), 8, True).scale.size == 1  # one value in an array is still per-tensor
+
+
 def test_all_zero_tensor_gets_a_tiny_positive_scale():
     q = symmetric(0.0, 8, narrow=True)
     assert float(q.scale) > 0
