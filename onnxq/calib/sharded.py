@@ -107,7 +107,7 @@ def collect_unions(model: onnx.ModelProto, requests: list[StatRequest], groups: 
     (the refit on every sample) from one pass. Other requests (samples, per-channel reducers) cost one pass per union.
     ``own`` (default: every group) lists the groups whose own histograms are wanted; the others keep their own min, max
     and count only, and their batches are not binned on their own grids (``-p auto`` resamples on its subsets, not on
-    its held-out group: on PP-OCR det that binning was a tenth of the pass's)."""
+    its held-out group: on PP-OCR det, 7 % of the values its pool pass bins)."""
     ranges, others = plan_requests(requests)
     parts = [[b.feeds for b in g] for g in groups]
     if not parts or not any(parts):
