@@ -555,11 +555,11 @@ def _run_pass(model: onnx.ModelProto, source: BatchSource, desc: str, show: bool
     out_of: dict[int, str] = {}
     range_outs: list[str] = []
     if ranges or ort_items:
-        aug, range_outs = _range_model(model, [] if expose_ranges else ranges)
         if expose_ranges:
             types = tensor_types(model)
-            aug = with_outputs(aug, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in ranges])
-            range_outs = list(ranges)
+            aug, range_outs = with_outputs(model, [(t, types.get(t, onnx.TensorProto.FLOAT)) for t in ranges]), list(ranges)
+        else:
+            aug, range_outs = _range_model(model, ranges)
         in_graph: dict[Reducer, list[_Item]] = {}
         for i in ort_items:
             if i.reducer.in_graph:
@@ -595,7 +595,7 @@ def _run_pass(model: onnx.ModelProto, source: BatchSource, desc: str, show: bool
                 res = dict(zip(names, ort_backend.run(sess, part.feeds, names)))
                 if ranges:
                     if expose_ranges:
-                        mins, maxs = np.array([_extremes(res[t]) for t in range_outs]).T.reshape(2, -1)
+                        mins, maxs = np.array([_extremes(res[t]) for t in range_outs]).T
                     else:
                         mins = np.array([float(res[o]) for o in range_outs[0::2]])
                         maxs = np.array([float(res[o]) for o in range_outs[1::2]])
