@@ -363,7 +363,7 @@ class PDReconstructor:
         # the starting point's prediction difference: nearest rounding, initial steps, quantized prefix
         kl0 = self._logits_kl(rest, block, _outputs(net, x, n))
         entry["kl_start"] = kl0
-        self.pd_w = pd_block_weight(kl0, o.lambda_r, getattr(o, "pd_weight", None) or "fixed")
+        self.pd_w = pd_block_weight(kl0, o.lambda_r, o.pd_weight)
         entry["pd_weight"] = self.pd_w
         if o.dc and stats:
             # as the paper's released code: the FP32 block input is corrected, and the FP32 block on it
