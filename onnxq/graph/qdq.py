@@ -184,3 +184,70 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     # move before their readers
     return edit.cleanup(out)
 
+
+
+#: layers whose float weights ONNX Runtime (>= 1.21, optimizer WeightBiasQuantization) quantizes itself when their
+#: activation input comes from a per-tensor DequantizeLinear
+RUNTIME_QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _input_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(axis, size) of the channel axis of ``node``'s activation input, from its weight's ``shape``."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv" and len(shape) >= 3:
+        return 1, int(shape[1]) * int(attrs.get("group", 1))
+    if node.op_type == "ConvTranspose" and len(shape) >= 3:
+        return 1, int(shape[0])
+    if node.op_type == "Gemm" and len(shape) == 2:
+        k = int(shape[1] if attrs.get("transB", 0) else shape[0])
+        return (0 if attrs.get("transA", 0) else 1), k
+    return None
+
+
+def keep_float_layers_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Keep the float Conv/ConvTranspose/Gemm layers of a Q/DQ model float in ONNX Runtime.
+
+    ONNX Runtime 1.21 and later quantize, when a session is created, the float weight of a Conv, ConvTranspose or Gemm
+    whose input comes from a DequantizeLinear with one scale and whose output reaches a QuantizeLinear (through
+    Relu/Clip, since 1.23 or so): to int8, **one scale for the whole tensor**. A layer onnxq left float on purpose (``--exclude``,
+    ``-p auto``'s mixed precision) then runs per-tensor int8: on the zoo's MobileNet with its depthwise convs float after
+    ``equalize`` (whose per-channel weight scales differ by orders of magnitude) cosine to FP32 fell from 0.9999 to
+    0.06. Such a layer gets its own DequantizeLinear of the same integers with the scale repeated along the channel
+    axis: the same values, a per-axis form that optimizer leaves alone (it needs a single input scale), and what the
+    layer computes is what onnxq wrote. Returns the model (a copy when anything changed) and the guarded layers."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    todo = []
+    for node in model.graph.node:
+        if node.op_type not in RUNTIME_QUANTIZED_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if weight.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2 or dq.input[1] not in inits:
+            continue
+        scale = tensor_array(inits[dq.input[1]])
+        channels = _input_channels(node, tuple(weight.dims))
+        if scale.size != 1 or channels is None or channels[1] < 2:
+            continue
+        todo.append((node.name, dq, scale, channels))
+    if not todo:
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {n.name: n for n in out.graph.node}
+    fresh = Namer.of(out).fresh
+    for name, dq, scale, (axis, size) in todo:
+        node = nodes[name]
+        zp = tensor_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+        base = fresh(f"{name}_float_input")
+        out.graph.initializer.append(numpy_helper.from_array(np.full(size, scale.reshape(()), scale.dtype), f"{base}_scale"))
+        ins = [dq.input[0], f"{base}_scale"]
+        if zp is not None:
+            out.graph.initializer.append(numpy_helper.from_array(np.full(size, zp.reshape(()), zp.dtype), f"{base}_zero_point"))
+            ins.append(f"{base}_zero_point")
+        guarded = fresh(f"{node.input[0]}_per_axis")
+        out.graph.node.append(helper.make_node("DequantizeLinear", ins, [guarded], name=fresh(f"{base}/DequantizeLinear"), axis=axis))
+        node.input[0] = guarded
+    return edit.cleanup(out), [name for name, *_ in todo]

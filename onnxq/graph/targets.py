@@ -58,6 +58,10 @@ class TargetProfile:
     block_size: int = 32
     #: write 4-bit MatMuls as com.microsoft.MatMulNBits (ORT) instead of DQ -> MatMul (portable, TensorRT)
     int4_matmulnbits: bool = False
+    #: the runtime quantizes the float weights of a Conv/ConvTranspose/Gemm that reads a per-tensor DequantizeLinear
+    #: (ONNX Runtime >= 1.21, its WeightBiasQuantization optimizer: int8 per tensor), so a layer left float gets an input
+    #: DequantizeLinear that optimizer does not match (:func:`onnxq.graph.qdq.keep_float_layers_float`)
+    guard_float_layers: bool = False
     description: str = ""
 
     def validate_bits(self) -> None:
@@ -127,6 +131,7 @@ ORT_U8 = TargetProfile(
     extra_ops=ORT_EXTRA_OPS,
     gemm_outputs_as_matmul=True,
     int4_matmulnbits=True,
+    guard_float_layers=True,
     # attention's activation x activation MatMuls stay float: on all-MiniLM-L6-v2 quantizing them
     # bought no speed and cost accuracy (docs/methods.md, "Transformers")
     activation_matmul=False,

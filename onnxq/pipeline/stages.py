@@ -30,7 +30,7 @@ from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
 from onnxq.graph.folding import fold_affine
 from onnxq.graph.placement import build_plan, left_float_warnings
-from onnxq.graph.qdq import apply_commands, commands_from_plan
+from onnxq.graph.qdq import apply_commands, commands_from_plan, keep_float_layers_float
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.evaluate.fidelity import check_fidelity
 from onnxq.graph.targets import TargetProfile
@@ -354,6 +354,11 @@ def rewrite_qdq(run: Run) -> None:
     quantized = apply_commands(ctx.model, commands)
     for m in run.methods:
         quantized = qdq_rewrite(run, m, quantized)
+    if profile.guard_float_layers:
+        quantized, guarded = keep_float_layers_float(quantized)
+        if guarded:
+            log.info("%d float layer(s) read their input through a per-axis DequantizeLinear, so that ONNX Runtime does not quantize "
+                     "their weights itself: %s", len(guarded), ", ".join(guarded))
     if profile.weight_only and profile.int4_matmulnbits:
         from onnxq.graph.int4 import dq_matmul_to_matmulnbits
 
