@@ -118,6 +118,11 @@ def auto_lines(auto: AutoReport) -> list[str]:
              f"{auto.time_budget_s:.0f} s budget{' (spent)' if auto.budget_exhausted else ''}",
              table(rows, ["candidate", "stage", metric, "worst-resample", "spread", "spread-95", "bound", "cos-worst", "cos-p1", "agree-worst", "worst output",
                           "worst class", "size", "latency ms", "s", "meets"])]
+    if auto.faster_float:
+        ms = auto.faster_float_model_ms
+        whole = f"; the first recipe {ms[1]:.3f} ms against {ms[0]:.3f} ms full integer" if len(ms) == 2 else ""
+        lines.append(f"auto: left float in every candidate, faster in float on this machine{whole} (ONNX Runtime CPU, 1 sample, 1 thread): "
+                     + ", ".join(f"{r.node} {_fmt(r.float_ms, '.4f')}/{_fmt(r.int_ms, '.4f')} ms" for r in auto.faster_float))
     if auto.sensitivity:
         lines.append("auto: per-layer sensitivity (only this layer float) and measured latency (ONNX Runtime CPU, 1 sample, 1 thread)"
                      + (f", cached in {auto.latency_cache}" if auto.latency_cache else ""))

@@ -25,8 +25,9 @@ from onnxq.report import run_summary
 
 MOBILENET = Path(__file__).resolve().parent / "fixtures" / "mobilenet_digits"
 #: fast settings: two resamples, two finalists, no easyquant; a budget that a loaded machine never runs out of (the
-#: default budget scales with the first recipe's wall time, so load would make the search stop at different points)
-FAST = {"resamples": 2, "finalists": 2, "easyquant": False, "time_budget": 600}
+#: default budget scales with the first recipe's wall time, so load would make the search stop at different points);
+#: no faster-float placement, which times the machine (its own tests below fix its decision)
+FAST = {"resamples": 2, "finalists": 2, "easyquant": False, "time_budget": 600, "faster_float": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,3 +761,80 @@ def test_the_best_of_each_float_form_is_a_finalist_and_resampled():
     assert len(finals) == 3 and len(plain) == 1, [c.name for c in finals]
     best_plain = max((c for c in s.report.candidates if "smoothquant" not in c.methods), key=lambda c: c.score)
     assert plain[0] is best_plain and len(plain[0].resample_scores) == 2, (plain[0].name, plain[0].resample_scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# faster-float placement: layers this machine runs faster in float stay float in every candidate
+# ---------------------------------------------------------------------------------------------
+
+def _seed_latency(cache: Path, model: onnx.ModelProto, figures: dict[str, tuple[float, float]]) -> None:
+    """Write the per-layer latency cache that ``-p auto`` reads for ``model``'s MatMuls: ``figures`` is node -> (float ms,
+    int ms). The decision under test is fixed by the table, not by how this machine happens to time 32-wide MatMuls."""
+    from onnxq.graph.targets import ORT_U8
+    from onnxq.pipeline.latency import LatencyTable, _layer_key
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    widths = {"x": 32, **{n.output[0]: inits[n.input[1]].shape[1] for n in model.graph.node if n.op_type == "MatMul"}}
+    relu_in = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Relu"}
+    entries = {}
+    for node in model.graph.node:
+        if node.name in figures:
+            x = node.input[0]
+            key = _layer_key(node, [[1, widths[relu_in.get(x, x)]], list(inits[node.input[1]].shape)], ORT_U8)
+            entries[key] = {"float_ms": figures[node.name][0], "int_ms": figures[node.name][1], "op_type": node.op_type}
+    path = LatencyTable(cache).path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries))
+
+
+def _weight_is_quantized(model: onnx.ModelProto, node_name: str) -> bool:
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return producers.get(node.input[1]) is not None and producers[node.input[1]].op_type == "DequantizeLinear"
+
+
+FASTER = {**FAST, "faster_float": True}
+#: mm2 (the outlier weights) measures faster float; mm1 and mm3 faster as integer kernels
+MM2_FASTER = {"mm1": (0.010, 0.005), "mm2": (0.001, 0.010), "mm3": (0.010, 0.005)}
+
+
+def test_a_layer_faster_in_float_stays_float_in_every_candidate_when_the_whole_model_is_faster(tmp_path, monkeypatch):
+    from onnxq.pipeline import auto as auto_mod
+
+    model, data = mlp_model(), feeds([32])
+    _seed_latency(tmp_path, model, MM2_FASTER)
+    monkeypatch.setattr(auto_mod, "FASTER_MODEL_SHARE", 1e9)  # the whole-model check passes whatever this machine measures
+    res = onnxq.optimize(model, method="auto", data=data, options=FASTER, show_progress=False, check=False, cache_dir=tmp_path)
+    auto = res.report.auto
+    assert [r.node for r in auto.faster_float] == ["mm2"] and all(r.kept_float for r in auto.faster_float)
+    assert len(auto.faster_float_model_ms) == 2 and all(np.isfinite(auto.faster_float_model_ms)) and min(auto.faster_float_model_ms) > 0
+    assert not _weight_is_quantized(res.model, "mm2") and _weight_is_quantized(res.model, "mm1") and _weight_is_quantized(res.model, "mm3")
+    assert any(f.node == "mm2" and "faster in float" in f.reason for f in res.report.left_in_float)
+    assert "mm2" not in auto.float_layers  # not a layer the target needed: its own report section says why
+    assert "faster in float" in run_summary(res.report)
+    # every candidate was built that way: none is named for float layers, and no candidate quantizes mm2's outliers, so
+    # the chosen model is closer to FP32 than the same search with every layer integer
+    full = onnxq.optimize(model, method="auto", data=data, options=FAST, show_progress=False, check=False, cache_dir=tmp_path)
+    assert _weight_is_quantized(full.model, "mm2")
+    assert cosine_on(res.model, model, feeds([32], seed=7)) > cosine_on(full.model, model, feeds([32], seed=7))
+
+
+def test_faster_float_layers_stay_integer_when_the_whole_model_is_not_faster_or_on_other_targets(tmp_path, monkeypatch):
+    from onnxq.pipeline import auto as auto_mod
+
+    model, data = mlp_model(), feeds([32])
+    _seed_latency(tmp_path, model, MM2_FASTER)
+    monkeypatch.setattr(auto_mod, "FASTER_MODEL_SHARE", 0.0)  # no model is that much faster: the set is rejected
+    res = onnxq.optimize(model, method="auto", data=data, options=FASTER, show_progress=False, check=False, cache_dir=tmp_path)
+    assert res.report.auto.faster_float == [] and _weight_is_quantized(res.model, "mm2")
+    assert any("measure faster in float alone" in n and "kept them integer" in n for n in res.report.auto.notes)
+    # TensorRT: the table times ONNX Runtime, which says nothing of TensorRT's kernels
+    monkeypatch.setattr(auto_mod, "FASTER_MODEL_SHARE", 1e9)
+    trt = onnxq.optimize(model, method="auto", data=data, options=FASTER, target="trt", show_progress=False, check=False, cache_dir=tmp_path)
+    assert trt.report.auto.faster_float == [] and _weight_is_quantized(trt.model, "mm2")
+    assert any("faster-float placement not tried" in n and "'trt'" in n for n in trt.report.auto.notes)
+    # every layer faster float: -p auto still quantizes (size, another runtime); it never leaves the whole model float
+    _seed_latency(tmp_path, model, {k: (0.001, 0.010) for k in MM2_FASTER})
+    every = onnxq.optimize(model, method="auto", data=data, options=FASTER, show_progress=False, check=False, cache_dir=tmp_path)
+    assert every.report.auto.faster_float == [] and all(_weight_is_quantized(every.model, n) for n in MM2_FASTER)
+    assert any("every one of the 3 quantized layers" in n for n in every.report.auto.notes)

@@ -61,7 +61,7 @@ from onnxq.pipeline import stages
 from onnxq.pipeline.checks import check_float_rewrite
 from onnxq.pipeline.compose import calibrator_of, resolve_methods
 from onnxq.pipeline.data import batch_source, make_reader
-from onnxq.pipeline.latency import LatencyTable
+from onnxq.pipeline.latency import MEASURED_TARGETS, LatencyTable
 from onnxq.pipeline.report import AutoCandidate, AutoLayer, AutoReport
 from onnxq.pipeline.stages import Run, Settings
 from onnxq.runtime import ort as ort_backend
@@ -96,6 +96,11 @@ GROUP_FROM = 16
 GROUP_SHARE = 0.5
 #: methods whose refine is a search: a mixed-precision model keeps their refined qparams instead of searching again
 SEARCHES = ("easyquant",)
+#: faster-float placement: a layer is a candidate when its float time is at most this share of its integer form's
+#: (single-layer timings of a few microseconds move by a few percent between runs)
+FASTER_LAYER_SHARE = 0.9
+#: ... and the layers are left float only when the whole model then takes at most this share of its full-integer time
+FASTER_MODEL_SHARE = 0.97
 #: bias corrections the portfolio composes after a calibrator (their kept samples are requested in the first statistics pass)
 CORRECTIONS = ("bias-correction", "pad-correction")
 
@@ -125,6 +130,9 @@ class AutoOptions:
     default_min_cosine: float | None = option(0.99, "with no target given: when the best full-integer recipe's worst-case cosine is below this, "
                                               "leave up to default_float_layers layers float, cheapest gain first (null: never)")
     default_float_layers: int = option(4, "most layers left float for default_min_cosine")
+    faster_float: bool = option(True, "on ONNX Runtime targets, leave float the weighted layers this machine runs faster in float than "
+                                       "as integer kernels (float at most 0.9x the integer time, layer by layer), when the whole "
+                                       "model then measures faster too")
     margin_z: float = option(1.645, "mixed precision: a set of float layers meets the target only when the held-out mean less this many "
                                     "standard errors of it does (1.645: a one-sided 95% bound; 0: the mean alone)")
 
@@ -420,6 +428,8 @@ class Search:
         self.split_off: list[Batch] = []
         #: no target was given and the default_min_cosine step left layers float
         self.default_mixed = False
+        #: layers every candidate leaves float because this machine runs them faster that way (:func:`faster_float`)
+        self.fast_float: list[str] = []
 
     # -- bookkeeping -----------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -465,6 +475,11 @@ class Search:
     def note(self, text: str) -> None:
         self.report.notes.append(text)
         self.say(text)
+
+    def one_sample(self, batch: Batch) -> dict[str, Any]:
+        """The first sample of ``batch``'s feeds (latency is measured on a batch of one)."""
+        return {k: np.take(np.asarray(v), [0], axis=self.axes.get(k, 0) or 0) if self.axes.get(k, 0) is not None else v
+                for k, v in batch.feeds.items()}
 
     # -- set-up ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -593,7 +608,7 @@ class Search:
         methods = form.rewrite + list(recipe)
         run = self._run(methods, batches)
         run.work = form.run.work
-        exclude = list(self.settings.exclude) + list(float_layers)
+        exclude = list(self.settings.exclude) + self.fast_float + list(float_layers)
         run.ctx = RunContext(run.work, run.profile, build_plan(run.work, run.profile, exclude), run.source, show_progress=False,
                              host=self.host, collect_options={"batch_size": self.settings.batch_size})
         missing = [statistics.StatRequest(t, "histogram") for t in run.ctx.plan.activations if t not in stats]
@@ -618,9 +633,10 @@ class Search:
             stages.refine(run)
         stages.rewrite_qdq(run)
         run.timings["calibration"] = getattr(self, "pass_seconds", 0.0)
-        if float_layers:  # placement says "excluded by the user"; say who left them float
-            kept = set(float_layers)
-            run.ctx.plan.skipped = [(n, "left float by -p auto (mixed precision: the target needs it)" if n in kept else r)
+        if float_layers or self.fast_float:  # placement says "excluded by the user"; say who left them float
+            kept, fast = set(float_layers), set(self.fast_float)
+            run.ctx.plan.skipped = [(n, "left float by -p auto (mixed precision: the target needs it)" if n in kept else
+                                     "left float by -p auto (this machine runs it faster in float)" if n in fast else r)
                                     for n, r in run.ctx.plan.skipped]
         return Built(run.quantized, run)
 
@@ -684,10 +700,8 @@ class Search:
         self._lat = cache
         if structure not in cache:
             built = self.built[cand.name]
-            feeds = {k: np.take(np.asarray(v), [0], axis=self.axes.get(k, 0) or 0) if self.axes.get(k, 0) is not None else v
-                     for k, v in self.heldout.batches[0].feeds.items()}
             try:
-                cache[structure] = round(ort_backend.latency_ms(built.model, feeds, 1, 10, 2), 4)
+                cache[structure] = round(ort_backend.latency_ms(built.model, self.one_sample(self.heldout.batches[0]), 1, 10, 2), 4)
             except Exception:  # noqa: BLE001 - latency is a report figure
                 cache[structure] = None
         cand.latency_ms = cache[structure]
@@ -947,8 +961,9 @@ def portfolio(s: Search) -> None:
     plain = s.form(None)
     recipes = [(c,) for c in CALIBRATORS if c in s.o.calibrators]
     s.stats_of(plain, None, recipes + [(recipes[0][0], m) for m in CORRECTIONS])
-    s.candidate(plain, recipes[0], "portfolio")
+    first = s.candidate(plain, recipes[0], "portfolio")
     s.set_budget()
+    faster_float(s, plain, first)
     forms = [plain]
     for rewrite in (r for r in FLOAT_FORMS if r in s.o.rewrites):
         if s.left() <= 0:
@@ -1002,6 +1017,87 @@ def portfolio(s: Search) -> None:
         s.note("bias-correction, pad-correction: no Conv/Gemm layer whose bias they could correct")
     if s.o.easyquant:
         easyquant(s)
+
+
+def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
+    """Leave float, in every candidate, the weighted layers this machine runs faster in float than as integer kernels.
+
+    ONNX Runtime's integer kernels are not faster everywhere: on PP-OCR rec its 17 depthwise convs each run in 0.6x or
+    less of their QLinearConv time as float Convs (2-core x86, ORT 1.32), and the model with them float took 10.9 ms
+    against 12.3 ms full integer, at a higher cosine to FP32 (0.989 against 0.985 with ``equalize+mse``). A layer that is
+    both slower and less accurate quantized is not a trade-off for the search to weigh, so it is settled before the
+    portfolio. Candidates come from the per-layer latency table (float at most :data:`FASTER_LAYER_SHARE` of the integer
+    time); they are kept only when the whole first recipe measures at most :data:`FASTER_MODEL_SHARE` of its
+    full-integer time with them float (single layers timed alone miss the Q/DQ steps a float island adds between its
+    integer neighbours). Only on the targets whose runtime the table measures (:data:`MEASURED_TARGETS`), and never
+    every layer: a model whose every layer runs faster float on this machine is quantized for some other reason (size,
+    another runtime), which is not this step's to overrule. Returns the first candidate, rebuilt when layers were left
+    float."""
+    profile = s.base.profile
+    if not s.o.faster_float or first.error is not None:
+        return first
+    if profile.name not in MEASURED_TARGETS:
+        s.note(f"faster-float placement not tried: the latency table measures ONNX Runtime CPU, not the '{profile.name}' target's runtime")
+        return first
+    layers = _floatable_layers(s, first)
+    table = LatencyTable(s.settings.cache_dir)
+    try:
+        lat = table.measure(form.run.work, layers, s.one_sample(s.pool[0]), profile)
+    except Exception as exc:  # noqa: BLE001 - without latencies every layer stays integer, as before this step
+        s.note(f"faster-float placement not tried: per-layer latency could not be measured ({type(exc).__name__}: {exc})")
+        return first
+    table.save()
+    s.report.latency_cache = str(table.path) if table.path is not None else None
+    s.report.machine = table.machine
+    fast = [lat[lay.node] for lay in layers if lay.node in lat and lat[lay.node].float_ms <= FASTER_LAYER_SHARE * lat[lay.node].int_ms]
+    if not fast:
+        return first
+    if len(fast) == len(layers):
+        s.note(f"every one of the {len(layers)} quantized layers measures faster in float on this machine: kept them integer "
+               "(faster_float leaves a part of the model float, never all of it)")
+        return first
+    recipe = tuple(first.methods[len(form.rewrite):])
+    feeds = s.one_sample(s.heldout.batches[0])
+    try:
+        t_int = ort_backend.latency_ms(s.built[first.name].model, feeds, 1, 5, 2)
+    except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
+        s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
+        return first
+    saving = sum(ll.int_ms - ll.float_ms for ll in fast)
+    if saving < (1 - FASTER_MODEL_SHARE) * t_int:
+        # not worth a build and a timing (PP-OCR det: 26 layers faster float alone, 0.3 ms of a 52 ms model)
+        s.note(f"{len(fast)} layer(s) measure faster in float alone, by {saving:.3f} ms in all against {first.name}'s "
+               f"{t_int:.3f} ms: under {1 - FASTER_MODEL_SHARE:.0%}, kept them integer")
+        return first
+    s.fast_float = [ll.node for ll in fast]
+    try:
+        part = s.build(form, recipe, s.stats_of(form, None, [recipe]), s.pool)
+        # alternated, the lower of two medians each: the two models share whatever the machine is doing meanwhile,
+        # and load only ever adds time; a model of microseconds is timed over more runs (about a quarter second each)
+        repeats = int(min(200, max(10, 250.0 / max(t_int, 1e-3))))
+        t_part = math.inf
+        for _ in range(2):
+            t_part = min(t_part, ort_backend.latency_ms(part.model, feeds, 1, repeats, 2))
+            t_int = min(t_int, ort_backend.latency_ms(s.built[first.name].model, feeds, 1, repeats, 2))
+    except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
+        s.fast_float = []
+        s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
+        return first
+    s.report.faster_float_model_ms = [round(t_int, 4), round(t_part, 4)]
+    if t_part > FASTER_MODEL_SHARE * t_int:
+        s.fast_float = []
+        s.note(f"{len(fast)} layer(s) measure faster in float alone, but {first.name} with them float takes {t_part:.3f} ms "
+               f"against {t_int:.3f} ms full integer: kept them integer")
+        return first
+    s.report.faster_float = [AutoLayer(ll.node, ll.op_type, None, None, ll.float_ms, ll.int_ms, round(ll.float_cost_ms, 5), True)
+                             for ll in fast]
+    s.note(f"{len(fast)} of {len(layers)} layers left float in every candidate: this machine runs them faster in float "
+           f"({first.name}: {t_part:.3f} ms against {t_int:.3f} ms full integer; faster_float)")
+    # the first candidate again, as every later one is built: the full-integer one is no longer a candidate
+    s.report.candidates.remove(first)
+    s.forget(first)
+    s.names.pop(first.name, None)
+    return s.candidate(form, recipe, "portfolio")
 
 
 def pad_correction(s: Search, ranked: list[AutoCandidate]) -> None:
@@ -1096,10 +1192,8 @@ def mixed_precision(s: Search, best: AutoCandidate, most: int | None = None, com
         return None
     s.say(f"mixed precision on {best.name}: {len(layers)} layers; measuring their latency")
     table = LatencyTable(s.settings.cache_dir)
-    sample = {k: np.take(np.asarray(v), [0], axis=s.axes.get(k, 0) or 0) if s.axes.get(k, 0) is not None else v
-              for k, v in s.pool[0].feeds.items()}
     try:
-        lat = table.measure(form.run.work, layers, sample, s.base.profile)
+        lat = table.measure(form.run.work, layers, s.one_sample(s.pool[0]), s.base.profile)
     except Exception as exc:  # noqa: BLE001 - without latencies the search still runs, by sensitivity alone
         s.note(f"per-layer latency could not be measured ({type(exc).__name__}: {exc}); choosing by sensitivity alone")
         lat = {}

@@ -40,6 +40,10 @@ from onnxq.graph.targets import TargetProfile
 from onnxq.qparams import per_channel_absmax
 from onnxq.runtime import ort as ort_backend
 
+#: the targets whose runtime this table measures (ONNX Runtime's CPU execution provider); for other targets its figures
+#: rank layers against each other but say nothing of which form the target runs faster
+MEASURED_TARGETS = ("ort", "ort-s8")
+
 
 @dataclass
 class LayerLatency:

@@ -130,6 +130,10 @@ class AutoReport:
     budget_exhausted: bool = described("the search stopped early because the budget ran out")
     seconds: float = described("time of the whole search")
     notes: list[str] = described("what was skipped and why", default_factory=list)
+    faster_float: list[AutoLayer] = described("layers every candidate leaves float because this machine runs them faster that way "
+                                              "(option faster_float; ONNX Runtime targets), with their single-layer times", default_factory=list)
+    faster_float_model_ms: list[float] = described("the first recipe's whole model, full integer and with those layers float, ms "
+                                                   "(what decided it; empty: not measured)", default_factory=list)
 
 
 @dataclass
