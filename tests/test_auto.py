@@ -838,3 +838,34 @@ def test_faster_float_layers_stay_integer_when_the_whole_model_is_not_faster_or_
     every = onnxq.optimize(model, method="auto", data=data, options=FASTER, show_progress=False, check=False, cache_dir=tmp_path)
     assert every.report.auto.faster_float == [] and all(_weight_is_quantized(every.model, n) for n in MM2_FASTER)
     assert any("every one of the 3 quantized layers" in n for n in every.report.auto.notes)
+
+
+def test_the_default_step_tries_easyquant_from_a_finalist_as_it_is_and_keeps_it_only_when_it_scores_higher():
+    """No target and the best full-integer recipe below default_min_cosine: easyquant's search (no latency cost) is tried
+    from the best finalist without a float rewrite before any layer is left float; a search scoring lower is dropped
+    with a note and the float-layer step goes on from the full-integer recipe."""
+    from dataclasses import replace
+
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search(options={**FAST, "default_min_cosine": 0.9997, "default_float_layers": 1})
+    auto_mod.portfolio(s)  # FAST: the portfolio's own easyquant step is off
+    finals = auto_mod.finalists(s)
+    best = auto_mod.choose(finals, s.goal)
+    assert best.score_worst < 0.9997, "precondition: the default step applies"
+    assert not any(c.stage == "easyquant" for c in s.report.candidates)
+    s.o = replace(s.o, easyquant=True)
+    got = auto_mod.default_mixed(s, best, finals)
+    searched = [c for c in s.report.candidates if c.stage == "easyquant"]
+    assert len(searched) == 1 and searched[0].methods[-1] == "easyquant"
+    assert not set(searched[0].methods) & set(auto_mod.FLOAT_FORMS)  # started from the model as it is
+    assert searched[0].methods[:-1] in [c.methods for c in finals]
+    assert searched[0].score <= best.score, "precondition: on this model the search scores lower than the choice"
+    assert got is not searched[0] and got.float_layers and "easyquant" not in got.methods
+    assert any("did not score higher" in n for n in s.report.notes), s.report.notes
+    # with easyquant off (the -o easyquant switch), the default step goes straight to the float layers
+    s2 = _search(options={**FAST, "default_min_cosine": 0.9997, "default_float_layers": 1})
+    auto_mod.portfolio(s2)
+    finals2 = auto_mod.finalists(s2)
+    auto_mod.default_mixed(s2, auto_mod.choose(finals2, s2.goal), finals2)
+    assert not any(c.stage == "easyquant" for c in s2.report.candidates)
