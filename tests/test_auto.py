@@ -493,10 +493,12 @@ def test_measured_latency_changes_which_layer_stays_float(tmp_path):
     rows = {r.node: r for r in auto.sensitivity}
     assert rows["big"].gain > rows["small"].gain and rows["small"].score_float >= target, "precondition: sensitivities changed"
     assert rows["big"].float_cost_ms > rows["small"].float_cost_ms, "the 2048-wide layer should cost more in float"
-    assert auto.met and auto.float_layers == ["small"], auto.float_layers
+    # one layer of the cheap branch: 'small' and 'small_out' both meet it, and which of the two costs less is timing
+    # noise (microseconds each); what the latency decides is that it is not 'big'
+    assert auto.met and auto.float_layers in (["small"], ["small_out"]), auto.float_layers
     assert auto.by_error_alone is not None and auto.by_error_alone.float_layers == ["big"] and auto.by_error_alone.meets_target
     # auto keeps whichever verified set is cheaper on the latency table, never the costlier one
-    assert rows["small"].float_cost_ms <= sum(rows[n].float_cost_ms for n in auto.by_error_alone.float_layers)
+    assert rows[auto.float_layers[0]].float_cost_ms <= sum(rows[n].float_cost_ms for n in auto.by_error_alone.float_layers)
     # the latency table is cached per machine: a second run measures nothing and reads the same figures
     cache = Path(auto.latency_cache)
     assert cache.is_file() and cache.parent == tmp_path / "latency"
