@@ -430,6 +430,8 @@ class Search:
         self.default_mixed = False
         #: layers every candidate leaves float because this machine runs them faster that way (:func:`faster_float`)
         self.fast_float: list[str] = []
+        #: the full-integer choice (refit and chosen again if it fell), before any default or mixed-precision step
+        self.full_choice: AutoCandidate | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -799,6 +801,7 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
         # from 0.984 to 0.930 refit; with 4 layers float on its pool model auto kept 0.9687 character agreement, where
         # the re-choice keeps 0.9718)
         best = full = refit_choice(s, full, finals)
+    s.full_choice = full
     if s.goal.threshold is not None and not best.meets_target and o.mixed:
         mixed = mixed_precision(s, best)
         if mixed is not None:
@@ -1660,7 +1663,7 @@ def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
         spread = f" (spread {best.spread:.5f} over {len(best.resample_scores)} calibration subsets{bound})"
     if best.float_layers and s.default_mixed:
         cost = sum((r.float_cost_ms or 0.0) for r in s.report.sensitivity if r.node in best.float_layers)
-        top = min(finals, key=_rank)
+        top = s.full_choice or min(finals, key=_rank)
         return (f"no target given; the best full-integer recipe ({top.name}) keeps a worst-case cosine of {_f(top.score_worst)}, "
                 f"below default_min_cosine {s.o.default_min_cosine}: {len(best.float_layers)} layer(s) left float, chosen by "
                 f"sensitivity per measured millisecond (about {cost:.3f} ms of float latency), cosine {_f(best.score)}"
@@ -1679,6 +1682,7 @@ def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
                 f"latency table (about {cost:.3f} ms of float latency), {reached} {g.shown(best.score)}{bound}{versus}")
     top = min(finals, key=_rank)
     if best.stage == "easyquant" and best not in finals and g.threshold is None:
+        top = s.full_choice or top
         held = (f" (spread {best.spread:.5f}, its starting recipe's over the calibration subsets; over new calibration sets it may "
                 f"vary by up to {best.spread_bound:.5f})") if best.spread is not None and best.spread_bound is not None else ""
         return (f"no target given; the best full-integer recipe ({top.name}) keeps a worst-case cosine of {_f(top.score_worst)}, "
