@@ -1121,8 +1121,9 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
     try:
         part = s.build(form, recipe, s.stats_of(form, None, [recipe]), s.pool)
         # alternated, the lower of two medians each: the two models share whatever the machine is doing meanwhile,
-        # and load only ever adds time; a model of microseconds is timed over more runs (about a quarter second each)
-        repeats = int(min(200, max(10, 250.0 / max(t_int, 1e-3))))
+        # and load only ever adds time; a model of microseconds is timed over more runs (about 0.15 s each; PP-OCR det,
+        # 55 ms a run: 5 runs, the whole check about 3 s with its build)
+        repeats = int(min(200, max(5, 150.0 / max(t_int, 1e-3))))
         t_part = math.inf
         for _ in range(2):
             t_part = min(t_part, ort_backend.latency_ms(part.model, feeds, 1, repeats, 2))
