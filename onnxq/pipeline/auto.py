@@ -5,6 +5,8 @@ One run, in four steps (docs/methods.md, "auto"):
 1. **Data.** The calibration samples are read once. The candidates are scored on held-out data:
    ``eval_data`` when given, otherwise every 4th calibration sample is held out (and not
    calibrated on). The remaining samples are also cut into ``resamples`` disjoint subsets.
+   On ONNX Runtime targets, the weighted layers this machine runs faster in float stay float in every
+   candidate when the whole model then measures faster (:func:`faster_float`).
 2. **Portfolio.** For each float form of the model (as it is, ``equalize``d, ``smoothquant``ed:
    only where the graph has their patterns) one statistics pass serves every calibrator
    (``minmax``, ``mse``, ``percentile``, ``trt-entropy``): each candidate is the plan filled by
@@ -17,7 +19,8 @@ One run, in four steps (docs/methods.md, "auto"):
    every sample (the held-out ones too, their statistics taken in the pool's pass), and chosen again
    if that refit falls by more than its spread.
 3. **Mixed precision** (when a target is given and no full-integer recipe meets it, or, with no
-   target, a few layers when the best worst-case cosine is below ``default_min_cosine``): each
+   target, when the best worst-case cosine is below ``default_min_cosine``: easyquant's search from
+   the best finalist on the model as it is first, then a few layers): each
    weighted layer's sensitivity (the target's metric with only that layer in float) and its
    measured latency on ONNX Runtime CPU (:mod:`onnxq.pipeline.latency`, cached per machine), then
    layers are moved to float in the order of gain per millisecond until the target is met on a
@@ -922,7 +925,8 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
 
 
 def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> AutoCandidate:
-    """No target given and the best full-integer recipe is below ``default_min_cosine``: a few layers float.
+    """No target given and the best full-integer recipe is below ``default_min_cosine``: easyquant's search from a
+    finalist (:func:`default_search`), then, if still below, a few layers float.
 
     At most ``default_float_layers`` layers, ranked by gain per measured millisecond; the mixed model is kept only
     when it scores higher than ``best`` on the held-out data. With the default time budget this step gets
