@@ -814,6 +814,10 @@ def test_a_layer_faster_in_float_stays_float_in_every_candidate_when_the_whole_m
     assert any(f.node == "mm2" and "faster in float" in f.reason for f in res.report.left_in_float)
     assert "mm2" not in auto.float_layers  # not a layer the target needed: its own report section says why
     assert "faster in float" in run_summary(res.report)
+    # the whole-model times are kept with the layers' in the machine's latency table: a second run decides alike on them
+    again = onnxq.optimize(model, method="auto", data=data, options=FASTER, show_progress=False, check=False, cache_dir=tmp_path).report.auto
+    assert [r.node for r in again.faster_float] == ["mm2"] and np.allclose(again.faster_float_model_ms, auto.faster_float_model_ms, atol=2e-4)
+    assert any("whole-model times of an earlier run" in n for n in again.notes)
     # every candidate was built that way: none is named for float layers, and no candidate quantizes mm2's outliers, so
     # the chosen model is closer to FP32 than the same search with every layer integer
     full = onnxq.optimize(model, method="auto", data=data, options=FAST, show_progress=False, check=False, cache_dir=tmp_path)

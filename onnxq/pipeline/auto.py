@@ -1122,20 +1122,30 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
                f"{t_int:.3f} ms: under {1 - FASTER_MODEL_SHARE:.0%}, kept them integer")
         return first
     s.fast_float = [ll.node for ll in fast]
-    try:
-        part = s.build(form, recipe, s.stats_of(form, None, [recipe]), s.pool)
-        # alternated, the lower of two medians each: the two models share whatever the machine is doing meanwhile,
-        # and load only ever adds time; a model of microseconds is timed over more runs (about 0.15 s each; PP-OCR det,
-        # 55 ms a run: 5 runs, the whole check about 3 s with its build)
-        repeats = int(min(200, max(5, 150.0 / max(t_int, 1e-3))))
-        t_part = math.inf
-        for _ in range(2):
-            t_part = min(t_part, ort_backend.latency_ms(part.model, feeds, 1, repeats, 2))
-            t_int = min(t_int, ort_backend.latency_ms(s.built[first.name].model, feeds, 1, repeats, 2))
-    except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
-        s.fast_float = []
-        s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
-        return first
+    key = _structure_key(form.run.work, s.fast_float, profile.name, feeds)
+    cached = table.model_times(key)
+    if cached is not None:
+        # timed on this machine before: the same graph, layers and input shapes (on a 40-us model, mobilenet_digits, the
+        # decision moved from run to run with the machine's load; now the first run's holds)
+        t_int, t_part = cached
+        s.note(f"faster-float check: the whole-model times of an earlier run on this machine ({table.path})")
+    else:
+        try:
+            part = s.build(form, recipe, s.stats_of(form, None, [recipe]), s.pool)
+            # alternated, the lower of two medians each: the two models share whatever the machine is doing meanwhile,
+            # and load only ever adds time; a model of microseconds is timed over more runs (about 0.15 s each; PP-OCR
+            # det, 55 ms a run: 5 runs, the whole check about 3 s with its build)
+            repeats = int(min(200, max(5, 150.0 / max(t_int, 1e-3))))
+            t_part = math.inf
+            for _ in range(2):
+                t_part = min(t_part, ort_backend.latency_ms(part.model, feeds, 1, repeats, 2))
+                t_int = min(t_int, ort_backend.latency_ms(s.built[first.name].model, feeds, 1, repeats, 2))
+        except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
+            s.fast_float = []
+            s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
+            return first
+        table.set_model_times(key, t_int, t_part)
+        table.save()
     s.report.faster_float_model_ms = [round(t_int, 4), round(t_part, 4)]
     if t_part > FASTER_MODEL_SHARE * t_int:
         s.fast_float = []
@@ -1151,6 +1161,17 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
     s.forget(first)
     s.names.pop(first.name, None)
     return s.candidate(form, recipe, "portfolio")
+
+
+def _structure_key(model: onnx.ModelProto, fast: Sequence[str], target: str, feeds: dict[str, Any]) -> str:
+    """What a whole-model latency depends on: the graph's nodes and weight shapes, the layers left float, the target's
+    Q/DQ form and the input shapes (not the scales, which calibration sets)."""
+    import hashlib
+
+    text = repr((target, sorted(fast), [(n.op_type, list(n.input), list(n.output), [str(a).replace("\n", " ") for a in n.attribute])
+                                        for n in model.graph.node],
+                 sorted((t.name, tuple(t.dims)) for t in model.graph.initializer), sorted((k, np.shape(v)) for k, v in feeds.items())))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def pad_correction(s: Search, ranked: list[AutoCandidate]) -> None:

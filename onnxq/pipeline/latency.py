@@ -97,6 +97,17 @@ class LatencyTable:
             except (OSError, ValueError):
                 self.entries = {}  # a damaged cache is measured again
 
+    def model_times(self, key: str) -> tuple[float, float] | None:
+        """Two whole-model times stored under ``key`` (:meth:`set_model_times`), or None."""
+        e = self.entries.get(f"model:{key}")
+        return (e["integer_ms"], e["faster_float_ms"]) if e else None
+
+    def set_model_times(self, key: str, integer_ms: float, faster_float_ms: float) -> None:
+        """Keep a whole model's time full integer and with its faster-float layers float (``-p auto``'s check) with the
+        layers' own: a property of this machine and the graph, as they are."""
+        self.entries[f"model:{key}"] = {"integer_ms": round(integer_ms, 5), "faster_float_ms": round(faster_float_ms, 5)}
+        self.measured += 1
+
     def save(self) -> None:
         """Write the table atomically (no-op without a cache folder)."""
         if self.path is None or not self.measured:
