@@ -428,8 +428,7 @@ def run_batch_size(model: onnx.ModelProto, batch_size: int, memory_budget: int) 
 
     weights = {i.name for i in model.graph.initializer}
     every = [t for t in tensor_shapes(model) if t not in weights]
-    per_sample = sum(tensor_bytes_per_sample(model, every).values())
-    return max(1, min(batch_size, memory_budget // max(per_sample, 1)))
+    return _run_batch(sum(tensor_bytes_per_sample(model, every).values()), batch_size, memory_budget, True)
 
 
 def bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
@@ -500,6 +499,12 @@ class _Item:
         return None if lim is None else max(lim - self.seen, 0)
 
 
+def _run_batch(per_sample: int, batch_size: int, memory_budget: int, dynamic: bool) -> int:
+    """Samples per run when ``per_sample`` bytes are exposed per sample: the data's batch, cut to fit ``memory_budget``
+    where the model's batch axis is dynamic (at least one)."""
+    return max(1, min(batch_size, memory_budget // max(per_sample, 1))) if dynamic else batch_size
+
+
 def _groups(model: onnx.ModelProto, items: list[_Item], batch_size: int, memory_budget: int, dynamic: bool) -> tuple[int, list[list[_Item]]]:
     """The run batch and the groups (one pass each) of tensor-reading items under ``memory_budget``.
 
@@ -510,8 +515,7 @@ def _groups(model: onnx.ModelProto, items: list[_Item], batch_size: int, memory_
     tensors = list(dict.fromkeys(i.request.tensor for i in items))
     raw = tensor_bytes_per_sample(model, tensors)
     sizes = {t: max(i.reducer.bytes_per_sample(raw[t]) for i in items if i.request.tensor == t) for t in tensors}
-    per_sample = sum(sizes.values())
-    run_batch = max(1, min(batch_size, memory_budget // max(per_sample, 1))) if dynamic else batch_size
+    run_batch = _run_batch(sum(sizes.values()), batch_size, memory_budget, dynamic)
     groups: list[list[str]] = [[]]
     used = 0
     for t in tensors:
@@ -627,7 +631,7 @@ def _exposure_batch(model: onnx.ModelProto, tensors: list[str], batch_size: int,
     """The run batch at which every one of ``tensors`` can be an output at once within ``memory_budget``, as
     :func:`_groups` sizes it (None: not even one sample of them fits)."""
     per_sample = sum(tensor_bytes_per_sample(model, tensors).values())
-    run = max(1, min(batch_size, memory_budget // max(per_sample, 1))) if dynamic else batch_size
+    run = _run_batch(per_sample, batch_size, memory_budget, dynamic)
     return run if per_sample * run <= memory_budget else None
 
 
