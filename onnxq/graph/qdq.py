@@ -185,7 +185,6 @@ def apply_commands(model: onnx.ModelProto, commands: list[Command]) -> onnx.Mode
     return edit.cleanup(out)
 
 
-
 #: layers whose float weights ONNX Runtime (>= 1.21, optimizer WeightBiasQuantization) quantizes itself when their
 #: activation input comes from a per-tensor DequantizeLinear
 RUNTIME_QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm")

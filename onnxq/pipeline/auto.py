@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -65,7 +64,7 @@ from onnxq.pipeline import stages
 from onnxq.pipeline.checks import check_float_rewrite
 from onnxq.pipeline.compose import calibrator_of, resolve_methods
 from onnxq.pipeline.data import batch_source, make_reader
-from onnxq.pipeline.latency import MEASURED_TARGETS, LatencyTable
+from onnxq.pipeline.latency import MEASURED_TARGETS, LatencyTable, model_key
 from onnxq.pipeline.report import AutoCandidate, AutoLayer, AutoReport
 from onnxq.pipeline.stages import Run, Settings
 from onnxq.runtime import ort as ort_backend
@@ -100,6 +99,9 @@ GROUP_FROM = 16
 GROUP_SHARE = 0.5
 #: methods whose refine is a search: a mixed-precision model keeps their refined qparams instead of searching again
 SEARCHES = ("easyquant",)
+#: an easyquant candidate is taken to cost this many times a calibrator candidate's build and scoring (measured at 4-12x on
+#: the suite, benchmarks/README.md)
+EASYQUANT_COST = 12
 #: faster-float placement: a layer is a candidate when its float time is at most this share of its integer form's
 #: (single-layer timings of a few microseconds move by a few percent between runs)
 FASTER_LAYER_SHARE = 0.9
@@ -991,7 +993,7 @@ def default_search(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) 
     name = "+".join([*base.methods, "easyquant"])
     if any(c.name == name for c in s.report.candidates):
         return best  # the portfolio tried it
-    need = 12 * base.seconds  # as in the portfolio (:func:`easyquant`)
+    need = EASYQUANT_COST * base.seconds
     if s.left() < need:
         s.note(f"{name} not tried: about {need:.0f} s needed, {max(s.left(), 0):.0f} s of the time budget left")
         return best
@@ -1124,7 +1126,7 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
                f"{t_int:.3f} ms: under {1 - FASTER_MODEL_SHARE:.0%}, kept them integer")
         return first
     s.fast_float = [ll.node for ll in fast]
-    key = _structure_key(form.run.work, s.fast_float, profile.name, feeds)
+    key = model_key(form.run.work, s.fast_float, profile.name, feeds)
     cached = table.model_times(key)
     if cached is not None:
         # timed on this machine before: the same graph, layers and input shapes (on a 40-us model, mobilenet_digits, the
@@ -1165,15 +1167,6 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
     return s.candidate(form, recipe, "portfolio")
 
 
-def _structure_key(model: onnx.ModelProto, fast: Sequence[str], target: str, feeds: dict[str, Any]) -> str:
-    """What a whole-model latency depends on: the graph's nodes and weight shapes, the layers left float, the target's
-    Q/DQ form and the input shapes (not the scales, which calibration sets)."""
-    text = repr((target, sorted(fast), [(n.op_type, list(n.input), list(n.output), [str(a).replace("\n", " ") for a in n.attribute])
-                                        for n in model.graph.node],
-                 sorted((t.name, tuple(t.dims)) for t in model.graph.initializer), sorted((k, np.shape(v)) for k, v in feeds.items())))
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
 def pad_correction(s: Search, ranked: list[AutoCandidate]) -> None:
     """``pad-correction`` on the best full-integer calibrator candidates, where the inputs have a constant region (before
     bias correction, which costs a statistics pass).
@@ -1212,7 +1205,7 @@ def easyquant(s: Search) -> None:
         return
     best = ok[0]
     per = max(c.seconds for c in s.report.candidates)
-    need = 12 * per  # easyquant measured at 4-12x a calibrator's run on the suite (benchmarks/README.md)
+    need = EASYQUANT_COST * per
     if s.left() < need + s.resample_reserve():
         s.note(f"easyquant not tried: about {need:.0f} s needed, {max(s.left(), 0):.0f} s of the time budget left")
         return

@@ -81,6 +81,16 @@ def _layer_key(node: onnx.NodeProto, shapes: Sequence[Sequence[int]], profile: T
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def model_key(model: onnx.ModelProto, float_layers: Sequence[str], target: str, feeds: Mapping[str, np.ndarray]) -> str:
+    """The cache key of a whole model's latency (:meth:`LatencyTable.model_times`): what it depends on, the graph's nodes
+    and weight shapes, the layers left float, the target's Q/DQ form and the input shapes (not the scales, which
+    calibration sets)."""
+    nodes = [(n.op_type, list(n.input), list(n.output), [str(a).replace("\n", " ") for a in n.attribute]) for n in model.graph.node]
+    weights = sorted((t.name, tuple(t.dims)) for t in model.graph.initializer)
+    text = repr((target, sorted(float_layers), nodes, weights, sorted((k, np.shape(v)) for k, v in feeds.items())))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 class LatencyTable:
     """Per-layer float and integer latency, measured once per machine and layer shape (JSON cache)."""
 
