@@ -1114,26 +1114,27 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
         return first
     recipe = tuple(first.methods[len(form.rewrite):])
     feeds = s.one_sample(s.heldout.batches[0])
-    try:
-        t_int = ort_backend.latency_ms(s.built[first.name].model, feeds, 1, 5, 2)
-    except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
-        s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
-        return first
-    saving = sum(ll.int_ms - ll.float_ms for ll in fast)
-    if saving < (1 - FASTER_MODEL_SHARE) * t_int:
-        # layers that are a sliver of the model's time: not worth a build and a timing
-        s.note(f"{len(fast)} layer(s) measure faster in float alone, by {saving:.3f} ms in all against {first.name}'s "
-               f"{t_int:.3f} ms: under {1 - FASTER_MODEL_SHARE:.0%}, kept them integer")
-        return first
-    s.fast_float = [ll.node for ll in fast]
-    key = model_key(form.run.work, s.fast_float, profile.name, feeds)
+    key = model_key(form.run.work, [ll.node for ll in fast], profile.name, feeds)
     cached = table.model_times(key)
     if cached is not None:
-        # timed on this machine before: the same graph, layers and input shapes (on a 40-us model, mobilenet_digits, the
-        # decision moved from run to run with the machine's load; now the first run's holds)
+        # timed on this machine before (only a set that passed the saving check below is stored): the same graph, layers
+        # and input shapes (on a 40-us model, mobilenet_digits, the decision moved from run to run with the machine's
+        # load; now the first run's holds), and nothing is timed again
         t_int, t_part = cached
         s.note(f"faster-float check: the whole-model times of an earlier run on this machine ({table.path})")
     else:
+        try:
+            t_int = ort_backend.latency_ms(s.built[first.name].model, feeds, 1, 5, 2)
+        except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
+            s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
+            return first
+        saving = sum(ll.int_ms - ll.float_ms for ll in fast)
+        if saving < (1 - FASTER_MODEL_SHARE) * t_int:
+            # layers that are a sliver of the model's time: not worth a build and a timing
+            s.note(f"{len(fast)} layer(s) measure faster in float alone, by {saving:.3f} ms in all against {first.name}'s "
+                   f"{t_int:.3f} ms: under {1 - FASTER_MODEL_SHARE:.0%}, kept them integer")
+            return first
+        s.fast_float = [ll.node for ll in fast]  # the first recipe with them float; kept below only if it is faster
         try:
             part = s.build(form, recipe, s.stats_of(form, None, [recipe]), s.pool)
             # alternated, the lower of two medians each: the two models share whatever the machine is doing meanwhile,
@@ -1145,17 +1146,18 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
                 t_part = min(t_part, ort_backend.latency_ms(part.model, feeds, 1, repeats, 2))
                 t_int = min(t_int, ort_backend.latency_ms(s.built[first.name].model, feeds, 1, repeats, 2))
         except Exception as exc:  # noqa: BLE001 - the full-integer candidates stand
-            s.fast_float = []
             s.note(f"faster-float placement not tried: {type(exc).__name__}: {exc}")
             return first
+        finally:
+            s.fast_float = []
         table.set_model_times(key, t_int, t_part)
         table.save()
     s.report.faster_float_model_ms = [round(t_int, 4), round(t_part, 4)]
     if t_part > FASTER_MODEL_SHARE * t_int:
-        s.fast_float = []
         s.note(f"{len(fast)} layer(s) measure faster in float alone, but {first.name} with them float takes {t_part:.3f} ms "
                f"against {t_int:.3f} ms full integer: kept them integer")
         return first
+    s.fast_float = [ll.node for ll in fast]
     s.report.faster_float = [AutoLayer(ll.node, ll.op_type, None, None, ll.float_ms, ll.int_ms, round(ll.float_cost_ms, 5), True)
                              for ll in fast]
     s.note(f"{len(fast)} of {len(layers)} layers left float in every candidate: this machine runs them faster in float "
