@@ -158,7 +158,8 @@ def test_portfolio_picks_smoothquant_on_a_layernorm_outlier_and_equalize_on_mobi
 
 
 def test_every_candidate_is_reported_with_its_spread_and_worst_case():
-    res = onnxq.optimize(layernorm_model(), method="auto", data=feeds([8, 64]), options=FAST, show_progress=False, check=False)
+    res = onnxq.optimize(layernorm_model(), method="auto", data=feeds([8, 64]), options={**FAST, "resample_all": True},
+                         show_progress=False, check=False)
     auto = res.report.auto
     names = [c.name for c in auto.candidates]
     for calibrator in ("minmax", "mse", "percentile", "trt-entropy"):
@@ -755,14 +756,43 @@ def test_the_best_of_each_float_form_is_a_finalist_and_resampled():
 
     s = _search(options={**FAST, "finalists": 3, "rewrites": ["smoothquant"]}, model=layernorm_model(), data=feeds([8, 64]))
     auto_mod.portfolio(s)
-    for c in s.report.candidates:  # make every smoothquant recipe rank above every plain one
-        c.score = c.score_worst = (0.9 if "smoothquant" in c.methods else 0.5) + 0.01 * len(c.name) % 0.05
+    for c in s.report.candidates:  # every smoothquant recipe ranks above every plain one and falls below them resampled
+        c.score = c.score_worst = (1.5 if "smoothquant" in c.methods else 1.2) + 0.01 * len(c.name) % 0.05
     s.budget = s.elapsed()  # spent: only the forced resampling may run
     finals = auto_mod.finalists(s)
     plain = [c for c in finals if "smoothquant" not in c.methods]
     assert len(finals) == 3 and len(plain) == 1, [c.name for c in finals]
     best_plain = max((c for c in s.report.candidates if "smoothquant" not in c.methods), key=lambda c: c.score)
     assert plain[0] is best_plain and len(plain[0].resample_scores) == 2, (plain[0].name, plain[0].resample_scores)
+
+
+def test_a_finalist_that_cannot_be_chosen_is_not_resampled_and_the_choice_is_the_same():
+    """A finalist's worst score is never above its held-out score, so one whose held-out score is below the best
+    worst score measured (less the tie margin) is not resampled: the same choice as resampling every finalist,
+    with fewer builds, and the report says why."""
+    from onnxq.pipeline import auto as auto_mod
+
+    def run(resample_all: bool):
+        s = _search(options={**FAST, "finalists": 3, "rewrites": ["smoothquant"], "resample_all": resample_all},
+                    model=layernorm_model(), data=feeds([8, 64]))
+        auto_mod.portfolio(s)
+        builds = []
+        real = s.build
+        s.build = lambda *a, **k: builds.append(1) or real(*a, **k)
+        finals = auto_mod.finalists(s)
+        return s, finals, auto_mod.choose(finals, s.goal), len(builds)
+
+    s, finals, best, pruned_builds = run(False)
+    _, finals_all, best_all, all_builds = run(True)
+    assert len(finals) == len(finals_all) == 3 and all(c.resample_scores for c in finals_all), "precondition: all resampled"
+    skipped = [c for c in finals if not c.resample_scores]
+    assert skipped, f"precondition: a finalist below the best's worst score {[(c.name, c.score) for c in finals]}"
+    assert best.resample_scores and best.name == best_all.name
+    for c in skipped:  # what its resamples gave when measured could not have made it the choice
+        assert c.score < best.score_worst and any(n.startswith(f"{c.name} not resampled") for n in s.report.notes), s.report.notes
+        measured = next(f for f in finals_all if f.name == c.name)
+        assert measured.score_worst < best_all.score_worst
+    assert pruned_builds == all_builds - 2 * len(skipped), (pruned_builds, all_builds)
 
 
 # ---------------------------------------------------------------------------------------------
