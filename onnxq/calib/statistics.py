@@ -431,6 +431,10 @@ def run_batch_size(model: onnx.ModelProto, batch_size: int, memory_budget: int) 
     return _run_batch(sum(tensor_bytes_per_sample(model, every).values()), batch_size, memory_budget, True)
 
 
+#: elements binned at a time by :func:`bincount`: the intermediate arrays stay in cache
+BIN_CHUNK = 1 << 18
+
+
 def bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
     """Signed histogram with ``nbins2`` equal bins over [−amax, amax] (values outside are clamped).
 
@@ -446,18 +450,29 @@ def bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
         out = np.zeros(nbins2, np.int64)
         out[nbins2 // 2] = x.size
         return out
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # |x| >> amax goes to ±inf and is clamped
-        pos = x / a
-        pos += np.float32(1)
-        pos *= np.float32(nbins2 / 2)
-    np.clip(pos, 0, nbins2 - 1, out=pos)
-    # a NaN (unreachable for finite data, checked earlier) must never become a negative index; min() carries any NaN, so
-    # finite data skips the boolean mask and the indexing pass
-    if np.isnan(pos.min()):
-        pos[np.isnan(pos)] = nbins2 // 2
-    # np.bincount takes intp indices: converting to it directly saves a copy of the array (binning is a third of a
-    # histogram pass's time on PP-OCR det's 640x640 maps; this and the NaN test make it 1.6x faster, counts unchanged)
-    return np.bincount(pos.astype(np.intp), minlength=nbins2)
+    # chunk by chunk, so the float positions and their integer copy stay in cache instead of making four passes over
+    # arrays of the tensor's size in memory (PP-OCR det's 640x640 maps: binning was a third of a histogram pass, and
+    # chunked it takes half the time); the same arithmetic per element, so the same counts
+    out = np.zeros(nbins2, np.int64)
+    pos_buf = np.empty(min(BIN_CHUNK, x.size), np.float32)
+    idx_buf = np.empty(pos_buf.size, np.intp)
+    half = np.float32(nbins2 / 2)
+    for start in range(0, x.size, BIN_CHUNK):
+        chunk = x[start:start + BIN_CHUNK]
+        pos, idx = pos_buf[:chunk.size], idx_buf[:chunk.size]
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # |x| >> amax goes to ±inf and is clamped
+            np.divide(chunk, a, out=pos)
+            pos += np.float32(1)
+            pos *= half
+        np.clip(pos, 0, nbins2 - 1, out=pos)
+        # a NaN (unreachable for finite data, checked earlier) must never become a negative index; min() carries any
+        # NaN, so finite data skips the boolean mask
+        if np.isnan(pos.min()):
+            pos[np.isnan(pos)] = nbins2 // 2
+        # np.bincount takes intp indices: truncating into an intp buffer saves it a conversion copy
+        np.copyto(idx, pos, casting="unsafe")
+        out += np.bincount(idx, minlength=nbins2)
+    return out
 
 
 def tensor_bytes_per_sample(model: onnx.ModelProto, tensors: list[str]) -> dict[str, int]:
