@@ -451,8 +451,9 @@ def bincount(x: np.ndarray, amax: float, nbins2: int) -> np.ndarray:
         out[nbins2 // 2] = x.size
         return out
     # chunk by chunk, so the float positions and their integer copy stay in cache instead of making four passes over
-    # arrays of the tensor's size in memory (PP-OCR det's 640x640 maps: binning was a third of a histogram pass, and
-    # chunked it takes half the time); the same arithmetic per element, so the same counts
+    # arrays of the tensor's size in memory, and cost 1.25 MiB instead of 12 bytes per element: a tensor of 1.6M / 6.5M
+    # values bins 1.4x / 1.8x faster, one under 0.5M as before (PP-OCR det by hand with mse: binning 4.0 -> 3.7 s, peak
+    # RSS 1096 -> 1037 MiB); the same arithmetic per element, so the same counts
     out = np.zeros(nbins2, np.int64)
     pos_buf = np.empty(min(BIN_CHUNK, x.size), np.float32)
     idx_buf = np.empty(pos_buf.size, np.intp)
