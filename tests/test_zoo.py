@@ -31,7 +31,7 @@ TARGETS = ("ort", "trt")
 FP32_FLOOR = {"mnist_norm_resnet": 0.99, "imagenet_norm_cnn": 0.98, "repvgg_norm": 0.97, "mobilenetv3_hswish": 0.98,
               "picodet_head": 0.65, "gru_seq": 0.92, "attention_padded": 0.98, "multi_output_det": 0.55}
 #: configurations recommended to users: within margin they must not raise a false alarm
-RECOMMENDED = {"minmax", "mse", "percentile", "trt-entropy"}
+RECOMMENDED = {"minmax", "mse", "percentile", "trt-entropy", "auto"}
 #: recipes slower than the zoo's budget (~1-2 s a run on a busy 2-core machine) run only with
 #: ``-m slow``: the contrib searches (15-350 s a run) everywhere, EasyQuant (6-10 s a run on the digits
 #: nets, 30 s on the detectors and MobileNetV3) outside the two MNIST-normalized CNNs
@@ -42,7 +42,7 @@ SLOW_CASES = {("picodet_head", "detptq")}
 
 
 def _cases():
-    methods = set(get_host().methods)
+    methods = set(get_host().methods) | {"auto"}  # the search is the host's, not a method plugin
     for name, fx in zoo.FIXTURES.items():
         for r in zoo.RECIPES:
             if not r.applies(fx):
