@@ -212,6 +212,23 @@ def test_quality_gate_needs_eval_data(run_cli, digits_model, digits_calib, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_recipe_joined_with_plus_is_the_chain_of_its_methods(run_cli, digits_model, digits_calib, tmp_path):
+    """`-p percentile+bias-correction`, as -p auto names a candidate in its report, builds what the two -p give."""
+    outs = []
+    for spelling in (["-p", "percentile+bias-correction"], ["-p", "percentile", "-p", "bias-correction"]):
+        out = tmp_path / f"{len(outs)}.onnx"
+        code, _, stderr = run_cli(["optimize", digits_model, *spelling, "--data", digits_calib, "--output", out, "--no-cache", "--quiet"])
+        assert code == 0, stderr
+        outs.append(onnx.load(str(out)))
+    assert [n.op_type for n in outs[0].graph.node] == [n.op_type for n in outs[1].graph.node]
+    inits = [{i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer} for m in outs]
+    assert inits[0].keys() == inits[1].keys() and all(np.array_equal(inits[0][k], inits[1][k]) for k in inits[0])
+    one = run_cli(["optimize", digits_model, "-p", "percentile", "--data", digits_calib, "--output", tmp_path / "p.onnx", "--no-cache", "--quiet"])
+    assert one[0] == 0
+    plain = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "p.onnx")).graph.initializer}
+    assert any(k not in plain or not np.array_equal(plain[k], v) for k, v in inits[0].items()), "precondition: bias correction changes a bias"
+
+
 def test_optimize_needs_data(run_cli, digits_model, tmp_path):
     code, _, stderr = run_cli(["optimize", digits_model, "--output", tmp_path / "q.onnx"])
     assert code == 1 and stderr.startswith("onnxq: error:") and "--data" in stderr

@@ -15,7 +15,7 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 
 @click.command("optimize")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-p", "--method", "methods", multiple=True, default=("trt-entropy",), show_default=True, help="Method; repeat to compose (e.g. -p cfws -p easyquant).")
+@click.option("-p", "--method", "methods", multiple=True, default=("trt-entropy",), show_default=True, help="Method; repeat to compose (e.g. -p cfws -p easyquant), or join with + as -p auto names its candidates (-p equalize+mse).")
 @click.option("-o", "--option", "opts", multiple=True, type=(str, str), metavar="KEY VALUE", help="Method option (see `onnxq methods NAME`); METHOD.KEY targets one method (required when several selected methods have KEY).")
 @click.option("--data", default=None, help="Calibration data: folder/file of .npz/.npy, image folder, module:function, or random.")
 @data_options
@@ -56,6 +56,8 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
 
     if data is None and bits != "4":
         raise OptionError("--data is required (use --data random for a smoke run)")
+    # "equalize+mse" is how -p auto names a recipe in its report: the same chain as -p equalize -p mse
+    methods = tuple(m for given in methods for m in given.split("+") if m)
     auto = "auto" in methods
     if auto and len(methods) > 1:
         raise OptionError("-p auto chooses the methods itself; give it alone")
