@@ -7,12 +7,19 @@
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3 --hand        # ... and the hand-picked recipe on each of them
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3 --same-recipe # ... and each chosen recipe rebuilt on every set
     python benchmarks/auto_bench.py compare ppocr-det --profile out/det.prof      # ... with the auto run under cProfile
+    python benchmarks/auto_bench.py compare digits --cli                          # ... each run as its own `onnxq optimize` command
 
 Models: ``ppocr-rec`` (needs ``python benchmarks/bench.py --models ppocr-rec`` to have written .bench/), ``minilm``
 (needs benchmarks/minilm/export_minilm.py), ``digits`` (the bundled example), ``mobilenet`` (tests/fixtures/mobilenet_digits).
 Prints one line per run: the model's task metric against FP32 on its evaluation data, the wall time of the
 quantization (this process, model load included), what auto chose and its reported spread; ``--json FILE``
 writes every figure and auto's whole report.
+
+Timing: the first quantization in a process pays one-time costs (imports, the plugin host, ONNX Runtime's first
+session: 0.45 s of the bundled example's 0.6-s hand-picked run), so a throwaway ``minmax`` run on one batch comes
+first and both timed runs are warm (``--cold``: without it, as before 2026-12-07). ``--cli`` times each run as the
+command a user types instead (``onnxq optimize MODEL -p RECIPE --data DIR``, the process's start included; the
+calibration batches written to a temporary folder of .npz files first), and scores the model it wrote.
 """
 
 from __future__ import annotations
@@ -172,6 +179,26 @@ def _rows(outputs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([y.reshape(len(y), -1) for y in outputs]).astype(np.float64)
 
 
+def cli_run(task: Task, method: str, calib: list[dict[str, np.ndarray]], extra: list[str]) -> tuple[Any, float]:
+    """``onnxq optimize`` on ``task``'s model as its own process: the model it wrote and the command's wall seconds."""
+    import subprocess
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "calib"
+        data.mkdir()
+        for i, batch in enumerate(calib):
+            np.savez(data / f"{i:05d}.npz", **batch)
+        out = Path(tmp) / "out.onnx"
+        cmd = [sys.executable, "-m", "onnxq", "optimize", task.fp32, "-p", method, "--data", str(data), "--output", str(out), *extra]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = round(time.perf_counter() - t, 2)
+        return onnx.load(str(out)), wall
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """``fn()`` and its wall seconds, to 0.01 s (the fixtures' hand-picked runs take 0.4 s: tenths made their ratio coarse)."""
     t = time.perf_counter()
@@ -194,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hand-recipe", default=None, metavar="M+M",
                     help="compare/stability: this recipe as the hand-picked row instead of HAND_PICKED's (e.g. equalize+mse on ppocr-det, "
                          "the best by fidelity there; HAND_PICKED keeps the cheapest recipe of equal box F1)")
+    ap.add_argument("--cold", action="store_true", help="no warm-up run first: the first timed run pays the process's one-time costs")
+    ap.add_argument("--cli", action="store_true", help="compare: time each run as an `onnxq optimize` command (process start included)")
     ap.add_argument("--workdir", type=Path, default=HERE.parent / ".bench")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", type=Path, default=None,
@@ -209,10 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
 
     def hand_row(label: str, calib: list[dict[str, np.ndarray]], fold: bool = True) -> None:
+        if a.cli:
+            model, wall = cli_run(task, "+".join(hand), calib, ["--no-cache"] + ([] if fold else ["--no-fold"]))
+            done({"run": label + " (cli)", "recipe": "+".join(hand), "wall_s": wall, **task.fidelity(model)})
+            return
         res, wall = timed(lambda: onnxq.optimize(task.fp32, method=hand, data=calib, show_progress=False, cache_dir=None, fold=fold))
         done({"run": label, "recipe": "+".join(hand), "wall_s": wall, **task.fidelity(res.model)})
 
     def auto_row(label: str, calib: list[dict[str, np.ndarray]]) -> None:
+        if a.cli:
+            extra = [x for k, v in opts.items() for x in ("-o", k, v)] + ["--cache-dir", str(a.workdir / "cache")]
+            model, wall = cli_run(task, "auto", calib, extra)
+            done({"run": label + " (cli)", "recipe": "auto", "wall_s": wall, **task.fidelity(model)})
+            return
         run = lambda: onnxq.optimize(task.fp32, method="auto", options=opts, data=calib, show_progress=True,  # noqa: E731
                                      cache_dir=a.workdir / "cache")
         if a.profile is not None and a.mode == "compare":
@@ -238,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             row["by_error_alone"] = {"float_layers": b.float_layers, "score": b.score, "latency_ms": b.latency_ms}
         done(row)
 
+    if not a.cold and not a.cli:
+        onnxq.optimize(task.fp32, method="minmax", data=task.calibration()[:1], show_progress=False, cache_dir=None)
     if a.mode == "compare":
         if not a.no_hand:
             hand_row("hand-picked", task.calibration())
