@@ -715,6 +715,21 @@ def test_under_the_default_budget_every_pad_correction_is_tried_even_when_it_is_
     assert all(c.error is None for c in pads)
 
 
+def test_bias_correction_is_tried_before_the_pad_corrected_candidates():
+    """Pad-corrected candidates run even past the default budget, bias correction only within it: bias correction comes
+    first, so the budget's end is not taken by pad-corrected builds before it (the digits example: its 1-s floor had
+    gone to four pad-corrected builds, always worse there, and bias correction was never tried)."""
+    from tests.plugins.test_pad_correction import padded_data, padded_model
+
+    res = onnxq.optimize(padded_model(), method="auto", data=padded_data(128, 1),
+                         options={"resamples": 2, "finalists": 2, "easyquant": False, "rewrites": [], "pad_correction": 2,
+                                  "time_budget": 600}, show_progress=False, check=False)
+    stages = [c.stage for c in res.report.auto.candidates]
+    assert stages.count("bias-correction") == 2 and stages.count("pad-correction") == 2, stages
+    last_bias = max(i for i, st in enumerate(stages) if st == "bias-correction")
+    assert last_bias < stages.index("pad-correction"), stages
+
+
 def test_only_the_chosen_candidates_quantized_rewrite_is_measured_and_it_is():
     """Candidate builds leave the output error of their pad/bias correction unmeasured (two runs of the first batch
     each); the chosen candidate's is measured at the end, as a hand-picked run reports it."""
