@@ -46,6 +46,9 @@ class OutputFidelity:
     neighbour_agreement: float | None = described(
         "embedding-like outputs ([N, D] floats, not class scores) only: share of sample triples (i, j, k) of the compared samples "
         "on which the quantized output orders cos(i, j) and cos(i, k) as FP32 does (what a retrieval reads; 0.5: chance)", default=None)
+    explained_variance: float | None = described(
+        "outputs of one value per sample (a probability, a score) only, whose per-sample cosine is 1 whatever the error: "
+        "1 - sum((quantized - FP32)^2) / sum((FP32 - its mean)^2), the share of FP32's variation across samples kept", default=None)
 
 
 @dataclass
@@ -92,6 +95,10 @@ class Thresholds:
     #: sentence embedding keeps 0.977-0.986 with -p smoothquant -p minmax, 0.91-0.955 with trt-entropy, percentile and
     #: every calibrator on --target trt (retrieval top-1 agreement with FP32 <= 0.86)
     neighbour_agreement: float = 0.96
+    #: explained variance below this, for outputs of one value per sample: a binary classifier's sigmoid output squashed
+    #: toward 0.5 (SQNR 4 dB) kept every per-sample cosine at 1.0 and passed the check; 0.8 is the error a per-sample
+    #: cosine of 0.9 allows (relative error about 0.45)
+    explained_variance: float = 0.80
 
 
 THRESHOLDS = Thresholds()
@@ -241,6 +248,9 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
     if out.neighbour_agreement is not None and out.neighbour_agreement < t.neighbour_agreement:
         why.append(f"neighbour agreement {out.neighbour_agreement:.3f} < {t.neighbour_agreement} (the samples' nearest neighbours changed)")
+    if out.explained_variance is not None and out.explained_variance < t.explained_variance:
+        why.append(f"explained variance {out.explained_variance:.3f} < {t.explained_variance} (one value per sample: FP32's "
+                   "variation across samples is lost)")
     if out.cosine < t.cosine:
         why.append(f"mean cosine {out.cosine:.4f} < {t.cosine}")
     if out.cosine_p1 < t.cosine_p1:
@@ -313,7 +323,8 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
         outputs.append(OutputFidelity(name, round(m["cosine"], 6), round(m["cosine_worst"], 6), round(m["cosine_p1"], 6),
                                       round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
                                       round(m["top1_agreement"], 6) if m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE else None,
-                                      not m.get("integer", False)))
+                                      not m.get("integer", False),
+                                      explained_variance=round(m["explained_variance"], 6) if "explained_variance" in m else None))
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)

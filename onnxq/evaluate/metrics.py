@@ -76,6 +76,10 @@ class OutputAccumulator:
         #: per FP32 class: samples, and samples whose quantized top-1 is the same class (the worst class's agreement)
         self.class_total: dict[int, int] = {}
         self.class_same: dict[int, int] = {}
+        #: one value per sample in every batch so far (a probability, a score, a regression value): its per-sample cosine
+        #: is the sign of a product, 1 whatever the error, so :meth:`result` also gives the explained variance
+        self.scalar: bool | None = None
+        self.ref_sum = 0.0
 
     def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
         """Add one batch (``labels``: one class per sample, for accuracy)."""
@@ -95,6 +99,9 @@ class OutputAccumulator:
             a = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
             b = np.moveaxis(got, axis, 0).reshape(a.shape)
         self.cosines.extend(_row_cosines(a, b).tolist())
+        one_value = a.shape[1] == 1 and axis is not None and ref.ndim > 0
+        self.scalar = one_value if self.scalar is None else (self.scalar and one_value)
+        self.ref_sum += float(np.sum(ref))
         is_logits = looks_like_logits(reference) and axis == 0
         self.classification = is_logits if self.classification is None else (self.classification and is_logits)
         if is_logits:
@@ -111,7 +118,7 @@ class OutputAccumulator:
 
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
-        and for [N, C] outputs top1_agreement, confident_share (:func:`_confident`), the worst FP32 class's top-1 agreement
+        for outputs of one value per sample explained_variance, and for [N, C] outputs top1_agreement, confident_share (:func:`_confident`), the worst FP32 class's top-1 agreement
         (worst_class, worst_class_agreement, worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
         if self.noise == 0:
@@ -124,6 +131,11 @@ class OutputAccumulator:
              "sqnr_db": sqnr, "max_abs_error": self.max_abs, "samples": len(self.cosines)}
         if self.integer:
             m["integer"] = 1.0
+        spread = self.signal - self.ref_sum ** 2 / len(self.cosines) if self.cosines else 0.0
+        if self.scalar and len(self.cosines) > 1 and spread > 0:
+            # the share of FP32's variation across samples the quantized output keeps: 1 - sum (q - r)^2 / sum (r - mean r)^2
+            # (a sigmoid output squashed to 0.5 by a collapsed layer keeps every per-sample cosine at 1 and this near 0)
+            m["explained_variance"] = 1.0 - self.noise / spread
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
             m["confident_share"] = self.confident / self.top1_total

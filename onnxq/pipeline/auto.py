@@ -271,6 +271,10 @@ class HeldOut:
                 if np.asarray(r).dtype.kind != "f":
                     continue
                 a, c = _per_sample(np.asarray(r, np.float64), np.asarray(q, np.float64), n, self.axes.get(name, 0))
+                if a.shape[1] == 1 < a.shape[0]:
+                    # one value per sample (a probability, a score): its cosine is the sign of a product, 1 whatever the error,
+                    # and every candidate tied at 1.0 (silero-vad's speech probability); the batch's values are one vector
+                    a, c = a.reshape(1, -1), c.reshape(1, -1)
                 cos[name].append(_row_cosines(a, c))
                 if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
                     ra, qa = np.argmax(r, -1), np.argmax(q, -1)

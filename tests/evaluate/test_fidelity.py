@@ -213,3 +213,51 @@ def test_neighbour_agreement_on_evaluation_data():
     assert not fid.in_sample and fid.samples == 400 and not fid.warned, fid.warnings
     assert fid.outputs[0].neighbour_agreement is not None and fid.outputs[0].neighbour_agreement > 0.95
     assert NEIGHBOUR_SAMPLES < fid.samples  # measured on a sample: the check stays cheap
+
+
+def _scalar_model() -> onnx.ModelProto:
+    """A binary classifier: x [N, 16] -> MatMul 16x32 -> Relu -> MatMul 32x1 -> Sigmoid -> p [N, 1], one value per sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(0, 0.5, (16, 32)).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (32, 1)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"), helper.make_node("Sigmoid", ["z"], ["p"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "binary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _scalar_data(n: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_one_value_per_sample_outputs_are_judged_by_the_variance_they_keep():
+    """A per-sample cosine of one value is the sign of a product: 1.0 for any positive probability, however wrong. The
+    check judges such an output by the share of FP32's variation across samples it keeps: a well-quantized binary
+    classifier keeps nearly all of it and is not warned; with activations clipped at their median its probabilities
+    lose most of it, every per-sample cosine still 1.0, and the check warns."""
+    from onnxq.evaluate.fidelity import THRESHOLDS
+
+    good = onnxq.optimize(_scalar_model(), method="minmax", data=_scalar_data(), show_progress=False).report.fidelity
+    (out,) = good.outputs
+    assert not good.warned, good.warnings
+    assert out.explained_variance is not None and out.explained_variance > THRESHOLDS.explained_variance + 0.15
+    bad = onnxq.optimize(_scalar_model(), method=BROKEN["method"], options=BROKEN["options"], data=_scalar_data(),
+                         show_progress=False).report.fidelity
+    (out,) = bad.outputs
+    assert out.cosine == 1.0 and out.cosine_p1 == 1.0, "precondition: the per-sample cosine cannot see it"
+    assert out.explained_variance < THRESHOLDS.explained_variance - 0.1
+    assert bad.warned and "explained variance" in bad.warnings[0]
+
+
+def test_auto_ranks_a_one_value_per_sample_output_instead_of_tying_every_candidate():
+    """-p auto's held-out score of such an output is the cosine over each batch's values: below 1 and different between
+    candidates (silero-vad's speech probability tied every candidate at 1.00000 and the choice was arbitrary)."""
+    res = onnxq.optimize(_scalar_model(), method="auto", data=_scalar_data(16),
+                         options={"resamples": 0, "easyquant": False, "time_budget": 600}, show_progress=False, check=False)
+    scores = [c.score for c in res.report.auto.candidates if c.score is not None]
+    assert len(scores) >= 4 and max(scores) < 1.0 and len(set(scores)) > 1, scores
