@@ -98,7 +98,7 @@ class OutputAccumulator:
         else:
             a = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
             b = np.moveaxis(got, axis, 0).reshape(a.shape)
-        self.cosines.extend(_row_cosines(a, b).tolist())
+        self.cosines.extend(row_cosines(a, b).tolist())
         one_value = a.shape[1] == 1 and axis is not None and ref.ndim > 0
         self.scalar = one_value if self.scalar is None else (self.scalar and one_value)
         self.ref_sum += float(np.sum(ref))
@@ -170,7 +170,8 @@ def _confident(reference: np.ndarray) -> np.ndarray:
     return gap > 0.1 * np.maximum(span, 1e-30)
 
 
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b`` (1 where both rows are zero)."""
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30)
     cos[(na == 0) & (nb == 0)] = 1.0

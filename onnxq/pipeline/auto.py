@@ -56,6 +56,7 @@ from onnxq.calib.sharded import collect_unions
 from onnxq.calib.readers import Batch
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes, sample_count
+from onnxq.evaluate.metrics import row_cosines
 from onnxq.graph.placement import build_plan
 from onnxq.host import Host
 from onnxq.method import RunContext
@@ -275,7 +276,7 @@ class HeldOut:
                     # one value per sample (a probability, a score): its cosine is the sign of a product, 1 whatever the error,
                     # and every candidate tied at 1.0 (silero-vad's speech probability); the batch's values are one vector
                     a, c = a.reshape(1, -1), c.reshape(1, -1)
-                cos[name].append(_row_cosines(a, c))
+                cos[name].append(row_cosines(a, c))
                 if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
                     ra, qa = np.argmax(r, -1), np.argmax(q, -1)
                     ra, qa = _per_sample(ra, qa, n, self.axes.get(name, 0))
@@ -323,13 +324,6 @@ def _per_sample(a: np.ndarray, b: np.ndarray, n: int, axis: int | None) -> tuple
         return np.reshape(a, (1, -1)), np.reshape(b, (1, -1))
     a = np.moveaxis(a, axis, 0).reshape(n, -1)
     return a, np.moveaxis(b, axis, 0).reshape(a.shape)
-
-
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30)
-    cos[(na == 0) & (nb == 0)] = 1.0
-    return cos
 
 
 # ---------------------------------------------------------------------------------------------
