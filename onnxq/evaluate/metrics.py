@@ -118,8 +118,9 @@ class OutputAccumulator:
 
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
-        for outputs of one value per sample explained_variance, and for [N, C] outputs top1_agreement, confident_share (:func:`_confident`), the worst FP32 class's top-1 agreement
-        (worst_class, worst_class_agreement, worst_class_samples) and accuracy when every sample had a label."""
+        for outputs of one value per sample explained_variance, and for [N, C] outputs top1_agreement, confident_share
+        (:func:`_confident`), the worst FP32 class's top-1 agreement (worst_class, worst_class_agreement,
+        worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
         if self.noise == 0:
             sqnr = float("inf")
