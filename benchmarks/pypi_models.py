@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 import onnxq
+from onnxq.evaluate.metrics import cosine
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"nudenet": ("nudenet==3.4.2", "nudenet/320n.onnx"),
@@ -71,11 +72,6 @@ def clips(n: int, seed: int, frames: int = 8) -> list[np.ndarray]:
         sig = tones * (rng.uniform() < 0.6) + rng.normal(0, rng.uniform(0.001, 0.05), t.size)
         out.append(sig.reshape(frames, 576).astype(np.float32))
     return out
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
 
 
 def main(argv: list[str] | None = None) -> int:
