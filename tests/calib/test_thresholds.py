@@ -165,3 +165,23 @@ def test_mse_search_over_all_candidates_at_once_gives_each_the_error_it_had_alon
             assert errs.tolist() == ref
             first_least = ts[ref.index(min(ref))]
             assert mse_threshold(s, grids, cands) == first_least
+
+
+def test_remembered_divergences_follow_the_histogram_not_the_object(rng):
+    """The divergences are remembered by histogram content (-p auto rebuilds a calibrator's candidates from the same
+    statistics): a different histogram gets its own threshold, the same content the same, and the remembered array
+    cannot be changed by a caller."""
+    from onnxq.calib.thresholds import _divergences_of
+
+    x = rng.standard_normal(10**5)
+    x[:50] *= 40
+    a, b = stats_of(x), stats_of(x)
+    assert entropy_threshold(a, 128) == entropy_threshold(b, 128)
+    np.testing.assert_array_equal(_divergences_of(a, 128, "copy_next", "trt", "even"), entropy_divergences(a.abs_hist(), 128))
+    with pytest.raises(ValueError):
+        _divergences_of(a, 128, "copy_next", "trt", "even")[200] = 0.0
+    y = x.copy()
+    y[50:] *= 3  # the same range (the outliers), the bulk three times wider: a higher clip point
+    c = stats_of(y)
+    assert c.amax == a.amax and entropy_threshold(c, 128) > 1.5 * entropy_threshold(a, 128)
+    np.testing.assert_array_equal(_divergences_of(c, 128, "copy_next", "trt", "even"), entropy_divergences(c.abs_hist(), 128))
