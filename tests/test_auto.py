@@ -703,7 +703,7 @@ def test_under_the_default_budget_every_pad_correction_is_tried_even_when_it_is_
     from tests.plugins.test_pad_correction import padded_data, padded_model
 
     monkeypatch.setattr(auto_mod, "BUDGET_FACTOR", 0.0)
-    monkeypatch.setattr(auto_mod, "MIN_BUDGET", 0.0)
+    monkeypatch.setattr(auto_mod, "WHOLE_PORTFOLIO_S", 0.0)
     res = onnxq.optimize(padded_model(), method="auto", data=padded_data(128, 1),
                          options={"resamples": 2, "finalists": 2, "easyquant": False, "rewrites": [], "pad_correction": 3},
                          show_progress=False, check=False)
@@ -713,6 +713,31 @@ def test_under_the_default_budget_every_pad_correction_is_tried_even_when_it_is_
     pads = [c for c in auto.candidates if c.stage == "pad-correction"]
     assert [c.methods for c in pads] == [c.methods + ["pad-correction"] for c in ranked[:3]], [c.name for c in pads]
     assert all(c.error is None for c in pads)
+
+
+def test_a_cheap_model_runs_its_whole_portfolio_however_fast_the_machine(monkeypatch):
+    """With the default budget, a model whose first recipe takes under WHOLE_PORTFOLIO_S gets every step of the portfolio
+    (bias correction, pad-correction, easyquant) even when the budget that recipe's time sets is already spent: what a
+    small model's run chooses does not depend on where a budget in seconds ends (repvgg_norm stopped before bias
+    correction and easyquant there: cosine 0.99788 against easyquant's 0.99972)."""
+    from onnxq.pipeline import auto as auto_mod
+    from tests.plugins.test_pad_correction import padded_data, padded_model
+
+    opts = {"resamples": 2, "finalists": 2, "rewrites": [], "pad_correction": 2, "faster_float": False}
+
+    def stages() -> list[str]:
+        res = onnxq.optimize(padded_model(), method="auto", data=padded_data(128, 1), options=opts, show_progress=False, check=False)
+        return [c.stage for c in res.report.auto.candidates]
+
+    monkeypatch.setattr(auto_mod, "BUDGET_FACTOR", 0.0)  # a machine so slow that the budget is spent by the first recipe
+    monkeypatch.setattr(auto_mod, "WHOLE_PORTFOLIO_S", 0.0)
+    cut = stages()
+    assert "bias-correction" not in cut and "easyquant" not in cut, f"precondition: a budget in seconds cuts the run: {cut}"
+    monkeypatch.setattr(auto_mod, "WHOLE_PORTFOLIO_S", 60.0)
+    whole = stages()
+    assert whole.count("bias-correction") == 2 and whole.count("pad-correction") == 2 and whole.count("easyquant") == 1, whole
+    monkeypatch.setattr(auto_mod, "BUDGET_FACTOR", 4.0)
+    assert stages() == whole
 
 
 def test_bias_correction_is_tried_before_the_pad_corrected_candidates():

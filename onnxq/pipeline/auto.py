@@ -86,9 +86,13 @@ FLOAT_FORMS = ("equalize", "smoothquant")
 #: (3.5x less the refit's whole cost cut PP-OCR rec's pad-corrected candidates and lost it 3 points on one calibration
 #: set: benchmarks/README.md, "-p auto")
 BUDGET_FACTOR = 4.0
-#: ... and at least this many seconds, so that a model whose statistics pass takes milliseconds still has every calibrator
-#: scored (the bundled digits example: 0.2 s for the first recipe). It was 10 s, which made auto 10x a 0.7 s hand-picked run there
-MIN_BUDGET = 1.0
+#: with no --time-budget, a model whose first recipe cost at most this many seconds runs its whole portfolio (every
+#: calibrator on every float form, bias correction on the two best, pad-correction, easyquant, the finalists' resampling
+#: and the refit) however long that takes: a count of candidates, about 15-30x its first recipe, a few seconds at most.
+#: A floor in seconds (1 s until 2026-12-07) let the machine's speed decide where such a run stopped and so what it
+#: chose (the digits example: percentile in one warm run, percentile+bias-correction in the next), and on repvgg_norm it
+#: stopped before bias correction and easyquant (cosine 0.99788 against easyquant's 0.99972; whole, 0.99980)
+WHOLE_PORTFOLIO_S = 0.5
 #: ... with a target given (mixed precision measures layer by layer when no recipe meets it)
 MIN_BUDGET_TARGET = 10.0
 #: with no target given, the default-target mixed-precision step gets this many times the first recipe's cost on top of the budget
@@ -120,7 +124,8 @@ class AutoOptions:
     max_drop: float | None = option(None, "target: accuracy drop in points (top-1 disagreement with FP32 without labels)")
     min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, or per position for sequences), 0..1")
     time_budget: float | None = option(None, "seconds the search may take (the chosen model's validation and save come on top); "
-                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 1 s (10 s with a target)")
+                                       "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 10 s with a "
+                                       "target; a model whose first recipe took under 0.5 s runs its whole portfolio first")
     resamples: int = option(3, "disjoint calibration subsets each finalist is recalibrated on (0: none)")
     finalists: int = option(3, "candidates recalibrated on the subsets")
     resample_all: bool = option(False, "recalibrate every finalist on the subsets, also one whose held-out score already "
@@ -440,6 +445,8 @@ class Search:
         self.full_choice: AutoCandidate | None = None
         #: finalists left unresampled because they could not be chosen (:func:`resample_finalists`), said once each
         self.unresampled: set[str] = set()
+        #: the budget a model run whole (:meth:`set_budget`) gets after its portfolio; None otherwise
+        self.whole_until: float | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -449,8 +456,9 @@ class Search:
         return self.budget - self.elapsed()
 
     def set_budget(self) -> None:
-        """The default budget: :data:`BUDGET_FACTOR` times what one recipe has cost so far, at least :data:`MIN_BUDGET` seconds
-        (:data:`MIN_BUDGET_TARGET` with a target)."""
+        """The default budget: :data:`BUDGET_FACTOR` times what one recipe has cost so far (at least
+        :data:`MIN_BUDGET_TARGET` seconds with a target); none until :meth:`end_whole_portfolio` when that recipe took
+        under :data:`WHOLE_PORTFOLIO_S`."""
         if self.o.time_budget is None:
             self.first_recipe_s = self.elapsed()
             # one statistics pass is taken out of the budget: it was the refit's on every sample, after the search; the
@@ -458,10 +466,23 @@ class Search:
             # stays where it was measured against a hand-picked one (benchmarks/README.md, "-p auto")
             refit = getattr(self, "pass_seconds", 0.0) if self.o.refit and self.split_off else 0.0
             # with a target, mixed precision may have to measure every layer: the floor of before (10 s) stays there
-            floor = MIN_BUDGET if self.goal.threshold is None else MIN_BUDGET_TARGET
+            floor = 0.0 if self.goal.threshold is None else MIN_BUDGET_TARGET
             self.budget = max(floor, BUDGET_FACTOR * self.elapsed() - refit)
             self.report.time_budget_s = round(self.budget, 1)
+            if self.first_recipe_s <= WHOLE_PORTFOLIO_S:
+                self.whole_until, self.budget = self.budget, math.inf
+                self.say(f"the whole portfolio first (the first recipe took {self.first_recipe_s:.2f} s); then a time budget of "
+                         f"{self.whole_until:.1f} s ({BUDGET_FACTOR:g}x that)")
+                return
             self.say(f"time budget {self.budget:.0f} s ({BUDGET_FACTOR:g}x the first recipe's {self.elapsed():.1f} s)")
+
+    def end_whole_portfolio(self) -> None:
+        """After the portfolio, its resampling and the refit of a model run whole (:meth:`set_budget`): the steps that
+        measure layer by layer get what is left of the budget, or nothing once the portfolio took more."""
+        if self.whole_until is not None:
+            self.budget = max(self.whole_until, self.elapsed())
+            self.report.time_budget_s = round(self.budget, 1)
+            self.whole_until = None
 
     def say(self, text: str) -> None:
         """Progress: what is being tried (stderr when progress is shown, the log always)."""
@@ -811,6 +832,7 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
         # the re-choice keeps 0.9718)
         best = full = refit_choice(s, full, finals)
     s.full_choice = full
+    s.end_whole_portfolio()
     if s.goal.threshold is not None and not best.meets_target and o.mixed:
         mixed = mixed_precision(s, best)
         if mixed is not None:
