@@ -7,12 +7,19 @@ whether auto reaches the best hand-picked recipe of each fixture::
 
     python benchmarks/zoo_fidelity.py                          # every fixture, every built-in recipe and auto
     python benchmarks/zoo_fidelity.py --fixture repvgg_norm --auto-runs 2 --auto-opt time_budget 3
+    python benchmarks/zoo_fidelity.py --recipe easyquant --cli   # auto and easyquant, each as an `onnxq optimize` command
+
+Timing (``wall_s``): a throwaway ``minmax`` run comes first, so every timed run is warm (the first
+quantization in a process pays its one-time costs); ``--cli`` times each run as the command a user
+types instead, the process's start and the fidelity check included, and scores the model it wrote.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,28 @@ def _row(fx: zoo.Fixture, ev: zoo.Evaluator, recipe: str, run: Any, wall: float)
             "cosine": round(zoo.mean_cosine(outs[0], ev.fp32_outputs[0]), 5), "wall_s": round(wall, 2)}
 
 
+def _cli(fx: zoo.Fixture, recipe: zoo.Recipe | None, target: str, auto_opts: dict[str, str]) -> tuple[Any, float]:
+    """``onnxq optimize`` on the fixture as its own process: the run's model (loaded from what it wrote) and its seconds."""
+    import onnx
+
+    methods = ("auto",) if recipe is None else recipe.methods
+    opts = [{k: str(v) for k, v in auto_opts.items()}] if recipe is None else (recipe.options_for(fx) or [])
+    cmd = [sys.executable, "-m", "onnxq", "optimize", str(fx.model), "-p", "+".join(methods), "--data", str(fx.calib),
+           "--target", target, "--bits", str(8 if recipe is None else recipe.bits)]
+    for method, o in zip(methods, opts):
+        for k, v in o.items():
+            cmd += ["-o", k if len(methods) == 1 else f"{method}.{k}", str(v)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.onnx"
+        t = time.perf_counter()
+        subprocess.run([*cmd, "--output", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+
+        class Run:  # what _row reads of an in-process run
+            model = onnx.load(str(out))
+        return Run(), wall
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", action="append", choices=list(zoo.FIXTURES), help="default: all")
@@ -38,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auto-runs", type=int, default=1, help="auto's choice can move with the time budget: run it this many times")
     ap.add_argument("--auto-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="an option of -p auto")
     ap.add_argument("--no-hand", action="store_true", help="auto only")
+    ap.add_argument("--recipe", action="append", help="only these built-in recipes beside auto (default: all that apply)")
+    ap.add_argument("--cli", action="store_true", help="time each run as an `onnxq optimize` command")
     args = ap.parse_args(argv)
     methods = set(get_host().methods)
     opts = dict(args.auto_opt)  # strings, as on the command line (-o KEY VALUE)
@@ -45,18 +76,30 @@ def main(argv: list[str] | None = None) -> int:
         fx = zoo.FIXTURES[name]
         ev = zoo.Evaluator(fx)
         recipes = [] if args.no_hand else [r for r in zoo.RECIPES if r.id != "auto" and not r.contrib and r.applies(fx)
-                                           and set(r.methods) <= methods and r.id != "trt-entropy-exact"]
+                                           and set(r.methods) <= methods and r.id != "trt-entropy-exact"
+                                           and (not args.recipe or r.id in args.recipe)]
+        if not args.cli and name == (args.fixture or list(zoo.FIXTURES))[0]:
+            optimize(str(fx.model), method="minmax", data=str(fx.calib), show_progress=False, check=False)  # warm-up
         for r in recipes:
             t = time.perf_counter()
-            run = optimize(str(fx.model), method=list(r.methods), options=r.options_for(fx), data=str(fx.calib),
-                           target=args.target, bits=r.bits, show_progress=False)
-            print(json.dumps(_row(fx, ev, r.id, run, time.perf_counter() - t)), flush=True)
+            if args.cli:
+                run, wall = _cli(fx, r, args.target, {})
+            else:
+                run = optimize(str(fx.model), method=list(r.methods), options=r.options_for(fx), data=str(fx.calib),
+                               target=args.target, bits=r.bits, show_progress=False)
+                wall = time.perf_counter() - t
+            print(json.dumps(_row(fx, ev, r.id, run, wall)), flush=True)
         for _ in range(args.auto_runs):
             t = time.perf_counter()
-            run = optimize(str(fx.model), method="auto", options=opts or None, data=str(fx.calib), target=args.target,
-                           show_progress=False)
-            row = _row(fx, ev, "auto", run, time.perf_counter() - t)
-            row["chosen"] = run.report.auto.chosen
+            if args.cli:
+                run, wall = _cli(fx, None, args.target, opts)
+            else:
+                run = optimize(str(fx.model), method="auto", options=opts or None, data=str(fx.calib), target=args.target,
+                               show_progress=False)
+                wall = time.perf_counter() - t
+            row = _row(fx, ev, "auto", run, wall)
+            if not args.cli:
+                row["chosen"] = run.report.auto.chosen
             print(json.dumps(row), flush=True)
     return 0
 
