@@ -6,6 +6,7 @@
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3               # auto on 3 disjoint calibration sets
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3 --hand        # ... and the hand-picked recipe on each of them
     python benchmarks/auto_bench.py stability ppocr-rec --subsets 3 --same-recipe # ... and each chosen recipe rebuilt on every set
+    python benchmarks/auto_bench.py stability digits --digits-sets train --hand     # 3 fresh 256-sample sets from the example's training split
     python benchmarks/auto_bench.py compare ppocr-det --profile out/det.prof      # ... with the auto run under cProfile
     python benchmarks/auto_bench.py compare digits --cli                          # ... each run as its own `onnxq optimize` command
 
@@ -75,6 +76,22 @@ class Task:
         else:
             raise SystemExit(f"unknown model {name}")
 
+    #: digits' disjoint calibration sets: ``thirds`` of the bundled 256 samples, or ``train``: 256 fresh samples each
+    #: from the example's training split (1,297 samples; needs scikit-learn and torch, as examples/digits/train.py)
+    digits_sets = "thirds"
+
+    @staticmethod
+    def _digits_train_set(k: int, n: int = 256) -> np.ndarray:
+        """Disjoint set ``k`` of ``n`` samples of the digits example's training split, preprocessed as its model expects."""
+        sys.path.insert(0, str(HERE.parent / "examples" / "digits"))
+        import train  # noqa: PLC0415 - torch and scikit-learn, only for this option
+
+        x_tr = train.load_split()[0]
+        order = np.random.default_rng(1000).permutation(len(x_tr))
+        if (k + 1) * n > len(x_tr):
+            raise SystemExit(f"the digits training split has {len(x_tr)} samples: at most {len(x_tr) // n} sets of {n}")
+        return x_tr[np.sort(order[k * n:(k + 1) * n])].astype(np.float32)
+
     @staticmethod
     def _npz(folder: Path) -> list[dict[str, np.ndarray]]:
         return [dict(np.load(f)) for f in sorted(glob.glob(str(folder / "*.npz")))]
@@ -103,6 +120,9 @@ class Task:
                 return text_data.batches(retrieval.calibration_sentences(256), 16)
             pool = retrieval.calibration_sentences(256 * subsets)
             return text_data.batches(pool[subset::subsets], 16)
+        if self.name == "digits" and subset is not None and self.digits_sets == "train":
+            x = self._digits_train_set(subset)
+            return [{"input": x[i:i + 16]} for i in range(0, len(x), 16)]
         if self.name == "digits":
             files = sorted(glob.glob(str(HERE.parent / "examples/digits/calib/*.npz")))
             x = np.concatenate([np.load(f)["input"] for f in files])
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", choices=tuple(HAND_PICKED))
     ap.add_argument("--auto-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="an option of -p auto")
     ap.add_argument("--subsets", type=int, default=3)
+    ap.add_argument("--digits-sets", choices=["thirds", "train"], default="thirds",
+                    help="stability on digits: thirds of the bundled 256 calibration samples, or 256 fresh samples each from "
+                         "the example's training split (as the other models get fresh sets of their calibration set's size)")
     ap.add_argument("--no-hand", action="store_true", help="compare: skip the hand-picked run")
     ap.add_argument("--hand", action="store_true", help="stability: also the hand-picked recipe on each calibration set")
     ap.add_argument("--same-recipe", action="store_true",
@@ -229,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="compare: cProfile the auto run into this file and print its 40 costliest calls by cumulative time")
     a = ap.parse_args(argv)
     task = Task(a.model, a.workdir)
+    task.digits_sets = a.digits_sets
     hand = a.hand_recipe.split("+") if a.hand_recipe else HAND_PICKED[a.model]
     opts = dict(a.auto_opt)
     rows: list[dict[str, Any]] = []
