@@ -8,6 +8,7 @@ whether auto reaches the best hand-picked recipe of each fixture::
     python benchmarks/zoo_fidelity.py                          # every fixture, every built-in recipe and auto
     python benchmarks/zoo_fidelity.py --fixture repvgg_norm --auto-runs 2 --auto-opt time_budget 3
     python benchmarks/zoo_fidelity.py --recipe easyquant --cli   # auto and easyquant, each as an `onnxq optimize` command
+    python benchmarks/zoo_fidelity.py --stability 3              # auto on 3 disjoint thirds of each calib.npz
 
 Timing (``wall_s``): a throwaway ``minmax`` run comes first, so every timed run is warm (the first
 quantization in a process pays its one-time costs); ``--cli`` times each run as the command a user
@@ -60,6 +61,31 @@ def _cli(fx: zoo.Fixture, recipe: zoo.Recipe | None, target: str, auto_opts: dic
         return Run(), wall
 
 
+def stability(fx: zoo.Fixture, ev: zoo.Evaluator, sets: int, target: str, opts: dict[str, str]) -> None:
+    """Auto on ``sets`` disjoint, interleaved parts of the fixture's calibration samples: each run's cosine on eval.npz and
+    the spread it reported, then whether the cosines' range is within each reported spread (and its 95 % bound)."""
+    calib = zoo.load_npz(fx.calib)
+    n = len(next(iter(calib.values())))
+    rows = []
+    for k in range(sets):
+        part = {name: v[k::sets] for name, v in calib.items()}
+        m = len(next(iter(part.values())))
+        batches = [{name: v[i:i + 16] for name, v in part.items()} for i in range(0, m, 16)]
+        run = optimize(str(fx.model), method="auto", options=opts or None, data=batches, target=target, show_progress=False)
+        a = run.report.auto
+        chosen = next(c for c in a.candidates if c.name == a.chosen)
+        row = _row(fx, ev, "auto", run, 0.0)
+        row.update(set=f"{k + 1} of {sets} ({m} of {n} samples)", chosen=a.chosen, spread=chosen.spread, spread_bound=chosen.spread_bound)
+        del row["wall_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cos = [r["cosine"] for r in rows]
+    rng = round(max(cos) - min(cos), 6)
+    print(json.dumps({"fixture": fx.name, "range": rng,
+                      "within_spread": [r["spread"] is not None and rng <= r["spread"] for r in rows],
+                      "within_bound": [r["spread_bound"] is not None and rng <= r["spread_bound"] for r in rows]}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", action="append", choices=list(zoo.FIXTURES), help="default: all")
@@ -69,12 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hand", action="store_true", help="auto only")
     ap.add_argument("--recipe", action="append", help="only these built-in recipes beside auto (default: all that apply)")
     ap.add_argument("--cli", action="store_true", help="time each run as an `onnxq optimize` command")
+    ap.add_argument("--stability", type=int, default=0, metavar="N", help="auto only, on N disjoint parts of each calib.npz")
     args = ap.parse_args(argv)
     methods = set(get_host().methods)
     opts = dict(args.auto_opt)  # strings, as on the command line (-o KEY VALUE)
     for name in args.fixture or list(zoo.FIXTURES):
         fx = zoo.FIXTURES[name]
         ev = zoo.Evaluator(fx)
+        if args.stability:
+            stability(fx, ev, args.stability, args.target, opts)
+            continue
         recipes = [] if args.no_hand else [r for r in zoo.RECIPES if r.id != "auto" and not r.contrib and r.applies(fx)
                                            and set(r.methods) <= methods and r.id != "trt-entropy-exact"
                                            and (not args.recipe or r.id in args.recipe)]

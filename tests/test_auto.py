@@ -176,6 +176,20 @@ def test_every_candidate_is_reported_with_its_spread_and_worst_case():
     assert auto.heldout == "split" and auto.heldout_samples == 24 and auto.calibration_samples == 72
 
 
+def test_a_run_on_few_held_out_samples_says_its_scores_are_rough():
+    """Held-out scores of a few samples cannot resolve small differences or spreads: the report says so, and does not
+    with enough samples."""
+    from onnxq.pipeline.auto import FEW_HELDOUT
+
+    def notes(n: int) -> list[str]:
+        res = onnxq.optimize(mlp_model(), method="auto", data=feeds([32], n=n), options={**FAST, "calibrators": ["minmax"]},
+                             show_progress=False, check=False)
+        assert res.report.auto.heldout_samples == n // 4
+        return [m for m in res.report.auto.notes if m.startswith("only ") and "held-out samples" in m]
+
+    assert notes(4 * (FEW_HELDOUT - 1)) and not notes(4 * FEW_HELDOUT)
+
+
 def test_the_best_candidate_is_resampled_even_when_the_portfolio_spent_the_budget():
     """With the budget spent by the first recipe, no other float form is tried, but every calibrator is scored from the
     statistics pass that has run, and the best candidate is still resampled."""
