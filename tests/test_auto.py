@@ -754,6 +754,43 @@ def test_a_cheap_model_runs_its_whole_portfolio_however_fast_the_machine(monkeyp
     assert stages() == whole
 
 
+def test_a_faster_float_layer_that_costs_a_search_its_compensation_is_quantized_again():
+    """Leaving a layer float for speed is taken to cost no accuracy; easyquant rescales each layer's weights against the
+    error of the layers before it, and on repvgg_norm it loses that where features.3 is left float. The chosen recipe is
+    rebuilt with the faster-float layers quantized and chosen so when it scores higher, and the evaluation images agree;
+    where quantizing them does not score higher (minmax alone), they stay float."""
+    import sys
+
+    from onnxq.pipeline import auto as auto_mod
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "zoo"))
+    import zoo
+
+    fx = zoo.FIXTURES["repvgg_norm"]
+    ev = zoo.Evaluator(fx)
+    calib = zoo.load_npz(fx.calib)["input"]
+    data = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
+    f3 = "/features/features.3/deploy/Conv"
+    s = _search(options={**FAST, "easyquant": True}, model=onnx.load(str(fx.model)), data=data)
+    plain = s.form(None)
+    s.stats_of(plain, None, [("minmax",), ("minmax", "easyquant")])
+    s.fast_float = [f3]  # as if this machine ran it faster in float
+    searched = s.candidate(plain, ("minmax", "easyquant"), "easyquant")
+    chosen = auto_mod.faster_float_check(s, searched)
+    assert chosen is not searched and chosen.stage == "all-integer check" and not s.fast_float
+    assert chosen.score > searched.score, (chosen.score, searched.score)
+    cos = lambda c: zoo.mean_cosine(ev.run(s.built[c.name].model)[0], ev.fp32_outputs[0])  # noqa: E731
+    assert cos(chosen) > cos(searched) + 3e-4, (cos(chosen), cos(searched))
+    assert f3 in {n.name for n in s.built[chosen.name].model.graph.node if n.op_type == "Conv" and n.input[1].endswith("_dequantized")}
+
+    s.fast_float = [f3]
+    plain_cand = s.candidate(plain, ("minmax",), "portfolio")
+    kept = auto_mod.faster_float_check(s, plain_cand)
+    assert kept is plain_cand and s.fast_float == [f3]
+    assert any(n.startswith("all-integer check: minmax with its 1 faster-float layer(s) quantized") and "kept them float" in n
+               for n in s.report.notes), s.report.notes
+
+
 def test_bias_correction_is_tried_before_the_pad_corrected_candidates():
     """Pad-corrected candidates run even past the default budget, bias correction only within it: bias correction comes
     first, so the budget's end is not taken by pad-corrected builds before it (the digits example: its 1-s floor had
