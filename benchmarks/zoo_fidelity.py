@@ -135,7 +135,7 @@ def stability(fx: zoo.Fixture, ev: zoo.Evaluator, sets: int, target: str, opts: 
         row = _row(fx, ev, "auto", run, 0.0)
         row.update(set=f"fresh {k + 1} of {sets} ({m} samples)" if fresh else f"{k + 1} of {sets} ({m} of {n} samples)",
                    chosen=a.chosen, spread=chosen.spread, spread_bound=chosen.spread_bound, methods=list(chosen.methods),
-                   float_layers=list(a.float_layers) + [f.node for f in a.faster_float])
+                   float_layers=list(a.float_layers) + [f.node for f in a.faster_float if f.kept_float])
         del row["wall_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)

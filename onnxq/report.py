@@ -121,7 +121,9 @@ def auto_lines(auto: AutoReport) -> list[str]:
     if auto.faster_float:
         ms = auto.faster_float_model_ms
         whole = f"; the first recipe {ms[1]:.3f} ms against {ms[0]:.3f} ms full integer" if len(ms) == 2 else ""
-        lines.append(f"auto: left float in every candidate, faster in float on this machine{whole} (ONNX Runtime CPU, 1 sample, 1 thread): "
+        kept = any(r.kept_float for r in auto.faster_float)
+        lines.append(f"auto: {'left float in every candidate' if kept else 'left float in every candidate but the chosen one (all-integer check)'}"
+                     f", faster in float on this machine{whole} (ONNX Runtime CPU, 1 sample, 1 thread): "
                      + ", ".join(f"{r.node} {_fmt(r.float_ms, '.4f')}/{_fmt(r.int_ms, '.4f')} ms" for r in auto.faster_float))
     if auto.sensitivity:
         lines.append("auto: per-layer sensitivity (only this layer float) and measured latency (ONNX Runtime CPU, 1 sample, 1 thread)"

@@ -778,6 +778,7 @@ def test_a_faster_float_layer_that_costs_a_search_its_compensation_is_quantized_
     searched = s.candidate(plain, ("minmax", "easyquant"), "easyquant")
     chosen = auto_mod.faster_float_check(s, searched)
     assert chosen is not searched and chosen.stage == "all-integer check" and not s.fast_float
+    assert chosen.name == "minmax+easyquant all-integer" and chosen.name in s.built
     assert chosen.score > searched.score, (chosen.score, searched.score)
     cos = lambda c: zoo.mean_cosine(ev.run(s.built[c.name].model)[0], ev.fp32_outputs[0])  # noqa: E731
     assert cos(chosen) > cos(searched) + 3e-4, (cos(chosen), cos(searched))

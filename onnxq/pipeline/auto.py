@@ -1234,6 +1234,9 @@ def faster_float_check(s: Search, best: AutoCandidate) -> AutoCandidate:
         s.note(f"all-integer check: {best.name} with its {len(fast)} faster-float layer(s) quantized scores "
                f"{s.goal.shown(cand.score)} against {s.goal.shown(best.score)}: kept them float")
         return best
+    # named apart from the finalist built with the layers float (which keeps its name in the report's table)
+    old, cand.name = cand.name, "+".join(cand.methods) + " all-integer"
+    s.built[cand.name], s.scores[cand.name] = s.built.pop(old), s.scores.pop(old)
     cand.spread, cand.spread_bound, cand.resample_scores = best.spread, best.spread_bound, list(best.resample_scores)
     if best.score_worst is not None:
         cand.score_worst = round(cand.score - (best.score - best.score_worst), 6)
