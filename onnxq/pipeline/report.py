@@ -62,7 +62,7 @@ class AutoCandidate:
     name: str = described("the recipe as -p would spell it, plus the layers kept float (e.g. 'equalize+mse', 'mse float:3')")
     methods: list[str] = described("the methods of the recipe, in order")
     float_layers: list[str] = described("weighted layers left in float (mixed precision; empty: full integer)")
-    stage: str = described("portfolio, bias-correction, pad-correction, easyquant or mixed")
+    stage: str = described("portfolio, bias-correction, pad-correction, easyquant, all-integer check or mixed")
     score: float | None = described("the target's metric on the held-out data, calibrated on all calibration samples")
     score_worst: float | None = described("the worst of score and the resampled scores: what the choice is made on")
     spread: float | None = described("max - min of the target's metric over the calibration resamples and the full set (null: not resampled; "
