@@ -88,7 +88,7 @@ FLOAT_FORMS = ("equalize", "smoothquant")
 BUDGET_FACTOR = 4.0
 #: with no --time-budget, a model whose first recipe cost at most this many seconds runs its whole portfolio (every
 #: calibrator on every float form, bias correction on the two best, pad-correction, easyquant, the finalists' resampling
-#: and the refit) however long that takes: a count of candidates, about 15-30x its first recipe, a few seconds at most.
+#: and the refit) however long that takes: a count of candidates, 4-25x its first recipe on the zoo (12 s at the threshold).
 #: A floor in seconds (1 s until 2026-12-07) let the machine's speed decide where such a run stopped and so what it
 #: chose (the digits example: percentile in one warm run, percentile+bias-correction in the next), and on repvgg_norm it
 #: stopped before bias correction and easyquant (cosine 0.99788 against easyquant's 0.99972; whole, 0.99980)
