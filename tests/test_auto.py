@@ -911,6 +911,25 @@ def _seed_latency(cache: Path, model: onnx.ModelProto, figures: dict[str, tuple[
     path.write_text(json.dumps(entries))
 
 
+def test_two_runs_saving_the_latency_table_side_by_side_lose_neither_and_the_first_measurement_holds(tmp_path):
+    """Each run read the table, measured what it lacked and wrote its own table over the file: a run beside another
+    (a benchmark beside a test run) lost the other's entries, the next run measured them again under other load, and
+    faster-float placement could leave other layers float."""
+    from onnxq.pipeline.latency import LatencyTable
+
+    a, b = LatencyTable(tmp_path), LatencyTable(tmp_path)  # both read the (empty) table before either saves
+    a.set_model_times("only-a", 1.0, 0.9)
+    a.set_model_times("both", 1.0, 0.8)
+    b.set_model_times("only-b", 2.0, 1.9)
+    b.set_model_times("both", 3.0, 2.0)
+    a.save()
+    b.save()
+    again = LatencyTable(tmp_path)
+    assert again.model_times("only-a") == (1.0, 0.9) and again.model_times("only-b") == (2.0, 1.9)
+    assert again.model_times("both") == (1.0, 0.8)  # saved first
+    assert b.model_times("both") == (1.0, 0.8)  # the later writer takes the saved entry too
+
+
 def _weight_is_quantized(model: onnx.ModelProto, node_name: str) -> bool:
     producers = {o: n for n in model.graph.node for o in n.output}
     node = next(n for n in model.graph.node if n.name == node_name)

@@ -99,13 +99,18 @@ class LatencyTable:
         self.repeats = repeats
         self.machine = machine_key(threads)
         self.path = Path(cache_dir) / "latency" / f"{self.machine}.json" if cache_dir is not None else None
-        self.entries: dict[str, dict[str, float]] = {}
+        self.entries: dict[str, dict[str, float]] = self._read()
         self.measured = 0
-        if self.path is not None and self.path.exists():
-            try:
-                self.entries = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                self.entries = {}  # a damaged cache is measured again
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        """The table on disk ({} when there is none, or a damaged one: it is measured again)."""
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
 
     def model_times(self, key: str) -> tuple[float, float] | None:
         """Two whole-model times stored under ``key`` (:meth:`set_model_times`), or None."""
@@ -119,10 +124,14 @@ class LatencyTable:
         self.measured += 1
 
     def save(self) -> None:
-        """Write the table atomically (no-op without a cache folder)."""
+        """Write the table atomically, merged with what other processes saved since it was read (no-op without a cache
+        folder). Where both measured the same entry, the one saved first is kept: two runs side by side (a benchmark
+        beside a test run) had each written its own table over the other's, and the next run measured again and could
+        leave other layers float."""
         if self.path is None or not self.measured:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.entries = {**self.entries, **self._read()}
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self.path)
