@@ -1039,10 +1039,8 @@ def default_search(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) 
         s.note(f"{name} did not score higher than {best.name} on the held-out data: kept {best.name}")
         s.forget(cand)
         return best
-    cand.spread, cand.spread_bound = base.spread, base.spread_bound
+    _carry_spread(cand, base, s.goal)
     s.latency(cand, _form_name(cand.methods))
-    if base.score is not None and base.score_worst is not None:
-        cand.score_worst = round(cand.score - (base.score - base.score_worst), 6)
     s.note(f"{name} scores {s.goal.shown(cand.score)} on the held-out data against {best.name}'s {s.goal.shown(best.score)}: "
            f"chose it; its spread is {base.name}'s, the search was not run again on the subsets")
     return cand
@@ -1239,16 +1237,23 @@ def faster_float_check(s: Search, best: AutoCandidate) -> AutoCandidate:
     # named apart from the finalist built with the layers float (which keeps its name in the report's table)
     old, cand.name = cand.name, "+".join(cand.methods) + " all-integer"
     s.built[cand.name], s.scores[cand.name] = s.built.pop(old), s.scores.pop(old)
-    cand.spread, cand.spread_bound, cand.resample_scores = best.spread, best.spread_bound, list(best.resample_scores)
-    if best.score_worst is not None:
-        cand.score_worst = round(cand.score - (best.score - best.score_worst), 6)
-        cand.meets_target = s.goal.met(cand.score_worst)
+    _carry_spread(cand, best, s.goal)
+    cand.resample_scores = list(best.resample_scores)
     s.latency(cand, f"{_form_name(cand.methods)}, full integer")
     for row in s.report.faster_float:
         row.kept_float = False
     s.note(f"all-integer check: {best.name} with its {len(fast)} faster-float layer(s) quantized scores {s.goal.shown(cand.score)} "
            f"against {s.goal.shown(best.score)} with them float: chose it, every layer quantized (its spread is the recipe's)")
     return cand
+
+
+def _carry_spread(cand: AutoCandidate, base: AutoCandidate, goal: Goal) -> None:
+    """``cand`` (``base``'s recipe changed after the resampling: a search on it, its float layers quantized) takes
+    ``base``'s spread, and its worst score is its held-out score less ``base``'s drop from held-out to worst resample."""
+    cand.spread, cand.spread_bound = base.spread, base.spread_bound
+    if cand.score is not None and base.score is not None and base.score_worst is not None:
+        cand.score_worst = round(cand.score - (base.score - base.score_worst), 6)
+        cand.meets_target = goal.met(cand.score_worst)
 
 
 def pad_correction(s: Search, ranked: list[AutoCandidate]) -> None:
