@@ -36,14 +36,14 @@ from onnxq import optimize  # noqa: E402
 from onnxq.host import get_host  # noqa: E402
 
 
-def _row(fx: zoo.Fixture, ev: zoo.Evaluator, recipe: str, run: Any, wall: float) -> dict[str, Any]:
-    outs = ev.run(run.model)
+def _row(fx: zoo.Fixture, ev: zoo.Evaluator, recipe: str, model: Any, wall: float) -> dict[str, Any]:
+    outs = ev.run(model)
     return {"fixture": fx.name, "recipe": recipe, fx.metric: round(ev.score_outputs(outs), 4),
             "cosine": round(zoo.mean_cosine(outs[0], ev.fp32_outputs[0]), 5), "wall_s": round(wall, 2)}
 
 
 def _cli(fx: zoo.Fixture, recipe: zoo.Recipe | None, target: str, auto_opts: dict[str, str]) -> tuple[Any, float]:
-    """``onnxq optimize`` on the fixture as its own process: the run's model (loaded from what it wrote) and its seconds."""
+    """``onnxq optimize`` on the fixture as its own process: the model it wrote and its seconds."""
     import onnx
 
     methods = ("auto",) if recipe is None else recipe.methods
@@ -57,11 +57,7 @@ def _cli(fx: zoo.Fixture, recipe: zoo.Recipe | None, target: str, auto_opts: dic
         out = Path(tmp) / "out.onnx"
         t = time.perf_counter()
         subprocess.run([*cmd, "--output", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wall = time.perf_counter() - t
-
-        class Run:  # what _row reads of an in-process run
-            model = onnx.load(str(out))
-        return Run(), wall
+        return onnx.load(str(out)), time.perf_counter() - t
 
 
 #: the first seed of the fresh calibration sets (the builds use seeds below 100)
@@ -132,7 +128,7 @@ def stability(fx: zoo.Fixture, ev: zoo.Evaluator, sets: int, target: str, opts: 
         run = optimize(str(fx.model), method="auto", options=opts or None, data=batches, target=target, show_progress=False)
         a = run.report.auto
         chosen = next(c for c in a.candidates if c.name == a.chosen)
-        row = _row(fx, ev, "auto", run, 0.0)
+        row = _row(fx, ev, "auto", run.model, 0.0)
         row.update(set=f"fresh {k + 1} of {sets} ({m} samples)" if fresh else f"{k + 1} of {sets} ({m} of {n} samples)",
                    chosen=a.chosen, spread=chosen.spread, spread_bound=chosen.spread_bound, methods=list(chosen.methods),
                    float_layers=list(a.float_layers) + [f.node for f in a.faster_float if f.kept_float])
@@ -153,7 +149,7 @@ def stability(fx: zoo.Fixture, ev: zoo.Evaluator, sets: int, target: str, opts: 
         for batches in sets_data:
             res = optimize(str(fx.model), method=r["methods"], data=batches, target=target, show_progress=False,
                            exclude=r["float_layers"] or None, check=False)
-            got.append(_row(fx, ev, r["chosen"], res, 0.0)["cosine"])
+            got.append(_row(fx, ev, r["chosen"], res.model, 0.0)["cosine"])
         by = round(max(got) - min(got), 6)
         print(json.dumps({"fixture": fx.name, "same recipe": r["chosen"], "per_set": got, "varies_by": by, "spread": r["spread"],
                           "spread_bound": r["spread_bound"], "within": r["spread"] is not None and by <= r["spread"],
@@ -190,22 +186,21 @@ def main(argv: list[str] | None = None) -> int:
         for r in recipes:
             t = time.perf_counter()
             if args.cli:
-                run, wall = _cli(fx, r, args.target, {})
+                model, wall = _cli(fx, r, args.target, {})
             else:
-                run = optimize(str(fx.model), method=list(r.methods), options=r.options_for(fx), data=str(fx.calib),
-                               target=args.target, bits=r.bits, show_progress=False)
+                model = optimize(str(fx.model), method=list(r.methods), options=r.options_for(fx), data=str(fx.calib),
+                                 target=args.target, bits=r.bits, show_progress=False).model
                 wall = time.perf_counter() - t
-            print(json.dumps(_row(fx, ev, r.id, run, wall)), flush=True)
+            print(json.dumps(_row(fx, ev, r.id, model, wall)), flush=True)
         for _ in range(args.auto_runs):
             t = time.perf_counter()
             if args.cli:
-                run, wall = _cli(fx, None, args.target, opts)
+                model, wall = _cli(fx, None, args.target, opts)
+                row = _row(fx, ev, "auto", model, wall)
             else:
                 run = optimize(str(fx.model), method="auto", options=opts or None, data=str(fx.calib), target=args.target,
                                show_progress=False)
-                wall = time.perf_counter() - t
-            row = _row(fx, ev, "auto", run, wall)
-            if not args.cli:
+                row = _row(fx, ev, "auto", run.model, time.perf_counter() - t)
                 row["chosen"] = run.report.auto.chosen
             print(json.dumps(row), flush=True)
     return 0
