@@ -256,6 +256,61 @@ def test_a_refit_that_scores_lower_widens_the_reported_spread():
     assert best.spread_bound >= best.spread
 
 
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("spent", [False, True], ids=["time-left", "budget-spent"])
+def test_a_searched_choice_refit_on_every_sample_is_the_hand_picked_run_of_its_recipe(spent):
+    """The refit reads the samples in the order the data gives them, so a recipe that reads only its first samples
+    (easyquant's search: 32 of 96) ends exactly as ``-p minmax -p easyquant`` on the same data; with no time left for
+    the search it keeps the pool's searched model and says so."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search()
+    cand = s.candidate(s.form(None), ("minmax", "easyquant"), "easyquant")
+    pooled = s.built[cand.name].model
+    hand = onnxq.optimize(mlp_model(), method=["minmax", "easyquant"], data=feeds([32]), show_progress=False, check=False).model
+    want = _inits(hand)
+    differs = lambda m: any(not np.array_equal(v, want[k]) for k, v in _inits(m).items())  # noqa: E731
+    assert set(_inits(pooled)) == set(want) and differs(pooled), "precondition: the pool's search ends elsewhere"
+    if spent:
+        s.budget = 0.0
+    builds, build = [], s.build
+    s.build = lambda *a, **k: builds.append(build(*a, **k)) or builds[-1]  # the refit's model, kept or not
+    auto_mod.refit(s, cand)
+    if spent:
+        assert not builds and s.built[cand.name].model is pooled, "no search past the budget"
+        assert any("time left does not cover it" in n for n in s.report.notes), s.report.notes
+        return
+    refit = builds[0].model
+    assert not differs(refit) and [n.op_type for n in refit.graph.node] == [n.op_type for n in hand.graph.node]
+
+
+def test_a_tie_on_the_worst_score_goes_to_the_higher_mean_before_the_worst_sample():
+    """Finalists tied on their worst score (within a quarter of the spread) are decided by the mean of their held-out and
+    resampled scores; only where those are level too does the worst held-out sample decide (gru_seq: a 1e-5 lower
+    worst sample had given the choice to minmax over minmax+easyquant, ahead on all four scores)."""
+    from onnxq.pipeline import auto as auto_mod
+    from onnxq.pipeline.report import AutoCandidate
+
+    def cand(name: str, scores: list[float], worst_sample: float) -> AutoCandidate:
+        c = AutoCandidate(name, name.split("+"), [], "portfolio", scores[0], min(scores), round(max(scores) - min(scores), 6), None,
+                          scores[1:], scores[0], worst_sample, None, None, None, None, None, None, None, None, True, None, None, 0.0, None)
+        return c
+
+    goal = auto_mod.Goal("cosine", None, 0.0)
+    plain = cand("minmax", [0.999971, 0.999971, 0.999972, 0.999970], 0.999901)
+    searched = cand("minmax+easyquant", [0.999973, 0.999973, 0.999985, 0.999985], 0.999890)
+    assert searched.score_worst - plain.score_worst < 0.25 * searched.spread, "precondition: a tie on the worst score"
+    assert auto_mod.choose([plain, searched], goal) is searched
+    # a finalist that varies 20x as much widens the tie margin until the two means are level too: the worst sample decides
+    wide = cand("percentile", [0.99990, 0.99970, 0.99980, 0.99990], 0.999000)
+    margin = 0.25 * wide.spread
+    assert abs(auto_mod.mean_score(searched) - auto_mod.mean_score(plain)) < margin, "precondition: level means"
+    assert auto_mod.choose([plain, searched, wide], goal) is plain
+
+
 @pytest.mark.parametrize("spent,ready", [(False, False), (True, False), (True, True)],
                          ids=["budget-left", "budget-spent", "budget-spent-statistics-at-hand"])
 def test_a_choice_that_falls_when_refit_on_every_sample_is_made_again(monkeypatch, spent, ready):
