@@ -287,6 +287,22 @@ def test_a_searched_choice_refit_on_every_sample_is_the_hand_picked_run_of_its_r
     assert not differs(refit) and [n.op_type for n in refit.graph.node] == [n.op_type for n in hand.graph.node]
 
 
+def test_the_refit_falls_back_to_the_pools_samples_when_the_data_reads_differently_a_second_time():
+    """A reader that yields fewer samples when read again (a one-shot generator) cannot be the refit's data: the refit
+    calibrates on the pool and the held-out samples it already holds instead of on a part of them."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search()
+    cand = s.candidate(s.form(None), ("minmax",), "portfolio")
+    first = next(iter(s.base.source()))
+    s.base.source = lambda: iter([first])
+    builds, build = [], s.build
+    s.build = lambda *a, **k: builds.append(a[3]) or build(*a, **k)
+    auto_mod.refit(s, cand)
+    assert builds and sum(len(b.feeds["x"]) for b in builds[0]) == 96, "all 96 samples, not the 16 read again"
+    assert not any("failed" in n for n in s.report.notes), s.report.notes
+
+
 def test_a_tie_on_the_worst_score_goes_to_the_higher_mean_before_the_worst_sample():
     """Finalists tied on their worst score (within a quarter of the spread) are decided by the mean of their held-out and
     resampled scores; only where those are level too does the worst held-out sample decide (gru_seq: a 1e-5 lower

@@ -954,6 +954,8 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     # samples (easyquant's search reads 32, the corrections theirs) then reads those a hand-picked run of it reads; the
     # kept samples of the pool's pass are in the pool's order, so they are left out and taken again from these
     every = list(s.base.source())
+    if sum(sample_count(b.feeds, s.axes) for b in every) != n:  # a reader that reads differently a second time
+        every = s.pool + s.split_off
     try:
         stats = s.stats_of(form, ALL, [recipe])
         stats = statistics.StatsMap(stats, {r: v for r, v in stats.results.items() if not isinstance(r.reducer, statistics.InputSamples)})
