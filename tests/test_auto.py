@@ -470,6 +470,7 @@ def test_mixed_precision_meets_a_target_no_full_integer_recipe_meets():
     assert float_mm and all(i not in q_inputs for n in float_mm for i in n.input)
     assert cosine_on(res.model, model, feeds([32], n=64, seed=9)) > target - 2e-4
     assert any("left float by -p auto" in item.reason for item in res.report.left_in_float)
+    assert any("split off the calibration data" in n and "--eval-data" in n for n in auto.notes), auto.notes
 
 
 def deep_model(layers: int = 20, outlier: int = 13, seed: int = 0) -> onnx.ModelProto:

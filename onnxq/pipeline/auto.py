@@ -859,6 +859,11 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
         mixed = mixed_precision(s, best)
         if mixed is not None:
             best = mixed
+            if s.report.heldout == "split" and mixed.meets_target:
+                # the bound covers the held-out samples' noise, not other data: MiniLM's set, cut to just above the
+                # bound on 64 calibration sentences, kept 0.00003 less on 860 retrieval texts and missed 0.9995 by 0.00001
+                s.note(f"the target is met on samples split off the calibration data, to {s.goal.z:g} standard errors; data of "
+                       f"another kind can score lower: --eval-data with samples of the deployment data judges the layers on those")
     elif s.goal.threshold is None and o.mixed and o.default_min_cosine is not None and o.default_float_layers > 0 \
             and best.score_worst is not None and best.score_worst < o.default_min_cosine:
         best = default_mixed(s, best, finals)
