@@ -285,6 +285,20 @@ def test_a_searched_choice_refit_on_every_sample_is_the_hand_picked_run_of_its_r
         return
     refit = builds[0].model
     assert not differs(refit) and [n.op_type for n in refit.graph.node] == [n.op_type for n in hand.graph.node]
+    # its search read the first 32 of the 96 samples, 8 of them held out: it is judged against the pool's on the other 16
+    assert any("on the 16 held-out samples its search did not read" in n for n in s.report.notes), s.report.notes
+
+
+def test_a_searched_refit_that_would_read_every_held_out_sample_is_not_kept():
+    """With 24 samples the search reads all of them, the 6 held out too: nothing is left to judge the refit on, so the
+    pool's search stands."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search(data=feeds([32], n=24))
+    cand = s.candidate(s.form(None), ("minmax", "easyquant"), "easyquant")
+    pooled = s.built[cand.name].model
+    assert auto_mod.refit(s, cand) is None
+    assert s.built[cand.name].model is pooled and any("leaves none to judge it on" in n for n in s.report.notes), s.report.notes
 
 
 def test_the_refit_falls_back_to_the_pools_samples_when_the_data_reads_differently_a_second_time():
