@@ -43,7 +43,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -380,7 +380,7 @@ def split_samples(batches: Iterable[Batch], axes: dict[str, int | None], parts: 
     return held, subsets
 
 
-def _source(batches: Sequence[Batch]) -> Callable[[], Iterable[Batch]]:
+def _source(batches: Iterable[Batch]) -> Callable[[], Iterable[Batch]]:
     def source() -> Iterable[Batch]:
         yield from batches
     return source
@@ -587,7 +587,7 @@ class Search:
         self.forms[name] = f
         return f
 
-    def _run(self, methods: list[str], batches: list[Batch]) -> Run:
+    def _run(self, methods: list[str], batches: Iterable[Batch]) -> Run:
         """A run that shares the prepared model and whose calibration source is ``batches``."""
         b = self.base
         run = Run(replace(self.settings, method=methods or [CALIBRATORS[0]], options=None), self.host)
@@ -640,7 +640,7 @@ class Search:
         return form.stats[key]
 
     # -- one candidate ----------------------------------------------------------------------
-    def build(self, form: Form, recipe: Sequence[str], stats: statistics.StatsMap, batches: list[Batch],
+    def build(self, form: Form, recipe: Sequence[str], stats: statistics.StatsMap, batches: Iterable[Batch],
               float_layers: Sequence[str] = (), like: Built | None = None) -> Built:
         """The quantized model of ``recipe`` on ``form`` from shared statistics, with ``float_layers`` excluded.
 
@@ -960,10 +960,9 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     # the samples in the order the data gives them, not the pool's round-robin: a recipe that reads only its first
     # samples (easyquant's search reads 32, the corrections theirs) then reads those a hand-picked run of it reads; the
     # kept samples of the pool's pass are in the pool's order, so they are left out and taken again from these
-    every = list(s.base.source())
-    in_order = sum(sample_count(b.feeds, s.axes) for b in every) == n
-    if not in_order:  # a reader that reads differently a second time
-        every = s.pool + s.split_off
+    # read again from the reader each time the refit iterates it, not held: auto already holds every sample once
+    in_order = sum(sample_count(b.feeds, s.axes) for b in s.base.source()) == n
+    every: Iterable[Batch] = _Reread(s.base.source) if in_order else s.pool + s.split_off  # else: reads differently a second time
     try:
         stats = s.stats_of(form, ALL, [recipe])
         stats = statistics.StatsMap(stats, {r: v for r, v in stats.results.items() if not isinstance(r.reducer, statistics.InputSamples)})
@@ -1002,6 +1001,16 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     s.built[best.name] = built
     s.note(f"{best.name} calibrated again on all {n} calibration samples ({s.goal.shown(value)} {where}, against "
            f"{s.goal.shown(before)})")
+
+
+class _Reread:
+    """Calibration data read again from its source, in the data's order, every time it is iterated."""
+
+    def __init__(self, source: Callable[[], Iterable[Batch]]) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.source())
 
 
 def _heldout_read(s: Search, built: Built, in_order: bool) -> int:
