@@ -14,6 +14,7 @@ probability's mean absolute error and the cosine of the returned LSTM state).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -75,8 +76,11 @@ def clips(n: int, seed: int, frames: int = 8) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    name, recipes = args[0], args[1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("recipes", nargs="+", help="built-in recipes as -p auto names them (equalize+mse), or auto")
+    a = ap.parse_args(argv)
+    name, recipes = a.model, a.recipes
     path = str(fetch(name, HERE.parent / ".bench"))
     if name == "nudenet":
         calib = [{"images": images(4, 10 + i)} for i in range(8)]
