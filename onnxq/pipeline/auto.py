@@ -815,14 +815,21 @@ def choose(finals: list[AutoCandidate], goal: Goal) -> AutoCandidate:
     best = min(finals, key=_rank)
     if spread <= 0 or best.score_worst is None:
         return best
-    margin = 0.25 * spread
+    return max(_level(finals, best, 0.25 * spread),
+               key=lambda c: (c.cosine_worst if c.cosine_worst is not None else -math.inf, c.score or -math.inf))
+
+
+def _level(finals: list[AutoCandidate], best: AutoCandidate, margin: float) -> list[AutoCandidate]:
+    """The finalists tied with ``best`` (:func:`_rank`'s first) on the worst score within ``margin``, and of those the
+    ones whose mean score is within ``margin`` of the highest: where :func:`choose`'s worst-sample criterion decides."""
+    if best.score_worst is None:
+        return [best]
     tied = [c for c in finals if c.meets_target == best.meets_target and len(c.float_layers) == len(best.float_layers)
-            and c.score_worst is not None and best.score_worst - c.score_worst < margin]
+            and c.score_worst is not None and best.score_worst - c.score_worst < margin] or [best]
     # The worst held-out sample is one value from the tail of a few dozen: where it alone decided, a 1e-5 difference
     # in it overrode a recipe ahead on every calibration set (gru_seq: minmax+easyquant over minmax on all four).
     top_mean = max(mean_score(c) for c in tied)
-    level = [c for c in tied if top_mean - mean_score(c) < margin]
-    return max(level, key=lambda c: (c.cosine_worst if c.cosine_worst is not None else -math.inf, c.score or -math.inf))
+    return [c for c in tied if top_mean - mean_score(c) < margin]
 
 
 def mean_score(c: AutoCandidate) -> float:
@@ -939,9 +946,9 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     The candidates are compared on samples they were not calibrated on, but the model handed back should see all
     the data a hand-picked run of the same recipe would: on PP-OCR rec, ``equalize+mse`` calibrated without the
     held-out quarter keeps 0.938 character agreement and 0.980 with it. A recipe with a search (easyquant) is searched
-    again on every sample only while the time left covers it (a model run whole always; on gru_seq the search on all
-    128 sequences keeps evaluation cosine 0.99995 against 0.99994 on the pool's 96); otherwise it keeps its searched
-    model. The refit is kept only if it scores at least as well on the held-out samples.
+    again only while the time left covers it (a model run whole always), otherwise it keeps its searched model. The
+    refit is kept only if it scores at least as well on the held-out samples; a searched one on those its search did
+    not read (:func:`_heldout_read`), and not at all when it read every one.
 
     Returns the refit's score when it is lower than the chosen model's by more than the spread (the recipe moves with
     the amount of calibration data), else None."""
@@ -959,8 +966,8 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     recipe = tuple(best.methods[len(form.rewrite):])
     # the samples in the order the data gives them, not the pool's round-robin: a recipe that reads only its first
     # samples (easyquant's search reads 32, the corrections theirs) then reads those a hand-picked run of it reads; the
-    # kept samples of the pool's pass are in the pool's order, so they are left out and taken again from these
-    # read again from the reader each time the refit iterates it, not held: auto already holds every sample once
+    # kept samples of the pool's pass are in the pool's order, so they are left out and taken again from these. They
+    # are read again from the reader as the refit iterates them, not held: auto already holds every sample once.
     in_order = sum(sample_count(b.feeds, s.axes) for b in s.base.source()) == n
     every: Iterable[Batch] = _Reread(s.base.source) if in_order else s.pool + s.split_off  # else: reads differently a second time
     try:
@@ -1907,8 +1914,9 @@ def reason(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> str:
                 f"resamples with the faster-float layers float), then with those layers quantized too: {g.shown(best.score)} against "
                 f"{g.shown(top.score)}, worst case {g.shown(best.score_worst)}{spread}")
     tie = ""
-    if top is not best:
-        level = mean_score(top) - mean_score(best) < 0.25 * max((c.spread or 0.0 for c in finals), default=0.0)
+    margin = 0.25 * max((c.spread or 0.0 for c in finals), default=0.0)
+    if top is not best and margin > 0:
+        level = top in _level(finals, top, margin)
         ahead = (f"its mean over the held-out data and the calibration resamples level too (within a quarter of the spread), "
                  f"ahead on the worst held-out sample's cosine ({_f(best.cosine_worst)} vs {_f(top.cosine_worst)})") if level else (
                  f"ahead on its mean over the held-out data and the calibration resamples ({_f(mean_score(best))} vs {_f(mean_score(top))})")
