@@ -974,7 +974,7 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
         stats = s.stats_of(form, ALL, [recipe])
         stats = statistics.StatsMap(stats, {r: v for r, v in stats.results.items() if not isinstance(r.reducer, statistics.InputSamples)})
         built = s.build(form, recipe, stats, every, best.float_layers)
-        judge, before, where = s.heldout, best.score, "on the held-out samples (now in-sample)"
+        judge, before, where = s.heldout, best.score, "on the held-out samples, now in-sample"
         read = _heldout_read(s, built, in_order)
         if read >= s.heldout.samples:
             s.note(f"{best.name}: searched again on all calibration samples, its search read every held-out sample, which "
@@ -993,7 +993,7 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     # the held-out samples are now in-sample, which favours the refit; it still loses where the added samples widen
     # a range enough to coarsen the grid (PP-OCR rec percentile: 0.984 -> 0.949), and then the pool's model stays
     if value is None or before is None or value < before:
-        s.note(f"{best.name} calibrated again on all {n} calibration samples scores {s.goal.shown(value)} {where} against "
+        s.note(f"{best.name} calibrated again on all {n} calibration samples scores {s.goal.shown(value)} {where}, against "
                f"{s.goal.shown(before)}: kept the model calibrated without them")
         if value is not None and before is not None and best.spread is not None and before - value > best.spread:
             # the same recipe on more samples scores lower even with the held-out samples in-sample: its fidelity moves
