@@ -386,17 +386,17 @@ def _source(batches: Iterable[Batch]) -> Callable[[], Iterable[Batch]]:
     return source
 
 
-def _limit(batches: list[Batch], axes: dict[str, int | None], most: int) -> list[Batch]:
+def _span(batches: Iterable[Batch], axes: dict[str, int | None], start: int = 0, stop: int | None = None) -> list[Batch]:
+    """Samples ``start`` to ``stop`` (exclusive; None: to the end) of ``batches``, each batch cut along its own sample axis."""
     out, seen = [], 0
     for b in batches:
-        if seen >= most:
+        if stop is not None and seen >= stop:
             break
         n = sample_count(b.feeds, axes)
-        if seen + n > most:
-            b = _take(b, np.arange(most - seen), axes, n)
-            n = most - seen
-        out.append(b)
+        lo, hi = max(start - seen, 0), n if stop is None else min(stop - seen, n)
         seen += n
+        if hi > lo:
+            out.append(b if (lo, hi) == (0, n) else _take(b, np.arange(lo, hi), axes, n))
     return out
 
 
@@ -537,13 +537,13 @@ class Search:
             inputs = model_inputs(base.float_model)
             opts = s.data_options if isinstance(s.eval_data, (str, bytes)) or hasattr(s.eval_data, "__fspath__") else None
             ev = batch_source(make_reader(s.eval_data, inputs, self.host, opts, s.reader), inputs, s.batch_size)
-            held = _limit(list(ev()), axes, self.o.heldout_samples)
+            held = _span(ev(), axes, stop=self.o.heldout_samples)
             _, subsets = split_samples(base.source(), axes, parts)
             self.report.heldout = "evaluation"
         else:
             held, subsets = split_samples(base.source(), axes, parts, every=HELD_EVERY)
             self.split_off = held  # calibrated on again by the final refit (:func:`refit`)
-            held = _limit(held, axes, self.o.heldout_samples)
+            held = _span(held, axes, stop=self.o.heldout_samples)
             self.report.heldout = "split"
         if not held:
             raise DataError("-p auto needs at least 4 calibration samples (every 4th is held out for scoring) or --eval-data")
@@ -954,8 +954,8 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
     the amount of calibration data), else None."""
     if not s.split_off:
         return None
-    n = sum(sample_count(b.feeds, s.axes) for b in s.pool + s.split_off)
-    pooled = sum(sample_count(b.feeds, s.axes) for b in s.pool)
+    pooled = s.report.calibration_samples
+    n = pooled + sum(sample_count(b.feeds, s.axes) for b in s.split_off)
     if any(m in SEARCHES for m in best.methods) and best.seconds * n / max(1, pooled) > s.left():
         s.note(f"{best.name}: its search is not run again on all calibration samples (the time left does not cover it)")
         return None
@@ -983,7 +983,7 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
         if read:
             # a search fits the samples it reads: judged on those, the refit wins by fitting them (PP-OCR rec: 8 of its
             # 32 search lines held out, 0.99482 against the pool's 0.99387, and 0.99265 against 0.99431 on the suite's lines)
-            judge = HeldOut(s.base.float_model, _skip(s.heldout.batches, read, s.axes))
+            judge = HeldOut(s.base.float_model, _span(s.heldout.batches, s.axes, start=read))
             where = f"on the {judge.samples} held-out samples its search did not read"
             before = judge.score(s.built[best.name].model).value(s.goal.metric)
         value = judge.score(built.model).value(s.goal.metric)
@@ -1028,20 +1028,8 @@ def _heldout_read(s: Search, built: Built, in_order: bool) -> int:
     among them; out of it (the pool first) none are while the pool covers the search."""
     used = max((int(built.run.ctx.report.get(m, {}).get("samples") or 0) for m in SEARCHES if m in built.run.ctx.report), default=0)
     if not in_order:
-        return 0 if used <= sum(sample_count(b.feeds, s.axes) for b in s.pool) else s.heldout.samples
+        return 0 if used <= s.report.calibration_samples else s.heldout.samples
     return min(used // HELD_EVERY, s.heldout.samples)
-
-
-def _skip(batches: list[Batch], k: int, axes: dict[str, int | None]) -> list[Batch]:
-    """``batches`` without their first ``k`` samples."""
-    rest, seen = [], 0
-    for b in batches:
-        m = sample_count(b.feeds, axes)
-        keep = np.arange(max(0, k - seen), m)
-        seen += m
-        if keep.size:
-            rest.append(b if keep.size == m else _take(b, keep, axes, m))
-    return rest
 
 
 def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> AutoCandidate:
