@@ -48,6 +48,33 @@ class Batch:
     labels: np.ndarray | None = None
     source: str = ""
 
+    @property
+    def size(self) -> int:
+        """How many samples the batch holds (:func:`samples_in`)."""
+        return samples_in(self.feeds)
+
+    def rows(self, start: int, stop: int | None = None) -> Batch:
+        """Samples ``start:stop`` (:func:`sample_rows`), labels kept aligned."""
+        return Batch(sample_rows(self.feeds, start, stop), None if self.labels is None else np.asarray(self.labels)[start:stop],
+                     self.source)
+
+
+def samples_in(feeds: Mapping[str, np.ndarray]) -> int:
+    """How many samples a feed dict holds: the leading size of its first input that has an axis (1 when none has)."""
+    return next((int(np.shape(v)[0]) for v in feeds.values() if np.ndim(v)), 1)
+
+
+def has_sample_axis(value: np.ndarray, samples: int) -> bool:
+    """Whether ``value`` holds the batch's ``samples`` on its leading axis (a scalar sample rate does not)."""
+    return bool(np.ndim(value)) and np.shape(value)[0] == samples
+
+
+def sample_rows(feeds: Mapping[str, np.ndarray], start: int, stop: int | None = None) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of a feed dict (views). An input without the samples on its leading axis (a scalar sample
+    rate or flag, a fixed-shape state) goes whole into every part, as the model reads it with each sample."""
+    n = samples_in(feeds)
+    return {k: v[start:stop] if has_sample_axis(v, n) else v for k, v in feeds.items()}
+
 
 @dataclass(frozen=True)
 class InputSpec:

@@ -248,10 +248,8 @@ class InputSamples(Reducer):
 
     def take(self, acc: list[Batch], batch: Batch, seen: int) -> int:
         """Add the head of one data batch (``seen`` samples taken so far); returns how many were taken."""
-        size = next(iter(batch.feeds.values())).shape[0]
-        take = min(size, self.samples - seen)
-        labels = None if batch.labels is None else np.asarray(batch.labels)[:take]
-        acc.append(Batch({k: v[:take] for k, v in batch.feeds.items()}, labels, batch.source))
+        take = min(batch.size, self.samples - seen)
+        acc.append(batch.rows(0, take))
         return take
 
 
@@ -414,7 +412,7 @@ def _iterate(source: BatchSource, desc: str, show: bool) -> Iterator[Batch]:
     with progress(desc, show) as bar:
         for batch in source():
             yield batch
-            bar.update(next(iter(batch.feeds.values())).shape[0] if batch.feeds else 1)
+            bar.update(batch.size)
 
 
 def _check_finite(name: str, lo: float, hi: float) -> None:
@@ -547,7 +545,7 @@ def _groups(model: onnx.ModelProto, items: list[_Item], batch_size: int, memory_
 def _parts(batch: Batch, run_batch: int | None, cuts: Iterable[int]) -> Iterator[tuple[int, Batch]]:
     """(offset, sub-batch) views of ``batch``: at most ``run_batch`` samples (None: no limit), with
     a boundary at every position in ``cuts`` so no sub-batch straddles a request's sample limit."""
-    n = next(iter(batch.feeds.values())).shape[0] if batch.feeds else 0
+    n = batch.size if batch.feeds else 0
     bounds = sorted({0, n} | {c for c in cuts if 0 < c < n})
     if len(bounds) == 2 and (run_batch is None or n <= run_batch):
         yield 0, batch
@@ -556,7 +554,7 @@ def _parts(batch: Batch, run_batch: int | None, cuts: Iterable[int]) -> Iterator
         step = run_batch or (hi - lo)
         for s in range(lo, hi, step):
             e = min(s + step, hi)
-            yield s, Batch({k: v[s:e] for k, v in batch.feeds.items()}, None, batch.source)
+            yield s, Batch(batch.rows(s, e).feeds, None, batch.source)
 
 
 def _run_pass(model: onnx.ModelProto, source: BatchSource, desc: str, show: bool, run_batch: int | None, optimization: str,
@@ -625,7 +623,7 @@ def _run_pass(model: onnx.ModelProto, source: BatchSource, desc: str, show: bool
                     lo = np.minimum(lo, mins)
                     hi = np.maximum(hi, maxs)
                     count += 1
-                n = next(iter(part.feeds.values())).shape[0] if part.feeds else 1
+                n = part.size
                 for i in active:
                     i.acc = i.reducer.update(i.acc, res[out_of[id(i)]], stats.get(i.request.tensor))
                     i.seen += n

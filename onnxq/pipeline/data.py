@@ -60,12 +60,12 @@ def batch_source(reader: DataReader, inputs, batch_size: int, limit: int | None 
         seen = 0
         for b in rebatch(reader, inputs, batch_size):
             if limit is not None:
-                n = next(iter(b.feeds.values())).shape[0]
+                n = b.size
                 if seen >= limit:
                     return
                 if seen + n > limit:
                     keep = limit - seen
-                    b = Batch({k: v[:keep] for k, v in b.feeds.items()}, b.labels[:keep] if b.labels is not None else None, b.source)
+                    b = b.rows(0, keep)
                     n = keep
                 seen += n
             yield b

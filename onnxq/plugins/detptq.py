@@ -45,6 +45,7 @@ import numpy as np
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
 from onnxq.search.footprint import fitted_chunks
+from onnxq.calib.readers import samples_in
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest, TensorStats
 from onnxq.search.tail import TailSession
@@ -462,7 +463,7 @@ class DetPtq(QuantMethod):
         ctx.report[self.name] = {
             "task": task.name,
             "outputs": task.outputs,
-            "samples": int(sum(next(iter(c.values())).shape[0] for c in chunks)),
+            "samples": sum(samples_in(c) for c in chunks),
             "samples_kept": fit.describe(),
             "p_values": self.labels,
             "rest": o.rest,
