@@ -542,9 +542,43 @@ def test_the_default_mixed_step_gets_no_time_once_the_resampling_overran_the_bud
     best = auto_mod.choose(finals, s.goal)
     assert best.score_worst < 0.9997, "precondition: the default step applies"
     s.budget = s.elapsed() - 10 * (s.first_recipe_s + auto_mod.MIXED_FACTOR * s.first_recipe_s)  # the resampling overran it
+    s.ran_whole = False  # a model too large to run its portfolio whole (this one is small: next test)
     kept = auto_mod.default_mixed(s, best, finals)
     assert kept is best and not kept.float_layers and not s.report.sensitivity
     assert any(n.startswith("time budget spent before the default mixed-precision step") for n in s.report.notes), s.report.notes
+
+
+def test_a_model_run_whole_gets_the_default_mixed_step_after_its_portfolio_overran_the_budget():
+    """The same overrun on a model run whole (its first recipe under WHOLE_PORTFOLIO_S): the step gets the floor a target
+    gets and leaves a layer float, where the test above keeps the full-integer recipe."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search(options={**FAST, "time_budget": None, "default_min_cosine": 0.9997, "default_float_layers": 1})
+    auto_mod.portfolio(s)
+    finals = auto_mod.finalists(s)
+    best = auto_mod.choose(finals, s.goal)
+    assert s.ran_whole and best.score_worst < 0.9997, "precondition: a small model, and the default step applies"
+    s.budget = s.elapsed() - 10 * (s.first_recipe_s + auto_mod.MIXED_FACTOR * s.first_recipe_s)
+    mixed = auto_mod.default_mixed(s, best, finals)
+    assert len(mixed.float_layers) == 1 and s.report.sensitivity
+
+
+def test_a_searched_recipe_s_mixed_evaluations_are_costed_at_its_plain_build():
+    """A mixed model of a searched recipe keeps the searched scales (no search per evaluation), so the default step costs
+    its evaluations at the build of the recipe without the search: a slow search does not turn the step away."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search(options={**FAST, "easyquant": True, "time_budget": None, "default_min_cosine": 0.9997, "default_float_layers": 1})
+    auto_mod.portfolio(s)
+    searched = next(c for c in s.report.candidates if c.methods[-1] == "easyquant" and c.error is None)
+    plain = next(c for c in s.report.candidates if list(c.methods) == list(searched.methods[:-1]) and not c.float_layers)
+    searched.seconds = 100 * plain.seconds + 10.0  # a search far costlier than what is left
+    assert auto_mod._plain_seconds(s, searched) == plain.seconds
+    s.ran_whole = False
+    s.budget = s.elapsed() - auto_mod.MIXED_FACTOR * s.first_recipe_s + 3 * plain.seconds + 1.0  # pays 2 plain evaluations
+    mixed = auto_mod.default_mixed(s, searched, [searched])
+    assert not any(n.startswith("default mixed-precision step not tried") for n in s.report.notes), s.report.notes
+    assert mixed.float_layers or any(n.startswith("mixed precision did not improve") for n in s.report.notes), s.report.notes
 
 
 def test_the_default_mixed_step_is_not_started_when_the_budget_cannot_cover_the_evaluations_any_float_layer_needs():
@@ -563,6 +597,7 @@ def test_the_default_mixed_step_is_not_started_when_the_budget_cannot_cover_the_
     best.seconds = 2.0  # what an evaluation is taken to cost
     # 3 s left once the step's share is added: 1.5 evaluations, less than the 2 any float layer needs on 3 layers
     s.budget = s.elapsed() - auto_mod.MIXED_FACTOR * s.first_recipe_s + 3.0
+    s.ran_whole = False  # a model too large to run whole: a small one gets MIN_BUDGET_TARGET for the step
     seen = len(s.report.candidates)
     kept = auto_mod.default_mixed(s, best, finals)
     assert kept is best and not kept.float_layers and not s.report.sensitivity and len(s.report.candidates) == seen
@@ -1102,3 +1137,53 @@ def test_the_default_step_tries_easyquant_from_a_finalist_as_it_is_and_keeps_it_
     finals2 = auto_mod.finalists(s2)
     auto_mod.default_mixed(s2, auto_mod.choose(finals2, s2.goal), finals2)
     assert not any(c.stage == "easyquant" for c in s2.report.candidates)
+
+
+def spectrum_model(seed: int = 0) -> onnx.ModelProto:
+    """A log power spectrum, as audio front ends compute it: two projections (the real and imaginary parts), squared and
+    summed, a filterbank MatMul, Log, and each frame's mean taken off (its spectral shape). INT8 on the power (a range of
+    decades) zeroes the quiet frames, whose shape the Log would have kept; leaving the filterbank float keeps them."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(64)
+    freqs = np.arange(1, 33)
+    inits = {"re": np.cos(2 * np.pi * np.outer(t, freqs) / 64) / 8, "im": np.sin(2 * np.pi * np.outer(t, freqs) / 64) / 8,
+             "two": np.array(2.0), "bank": np.abs(rng.normal(0, 1, (32, 8))) / 4, "floor": np.array(1e-10)}
+    nodes = [helper.make_node("MatMul", ["x", "re"], ["r"], name="real"), helper.make_node("MatMul", ["x", "im"], ["i"], name="imag"),
+             helper.make_node("Pow", ["r", "two"], ["r2"], name="pow_r"), helper.make_node("Pow", ["i", "two"], ["i2"], name="pow_i"),
+             helper.make_node("Add", ["r2", "i2"], ["p"], name="power"), helper.make_node("MatMul", ["p", "bank"], ["m"], name="filterbank"),
+             helper.make_node("Clip", ["m", "floor"], ["mc"], name="clip"), helper.make_node("Log", ["mc"], ["l"], name="log"),
+             helper.make_node("ReduceMean", ["l"], ["lm"], name="level", axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["l", "lm"], ["y"], name="shape")]
+    return _model(nodes, inits, [64])
+
+
+def spectrum_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Frames of a few tones over noise, each at its own loudness over a decade (its power over two)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(64)
+    x = np.stack([sum(rng.uniform(0, 1) * np.sin(2 * np.pi * rng.uniform(1, 32) * t / 64 + rng.uniform(0, 6)) for _ in range(3))
+                  + rng.normal(0, 0.05, 64) for _ in range(n)]) * 10 ** rng.uniform(-1, 0, (n, 1))
+    x = x.astype(np.float32)
+    return [{"x": x[i:i + 16]} for i in range(0, n, 16)]
+
+
+def test_a_log_spectrum_that_int8_collapses_gets_its_filterbank_left_float_by_default():
+    """No target given, and every full-integer recipe loses the quiet frames of a log spectrum (the audio front end's
+    failure, openwakeword's melspectrogram in benchmarks/README.md): the default step leaves the filterbank float, and
+    the output's error falls tenfold at least."""
+    model, data, fresh = spectrum_model(), spectrum_feeds(128, 1), spectrum_feeds(64, 2)
+    opts = {**FAST, "easyquant": True, "time_budget": None}
+    res = onnxq.optimize(model, method="auto", data=data, options=opts, show_progress=False, check=False)
+    auto = res.report.auto
+    full = [c for c in auto.candidates if not c.float_layers and c.error is None]
+    assert max(c.score_worst for c in full) < 0.99, "precondition: no full-integer recipe keeps the default cosine"
+    assert "filterbank" in auto.float_layers, (auto.float_layers, auto.notes)
+    off = onnxq.optimize(model, method="auto", data=data, options={**opts, "default_min_cosine": None}, show_progress=False, check=False)
+    assert not off.report.auto.float_layers
+    ref = make_session(model)
+
+    def error(q: onnx.ModelProto) -> float:  # mean squared error: a zeroed frame's output is all zeros, its cosine undefined
+        sess = make_session(q)
+        return float(np.mean([np.mean((sess.run(None, f)[0] - ref.run(None, f)[0]) ** 2) for f in fresh]))
+
+    assert error(res.model) < 0.1 * error(off.model)

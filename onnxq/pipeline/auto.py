@@ -98,7 +98,10 @@ WHOLE_PORTFOLIO_S = 0.3
 #: ... with a target given (mixed precision measures layer by layer when no recipe meets it)
 MIN_BUDGET_TARGET = 10.0
 #: with no target given, the default-target mixed-precision step gets this many times the first recipe's cost on top of the budget
-#: (on top of the budget, not of what the finalists' resampling overran it by: a run already past it skips the step)
+#: (on top of the budget, not of what the finalists' resampling overran it by: a run already past it skips the step).
+#: A model run whole (:data:`WHOLE_PORTFOLIO_S`) gets at least :data:`MIN_BUDGET_TARGET` for it instead, as with a target:
+#: openwakeword's melspectrogram (0.18 s a recipe) kept cosine 0.80 with every recipe, and its share, 0.27 s, could not pay
+#: for the two evaluations that find the one layer (the mel MatMul before the Log) whose float form gives 0.98
 MIXED_FACTOR = 1.5
 #: more layers than this: sensitivity is measured on runs of consecutive layers first (:func:`sensitivity`)
 GROUP_FROM = 16
@@ -455,6 +458,8 @@ class Search:
         self.unresampled: set[str] = set()
         #: the budget a model run whole (:meth:`set_budget`) gets after its portfolio; None otherwise
         self.whole_until: float | None = None
+        #: the model's portfolio ran whole (its first recipe took at most WHOLE_PORTFOLIO_S, no time budget given)
+        self.ran_whole = False
 
     # -- bookkeeping -----------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -478,6 +483,7 @@ class Search:
             self.budget = max(floor, BUDGET_FACTOR * self.elapsed() - refit)
             self.report.time_budget_s = round(self.budget, 1)
             if self.first_recipe_s <= WHOLE_PORTFOLIO_S:
+                self.ran_whole = True
                 self.whole_until, self.budget = self.budget, math.inf
                 self.say(f"the whole portfolio first (the first recipe took {self.first_recipe_s:.2f} s); then a time budget of "
                          f"{self.whole_until:.1f} s ({BUDGET_FACTOR:g}x that)")
@@ -596,6 +602,7 @@ class Search:
         run.constants_folded, run.folded, run.gemm_rewrites = b.constants_folded, b.folded, b.gemm_rewrites
         run.source = _source(batches)
         run.methods = resolve_methods(methods, None, self.host) if methods else []
+        run.warned_float = b.warned_float  # each left-float warning once a search, not once a build
         return run
 
     def stats_of(self, form: Form, subset: int | None, recipes: Sequence[Sequence[str]]) -> statistics.StatsMap:
@@ -1038,14 +1045,17 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
 
     At most ``default_float_layers`` layers, ranked by gain per measured millisecond; the mixed model is kept only
     when it scores higher than ``best`` on the held-out data. With the default time budget this step gets
-    :data:`MIXED_FACTOR` times the first recipe's cost on top of the portfolio's budget (about 5x one recipe in all), and is
-    skipped when the run is already past that, or when what is left cannot pay for :func:`least_mixed_evaluations`
-    evaluations at the cost of building and scoring ``best``."""
+    :data:`MIXED_FACTOR` times the first recipe's cost on top of the portfolio's budget (about 5x one recipe in all; a model
+    run whole, at least :data:`MIN_BUDGET_TARGET` seconds from here), and is skipped when the run is already past that, or
+    when what is left cannot pay for :func:`least_mixed_evaluations` evaluations at the cost of building and scoring
+    ``best`` without its search (:func:`_plain_seconds`)."""
     o = s.o
     s.note(f"no target given and the best full-integer recipe {best.name} keeps a worst-case cosine of {best.score_worst:.5f} "
            f"< {o.default_min_cosine} (default_min_cosine): trying easyquant, then up to {o.default_float_layers} layer(s) float")
     if o.time_budget is None:
         s.budget += MIXED_FACTOR * s.first_recipe_s
+        if s.ran_whole:
+            s.budget = max(s.budget, s.elapsed() + MIN_BUDGET_TARGET)
         s.report.time_budget_s = round(s.budget, 1)
     if s.left() <= 0:
         # the finalists' resampling ran past the budget (it does, so that no finalist is judged unresampled): measuring
@@ -1053,7 +1063,7 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         s.report.budget_exhausted = True
         s.note(f"time budget spent before the default mixed-precision step: {best.name} kept full integer")
         return best
-    per_eval = best.seconds  # a mixed model of a search recipe keeps its searched scales: evaluations cost a plain build
+    per_eval = _plain_seconds(s, best)
     searched = default_search(s, best, finals)
     if searched is not best:
         best = searched
@@ -1075,6 +1085,17 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         s.goal = plain  # the full-integer choice stands as made: no target was given, so there is none to claim it meets
         return best
     return mixed
+
+
+def _plain_seconds(s: Search, cand: AutoCandidate) -> float:
+    """What one mixed-precision evaluation of ``cand`` costs: a mixed model of a searched recipe keeps its searched scales
+    (:meth:`Search.build` with ``like``), so it costs the build and scoring of the recipe without its search, measured on
+    that candidate where the portfolio has it (melspectrogram: 0.05 s against ``minmax+easyquant``'s 1.4 s)."""
+    plain = [m for m in cand.methods if m not in SEARCHES]
+    if plain == list(cand.methods):
+        return cand.seconds
+    return next((c.seconds for c in s.report.candidates if list(c.methods) == plain and not c.float_layers and c.error is None),
+                cand.seconds)
 
 
 def default_search(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> AutoCandidate:

@@ -123,6 +123,9 @@ class Run:
     #: measure each quantized rewrite's output error as it is installed (``-p auto`` measures only its chosen
     #: candidate's: its many builds would each run the float and the rewritten model on the first batch)
     measure_rewrites: bool = True
+    #: the left-float warnings already logged (``-p auto`` shares one set across its builds: its 20-odd builds of one
+    #: model said the same control-flow line each, openwakeword's hey_jarvis 17 times)
+    warned_float: set[str] = field(default_factory=set)
     #: the float model's outputs on the first batch (computed at the first quantized rewrite)
     float_outputs: list[np.ndarray] | None = None
     quantized: onnx.ModelProto | None = None
@@ -350,7 +353,9 @@ def rewrite_qdq(run: Run) -> None:
     origin = "+".join(m.name for m in run.methods)
     commands = commands_from_plan(ctx.plan, origin) + [c for m in run.methods for c in m.commands(ctx)]
     for line in left_float_warnings(ctx.model, ctx.plan, bool(commands)):  # never a silent no-op
-        log.warning(line)
+        if line not in run.warned_float:
+            run.warned_float.add(line)
+            log.warning(line)
     quantized = apply_commands(ctx.model, commands)
     for m in run.methods:
         quantized = qdq_rewrite(run, m, quantized)

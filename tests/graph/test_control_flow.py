@@ -114,6 +114,16 @@ def test_main_graph_is_quantized_and_the_if_is_named(caplog):
         assert np.linalg.norm(y_q - y_f) / np.linalg.norm(y_f) < 0.05
 
 
+def test_auto_names_the_if_once_not_once_a_build(caplog):
+    """``-p auto`` builds the model some twenty times: the control-flow line is said once a run."""
+    model = _if_model(main_conv=True)
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        res = onnxq.optimize(model, method="auto", data=_feeds(64), show_progress=False, check=False,
+                             options={"resamples": 2, "easyquant": False, "time_budget": 600})
+    said = [r.getMessage() for r in caplog.records if "If 'vad_if' holds 2 Conv" in r.getMessage()]
+    assert len(res.report.auto.candidates) > 2 and len(said) == 1, said
+
+
 def test_cli_run_on_control_flow_model_warns_on_stderr(tmp_path, run_cli):
     path = tmp_path / "cf.onnx"
     onnx.save_model(_if_model(main_conv=False), str(path))
