@@ -278,9 +278,12 @@ def suggest(methods: Sequence[str], target: str, bits: int, worst_node: str | No
         return "try --bits 8"
     if target == "trt":
         return "try --target ort to see whether TensorRT's Q/DQ placement is at fault; `onnxq lint --target trt` checks it"
+    # the worst layer by SQNR is where the error shows, not always where float helps: openwakeword's melspectrogram
+    # shows it at the STFT convs, while the layer to keep float is the mel MatMul whose output a Log reads
+    measured = "-p auto, which measures the layers whose float form helps"
     if "mse" not in methods:
-        return f"try -p mse, or keep the worst layer in float with {exclude}"
-    return f"keep the worst layer in float with {exclude}"
+        return f"try -p mse, keep the worst layer in float with {exclude}, or {measured}"
+    return f"keep the worst layer in float with {exclude}, or {measured}"
 
 
 def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batches: Callable[[], Iterable[Batch]], *,
