@@ -1411,7 +1411,10 @@ def easyquant(s: Search) -> None:
     per = max(c.seconds for c in s.report.candidates)
     need = EASYQUANT_COST * per
     if s.left() < need + s.resample_reserve():
-        s.note(f"easyquant not tried: about {need:.0f} s needed, {max(s.left(), 0):.0f} s of the time budget left")
+        # the time left less the finalists' resampling, as the note on bias correction says it: "2 s needed, 3 s left"
+        # read as a contradiction on openwakeword's embedding model
+        s.note(f"easyquant not tried: about {need:.0f} s needed, {max(s.left() - s.resample_reserve(), 0):.0f} s of the time budget "
+               "left beside the resampling")
         return
     f = s.forms[_form_name(best.methods)]
     s.candidate(f, tuple(best.methods[len(f.rewrite):]) + ("easyquant",), "easyquant")
