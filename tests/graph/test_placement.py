@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxq
 from onnxq.graph.edit import name_nodes
 from onnxq.graph.placement import build_plan, weight_axis
 from onnxq.graph.prepare import infer_shapes
@@ -151,3 +152,34 @@ def test_trt_keeps_a_paddle_exported_hard_swish_detector_within_002_of_ort(metho
             assert not [f for f in findings if f.severity == "error" or f.rule == "quantized-constant"], findings
     assert f1["ort"] >= fp32 - 0.05, (fp32, f1)  # the reference itself holds
     assert f1["trt"] >= f1["ort"] - 0.02, (fp32, f1)
+
+
+def linear_bottleneck_model() -> onnx.ModelProto:
+    """MobileNetV3's linear bottleneck, as paddle exports it: the block input is a projection conv's output with no
+    activation after it, so the residual Add reads two conv outputs. x -> Conv(p1) -> s; s -> Conv(e) -> Relu ->
+    Conv(p2) -> t; Add(s, t) -> Conv(head) -> y."""
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)  # noqa: E731
+    inits = [w("p1", (8, 3, 3, 3)), w("e", (16, 8, 1, 1)), w("p2", (8, 16, 1, 1)), w("head", (4, 8, 1, 1))]
+    nodes = [helper.make_node("Conv", ["x", "p1"], ["s"], pads=[1, 1, 1, 1], name="project1"),
+             helper.make_node("Conv", ["s", "e"], ["ex"], name="expand"), helper.make_node("Relu", ["ex"], ["er"], name="relu"),
+             helper.make_node("Conv", ["er", "p2"], ["t"], name="project2"),
+             helper.make_node("Add", ["s", "t"], ["r"], name="residual_add"),
+             helper.make_node("Conv", ["r", "head"], ["y"], name="head")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    return infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))[0]
+
+
+def test_a_residual_add_of_two_conv_outputs_gets_the_shortcut_quantized_for_tensorrt():
+    """Both inputs of the Add come from convs: TensorRT fuses it into the conv whose output only the Add reads
+    (project2) and needs the other, the shortcut also read by 'expand', quantized; the linter then has nothing to say
+    (it flagged the model, and no pair was placed)."""
+    from onnxq.graph.trt_rules import check_trt_rules
+
+    m = linear_bottleneck_model()
+    plan = build_plan(m, get_profile("trt"))
+    assert ("residual_add", 0) in plan.activations["s"].consumers and "t" not in plan.activations
+    data = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    res = onnxq.optimize(m, method="minmax", data=data, target="trt", show_progress=False)
+    assert check_trt_rules(res.model) == []
