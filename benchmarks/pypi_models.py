@@ -39,6 +39,7 @@ import onnxruntime as ort
 
 import onnxq
 from onnxq.evaluate.metrics import cosine
+from onnxq.graph.trt_rules import check_trt_rules
 
 HERE = Path(__file__).resolve().parent
 OWW = "openwakeword==0.5.1"  # the last release that ships its models in the wheel
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", choices=list(MODELS))
     ap.add_argument("recipes", nargs="+", help="built-in recipes as -p auto names them (equalize+mse), or auto")
+    ap.add_argument("--target", default="ort", choices=["ort", "trt"], help="trt: each row also counts `onnxq lint` findings")
     a = ap.parse_args(argv)
     name, recipes = a.model, a.recipes
     path = fetch(name, HERE.parent / ".bench")
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             res = onnxq.optimize(str(path), method="auto" if recipe == "auto" else recipe.split("+"), data=calib, show_progress=False,
-                                 cache_dir=None)
+                                 cache_dir=None, target=a.target)
         except onnxq.OnnxqError as exc:  # a clear refusal is an outcome too: the row says what it said
             print(json.dumps({"model": name, "recipe": recipe, "refused": str(exc).splitlines()[0]}), flush=True)
             continue
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         got = [sess.run(None, f) for f in ev]
         row = {"model": name, "recipe": res.report.auto.chosen if recipe == "auto" else recipe, "auto": recipe == "auto",
                "warned": res.report.fidelity.warned, "wall_s": wall, **figures(name, got, fp)}
+        if a.target == "trt":
+            row["lint_findings"] = [f"{f.rule} {f.node}" for f in check_trt_rules(res.model)]
         row["check"] = res.report.fidelity.warnings
         print(json.dumps(row), flush=True)
     return 0
