@@ -30,7 +30,7 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--no-fold", is_flag=True, help="Keep BatchNorm and constant Mul/Add after Conv/ConvTranspose/Gemm/MatMul unfolded, and weights computed from constants at run time (Transpose/Cast/... of initializers) as nodes (both folded by default).")
 @click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
 @click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
-@click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed. With -p auto: the target.")
+@click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed. With -p auto: the target, on each sample's worst output (-o score_outputs).")
 @click.option("--min-agreement", type=float, default=None, help="-p auto's target: min arg-max agreement of the first output with FP32 (0..1; per position for sequences).")
 @click.option("--time-budget", type=float, default=None, help="-p auto: seconds the search may take (default: 4x what one recipe costs, at least 10 s with a target; a model whose first recipe takes under 0.3 s runs its whole portfolio first).")
 @click.option("--no-check", is_flag=True, help="Skip the fidelity check (quantized vs FP32 on --eval-data, or in-sample on a few calibration batches).")

@@ -72,9 +72,9 @@ class AutoCandidate:
                                            "spread times the 95th percentile of (range of 3 new draws) / (range of the k measured), "
                                            "for normal draws; at least the refit's drop (null: not resampled)")
     resample_scores: list[float] = described("the target's metric when calibrated on each disjoint calibration subset")
-    cosine: float | None = described("first output: mean per-sample cosine with FP32")
-    cosine_worst: float | None = described("first output: the worst sample's cosine")
-    cosine_p1: float | None = described("first output: 1st percentile of the per-sample cosine")
+    cosine: float | None = described("mean per-sample cosine with FP32, each sample on its worst scored output (-o score_outputs)")
+    cosine_worst: float | None = described("the worst sample's cosine (on its worst scored output)")
+    cosine_p1: float | None = described("1st percentile of the per-sample cosine (each on its worst scored output)")
     agreement: float | None = described("first output: arg-max agreement with FP32 over the last axis (top-1 for [N, C], per position for sequences)")
     agreement_worst: float | None = described("first output: the worst sample's arg-max agreement")
     accuracy_drop: float | None = described("accuracy drop in points against FP32 (labelled held-out data with a class-score output only)")
