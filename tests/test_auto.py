@@ -563,6 +563,24 @@ def test_a_model_run_whole_gets_the_default_mixed_step_after_its_portfolio_overr
     assert len(mixed.float_layers) == 1 and s.report.sensitivity
 
 
+def test_a_model_whose_every_recipe_collapses_gets_the_default_step_past_its_budget():
+    """A large model's overrun skips the default step (the test above), unless every full-integer recipe collapses
+    (worst-case cosine under the fidelity check's 0.9): then a usable model is worth the step's time. Here the plain
+    calibrators wipe out the second head (no float rewrite to rescue it), and the step leaves a head-2 layer float."""
+    from onnxq.pipeline import auto as auto_mod
+
+    s = _search(options={**FAST, "time_budget": None, "rewrites": ()}, model=two_head_model())
+    auto_mod.portfolio(s)
+    finals = auto_mod.finalists(s)
+    best = auto_mod.choose(finals, s.goal)
+    assert best.score_worst < 0.9, "precondition: every full-integer recipe collapses"
+    s.budget = s.elapsed() - 10 * (s.first_recipe_s + auto_mod.MIXED_FACTOR * s.first_recipe_s)
+    s.ran_whole = False
+    mixed = auto_mod.default_mixed(s, best, finals)
+    assert {"head2", "outlier"} & set(mixed.float_layers) and mixed.score > 0.99, (mixed.float_layers, mixed.score, s.report.notes)
+    assert any(n.startswith("every full-integer recipe collapses") for n in s.report.notes), s.report.notes
+
+
 def test_a_searched_recipe_s_mixed_evaluations_are_costed_at_its_plain_build():
     """A mixed model of a searched recipe keeps the searched scales (no search per evaluation), so the default step costs
     its evaluations at the build of the recipe without the search: a slow search does not turn the step away."""

@@ -56,6 +56,7 @@ from onnxq.calib.sharded import collect_unions
 from onnxq.calib.readers import Batch
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes, sample_count
+from onnxq.evaluate.fidelity import THRESHOLDS
 from onnxq.evaluate.metrics import row_cosines
 from onnxq.graph.placement import build_plan
 from onnxq.host import Host
@@ -1076,10 +1077,20 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
     o = s.o
     s.note(f"no target given and the best full-integer recipe {best.name} keeps a worst-case cosine of {best.score_worst:.5f} "
            f"< {o.default_min_cosine} (default_min_cosine): trying easyquant, then up to {o.default_float_layers} layer(s) float")
+    per_eval = _plain_seconds(s, best)
     if o.time_budget is None:
         s.budget += MIXED_FACTOR * s.first_recipe_s
         if s.ran_whole:
             s.budget = max(s.budget, s.elapsed() + MIN_BUDGET_TARGET)
+        if best.score_worst is not None and best.score_worst < THRESHOLDS.cosine:
+            # every full-integer recipe collapses (the fidelity check's threshold): what the step costs is the price of a
+            # usable model, not a budget question. The layout detector (7-21 s a recipe) overran its budget in the
+            # resampling and returned cosine 0.71 with five heads collapsed; given the step, 0.96 without a warning
+            layers = len(_floatable_layers(s, best)[: o.max_sensitivity_layers])
+            need = collapse_evaluations(layers, o.default_float_layers) * per_eval
+            s.budget = max(s.budget, s.elapsed() + need)
+            s.note(f"every full-integer recipe collapses (worst-case cosine {best.score_worst:.5f} < {THRESHOLDS.cosine}): the "
+                   f"default mixed-precision step gets the time it needs whatever the budget (about {need:.0f} s)")
         s.report.time_budget_s = round(s.budget, 1)
     if s.left() <= 0:
         # the finalists' resampling ran past the budget (it does, so that no finalist is judged unresampled): measuring
@@ -1087,7 +1098,6 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         s.report.budget_exhausted = True
         s.note(f"time budget spent before the default mixed-precision step: {best.name} kept full integer")
         return best
-    per_eval = _plain_seconds(s, best)
     searched = default_search(s, best, finals)
     if searched is not best:
         best = searched
@@ -1575,6 +1585,12 @@ def _floatable_layers(s: Search, best: AutoCandidate) -> list[Any]:
     """The weighted layers ``best`` quantizes, in graph order: what mixed precision may leave float."""
     plan = s.built[best.name].run.ctx.plan
     return [lay for lay in plan.layers if lay.weight is not None and lay.weight in plan.weights]
+
+
+def collapse_evaluations(layers: int, most: int) -> int:
+    """About how many evaluations the default step takes on ``layers`` layers to leave up to ``most`` float: the runs of
+    layers and the singles of about two runs that gain (:func:`sensitivity`), then the float sets and their trimming."""
+    return least_mixed_evaluations(layers) + 2 * math.ceil(math.sqrt(layers)) + 2 * most
 
 
 def least_mixed_evaluations(layers: int, step: int = 1) -> int:
