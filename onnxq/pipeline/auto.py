@@ -1078,21 +1078,16 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
     s.note(f"no target given and the best full-integer recipe {best.name} keeps a worst-case cosine of {best.score_worst:.5f} "
            f"< {o.default_min_cosine} (default_min_cosine): trying easyquant, then up to {o.default_float_layers} layer(s) float")
     per_eval = _plain_seconds(s, best)
+    # every full-integer recipe collapses (the fidelity check's threshold): what the step costs is the price of a usable
+    # model, not a budget question. The layout detector (7-21 s a recipe) overran its budget in the resampling and
+    # returned cosine 0.71 with five heads collapsed; given the step, 0.95-0.96 without a warning
+    collapsed = o.time_budget is None and best.score_worst is not None and best.score_worst < THRESHOLDS.cosine
     if o.time_budget is None:
         s.budget += MIXED_FACTOR * s.first_recipe_s
         if s.ran_whole:
             s.budget = max(s.budget, s.elapsed() + MIN_BUDGET_TARGET)
-        if best.score_worst is not None and best.score_worst < THRESHOLDS.cosine:
-            # every full-integer recipe collapses (the fidelity check's threshold): what the step costs is the price of a
-            # usable model, not a budget question. The layout detector (7-21 s a recipe) overran its budget in the
-            # resampling and returned cosine 0.71 with five heads collapsed; given the step, 0.96 without a warning
-            layers = len(_floatable_layers(s, best)[: o.max_sensitivity_layers])
-            need = collapse_evaluations(layers, o.default_float_layers) * per_eval
-            s.budget = max(s.budget, s.elapsed() + need)
-            s.note(f"every full-integer recipe collapses (worst-case cosine {best.score_worst:.5f} < {THRESHOLDS.cosine}): the "
-                   f"default mixed-precision step gets the time it needs whatever the budget (about {need:.0f} s)")
         s.report.time_budget_s = round(s.budget, 1)
-    if s.left() <= 0:
+    if s.left() <= 0 and not collapsed:
         # the finalists' resampling ran past the budget (it does, so that no finalist is judged unresampled): measuring
         # layers on top would take the run past 5x a hand-picked recipe (PP-OCR rec: 29-79 s more, no gain in 3 runs)
         s.report.budget_exhausted = True
@@ -1103,6 +1098,13 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         best = searched
         if best.score_worst is not None and best.score_worst >= o.default_min_cosine:
             return best
+    if collapsed:  # after the search, which takes what the budget gives it: the layers get their time on top
+        layers = len(_floatable_layers(s, best)[: o.max_sensitivity_layers])
+        need = max(MIN_BUDGET_TARGET, collapse_evaluations(layers, o.default_float_layers) * per_eval)
+        s.budget = max(s.budget, s.elapsed() + need)
+        s.report.time_budget_s = round(s.budget, 1)
+        s.note(f"every full-integer recipe collapses (worst-case cosine {best.score_worst:.5f} < {THRESHOLDS.cosine}): the "
+               f"default mixed-precision step gets the time it needs whatever the budget (up to {need:.0f} s)")
     least = least_mixed_evaluations(len(_floatable_layers(s, best)[: o.max_sensitivity_layers]), _Sensitivity.steps())
     if per_eval and s.left() < least * per_eval:
         # no float layer can come out of fewer evaluations (runs of layers, one layer, the first set): started anyway,
