@@ -1243,3 +1243,22 @@ def test_every_head_of_a_model_counts_in_its_score():
     every = onnxq.optimize(model, method="auto", data=data, options=FAST, show_progress=False, check=False)
     assert head2(first.model) < 0.5, "precondition: the first output alone does not see the second head's loss"
     assert head2(every.model) > 0.99, every.report.auto.chosen
+
+
+def test_an_output_the_graph_reads_on_is_not_scored():
+    """MiniLM exports its token embeddings as an output and pools them into the sentence embedding: an output read on
+    inside the graph is an intermediate, and only the first output and the outputs nothing reads are scored."""
+    from onnxq.calib.readers import Batch
+    from onnxq.pipeline.auto import HeldOut
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["tokens"], name="encode"),
+             helper.make_node("ReduceMean", ["tokens"], ["sentence"], name="pool", axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["x", "w2"], ["aux"], name="aux_head")]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("sentence", "tokens", "aux")],
+                              [numpy_helper.from_array(rng.normal(0, 1, (8, 8)).astype(np.float32), k) for k in ("w", "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    held = HeldOut(model, [Batch({"x": rng.normal(0, 1, (4, 4, 8)).astype(np.float32)})])
+    assert held.scored == {"sentence", "aux"}
