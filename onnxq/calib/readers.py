@@ -50,8 +50,8 @@ class Batch:
 
     @property
     def size(self) -> int:
-        """How many samples the batch holds (:func:`samples_in`)."""
-        return samples_in(self.feeds)
+        """How many samples the batch holds (:func:`sample_count`)."""
+        return sample_count(self.feeds)
 
     def rows(self, start: int, stop: int | None = None) -> Batch:
         """Samples ``start:stop`` (:func:`sample_rows`), labels kept aligned."""
@@ -59,20 +59,25 @@ class Batch:
                      self.source)
 
 
-def samples_in(feeds: Mapping[str, np.ndarray]) -> int:
-    """How many samples a feed dict holds: the leading size of its first input that has an axis (1 when none has)."""
-    return next((int(np.shape(v)[0]) for v in feeds.values() if np.ndim(v)), 1)
+def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
+    """How many samples a batch holds: the size of its inputs' batch axis (1 when no input has one)."""
+    for name, value in feeds.items():
+        axis = axes.get(name, 0) if axes is not None else 0
+        if axis is not None and np.ndim(value) > axis:
+            return int(np.shape(value)[axis])
+    return 1
 
 
-def has_sample_axis(value: np.ndarray, samples: int) -> bool:
-    """Whether ``value`` holds the batch's ``samples`` on its leading axis (a scalar sample rate does not)."""
-    return bool(np.ndim(value)) and np.shape(value)[0] == samples
+def has_sample_axis(value: np.ndarray, samples: int, axis: int | None = 0) -> bool:
+    """Whether ``value`` holds the batch's ``samples`` on ``axis`` (None: it has no batch axis; a scalar sample rate has
+    none either): the inputs a cut into samples cuts, the others go whole into every part."""
+    return axis is not None and np.ndim(value) > axis and np.shape(value)[axis] == samples
 
 
 def sample_rows(feeds: Mapping[str, np.ndarray], start: int, stop: int | None = None) -> dict[str, np.ndarray]:
     """Samples ``start:stop`` of a feed dict (views). An input without the samples on its leading axis (a scalar sample
     rate or flag, a fixed-shape state) goes whole into every part, as the model reads it with each sample."""
-    n = samples_in(feeds)
+    n = sample_count(feeds)
     return {k: v[start:stop] if has_sample_axis(v, n) else v for k, v in feeds.items()}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxq.backends.ort import OrtBackend
-from onnxq.calib.readers import Batch
+from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import OnnxqError
 from onnxq.evaluate.metrics import OutputAccumulator
 from onnxq.graph import model_io
@@ -94,15 +94,6 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
     return axes
 
 
-def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
-    """How many samples a batch holds: the size of its inputs' batch axis (1 when no input has one)."""
-    for name, value in feeds.items():
-        axis = axes.get(name, 0) if axes is not None else 0
-        if axis is not None and np.ndim(value) > axis:
-            return int(np.shape(value)[axis])
-    return 1
-
-
 def one_sample(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
     """The first sample of a batch (latency feeds): each input cut to one along its batch axis, the others as they are."""
     out = {}
@@ -130,7 +121,7 @@ def split_batch(batch: Batch, axes: Mapping[str, int | None] | None = None, max_
     if n <= 1 or size <= max_bytes:
         return [batch]
     cut = {k: (axes.get(k, 0) if axes is not None else 0) for k in batch.feeds}
-    cut = {k: a for k, a in cut.items() if a is not None and np.ndim(batch.feeds[k]) > a and np.shape(batch.feeds[k])[a] == n}
+    cut = {k: a for k, a in cut.items() if has_sample_axis(batch.feeds[k], n, a)}
     if not cut:
         return [batch]
     per = max(1, int(max_bytes // max(1, sum(np.asarray(batch.feeds[k]).nbytes for k in cut) // n)))

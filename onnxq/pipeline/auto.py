@@ -53,9 +53,9 @@ import onnx
 from onnxq.calib import statistics
 from onnxq.calib.feeds import constant_region, model_inputs
 from onnxq.calib.sharded import collect_unions
-from onnxq.calib.readers import Batch
+from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import DataError, OnnxqError, OptionError
-from onnxq.evaluate.compare import batch_axes, sample_count
+from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
 from onnxq.evaluate.metrics import row_cosines
 from onnxq.graph.placement import build_plan
@@ -375,8 +375,7 @@ def _take(batch: Batch, idx: np.ndarray, axes: dict[str, int | None], n: int) ->
     feeds = {}
     for k, v in batch.feeds.items():
         ax = axes.get(k, 0)
-        v = np.asarray(v)
-        feeds[k] = np.take(v, idx, axis=ax) if ax is not None and v.ndim > ax and v.shape[ax] == n else v
+        feeds[k] = np.take(np.asarray(v), idx, axis=ax) if has_sample_axis(v, n, ax) else np.asarray(v)
     labels = batch.labels[idx] if batch.labels is not None and len(batch.labels) == n else batch.labels
     return Batch(feeds, labels, batch.source)
 

@@ -30,7 +30,7 @@ from onnxq.calib.feeds import CONSTANT_SHARE, constant_region
 from onnxq.calib.progress import progress
 from onnxq.calib.statistics import StatRequest
 from onnxq.search.footprint import fitted_chunks
-from onnxq.calib.readers import samples_in
+from onnxq.calib.readers import sample_count
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.graph.edit import Namer
 from onnxq.graph.index import GraphIndex
@@ -72,7 +72,7 @@ class BiasCorrection(QuantMethod):
         # size and sample count: a float and a quantized runner each hold their frontier
         chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, self.options.samples)], int(self.options.memory_mb * 2**20), runners=2)
         model, section, skipped = correct_biases(ctx, chunks, self.name)
-        ctx.report[self.name] = {"corrected": section, "skipped": skipped, "samples": sum(samples_in(c) for c in chunks),
+        ctx.report[self.name] = {"corrected": section, "skipped": skipped, "samples": sum(sample_count(c) for c in chunks),
                                  "samples_kept": fit.describe()}
         return model
 

@@ -45,7 +45,7 @@ import numpy as np
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
 from onnxq.search.footprint import fitted_chunks
-from onnxq.calib.readers import samples_in
+from onnxq.calib.readers import sample_count
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest, TensorStats
 from onnxq.search.tail import TailSession
@@ -463,7 +463,7 @@ class DetPtq(QuantMethod):
         ctx.report[self.name] = {
             "task": task.name,
             "outputs": task.outputs,
-            "samples": sum(samples_in(c) for c in chunks),
+            "samples": sum(sample_count(c) for c in chunks),
             "samples_kept": fit.describe(),
             "p_values": self.labels,
             "rest": o.rest,

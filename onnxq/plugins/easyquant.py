@@ -30,7 +30,7 @@ import onnx
 from onnxq.search.evaluator import GraphRunner, LayerRunner
 from onnxq.calib.progress import progress
 from onnxq.search.footprint import fitted_chunks
-from onnxq.calib.readers import samples_in
+from onnxq.calib.readers import sample_count
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OnnxqError, OptionError
@@ -208,7 +208,7 @@ class EasyQuant(QuantMethod):
         self._fp_cache.clear()
         outcome = guard.outcome() if guard is not None else None
         ctx.report[self.name] = {
-            "samples": sum(samples_in(c) for c in chunks),
+            "samples": sum(sample_count(c) for c in chunks),
             "sample_fit": fit.describe(),
             "preset": o.preset,
             "outcome": outcome,

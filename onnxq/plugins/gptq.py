@@ -53,7 +53,7 @@ from onnx import numpy_helper
 from onnxq.search.evaluator import GraphRunner
 from onnxq.calib.progress import progress
 from onnxq.search.footprint import fitted_chunks
-from onnxq.calib.readers import samples_in
+from onnxq.calib.readers import sample_count
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.calib.statistics import StatRequest
 from onnxq.errors import OptionError
@@ -437,7 +437,7 @@ class Gptq(QuantMethod):
         # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
         # size and sample count (H itself is accumulated run by run)
         chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, o.samples)], int(o.memory_mb * 2**20))
-        n_samples = sum(samples_in(c) for c in chunks)
+        n_samples = sum(sample_count(c) for c in chunks)
         inits = {t.name: t for t in ctx.model.graph.initializer}
         weights = {s.initializer: tensor_array(inits[s.initializer]).astype(np.float32, copy=False) for s in plan.weights.values()}  # memory-mapped when on disk
         names = [layer.node for layer in plan.layers if layer.weight in plan.weights]

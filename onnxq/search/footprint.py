@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs
-from onnxq.calib.readers import has_sample_axis, sample_rows, samples_in
+from onnxq.calib.readers import has_sample_axis, sample_count, sample_rows
 from onnxq.graph.prepare import infer_shapes, tensor_shapes, tensor_types
 
 #: bytes of one element per ONNX element type (4 where unknown)
@@ -152,16 +152,16 @@ def rechunk(chunks: Sequence[Mapping[str, np.ndarray]], size: int, limit: int | 
     input where their shapes allow (sequences padded per batch to different lengths stay apart)."""
     out: list[dict[str, np.ndarray]] = []
     # an input without the sample axis (a scalar flag, read with every sample of its own batch) keeps its batches apart
-    if join and len(chunks) > 1 and all(has_sample_axis(v, samples_in(c)) for c in chunks for v in c.values()):
-        kept = rechunk(chunks, max(samples_in(c) for c in chunks), limit)
+    if join and len(chunks) > 1 and all(has_sample_axis(v, sample_count(c)) for c in chunks for v in c.values()):
+        kept = rechunk(chunks, max(sample_count(c) for c in chunks), limit)
         try:
             chunks = [{k: np.concatenate([c[k] for c in kept]) for k in kept[0]}]
             limit = None
         except ValueError:
             chunks = kept
-    left = limit if limit is not None else sum(samples_in(c) for c in chunks)
+    left = limit if limit is not None else sum(sample_count(c) for c in chunks)
     for c in chunks:
-        n = samples_in(c)
+        n = sample_count(c)
         for start in range(0, n, size):
             if left <= 0:
                 return out
@@ -178,6 +178,6 @@ def fitted_chunks(model: onnx.ModelProto, chunks: Sequence[Mapping[str, np.ndarr
     (:func:`fit_samples`): the first samples that fit, in runs of the fitted size."""
     if not chunks:
         return [], SampleFit(0, 0, 1, Footprint(0, 0, 0), budget_bytes)
-    n = sum(samples_in(c) for c in chunks)
+    n = sum(sample_count(c) for c in chunks)
     fit = fit_samples(footprint(model, chunks[0]), n, budget_bytes, held_share, runners)
     return rechunk(chunks, fit.chunk, fit.samples, join=batch_is_dynamic(model_inputs(model))), fit
