@@ -309,7 +309,7 @@ class HeldOut:
                     # and every candidate tied at 1.0 (silero-vad's speech probability); the batch's values are one vector
                     a, c = a.reshape(1, -1), c.reshape(1, -1)
                 cos[name].append(row_cosines(a, c))
-                if name in self.scored:  # an output of one value per sample is scored over the batch: its value stands for each sample
+                if self.all_outputs and name in self.scored:  # one value per sample is scored over the batch: it stands for each sample
                     here.append(cos[name][-1] if len(cos[name][-1]) == n else np.full(n, float(np.mean(cos[name][-1]))))
                 if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
                     ra, qa = np.argmax(r, -1), np.argmax(q, -1)
@@ -1097,14 +1097,14 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         best = searched
         if best.score_worst is not None and best.score_worst >= o.default_min_cosine:
             return best
+    layers = len(_floatable_layers(s, best)[: o.max_sensitivity_layers])
     if collapsed:  # after the search, which takes what the budget gives it: the layers get their time on top
-        layers = len(_floatable_layers(s, best)[: o.max_sensitivity_layers])
         need = max(MIN_BUDGET_TARGET, collapse_evaluations(layers, o.default_float_layers) * per_eval)
         s.budget = max(s.budget, s.elapsed() + need)
         s.report.time_budget_s = round(s.budget, 1)
         s.note(f"every full-integer recipe collapses (worst-case cosine {best.score_worst:.5f} < {THRESHOLDS.cosine}): the "
                f"default mixed-precision step gets the time it needs whatever the budget (up to {need:.0f} s)")
-    least = least_mixed_evaluations(len(_floatable_layers(s, best)[: o.max_sensitivity_layers]), _Sensitivity.steps())
+    least = least_mixed_evaluations(layers, _Sensitivity.steps())
     if per_eval and s.left() < least * per_eval:
         # no float layer can come out of fewer evaluations (runs of layers, one layer, the first set): started anyway,
         # the step spent what was left on the runs and ended with nothing (PP-OCR rec: 7 runs, 15 s, 0 of 47 layers)
