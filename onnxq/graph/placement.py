@@ -10,7 +10,8 @@ Rules, in order:
    drops the Relu and runs QLinearConv); ``extra_ops`` (Add, Concat, pooling...) get Q/DQ on float
    inputs and outputs so ORT can keep whole int8 islands.
 3. ``residual_add`` (TensorRT): the non-conv input of an Add fed by a weighted op is quantized so
-   Conv+Add fuses; when both inputs are conv outputs (a linear bottleneck), the shortcut: the one read elsewhere too.
+   Conv+Add fuses; when both inputs are conv outputs, the shortcut: the one read elsewhere too (a linear bottleneck),
+   else the conv reading a tensor the other branch is computed from (a projection shortcut, ResNet's downsample).
 4. Scale-preserving ops (MaxPool, Reshape, ...) between two quantized tensors share one scale; so do
    Concat inputs under ``share_concat_scales``.
 Graph outputs are never replaced: a Q/DQ pair feeds the consumers, the output name stays float.
@@ -265,6 +266,12 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
                 shared = [len(idx.consumers.get(n, [])) > 1 for n in node.input]
                 if any(shared) and not all(shared):
                     add_input_site(node, shared.index(True), f"residual input of Add '{node.name}' (both inputs from convs)")
+                elif not any(shared):
+                    # a projection shortcut (ResNet's downsample conv): its conv reads a tensor the other branch is
+                    # computed from, so it is the residual TensorRT adds in INT8 into the other conv
+                    short = _projection_shortcut(idx, prods[0], prods[1])
+                    if short is not None:
+                        add_input_site(node, short, f"projection shortcut of Add '{node.name}'")
 
     # 4. shared scales: scale-preserving ops between quantized tensors, and Concat inputs
     sites = plan.activations
@@ -282,6 +289,32 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
     # the ORT profiles: QLinear* kernels are float32-only
     check_float16_target(model, profile.name, profile.quantize_outputs, [*plan.activations, *(w.initializer for w in plan.weights.values())])
     return plan
+
+
+def _projection_shortcut(idx: GraphIndex, a: onnx.NodeProto, b: onnx.NodeProto, reach: int = 64) -> int | None:
+    """Which of two weighted ops summed by an Add is a projection shortcut (0 for ``a``, 1 for ``b``): the one whose
+    data input the other's data input is computed from, within ``reach`` producers. None when they read the same
+    tensor (a conv split in two and summed, cfws) or neither input leads to the other (two unrelated branches)."""
+    if a.input[0] == b.input[0]:
+        return None
+
+    def upstream(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo and len(seen) < reach:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            p = idx.producer.get(name)
+            if p is not None:
+                todo.extend(n for n in p.input if n and not idx.is_constant(n))
+        return seen
+
+    a_first, b_first = a.input[0] in upstream(b.input[0]), b.input[0] in upstream(a.input[0])
+    if a_first != b_first:
+        return 0 if a_first else 1
+    return None
 
 
 def _merge_groups(groups: list[list[str]]) -> list[list[str]]:

@@ -197,3 +197,28 @@ def test_a_sum_of_two_convs_read_by_the_add_alone_is_no_residual():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [w("wa"), w("wb")])
     plan = build_plan(infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))[0], get_profile("trt"))
     assert "a" not in plan.activations and "b" not in plan.activations
+
+
+def test_a_projection_shortcut_is_quantized_for_tensorrt():
+    """ResNet's downsampling block: Add(conv2(relu(conv1(x))), downsample(x)), BatchNorm folded, neither conv output
+    read elsewhere. The downsample conv reads x, which the other branch is computed from: it is the shortcut TensorRT
+    adds in INT8 into conv2, so it gets the pair and the linter is quiet (torchvision's resnet18 had three
+    residual-add findings with every recipe)."""
+    from onnxq.graph.trt_rules import check_trt_rules
+
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)  # noqa: E731
+    inits = [w("w1", (8, 4, 3, 3)), w("w2", (8, 8, 3, 3)), w("wd", (8, 4, 1, 1))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Conv", ["x", "wd"], ["d"], strides=[2, 2], name="downsample"),
+             helper.make_node("Add", ["c2", "d"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="relu2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4, 4])], inits)
+    m = infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))[0]
+    plan = build_plan(m, get_profile("trt"))
+    assert ("add", 1) in plan.activations["d"].consumers and "c2" not in plan.activations
+    data = [{"x": np.random.default_rng(i).standard_normal((4, 4, 8, 8)).astype(np.float32)} for i in range(4)]
+    res = onnxq.optimize(m, method="minmax", data=data, target="trt", show_progress=False)
+    assert check_trt_rules(res.model) == []
