@@ -4,7 +4,8 @@ Quantizing weights and input activations shifts the mean of a layer's output per
 systematic error that every later layer inherits, and that depthwise convs (few taps per output)
 show most. Following the empirical variant of Nagel et al. ("Data-Free Quantization", 2019),
 each Conv/ConvTranspose/Gemm layer with a float bias of its own (a Conv without one gets a new
-zero bias first), in topological order, gets
+zero bias first), and each MatMul followed by an Add of a constant bias (a Linear layer as PyTorch
+exports it), in topological order, gets
 
     b_c  ←  b_c + mean over samples and positions of (y_fp − y_q)_c
 
@@ -67,13 +68,18 @@ class BiasCorrection(QuantMethod):
         # its samples are kept by the statistics pass (read back by take_samples)
         return super().declare_statistics(ctx) + [samples_request(self.options.samples)]
 
-    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto:
+    def quantized_rewrite(self, ctx: RunContext) -> onnx.ModelProto | None:
         # the samples kept and the size of each run, bounded by memory_mb whatever the data's batch
         # size and sample count: a float and a quantized runner each hold their frontier
         chunks, fit = fitted_chunks(ctx.model, [b.feeds for b in sample_batches(ctx, self.options.samples)], int(self.options.memory_mb * 2**20), runners=2)
         model, section, skipped = correct_biases(ctx, chunks, self.name)
         ctx.report[self.name] = {"corrected": section, "skipped": skipped, "samples": sum(sample_count(c) for c in chunks),
                                  "samples_kept": fit.describe()}
+        if not section:
+            reasons = sorted(set(skipped.values()))
+            log.warning("bias-correction changed nothing: no quantized layer has a float bias to correct (%s)",
+                        "; ".join(reasons) if reasons else "no quantized layers")
+            return None
         return model
 
 
@@ -147,15 +153,19 @@ def correct_biases(ctx: RunContext, chunks: list[dict[str, np.ndarray]], label: 
         for layer in ctx.plan.layers:
             bar.update(1)
             node = idx.nodes[layer.node]
-            if node.op_type not in CORRECTED_OPS or layer.weight not in ctx.plan.weights:
-                skipped[layer.node] = f"{node.op_type}: no bias input to fold into" if node.op_type not in CORRECTED_OPS else "weight not quantized"
+            if layer.weight not in ctx.plan.weights:
+                skipped[layer.node] = "weight not quantized"
                 continue
-            bias_name = node.input[2] if len(node.input) > 2 else ""
+            bias_add = _bias_add(idx, node, inits) if node.op_type == "MatMul" else None
+            if node.op_type not in CORRECTED_OPS and bias_add is None:
+                skipped[layer.node] = f"{node.op_type}: no bias input to fold into (nor a sole Add of a constant bias after it)"
+                continue
+            bias_name = bias_add or (node.input[2] if len(node.input) > 2 else "")
             add_bias = not bias_name and node.op_type in ("Conv", "ConvTranspose")  # the bias input is optional
             if not add_bias and (not bias_name or bias_name not in inits or len(idx.consumers.get(bias_name, [])) != 1):
                 skipped[layer.node] = "no float bias of its own"
                 continue
-            ch_axis = 1 if node.op_type != "Gemm" else -1
+            ch_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
             shift, energy, channels, ndim = _mean_shift(f_run, q_run, node.output[0], ch_axis, at_centre)
             if add_bias:
                 # both runners have already executed this node, so a new input is safe to add
@@ -174,13 +184,30 @@ def correct_biases(ctx: RunContext, chunks: list[dict[str, np.ndarray]], label: 
             new_bias = (bias + shift).astype(bias.dtype)
             inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
             q_run.consts[bias_name] = new_bias
-            # the quantized run already computed this output with the old bias: shift it, so
-            # later layers are corrected against what the deployed model will feed them
-            shape = [1] * ndim
-            shape[ch_axis % ndim] = -1
-            q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
+            if bias_add is None:
+                # the quantized run already computed this output with the old bias: shift it, so
+                # later layers are corrected against what the deployed model will feed them
+                shape = [1] * ndim
+                shape[ch_axis % ndim] = -1
+                q_run.values[node.output[0]] = [v + shift.reshape(shape).astype(v.dtype) for v in q_run.values[node.output[0]]]
+            # (a MatMul's bias Add comes after it in topological order: the runner has not run it yet and reads the new bias)
             section[layer.node] = {"mean_abs_shift": float(np.abs(shift).mean()), "relative_shift": float(np.abs(shift).mean() / max(energy, 1e-12))}
     return model, section, skipped
+
+
+def _bias_add(idx: GraphIndex, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The bias of a MatMul written as ``Add(MatMul(x, W), b)`` (a Linear layer as PyTorch exports it): the name of
+    ``b``, a 1-D float initializer of the output's width read by that Add alone, where the Add is the MatMul's sole
+    reader. None otherwise."""
+    add = idx.sole_consumer(node.output[0])
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    name = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    w = inits.get(node.input[1]) if len(node.input) > 1 else None
+    b = inits.get(name)
+    if w is None or b is None or len(w.dims) != 2 or list(b.dims) != [w.dims[1]] or b.data_type != onnx.TensorProto.FLOAT:
+        return None
+    return name if len(idx.consumers.get(name, [])) == 1 else None
 
 
 def _mean_shift(f_run: GraphRunner, q_run: GraphRunner, tensor: str, ch_axis: int, at_centre: bool = False) -> tuple[np.ndarray, float, int, int]:

@@ -48,3 +48,57 @@ def test_input_model_biases_untouched():
 
 class TestBiasCorrectionContract(MethodContract):
     method = "bias-correction"
+
+
+def _linear_model(with_bias: bool = True) -> onnx.ModelProto:
+    """A transformer FFN as PyTorch exports nn.Linear: MatMul(x, W) then Add(b), GELU-free: [N, T, 16] -> 32 -> 16."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.25, "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.25, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1")]
+    if with_bias:
+        inits += [numpy_helper.from_array(rng.standard_normal(32).astype(np.float32) * 0.1, "b1"),
+                  numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "b2")]
+        nodes.append(helper.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"))
+    nodes += [helper.make_node("Relu", ["a1" if with_bias else "m1"], ["r1"], name="relu"),
+              helper.make_node("MatMul", ["r1", "w2"], ["m2" if with_bias else "y"], name="fc2")]
+    if with_bias:
+        nodes.append(helper.make_node("Add", ["b2", "m2"], ["y"], name="fc2_bias"))  # the bias first: either order
+    g = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _tokens(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)  # features with a mean of their own, as a LayerNorm's gain and bias leave them
+    return [{"x": (rng.standard_normal((8, 8, 16)) + np.linspace(-1, 1, 16)).astype(np.float32)} for _ in range(n // 8)]
+
+
+def test_a_linear_layers_bias_add_is_corrected():
+    """MatMul + Add(bias), PyTorch's export of nn.Linear (every transformer): the bias Add takes the correction (before,
+    every MatMul was skipped as having no bias, and the run reported success having changed nothing)."""
+    model, calib, held_out = _linear_model(), _tokens(64, 1), _tokens(64, 2)
+    plain = optimize(model, method="minmax", data=calib, bits=7, show_progress=False)
+    fixed = optimize(model, method=["minmax", "bias-correction"], data=calib, bits=7, show_progress=False)
+    q, p, r = (make_session(m, "all") for m in (fixed.model, plain.model, model))
+    diff_p = np.concatenate([p.run(None, f)[0] - r.run(None, f)[0] for f in held_out])
+    diff_q = np.concatenate([q.run(None, f)[0] - r.run(None, f)[0] for f in held_out])
+    shift_p, shift_q = np.abs(diff_p.mean(axis=(0, 1))).mean(), np.abs(diff_q.mean(axis=(0, 1))).mean()
+    assert shift_q < shift_p / 2, (shift_p, shift_q)
+    assert np.sqrt((diff_q**2).mean()) < np.sqrt((diff_p**2).mean())
+    assert set(fixed.report.methods["bias-correction"]["corrected"]) == {"fc1", "fc2"}
+    onnx.checker.check_model(fixed.model, full_check=True)
+
+
+def test_nothing_to_correct_says_so(caplog):
+    """MatMuls without a bias: bias correction changes nothing, and says so instead of reporting a change."""
+    model = _linear_model(with_bias=False)
+    with caplog.at_level("WARNING"):
+        res = optimize(model, method=["minmax", "bias-correction"], data=_tokens(32, 1), show_progress=False)
+    assert "bias-correction changed nothing" in caplog.text
+    assert res.report.methods["bias-correction"]["corrected"] == {}
+    assert not [c for c in res.report.quantized_rewrites if c.method == "bias-correction"]
