@@ -103,3 +103,20 @@ def test_python_api_requires_data_or_an_explicit_random(tiny_model):
     assert "calibration data is required" in msg and "data='random'" in msg and "\n" not in msg
     res = onnxq.optimize(tiny_model, method="minmax", data="random", show_progress=False)
     assert res.report.quantized_weights > 0
+
+
+@pytest.mark.parametrize("rewrite", ["equalize", "smoothquant"])
+def test_a_rewrite_with_nothing_to_rewrite_says_so(rewrite, caplog):
+    """-p equalize on a model without a conv pair (every transformer), -p smoothquant without a LayerNorm-fed MatMul (a
+    CNN): the run went on as the calibrator alone and said nothing."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "one_conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(2)]
+    with caplog.at_level(logging.WARNING):
+        res = onnxq.optimize(model, method=[rewrite, "minmax"], data=data, show_progress=False)
+    assert f"{rewrite} changed nothing: " in caplog.text
+    assert res.report.methods[rewrite]["changed_nothing"]

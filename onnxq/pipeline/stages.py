@@ -261,6 +261,10 @@ def float_rewrites(run: Run) -> None:
     for m in run.methods:
         rewritten = m.float_rewrite(run.ctx)
         run.expect_untouched(m, "float_rewrite")
+        section = run.ctx.report.get(m.name)
+        if rewritten is None and isinstance(section, dict) and section.get("changed_nothing"):
+            # asked for by name, a rewrite that finds nothing to do says so (-p auto notes it per form instead)
+            log.warning("%s changed nothing: %s", m.name, section["changed_nothing"])
         if rewritten is not None:
             if m.approximates:
                 quantized_rewrite(run, m, rewritten)  # records the change and its error against the float model
@@ -352,7 +356,8 @@ def rewrite_qdq(run: Run) -> None:
     profile, ctx = run.profile, run.ctx
     origin = "+".join(m.name for m in run.methods)
     commands = commands_from_plan(ctx.plan, origin) + [c for m in run.methods for c in m.commands(ctx)]
-    for line in left_float_warnings(ctx.model, ctx.plan, bool(commands)):  # never a silent no-op
+    # never a silent no-op; a method that rewrote the weights itself (emb4bit's 4-bit tables) quantized something
+    for line in left_float_warnings(ctx.model, ctx.plan, bool(commands) or bool(run.quantized_rewrites)):
         if line not in run.warned_float:
             run.warned_float.add(line)
             log.warning(line)

@@ -56,6 +56,8 @@ class Equalize(QuantMethod):
         section: dict = {"candidates": len(sites), "equalized": []}
         ctx.report[self.name] = section
         if not sites:
+            section["changed_nothing"] = ("no tensor between two convs to rescale (Conv or BatchNormalization, then a Relu "
+                                          "or nothing, then a Conv); for MatMul layers try -p smoothquant")
             return None
         # one streaming pass of the statistics machinery on the float model as it is now (sub-batches
         # keep its activations under the memory budget); "disable": the tensors exactly as the graph
@@ -78,7 +80,11 @@ class Equalize(QuantMethod):
                                          "spread_before": float(live.max() / np.median(live)),
                                          "spread_after": float(_spread(a * s.scale)),
                                          "factor_max": float(s.scale.max()), "factor_min": float(s.scale.min())})
-        return apply_equalization(ctx.model, chosen) if chosen else None
+        if not chosen:
+            section["changed_nothing"] = (f"the channel ranges of all {len(sites)} tensors it could rescale are within "
+                                          f"min_spread ({o.min_spread:g}x) of their median")
+            return None
+        return apply_equalization(ctx.model, chosen)
 
 
 def _spread(a: np.ndarray) -> float:

@@ -69,6 +69,9 @@ class SmoothQuant(QuantMethod):
         ctx.report[self.name] = report
         if not sites or o.alpha == 0.0:
             report["summary"] = ["no activation to smooth" if not sites else "alpha 0: nothing migrated"]
+            if not sites:
+                report["changed_nothing"] = (f"no constant-weight MatMul reads a tensor made by {' or '.join(o.fold_into)} "
+                                             f"that could take its scales (fold_into; {len(rejected)} candidates rejected, see the report)")
             return None
         limit = None
         if o.max_batches:  # the first max_batches batches: the data is batched evenly up to its last batch

@@ -237,11 +237,15 @@ def test_lookup_graph_equals_numpy_decode_exactly(fmt):
         assert opset == (18 if fmt == "standard" else 17)  # standard upgrades for BitwiseAnd/BitShift
 
 
-def test_only_the_tables_change():
+def test_only_the_tables_change(caplog):
     model = embedding_model()
     before = model.SerializeToString()
-    res = optimize(model, method="emb4bit", data=feeds(), show_progress=False)
+    with caplog.at_level("WARNING"):
+        res = optimize(model, method="emb4bit", data=feeds(), show_progress=False)
     assert model.SerializeToString() == before, "the input model was modified"
+    # the tables are quantized: no "nothing was quantized ... the output is the float model" (it said so before)
+    assert "nothing was quantized" not in caplog.text
+    assert not any(e.node == "(model)" for e in res.report.left_in_float)
     ops = {n.op_type for n in res.model.graph.node}
     assert not ops & {"QuantizeLinear", "DequantizeLinear"}
     assert res.report.method == ["emb4bit"] and res.report.quantized_activations == 0 and res.report.quantized_weights == 0
