@@ -49,6 +49,9 @@ class OutputFidelity:
     explained_variance: float | None = described(
         "outputs of one value per sample (a probability, a score) only, whose per-sample cosine is 1 whatever the error: "
         "1 - sum((quantized - FP32)^2) / sum((FP32 - its mean)^2), the share of FP32's variation across samples kept", default=None)
+    position_agreement: float | None = described(
+        "class scores per position only ([N, T, C] token or CTC logits: last axis; [N, C, H, W] segmentation maps: axis 1; "
+        "FP32 with a clear winner at most positions): share of those clear positions whose arg-max class matches FP32", default=None)
 
 
 @dataclass
@@ -99,6 +102,10 @@ class Thresholds:
     #: toward 0.5 (SQNR 4 dB) kept every per-sample cosine at 1.0 and passed the check; 0.8 is the error a per-sample
     #: cosine of 0.9 allows (relative error about 0.45)
     explained_variance: float = 0.80
+    #: arg-max agreement per position below this, for class scores per position (token logits, CTC, segmentation),
+    #: counted where FP32's winner is clear: the top-1 threshold, per position (torchvision's LR-ASPP kept cosine 0.966
+    #: with 70 % of its pixel labels, random weights, and the check said nothing)
+    position_agreement: float = 0.90
 
 
 THRESHOLDS = Thresholds()
@@ -246,6 +253,9 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     why = []
     if out.top1_agreement is not None and out.top1_agreement < t.top1_agreement:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
+    if out.position_agreement is not None and out.position_agreement < t.position_agreement:
+        why.append(f"arg-max agreement per position {out.position_agreement:.3f} < {t.position_agreement} (the class at the "
+                   "positions FP32 labels clearly changed)")
     if out.neighbour_agreement is not None and out.neighbour_agreement < t.neighbour_agreement:
         why.append(f"neighbour agreement {out.neighbour_agreement:.3f} < {t.neighbour_agreement} (the samples' nearest neighbours changed)")
     if out.explained_variance is not None and out.explained_variance < t.explained_variance:
@@ -327,7 +337,9 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                       round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
                                       round(m["top1_agreement"], 6) if m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE else None,
                                       not m.get("integer", False),
-                                      explained_variance=round(m["explained_variance"], 6) if "explained_variance" in m else None))
+                                      explained_variance=round(m["explained_variance"], 6) if "explained_variance" in m else None,
+                                      position_agreement=round(m["position_agreement"], 6)
+                                      if "position_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None))
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)

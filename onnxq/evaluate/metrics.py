@@ -42,6 +42,16 @@ def looks_like_logits(output: np.ndarray) -> bool:
     return np.ndim(output) == 2 and 2 <= np.shape(output)[1] <= 100_000 and np.asarray(output).dtype.kind == "f"
 
 
+def dense_class_axis(output: np.ndarray, axis: int | None = 0) -> int | None:
+    """The class axis of an output that may hold class scores per position: a float [N, T, C] sequence (the last axis:
+    token logits, CTC) or [N, C, H, W] map (axis 1: segmentation), 2 <= C <= 100,000; else None. Whether it does
+    hold class scores is told by how often FP32 has a clear winner (:func:`_confident`), as for [N, C] outputs."""
+    if axis != 0 or np.asarray(output).dtype.kind != "f" or np.ndim(output) not in (3, 4):
+        return None
+    c = 2 if np.ndim(output) == 3 else 1
+    return c if 2 <= np.shape(output)[c] <= 100_000 else None
+
+
 def output_metrics(reference: np.ndarray, test: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
     """Every metric that applies to one output."""
     m = {"cosine": cosine(reference, test), "sqnr_db": sqnr_db(reference, test), "max_abs_error": max_abs_error(reference, test)}
@@ -80,6 +90,11 @@ class OutputAccumulator:
         #: is the sign of a product, 1 whatever the error, so :meth:`result` also gives the explained variance
         self.scalar: bool | None = None
         self.ref_sum = 0.0
+        #: [N, T, C] / [N, C, H, W] outputs (:func:`dense_class_axis`): positions, those with a clear FP32 winner, and
+        #: those of them whose quantized arg-max is the same class
+        self.positions = 0
+        self.positions_clear = 0
+        self.positions_same = 0
 
     def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
         """Add one batch (``labels``: one class per sample, for accuracy)."""
@@ -102,6 +117,15 @@ class OutputAccumulator:
         one_value = a.shape[1] == 1 and axis is not None and ref.ndim > 0
         self.scalar = one_value if self.scalar is None else (self.scalar and one_value)
         self.ref_sum += float(np.sum(ref))
+        dense = dense_class_axis(reference, axis)
+        if dense is not None:
+            classes = ref.shape[dense]
+            r = np.moveaxis(ref, dense, -1).reshape(-1, classes)
+            clear = _confident(r)
+            same = r.argmax(-1) == np.moveaxis(got, dense, -1).reshape(-1, classes).argmax(-1)
+            self.positions += len(r)
+            self.positions_clear += int(clear.sum())
+            self.positions_same += int((same & clear).sum())
         is_logits = looks_like_logits(reference) and axis == 0
         self.classification = is_logits if self.classification is None else (self.classification and is_logits)
         if is_logits:
@@ -118,7 +142,9 @@ class OutputAccumulator:
 
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
-        for outputs of one value per sample explained_variance, and for [N, C] outputs top1_agreement, confident_share
+        for outputs of one value per sample explained_variance, for [N, T, C] and [N, C, H, W] outputs position_clear_share
+        and position_agreement (the arg-max agreement at the positions where FP32's winner is clear), and for [N, C]
+        outputs top1_agreement, confident_share
         (:func:`_confident`), the worst FP32 class's top-1 agreement (worst_class, worst_class_agreement,
         worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
@@ -137,6 +163,10 @@ class OutputAccumulator:
             # the share of FP32's variation across samples the quantized output keeps: 1 - sum (q - r)^2 / sum (r - mean r)^2
             # (a sigmoid output squashed to 0.5 by a collapsed layer keeps every per-sample cosine at 1 and this near 0)
             m["explained_variance"] = 1.0 - self.noise / spread
+        if self.positions:
+            m["position_clear_share"] = self.positions_clear / self.positions
+            if self.positions_clear:
+                m["position_agreement"] = self.positions_same / self.positions_clear
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
             m["confident_share"] = self.confident / self.top1_total

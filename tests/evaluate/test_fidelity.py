@@ -261,3 +261,40 @@ def test_auto_ranks_a_one_value_per_sample_output_instead_of_tying_every_candida
                          options={"resamples": 0, "easyquant": False, "time_budget": 600}, show_progress=False, check=False)
     scores = [c.score for c in res.report.auto.candidates if c.score is not None]
     assert len(scores) >= 4 and max(scores) < 1.0 and len(set(scores)) > 1, scores
+
+
+@pytest.mark.parametrize("layout", ["segmentation", "sequence"])
+def test_class_scores_per_position_are_judged_by_their_agreement(layout):
+    """A segmentation map [N, C, H, W] (or token logits [N, T, C]) whose labels changed at 30 % of the positions keeps a
+    per-sample cosine near 0.98, which the check passed (torchvision's LR-ASPP: cosine 0.966, 70 % of its pixel labels).
+    The arg-max agreement at the positions where FP32's winner is clear now counts; the same output with every label
+    kept is quiet."""
+    from onnxq.evaluate.fidelity import THRESHOLDS, OutputFidelity, collapsed
+    from onnxq.evaluate.metrics import OutputAccumulator
+
+    rng = np.random.default_rng(0)
+    n, classes, positions = 8, 6, 256
+    ref = np.zeros((n, positions, classes), np.float32)
+    first, second = rng.integers(0, classes, (2, n, positions))
+    second = np.where(second == first, (first + 1) % classes, second)
+    np.put_along_axis(ref, first[..., None], 4.2, axis=-1)
+    np.put_along_axis(ref, second[..., None], 3.0, axis=-1)
+    swapped = ref.copy()
+    flip = rng.random((n, positions)) < 0.3
+    np.put_along_axis(swapped, first[..., None], np.where(flip, 3.0, 4.2)[..., None].astype(np.float32), axis=-1)
+    np.put_along_axis(swapped, second[..., None], np.where(flip, 4.2, 3.0)[..., None].astype(np.float32), axis=-1)
+    shape = (lambda a: a.reshape(n, 16, 16, classes).transpose(0, 3, 1, 2)) if layout == "segmentation" else (lambda a: a)
+
+    def verdict(test: np.ndarray) -> tuple[OutputFidelity, str | None]:
+        acc = OutputAccumulator()
+        acc.update(shape(ref), shape(test), axis=0)
+        m = acc.result()
+        out = OutputFidelity("out", m["cosine"], m["cosine_worst"], m["cosine_p1"], m["sqnr_db"], None,
+                             position_agreement=m.get("position_agreement"))
+        return out, collapsed(out)
+
+    out, why = verdict(swapped)
+    assert out.cosine > THRESHOLDS.cosine + 0.05, "precondition: the cosine cannot see it"
+    assert out.position_agreement == pytest.approx(1 - flip.mean(), abs=1e-6) and why and "per position" in why
+    out, why = verdict(ref + rng.normal(0, 0.05, ref.shape).astype(np.float32))
+    assert out.position_agreement > 0.99 and why is None
