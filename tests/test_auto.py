@@ -1262,3 +1262,38 @@ def test_an_output_the_graph_reads_on_is_not_scored():
     model.ir_version = 8
     held = HeldOut(model, [Batch({"x": rng.normal(0, 1, (4, 4, 8)).astype(np.float32)})])
     assert held.scored == {"sentence", "aux"}
+
+
+@pytest.mark.parametrize("budget", [None, 60.0], ids=["default-budget", "time-budget-given"])
+def test_a_searched_finalist_too_costly_to_resample_takes_its_start_recipes_spread(budget):
+    """Resampling a searched finalist runs its search once per subset (distilbert's mse+easyquant, 34 s a build, took a
+    60-s --time-budget to 131 s). With a budget given and no time for that, the recipe it started from is resampled
+    instead and the finalist takes its spread and drop; without one (the default budget), it is resampled itself."""
+    from types import SimpleNamespace
+
+    from onnxq.pipeline import auto as auto_mod
+    from onnxq.pipeline.report import AutoCandidate, AutoReport
+
+    def cand(name: str, score: float, seconds: float) -> AutoCandidate:
+        return AutoCandidate(name, name.split("+"), [], "portfolio", score, None, None, None, [], score, None, None, None, None,
+                             None, None, None, None, None, False, None, None, seconds, None)
+
+    base, searched = cand("mse", 0.9990, 0.5), cand("mse+easyquant", 0.9995, 30.0)
+    report = AutoReport.__new__(AutoReport)
+    report.candidates, report.notes, report.budget_exhausted = [base, searched], [], False
+    resampled: list[str] = []
+
+    def resample(c: AutoCandidate) -> None:
+        resampled.append(c.name)
+        c.resample_scores = [c.score - 0.0004, c.score - 0.0002, c.score - 0.0001]
+        c.spread, c.spread_bound, c.score_worst = 0.0004, 0.0011, round(c.score - 0.0004, 6)
+
+    s = SimpleNamespace(o=SimpleNamespace(time_budget=budget, resample_all=False), subsets=[[], [], []], report=report,
+                        left=lambda: 20.0, resample=resample, goal=auto_mod.Goal("cosine", None, 0.0), unresampled=set(),
+                        note=report.notes.append)
+    auto_mod.resample_finalists(s, [searched])
+    if budget is None:
+        assert resampled == ["mse+easyquant"] and not report.budget_exhausted
+    else:
+        assert resampled == ["mse"] and report.budget_exhausted and "resampled through mse" in report.notes[0]
+        assert searched.spread == base.spread and searched.score_worst == pytest.approx(0.9995 - 0.0004)
