@@ -298,3 +298,17 @@ def test_class_scores_per_position_are_judged_by_their_agreement(layout):
     assert out.position_agreement == pytest.approx(1 - flip.mean(), abs=1e-6) and why and "per position" in why
     out, why = verdict(ref + rng.normal(0, 0.05, ref.shape).astype(np.float32))
     assert out.position_agreement > 0.99 and why is None
+
+
+def test_an_image_output_is_not_judged_as_class_scores():
+    """An RGB image [N, 3, H, W] (a denoiser's, a style-transfer net's) has a clear largest channel at most pixels too,
+    but nothing reads its arg-max: a 7-bit style-transfer net kept cosine 0.998 and was warned for 'agreement per
+    position 0.841'. Outputs of fewer than DENSE_MIN_CLASSES channels carry no such figure."""
+    from onnxq.evaluate.metrics import DENSE_MIN_CLASSES, OutputAccumulator
+
+    rng = np.random.default_rng(1)
+    ref = rng.random((4, 3, 16, 16)).astype(np.float32)
+    ref[:, 0] += 1.0  # a clear largest channel everywhere
+    acc = OutputAccumulator()
+    acc.update(ref, ref[:, ::-1].copy(), axis=0)  # every pixel's arg-max changed
+    assert 3 < DENSE_MIN_CLASSES and "position_agreement" not in acc.result()
