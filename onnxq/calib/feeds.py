@@ -30,7 +30,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dims: list[int | str | None] = []
         for d in tt.shape.dim:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-        specs.append(InputSpec(vi.name, dtype, tuple(dims)))
+        specs.append(InputSpec(vi.name, dtype, tuple(dims), rank_declared=tt.HasField("shape")))
     return specs
 
 
@@ -52,8 +52,12 @@ def validate_batch(batch: Batch, inputs: list[InputSpec]) -> Batch:
             batch.feeds[spec.name] = arr
         if arr.dtype != spec.dtype:
             raise DataError(f"input '{spec.name}'{where} has dtype {arr.dtype}, the model expects {spec.dtype}")
-        if spec.shape and arr.ndim != len(spec.shape):
-            raise DataError(f"input '{spec.name}'{where} has shape {list(arr.shape)}, the model expects rank {len(spec.shape)} {_fmt(spec.shape)}")
+        if (spec.shape or spec.rank_declared) and arr.ndim != len(spec.shape):
+            # a scalar input declared rank 0 and given one value per sample was fed whole with every batch: ONNX Runtime
+            # then failed inside the graph ("broadcast ... 10 by 64")
+            scalar = " (a scalar: one value for every sample)" if not spec.shape else ""
+            raise DataError(f"input '{spec.name}'{where} has shape {list(arr.shape)}, the model expects rank {len(spec.shape)} "
+                            f"{_fmt(spec.shape)}{scalar}")
         for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
             if isinstance(want, int) and want > 0 and got != want:
                 raise DataError(f"input '{spec.name}'{where} has shape {list(arr.shape)}, the model expects {_fmt(spec.shape)} (axis {axis})")

@@ -88,6 +88,8 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
+    #: the model declares the shape (False: unknown, ``shape`` is empty); with an empty ``shape``, a scalar input
+    rank_declared: bool = False
 
 
 class DataReader:

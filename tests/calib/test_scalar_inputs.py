@@ -52,3 +52,16 @@ def test_methods_that_keep_samples_run_on_a_model_with_a_scalar_input(methods):
     for f in feeds(2, 2):
         y_f, y_q = ref.run(None, f)[0], got.run(None, f)[0]
         assert np.linalg.norm(y_q - y_f) / np.linalg.norm(y_f) < 0.05
+
+
+def test_one_value_per_sample_for_a_scalar_input_is_a_data_error(tmp_path, run_cli):
+    """A scalar input given one value per sample ([N] in the .npz) went whole with every batch, and ONNX Runtime failed
+    inside the graph ("broadcast ... 10 by 64"); it is the data's error, said in one line, before any run."""
+    path = tmp_path / "gain.onnx"
+    onnx.save_model(gain_model(), str(path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32), gain=np.full(8, 1.5, np.float32))
+    code, _, err = run_cli(["optimize", path, "-p", "minmax", "--data", tmp_path / "calib.npz", "--output", tmp_path / "q.onnx"])
+    assert code == 1 and err.strip().count("\n") == 0, (code, err)
+    assert "input 'gain'" in err and "rank 0" in err and "scalar" in err
+    assert not (tmp_path / "q.onnx").exists()
