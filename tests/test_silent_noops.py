@@ -120,3 +120,45 @@ def test_a_rewrite_with_nothing_to_rewrite_says_so(rewrite, caplog):
         res = onnxq.optimize(model, method=[rewrite, "minmax"], data=data, show_progress=False)
     assert f"{rewrite} changed nothing: " in caplog.text
     assert res.report.methods[rewrite]["changed_nothing"]
+
+
+def test_float_compute_onnxq_does_not_quantize_is_listed_and_counted():
+    """An Einsum (or LSTM/GRU/RNN) stays float: the report lists it in left_in_float and the integer-kernel share counts
+    it (a BiLSTM classifier read '100 % integer kernels' with 1.5 KB of its 3.6 MB quantized)."""
+    from onnxq.runtime.ort import integer_kernel_report
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "we"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "wm")]
+    nodes = [helper.make_node("Einsum", ["x", "we"], ["e"], equation="nk,kj->nj", name="mix"),
+             helper.make_node("MatMul", ["e", "wm"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "einsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = [{"x": rng.standard_normal((8, 8)).astype(np.float32)} for _ in range(2)]
+    res = onnxq.optimize(model, method="minmax", data=data, show_progress=False)
+    left = {e.node: e.reason for e in res.report.left_in_float}
+    assert left["mix"].startswith("Einsum: not quantized by onnxq")
+    report = integer_kernel_report(res.model)
+    assert report["float_compute_ops"].get("Einsum") == 1 and report["integer_fraction"] < 1.0
+
+
+def test_an_exclude_that_names_no_node_says_so(caplog):
+    """--exclude with a typo kept nothing float and said nothing."""
+    with caplog.at_level(logging.WARNING):
+        onnxq.optimize(_no_weighted_ops_model(), method="minmax", data="random", exclude=["no_such_node", "Relu"],
+                       show_progress=False, check=False)
+    assert "--exclude 'no_such_node' names no node" in caplog.text and "--exclude 'Relu'" not in caplog.text
+
+
+def test_a_task_the_model_cannot_have_points_to_the_task_option():
+    """DetPTQ's detection task on a one-output classifier said 'name them with -o outputs scores,boxes', outputs the
+    model does not have; it now points to -o task."""
+    from onnxq.tasks import make_task
+    from onnxq.tasks.detection import DetectionLoss
+
+    with pytest.raises(onnxq.errors.OptionError, match="choose its own with -o task"):
+        make_task(DetectionLoss, None, ["logits"])
+    with pytest.raises(onnxq.errors.OptionError, match="name them with -o outputs scores,boxes"):
+        make_task(DetectionLoss, None, ["a", "b", "c"])

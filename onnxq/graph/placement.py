@@ -73,7 +73,8 @@ def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     return None
 
 
-def _matches(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
+def matches_exclude(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
+    """Whether ``--exclude`` ``patterns`` (node-name globs or op types) name ``node``."""
     return any(fnmatch.fnmatchcase(node.name, p) or node.op_type == p for p in patterns)
 
 
@@ -103,7 +104,7 @@ def build_weight_only_plan(model: onnx.ModelProto, profile: TargetProfile, exclu
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        if _matches(node, exclude):
+        if matches_exclude(node, exclude):
             plan.skipped.append((node.name, "excluded by the user"))
             continue
         if node.op_type == "Gemm":
@@ -150,7 +151,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS:
             continue
-        if _matches(node, exclude):
+        if matches_exclude(node, exclude):
             plan.skipped.append((node.name, "excluded by the user"))
             continue
         w_index = 1 if len(node.input) > 1 else None
@@ -207,7 +208,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
 
     if profile.extra_ops:
         for node in model.graph.node:  # topological order: producers are decided first
-            if node.op_type not in profile.extra_ops or _matches(node, exclude):
+            if node.op_type not in profile.extra_ops or matches_exclude(node, exclude):
                 continue
             if any(n and constant(n) for n in node.input):
                 continue
@@ -250,7 +251,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
     # 3. residual Add (TensorRT)
     if profile.residual_add:
         for node in model.graph.node:
-            if node.op_type != "Add" or len(node.input) != 2 or _matches(node, exclude):
+            if node.op_type != "Add" or len(node.input) != 2 or matches_exclude(node, exclude):
                 continue
             prods = [idx.producer.get(n) for n in node.input]
             from_weighted = [p is not None and p.name in quantized_nodes and p.op_type in WEIGHTED_OPS for p in prods]
@@ -286,6 +287,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
                 plan.share_groups.append(members)
     plan.share_groups = _merge_groups(plan.share_groups)
     note_control_flow(model, plan)
+    note_float_compute(model, plan)
     # the ORT profiles: QLinear* kernels are float32-only
     check_float16_target(model, profile.name, profile.quantize_outputs, [*plan.activations, *(w.initializer for w in plan.weights.values())])
     return plan
@@ -380,6 +382,19 @@ def note_control_flow(model: onnx.ModelProto, plan: QuantPlan) -> None:
         where = "branches" if op == "If" else "body"
         plan.skipped.append((name, f"{op} with {_count_text(counts)} inside its {where}: ops inside control-flow "
                                    "subgraphs are not quantized (onnxq places Q/DQ in the main graph only)"))
+
+
+#: compute ops onnxq never quantizes: the report lists them as left float, so that a model whose weights sit mostly in
+#: them (a BiLSTM classifier: 1.5 KB of 3.6 MB quantized) does not read as quantized
+UNQUANTIZED_COMPUTE_OPS = ("LSTM", "GRU", "RNN", "Einsum")
+
+
+def note_float_compute(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """List in ``plan.skipped`` every main-graph recurrent layer and Einsum: they run in float."""
+    for node in model.graph.node:
+        if node.op_type in UNQUANTIZED_COMPUTE_OPS:
+            plan.skipped.append((node.name, f"{node.op_type}: not quantized by onnxq (it quantizes Conv, ConvTranspose, Gemm "
+                                            "and MatMul); it runs in float"))
 
 
 #: the pseudo node name of a whole-model entry in ``plan.skipped`` (the report's left_in_float)

@@ -29,7 +29,7 @@ from onnxq.graph import model_io, prepare as graph_prepare
 from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
 from onnxq.graph.folding import fold_affine
-from onnxq.graph.placement import build_plan, left_float_warnings
+from onnxq.graph.placement import build_plan, left_float_warnings, matches_exclude
 from onnxq.graph.qdq import apply_commands, commands_from_plan, keep_float_layers_float
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.evaluate.fidelity import check_fidelity
@@ -229,6 +229,11 @@ def target_rewrites(run: Run) -> None:
         if run.gemm_rewrites:
             check_float_rewrite("target " + profile.name, run.work, candidate, run.first)
             run.work = candidate
+    for pattern in run.settings.exclude:
+        # a typo in a node name kept nothing float and said nothing
+        if not any(matches_exclude(n, [pattern]) for n in run.work.graph.node):
+            log.warning("--exclude '%s' names no node of the model (a node-name glob or an op type; BatchNorms are folded "
+                        "into their convs): nothing is kept float by it", pattern)
 
 
 def _checked_fold(run: Run, fold: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[str]]], what: str) -> list[str]:
