@@ -69,10 +69,12 @@ class TaskLoss:
         if not names:
             names = graph_outputs if not self.roles or len(graph_outputs) == len(self.roles) else []
             if not names:
+                # with fewer outputs than roles there is nothing to name: the model is of another task
+                fix = (f"name them with -o outputs {','.join(self.roles)}" if len(graph_outputs) > len(self.roles) else
+                       "if the model is not of this task, choose its own with -o task (e.g. classification)")
                 raise OptionError(
                     f"task '{self.name}' reads {len(self.roles)} output(s) ({', '.join(self.roles)}) but the model has "
-                    f"{len(graph_outputs)} ({', '.join(graph_outputs)}); name them with -o outputs "
-                    + ",".join(self.roles)
+                    f"{len(graph_outputs)} ({', '.join(graph_outputs)}); {fix}"
                 )
         if self.roles and len(names) != len(self.roles):
             raise OptionError(f"task '{self.name}' reads {len(self.roles)} output(s) ({', '.join(self.roles)}), got {len(names)}: {', '.join(names)}")
