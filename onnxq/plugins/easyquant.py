@@ -325,8 +325,10 @@ class EasyQuant(QuantMethod):
         st.ctx.plan.weights[layer.weight].qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
                                                                         quant_scale=None if np.all(alpha == 1) else shape(step))
         r = st.report[layer.node]
-        r["weight_cosine_before"] = float(before.mean())
-        r["weight_cosine_after"] = float(after.mean())
+        # the objective's value: the mean per-sample cosine (metric cosine), or minus the normalised squared error (mse)
+        r["score"] = "cosine" if self.options.metric == "cosine" else "minus normalised squared error"
+        r["weight_score_before"] = float(before.mean())
+        r["weight_score_after"] = float(after.mean())
         r["weight_multiplier_mean"] = float(chosen.mean())
 
     def _magnitude_fix(self, runner, x, w, q0, step, axis, ch_axis, ref_c, after, group):
@@ -467,8 +469,9 @@ class EasyQuant(QuantMethod):
             plan.activations[member].range = (lo0 / g_best, hi0 / g_best)
         for c in consumers:
             r = report[c.node]
-            r["activation_cosine_before"] = float(before[0])
-            r["activation_cosine_after"] = float(after[0])
+            r["score"] = "cosine" if self.options.metric == "cosine" else "minus normalised squared error"
+            r["activation_score_before"] = float(before[0])
+            r["activation_score_after"] = float(after[0])
             r["activation_multiplier"] = g_best
 
 
