@@ -1297,3 +1297,15 @@ def test_a_searched_finalist_too_costly_to_resample_takes_its_start_recipes_spre
     else:
         assert resampled == ["mse"] and report.budget_exhausted and "resampled through mse" in report.notes[0]
         assert searched.spread == base.spread and searched.score_worst == pytest.approx(0.9995 - 0.0004)
+
+
+def test_auto_scores_an_output_of_another_length_on_the_part_both_computed():
+    """SLANet's decoder (a Loop) ran 52 steps in FP32 and 76 quantized: auto's scoring raised 'cannot reshape', and every
+    candidate failed ('no candidate recipe could be built')."""
+    from onnxq.pipeline.auto import _per_sample
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 5, 8))
+    got = np.concatenate([ref, rng.normal(size=(2, 3, 8))], axis=1)
+    a, b = _per_sample(ref, got, 2, 0)
+    assert a.shape == b.shape == (2, 40) and np.array_equal(a, b)

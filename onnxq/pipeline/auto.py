@@ -361,6 +361,12 @@ def _sem(values: np.ndarray) -> float:
 
 
 def _per_sample(a: np.ndarray, b: np.ndarray, n: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` (FP32) and ``b`` as [samples, values]; an output whose length the model computes from its data (a
+    decoder's Loop: SLANet decoded 52 steps in FP32, 76 quantized) is compared on the part both computed, as the
+    fidelity check does (:class:`~onnxq.evaluate.metrics.OutputAccumulator`)."""
+    if np.shape(a) != np.shape(b) and np.ndim(a) == np.ndim(b):
+        common = tuple(slice(0, min(x, y)) for x, y in zip(np.shape(a), np.shape(b)))
+        a, b = np.asarray(a)[common], np.asarray(b)[common]
     if axis is None or np.ndim(a) <= (axis or 0) or np.shape(a)[axis] != n:
         return np.reshape(a, (1, -1)), np.reshape(b, (1, -1))
     a = np.moveaxis(a, axis, 0).reshape(n, -1)
