@@ -13,9 +13,9 @@ produced by an op whose output channels can absorb a positive factor, the rewrit
 
 is exact (convolution is linear per input channel and zero padding stays zero). The factor is
 folded into the producer: ``BatchNormalization`` (γ and β times ``k``) or a ``Conv`` with
-constant weights (its output-channel rows and bias times ``k``), optionally through a
-positively homogeneous activation between them (``Relu``, ``LeakyRelu``: f(k·x) = k·f(x) for
-k > 0). No op is added at run time.
+constant weights (its output-channel rows and bias times ``k``), optionally through
+positively homogeneous ops between them (``Relu``, ``LeakyRelu``, ``MaxPool``, ``AveragePool``:
+f(k·x) = k·f(x) per channel for k > 0). No op is added at run time.
 
 Choice of ``k`` from the per-channel max-abs ``a_c`` measured on calibration data:
 
@@ -45,8 +45,10 @@ from onnxq.graph.smoothing import channel_absmax_model
 
 __all__ = ["EqualizeSite", "find_equalize_sites", "channel_absmax", "equalize_scales", "apply_equalization"]
 
-#: activations between the producer and the tensor that commute with a positive per-channel factor
-HOMOGENEOUS_OPS = ("Relu", "LeakyRelu")
+#: ops between the producer and the tensor that commute with a positive per-channel factor: the activations, and the
+#: pooling of a VGG-style or audio CNN (Conv, Relu, MaxPool, Conv: max and mean of k·x are k times those of x; with
+#: power-of-two factors exactly)
+HOMOGENEOUS_OPS = ("Relu", "LeakyRelu", "MaxPool", "AveragePool")
 
 
 @dataclass
@@ -120,7 +122,8 @@ def find_equalize_sites(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> 
             continue
         through: list[str] = []
         cur = idx.producer.get(t)
-        while cur is not None and cur.op_type in HOMOGENEOUS_OPS and idx.sole_consumer(cur.input[0]) is cur:
+        while (cur is not None and cur.op_type in HOMOGENEOUS_OPS and len([o for o in cur.output if o]) == 1
+               and idx.sole_consumer(cur.input[0]) is cur):  # a MaxPool's Indices output would see no factor
             through.append(cur.name)
             cur = idx.producer.get(cur.input[0])
         if cur is None or cur.name in claimed or not _producer_ok(idx, cur, cin):
