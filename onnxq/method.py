@@ -48,7 +48,8 @@ class RunContext:
     plan: QuantPlan
     calibration: BatchSource
     stats: StatsMap = field(default_factory=dict)
-    #: free-form per-method report sections, keyed by method name
+    #: free-form per-method report sections, keyed by method name; a rewrite that returns None sets its section's
+    #: ``changed_nothing`` to why, and the host says so in a warning
     report: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
     #: the plugin host running this method (lookups such as task losses; None: the process-wide host)

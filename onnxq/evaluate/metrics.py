@@ -42,6 +42,13 @@ def looks_like_logits(output: np.ndarray) -> bool:
     return np.ndim(output) == 2 and 2 <= np.shape(output)[1] <= 100_000 and np.asarray(output).dtype.kind == "f"
 
 
+def common_part(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` (of one rank) cut to the shape both have: an output whose length the model computes from its
+    data (an autoregressive decoder's Loop, a detector's NMS) compared on what both models computed."""
+    common = tuple(slice(0, min(x, y)) for x, y in zip(np.shape(a), np.shape(b)))
+    return np.asarray(a)[common], np.asarray(b)[common]
+
+
 #: the fewest classes an output per position is judged by its arg-max with: an RGB(A) image, a box [x, y, w, h] or a
 #: depth map has a clear largest channel at most pixels too, and nothing reads its arg-max (an image-to-image UNet, a
 #: style-transfer net and a super-resolution net, 3 channels, showed a clear winner at 91 % of their pixels)
@@ -118,9 +125,8 @@ class OutputAccumulator:
             # a length the model computes from its data (an autoregressive decoder's Loop, a detector's NMS): the
             # quantized model decoded more or fewer steps than FP32; compare what both computed and count the batch
             # (SLANet's table decoder: 52 against 76 steps, and the whole evaluation failed)
-            common = tuple(slice(0, min(r, g)) for r, g in zip(ref.shape, got.shape))
-            ref, got = ref[common], got[common]
-            reference = np.asarray(reference)[common]
+            ref, got = common_part(ref, got)
+            reference = common_part(reference, ref)[0]
             self.length_differs += 1
         diff = ref - got
         self.signal += float(np.sum(ref * ref))

@@ -57,7 +57,7 @@ from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
-from onnxq.evaluate.metrics import row_cosines
+from onnxq.evaluate.metrics import common_part, row_cosines
 from onnxq.graph.placement import build_plan
 from onnxq.host import Host
 from onnxq.method import RunContext
@@ -365,8 +365,7 @@ def _per_sample(a: np.ndarray, b: np.ndarray, n: int, axis: int | None) -> tuple
     decoder's Loop: SLANet decoded 52 steps in FP32, 76 quantized) is compared on the part both computed, as the
     fidelity check does (:class:`~onnxq.evaluate.metrics.OutputAccumulator`)."""
     if np.shape(a) != np.shape(b) and np.ndim(a) == np.ndim(b):
-        common = tuple(slice(0, min(x, y)) for x, y in zip(np.shape(a), np.shape(b)))
-        a, b = np.asarray(a)[common], np.asarray(b)[common]
+        a, b = common_part(a, b)
     if axis is None or np.ndim(a) <= (axis or 0) or np.shape(a)[axis] != n:
         return np.reshape(a, (1, -1)), np.reshape(b, (1, -1))
     a = np.moveaxis(a, axis, 0).reshape(n, -1)

@@ -266,16 +266,20 @@ def float_rewrites(run: Run) -> None:
     for m in run.methods:
         rewritten = m.float_rewrite(run.ctx)
         run.expect_untouched(m, "float_rewrite")
-        section = run.ctx.report.get(m.name)
-        if rewritten is None and isinstance(section, dict) and section.get("changed_nothing"):
-            # asked for by name, a rewrite that finds nothing to do says so (-p auto notes it per form instead)
-            log.warning("%s changed nothing: %s", m.name, section["changed_nothing"])
+        say_unchanged(run, m, rewritten)  # -p auto builds its float forms itself and notes them per form instead
         if rewritten is not None:
             if m.approximates:
                 quantized_rewrite(run, m, rewritten)  # records the change and its error against the float model
             else:
                 check_float_rewrite(f"method '{m.name}'", run.work, rewritten, run.first)
             run.install(rewritten, replan=True)
+
+
+def say_unchanged(run: Run, method: QuantMethod, rewritten: onnx.ModelProto | None) -> None:
+    """A rewrite asked for by name that found nothing to change says why (its report section's ``changed_nothing``)."""
+    section = run.ctx.report.get(method.name)
+    if rewritten is None and isinstance(section, dict) and section.get("changed_nothing"):
+        log.warning("%s changed nothing: %s", method.name, section["changed_nothing"])
 
 
 def calibrate(run: Run) -> None:
@@ -316,6 +320,7 @@ def refine(run: Run) -> None:
         run.expect_untouched(m, "refine")
         rewritten = m.quantized_rewrite(run.ctx)
         run.expect_untouched(m, "quantized_rewrite")
+        say_unchanged(run, m, rewritten)
         if rewritten is not None:
             t_check = time.perf_counter()
             quantized_rewrite(run, m, rewritten)

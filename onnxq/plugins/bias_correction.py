@@ -19,7 +19,6 @@ model and the host reports the change. Compose after a calibrator or a search: `
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +40,6 @@ from onnxq.method import QuantMethod, RunContext
 from onnxq.options import option
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,9 +73,8 @@ class BiasCorrection(QuantMethod):
         ctx.report[self.name] = {"corrected": section, "skipped": skipped, "samples": sum(sample_count(c) for c in chunks),
                                  "samples_kept": fit.describe()}
         if not section:
-            reasons = sorted(set(skipped.values()))
-            log.warning("bias-correction changed nothing: no quantized layer has a float bias to correct (%s)",
-                        "; ".join(reasons) if reasons else "no quantized layers")
+            reasons = "; ".join(sorted(set(skipped.values()))) or "no quantized layers"
+            ctx.report[self.name]["changed_nothing"] = f"no quantized layer has a float bias to correct ({reasons})"
             return None
         return model
 
@@ -123,8 +119,7 @@ class PadCorrection(QuantMethod):
         feeds = [b.feeds for b in sample_batches(ctx, self.options.samples)]
         sample, info = constant_region(feeds, self.options.min_share)
         if sample is None:
-            log.warning("pad-correction changed nothing: %s", info["reason"])
-            ctx.report[self.name] = {"corrected": {}, "skipped": {}, "constant": info}
+            ctx.report[self.name] = {"corrected": {}, "skipped": {}, "constant": info, "changed_nothing": info["reason"]}
             return None
         # the centre position: a constant input gives one value per channel away from the borders, where the convs'
         # zero padding makes the rest differ (on a short feature map the borders are most of the positions)

@@ -317,6 +317,10 @@ class EasyQuant(QuantMethod):
             return None
         return x, self._fp_value(st, layer.objective), w, q0, site.axis if site.axis is not None else 0
 
+    def _score_name(self) -> str:
+        """What the report's ``*_score_before/after`` hold: the objective's value under ``metric``."""
+        return "cosine" if self.options.metric == "cosine" else "minus normalised squared error"
+
     def _apply_weights(self, st: "_Sweep", layer: Layer, job: tuple[Any, ...], result: tuple[np.ndarray, ...]) -> None:
         """Install a weight search's result in the plan and the report."""
         q0 = job[3]
@@ -325,8 +329,7 @@ class EasyQuant(QuantMethod):
         st.ctx.plan.weights[layer.weight].qparams = dataclasses.replace(q0, scale=shape((step * alpha).astype(np.float32)),
                                                                         quant_scale=None if np.all(alpha == 1) else shape(step))
         r = st.report[layer.node]
-        # the objective's value: the mean per-sample cosine (metric cosine), or minus the normalised squared error (mse)
-        r["score"] = "cosine" if self.options.metric == "cosine" else "minus normalised squared error"
+        r["score"] = self._score_name()
         r["weight_score_before"] = float(before.mean())
         r["weight_score_after"] = float(after.mean())
         r["weight_multiplier_mean"] = float(chosen.mean())
@@ -469,7 +472,7 @@ class EasyQuant(QuantMethod):
             plan.activations[member].range = (lo0 / g_best, hi0 / g_best)
         for c in consumers:
             r = report[c.node]
-            r["score"] = "cosine" if self.options.metric == "cosine" else "minus normalised squared error"
+            r["score"] = self._score_name()
             r["activation_score_before"] = float(before[0])
             r["activation_score_after"] = float(after[0])
             r["activation_multiplier"] = g_best
