@@ -150,6 +150,10 @@ def fidelity_lines(fid: Fidelity) -> list[str]:
         top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
         neighbours = f", neighbour agreement {o.neighbour_agreement:.3f}" if o.neighbour_agreement is not None else ""
         positions = f", agreement per position {o.position_agreement:.3f}" if o.position_agreement is not None else ""
+        if o.label_agreement is not None:
+            positions += f", label agreement {o.label_agreement:.3f}"
+        if o.exact_agreement is not None:
+            positions += f", values equal to FP32's {o.exact_agreement:.3f}"
         if o.length_differs:
             positions += f", length differs from FP32 in {100 * o.length_differs:.0f} % of batches"
         lines.append(f"fidelity ({where}) {o.name}: cosine {_fmt(o.cosine, '.4f')} (worst {_fmt(o.cosine_worst, '.4f')}, "

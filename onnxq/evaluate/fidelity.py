@@ -53,6 +53,12 @@ class OutputFidelity:
         "outputs whose length the model computes from its data (a decoder's loop, NMS): the share of compared batches "
         "in which the quantized output had another shape than FP32's (the other figures then cover the part both "
         "computed); null: always the same shape", default=None)
+    label_agreement: float | None = described(
+        "integer outputs of one value per sample (a class id an ArgMax computed in the model) only: share of samples whose "
+        "value equals FP32's; judged at the top-1 threshold", default=None)
+    exact_agreement: float | None = described(
+        "other integer outputs (indices, masks, token ids): share of values equal to FP32's (reported, not judged: one "
+        "swapped near-tie shifts every index after it)", default=None)
     position_agreement: float | None = described(
         "class scores per position only ([N, T, C] token or CTC logits: last axis; [N, C, H, W] segmentation maps: axis 1; "
         "FP32 with a clear winner at most positions): share of those clear positions whose arg-max class matches FP32", default=None)
@@ -256,7 +262,12 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     if not (math.isfinite(out.cosine) and math.isfinite(out.cosine_p1)) or (isinstance(out.sqnr_db, float) and math.isnan(out.sqnr_db)):
         return "the quantized output holds NaN or Inf"
     if not out.scored:
-        return None  # integer outputs (indices, ids, masks) are decisions, not scores: reported, not judged
+        # integer outputs are decisions, not scores: a class id per sample is judged as top-1 is (a classifier exported
+        # with its ArgMax has no other output, and kept every cosine near 1 with a third of its labels changed);
+        # indices, masks and ids are reported only
+        if out.label_agreement is not None and out.label_agreement < t.top1_agreement:
+            return f"label agreement {out.label_agreement:.3f} < {t.top1_agreement} (the class id per sample changed)"
+        return None
     why = []
     if out.top1_agreement is not None and out.top1_agreement < t.top1_agreement:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
@@ -350,7 +361,9 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                       explained_variance=round(m["explained_variance"], 6) if "explained_variance" in m else None,
                                       position_agreement=round(m["position_agreement"], 6)
                                       if "position_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None,
-                                      length_differs=round(m["length_differs"], 6) if "length_differs" in m else None))
+                                      length_differs=round(m["length_differs"], 6) if "length_differs" in m else None,
+                                      label_agreement=round(m["label_agreement"], 6) if "label_agreement" in m else None,
+                                      exact_agreement=round(m["exact_agreement"], 6) if "exact_agreement" in m else None))
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)

@@ -112,6 +112,9 @@ class OutputAccumulator:
         #: batches compared, and those whose output had another shape than FP32's (compared on the common part)
         self.batches = 0
         self.length_differs = 0
+        #: integer outputs (class ids, indices, masks): values compared, and those equal to FP32's
+        self.values = 0
+        self.equal = 0
 
     def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
         """Add one batch (``labels``: one class per sample, for accuracy)."""
@@ -140,6 +143,9 @@ class OutputAccumulator:
             b = np.moveaxis(got, axis, 0).reshape(a.shape)
         self.cosines.extend(row_cosines(a, b).tolist())
         one_value = a.shape[1] == 1 and axis is not None and ref.ndim > 0
+        if np.asarray(reference).dtype.kind in "iub":
+            self.values += ref.size
+            self.equal += int(np.count_nonzero(ref == got))
         self.scalar = one_value if self.scalar is None else (self.scalar and one_value)
         self.ref_sum += float(np.sum(ref))
         dense = dense_class_axis(reference, axis)
@@ -170,7 +176,8 @@ class OutputAccumulator:
         for outputs of one value per sample explained_variance, for [N, T, C] and [N, C, H, W] outputs position_clear_share
         and position_agreement (the arg-max agreement at the positions where FP32's winner is clear), and for [N, C]
         outputs top1_agreement, confident_share
-        (:func:`_confident`), length_differs (the share of batches whose output had another shape than FP32's: a
+        (:func:`_confident`), for integer outputs label_agreement (one value per sample: a class id) or exact_agreement
+        (the share of values equal to FP32's), length_differs (the share of batches whose output had another shape than FP32's: a
         length computed from the data; the figures then cover the part both computed), the worst FP32 class's top-1 agreement (worst_class, worst_class_agreement,
         worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
@@ -184,8 +191,11 @@ class OutputAccumulator:
              "sqnr_db": sqnr, "max_abs_error": self.max_abs, "samples": len(self.cosines)}
         if self.integer:
             m["integer"] = 1.0
+            if self.values:
+                # a class id's cosine says nothing (3 against 4 is 1.0): equal or not is what a reader of it sees
+                m["label_agreement" if self.scalar else "exact_agreement"] = self.equal / self.values
         spread = self.signal - self.ref_sum ** 2 / len(self.cosines) if self.cosines else 0.0
-        if self.scalar and len(self.cosines) > 1 and spread > 0:
+        if self.scalar and not self.integer and len(self.cosines) > 1 and spread > 0:
             # the share of FP32's variation across samples the quantized output keeps: 1 - sum (q - r)^2 / sum (r - mean r)^2
             # (a sigmoid output squashed to 0.5 by a collapsed layer keeps every per-sample cosine at 1 and this near 0)
             m["explained_variance"] = 1.0 - self.noise / spread

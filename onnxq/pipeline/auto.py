@@ -302,6 +302,15 @@ class HeldOut:
             here: list[np.ndarray] = []
             for i, (name, r, q) in enumerate(zip(self.names, ref, got)):
                 if np.asarray(r).dtype.kind != "f":
+                    ids = _class_ids(r, q, n, self.axes.get(name, 0))
+                    if ids is not None:
+                        # a class id per sample (the model's own ArgMax): the sample scores 1 where it is FP32's, else 0;
+                        # a model with no float output tied every candidate at 1.0
+                        cos[name].append(ids)
+                        if self.all_outputs and name in self.scored:
+                            here.append(ids)
+                        if i == 0:
+                            agree.append(ids)
                     continue
                 a, c = _per_sample(np.asarray(r, np.float64), np.asarray(q, np.float64), n, self.axes.get(name, 0))
                 if a.shape[1] == 1 < a.shape[0]:
@@ -353,6 +362,15 @@ class HeldOut:
         return Scores(float(np.mean(c0)), float(np.min(c0)), float(np.percentile(c0, 1)),
                       None if ag is None else float(np.mean(ag)), None if ag is None else float(np.min(ag)),
                       drop, worst_out, means.get(worst_out) if worst_out else None, worst_class, worst_class_agreement, errors)
+
+
+def _class_ids(r: np.ndarray, q: np.ndarray, n: int, axis: int | None) -> np.ndarray | None:
+    """Per sample, 1.0 where an integer output of one value per sample equals FP32's and 0.0 elsewhere; None for
+    other outputs (indices, masks: reported by the fidelity check, not scored)."""
+    if np.asarray(r).dtype.kind not in "iu" or np.shape(r) != np.shape(q):
+        return None
+    a, b = _per_sample(np.asarray(r), np.asarray(q), n, axis)
+    return (a[:, 0] == b[:, 0]).astype(np.float64) if a.shape == (n, 1) and n > 1 else None
 
 
 def _sem(values: np.ndarray) -> float:

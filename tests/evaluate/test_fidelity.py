@@ -254,6 +254,72 @@ def test_one_value_per_sample_outputs_are_judged_by_the_variance_they_keep():
     assert bad.warned and "explained variance" in bad.warnings[0]
 
 
+def _argmax_model() -> onnx.ModelProto:
+    """A 5-class classifier exported with its ArgMax: x [N, 16] -> MatMul -> Relu -> MatMul -> ArgMax -> label [N] int64."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = _scalar_model()
+    rng = np.random.default_rng(6)
+    g = m.graph
+    g.initializer[1].CopyFrom(numpy_helper.from_array(rng.normal(0, 0.5, (32, 5)).astype(np.float32), "w2"))
+    g.node[3].CopyFrom(helper.make_node("ArgMax", ["z"], ["label"], name="argmax", axis=1, keepdims=0))
+    g.output[0].CopyFrom(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    return m
+
+
+def test_a_class_id_output_is_judged_by_how_many_ids_it_keeps():
+    """A classifier exported with its ArgMax has one integer output: its per-sample cosine is 1.0 for any nonzero id
+    (3 against 4), so integer outputs were reported and never judged, and a run that changed most labels passed the
+    check (this one: cosine 0.875, of numbers that are names). An integer output of one value per sample is now judged by the share of samples whose id equals FP32's."""
+    from onnxq.evaluate.fidelity import THRESHOLDS
+
+    good = onnxq.optimize(_argmax_model(), method="minmax", data=_scalar_data(), show_progress=False).report.fidelity
+    (out,) = good.outputs
+    assert not out.scored and not good.warned, good.warnings
+    assert out.label_agreement is not None and out.label_agreement > THRESHOLDS.top1_agreement
+    bad = onnxq.optimize(_argmax_model(), method=BROKEN["method"], options=BROKEN["options"], data=_scalar_data(),
+                         show_progress=False).report.fidelity
+    (out,) = bad.outputs
+    assert not out.scored, "an integer output: no cosine threshold judges it"
+    assert out.label_agreement < THRESHOLDS.top1_agreement - 0.1
+    assert bad.warned and "label agreement" in bad.warnings[0]
+
+
+def test_auto_scores_a_class_id_output_by_the_ids_it_keeps():
+    """-p auto scored float outputs only: on a model whose one output is a class id every candidate scored 1.0 and the
+    choice (and any --min-cosine) meant nothing. Each sample now scores 1 where its id is FP32's, else 0."""
+    from onnxq.calib.readers import Batch
+    from onnxq.pipeline.auto import HeldOut
+
+    data = _scalar_data()
+    held = HeldOut(_argmax_model(), [Batch(d) for d in data])
+    assert held.score(_argmax_model()).cosine == 1.0
+    bad = onnxq.optimize(_argmax_model(), method=BROKEN["method"], options=BROKEN["options"], data=data, show_progress=False)
+    assert bad.report.fidelity.outputs[0].label_agreement < 0.8, "precondition: half the ids changed"
+    sc = held.score(bad.model)
+    import onnxruntime as ort
+
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (_argmax_model(), bad.model)]
+    same = np.concatenate([runs[0].run(None, d)[0] == runs[1].run(None, d)[0] for d in data])
+    assert sc.cosine == pytest.approx(same.mean()) and sc.agreement == sc.cosine and sc.cosine < 0.8
+
+
+def test_other_integer_outputs_are_reported_not_judged():
+    """Indices and masks (a TopK's, an NMS's) shift after one swapped near-tie: the share of equal values is reported
+    and not judged."""
+    from onnxq.evaluate.fidelity import OutputFidelity, collapsed
+    from onnxq.evaluate.metrics import OutputAccumulator
+
+    acc = OutputAccumulator()
+    ref = np.arange(24, dtype=np.int64).reshape(4, 6)
+    acc.update(ref, ref[:, ::-1].copy(), axis=0)
+    m = acc.result()
+    assert "label_agreement" not in m and m["exact_agreement"] == 0.0
+    out = OutputFidelity("indices", m["cosine"], m["cosine_worst"], m["cosine_p1"], m["sqnr_db"], None, scored=False,
+                         exact_agreement=m["exact_agreement"])
+    assert collapsed(out) is None
+
+
 def test_auto_ranks_a_one_value_per_sample_output_instead_of_tying_every_candidate():
     """-p auto's held-out score of such an output is the cosine over each batch's values: below 1 and different between
     candidates (silero-vad's speech probability tied every candidate at 1.00000 and the choice was arbitrary)."""
