@@ -36,10 +36,10 @@ class OrtRunner(Runner):
 
     def activate_impl(self) -> None:
         self._session = ort_session.make_session(self.model, "all")
-        self._names = [o.name for o in self._session.get_outputs()]
+        self._names = ort_session.tensor_outputs(self._session)
 
     def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {n: np.asarray(r) for n, r in zip(self._names, ort_session.run(self._session, dict(feeds)))}
+        return {n: np.asarray(r) for n, r in zip(self._names, ort_session.run(self._session, dict(feeds), self._names))}
 
     def deactivate_impl(self) -> None:
         self._session = None

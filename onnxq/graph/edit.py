@@ -188,9 +188,10 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
 
     Two repairs on what graphsurgeon writes: a top-level initializer of ``like`` read only inside
     If/Loop/Scan bodies stays a top-level initializer (graphsurgeon moves it into the body, or drops
-    it after ``cleanup()``), and for IR < 4 an initializer that ``like`` listed in ``graph.input``
+    it after ``cleanup()``), for IR < 4 an initializer that ``like`` listed in ``graph.input``
     stays listed while it exists (graphsurgeon turns such inputs into constants; IR 4 and later
-    need no listing, so there they are constants and no longer inputs).
+    need no listing, so there they are constants and no longer inputs), and a value that is not a
+    tensor (a sequence, a map: scikit-learn's ZipMap output) keeps ``like``'s type.
     """
     out = gs.export_onnx(graph, do_type_check=False)
     for field in (*_MODEL_SCALARS, *_MODEL_LISTS):
@@ -202,9 +203,22 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         getattr(out, field).extend(getattr(like, field))
     _restore_outer_initializers(out.graph, like.graph)
     _restore_annotations(out.graph, like.graph)
+    _restore_non_tensor_types(out.graph, like.graph)
     if like.ir_version and like.ir_version < 4:
         _relist_initializer_inputs(out.graph, like.graph)
     return out
+
+
+def _restore_non_tensor_types(g: onnx.GraphProto, like: onnx.GraphProto) -> None:
+    """Sequence, map and optional types of ``like``'s inputs, outputs and value infos, which graphsurgeon writes as
+    tensors of undefined type (a scikit-learn classifier's ZipMap output: ONNX Runtime refused every quantized model,
+    "Invalid tensor data type 0")."""
+    kept = {v.name: v.type for v in (*like.input, *like.output, *like.value_info) if v.type.WhichOneof("value") not in (None, "tensor_type")}
+    if not kept:
+        return
+    for v in (*g.input, *g.output, *g.value_info):
+        if v.name in kept:
+            v.type.CopyFrom(kept[v.name])
 
 
 def _restore_annotations(g: onnx.GraphProto, like: onnx.GraphProto) -> None:

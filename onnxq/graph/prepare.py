@@ -87,6 +87,14 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
     current = default_opset(model)
     if current >= minimum:
         return model
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        # no standard operator at all (an XGBoost or LightGBM classifier: ai.onnx.ml only): nothing to convert, and the
+        # version converter refuses a model without the default domain ("invalid version")
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.opset_import.append(helper.make_opsetid("", minimum))
+        out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True))
+        return out
     try:
         converted = version_converter.convert_version(model, minimum)
     except Exception as exc:
@@ -159,6 +167,13 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     for init in g.initializer:
         types[init.name] = init.data_type
     return types
+
+
+def non_tensor_values(model: onnx.ModelProto) -> set[str]:
+    """Names of the values declared as something other than a tensor: a sequence, a map, an optional (scikit-learn's
+    ZipMap output, a list of {class: probability} dicts per sample)."""
+    g = model.graph
+    return {vi.name for vi in (*g.input, *g.output, *g.value_info) if vi.type.WhichOneof("value") not in (None, "tensor_type")}
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:

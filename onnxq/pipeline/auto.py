@@ -275,13 +275,13 @@ class HeldOut:
         self.all_outputs = all_outputs
         self.axes = batch_axes(reference)
         sess = ort_backend.make_session(reference, "all")
-        self.names = [o.name for o in sess.get_outputs()]
+        self.names = ort_backend.tensor_outputs(sess)
         # an output that the graph reads on (MiniLM's token embeddings, pooled into its sentence embedding) is an
         # intermediate the outputs after it reflect: scored against it, auto chose for a by-product (MiniLM's sentence
         # embedding fell from 0.99831 to 0.9944); the first output counts always
         read = {i for n in reference.graph.node for i in n.input}
         self.scored = {self.names[0]} | {n for n in self.names if n not in read} if self.names else set()
-        self.refs = [ort_backend.run(sess, dict(b.feeds)) for b in batches]
+        self.refs = [ort_backend.run(sess, dict(b.feeds), self.names) for b in batches]
         self.samples = sum(sample_count(b.feeds, self.axes) for b in batches)
         self.labelled = bool(batches) and all(b.labels is not None for b in batches)
 
@@ -297,7 +297,7 @@ class HeldOut:
         for k, (b, ref) in enumerate(zip(self.batches, self.refs)):
             if limit is not None and k >= limit:
                 break
-            got = ort_backend.run(sess, dict(b.feeds))
+            got = ort_backend.run(sess, dict(b.feeds), self.names)
             n = sample_count(b.feeds, self.axes)
             here: list[np.ndarray] = []
             for i, (name, r, q) in enumerate(zip(self.names, ref, got)):
@@ -1289,6 +1289,8 @@ def faster_float(s: Search, form: Form, first: AutoCandidate) -> AutoCandidate:
         s.note(f"faster-float placement not tried: the latency table measures ONNX Runtime CPU, not the '{profile.name}' target's runtime")
         return first
     layers = _floatable_layers(s, first)
+    if not layers:
+        return first  # nothing quantized (a tree ensemble): nothing to time
     table = LatencyTable(s.settings.cache_dir)
     try:
         lat = table.measure(form.run.work, layers, s.one_sample(s.pool[0]), profile)

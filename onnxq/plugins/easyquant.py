@@ -531,7 +531,8 @@ class _PassGuard:
     def __init__(self, method: "EasyQuant", ctx: RunContext, chunks: list[dict[str, np.ndarray]]) -> None:
         self.method, self.ctx, self.chunks = method, ctx, chunks
         idx = GraphIndex(ctx.model)
-        self.outs = [o.name for o in ctx.model.graph.output if idx.types.get(o.name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+        self.outs = [o.name for o in ctx.model.graph.output
+                     if o.type.WhichOneof("value") in (None, "tensor_type") and idx.types.get(o.name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
         self.ref: dict[str, np.ndarray] = {}
         self.passes: list[dict[str, Any]] = []
         if self.outs:

@@ -155,6 +155,12 @@ def integer_kernel_report(model: onnx.ModelProto | str | os.PathLike[str]) -> di
     }
 
 
+def tensor_outputs(session) -> list[str]:
+    """The session's outputs that are tensors: a sequence or a map (scikit-learn's ZipMap of class probabilities) has no
+    array to compare, and ONNX Runtime returns it as Python lists of dicts."""
+    return [o.name for o in session.get_outputs() if o.type.startswith("tensor")]
+
+
 def run(session, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
     """Run a session; ORT errors become ModelError with one line."""
     try:

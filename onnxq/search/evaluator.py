@@ -33,6 +33,7 @@ from onnxq.graph.edit import Namer, onnx_dtype
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.model_io import tensor_array
+from onnxq.graph.prepare import non_tensor_values
 
 
 class GraphRunner:
@@ -52,7 +53,10 @@ class GraphRunner:
         self.idx = GraphIndex(model)
         self.plan = plan
         self.threads = threads
-        self.nodes = list(model.graph.node)
+        # a node that makes only a sequence or map (ZipMap) that no node reads has no array to carry between segments;
+        # what a search reads is tensors
+        skipped = non_tensor_values(model) - {i for n in model.graph.node for i in n.input}
+        self.nodes = [n for n in model.graph.node if not (n.output and all(o in skipped for o in n.output if o))]
         for n in self.nodes:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
                 raise OnnxqError(f"node '{n.name}' ({n.op_type}) has a subgraph; layer-wise search does not support control flow")
