@@ -368,7 +368,9 @@ def with_outputs(model: onnx.ModelProto, outputs: Iterable[tuple[str, int]],
 
 def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` in which each initializer named in ``values`` holds that array instead
-    (same name and place, the array's dtype): how methods that learn weights write them back.
+    (same name and place, the array's dtype; a float array for a float16 or bfloat16 weight is cast back to it, since a
+    method computes in float32 and a float16 model's MatMul takes float16 only): how methods that learn weights write them
+    back.
 
     In a lazy model (``model_io.is_lazy``) large arrays are written to the scratch data file as
     they come (``model_io.spill``) and the copy refers to them."""
@@ -381,6 +383,9 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
     for t in out.graph.initializer:
         if t.name in values:
             value = np.asarray(values[t.name])
+            if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) and value.dtype.kind == "f" \
+                    and value.dtype != helper.tensor_dtype_to_np_dtype(t.data_type):
+                value = value.astype(helper.tensor_dtype_to_np_dtype(t.data_type))
             t.CopyFrom(spill(value, t.name) if lazy else numpy_helper.from_array(value, t.name))
             release(value)  # a memory-mapped value's pages, read to write it, do not stay resident
     return out

@@ -72,7 +72,7 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
             continue
         k, n = ints.shape
         nblocks = -(-k // bs)
-        scale = tensor_array(inits[dq.input[1]]).astype(np.float32)  # [nblocks, N]
+        scale = tensor_array(inits[dq.input[1]])  # [nblocks, N], the model's float type: MatMulNBits' scales are its input's
         zp = _int4_value(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale, np.int32)
         signed = q.data_type in _SIGNED
         # MatMulNBits stores unsigned values; its default zero point is 2^(bits-1)

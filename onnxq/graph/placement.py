@@ -387,14 +387,20 @@ def note_control_flow(model: onnx.ModelProto, plan: QuantPlan) -> None:
 #: compute ops onnxq never quantizes: the report lists them as left float, so that a model whose weights sit mostly in
 #: them (a BiLSTM classifier: 1.5 KB of 3.6 MB quantized) does not read as quantized
 UNQUANTIZED_COMPUTE_OPS = ("LSTM", "GRU", "RNN", "Einsum")
+#: ONNX Runtime's fused contrib ops that hold weights: a model run through onnxruntime.transformers' optimizer has its
+#: Q, K and V projections inside Attention (DistilBERT: 4 of its 18 weight matrices, 786,432 parameters each)
+FUSED_WEIGHTED_OPS = ("Attention",)
 
 
 def note_float_compute(model: onnx.ModelProto, plan: QuantPlan) -> None:
-    """List in ``plan.skipped`` every main-graph recurrent layer and Einsum: they run in float."""
+    """List in ``plan.skipped`` every main-graph recurrent layer, Einsum and fused Attention: they run in float."""
     for node in model.graph.node:
         if node.op_type in UNQUANTIZED_COMPUTE_OPS:
             plan.skipped.append((node.name, f"{node.op_type}: not quantized by onnxq (it quantizes Conv, ConvTranspose, Gemm "
                                             "and MatMul); it runs in float"))
+        elif node.op_type in FUSED_WEIGHTED_OPS and node.domain == "com.microsoft":
+            plan.skipped.append((node.name, f"{node.domain}.{node.op_type} (fused by ONNX Runtime's transformer optimizer): its "
+                                            "weights stay float; quantize the model before fusing it, where they are MatMuls"))
 
 
 #: the pseudo node name of a whole-model entry in ``plan.skipped`` (the report's left_in_float)

@@ -396,7 +396,8 @@ class Gptq(QuantMethod):
                 out[layer.node] = res
                 site.qparams = res.qparams()
                 if o.inputs == "sequential":
-                    runner.consts[site.initializer] = res.w_hat  # later layers see the quantized weight
+                    # later layers see the quantized weight, in the model's type (a float16 model's MatMuls take float16)
+                    runner.consts[site.initializer] = res.w_hat.astype(runner.consts[site.initializer].dtype, copy=False)
                 bar.update(1)
                 if last_use[layer.inputs[0]] < position:
                     hs.pop(layer.inputs[0], None)

@@ -29,7 +29,7 @@ INTEGER_OPS = frozenset(
 )
 #: float compute ops that should have become integer ops in a quantized model
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
-                               "LSTM", "GRU", "RNN", "Einsum"})  # the last four onnxq leaves float: counted, not hidden
+                               "LSTM", "GRU", "RNN", "Einsum", "Attention"})  # the last five onnxq leaves float: counted, not hidden
 
 
 def _level(opt: Optimization):

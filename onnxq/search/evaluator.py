@@ -166,7 +166,7 @@ class GraphRunner:
         hit = self._wq_cache.get(w)
         if hit is not None and hit[0] is q and hit[1] is v:
             return hit[2]
-        fq = q.fake_quantize(v)
+        fq = q.fake_quantize(v).astype(v.dtype, copy=False)  # a float16 model's weights stay float16: its ops take nothing else
         self._wq_cache[w] = (q, v, fq)
         return fq
 
@@ -270,7 +270,7 @@ class GraphRunner:
         outputs = [o for n in nodes for o in n.output if o and (self.total_uses.get(o, 0) == 0 or self.total_uses[o] > uses.get(o, 0))]
         sample = {name: (self.consts[name] if name in self.consts else self.values[name][0]) for name in external}
         inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in sample.items()]
-        inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None) for f in wfeeds]
+        inputs += [helper.make_tensor_value_info(f, onnx_dtype(self.consts[src].dtype), None) for f, (_, src) in wfeeds.items()]
         for params in sites.values():
             inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f in params]
         m = self._small_model(body, "segment", inputs, outputs)
@@ -278,12 +278,14 @@ class GraphRunner:
 
     def _small_model(self, nodes: list[onnx.NodeProto], name: str, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> onnx.ModelProto:
         """A model of ``nodes`` (the source model's opsets and IR version) whose outputs carry the
-        element types :func:`_output_types` finds (float where none is known)."""
+        element types :func:`_output_types` finds; ONNX Runtime infers the others (a contrib op's: ONNX's shape inference
+        does not know EmbedLayerNormalization, whose mask index is int32, and a float guess failed the session)."""
         g = helper.make_graph(nodes, name, inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
         m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         known = _output_types(m, self.idx.types)
         for vi in m.graph.output:
-            vi.type.tensor_type.elem_type = known.get(vi.name) or onnx.TensorProto.FLOAT
+            if known.get(vi.name):
+                vi.type.tensor_type.elem_type = known[vi.name]
         return m
 
     def _input_value(self, node: onnx.NodeProto, i: int, name: str, chunk: int) -> np.ndarray:
@@ -291,7 +293,7 @@ class GraphRunner:
             v = self.consts[name]
             w = self.weight_consumers.get((node.name, i))
             if w is not None and self.plan is not None and self.plan.weights[w].qparams is not None:
-                return self.plan.weights[w].qparams.fake_quantize(v)  # type: ignore[union-attr]
+                return self.plan.weights[w].qparams.fake_quantize(v).astype(v.dtype, copy=False)  # type: ignore[union-attr]
             return v
         v = self.values[name][chunk]
         t = self.act_consumers.get((node.name, i))
