@@ -150,6 +150,8 @@ def fidelity_lines(fid: Fidelity) -> list[str]:
         top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
         neighbours = f", neighbour agreement {o.neighbour_agreement:.3f}" if o.neighbour_agreement is not None else ""
         positions = f", agreement per position {o.position_agreement:.3f}" if o.position_agreement is not None else ""
+        if o.worst_part_cosine is not None:
+            positions += f", worst part ({o.worst_part}) cosine {o.worst_part_cosine:.4f}"
         if o.label_agreement is not None:
             positions += f", label agreement {o.label_agreement:.3f}"
         if o.exact_agreement is not None:

@@ -192,14 +192,16 @@ class _ReferenceStore:
 
 
 def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Batch]], latency_feeds: dict[str, np.ndarray] | None = None,
-                    notes: list[str] | None = None, axes: Mapping[str, int | None] | None = None) -> list[Evaluation]:
+                    notes: list[str] | None = None, axes: Mapping[str, int | None] | None = None,
+                    parts: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> list[Evaluation]:
     """Run every row on ``batches()``; the first row is the FP32 reference the others are measured against.
 
     Per output: the metrics of :class:`onnxq.evaluate.metrics.OutputAccumulator` (per-sample mean,
     worst and 1st-percentile cosine, SQNR, top-1 agreement for class scores, accuracy when every
     batch has labels), accumulated batch by batch with each batch's own shapes: batches of
     different sequence lengths are never concatenated. ``axes`` gives the sample axis of inputs
-    and outputs by name (:func:`batch_axes`; default: axis 0 where its size is the batch's).
+    and outputs by name (:func:`batch_axes`; default: axis 0 where its size is the batch's); ``parts``
+    the outputs a Concat makes, each part also compared on its own (:func:`model_parts`).
     With ``latency_feeds`` each runner also times one inference. The reference row gets no kernel
     report. Notes of skipped optional rows are appended to ``notes``.
     """
@@ -232,7 +234,7 @@ def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Ba
                         if name not in expected:
                             continue
                         axis = _output_axis(name, expected[name], counts[k], axes)
-                        acc.setdefault(name, OutputAccumulator()).update(expected[name], value, axis, labels[k])
+                        acc.setdefault(name, OutputAccumulator()).update(expected[name], value, axis, labels[k], (parts or {}).get(name))
                 with_accuracy = bool(labels) and all(lab is not None for lab in labels)
                 per_output = {n: a.result(with_accuracy) for n, a in acc.items()}
                 ev = Evaluation(row.name, runner.size_bytes, per_output)
@@ -255,6 +257,15 @@ def model_axes(model: ModelLike) -> dict[str, int | None]:
     return batch_axes(onnx.load(os.fspath(model), load_external_data=False))
 
 
+def model_parts(model: ModelLike) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """:func:`~onnxq.graph.index.concatenated_outputs` of a model given in memory or as a path (weights not read)."""
+    from onnxq.graph.index import concatenated_outputs
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    return concatenated_outputs(model)
+
+
 def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Callable[[], Iterable[Batch]],
              latency_feeds: dict[str, np.ndarray] | None = None, threads: Sequence[int] = (1,), latency_repeats: int = 30,
              backend: Backend | None = None) -> list[Evaluation]:
@@ -266,7 +277,7 @@ def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Ca
     be = backend or OrtBackend(threads, latency_repeats)
     rows = [Candidate("fp32", lambda: be.runner(reference, "fp32", reference=True))]
     rows += [Candidate(name, lambda m=model, n=name: be.runner(m, n)) for name, model in candidates.items()]
-    return compare_runners(rows, batches, latency_feeds, axes=model_axes(reference))
+    return compare_runners(rows, batches, latency_feeds, axes=model_axes(reference), parts=model_parts(reference))
 
 
 #: op types whose outputs :func:`layer_errors` callers usually inspect (a layer's output)

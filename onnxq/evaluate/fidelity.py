@@ -26,6 +26,7 @@ import onnx
 
 from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch
+from onnxq.graph.index import concatenated_outputs
 from onnxq.evaluate.compare import LAYER_OPS, Candidate, batch_axes, compare_runners, layer_errors, sample_count, split_batch
 from onnxq.options import described
 from onnxq.runtime.runner import Runner
@@ -53,6 +54,12 @@ class OutputFidelity:
         "outputs whose length the model computes from its data (a decoder's loop, NMS): the share of compared batches "
         "in which the quantized output had another shape than FP32's (the other figures then cover the part both "
         "computed); null: always the same shape", default=None)
+    worst_part: str | None = described(
+        "outputs a Concat makes of parts (a detector's boxes and class scores: YOLOv8's [N, 4 + classes, anchors]): the part "
+        "with the lowest mean per-sample cosine, as its positions along the concatenated axis", default=None)
+    worst_part_cosine: float | None = described(
+        "that part's mean per-sample cosine with FP32, judged as the whole output's is (the whole output's cosine reads "
+        "its largest part: a detector's boxes in pixels)", default=None)
     label_agreement: float | None = described(
         "integer outputs of one value per sample (a class id an ArgMax computed in the model) only: share of samples whose "
         "value equals FP32's; judged at the top-1 threshold", default=None)
@@ -284,6 +291,9 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
                    "variation across samples is lost)")
     if out.cosine < t.cosine:
         why.append(f"mean cosine {out.cosine:.4f} < {t.cosine}")
+    if out.worst_part_cosine is not None and out.worst_part_cosine < t.cosine:
+        why.append(f"mean cosine {out.worst_part_cosine:.4f} < {t.cosine} of its part at {out.worst_part} (the output "
+                   "concatenates parts of different scales, a detector's boxes and class scores, and its own cosine reads the largest)")
     if out.cosine_p1 < t.cosine_p1:
         why.append(f"1st-percentile cosine {out.cosine_p1:.4f} < {t.cosine_p1}")
     return ", ".join(why) or None
@@ -332,7 +342,7 @@ def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batch
     # both runners keep the first rows of their [N, D] outputs on the way: the neighbour agreement needs no second pass
     recs = [_Recording(backend.runner(reference, "fp32", reference=True), axes), _Recording(backend.runner(quantized, "quantized"), axes)]
     rows = [Candidate("fp32", lambda: recs[0]), Candidate("quantized", lambda: recs[1])]
-    evals = compare_runners(rows, source, axes=axes)
+    evals = compare_runners(rows, source, axes=axes, parts=concatenated_outputs(reference))
     fid = fidelity_of(evals[1].outputs, reference, quantized, source, in_sample=in_sample, methods=methods, target=target, bits=bits,
                       thresholds=thresholds, rows=_paired_rows(*recs))
     fid.seconds = round(time.perf_counter() - t0, 3)
@@ -353,6 +363,7 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
     """
     t0 = time.perf_counter()
     outputs = []
+    parts = concatenated_outputs(reference) if any("worst_part" in m for m in metrics.values()) else {}
     for name, m in metrics.items():
         outputs.append(OutputFidelity(name, round(m["cosine"], 6), round(m["cosine_worst"], 6), round(m["cosine_p1"], 6),
                                       round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
@@ -363,7 +374,9 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                       if "position_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None,
                                       length_differs=round(m["length_differs"], 6) if "length_differs" in m else None,
                                       label_agreement=round(m["label_agreement"], 6) if "label_agreement" in m else None,
-                                      exact_agreement=round(m["exact_agreement"], 6) if "exact_agreement" in m else None))
+                                      exact_agreement=round(m["exact_agreement"], 6) if "exact_agreement" in m else None,
+                                      worst_part=_part_span(parts.get(name), m.get("worst_part")),
+                                      worst_part_cosine=round(m["worst_part_cosine"], 6) if "worst_part_cosine" in m else None))
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)
@@ -383,6 +396,15 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                  matmul_net="MatMul" in ops and not ops & {"Conv", "ConvTranspose"})
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
+
+
+def _part_span(parts: tuple[int, tuple[int, ...]] | None, k: float | None) -> str | None:
+    """'4-21 of axis 1': where part ``k`` of a concatenated output lies."""
+    if parts is None or k is None:
+        return None
+    axis, sizes = parts
+    lo = sum(sizes[: int(k)])
+    return f"{lo}-{lo + sizes[int(k)] - 1} of axis {axis}"
 
 
 def _may_be_embedding(model: onnx.ModelProto, name: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -115,9 +117,15 @@ class OutputAccumulator:
         #: integer outputs (class ids, indices, masks): values compared, and those equal to FP32's
         self.values = 0
         self.equal = 0
+        #: an output a Concat makes of parts of different kinds (a detector's boxes and class scores): per part, the
+        #: per-sample cosines (``parts`` of :meth:`update`)
+        self.part_cosines: list[list[float]] = []
 
-    def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None) -> None:
-        """Add one batch (``labels``: one class per sample, for accuracy)."""
+    def update(self, reference: np.ndarray, test: np.ndarray, axis: int | None = 0, labels: np.ndarray | None = None,
+               parts: tuple[int, Sequence[int]] | None = None) -> None:
+        """Add one batch (``labels``: one class per sample, for accuracy; ``parts``: the output is a concatenation, the
+        axis and each part's size along it (:func:`onnxq.graph.index.concatenated_outputs`), each part also compared
+        on its own)."""
         self.integer = self.integer or np.asarray(reference).dtype.kind in "iub"
         ref = np.asarray(reference, np.float64)
         got = np.asarray(test, np.float64)
@@ -142,6 +150,8 @@ class OutputAccumulator:
             a = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
             b = np.moveaxis(got, axis, 0).reshape(a.shape)
         self.cosines.extend(row_cosines(a, b).tolist())
+        if parts is not None and axis is not None and ref.ndim > max(parts[0], axis) and ref.shape[parts[0]] == sum(parts[1]):
+            self._update_parts(ref, got, axis, *parts)
         one_value = a.shape[1] == 1 and axis is not None and ref.ndim > 0
         if np.asarray(reference).dtype.kind in "iub":
             self.values += ref.size
@@ -171,6 +181,17 @@ class OutputAccumulator:
                 self.correct += int(np.sum(top1(got) == np.asarray(labels).reshape(-1)))
                 self.labelled += len(ref)
 
+    def _update_parts(self, ref: np.ndarray, got: np.ndarray, axis: int, along: int, sizes: Sequence[int]) -> None:
+        if not self.part_cosines:
+            self.part_cosines = [[] for _ in sizes]
+        for k, (r, q) in enumerate(zip(np.split(ref, np.cumsum(sizes)[:-1], axis=along), np.split(got, np.cumsum(sizes)[:-1], axis=along))):
+            a = np.moveaxis(r, axis, 0).reshape(r.shape[axis], -1)
+            if a.shape[1] < 2:
+                continue  # one value per sample: its cosine is a sign
+            b = np.moveaxis(q, axis, 0).reshape(a.shape)
+            live = np.any(a != 0, axis=1)  # a sample whose part FP32 leaves all zero has no direction to keep
+            self.part_cosines[k].extend(row_cosines(a[live], b[live]).tolist())
+
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
         for outputs of one value per sample explained_variance, for [N, T, C] and [N, C, H, W] outputs position_clear_share
@@ -199,6 +220,10 @@ class OutputAccumulator:
             # the share of FP32's variation across samples the quantized output keeps: 1 - sum (q - r)^2 / sum (r - mean r)^2
             # (a sigmoid output squashed to 0.5 by a collapsed layer keeps every per-sample cosine at 1 and this near 0)
             m["explained_variance"] = 1.0 - self.noise / spread
+        judged = [(float(np.mean(c)), k) for k, c in enumerate(self.part_cosines) if c]
+        if judged:
+            worst, k = min(judged)
+            m["worst_part"], m["worst_part_cosine"] = float(k), worst
         if self.length_differs:
             m["length_differs"] = self.length_differs / self.batches
         if self.positions:

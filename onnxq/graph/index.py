@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from onnxq.graph.model_io import tensor_array
 from onnxq.graph.prepare import tensor_types
 
-__all__ = ["FLOAT_TYPES", "GraphIndex", "node_attr"]
+__all__ = ["FLOAT_TYPES", "GraphIndex", "concatenated_outputs", "node_attr"]
 
 #: element types onnxq treats as float activations.
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -87,3 +87,50 @@ class GraphIndex:
         if len(cons) == 1 and name not in self.graph_outputs:
             return cons[0][0]
         return None
+
+
+def concatenated_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The graph outputs a ``Concat`` makes, as ``{output: (axis, size of each part along it)}``.
+
+    A detector often joins parts of different kinds in one output: YOLOv8 and later concatenate the
+    boxes (pixels, in the hundreds) and the class scores (probabilities, below one) into [N, 4 +
+    classes, anchors], so a comparison of the whole output reads the boxes alone. Concats on the
+    same axis nested inside one another (YOLOv8-pose: the keypoints joined to the boxes and scores)
+    give their parts; an ``Identity`` after the Concat is looked through. Sizes come from the
+    inferred shapes: an output with a part of unknown size is left out.
+    """
+    from onnxq.graph.prepare import infer_shapes, tensor_shapes
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    shapes: dict[str, tuple[Any, ...]] | None = None
+    found: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for name in outputs:
+        node = producer.get(name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Concat" or len(node.input) < 2:
+            continue
+        if shapes is None:
+            shapes = tensor_shapes(infer_shapes(model)[0])
+        rank = len(shapes.get(node.output[0], ()))
+        if not rank:
+            continue
+        axis = node_attr(node, "axis", 0) % rank
+        sizes: list[int] = []
+        stack = list(reversed(node.input))
+        while stack:
+            part = stack.pop()
+            inner = producer.get(part)
+            if inner is not None and inner.op_type == "Concat" and node_attr(inner, "axis", 0) % rank == axis:
+                stack.extend(reversed(inner.input))
+                continue
+            dims = shapes.get(part)
+            if dims is None or len(dims) != rank or not isinstance(dims[axis], int):
+                sizes = []
+                break
+            sizes.append(dims[axis])
+        if len(sizes) >= 2:
+            found[name] = (axis, tuple(sizes))
+    return found

@@ -58,6 +58,7 @@ from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
 from onnxq.evaluate.metrics import common_part, row_cosines
+from onnxq.graph.index import concatenated_outputs
 from onnxq.graph.placement import build_plan
 from onnxq.host import Host
 from onnxq.method import RunContext
@@ -281,6 +282,8 @@ class HeldOut:
         # embedding fell from 0.99831 to 0.9944); the first output counts always
         read = {i for n in reference.graph.node for i in n.input}
         self.scored = {self.names[0]} | {n for n in self.names if n not in read} if self.names else set()
+        #: outputs a Concat makes: each sample scores its worst part (a detector's class scores beside its boxes)
+        self.parts = concatenated_outputs(reference)
         self.refs = [ort_backend.run(sess, dict(b.feeds), self.names) for b in batches]
         self.samples = sum(sample_count(b.feeds, self.axes) for b in batches)
         self.labelled = bool(batches) and all(b.labels is not None for b in batches)
@@ -317,7 +320,7 @@ class HeldOut:
                     # one value per sample (a probability, a score): its cosine is the sign of a product, 1 whatever the error,
                     # and every candidate tied at 1.0 (silero-vad's speech probability); the batch's values are one vector
                     a, c = a.reshape(1, -1), c.reshape(1, -1)
-                cos[name].append(row_cosines(a, c))
+                cos[name].append(_worst_part(row_cosines(a, c), r, q, n, self.axes.get(name, 0), self.parts.get(name)))
                 if self.all_outputs and name in self.scored:  # one value per sample is scored over the batch: it stands for each sample
                     here.append(cos[name][-1] if len(cos[name][-1]) == n else np.full(n, float(np.mean(cos[name][-1]))))
                 if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
@@ -362,6 +365,21 @@ class HeldOut:
         return Scores(float(np.mean(c0)), float(np.min(c0)), float(np.percentile(c0, 1)),
                       None if ag is None else float(np.mean(ag)), None if ag is None else float(np.min(ag)),
                       drop, worst_out, means.get(worst_out) if worst_out else None, worst_class, worst_class_agreement, errors)
+
+
+def _worst_part(whole: np.ndarray, r: np.ndarray, q: np.ndarray, n: int, axis: int | None,
+                parts: tuple[int, tuple[int, ...]] | None) -> np.ndarray:
+    """Per sample, the lowest cosine of the whole output and of each part of it a Concat joined (YOLOv8's boxes in
+    pixels and class scores below one: the whole output's cosine reads the boxes, and every candidate tied near 1)."""
+    if parts is None or np.shape(r) != np.shape(q) or np.ndim(r) <= parts[0] or np.shape(r)[parts[0]] != sum(parts[1]):
+        return whole
+    cuts = np.cumsum(parts[1])[:-1]
+    for rp, qp in zip(np.split(np.asarray(r, np.float64), cuts, axis=parts[0]), np.split(np.asarray(q, np.float64), cuts, axis=parts[0])):
+        a, c = _per_sample(rp, qp, n, axis)
+        if a.shape == (len(whole), a.shape[1]) and a.shape[1] > 1:
+            c_part = row_cosines(a, c)
+            whole = np.minimum(whole, np.where(np.any(a != 0, axis=1), c_part, 1.0))
+    return whole
 
 
 def _class_ids(r: np.ndarray, q: np.ndarray, n: int, axis: int | None) -> np.ndarray | None:

@@ -304,6 +304,77 @@ def test_auto_scores_a_class_id_output_by_the_ids_it_keeps():
     assert sc.cosine == pytest.approx(same.mean()) and sc.agreement == sc.cosine and sc.cosine < 0.8
 
 
+def _yolo_like(nested: bool = False) -> onnx.ModelProto:
+    """A detector whose output joins boxes and class scores, as YOLOv8 and later write it: [N, 4 + 5, 64 anchors], the
+    boxes in pixels (an anchor grid plus offsets, up to ~300), the scores sigmoid probabilities. ``nested``: the
+    scores themselves a Concat of two heads (YOLOv8-pose joins its keypoints so)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w = lambda *shape: rng.normal(0, 0.4, shape).astype(np.float32)  # noqa: E731
+    grid = np.stack(np.meshgrid(np.arange(8) * 40.0, np.arange(8) * 40.0)).reshape(2, 64)
+    anchors = np.concatenate([grid, grid + 20.0])[None].astype(np.float32)  # [1, 4, 64]
+    # class logits mostly well below zero (bias -4), as a detector's are at anchors without an object
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w(16, 3, 3, 3), "w0"), (w(4, 16, 1, 1), "wb"), (2 * w(5, 16, 1, 1), "wc"),
+                                                         (np.full(5, -4.0, np.float32), "bc"),
+                                                         (anchors, "anchors"), (np.array([0, 4, 64], np.int64), "box_shape"),
+                                                         (np.array([0, 5, 64], np.int64), "cls_shape"), (np.array(8.0, np.float32), "stride"))]
+    nodes = [helper.make_node("Conv", ["images", "w0"], ["f"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["f"], ["fr"], name="stem_relu"),
+             helper.make_node("Conv", ["fr", "wb"], ["b"], name="box_head"),
+             helper.make_node("Reshape", ["b", "box_shape"], ["b3"], name="box_reshape"),
+             helper.make_node("Mul", ["b3", "stride"], ["bs"], name="box_scale"),
+             helper.make_node("Add", ["bs", "anchors"], ["boxes"], name="box_decode"),
+             helper.make_node("Conv", ["fr", "wc", "bc"], ["c"], name="cls_head"),
+             helper.make_node("Reshape", ["c", "cls_shape"], ["c3"], name="cls_reshape"),
+             helper.make_node("Sigmoid", ["c3"], ["scores"], name="cls_sigmoid")]
+    if nested:
+        nodes += [helper.make_node("Slice", ["scores", "s_lo", "s_mid", "s_ax"], ["s1"], name="s1"),
+                  helper.make_node("Slice", ["scores", "s_mid", "s_hi", "s_ax"], ["s2"], name="s2"),
+                  helper.make_node("Concat", ["boxes", "s1"], ["inner"], name="inner_concat", axis=1),
+                  helper.make_node("Concat", ["inner", "s2"], ["output0"], name="concat", axis=-2)]
+        inits += [numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "s_lo"), (2, "s_mid"), (5, "s_hi"), (1, "s_ax"))]
+    else:
+        nodes.append(helper.make_node("Concat", ["boxes", "scores"], ["output0"], name="concat", axis=1))
+    graph = helper.make_graph(nodes, "yolo_like", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 9, 64])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _images(n: int = 6, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"images": rng.uniform(0, 1, (4, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_a_detectors_concatenated_output_is_judged_part_by_part():
+    """YOLOv8's output joins boxes (pixels) and class scores (probabilities) in one Concat; its cosine reads the boxes,
+    so nudenet kept 0.992 with its class scores at cosine 0.17 (percentile 90) and the check said nothing. Each part of
+    an output a Concat makes is now compared on its own too, nested Concats on the same axis flattened."""
+    from onnxq.graph.index import concatenated_outputs
+
+    assert concatenated_outputs(_yolo_like()) == {"output0": (1, (4, 5))}
+    assert concatenated_outputs(_yolo_like(nested=True)) == {"output0": (1, (4, 2, 3))}
+    good = onnxq.optimize(_yolo_like(), method="minmax", data=_images(), eval_data=_images(3, seed=1), show_progress=False).report.fidelity
+    (out,) = good.outputs
+    assert not good.warned, good.warnings
+    assert out.worst_part == "4-8 of axis 1" and out.worst_part_cosine > 0.95
+    bad = onnxq.optimize(_yolo_like(), method=BROKEN["method"], options=BROKEN["options"], data=_images(),
+                         eval_data=_images(3, seed=1), show_progress=False).report.fidelity
+    (out,) = bad.outputs
+    assert out.cosine > 0.99, "precondition: the whole output's cosine reads the boxes"
+    assert out.worst_part == "4-8 of axis 1" and out.worst_part_cosine < 0.85
+    assert bad.warned and "of its part at 4-8 of axis 1" in bad.warnings[0]
+
+
+def test_auto_scores_a_concatenated_output_by_its_worst_part():
+    from onnxq.calib.readers import Batch
+    from onnxq.pipeline.auto import HeldOut
+
+    bad = onnxq.optimize(_yolo_like(), method=BROKEN["method"], options=BROKEN["options"], data=_images(), show_progress=False)
+    held = HeldOut(_yolo_like(), [Batch(d) for d in _images(3, seed=1)])
+    assert held.score(bad.model).cosine < 0.85 and bad.report.fidelity.outputs[0].cosine > 0.99
+
+
 def test_other_integer_outputs_are_reported_not_judged():
     """Indices and masks (a TopK's, an NMS's) shift after one swapped near-tie: the share of equal values is reported
     and not judged."""
