@@ -391,6 +391,18 @@ def test_other_integer_outputs_are_reported_not_judged():
     assert collapsed(out) is None
 
 
+def test_one_value_per_sample_is_not_judged_by_its_sign():
+    """A regression output near zero changes sign under any error: a Keras Dense(1) at 35 dB SQNR and explained variance
+    0.9996 read a 1st-percentile cosine of -0.46 and was called collapsed (and --strict failed the best model). Such an
+    output is judged by its explained variance alone."""
+    from onnxq.evaluate.fidelity import OutputFidelity, collapsed
+
+    kept = OutputFidelity("value", 0.9688, -1.0, -0.46, 35.0, None, explained_variance=0.9996)
+    assert collapsed(kept) is None
+    lost = OutputFidelity("value", 1.0, 1.0, 1.0, 4.0, None, explained_variance=0.3)
+    assert "explained variance" in collapsed(lost) and "cosine" not in collapsed(lost)
+
+
 def test_auto_ranks_a_one_value_per_sample_output_instead_of_tying_every_candidate():
     """-p auto's held-out score of such an output is the cosine over each batch's values: below 1 and different between
     candidates (silero-vad's speech probability tied every candidate at 1.00000 and the choice was arbitrary)."""
