@@ -118,7 +118,7 @@ def test_a_rewrite_with_nothing_to_rewrite_says_so(rewrite, caplog):
     data = [{"x": np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32)} for i in range(2)]
     with caplog.at_level(logging.WARNING):
         res = onnxq.optimize(model, method=[rewrite, "minmax"], data=data, show_progress=False)
-    assert f"{rewrite} changed nothing: " in caplog.text
+    assert caplog.text.count(f"{rewrite} changed nothing: ") == 1  # once, not again after the quantized rewrites
     assert res.report.methods[rewrite]["changed_nothing"]
 
 

@@ -123,6 +123,8 @@ class Run:
     #: measure each quantized rewrite's output error as it is installed (``-p auto`` measures only its chosen
     #: candidate's: its many builds would each run the float and the rewritten model on the first batch)
     measure_rewrites: bool = True
+    #: the methods whose "changed nothing" was said (a float rewrite's report section is still there after refine)
+    said_unchanged: set[str] = field(default_factory=set)
     #: the left-float warnings already logged (``-p auto`` shares one set across its builds: its 20-odd builds of one
     #: model said the same control-flow line each, openwakeword's hey_jarvis 17 times)
     warned_float: set[str] = field(default_factory=set)
@@ -278,7 +280,8 @@ def float_rewrites(run: Run) -> None:
 def say_unchanged(run: Run, method: QuantMethod, rewritten: onnx.ModelProto | None) -> None:
     """A rewrite asked for by name that found nothing to change says why (its report section's ``changed_nothing``)."""
     section = run.ctx.report.get(method.name)
-    if rewritten is None and isinstance(section, dict) and section.get("changed_nothing"):
+    if rewritten is None and isinstance(section, dict) and section.get("changed_nothing") and method.name not in run.said_unchanged:
+        run.said_unchanged.add(method.name)
         log.warning("%s changed nothing: %s", method.name, section["changed_nothing"])
 
 
