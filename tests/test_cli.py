@@ -471,3 +471,23 @@ def test_two_calibrators_and_shared_options_are_one_line_errors(run_cli, digits_
                                "--data", digits_calib, "--no-cache"])
     assert code == 1 and len(stderr.strip().splitlines()) == 1
     assert "-o easyquant.samples 8" in stderr
+
+
+def test_onnxruntime_kernel_warnings_stay_off_the_command_line(run_proc, tmp_path):
+    """ONNX Runtime's kernels warn through its process-wide logger, not a session's: a tf2onnx Resize with the deprecated
+    'tf_half_pixel_for_nn' printed a coloured line per session (6 in a minmax run, 46 in -p auto)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "", "scales"], ["y"], name="up", mode="nearest",
+                              coordinate_transformation_mode="tf_half_pixel_for_nn")]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])], [w, scales])
+    path = tmp_path / "up.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    proc = run_proc([sys.executable, "-m", "onnxq", "optimize", path, "-p", "minmax", "--data", "random", "--output",
+                     tmp_path / "q.onnx", "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" not in proc.stderr, proc.stderr

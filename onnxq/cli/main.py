@@ -130,7 +130,17 @@ def main(argv: list[str] | None = None) -> None:
         _run(argv, debug)
 
 
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime's process-wide logger to errors only, as onnxq's sessions already are: its kernels warn through it
+    once per session (a tf2onnx Resize's deprecated 'tf_half_pixel_for_nn': 6 coloured lines in a minmax run, 46 in
+    -p auto), which says nothing to the user of the command. The library leaves the process's logger alone."""
+    from onnxq.runtime.ort import set_default_log_severity
+
+    set_default_log_severity(3)
+
+
 def _run(argv: list[str] | None, debug: bool) -> None:
+    _quiet_onnxruntime()
     try:
         _plugin_commands()  # inside the try: Ctrl-C while plugins load is one line, not a traceback
         rv = _invoke(argv)

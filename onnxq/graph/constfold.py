@@ -24,11 +24,11 @@ import math
 
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import helper
 
 from onnxq.graph import edit
 from onnxq.graph.model_io import is_lazy
+from onnxq.runtime.ort import quiet_default_logger
 
 __all__ = ["KEEP_OPS", "MIN_SIZE_THRESHOLD", "fold_constants"]
 
@@ -68,13 +68,10 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     threshold = max(MIN_SIZE_THRESHOLD, _largest_initializer(model))
     # graphsurgeon evaluates the constant subgraph in a default ONNX Runtime session, whose optimizer
     # logs a warning for every Unsqueeze it cannot remove: quiet while folding (back to ORT's default after)
-    ort.set_default_logger_severity(3)
-    try:
+    with quiet_default_logger():
         graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False, error_ok=True,
                              size_threshold=threshold, recurse_functions=False,
                              should_exclude_node=lambda node: node.op in KEEP_OPS or node.domain not in (None, "", "ai.onnx"))
-    finally:
-        ort.set_default_logger_severity(2)
     # drop the folded nodes only: a node nobody reads stays, as the run's other rewrites keep it
     outputs = list(graph.outputs)
     listed = {id(t) for t in outputs}

@@ -7,7 +7,8 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +54,30 @@ EXTERNAL_DATA_ROOT = "/"
 def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 _shared_arena = False
+#: the severity ONNX Runtime's process-wide logger returns to after :func:`quiet_default_logger` (its own default:
+#: warnings; the CLI sets errors only, :func:`set_default_log_severity`)
+_default_severity = 2
+
+
+def set_default_log_severity(level: int) -> None:
+    """Set ONNX Runtime's process-wide logger (kernels log through it, not through a session's) to ``level``."""
+    import onnxruntime as ort
+
+    global _default_severity
+    _default_severity = level
+    ort.set_default_logger_severity(level)
+
+
+@contextmanager
+def quiet_default_logger() -> Iterator[None]:
+    """ONNX Runtime's process-wide logger at errors only for the block, then back to :data:`_default_severity`."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(_default_severity)
 
 
 def _register_shared_arena() -> None:
