@@ -159,7 +159,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
         if node.op_type == "Gemm" and constant(node.input[0]):
             plan.skipped.append((node.name, "Gemm with a constant A input"))
             continue
-        if w_index is not None and node.input[w_index] in computed:
+        if w_index is not None and node.input[w_index] in computed and not _dequantized_constant(idx, node.input[w_index]):
             plan.skipped.append((node.name, f"weight '{node.input[w_index]}' is computed from constants at run time "
                                             "(no initializer to quantize); fold it into an initializer to quantize this layer"))
             continue
@@ -393,6 +393,17 @@ UNQUANTIZED_COMPUTE_OPS = ("LSTM", "GRU", "RNN", "Einsum")
 #: ONNX Runtime's fused contrib ops that hold weights: a model run through onnxruntime.transformers' optimizer has its
 #: Q, K and V projections inside Attention (DistilBERT: 4 of its 18 weight matrices, 786,432 parameters each)
 FUSED_WEIGHTED_OPS = ("Attention",)
+
+
+def _dequantized_constant(idx: GraphIndex, name: str) -> bool:
+    """``name`` is a DequantizeLinear of integer constants: a weight the model already holds quantized (a TFLite model
+    with int8 weights, converted by tf2onnx). Its layer is quantized around it, the weight kept as it is: ONNX Runtime
+    fuses such a DequantizeLinear into the integer kernel as it does onnxq's own."""
+    p = idx.producer.get(name)
+    if p is None or p.op_type != "DequantizeLinear" or not idx.is_constant(p.input[0]):
+        return False
+    value = idx.constant_value(p.input[0])
+    return value is not None and value.dtype.kind in "iu"
 
 
 def _nonnegative_clip(node: onnx.NodeProto, idx: GraphIndex) -> bool:

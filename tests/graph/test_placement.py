@@ -76,6 +76,36 @@ def test_ort_folds_relu6_as_it_folds_relu():
     assert not res.report.fidelity.warned and res.report.fidelity.outputs[0].cosine > 0.99
 
 
+def test_a_weight_the_model_holds_quantized_is_kept_and_its_layer_quantized():
+    """A TFLite model with int8 weights (tf2onnx: DequantizeLinear of int8 constants into the Conv) had those convs left
+    float, with the advice to fold a weight that was already integer, and `onnxq lint` then flagged each for TensorRT.
+    Its activations are now quantized around the weight as it is."""
+    from onnxq.graph.trt_rules import check_trt_rules
+    from onnxq.runtime.ort import integer_kernel_report
+
+    rng = np.random.default_rng(0)
+    w1 = rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8)
+    inits = [numpy_helper.from_array(w1, "w1_q"), numpy_helper.from_array(np.full(8, 0.004, np.float32), "w1_scale"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "w1_zp"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("DequantizeLinear", ["w1_q", "w1_scale", "w1_zp"], ["w1"], name="w1_dq", axis=0),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a"], name="relu"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "tflite_int8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    plan = build_plan(model, get_profile("ort"))
+    assert "x" in plan.activations and "conv1" not in {n for n, _ in plan.skipped} and "w1" not in plan.weights
+    data = [{"x": rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    res = onnxq.optimize(model, method="minmax", data=data, show_progress=False)
+    # conv1 runs on an integer kernel with the model's own int8 weight (conv2 writes the float graph output)
+    assert integer_kernel_report(res.model)["integer_ops"].get("QLinearConv") == 1
+    assert res.report.fidelity.outputs[0].cosine > 0.99
+    trt = onnxq.optimize(model, method="minmax", target="trt", data=data, show_progress=False)
+    assert not [f for f in check_trt_rules(trt.model) if f.rule == "unquantized-weighted-input"]
+
+
 def test_exclude_keeps_nodes_in_float():
     plan = build_plan(residual_concat_model(), get_profile("trt"), exclude=["conv5", "Gemm"])
     assert "w5" not in plan.weights and "fc" not in plan.weights
