@@ -29,7 +29,7 @@ from onnx import helper
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
-from onnxq.graph.edit import Namer, onnx_dtype
+from onnxq.graph.edit import Namer, onnx_dtype, outer_scope_reads
 from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.model_io import tensor_array
@@ -57,18 +57,17 @@ class GraphRunner:
         # what a search reads is tensors
         skipped = non_tensor_values(model) - {i for n in model.graph.node for i in n.input}
         self.nodes = [n for n in model.graph.node if not (n.output and all(o in skipped for o in n.output if o))]
-        for n in self.nodes:
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-                raise OnnxqError(f"node '{n.name}' ({n.op_type}) has a subgraph; layer-wise search does not support control flow")
+        # what each node reads: its inputs and, for If/Loop/Scan, what its bodies read from the graph around them (such a
+        # node runs alone in a session whose inputs those are; its body stays float, as the quantized model has it)
+        self._reads = {n.name: [i for i in n.input if i] + (sorted(outer_scope_reads(n)) if _has_body(n) else []) for n in self.nodes}
         self.position = {n.name: i for i, n in enumerate(self.nodes)}
         self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.next = 0
         self.values: dict[str, list[np.ndarray]] = {}
         self.remaining: dict[str, int] = defaultdict(int)
         for n in self.nodes:
-            for i in n.input:
-                if i:
-                    self.remaining[i] += 1
+            for i in self._reads[n.name]:
+                self.remaining[i] += 1
         self._keep = tuple(sorted(set(keep)))
         for name in self._keep:  # one read that never comes
             self.remaining[name] += 1
@@ -152,7 +151,7 @@ class GraphRunner:
         float qparams (the graph form of :meth:`_build_segment`) and the opset has Round (11)."""
         if node.name in self._const_nodes:
             return True  # folded into ``consts`` up front; a segment skips it
-        if self._opset < 11:
+        if self._opset < 11 or _has_body(node):
             return False
         for i, t in self._active_acts(node).items():
             q = self.plan.activations[t].qparams  # type: ignore[union-attr]
@@ -212,8 +211,8 @@ class GraphRunner:
     def _release(self, nodes: Sequence[onnx.NodeProto]) -> None:
         """Count the reads of ``nodes`` done; drop values no later node reads."""
         for n in nodes:
-            for name in n.input:
-                if name and name not in self.consts:
+            for name in self._reads[n.name]:
+                if name not in self.consts:
                     self.remaining[name] -= 1
                     if self.remaining[name] <= 0:
                         self.values.pop(name, None)
@@ -320,6 +319,8 @@ class GraphRunner:
             for i, name in enumerate(node.input):
                 if name:
                     feeds[name] = self._input_value(node, i, name, c)
+            for name in self._reads[node.name][len([i for i in node.input if i]):]:  # a body's reads from outside it
+                feeds[name] = self.consts[name] if name in self.consts else self.values[name][c]
             sess = self._session(node, feeds)
             res = ort_backend.run(sess, feeds)
             for o, r in zip([o for o in node.output if o], res):
@@ -401,6 +402,11 @@ class Windows:
     def output(self, y: np.ndarray) -> np.ndarray:
         """[N·per, C, h, w]: the same windows cut from a whole output."""
         return self._cut(y, *self.shape, 1, 1)
+
+
+def _has_body(node: onnx.NodeProto) -> bool:
+    """If, Loop, Scan: a node with subgraph attributes."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _output_types(m: onnx.ModelProto, model_types: dict[str, int]) -> dict[str, int]:

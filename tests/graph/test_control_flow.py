@@ -114,6 +114,19 @@ def test_main_graph_is_quantized_and_the_if_is_named(caplog):
         assert np.linalg.norm(y_q - y_f) / np.linalg.norm(y_f) < 0.05
 
 
+@pytest.mark.parametrize("methods", [["easyquant"], ["minmax", "bias-correction"]], ids=["easyquant", "bias-correction"])
+def test_layer_wise_methods_run_the_control_flow_node_as_one(methods):
+    """easyquant and bias-correction (and gptq) run the model layer by layer; a node with a body stopped them ("has a
+    subgraph; layer-wise search does not support control flow": every Keras LSTM/GRU with a mask exports as a Loop). The
+    node now runs alone with what its bodies read from around it as inputs, its body float as in the quantized model."""
+    model = _if_model(main_conv=True)
+    res = onnxq.optimize(model, method=methods, data=_feeds(8), show_progress=False)
+    assert res.report.quantized_weights == 1
+    for feeds in _feeds(2):
+        y_f, y_q = _run(model, feeds), _run(res.model, feeds)
+        assert np.linalg.norm(y_q - y_f) / np.linalg.norm(y_f) < 0.05
+
+
 def test_auto_names_the_if_once_not_once_a_build(caplog):
     """``-p auto`` builds the model some twenty times: the control-flow line is said once a run."""
     model = _if_model(main_conv=True)
