@@ -196,3 +196,31 @@ def test_numpy_overflow_warning_is_one_onnxq_line(tmp_path, run_cli):
     assert code == 0, err
     assert all(ln.startswith("onnxq: ") for ln in err.splitlines()), err
     assert "RuntimeWarning:" not in err and "  err = " not in err
+
+
+def test_an_nhwc_one_channel_model_reads_an_image_folder_without_options(tmp_path, run_cli):
+    """A TensorFlow model through tf2onnx takes [N, H, W, C]: the image reader read its H and W from axes 2 and 3
+    ('has shape [16, 1, 32, 1], the model expects [unk__127, 32, 32, 1]') unless told layout=nhwc and color=gray. Both
+    now default to what the model's input shape says; the evaluation data (an .npz) is read beside them, its reader
+    leaving out the image options it does not take."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["unk__1", 12, 12, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", 4, 12, 12])], [w])
+    model = tmp_path / "nhwc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+    images = tmp_path / "img"
+    images.mkdir()
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 16), dtype=np.uint8)).save(images / f"{k}.png")
+    evaluation = tmp_path / "eval.npz"
+    np.savez(evaluation, image=rng.uniform(0, 1, (4, 12, 12, 1)).astype(np.float32))
+    code, _, err = run_cli(["optimize", model, "--data", images, "--data-opt", "std=0.5", "--eval-data", evaluation, "-p", "minmax",
+                            "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    assert code == 0, err

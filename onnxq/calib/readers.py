@@ -359,8 +359,10 @@ class ImageOptions:
     size: str = option("", "resize to HxW (e.g. 224x224); default: the model's static input size")
     mean: tuple[float, ...] = option((0.0,), "per-channel mean subtracted after scaling to [0,1] (one value or one per channel)")
     std: tuple[float, ...] = option((1.0,), "per-channel std divided by after the mean")
-    layout: Literal["nchw", "nhwc"] = option("nchw", "input layout")
-    color: Literal["rgb", "bgr", "gray"] = option("rgb", "colour order (gray: one channel)")
+    layout: Literal["auto", "nchw", "nhwc"] = option("auto", "input layout (auto: nhwc when the model's input is [N, H, W, 1 or 3], "
+                                                              "as TensorFlow's are, else nchw)")
+    color: Literal["auto", "rgb", "bgr", "gray"] = option("auto", "colour order (gray: one channel; auto: gray when the model takes "
+                                                                    "one channel, else rgb)")
     batch: int = option(16, "images per batch")
 
     def validate(self) -> None:
@@ -400,10 +402,28 @@ class ImageFolderReader(DataReader):
             except ValueError:
                 raise DataError(f"image size '{o.size}' is not HxW") from None
         shape = self.inputs[0].shape
-        hw = shape[2:4] if o.layout == "nchw" else shape[1:3]
+        hw = shape[2:4] if self._layout() == "nchw" else shape[1:3]
         if len(hw) == 2 and all(isinstance(d, int) for d in hw):
             return int(hw[0]), int(hw[1])
         raise DataError("the model's image size is dynamic; give it with --data-opt size=HxW")
+
+    def _layout(self) -> str:
+        """The option, or with ``auto`` what the model's declared input shape says (channels are 1 or 3 and come first
+        in PyTorch's [N, C, H, W], last in TensorFlow's [N, H, W, C]: tf2onnx keeps TensorFlow's)."""
+        if self.options.layout != "auto":
+            return self.options.layout
+        shape = self.inputs[0].shape
+        channels = (1, 3)
+        if len(shape) == 4 and shape[3] in channels and shape[1] not in channels:
+            return "nhwc"
+        return "nchw"
+
+    def _color(self) -> str:
+        if self.options.color != "auto":
+            return self.options.color
+        shape = self.inputs[0].shape
+        channels = shape[1 if self._layout() == "nchw" else 3] if len(shape) == 4 else None
+        return "gray" if channels == 1 else "rgb"
 
     def __iter__(self) -> Iterator[Batch]:
         from PIL import Image
@@ -412,6 +432,7 @@ class ImageFolderReader(DataReader):
             raise DataError(f"the images reader feeds single-input models; this model has {len(self.inputs)} inputs")
         o = self.options
         h, w = self._size()
+        layout, color = self._layout(), self._color()
         files = self.files()
         root = Path(self.spec)
         for start in range(0, len(files), o.batch):
@@ -423,7 +444,7 @@ class ImageFolderReader(DataReader):
                         warnings.simplefilter("always", Image.DecompressionBombWarning)
                         with Image.open(f) as im:
                             size = im.size
-                            im = im.convert("L" if o.color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
+                            im = im.convert("L" if color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
                             a = np.asarray(im, dtype=np.float32) / 255.0
                 except Exception as exc:
                     raise DataError(f"cannot read image '{f}': {exc}") from None
@@ -435,10 +456,10 @@ class ImageFolderReader(DataReader):
                         warnings.warn_explicit(warned.message, warned.category, warned.filename, warned.lineno)
                 if a.ndim == 2:
                     a = a[:, :, None]
-                if o.color == "bgr":
+                if color == "bgr":
                     a = a[:, :, ::-1]
                 a = (a - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
-                arrays.append(a.transpose(2, 0, 1) if o.layout == "nchw" else a)
+                arrays.append(a.transpose(2, 0, 1) if layout == "nchw" else a)
                 rel = f.relative_to(root).parts
                 labels.append(int(rel[0]) if len(rel) > 1 and rel[0].isdigit() else -1)
             lab = np.asarray(labels, np.int64)

@@ -47,21 +47,23 @@ def quality_gate(evals: list[Evaluation], name: str, max_drop: float | None, min
 
 
 def data_source(data: str, inputs: list[InputSpec], opts: Mapping[str, str], reader: str | None, batch_size: int,
-                max_samples: int | None = None) -> Callable[[], Iterable[Batch]]:
-    """A re-iterable batch source over a data spec, read by the host's readers."""
-    return batch_source(make_reader(data, inputs, get_host(), opts, reader), inputs, batch_size, max_samples)
+                max_samples: int | None = None, evaluation: bool = False) -> Callable[[], Iterable[Batch]]:
+    """A re-iterable batch source over a data spec, read by the host's readers (``evaluation``: see :func:`make_reader`)."""
+    return batch_source(make_reader(data, inputs, get_host(), opts, reader, evaluation), inputs, batch_size, max_samples)
 
 
 def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, str], reader: str | None, batch_size: int,
-                    max_samples: int | None = None) -> tuple[list[InputSpec], Callable[[], Iterable[Batch]], dict[str, np.ndarray]]:
+                    max_samples: int | None = None, beside_calibration: bool = False
+                    ) -> tuple[list[InputSpec], Callable[[], Iterable[Batch]], dict[str, np.ndarray]]:
     """The reference's inputs, a batch source over ``data`` and one-sample latency feeds (its first sample).
 
     The latency feeds cut each input to one sample along its own batch axis (from the declared
     shapes); inputs without one (a scalar sample rate, a fixed-size table) are fed as they are.
-    Raises :class:`DataError` when ``data`` has no batch.
+    Raises :class:`DataError` when ``data`` has no batch. ``beside_calibration``: ``optimize --eval-data``, whose
+    ``--data-opt`` are the calibration data's: those its reader does not take are left out (:func:`make_reader`).
     """
     inputs = model_inputs(reference)
-    source = data_source(data, inputs, opts, reader, batch_size, max_samples)
+    source = data_source(data, inputs, opts, reader, batch_size, max_samples, evaluation=beside_calibration)
     first = next(iter(source()), None)
     if first is None:
         raise DataError(f"the evaluation data '{data}' is empty")
@@ -69,12 +71,13 @@ def evaluation_data(reference: onnx.ModelProto, data: str, opts: Mapping[str, st
 
 
 def check_evaluation_data(model: Path, data: str, opts: Mapping[str, str], reader: str | None, batch_size: int) -> None:
-    """Raise :class:`DataError` (or another user error) unless ``data`` yields a first batch that fits ``model``'s inputs.
+    """Raise :class:`DataError` (or another user error) unless ``data`` (``optimize --eval-data``, read with the
+    calibration data's options as :func:`evaluation_data` reads it) yields a first batch that fits ``model``'s inputs.
 
     Reads the model's graph only (not its weights) and one batch of the data.
     """
     graph = onnx.load(os.fspath(model), load_external_data=False)
-    source = data_source(data, model_inputs(graph), opts, reader, batch_size, None)
+    source = data_source(data, model_inputs(graph), opts, reader, batch_size, None, evaluation=True)
     if next(iter(source()), None) is None:
         raise DataError(f"the evaluation data '{data}' is empty")
 
@@ -89,7 +92,7 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
     """
     opts = parse_key_values(data_opt, "--data-opt")
     reference = model_io.load_model(model)
-    inputs, ev_source, latency_feeds = evaluation_data(reference, eval_data, opts, reader, batch_size)
+    inputs, ev_source, latency_feeds = evaluation_data(reference, eval_data, opts, reader, batch_size, beside_calibration=True)
     candidates: dict[str, Any] = {f"onnxq {target} int{bits}": quantized}
     extra: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:

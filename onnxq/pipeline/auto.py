@@ -607,7 +607,7 @@ class Search:
         if s.eval_data is not None:
             inputs = model_inputs(base.float_model)
             opts = s.data_options if isinstance(s.eval_data, (str, bytes)) or hasattr(s.eval_data, "__fspath__") else None
-            ev = batch_source(make_reader(s.eval_data, inputs, self.host, opts, s.reader), inputs, s.batch_size)
+            ev = batch_source(make_reader(s.eval_data, inputs, self.host, opts, s.reader, evaluation=True), inputs, s.batch_size)
             held = _span(ev(), axes, stop=self.o.heldout_samples)
             _, subsets = split_samples(base.source(), axes, parts)
             self.report.heldout = "evaluation"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,8 +20,12 @@ from onnxq.options import parse_options
 DataSpec = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | DataReader
 
 
-def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, Any] | None = None, reader: str | None = None) -> DataReader:
-    """Turn a data spec (path, ``module:function``, ``random``, iterable of feeds, or reader) into a reader."""
+def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, Any] | None = None, reader: str | None = None,
+                evaluation: bool = False) -> DataReader:
+    """Turn a data spec (path, ``module:function``, ``random``, iterable of feeds, or reader) into a reader.
+
+    ``evaluation``: the evaluation data, read with the calibration data's options; those its reader does not take are
+    left out (an image folder's ``color=gray`` when the evaluation data is an .npz file), not an error."""
     if isinstance(data, DataReader):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -27,6 +33,9 @@ def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, A
         cls = host.reader(reader) if reader else host.reader_for(spec)
         if cls.name == "npz" and not Path(spec).exists():
             raise DataError(f"data path '{spec}' does not exist")
+        if evaluation and data_options:
+            known = {f.name for f in dataclasses.fields(cls.Options)}
+            data_options = {k: v for k, v in data_options.items() if k.replace("-", "_") in known}
         opts = parse_options(cls.Options, data_options, f"data reader '{cls.name}'")
         return cls(spec, opts, inputs)
     if data_options:

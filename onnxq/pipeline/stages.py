@@ -450,7 +450,7 @@ def check(run: Run) -> None:
         else:
             inputs = model_inputs(run.float_model)
             opts = s.data_options if isinstance(s.eval_data, (str, os.PathLike)) else None
-            source = batch_source(make_reader(s.eval_data, inputs, run.host, opts, s.reader), inputs, s.batch_size)
+            source = batch_source(make_reader(s.eval_data, inputs, run.host, opts, s.reader, evaluation=True), inputs, s.batch_size)
             batches, samples = None, CHECK_EVAL_SAMPLES
         run.fidelity = check_fidelity(run.float_model, run.quantized, source, in_sample=in_sample, methods=[m.name for m in run.methods],
                                       target=run.profile.name, bits=run.profile.bits, max_batches=batches, max_samples=samples)
