@@ -140,9 +140,9 @@ def _quiet_onnxruntime() -> None:
 
 
 def _run(argv: list[str] | None, debug: bool) -> None:
-    _quiet_onnxruntime()
     try:
-        _plugin_commands()  # inside the try: Ctrl-C while plugins load is one line, not a traceback
+        _quiet_onnxruntime()  # inside the try, as what follows: Ctrl-C while it imports is one line, not a traceback
+        _plugin_commands()
         rv = _invoke(argv)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
