@@ -98,3 +98,41 @@ def test_a_model_of_ai_onnx_ml_operators_only_says_nothing_was_quantized(caplog)
     got = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
     assert np.array_equal(got[0], ref[0]) and np.allclose(got[1], ref[1])
+
+
+def test_a_float64_model_is_refused_in_one_line():
+    """skl2onnx with a float64 sample writes double weights and inputs: float32 Q/DQ on them made a model no runtime
+    loads, reported as ONNX Runtime failing to load it."""
+    from onnxq.errors import ModelError
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.4, (8, CLASSES)), "w")  # float64
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["scores"], name="MatMul")], "double",
+                              [helper.make_tensor_value_info("input", TensorProto.DOUBLE, [None, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.DOUBLE, [None, CLASSES])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"input": d["input"].astype(np.float64)} for d in _data()]
+    with pytest.raises(ModelError, match="float64"):
+        onnxq.optimize(model, method="minmax", data=data, show_progress=False)
+
+
+def test_json_stays_one_document_on_a_zipmap_model(tmp_path, run_proc):
+    """graphsurgeon printed '[W] Could not convert: UNDEFINED ...' on stdout before `--json`'s document."""
+    import json
+    import sys
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp_classifier(), path)
+    proc = run_proc([sys.executable, "-m", "onnxq", "optimize", path, "-p", "minmax", "--data", "random", "--json", "--quiet",
+                     "--output", tmp_path / "q.onnx"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["report"]["quantized_weights"] == 2
+
+
+def test_auto_leaves_float_the_layer_named_like_an_op_type():
+    """scikit-learn's converter names its first MatMul 'MatMul': -p auto's one float layer, passed as an exclude pattern,
+    also matched the op type and left every MatMul float while reporting one."""
+    from onnxq.graph.placement import build_plan, node_pattern
+    from onnxq.graph.targets import get_profile
+
+    plan = build_plan(_mlp_classifier(), get_profile("ort"), exclude=[node_pattern("MatMul")])
+    assert {n for n, _ in plan.skipped} == {"MatMul"} and [layer.node for layer in plan.layers] == ["MatMul1"]

@@ -32,6 +32,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from onnxq.graph.prepare import restore_non_tensor_types
+
+# graphsurgeon prints its warnings on stdout ("[W] Could not convert: UNDEFINED ..." for a scikit-learn ZipMap, and
+# that its optional colour module is missing), which broke `onnxq optimize --json`'s document; onnxq says what matters
+G_LOGGER.severity = G_LOGGER.ERROR
 
 __all__ = [
     "QDTYPE",
@@ -203,22 +210,10 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         getattr(out, field).extend(getattr(like, field))
     _restore_outer_initializers(out.graph, like.graph)
     _restore_annotations(out.graph, like.graph)
-    _restore_non_tensor_types(out.graph, like.graph)
+    restore_non_tensor_types(out, like)
     if like.ir_version and like.ir_version < 4:
         _relist_initializer_inputs(out.graph, like.graph)
     return out
-
-
-def _restore_non_tensor_types(g: onnx.GraphProto, like: onnx.GraphProto) -> None:
-    """Sequence, map and optional types of ``like``'s inputs, outputs and value infos, which graphsurgeon writes as
-    tensors of undefined type (a scikit-learn classifier's ZipMap output: ONNX Runtime refused every quantized model,
-    "Invalid tensor data type 0")."""
-    kept = {v.name: v.type for v in (*like.input, *like.output, *like.value_info) if v.type.WhichOneof("value") not in (None, "tensor_type")}
-    if not kept:
-        return
-    for v in (*g.input, *g.output, *g.value_info):
-        if v.name in kept:
-            v.type.CopyFrom(kept[v.name])
 
 
 def _restore_annotations(g: onnx.GraphProto, like: onnx.GraphProto) -> None:

@@ -26,16 +26,18 @@ collapsed ``--target trt`` on PP-OCRv5 det (docs/methods.md).
 from __future__ import annotations
 
 import fnmatch
+import glob
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import onnx
 
+from onnxq.errors import ModelError
 from onnxq.graph.edit import subgraphs
 from onnxq.graph.index import GraphIndex, node_attr
 from onnxq.graph.plan import Layer, QuantPlan, WeightSite
 from onnxq.graph.targets import SCALE_PRESERVING_OPS, WEIGHTED_OPS, TargetProfile
-from onnxq.graph.prepare import check_float16_target, tensor_shapes
+from onnxq.graph.prepare import check_float16_target, tensor_shapes, tensor_types
 
 RELU_LIKE = {"Relu", "Clip"}
 
@@ -76,6 +78,12 @@ def weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
 def matches_exclude(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
     """Whether ``--exclude`` ``patterns`` (node-name globs or op types) name ``node``."""
     return any(fnmatch.fnmatchcase(node.name, p) or node.op_type == p for p in patterns)
+
+
+def node_pattern(name: str) -> str:
+    """An exclude pattern naming the node ``name`` alone: not another node, and not an op type (scikit-learn's
+    converter names its first MatMul 'MatMul', and -p auto's one float layer left every MatMul float)."""
+    return f"[{name[0]}]{glob.escape(name[1:])}" if name else name
 
 
 def _objective_tensor(idx: GraphIndex, output: str) -> str:
@@ -293,7 +301,18 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
     note_float_compute(model, plan)
     # the ORT profiles: QLinear* kernels are float32-only
     check_float16_target(model, profile.name, profile.quantize_outputs, [*plan.activations, *(w.initializer for w in plan.weights.values())])
+    _refuse_float64(model, [*plan.activations, *(w.initializer for w in plan.weights.values())])
     return plan
+
+
+def _refuse_float64(model: onnx.ModelProto, tensors: Iterable[str]) -> None:
+    """A float64 model (skl2onnx with double inputs) would get float32 Q/DQ on its double tensors, which no runtime
+    loads ("MatMul bound to different types (tensor(double) and tensor(float))"): refused in one line instead."""
+    types = tensor_types(model)
+    double = [t for t in tensors if types.get(t) == onnx.TensorProto.DOUBLE]
+    if double:
+        raise ModelError(f"float64 (double) tensors cannot be quantized ('{double[0]}' and {len(double) - 1} more): QuantizeLinear "
+                         "and DequantizeLinear take float32 or float16; export the model in float32 (skl2onnx: a float32 sample)")
 
 
 def _projection_shortcut(idx: GraphIndex, a: onnx.NodeProto, b: onnx.NodeProto, reach: int = 64) -> int | None:

@@ -99,6 +99,7 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
         converted = version_converter.convert_version(model, minimum)
     except Exception as exc:
         raise ModelError(f"cannot upgrade the model from opset {current} to {minimum}, which quantized output needs: {exc}") from None
+    restore_non_tensor_types(converted, model)
     # the version converter leaves ir_version alone: an IR 3 file at opset 13 keeps IR 3's rule that
     # every initializer is a graph input, and the Q/DQ parameters added later then fail the checker
     needed = helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
@@ -169,11 +170,22 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def non_tensor_values(model: onnx.ModelProto) -> set[str]:
-    """Names of the values declared as something other than a tensor: a sequence, a map, an optional (scikit-learn's
-    ZipMap output, a list of {class: probability} dicts per sample)."""
+def non_tensor_values(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The values declared as something other than a tensor, with their types: a sequence, a map, an optional
+    (scikit-learn's ZipMap output, a list of {class: probability} dicts per sample)."""
     g = model.graph
-    return {vi.name for vi in (*g.input, *g.output, *g.value_info) if vi.type.WhichOneof("value") not in (None, "tensor_type")}
+    return {vi.name: vi.type for vi in (*g.input, *g.output, *g.value_info) if vi.type.WhichOneof("value") not in (None, "tensor_type")}
+
+
+def restore_non_tensor_types(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Give ``model``'s values ``like``'s sequence, map and optional types (in place): graphsurgeon writes them as
+    tensors of undefined type, and ONNX's version converter turns a sequence of maps into a sequence of undefined
+    tensors (a LightGBM classifier at opset 9); ONNX Runtime refused either ("Invalid tensor data type 0")."""
+    kept = non_tensor_values(like)
+    if kept:
+        for v in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+            if v.name in kept:
+                v.type.CopyFrom(kept[v.name])
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:

@@ -59,7 +59,7 @@ from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
 from onnxq.evaluate.metrics import common_part, row_cosines
 from onnxq.graph.index import concatenated_outputs
-from onnxq.graph.placement import build_plan
+from onnxq.graph.placement import build_plan, node_pattern
 from onnxq.host import Host
 from onnxq.method import RunContext
 from onnxq.options import option, parse_options
@@ -722,7 +722,7 @@ class Search:
         methods = form.rewrite + list(recipe)
         run = self._run(methods, batches)
         run.work = form.run.work
-        exclude = list(self.settings.exclude) + self.fast_float + list(float_layers)
+        exclude = list(self.settings.exclude) + [node_pattern(n) for n in (*self.fast_float, *float_layers)]
         run.ctx = RunContext(run.work, run.profile, build_plan(run.work, run.profile, exclude), run.source, show_progress=False,
                              host=self.host, collect_options={"batch_size": self.settings.batch_size})
         missing = [statistics.StatRequest(t, "histogram") for t in run.ctx.plan.activations if t not in stats]

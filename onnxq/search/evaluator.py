@@ -55,7 +55,7 @@ class GraphRunner:
         self.threads = threads
         # a node that makes only a sequence or map (ZipMap) that no node reads has no array to carry between segments;
         # what a search reads is tensors
-        skipped = non_tensor_values(model) - {i for n in model.graph.node for i in n.input}
+        skipped = set(non_tensor_values(model)) - {i for n in model.graph.node for i in n.input}
         self.nodes = [n for n in model.graph.node if not (n.output and all(o in skipped for o in n.output if o))]
         # what each node reads: its inputs and, for If/Loop/Scan, what its bodies read from the graph around them (such a
         # node runs alone in a session whose inputs those are; its body stays float, as the quantized model has it)
