@@ -80,6 +80,7 @@ def test_weight_only_4bit_runs_on_an_optimized_and_a_float16_model(method, half)
     model = _fused_encoder(half)
     res = onnxq.optimize(model, method=method, bits=4, data=_data(), show_progress=False)
     assert res.report.quantized_weights == 2
+    assert "Attention_0" in {e.node for e in res.report.left_in_float}  # its weights stay float at 4 bits too
     half_inits = {t.name for t in res.model.graph.initializer if t.data_type == TensorProto.FLOAT16}
     assert not half or half_inits, "a float16 model stays float16"
     assert _cosine_to_fp32(model, res.model) > 0.98

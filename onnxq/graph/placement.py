@@ -131,6 +131,7 @@ def build_weight_only_plan(model: onnx.ModelProto, profile: TargetProfile, exclu
         plan.weights[node.input[1]] = WeightSite(node.input[1], node.name, 1, 0)
         plan.layers.append(Layer(node.name, node.op_type, (node.input[0],), node.input[1], node.output[0], node.output[0]))
     note_control_flow(model, plan)
+    note_float_compute(model, plan)  # a fused Attention's Q/K/V weights stay float at 4 bits too: listed, not hidden
     return plan
 
 
