@@ -84,3 +84,13 @@ def test_weight_only_4bit_runs_on_an_optimized_and_a_float16_model(method, half)
     half_inits = {t.name for t in res.model.graph.initializer if t.data_type == TensorProto.FLOAT16}
     assert not half or half_inits, "a float16 model stays float16"
     assert _cosine_to_fp32(model, res.model) > 0.98
+
+
+def test_tensorrt_lint_flags_the_contrib_ops_it_cannot_import():
+    """`--target trt` on a fused model kept Attention, SkipLayerNormalization and EmbedLayerNormalization, which
+    TensorRT's parser has no importer for, and `onnxq lint` said nothing."""
+    from onnxq.graph.trt_rules import check_trt_rules
+
+    res = onnxq.optimize(_fused_encoder(), method="minmax", target="trt", data=_data(), show_progress=False)
+    flagged = {f.node for f in check_trt_rules(res.model) if f.rule == "contrib-op" and f.severity == "error"}
+    assert {"EmbedLayerNormalization_0", "Attention_0", "SkipLayerNorm_0"} <= flagged

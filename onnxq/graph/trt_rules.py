@@ -540,6 +540,16 @@ def _unquantized_weighted_input(g: _Graph) -> Iterator[tuple[str, str]]:
                                      "TensorRT cannot run this layer in INT8; put a Q/DQ pair on it")
 
 
+@_rule("contrib-op", "error", "no ONNX Runtime contrib ops (com.microsoft): TensorRT's ONNX parser has no importer for them")
+def _contrib_op(g: _Graph) -> Iterator[tuple[str, str]]:
+    # a model run through onnxruntime.transformers' optimizer (Attention, SkipLayerNormalization, BiasGelu, ...) passed
+    # the lint and could not be built
+    for node in g.nodes:
+        if node.domain == "com.microsoft":
+            yield _node_name(node), (f"{node.op_type} is an ONNX Runtime contrib op, which TensorRT cannot import; quantize "
+                                     "the model as exported, before ONNX Runtime's transformer optimizer fuses it")
+
+
 @_rule("residual-add", "warning", "quantize the residual input of an Add that follows a quantized weighted op")
 def _residual_add(g: _Graph) -> Iterator[tuple[str, str]]:
     for node in g.nodes:
