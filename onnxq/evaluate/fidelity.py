@@ -346,16 +346,18 @@ def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batch
     # both runners keep the first rows of their [N, D] outputs on the way: the neighbour agreement needs no second pass
     recs = [_Recording(backend.runner(reference, "fp32", reference=True), axes), _Recording(backend.runner(quantized, "quantized"), axes)]
     rows = [Candidate("fp32", lambda: recs[0]), Candidate("quantized", lambda: recs[1])]
-    evals = compare_runners(rows, source, axes=axes, parts=concatenated_outputs(reference))
+    parts = concatenated_outputs(reference)
+    evals = compare_runners(rows, source, axes=axes, parts=parts)
     fid = fidelity_of(evals[1].outputs, reference, quantized, source, in_sample=in_sample, methods=methods, target=target, bits=bits,
-                      thresholds=thresholds, rows=_paired_rows(*recs))
+                      thresholds=thresholds, rows=_paired_rows(*recs), parts=parts)
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
 
 
 def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.ModelProto, quantized: onnx.ModelProto,
                 batches: Callable[[], Iterable[Batch]], *, in_sample: bool, methods: Sequence[str] = (), target: str = "ort", bits: int = 8,
-                thresholds: Thresholds = THRESHOLDS, rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Fidelity:
+                thresholds: Thresholds = THRESHOLDS, rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                parts: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> Fidelity:
     """The fidelity verdict from per-output metrics already measured (a comparison row's ``outputs``).
 
     ``optimize --eval-data`` judges its evaluation table's row this way instead of running the
@@ -363,11 +365,14 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
     ``{name: (fp32, quantized)}``, for the neighbour agreement of embedding-like outputs; without
     them, and only when the model has such an output, both models run once more on at most
     :data:`NEIGHBOUR_SAMPLES` samples of ``batches()`` (:func:`recorded_rows`). On a collapse the
-    worst layers are measured on the first of ``batches()``.
+    worst layers are measured on the first of ``batches()``. ``parts``: the concatenated outputs the metrics were
+    measured with (:func:`~onnxq.graph.index.concatenated_outputs`), to name a worst part without a second shape
+    inference.
     """
     t0 = time.perf_counter()
     outputs = []
-    parts = concatenated_outputs(reference) if any("worst_part" in m for m in metrics.values()) else {}
+    if parts is None:  # the evaluation's own (check_fidelity's), else found again to name the worst part
+        parts = concatenated_outputs(reference) if any("worst_part" in m for m in metrics.values()) else {}
     for name, m in metrics.items():
         outputs.append(OutputFidelity(name, round(m["cosine"], 6), round(m["cosine_worst"], 6), round(m["cosine_p1"], 6),
                                       round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],

@@ -184,13 +184,9 @@ class OutputAccumulator:
     def _update_parts(self, ref: np.ndarray, got: np.ndarray, axis: int, along: int, sizes: Sequence[int]) -> None:
         if not self.part_cosines:
             self.part_cosines = [[] for _ in sizes]
-        for k, (r, q) in enumerate(zip(np.split(ref, np.cumsum(sizes)[:-1], axis=along), np.split(got, np.cumsum(sizes)[:-1], axis=along))):
-            a = np.moveaxis(r, axis, 0).reshape(r.shape[axis], -1)
-            if a.shape[1] < 2:
-                continue  # one value per sample: its cosine is a sign
-            b = np.moveaxis(q, axis, 0).reshape(a.shape)
-            live = np.any(a != 0, axis=1)  # a sample whose part FP32 leaves all zero has no direction to keep
-            self.part_cosines[k].extend(row_cosines(a[live], b[live]).tolist())
+        for k, c in enumerate(part_cosines(ref, got, axis, (along, sizes))):
+            if c is not None:
+                self.part_cosines[k].extend(c[~np.isnan(c)].tolist())
 
     def result(self, with_accuracy: bool = True) -> dict[str, float]:
         """The metrics: cosine (per-sample mean), cosine_worst, cosine_p1, sqnr_db, max_abs_error, samples,
@@ -262,6 +258,24 @@ def _confident(reference: np.ndarray) -> np.ndarray:
     gap = part[:, -1] - part[:, -2]
     span = reference.max(-1) - reference.min(-1)
     return gap > 0.1 * np.maximum(span, 1e-30)
+
+
+def part_cosines(ref: np.ndarray, got: np.ndarray, axis: int, parts: tuple[int, Sequence[int]]) -> list[np.ndarray | None]:
+    """Per part of an output a Concat made (``parts``: the concatenated axis and each part's size along it), each
+    sample's cosine with FP32's part (samples on ``axis``): NaN for a sample whose FP32 part is all zero (no direction
+    to keep), None for a part of one value per sample (its cosine is a sign). The fidelity check and ``-p auto`` both
+    judge a concatenated output by these."""
+    along, sizes = parts
+    cuts = np.cumsum(sizes)[:-1]
+    out: list[np.ndarray | None] = []
+    for r, q in zip(np.split(ref, cuts, axis=along), np.split(got, cuts, axis=along)):
+        a = np.moveaxis(r, axis, 0).reshape(r.shape[axis], -1)
+        if a.shape[1] < 2:
+            out.append(None)
+            continue
+        b = np.moveaxis(q, axis, 0).reshape(a.shape)
+        out.append(np.where(np.any(a != 0, axis=1), row_cosines(a, b), np.nan))
+    return out
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
-from onnxq.evaluate.metrics import common_part, row_cosines
+from onnxq.evaluate.metrics import common_part, part_cosines, row_cosines
 from onnxq.graph.index import concatenated_outputs
 from onnxq.graph.placement import build_plan, node_pattern
 from onnxq.host import Host
@@ -373,12 +373,12 @@ def _worst_part(whole: np.ndarray, r: np.ndarray, q: np.ndarray, n: int, axis: i
     pixels and class scores below one: the whole output's cosine reads the boxes, and every candidate tied near 1)."""
     if parts is None or np.shape(r) != np.shape(q) or np.ndim(r) <= parts[0] or np.shape(r)[parts[0]] != sum(parts[1]):
         return whole
-    cuts = np.cumsum(parts[1])[:-1]
-    for rp, qp in zip(np.split(np.asarray(r, np.float64), cuts, axis=parts[0]), np.split(np.asarray(q, np.float64), cuts, axis=parts[0])):
-        a, c = _per_sample(rp, qp, n, axis)
-        if a.shape == (len(whole), a.shape[1]) and a.shape[1] > 1:
-            c_part = row_cosines(a, c)
-            whole = np.minimum(whole, np.where(np.any(a != 0, axis=1), c_part, 1.0))
+    r, q = np.asarray(r, np.float64), np.asarray(q, np.float64)
+    if axis is None or np.ndim(r) <= axis or np.shape(r)[axis] != n:  # no sample axis: the output is one sample
+        r, q, axis, parts = r[None], q[None], 0, (parts[0] + 1, parts[1])
+    for c in part_cosines(r, q, axis, parts):
+        if c is not None and len(c) == len(whole):
+            whole = np.fmin(whole, c)  # NaN (a part FP32 leaves all zero) leaves the sample's score as it is
     return whole
 
 
