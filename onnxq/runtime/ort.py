@@ -55,17 +55,24 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 _shared_arena = False
 #: the severity ONNX Runtime's process-wide logger returns to after :func:`quiet_default_logger` (its own default:
-#: warnings; the CLI sets errors only, :func:`set_default_log_severity`)
+#: warnings; the CLI asks for errors only, :func:`set_default_log_severity`)
 _default_severity = 2
+#: whether that severity was asked for and still waits for ONNX Runtime to be imported (by the first session)
+_severity_pending = False
 
 
 def set_default_log_severity(level: int) -> None:
-    """Set ONNX Runtime's process-wide logger (kernels log through it, not through a session's) to ``level``."""
-    import onnxruntime as ort
+    """Set ONNX Runtime's process-wide logger (kernels log through it, not through a session's) to ``level``, from the
+    first session onnxq makes: importing ONNX Runtime here would cost every command's start-up (`onnxq --help` too)."""
+    global _default_severity, _severity_pending
+    _default_severity, _severity_pending = level, True
 
-    global _default_severity
-    _default_severity = level
-    ort.set_default_logger_severity(level)
+
+def _apply_default_severity(ort) -> None:
+    global _severity_pending
+    if _severity_pending:
+        ort.set_default_logger_severity(_default_severity)
+        _severity_pending = False
 
 
 @contextmanager
@@ -73,11 +80,13 @@ def quiet_default_logger() -> Iterator[None]:
     """ONNX Runtime's process-wide logger at errors only for the block, then back to :data:`_default_severity`."""
     import onnxruntime as ort
 
+    global _severity_pending
     ort.set_default_logger_severity(3)
     try:
         yield
     finally:
         ort.set_default_logger_severity(_default_severity)
+        _severity_pending = False
 
 
 def _register_shared_arena() -> None:
@@ -105,6 +114,7 @@ def session_options(optimization: Optimization = "all", threads: int | None = No
     """
     import onnxruntime as ort
 
+    _apply_default_severity(ort)
     so = ort.SessionOptions()
     so.enable_cpu_mem_arena = bool(arena)
     if arena == "shared":
