@@ -2,7 +2,7 @@
 
 Everything a user can cause (bad model, bad data, bad option, unknown method) raises an
 :class:`OnnxqError` subclass. The CLI prints these as one line and exits with code 1; any other
-exception is a bug and keeps its traceback.
+exception is a bug: one line naming it, exit code 4 (its traceback with ``--debug``).
 """
 
 from __future__ import annotations
@@ -46,3 +46,11 @@ class QualityGateError(OnnxqError):
 
 class PlanConflictError(OnnxqError):
     """Two rewrite commands ask for incompatible quantization of the same tensor."""
+
+
+class InternalError(RuntimeError):
+    """onnxq, or a method plugin, built a model that is broken: a bug, never the user's doing.
+
+    Not an :class:`OnnxqError`: the CLI reports it as an internal error with exit code 4, so a
+    deployment script does not read a tool fault as bad input.
+    """

@@ -24,7 +24,7 @@ import onnx
 from onnxq.calib import statistics
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.readers import Batch, DataReader
-from onnxq.errors import DataError, OnnxqError, OptionError
+from onnxq.errors import DataError, InternalError, ModelError, OnnxqError, OptionError
 from onnxq.graph import model_io, prepare as graph_prepare
 from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
@@ -403,21 +403,33 @@ def qdq_rewrite(run: Run, method: QuantMethod, quantized: onnx.ModelProto) -> on
     rewritten = method.qdq_rewrite(run.ctx, own)
     if rewritten is None:
         return quantized
-    model_io.check_model(rewritten, f"the model returned by method '{method.name}' from qdq_rewrite")
+    who = f"the model returned by method '{method.name}' from qdq_rewrite"
+    # the user's model loaded and ran: a broken rewrite of it is the method's bug, not a user error
+    try:
+        model_io.check_model(rewritten, who)
+    except ModelError as exc:
+        raise InternalError(str(exc)) from exc
     try:
         error = error_against_float(run, rewritten)
     except Exception as exc:
-        raise OnnxqError(f"the model returned by method '{method.name}' from qdq_rewrite does not run in ONNX Runtime: {exc}") from exc
+        raise InternalError(f"{who} does not run in ONNX Runtime: {exc}") from exc
     run.quantized_rewrites.append(QuantizedRewrite(method.name, **model_changes(quantized, rewritten), output_error=error))
     return rewritten
 
 
 def validate(run: Run) -> None:
-    """The quantized model passes the ONNX checker and loads and runs in ONNX Runtime."""
-    model_io.check_model(run.quantized, "the quantized model")
-    sess = ort_backend.make_session(run.quantized, "all", arena=False)
-    feeds = run.first.feeds
-    ort_backend.run(sess, {k: v[:1] for k, v in feeds.items()} if batch_is_dynamic(run.inputs) else feeds)
+    """The quantized model passes the ONNX checker and loads and runs in ONNX Runtime.
+
+    The float model did both before quantization (:func:`load`), so a failure here is onnxq's (or a
+    method plugin's) fault: :class:`~onnxq.errors.InternalError`, exit code 4, not a user error.
+    """
+    try:
+        model_io.check_model(run.quantized, "the quantized model")
+        sess = ort_backend.make_session(run.quantized, "all", arena=False)
+        feeds = run.first.feeds
+        ort_backend.run(sess, {k: v[:1] for k, v in feeds.items()} if batch_is_dynamic(run.inputs) else feeds)
+    except ModelError as exc:
+        raise InternalError(f"{exc} (the float model loaded and ran; the quantized model onnxq built from it did not)") from exc
 
 
 def save(run: Run) -> None:
