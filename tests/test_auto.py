@@ -1309,3 +1309,29 @@ def test_auto_scores_an_output_of_another_length_on_the_part_both_computed():
     got = np.concatenate([ref, rng.normal(size=(2, 3, 8))], axis=1)
     a, b = _per_sample(ref, got, 2, 0)
     assert a.shape == b.shape == (2, 40) and np.array_equal(a, b)
+
+
+def test_a_given_budget_starts_no_float_form_whose_statistics_pass_would_not_fit(monkeypatch):
+    """A statistics pass runs to its end once started, and the form's candidates and the resampling come after it: with
+    a --time-budget given, a float form is tried only while what is left holds its pass (as long as the first one took)
+    and a candidate. Begun with less left, a 13-s pass overran a 30-s budget by 13 s on a 224-px MobileNet-style net.
+    The passes are slowed here so that the first one takes 2 s of a 4-s budget."""
+    import time as time_mod
+
+    from onnxq.pipeline import auto as auto_mod
+
+    real = auto_mod.collect_unions
+
+    def slow(*args, **kwargs):
+        time_mod.sleep(2.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto_mod, "collect_unions", slow)
+    res = onnxq.optimize(str(MOBILENET / "model.onnx"), method="auto", data=str(MOBILENET / "calib.npz"),
+                         options={"time_budget": 4.0, "resamples": 2, "finalists": 2, "easyquant": False, "rewrites": ["equalize"],
+                                  "pad_correction": 0, "faster_float": False},
+                         show_progress=False, check=False)
+    auto = res.report.auto
+    assert not any(c.methods[0] == "equalize" for c in auto.candidates), [c.name for c in auto.candidates]
+    assert auto.budget_exhausted and any("equalize" in n and "not tried" in n for n in auto.notes), auto.notes
+    assert any(c.error is None for c in auto.candidates) and res.report.method  # the plain form's recipes were scored
