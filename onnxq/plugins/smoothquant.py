@@ -1,9 +1,10 @@
 """``smoothquant``: migrate activation outliers into MatMul weights before calibration.
 
 A float rewrite (``onnxq/graph/smoothing.py``): for every activation that feeds quantized
-constant-weight MatMuls and comes out of a LayerNormalization or a constant Mul (the ``* 0.5``
-ending an exported GELU), the per-channel scale ``s_k = max|X_k|^α / max|W_k|^(1-α)`` is divided
-out of the producer's constants and multiplied into the weight rows. The model computes the same
+constant-weight MatMuls and comes out of a LayerNormalization (or another normalization whose
+constants follow it) or a constant Mul (the ``* 0.5`` ending an exported GELU), the per-channel
+scale ``s_k = max|X_k|^α / max|W_k|^(1-α)`` is divided out of the producer's constants (after a
+fused GELU, which has none, by an inserted ``Mul``) and multiplied into the weight rows. The model computes the same
 function (the host checks it to 1e-5); the activation loses its outlier channels, the per-output-
 channel weight grids absorb them. The per-channel ``max|X_k|`` comes from one streaming pass over
 the calibration data, requested as :class:`~onnxq.calib.statistics.ChannelAbsMax` statistics through
@@ -34,9 +35,12 @@ class SmoothQuantOptions:
     """Options of SmoothQuant-style smoothing."""
 
     alpha: float = option(0.8, "migration strength: s = max|X|^alpha / max|W|^(1-alpha) (0: none; 1: all onto the weights)")
-    fold_into: tuple[str, ...] = option(("LayerNormalization", "Mul"), "producer op types that may absorb 1/s (comma-separated)")
+    fold_into: tuple[str, ...] = option(("LayerNormalization", "Mul"), "producer op types that may absorb 1/s (comma-separated; LayerNormalization "
+                                        "includes RMSNormalization and ONNX Runtime's SkipLayerNormalization and simplified forms)")
     exclude: tuple[str, ...] = option((), "MatMul node-name globs left unsmoothed (comma-separated)")
     max_batches: int = option(0, "calibration batches used for the per-channel max (0: all)")
+    insert: tuple[str, ...] = option(("Gelu", "BiasGelu", "FastGelu", "QuickGelu"), "producer op types that cannot absorb 1/s but get an inserted "
+                                     "Mul(x, 1/s): fused GELUs, whose unfused form ends in the Mul that absorbs it (comma-separated; '' for none)")
     shared: Literal["duplicate", "mul"] = option("duplicate", "an activation that also feeds other ops (a post-LN residual): duplicate its producer with 1/s folded in, or insert Mul(x, 1/s) for the MatMuls")
 
     def validate(self) -> None:
@@ -64,7 +68,7 @@ class SmoothQuant(QuantMethod):
             raise OptionError("smoothquant needs quantized activations (--bits 8 or 7), not 4-bit weight-only")
         o = self.options
         quantized = [l.node for l in ctx.plan.layers if l.weight is not None and l.weight in ctx.plan.weights]
-        sites, rejected = find_smooth_sites(ctx.model, o.fold_into, o.exclude, quantized)
+        sites, rejected = find_smooth_sites(ctx.model, o.fold_into, o.exclude, quantized, insert=o.insert)
         report: dict[str, Any] = {"alpha": o.alpha, "sites": [], "not_smoothed": [{"tensor": t, "reason": r} for t, r in rejected]}
         ctx.report[self.name] = report
         if not sites or o.alpha == 0.0:
@@ -93,10 +97,12 @@ class SmoothQuant(QuantMethod):
                                     "shared_with_other_consumers": site.shared, "max_over_median_before": round(before, 2),
                                     "max_over_median_after": round(after, 2)})
         model = apply_smoothing(ctx.model, sites, scales, o.shared)
-        dup = sum(s.shared for s in sites)
+        dup = sum(s.shared and s.kind != "insert" for s in sites)
+        inserted = sum(s.kind == "insert" for s in sites)
         how = "producer duplicated with 1/s folded in" if o.shared == "duplicate" else "Mul(x, 1/s) inserted"
         report["summary"] = [f"smoothed {len(sites)} MatMul inputs (alpha {o.alpha:g}) feeding {sum(len(s.matmuls) for s in sites)} MatMuls; "
-                             f"{dup} of them also feed other ops ({how})"]
+                             f"{dup} of them also feed other ops ({how})"
+                             + (f"; {inserted} made by a fused op that cannot absorb 1/s (Mul(x, 1/s) inserted)" if inserted else "")]
         return infer_shapes(model)[0]
 
 
