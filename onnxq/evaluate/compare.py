@@ -193,7 +193,8 @@ class _ReferenceStore:
 
 def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Batch]], latency_feeds: dict[str, np.ndarray] | None = None,
                     notes: list[str] | None = None, axes: Mapping[str, int | None] | None = None,
-                    parts: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> list[Evaluation]:
+                    parts: Mapping[str, tuple[int, tuple[int, ...]]] | None = None,
+                    roles: Mapping[str, str] | None = None) -> list[Evaluation]:
     """Run every row on ``batches()``; the first row is the FP32 reference the others are measured against.
 
     Per output: the metrics of :class:`onnxq.evaluate.metrics.OutputAccumulator` (per-sample mean,
@@ -201,7 +202,8 @@ def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Ba
     batch has labels), accumulated batch by batch with each batch's own shapes: batches of
     different sequence lengths are never concatenated. ``axes`` gives the sample axis of inputs
     and outputs by name (:func:`batch_axes`; default: axis 0 where its size is the batch's); ``parts``
-    the outputs a Concat makes, each part also compared on its own (:func:`model_parts`).
+    the outputs a Concat makes, each part also compared on its own (:func:`model_parts`); ``roles`` what the graph
+    says an output is (:func:`~onnxq.graph.index.output_roles`: an ArgMax map, a TopK's values or indices).
     With ``latency_feeds`` each runner also times one inference. The reference row gets no kernel
     report. Notes of skipped optional rows are appended to ``notes``.
     """
@@ -234,7 +236,8 @@ def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Ba
                         if name not in expected:
                             continue
                         axis = _output_axis(name, expected[name], counts[k], axes)
-                        acc.setdefault(name, OutputAccumulator()).update(expected[name], value, axis, labels[k], (parts or {}).get(name))
+                        acc.setdefault(name, OutputAccumulator((roles or {}).get(name))).update(expected[name], value, axis, labels[k],
+                                                                                                 (parts or {}).get(name))
                 with_accuracy = bool(labels) and all(lab is not None for lab in labels)
                 per_output = {n: a.result(with_accuracy) for n, a in acc.items()}
                 ev = Evaluation(row.name, runner.size_bytes, per_output)
@@ -257,13 +260,23 @@ def model_axes(model: ModelLike) -> dict[str, int | None]:
     return batch_axes(onnx.load(os.fspath(model), load_external_data=False))
 
 
+def _graph_of(model: ModelLike) -> onnx.ModelProto:
+    """A model given in memory, or its graph loaded from a path without its weights."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model), load_external_data=False)
+
+
 def model_parts(model: ModelLike) -> dict[str, tuple[int, tuple[int, ...]]]:
     """:func:`~onnxq.graph.index.concatenated_outputs` of a model given in memory or as a path (weights not read)."""
     from onnxq.graph.index import concatenated_outputs
 
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(os.fspath(model), load_external_data=False)
-    return concatenated_outputs(model)
+    return concatenated_outputs(_graph_of(model))
+
+
+def model_roles(model: ModelLike) -> dict[str, str]:
+    """:func:`~onnxq.graph.index.output_roles` of a model given in memory or as a path (weights not read)."""
+    from onnxq.graph.index import output_roles
+
+    return output_roles(_graph_of(model))
 
 
 def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Callable[[], Iterable[Batch]],
@@ -277,7 +290,8 @@ def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Ca
     be = backend or OrtBackend(threads, latency_repeats)
     rows = [Candidate("fp32", lambda: be.runner(reference, "fp32", reference=True))]
     rows += [Candidate(name, lambda m=model, n=name: be.runner(m, n)) for name, model in candidates.items()]
-    return compare_runners(rows, batches, latency_feeds, axes=model_axes(reference), parts=model_parts(reference))
+    graph = _graph_of(reference)
+    return compare_runners(rows, batches, latency_feeds, axes=batch_axes(graph), parts=model_parts(graph), roles=model_roles(graph))
 
 
 #: op types whose outputs :func:`layer_errors` callers usually inspect (a layer's output)

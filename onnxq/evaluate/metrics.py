@@ -84,10 +84,14 @@ class OutputAccumulator:
     Nothing but a few sums and one float per sample is kept, so an evaluation holds no outputs
     between batches and batches of different shapes (sequence lengths) are never glued together.
     ``update`` takes one batch's reference and test outputs with the sample axis ``axis`` (None:
-    the whole output is one sample, for outputs with no batch axis).
+    the whole output is one sample, for outputs with no batch axis). ``role`` is what the graph says
+    the output is (:func:`onnxq.graph.index.output_roles`): a ``TopK``'s values are no class scores
+    (their arg-max is their first column), its indices' first column is the class id, and an
+    ``ArgMax`` map's values are compared position by position.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, role: str | None = None) -> None:
+        self.role = role
         self.signal = 0.0
         self.noise = 0.0
         self.max_abs = 0.0
@@ -117,6 +121,12 @@ class OutputAccumulator:
         #: integer outputs (class ids, indices, masks): values compared, and those equal to FP32's
         self.values = 0
         self.equal = 0
+        #: a TopK's indices (``role``): the first index of each row, compared, and equal to FP32's
+        self.firsts = 0
+        self.firsts_equal = 0
+        #: those class ids (a TopK's first index, an ArgMax label) against the data's labels: the accuracy
+        self.id_correct = 0
+        self.id_labelled = 0
         #: an output a Concat makes of parts of different kinds (a detector's boxes and class scores): per part, the
         #: per-sample cosines (``parts`` of :meth:`update`)
         self.part_cosines: list[list[float]] = []
@@ -156,9 +166,22 @@ class OutputAccumulator:
         if np.asarray(reference).dtype.kind in "iub":
             self.values += ref.size
             self.equal += int(np.count_nonzero(ref == got))
+            ids = None
+            if self.role == "topk_indices" and ref.ndim >= 2 and axis is not None:
+                # the first index of a TopK over the classes is the arg-max class: one id per sample, judged as a label
+                first_r, ids = np.take(ref, 0, axis=-1), np.take(got, 0, axis=-1)
+                self.firsts += first_r.size
+                self.firsts_equal += int(np.count_nonzero(first_r == ids))
+            elif self.role == "argmax" and one_value:
+                ids = b[:, 0]
+            if ids is not None and labels is not None and np.size(ids) == len(labels):
+                # a classifier exported with its ArgMax (or TopK) has no logits to read its accuracy from
+                self.id_correct += int(np.sum(np.asarray(ids).reshape(-1) == np.asarray(labels).reshape(-1)))
+                self.id_labelled += len(labels)
         self.scalar = one_value if self.scalar is None else (self.scalar and one_value)
         self.ref_sum += float(np.sum(ref))
-        dense = dense_class_axis(reference, axis)
+        # a TopK's values and rows the data picks (a detector's [N, 100, 6] list) hold no class scores per position
+        dense = dense_class_axis(reference, axis) if self.role not in ("topk_values", "selected") else None
         if dense is not None:
             classes = ref.shape[dense]
             r = np.moveaxis(ref, dense, -1).reshape(-1, classes)
@@ -167,7 +190,7 @@ class OutputAccumulator:
             self.positions += len(r)
             self.positions_clear += int(clear.sum())
             self.positions_same += int((same & clear).sum())
-        is_logits = looks_like_logits(reference) and axis == 0
+        is_logits = looks_like_logits(reference) and axis == 0 and self.role != "topk_values"
         self.classification = is_logits if self.classification is None else (self.classification and is_logits)
         if is_logits:
             ref_top, got_top = top1(ref), top1(got)
@@ -211,6 +234,14 @@ class OutputAccumulator:
             if self.values:
                 # a class id's cosine says nothing (3 against 4 is 1.0): equal or not is what a reader of it sees
                 m["label_agreement" if self.scalar else "exact_agreement"] = self.equal / self.values
+                if self.role == "argmax" and not self.scalar:
+                    # a class map or a greedy decode the model computes (ArgMax per pixel, per time step): its values are
+                    # the arg-max per position, judged as a float class-score map's are; every position counts
+                    m["position_clear_share"], m["position_agreement"] = 1.0, self.equal / self.values
+            if self.firsts:
+                m["label_agreement"] = self.firsts_equal / self.firsts
+            if with_accuracy and self.id_labelled and self.id_labelled == len(self.cosines):
+                m["accuracy"] = self.id_correct / self.id_labelled
         spread = self.signal - self.ref_sum ** 2 / len(self.cosines) if self.cosines else 0.0
         if self.scalar and not self.integer and len(self.cosines) > 1 and spread > 0:
             # the share of FP32's variation across samples the quantized output keeps: 1 - sum (q - r)^2 / sum (r - mean r)^2

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from onnxq.graph.model_io import tensor_array
 from onnxq.graph.prepare import tensor_types
 
-__all__ = ["FLOAT_TYPES", "GraphIndex", "concatenated_outputs", "node_attr"]
+__all__ = ["FLOAT_TYPES", "GraphIndex", "concatenated_outputs", "node_attr", "output_roles"]
 
 #: element types onnxq treats as float activations.
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -134,3 +134,56 @@ def concatenated_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[i
         if len(sizes) >= 2:
             found[name] = (axis, tuple(sizes))
     return found
+
+
+#: ops that pass values through unchanged (a type, a shape or an order of axes): an output behind them is what the
+#: op before them computed
+_PASS_THROUGH = frozenset({"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Expand"})
+
+
+def output_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """What the graph outputs that hold decisions rather than scores are, as ``{output: role}``.
+
+    * ``argmax``: an ``ArgMax``/``ArgMin`` the model computes (a class id per sample, a segmentation class map, a
+      greedy CTC decode), looked through :data:`_PASS_THROUGH` ops;
+    * ``topk_values`` / ``topk_indices``: a ``TopK``'s sorted values and their indices (the first column of the
+      indices is the arg-max class; the values' own arg-max is their first column whatever the model does);
+    * ``selected``: rows picked by the data (behind a ``NonMaxSuppression``, or gathered by a ``TopK``'s indices):
+      a detector's padded [N, 100, 6] list, whose row order follows near-ties in the scores, so a sample's cosine
+      reads which rows swapped as much as what they hold.
+
+    Other outputs are absent. Only the main graph is walked; nothing is inferred, so this is cheap.
+    """
+    g = model.graph
+    producer = {o: (n, i) for n in g.node for i, o in enumerate(n.output) if o}
+    roles: dict[str, str] = {}
+    for out in (o.name for o in g.output):
+        name = out
+        hit = producer.get(name)
+        while hit is not None and hit[0].op_type in _PASS_THROUGH and hit[0].input:
+            name = hit[0].input[0]
+            hit = producer.get(name)
+        if hit is not None and hit[0].op_type in ("ArgMax", "ArgMin"):
+            roles[out] = "argmax"
+            continue
+        if hit is not None and hit[0].op_type == "TopK":
+            roles[out] = "topk_values" if hit[1] == 0 else "topk_indices"
+            continue
+        if _selected_by_data(producer, out):
+            roles[out] = "selected"
+    return roles
+
+
+def _selected_by_data(producer: dict[str, tuple[onnx.NodeProto, int]], tensor: str) -> bool:
+    """Whether ``tensor`` depends on a NonMaxSuppression or on a TopK's indices."""
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in producer:
+            continue
+        seen.add(t)
+        node, slot = producer[t]
+        if node.op_type == "NonMaxSuppression" or (node.op_type == "TopK" and slot == 1):
+            return True
+        stack.extend(i for i in node.input if i)
+    return False

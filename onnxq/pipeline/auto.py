@@ -58,7 +58,7 @@ from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
 from onnxq.evaluate.metrics import common_part, part_cosines, row_cosines
-from onnxq.graph.index import concatenated_outputs
+from onnxq.graph.index import concatenated_outputs, output_roles
 from onnxq.graph.placement import build_plan, node_pattern
 from onnxq.host import Host
 from onnxq.method import RunContext
@@ -284,6 +284,8 @@ class HeldOut:
         self.scored = {self.names[0]} | {n for n in self.names if n not in read} if self.names else set()
         #: outputs a Concat makes: each sample scores its worst part (a detector's class scores beside its boxes)
         self.parts = concatenated_outputs(reference)
+        #: outputs that hold decisions (the model's ArgMax map, a TopK's indices) or rows the data picks (NMS)
+        self.roles = output_roles(reference)
         self.refs = [ort_backend.run(sess, dict(b.feeds), self.names) for b in batches]
         self.samples = sum(sample_count(b.feeds, self.axes) for b in batches)
         self.labelled = bool(batches) and all(b.labels is not None for b in batches)
@@ -305,7 +307,7 @@ class HeldOut:
             here: list[np.ndarray] = []
             for i, (name, r, q) in enumerate(zip(self.names, ref, got)):
                 if np.asarray(r).dtype.kind != "f":
-                    ids = _class_ids(r, q, n, self.axes.get(name, 0))
+                    ids = _class_ids(r, q, n, self.axes.get(name, 0), self.roles.get(name))
                     if ids is not None:
                         # a class id per sample (the model's own ArgMax): the sample scores 1 where it is FP32's, else 0;
                         # a model with no float output tied every candidate at 1.0
@@ -321,6 +323,10 @@ class HeldOut:
                     # and every candidate tied at 1.0 (silero-vad's speech probability); the batch's values are one vector
                     a, c = a.reshape(1, -1), c.reshape(1, -1)
                 cos[name].append(_worst_part(row_cosines(a, c), r, q, n, self.axes.get(name, 0), self.parts.get(name)))
+                if self.roles.get(name) == "selected":
+                    # rows the data picks (a detector's NMS list): a near-tie swaps two rows, and a sample's own cosine
+                    # reads the swap; the batch's mean stands for each of its samples
+                    cos[name][-1] = np.full(len(cos[name][-1]), float(np.mean(cos[name][-1])))
                 if self.all_outputs and name in self.scored:  # one value per sample is scored over the batch: it stands for each sample
                     here.append(cos[name][-1] if len(cos[name][-1]) == n else np.full(n, float(np.mean(cos[name][-1]))))
                 if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
@@ -382,13 +388,21 @@ def _worst_part(whole: np.ndarray, r: np.ndarray, q: np.ndarray, n: int, axis: i
     return whole
 
 
-def _class_ids(r: np.ndarray, q: np.ndarray, n: int, axis: int | None) -> np.ndarray | None:
-    """Per sample, 1.0 where an integer output of one value per sample equals FP32's and 0.0 elsewhere; None for
-    other outputs (indices, masks: reported by the fidelity check, not scored)."""
+def _class_ids(r: np.ndarray, q: np.ndarray, n: int, axis: int | None, role: str | None = None) -> np.ndarray | None:
+    """Per sample, 1.0 where an integer output of one value per sample equals FP32's and 0.0 elsewhere; for a map the
+    model's ArgMax computes (a segmentation map, a greedy CTC decode) the share of the sample's values that equal FP32's,
+    for a TopK's indices whether the first (the arg-max class) does; None for other outputs (indices, masks: reported by
+    the fidelity check, not scored: a CTC decode and a segmentation map tied every candidate at 1.0)."""
     if np.asarray(r).dtype.kind not in "iu" or np.shape(r) != np.shape(q):
         return None
+    if role == "topk_indices" and np.ndim(r) >= 2:
+        r, q = np.take(r, 0, axis=-1), np.take(q, 0, axis=-1)
     a, b = _per_sample(np.asarray(r), np.asarray(q), n, axis)
-    return (a[:, 0] == b[:, 0]).astype(np.float64) if a.shape == (n, 1) and n > 1 else None
+    if a.shape[0] != n or n < 2:
+        return None
+    if a.shape[1] == 1 or role == "topk_indices":
+        return (a[:, 0] == b[:, 0]).astype(np.float64)
+    return np.mean(a == b, axis=1).astype(np.float64) if role == "argmax" else None
 
 
 def _sem(values: np.ndarray) -> float:
