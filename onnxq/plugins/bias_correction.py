@@ -33,7 +33,7 @@ from onnxq.search.footprint import fitted_chunks
 from onnxq.calib.readers import sample_count
 from onnxq.search.samples import sample_batches, samples_request
 from onnxq.graph.edit import Namer
-from onnxq.graph.index import GraphIndex
+from onnxq.graph.index import GraphIndex, node_attr
 from onnxq.graph.model_io import tensor_array
 from onnxq.hookspecs import hookimpl
 from onnxq.method import QuantMethod, RunContext
@@ -176,7 +176,12 @@ def correct_biases(ctx: RunContext, chunks: list[dict[str, np.ndarray]], label: 
             if shift.shape != bias.shape or not np.all(np.isfinite(shift)):
                 skipped[layer.node] = "output channels do not match the bias"
                 continue
-            new_bias = (bias + shift).astype(bias.dtype)
+            # a Gemm adds beta × C: the shift goes into C divided by beta (beta 8 made the shift 6x worse, not better)
+            beta = float(node_attr(node, "beta", 1.0)) if node.op_type == "Gemm" and bias_add is None else 1.0
+            if beta == 0.0:
+                skipped[layer.node] = "Gemm with beta 0: its bias is not used"
+                continue
+            new_bias = (bias + shift / beta).astype(bias.dtype)
             inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
             q_run.consts[bias_name] = new_bias
             if bias_add is None:

@@ -102,3 +102,38 @@ def test_nothing_to_correct_says_so(caplog):
     assert "bias-correction changed nothing" in caplog.text
     assert res.report.methods["bias-correction"]["corrected"] == {}
     assert not [c for c in res.report.quantized_rewrites if c.method == "bias-correction"]
+
+
+def _gemm_model(beta: float) -> onnx.ModelProto:
+    """[N, 16] -> Gemm -> Relu -> Gemm with ``beta`` (its bias stored divided by beta: the same function for any beta)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.25, "w1"),
+             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32) * 0.1, "b1"),
+             numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.25, "w2"),
+             numpy_helper.from_array((rng.standard_normal(16) * 0.1 / beta).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", beta=beta)]
+    g = helper.make_graph(nodes, "gemms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("beta", [1.0, 8.0])
+def test_a_gemms_bias_is_corrected_through_its_beta(beta):
+    """A Gemm adds beta × C: the correction written into C unscaled was beta times too large (beta 8: the output shift
+    6x worse than with no correction, and the run reported success)."""
+    model = _gemm_model(beta)
+    rng = np.random.default_rng(1)
+    calib, held_out = ([{"x": (rng.standard_normal((16, 16)) + np.linspace(-1, 1, 16)).astype(np.float32)} for _ in range(4)]
+                       for _ in range(2))
+    plain = optimize(model, method="minmax", data=calib, bits=7, show_progress=False)
+    fixed = optimize(model, method=["minmax", "bias-correction"], data=calib, bits=7, show_progress=False)
+    q, p, r = (make_session(m, "all") for m in (fixed.model, plain.model, model))
+    shift_p = np.abs(np.concatenate([p.run(None, f)[0] - r.run(None, f)[0] for f in held_out]).mean(axis=0)).mean()
+    shift_q = np.abs(np.concatenate([q.run(None, f)[0] - r.run(None, f)[0] for f in held_out]).mean(axis=0)).mean()
+    assert "fc2" in fixed.report.methods["bias-correction"]["corrected"]
+    assert shift_q < shift_p / 2, (shift_p, shift_q)
