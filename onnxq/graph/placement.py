@@ -191,6 +191,9 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
                 continue
             if prior is None:
                 plan.weights[weight_name] = WeightSite(weight_name, node.name, w_index, axis)
+            else:
+                # a module called twice reads one weight: every reader gets the integer weight, not only the first
+                prior.shared_with.append((node.name, w_index))
         act_inputs = [i for i in range(min(len(node.input), 2)) if node.input[i] and not constant(node.input[i])]
         if not act_inputs:
             continue

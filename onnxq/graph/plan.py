@@ -37,6 +37,9 @@ class WeightSite:
     input_index: int
     axis: int | None
     qparams: QParams | None = None
+    #: other layers that read the same weight on the same axis (a module called twice), ``(node, input index)``: they
+    #: read the same DequantizeLinear
+    shared_with: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

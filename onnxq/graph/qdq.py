@@ -69,7 +69,7 @@ def commands_from_plan(plan: QuantPlan, origin: str) -> list[Command]:
         cmds.append(QuantizeActivation(site.tensor, site.qparams, tuple(site.consumers), origin))
     consumers: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for site in plan.weights.values():
-        consumers[site.initializer].append((site.node, site.input_index))
+        consumers[site.initializer].extend([(site.node, site.input_index), *site.shared_with])
     for site in plan.weights.values():
         if site.qparams is None:
             raise ValueError(f"weight '{site.initializer}' has no qparams")

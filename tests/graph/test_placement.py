@@ -279,3 +279,35 @@ def test_a_projection_shortcut_is_quantized_for_tensorrt():
     data = [{"x": np.random.default_rng(i).standard_normal((4, 4, 8, 8)).astype(np.float32)} for i in range(4)]
     res = onnxq.optimize(m, method="minmax", data=data, target="trt", show_progress=False)
     assert check_trt_rules(res.model) == []
+
+
+def test_a_weight_two_layers_share_is_quantized_for_both():
+    """A module called twice (``self.c2(self.c2(x))``) exports two Convs reading one initializer: only the first reader
+    got the integer weight, the second stayed a float layer, and the run reported every layer quantized (TensorRT's lint
+    then flagged that layer as one it cannot run in INT8)."""
+    import onnxq
+    from onnxq.runtime.ort import optimized_op_counts
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1] * 4), helper.make_node("Relu", ["a"], ["ar"], name="r1"),
+             helper.make_node("Conv", ["ar", "w2"], ["b"], name="c2", pads=[1] * 4), helper.make_node("Relu", ["b"], ["br"], name="r2"),
+             helper.make_node("Conv", ["br", "w2"], ["c"], name="c2_again", pads=[1] * 4), helper.make_node("Relu", ["c"], ["y"], name="r3")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    for target in ("ort", "trt"):
+        res = onnxq.optimize(model, method="minmax", target=target, data=data, show_progress=False)
+        producers = {o: n.op_type for n in res.model.graph.node for o in n.output}
+        convs = {n.name: producers.get(n.input[1]) for n in res.model.graph.node if n.op_type == "Conv"}
+        assert convs == {"c1": "DequantizeLinear", "c2": "DequantizeLinear", "c2_again": "DequantizeLinear"}, (target, convs)
+        assert not res.report.left_in_float, res.report.left_in_float
+        if target == "ort":  # as many integer kernels as the same model with the weight copied for each reader
+            unshared = onnx.ModelProto()
+            unshared.CopyFrom(model)
+            unshared.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w2), "w2_copy"))
+            unshared.graph.node[4].input[1] = "w2_copy"
+            plain = onnxq.optimize(unshared, method="minmax", data=data, show_progress=False)
+            assert optimized_op_counts(res.model)["QLinearConv"] == optimized_op_counts(plain.model)["QLinearConv"] >= 2
