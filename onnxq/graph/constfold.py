@@ -53,6 +53,36 @@ def _largest_initializer(model: onnx.ModelProto) -> int:
     return largest
 
 
+#: a Constant's list and scalar attributes, with the element type the ONNX standard gives its output
+_LIST_ATTRIBUTES = {"value_float": onnx.TensorProto.FLOAT, "value_floats": onnx.TensorProto.FLOAT,
+                    "value_int": onnx.TensorProto.INT64, "value_ints": onnx.TensorProto.INT64}
+
+
+def _typed_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each ``Constant`` given by ``value_float(s)`` / ``value_int(s)`` written as a typed ``value`` tensor.
+
+    graphsurgeon reads such an attribute as a Python list, and the folded initializer came out float64 where the
+    standard says float32: torch's exporter with ``optimize=False`` writes a Resize's scales as
+    ``Constant(value_floats=[1, 1, 2, 2])``, and the folded model did not load ("Type 'tensor(double)' of input
+    parameter ... of operator (Resize)"). A copy only when there is such a node.
+    """
+    nodes = [(i, n) for i, n in enumerate(model.graph.node) if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+             and any(a.name in _LIST_ATTRIBUTES for a in n.attribute)]
+    if not nodes:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, _ in nodes:
+        node = out.graph.node[i]
+        attr = next(a for a in node.attribute if a.name in _LIST_ATTRIBUTES)
+        value = helper.get_attribute_value(attr)
+        dims = [len(value)] if isinstance(value, list) else []
+        tensor = helper.make_tensor(node.output[0], _LIST_ATTRIBUTES[attr.name], dims, value if dims else [value])
+        node.attribute.remove(attr)
+        node.attribute.append(helper.make_attribute("value", tensor))
+    return out
+
+
 def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """Return a copy of ``model`` whose constant-only nodes are folded into initializers, and the
     names of the nodes folded (empty, and ``model`` itself, when nothing folds).
@@ -63,7 +93,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if is_lazy(model):
         log.info("weights left on disk (lazily loaded model): not folding constant subgraphs, which would read them into memory")
         return model, []
-    graph = edit.import_graph(model)
+    graph = edit.import_graph(_typed_constants(model))
     before = {n.name for n in graph.nodes}
     threshold = max(MIN_SIZE_THRESHOLD, _largest_initializer(model))
     # graphsurgeon evaluates the constant subgraph in a default ONNX Runtime session, whose optimizer

@@ -246,7 +246,11 @@ def _checked_fold(run: Run, fold: Callable[[onnx.ModelProto], tuple[onnx.ModelPr
     candidate, folded = fold(run.work)
     if not folded:
         return []
-    verdict = float_rewrite_verdict(run.work, candidate, run.first, floor=FOLD_TOLERANCE)
+    try:
+        verdict = float_rewrite_verdict(run.work, candidate, run.first, floor=FOLD_TOLERANCE)
+    except ModelError as exc:  # the model loaded and ran before the fold (open_data): the fold broke it
+        log.warning("%s gave a model ONNX Runtime cannot run (%s); leaving it unfolded", what, exc)
+        return []
     if not verdict.ok:
         log.warning("%s changed the float model's outputs (%s); leaving it unfolded", what, verdict)
         return []

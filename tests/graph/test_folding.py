@@ -276,3 +276,33 @@ def test_a_fold_within_the_models_own_rounding_noise_is_kept_and_a_wrong_one_is_
     wrong = optimize(model, method="minmax", data=data, show_progress=False, check=False)
     assert "fold_affine" not in wrong.report.float_rewrites
     assert any(n.op_type == "BatchNormalization" for n in wrong.model.graph.node)
+
+
+def test_a_constants_list_attribute_folds_to_its_standard_type() -> None:
+    """torch's exporter with ``optimize=False`` writes a Resize's scales as ``Constant(value_floats=[1, 1, 2, 2])``;
+    graphsurgeon read the list as float64, the folded model did not load ("Type 'tensor(double)' ... of operator
+    (Resize)"), and every recipe failed with exit 1 on a valid model. The folded scales are float32, as the standard says."""
+    from onnxq.graph.constfold import fold_constants
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="c1"), helper.make_node("Relu", ["a"], ["ar"], name="r1"),
+             helper.make_node("Constant", [], ["scales_raw"], value_floats=[1.0, 1.0, 2.0, 2.0], name="k_scales"),
+             helper.make_node("Identity", ["scales_raw"], ["scales"], name="id_scales"),  # a constant subgraph to fold
+             helper.make_node("Constant", [], ["bias_raw"], value_float=0.5, name="k_bias"),
+             helper.make_node("Resize", ["ar", "", "scales"], ["up"], mode="nearest", name="resize"),
+             helper.make_node("Conv", ["up", "w2"], ["b"], pads=[1] * 4, name="c2"),
+             helper.make_node("Add", ["b", "bias_raw"], ["y"], name="shift")]
+    graph = helper.make_graph(nodes, "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    folded, names = fold_constants(model)
+    assert "id_scales" in names
+    types = {t.name: t.data_type for t in folded.graph.initializer}
+    assert types["scales"] == TensorProto.FLOAT, types
+    ort_backend.make_session(folded, "disable")  # loads: the Resize's scales are float32
+    data = [{"x": rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    res = optimize(model, method="minmax", data=data, show_progress=False)
+    assert res.report.quantized_weights == 2 and res.report.fidelity.outputs[0].cosine > 0.99
