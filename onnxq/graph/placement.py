@@ -168,6 +168,11 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
         if node.op_type == "Gemm" and constant(node.input[0]):
             plan.skipped.append((node.name, "Gemm with a constant A input"))
             continue
+        if node.op_type == "MatMul" and len(node.input) == 2 and constant(node.input[0]) and not constant(node.input[1]):
+            # W @ x: the weight's rows are the output's, which every method here reads as a [K, N] weight's columns;
+            # quantizing only the activation around a float MatMul adds Q/DQ steps for no integer kernel
+            plan.skipped.append((node.name, "MatMul with its constant weight as the first input (W @ x)"))
+            continue
         if w_index is not None and node.input[w_index] in computed and not _dequantized_constant(idx, node.input[w_index]):
             plan.skipped.append((node.name, f"weight '{node.input[w_index]}' is computed from constants at run time "
                                             "(no initializer to quantize); fold it into an initializer to quantize this layer"))

@@ -311,3 +311,19 @@ def test_a_weight_two_layers_share_is_quantized_for_both():
             unshared.graph.node[4].input[1] = "w2_copy"
             plain = onnxq.optimize(unshared, method="minmax", data=data, show_progress=False)
             assert optimized_op_counts(res.model)["QLinearConv"] == optimized_op_counts(plain.model)["QLinearConv"] >= 2
+
+
+def test_a_matmul_with_its_weight_first_is_left_float_and_said():
+    """``W @ x`` (a column-vector layer) had only its activation quantized around a float MatMul, reported as a quantized
+    layer: Q/DQ steps for no integer kernel (1.4x the latency), no warning. It is left float, by name and reason."""
+    import onnxq
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 16)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["w", "x"], ["h"], name="wx"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "wx", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    res = onnxq.optimize(model, method="minmax", data=[{"x": rng.normal(0, 1, (4, 16, 4)).astype(np.float32)}], show_progress=False)
+    assert res.report.quantized_activations == 0 and res.report.layers == 0
+    assert any(e.node == "wx" and "first input" in e.reason for e in res.report.left_in_float), res.report.left_in_float
