@@ -101,6 +101,19 @@ def _producer_ok(idx: GraphIndex, node: onnx.NodeProto, channels: int) -> bool:
     return False
 
 
+def _scaled_constants(producer: onnx.NodeProto, consumer: onnx.NodeProto) -> list[str]:
+    """The initializers a site's factors rescale: the producer's weight and bias (a BatchNormalization's scale and
+    bias), then the consumer's weight."""
+    names = [producer.input[1], producer.input[2]] if producer.op_type == "BatchNormalization" else list(producer.input[1:3])
+    return [n for n in names if n] + [consumer.input[1]]
+
+
+def _shared_constants(idx: GraphIndex, producer: onnx.NodeProto, consumer: onnx.NodeProto) -> bool:
+    """Whether another node reads one of the initializers the site would rescale (a module called twice): the factor
+    would reach that node too. Such a site is not one (its report entry, with no change made, misled)."""
+    return any(len(idx.consumers.get(n, [])) > 1 for n in _scaled_constants(producer, consumer))
+
+
 def find_equalize_sites(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[EqualizeSite]:
     """Conv input tensors whose channels can be equalized (see the module docstring).
 
@@ -126,7 +139,7 @@ def find_equalize_sites(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> 
                and idx.sole_consumer(cur.input[0]) is cur):  # a MaxPool's Indices output would see no factor
             through.append(cur.name)
             cur = idx.producer.get(cur.input[0])
-        if cur is None or cur.name in claimed or not _producer_ok(idx, cur, cin):
+        if cur is None or cur.name in claimed or not _producer_ok(idx, cur, cin) or _shared_constants(idx, cur, node):
             continue
         claimed.add(cur.name)
         sites.append(EqualizeSite(t, node.name, cur.name, through, depthwise, cin))
@@ -194,10 +207,9 @@ def apply_equalization(model: onnx.ModelProto, sites: list[EqualizeSite]) -> onn
             continue
         k = np.asarray(s.scale, np.float64)
         prod, cons = idx.nodes[s.producer], idx.nodes[s.consumer]
-        names = [n for n in ([prod.input[1], prod.input[2]] if prod.op_type == "BatchNormalization" else prod.input[1:3]) if n]
-        names.append(cons.input[1])
-        if any(len(idx.consumers.get(n, [])) > 1 for n in names):
-            continue  # an initializer read by another node as well: scaling it would change that node
+        if _shared_constants(idx, prod, cons):
+            raise ValueError(f"equalization site '{s.tensor}' rescales an initializer another node reads")  # find_equalize_sites excludes them
+        names = _scaled_constants(prod, cons)
         for n in names[:-1]:
             scale_init(n, k, 0)
         w = tensor_array(inits[cons.input[1]])

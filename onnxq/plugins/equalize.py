@@ -57,7 +57,8 @@ class Equalize(QuantMethod):
         ctx.report[self.name] = section
         if not sites:
             section["changed_nothing"] = ("no tensor between two convs to rescale (Conv or BatchNormalization, then a Relu "
-                                          "or nothing, then a Conv); for MatMul layers try -p smoothquant")
+                                          "or nothing, then a Conv, whose weights no other layer shares); for MatMul layers "
+                                          "try -p smoothquant")
             return None
         # one streaming pass of the statistics machinery on the float model as it is now (sub-batches
         # keep its activations under the memory budget); "disable": the tensors exactly as the graph
