@@ -4,6 +4,7 @@ TensorRT 11's stand-in row."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import time
 import os
@@ -24,6 +25,8 @@ from onnxq.graph import model_io
 from onnxq.host import get_host
 from onnxq.pipeline import batch_source, make_reader, optimize
 from onnxq.report import evaluation_table
+
+log = logging.getLogger(__name__)
 
 
 def quality_gate(evals: list[Evaluation], name: str, max_drop: float | None, min_cosine: float | None) -> str | None:
@@ -104,7 +107,11 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
             path = quantize_with_ort(model, Path(tmp) / "ort.onnx", cal_source)
             candidates["ort quantize_static"] = path
             extra["ort quantize_static"] = {"calibration_seconds": round(time.perf_counter() - t0, 3)}
-        evals = evaluate(model, candidates, ev_source, latency_feeds=latency_feeds, threads=(1,))
+        notes: list[str] = []
+        evals = evaluate(model, candidates, ev_source, latency_feeds=latency_feeds, threads=(1,), notes=notes,
+                         optional={"ort quantize_static": "ONNX Runtime's own quantizer wrote a model that does not run (left out of the table)"})
+    for note in notes:
+        log.warning("%s", note)
     for e in evals:
         e.extra.update(extra.get(e.name, {}))
     gate = quality_gate(evals, f"onnxq {target} int{bits}", max_drop, min_cosine)

@@ -48,7 +48,8 @@ class Candidate:
     """One row of a comparison: its name and how to make its runner.
 
     ``make`` may fail with an :class:`OnnxqError` (a model a runtime rejects); an ``optional`` row
-    then becomes a note ``"<name>: <skip_note>: <error>"`` instead of failing the comparison.
+    then becomes a note ``"<name>: <skip_note>: <error>"`` instead of failing the comparison, and so
+    does an optional row whose runs fail (a baseline quantizer's model that loads and does not run).
     ``extra`` is merged into the row's :attr:`Evaluation.extra` (``make`` may still add to it).
     """
 
@@ -215,42 +216,50 @@ def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Ba
         for i, row in enumerate(rows):
             try:
                 runner = row.make()
+                ev = _run_row(i, row, runner, batches, axes, parts, roles, ref, labels, counts, latency_feeds)
             except OnnxqError as exc:
-                if not row.optional:
+                if not row.optional or i == 0:
                     raise
                 if notes is not None:
                     notes.append(f"{row.name}: {row.skip_note}: {exc}")
                 continue
-            with runner:
-                acc: dict[str, OutputAccumulator] = {}
-                for k, b in enumerate(_pieces(batches(), axes)):
-                    res = runner.infer(b.feeds)
-                    if i == 0:
-                        ref.add(res)
-                        labels.append(b.labels)
-                        counts.append(sample_count(b.feeds, axes))
-                    if k >= len(ref):
-                        raise OnnxqError("the evaluation data changed between passes (more batches than the reference saw)")
-                    expected = ref[k] if i else res
-                    for name, value in res.items():
-                        if name not in expected:
-                            continue
-                        axis = _output_axis(name, expected[name], counts[k], axes)
-                        acc.setdefault(name, OutputAccumulator((roles or {}).get(name))).update(expected[name], value, axis, labels[k],
-                                                                                                 (parts or {}).get(name))
-                with_accuracy = bool(labels) and all(lab is not None for lab in labels)
-                per_output = {n: a.result(with_accuracy) for n, a in acc.items()}
-                ev = Evaluation(row.name, runner.size_bytes, per_output)
-                if latency_feeds is not None:
-                    ev.latency_ms.update({k: round(v, 4) for k, v in runner.latency_ms(latency_feeds).items()})
-                if i != 0:
-                    ev.integer_kernels = runner.kernel_report()
-                ev.extra.update(row.extra)
-                ev.extra.update(runner.details())
             results.append(ev)
     finally:
         ref.close()
     return results
+
+
+def _run_row(i: int, row: Candidate, runner: Runner, batches: Callable[[], Iterable[Batch]], axes: Mapping[str, int | None] | None,
+             parts: Mapping[str, tuple[int, tuple[int, ...]]] | None, roles: Mapping[str, str] | None, ref: _ReferenceStore,
+             labels: list[np.ndarray | None], counts: list[int], latency_feeds: dict[str, np.ndarray] | None) -> Evaluation:
+    """Row ``i``'s :class:`Evaluation` (row 0, the reference, records its outputs in ``ref``, ``labels`` and ``counts``)."""
+    with runner:
+        acc: dict[str, OutputAccumulator] = {}
+        for k, b in enumerate(_pieces(batches(), axes)):
+            res = runner.infer(b.feeds)
+            if i == 0:
+                ref.add(res)
+                labels.append(b.labels)
+                counts.append(sample_count(b.feeds, axes))
+            if k >= len(ref):
+                raise OnnxqError("the evaluation data changed between passes (more batches than the reference saw)")
+            expected = ref[k] if i else res
+            for name, value in res.items():
+                if name not in expected:
+                    continue
+                axis = _output_axis(name, expected[name], counts[k], axes)
+                acc.setdefault(name, OutputAccumulator((roles or {}).get(name))).update(expected[name], value, axis, labels[k],
+                                                                                         (parts or {}).get(name))
+        with_accuracy = bool(labels) and all(lab is not None for lab in labels)
+        per_output = {n: a.result(with_accuracy) for n, a in acc.items()}
+        ev = Evaluation(row.name, runner.size_bytes, per_output)
+        if latency_feeds is not None:
+            ev.latency_ms.update({k: round(v, 4) for k, v in runner.latency_ms(latency_feeds).items()})
+        if i != 0:
+            ev.integer_kernels = runner.kernel_report()
+        ev.extra.update(row.extra)
+        ev.extra.update(runner.details())
+    return ev
 
 
 def model_axes(model: ModelLike) -> dict[str, int | None]:
@@ -281,17 +290,21 @@ def model_roles(model: ModelLike) -> dict[str, str]:
 
 def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Callable[[], Iterable[Batch]],
              latency_feeds: dict[str, np.ndarray] | None = None, threads: Sequence[int] = (1,), latency_repeats: int = 30,
-             backend: Backend | None = None) -> list[Evaluation]:
+             backend: Backend | None = None, optional: Mapping[str, str] | None = None, notes: list[str] | None = None) -> list[Evaluation]:
     """Evaluate the FP32 ``reference`` and each candidate on the same data, metrics per output.
 
     ``backend`` runs the models (default: ONNX Runtime on the CPU, timed at each of ``threads``).
-    Sample axes come from the reference's declared shapes (:func:`batch_axes`).
+    Sample axes come from the reference's declared shapes (:func:`batch_axes`). ``optional`` names candidates (a
+    baseline tool's model) whose failure to load or run is a note in ``notes``, ``{name: what the note says}``, not a
+    failed evaluation.
     """
     be = backend or OrtBackend(threads, latency_repeats)
+    optional = optional or {}
     rows = [Candidate("fp32", lambda: be.runner(reference, "fp32", reference=True))]
-    rows += [Candidate(name, lambda m=model, n=name: be.runner(m, n)) for name, model in candidates.items()]
+    rows += [Candidate(name, lambda m=model, n=name: be.runner(m, n), optional=name in optional, skip_note=optional.get(name, "not loaded"))
+             for name, model in candidates.items()]
     graph = _graph_of(reference)
-    return compare_runners(rows, batches, latency_feeds, axes=batch_axes(graph), parts=model_parts(graph), roles=model_roles(graph))
+    return compare_runners(rows, batches, latency_feeds, notes, axes=batch_axes(graph), parts=model_parts(graph), roles=model_roles(graph))
 
 
 #: op types whose outputs :func:`layer_errors` callers usually inspect (a layer's output)

@@ -239,3 +239,27 @@ def test_large_batches_run_a_few_samples_at_a_time_with_the_same_metrics(vad, mo
     for name in ("prob", "stateN"):
         for key in ("cosine", "cosine_worst", "samples"):
             assert pieces[1].outputs[name][key] == pytest.approx(whole[1].outputs[name][key], rel=1e-9)
+
+
+def test_a_baseline_that_loads_and_does_not_run_is_a_note_not_a_failed_evaluation(tiny_model, tiny_feeds):
+    """ONNX Runtime's quantizer wrote a model that loads and fails at its first run (a UNet with GroupNorm: a QLinearMul
+    that cannot broadcast): the whole evaluation failed, and `optimize --baseline ort` printed "fidelity check could not
+    run" for onnxq's own good model. An optional row that fails is left out with a note; any other row still fails."""
+    from onnxq.calib.readers import Batch
+    from onnxq.errors import OnnxqError
+
+    broken = onnx.ModelProto()
+    broken.CopyFrom(tiny_model)
+    out = broken.graph.output[0].name
+    broken.graph.node[-1].output[0] = "flat"
+    broken.graph.initializer.append(numpy_helper.from_array(np.array([5, -1], np.int64), "odd_shape"))
+    broken.graph.node.append(helper.make_node("Reshape", ["flat", "odd_shape"], [out]))  # 8x4 values do not split in 5 rows
+    broken.graph.output[0].type.tensor_type.shape.Clear()
+    batches = lambda: iter(Batch(f) for f in tiny_feeds)  # noqa: E731
+    notes: list[str] = []
+    rows = evaluate(tiny_model, {"same": tiny_model, "baseline": broken}, batches, threads=(), notes=notes,
+                    optional={"baseline": "the baseline's model does not run"})
+    assert [r.name for r in rows] == ["fp32", "same"] and rows[1].headline()["cosine"] == pytest.approx(1.0)
+    assert len(notes) == 1 and notes[0].startswith("baseline: the baseline's model does not run: ")
+    with pytest.raises(OnnxqError):
+        evaluate(tiny_model, {"baseline": broken}, batches, threads=())
