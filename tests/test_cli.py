@@ -212,6 +212,27 @@ def test_quality_gate_needs_eval_data(run_cli, digits_model, digits_calib, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_max_drop_on_a_model_without_class_output_is_a_usage_error(run_cli, tmp_path):
+    """--max-drop reads a class output; on a segmentation map the run failed as a quality gate (exit 3, "the evaluation
+    failed") after writing the model. It is the user's error: one line, exit 1, nothing written."""
+    import numpy as np
+    import onnx
+
+    from tests.evaluate.test_output_roles import segmentation_argmax
+
+    model = tmp_path / "seg.onnx"
+    onnx.save(segmentation_argmax(), str(model))
+    rng = np.random.default_rng(0)
+    for name in ("calib", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    code, _, stderr = run_cli(["optimize", model, "--data", tmp_path / "calib.npz", "--eval-data", tmp_path / "eval.npz",
+                               "--max-drop", "2", "--output", out, "--no-cache"])
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("onnxq: error")]
+    assert code == 1 and len(lines) == 1 and "--max-drop needs a classification output" in lines[0], stderr
+    assert not out.exists()
+
+
 def test_a_recipe_joined_with_plus_is_the_chain_of_its_methods(run_cli, digits_model, digits_calib, tmp_path):
     """`-p percentile+bias-correction`, as -p auto names a candidate in its report, builds what the two -p give."""
     outs = []

@@ -119,6 +119,8 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
             if fidelity is not None:
                 report.fidelity = fidelity
                 log_fidelity(fidelity)
+        except OptionError:
+            raise  # a gate the model cannot be judged by (--max-drop without a class output): the user's error, exit 1
         except Exception as exc:  # the quantization succeeded: keep it, say what failed
             eval_error = exc
             doc["evaluation_error"] = _one_line(exc)

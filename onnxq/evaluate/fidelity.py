@@ -325,6 +325,12 @@ def suggest(methods: Sequence[str], target: str, bits: int, worst_node: str | No
     calibrator alone; docs/methods.md, "Fidelity check").
     """
     exclude = f"--exclude '{worst_node}'" if worst_node else "--exclude NODE"
+    if bits == 4:
+        # weight-only: the calibrators and -p auto have nothing to choose at 4 bits (a tiny LLaMA: minmax and mse alike
+        # 0.961, auto refused); GPTQ's error-compensating rounding took it to 0.994
+        if "gptq" not in methods:
+            return f"try -p gptq (error-compensating rounding of the 4-bit weights), or keep the worst layer in float with {exclude}"
+        return f"keep the worst layer in float with {exclude}, or try --block-size 16"
     if matmul_net and "smoothquant" not in methods and "percentile" not in methods and bits == 8:
         return "try -p smoothquant -p minmax: activation outlier channels of MatMul layers need smoothing before INT8"
     kl = [m for m in methods if "entropy" in m or m in ("cfws",)]
@@ -413,7 +419,9 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
     if warnings:
         producer = {n.output[0]: n.name for n in quantized.graph.node if n.op_type in LAYER_OPS and n.output}
         errors = layer_errors(reference, quantized, list(producer), batches, max_batches=1)
-        worst = sorted(errors.items(), key=lambda kv: _key(kv[1]["sqnr_db"]))[:3]
+        # a layer whose output is FP32's to the bit (one left float, or before every quantized one) is not where it broke
+        changed = [kv for kv in errors.items() if kv[1]["sqnr_db"] != math.inf]
+        worst = sorted(changed, key=lambda kv: _key(kv[1]["sqnr_db"]))[:3]
         fid.worst_layers = [LayerFidelity(t, producer[t], v["sqnr_db"], v["cosine"]) for t, v in worst]
         ops = {n.op_type for n in reference.graph.node}
         fid.suggestion = suggest(methods, target, bits, fid.worst_layers[0].node if fid.worst_layers else None,

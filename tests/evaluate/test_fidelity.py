@@ -58,6 +58,37 @@ def test_warns_on_a_broken_configuration_with_layers_and_a_suggestion(digits_mod
     assert any("collapsed" in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
 
 
+def test_the_worst_layers_are_layers_that_changed(digits_model, digits_calib_feeds):
+    """Layers left float before the broken one compute FP32's values to the bit (SQNR inf; a --bits 4 run leaves every
+    conv so) and came first in the worst-layer list, the suggestion naming one of them to exclude: only layers whose
+    output changed are listed. The "quantized" model here is FP32 with its last weighted layer's weights scrambled."""
+    from onnx import numpy_helper
+
+    from onnxq.calib.readers import Batch
+    from onnxq.evaluate.fidelity import check_fidelity
+
+    reference = onnx.load(str(digits_model))
+    weighted = [n for n in reference.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    broken = onnx.ModelProto()
+    broken.CopyFrom(reference)
+    last = weighted[-1].input[1]
+    for t in broken.graph.initializer:
+        if t.name == last:
+            t.CopyFrom(numpy_helper.from_array(-np.roll(numpy_helper.to_array(t), 1, axis=0), t.name))
+    fid = check_fidelity(reference, broken, lambda: iter(Batch(f) for f in digits_calib_feeds[:4]), in_sample=True)
+    assert fid.warned and fid.worst_layers, fid.warnings
+    assert all(np.isfinite(w.sqnr_db) for w in fid.worst_layers), fid.worst_layers
+    assert fid.worst_layers[0].node == weighted[-1].name
+
+
+def test_a_4bit_collapse_suggests_gptq():
+    """At 4 bits the calibrators and -p auto have nothing to choose (auto refuses --bits 4): the hint says gptq."""
+    from onnxq.evaluate.fidelity import suggest
+
+    assert "-p gptq" in suggest(["minmax"], "ort", 4, "fc1") and "-p mse" not in suggest(["mse"], "ort", 4)
+    assert "--exclude 'fc1'" in suggest(["gptq"], "ort", 4, "fc1") and "-p gptq" not in suggest(["gptq"], "ort", 4)
+
+
 def test_strict_raises_after_saving(digits_model, digits_calib, tmp_path):
     out = tmp_path / "q.onnx"
     with pytest.raises(QualityGateError, match="fidelity check failed.*kept at"):
