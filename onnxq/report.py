@@ -149,12 +149,15 @@ def fidelity_lines(fid: Fidelity) -> list[str]:
     for o in fid.outputs:
         top1 = f", top-1 agreement {o.top1_agreement:.3f}" if o.top1_agreement is not None else ""
         neighbours = f", neighbour agreement {o.neighbour_agreement:.3f}" if o.neighbour_agreement is not None else ""
-        positions = f", agreement per position {o.position_agreement:.3f}" if o.position_agreement is not None else ""
+        positions = ""
+        if o.position_agreement is not None:  # an ArgMax map counts every position; class scores only where FP32's winner is clear
+            positions = (f", class ids equal per position {o.position_agreement:.3f}" if o.role == "argmax"
+                         else f", arg-max agreement per position {o.position_agreement:.3f} (where FP32's winner is clear)")
         if o.worst_part_cosine is not None:
             positions += f", worst part ({o.worst_part}) cosine {o.worst_part_cosine:.4f}"
         if o.label_agreement is not None:
             positions += f", label agreement {o.label_agreement:.3f}"
-        if o.exact_agreement is not None:
+        if o.exact_agreement is not None and o.role != "argmax":
             positions += f", values equal to FP32's {o.exact_agreement:.3f}"
         if o.length_differs:
             positions += f", length differs from FP32 in {100 * o.length_differs:.0f} % of batches"

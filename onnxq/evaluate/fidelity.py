@@ -73,7 +73,8 @@ class OutputFidelity:
         "positions whose id matches", default=None)
     role: str | None = described(
         "what the graph says the output is, where it holds decisions rather than scores: 'argmax' (the model's ArgMax), "
-        "'topk_values' / 'topk_indices' (a TopK's; the indices' first column is judged as a class id), 'selected' (rows "
+        "'topk_values' / 'topk_indices' (a TopK's; the indices' first column is judged as a class id), 'embedding' (divided "
+        "by its norm: no class scores, judged by its neighbours), 'selected' (rows "
         "picked by the data: behind a NonMaxSuppression or gathered by a TopK's indices, so their order follows near-ties "
         "and the 1st-percentile cosine is not judged)", default=None)
 

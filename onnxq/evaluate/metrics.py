@@ -181,7 +181,7 @@ class OutputAccumulator:
         self.scalar = one_value if self.scalar is None else (self.scalar and one_value)
         self.ref_sum += float(np.sum(ref))
         # a TopK's values and rows the data picks (a detector's [N, 100, 6] list) hold no class scores per position
-        dense = dense_class_axis(reference, axis) if self.role not in ("topk_values", "selected") else None
+        dense = dense_class_axis(reference, axis) if self.role not in ("topk_values", "selected", "embedding") else None
         if dense is not None:
             classes = ref.shape[dense]
             r = np.moveaxis(ref, dense, -1).reshape(-1, classes)
@@ -190,7 +190,7 @@ class OutputAccumulator:
             self.positions += len(r)
             self.positions_clear += int(clear.sum())
             self.positions_same += int((same & clear).sum())
-        is_logits = looks_like_logits(reference) and axis == 0 and self.role != "topk_values"
+        is_logits = looks_like_logits(reference) and axis == 0 and self.role not in ("topk_values", "embedding")
         self.classification = is_logits if self.classification is None else (self.classification and is_logits)
         if is_logits:
             ref_top, got_top = top1(ref), top1(got)

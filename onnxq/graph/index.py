@@ -148,6 +148,8 @@ def output_roles(model: onnx.ModelProto) -> dict[str, str]:
       greedy CTC decode), looked through :data:`_PASS_THROUGH` ops;
     * ``topk_values`` / ``topk_indices``: a ``TopK``'s sorted values and their indices (the first column of the
       indices is the arg-max class; the values' own arg-max is their first column whatever the model does);
+    * ``embedding``: a vector divided by its norm (``F.normalize``, ``LpNormalization``): its largest channel is no
+      class, whatever a labelled data set says;
     * ``selected``: rows picked by the data (behind a ``NonMaxSuppression``, or gathered by a ``TopK``'s indices):
       a detector's padded [N, 100, 6] list, whose row order follows near-ties in the scores, so a sample's cosine
       reads which rows swapped as much as what they hold.
@@ -169,9 +171,31 @@ def output_roles(model: onnx.ModelProto) -> dict[str, str]:
         if hit is not None and hit[0].op_type == "TopK":
             roles[out] = "topk_values" if hit[1] == 0 else "topk_indices"
             continue
+        if hit is not None and _l2_normalized(producer, hit[0]):
+            roles[out] = "embedding"
+            continue
         if _selected_by_data(producer, out):
             roles[out] = "selected"
     return roles
+
+
+def _l2_normalized(producer: dict[str, tuple[onnx.NodeProto, int]], node: onnx.NodeProto) -> bool:
+    """Whether ``node`` divides by a vector norm (``LpNormalization``; torch's ``F.normalize``: Div by ReduceL2, clipped
+    and expanded; Div by Sqrt of a sum of squares): an embedding, whose clearest channel is no class."""
+    if node.op_type == "LpNormalization":
+        return True
+    if node.op_type != "Div" or len(node.input) < 2:
+        return False
+    stack, depth = [(node.input[1], 0)], 0
+    while stack:
+        t, depth = stack.pop()
+        hit = producer.get(t)
+        if hit is None or depth > 4:
+            continue
+        if hit[0].op_type in ("ReduceL2", "ReduceSumSquare", "Sqrt"):
+            return True
+        stack.extend((i, depth + 1) for i in hit[0].input[:1] if i)
+    return False
 
 
 def _selected_by_data(producer: dict[str, tuple[onnx.NodeProto, int]], tensor: str) -> bool:

@@ -183,3 +183,29 @@ def _scrambled(model: onnx.ModelProto) -> onnx.ModelProto:
         if t.name.startswith("wb"):
             t.CopyFrom(numpy_helper.from_array(-np.roll(numpy_helper.to_array(t), 7, axis=-1), t.name))
     return out
+
+
+def normalized_embedding() -> onnx.ModelProto:
+    """x [N, 16] -> MatMul+Relu -> MatMul (32) -> F.normalize as torch exports it: Div by Expand(Clip(ReduceL2))."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["e"]), helper.make_node("ReduceL2", ["e"], ["n"], axes=[1], keepdims=1),
+             helper.make_node("Clip", ["n", "eps"], ["nc"]), helper.make_node("Shape", ["e"], ["es"]),
+             helper.make_node("Expand", ["nc", "es"], ["ne"]), helper.make_node("Div", ["e", "ne"], ["emb"])]
+    inits = {"w1": rng.normal(0, 0.3, (16, 32)), "w2": rng.normal(0, 0.3, (32, 32)), "eps": np.array(1e-12, np.float32)}
+    return _model(nodes, inits, [16], [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 32])])
+
+
+def test_a_normalized_embedding_gets_no_accuracy_from_labels():
+    """An L2-normalized embedding with a labelled data set read its arg-max channel as a class: "accuracy 12.70 %" and a
+    worst class, a number --max-drop would gate on. Divided by its norm, it is an embedding: judged by its neighbours."""
+    from onnxq.evaluate.compare import evaluate
+
+    assert output_roles(normalized_embedding()) == {"emb": "embedding"}
+    data = _data([16])
+    labels = [np.arange(16) % 10 for _ in data]
+    fp32, = evaluate(normalized_embedding(), {}, lambda: [Batch(d, lab) for d, lab in zip(data, labels)], threads=())
+    assert not {"accuracy", "top1_agreement", "worst_class"} & set(fp32.outputs["emb"])
+    fid = onnxq.optimize(normalized_embedding(), method="minmax", data=data, show_progress=False).report.fidelity
+    assert fid.outputs[0].role == "embedding" and fid.outputs[0].top1_agreement is None
+    assert fid.outputs[0].neighbour_agreement is not None
