@@ -45,6 +45,26 @@ RELU_LIKE = {"Relu", "Clip"}
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
 
 
+def _computed_weight_reason(idx: GraphIndex, weight: str) -> str:
+    """Why a weight computed from constants stays float: the op that keeps onnxq's constant folding from making it an
+    initializer (ConstantOfShape, Expand, ...: they grow a tensor from a shape), else the advice to fold it."""
+    from onnxq.graph.constfold import KEEP_OPS
+
+    stack, seen = [weight], set()
+    while stack:
+        t = stack.pop()
+        node = idx.producer.get(t)
+        if node is None or t in seen:
+            continue
+        seen.add(t)
+        if node.op_type in KEEP_OPS:
+            return (f"weight '{weight}' is computed at run time by {node.op_type} '{node.name}', which onnxq's constant "
+                    "folding leaves alone (it grows a tensor from a shape); store the weight as an initializer to quantize this layer")
+        stack.extend(i for i in node.input if i)
+    return (f"weight '{weight}' is computed from constants at run time (no initializer to quantize); fold it into an "
+            "initializer (constant folding is on unless --no-fold) to quantize this layer")
+
+
 def constant_computed(idx: GraphIndex) -> set[str]:
     """Tensors of the main graph computed from constants alone, by deterministic standard ops.
 
@@ -174,8 +194,7 @@ def build_plan(model: onnx.ModelProto, profile: TargetProfile, exclude: Iterable
             plan.skipped.append((node.name, "MatMul with its constant weight as the first input (W @ x)"))
             continue
         if w_index is not None and node.input[w_index] in computed and not _dequantized_constant(idx, node.input[w_index]):
-            plan.skipped.append((node.name, f"weight '{node.input[w_index]}' is computed from constants at run time "
-                                            "(no initializer to quantize); fold it into an initializer to quantize this layer"))
+            plan.skipped.append((node.name, _computed_weight_reason(idx, node.input[w_index])))
             continue
         if (node.op_type == "MatMul" and not profile.activation_matmul and len(node.input) == 2
                 and not any(constant(i) for i in node.input)):

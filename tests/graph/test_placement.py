@@ -327,3 +327,21 @@ def test_a_matmul_with_its_weight_first_is_left_float_and_said():
     res = onnxq.optimize(model, method="minmax", data=[{"x": rng.normal(0, 1, (4, 16, 4)).astype(np.float32)}], show_progress=False)
     assert res.report.quantized_activations == 0 and res.report.layers == 0
     assert any(e.node == "wx" and "first input" in e.reason for e in res.report.left_in_float), res.report.left_in_float
+
+
+def test_a_weight_made_by_constant_of_shape_names_the_op_that_keeps_it_float():
+    """ONNX's own "light" zoo models make every weight with ConstantOfShape, which constant folding deliberately leaves
+    alone; the reason said "fold it into an initializer" although folding was on. It names the op now."""
+    import onnxq
+
+    nodes = [helper.make_node("ConstantOfShape", ["wshape"], ["w"], name="make_w",
+                              value=numpy_helper.from_array(np.array([0.01], np.float32))),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "light", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": np.random.default_rng(0).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)}]
+    res = onnxq.optimize(model, method="minmax", data=data, show_progress=False)
+    reason = next(e.reason for e in res.report.left_in_float if e.node == "conv")
+    assert "ConstantOfShape 'make_w'" in reason and "fold it" not in reason, reason
