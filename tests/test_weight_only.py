@@ -98,3 +98,14 @@ def test_weight_only_needs_no_calibrator_and_declares_ir_10():
     assert result.model.ir_version >= 10
     default = optimize(mlp(), data=None, bits=4, target="trt", method="percentile", show_progress=False)
     assert default.report.method == ["percentile"]
+
+
+def test_a_calibrator_at_4_bits_says_it_changes_nothing(x, caplog):
+    """At --bits 4 only the weights are quantized: -p mse wrote -p minmax's model to the bit, without a word, and the
+    fidelity hint sent users to it. It says so, and what does change the weights."""
+    with caplog.at_level("WARNING", logger="onnxq"):
+        mse = optimize(mlp(), method="mse", bits=4, data=[{"x": x}], show_progress=False)
+    plain = optimize(mlp(), method="minmax", bits=4, data=[{"x": x}], show_progress=False)
+    assert [t.raw_data for t in mse.model.graph.initializer] == [t.raw_data for t in plain.model.graph.initializer]
+    said = [r.getMessage() for r in caplog.records if "quantizes weights only" in r.getMessage()]
+    assert len(said) == 1 and "-p mse" in said[0] and "-p gptq" in said[0]

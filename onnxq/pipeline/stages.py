@@ -35,7 +35,7 @@ from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.evaluate.fidelity import check_fidelity
 from onnxq.graph.targets import TargetProfile
 from onnxq.host import Host
-from onnxq.method import QuantMethod, RunContext, set_weight_qparams
+from onnxq.method import QuantMethod, RangeMethod, RunContext, set_weight_qparams
 from onnxq.pipeline.checks import check_feeds, check_float_rewrite, float_rewrite_verdict, model_changes, model_outputs, relative_error
 from onnxq.pipeline.compose import calibrator_of, check_applicable, resolve_methods
 from onnxq.pipeline.data import DataSpec, batch_source, make_reader
@@ -170,6 +170,11 @@ def configure(run: Run) -> None:
     if s.batch_size < 1:
         raise OptionError("batch size must be at least 1")
     run.methods = resolve_methods(s.method, s.options, run.host)
+    ranges = [m.name for m in run.methods if isinstance(m, RangeMethod) and m.name != "minmax"]
+    if profile.weight_only and ranges:
+        # a tiny LLaMA at --bits 4: -p mse wrote minmax's model to the bit (0.961), and the fidelity hint sent users to it
+        log.warning("-p %s chooses activation ranges, and --bits 4 quantizes weights only: the model is the one -p minmax "
+                    "writes (weights rounded to nearest); -p gptq rounds them to keep each layer's output", ranges[0])
 
 
 def load(run: Run) -> None:
