@@ -85,9 +85,9 @@ class OutputAccumulator:
     between batches and batches of different shapes (sequence lengths) are never glued together.
     ``update`` takes one batch's reference and test outputs with the sample axis ``axis`` (None:
     the whole output is one sample, for outputs with no batch axis). ``role`` is what the graph says
-    the output is (:func:`onnxq.graph.index.output_roles`): a ``TopK``'s values are no class scores
-    (their arg-max is their first column), its indices' first column is the class id, and an
-    ``ArgMax`` map's values are compared position by position.
+    the output is (:func:`onnxq.graph.index.output_roles`): a ``TopK``'s values, an L2-normalized
+    embedding and rows the data picks are no class scores, a TopK's indices' first column is the
+    class id, and an ``ArgMax`` map's values are compared position by position.
     """
 
     def __init__(self, role: str | None = None) -> None:
