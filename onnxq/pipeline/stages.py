@@ -35,6 +35,7 @@ from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.evaluate.fidelity import check_fidelity
 from onnxq.graph.targets import TargetProfile
 from onnxq.host import Host
+from onnxq.graph.bias_range import raise_steps_for_bias
 from onnxq.method import QuantMethod, RangeMethod, RunContext, set_weight_qparams
 from onnxq.pipeline.checks import check_feeds, check_float_rewrite, float_rewrite_verdict, model_changes, model_outputs, relative_error
 from onnxq.pipeline.compose import calibrator_of, check_applicable, resolve_methods
@@ -125,8 +126,8 @@ class Run:
     measure_rewrites: bool = True
     #: the methods whose "changed nothing" was said (a float rewrite's report section is still there after refine)
     said_unchanged: set[str] = field(default_factory=set)
-    #: the left-float warnings already logged (``-p auto`` shares one set across its builds: its 20-odd builds of one
-    #: model said the same control-flow line each, openwakeword's hey_jarvis 17 times)
+    #: the left-float warnings (and widened bias steps) already logged (``-p auto`` shares one set across its builds: its
+    #: 20-odd builds of one model said the same control-flow line each, openwakeword's hey_jarvis 17 times)
     warned_float: set[str] = field(default_factory=set)
     #: the float model's outputs on the first batch (computed at the first quantized rewrite)
     float_outputs: list[np.ndarray] | None = None
@@ -341,6 +342,14 @@ def refine(run: Run) -> None:
     missing = run.ctx.plan.missing_qparams()
     if missing:
         raise OnnxqError(f"no quantization parameters were chosen for '{missing[0]}'")
+    if run.profile.int32_bias or run.profile.quantize_outputs:  # the bias is added in int32 (ONNX Runtime's fused kernels)
+        raised = raise_steps_for_bias(run.ctx.model, run.ctx.plan)
+        said = "bias steps: " + ",".join(sorted(t for t, _, _ in raised))
+        if raised and said not in run.warned_float:  # once a search (-p auto builds many candidates), not once a build
+            run.warned_float.add(said)
+            tensor, old, new = max(raised, key=lambda r: r[2] / r[1])
+            log.warning("%d activation step(s) widened so that the int32 bias of the layers reading them does not overflow "
+                        "(the activation is nearly zero on the calibration data): '%s' %.3g -> %.3g", len(raised), tensor, old, new)
 
 
 def error_against_float(run: Run, model: onnx.ModelProto, float_model: onnx.ModelProto | None = None) -> float:
