@@ -145,6 +145,11 @@ def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | 
     axis = axes.get(name, 0) if axes is not None else 0
     if axis is not None and np.ndim(value) > axis and np.shape(value)[axis] == n:
         return axis
+    if axis is None and n == 1 and np.ndim(value) >= 1 and np.shape(value)[0] == 1:
+        # a model of fixed batch 1 (each batch one sample): its leading 1 is that sample, so [1, C] logits get a top-1 and
+        # an accuracy and a [1, 1] probability its explained variance across samples (a streaming VAD's speech
+        # probability read cosine 1.0 at 2 dB SQNR: a single value's cosine is its sign)
+        return 0
     return None
 
 

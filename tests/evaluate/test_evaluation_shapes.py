@@ -263,3 +263,40 @@ def test_a_baseline_that_loads_and_does_not_run_is_a_note_not_a_failed_evaluatio
     assert len(notes) == 1 and notes[0].startswith("baseline: the baseline's model does not run: ")
     with pytest.raises(OnnxqError):
         evaluate(tiny_model, {"baseline": broken}, batches, threads=())
+
+
+def _batch1_model() -> onnx.ModelProto:
+    """A model of fixed batch 1, as streaming models are exported: x [1, 16] -> logits [1, 4] and prob [1, 1]."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (32, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (32, 1)).astype(np.float32), "w3")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"]), helper.make_node("MatMul", ["r", "w3"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["prob"])]
+    graph = helper.make_graph(nodes, "batch1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_fixed_batch_of_one_is_judged_sample_by_sample():
+    """A streaming model exported with a fixed batch of 1 had no sample axis: its [1, 1] speech probability was one value
+    compared alone (cosine 1.0 at 2 dB SQNR), its [1, C] logits got no top-1 or accuracy, and the in-sample check read
+    4 samples. Each batch is one sample: its leading 1 is the sample axis, and the check reads up to 64 samples."""
+    from onnxq.calib.readers import Batch
+    from onnxq.evaluate.fidelity import THRESHOLDS
+
+    rng = np.random.default_rng(3)
+    data = [{"x": rng.normal(0, 1, (1, 16)).astype(np.float32)} for _ in range(80)]
+    good = onnxq.optimize(_batch1_model(), method="minmax", data=data, show_progress=False).report.fidelity
+    logits, prob = good.outputs
+    assert good.samples == 64 and not good.warned, good.warnings
+    assert logits.top1_agreement is not None and prob.explained_variance is not None
+    bad = onnxq.optimize(_batch1_model(), method="percentile", options={"percentile": 51}, data=data, show_progress=False).report.fidelity
+    prob = bad.outputs[1]
+    assert prob.cosine == 1.0 and prob.explained_variance < THRESHOLDS.explained_variance, "precondition: only the variance sees it"
+    assert bad.warned and any("'prob'" in w and "explained variance" in w for w in bad.warnings), bad.warnings
+    labels = [np.array([k % 4]) for k in range(len(data))]
+    fp32, = evaluate(_batch1_model(), {}, lambda: (Batch(d, lab) for d, lab in zip(data, labels)), threads=())
+    assert "accuracy" in fp32.outputs["logits"] and "explained_variance" not in fp32.outputs["logits"]
