@@ -170,7 +170,7 @@ def test_pillow_decompression_bomb_error_is_one_error_line(tmp_path, run_cli, ti
     code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "--data-opt", "color=gray",
                             "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
     assert code == 1, err
-    (line,) = err.splitlines()
+    (line,) = [ln for ln in err.splitlines() if not ln.startswith("onnxq: warning: ")]  # how the pixels are fed is said first
     assert line.startswith("onnxq: error: cannot read image") and "a.png" in line, line
 
 
@@ -224,3 +224,58 @@ def test_an_nhwc_one_channel_model_reads_an_image_folder_without_options(tmp_pat
     code, _, err = run_cli(["optimize", model, "--data", images, "--data-opt", "std=0.5", "--eval-data", evaluation, "-p", "minmax",
                             "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
     assert code == 0, err
+
+
+def _gradient_folder(root: Path, n: int = 3) -> Path:
+    """``n`` 8x8 grayscale gradients (not constant: the constant-input rule leaves a constant input float)."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.fromarray((np.add.outer(np.arange(8), np.arange(8)) * (8 + k)).astype(np.uint8)).save(root / f"g{k}.png")
+    return root
+
+
+def test_the_images_reader_skips_hidden_files_and_reads_16_bit_and_float_images(tmp_path):
+    """A macOS "._x.png" aborted the run ("cannot identify image file") and Jupyter's .ipynb_checkpoints were calibrated
+    on; a 16-bit PNG read as all white and a float TIFF as all black (Pillow's 8-bit conversion)."""
+    from PIL import Image
+
+    from onnxq.calib.readers import ImageFolderReader, ImageOptions, InputSpec
+
+    root = _gradient_folder(tmp_path / "img")
+    (root / "._g0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    _gradient_folder(root / ".ipynb_checkpoints", 1)
+    ramp = np.add.outer(np.arange(8), np.arange(8)).astype(np.float64) / 14.0
+    Image.fromarray((ramp * 60000).astype(np.uint16)).save(root / "deep.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(root / "float.tif")
+    reader = ImageFolderReader(str(root), ImageOptions(color="gray"), [InputSpec("x", np.dtype(np.float32), (None, 1, 8, 8), True)])
+    assert [f.name for f in reader.files()] == ["deep.png", "float.tif", "g0.png", "g1.png", "g2.png"]
+    (batch,) = list(reader)
+    x = batch.feeds["x"]
+    deep, flt = x[0, 0], x[1, 0]
+    assert np.allclose(deep, ramp * 60000 / 65535, atol=0.01) and np.allclose(flt, ramp, atol=0.01)
+
+
+@pytest.mark.parametrize("option,needle", [("mean=0.5,0.5", "mean has 2 values"), ("std=0.2,0.2", "std has 2 values"),
+                                           ("size=100000x100000", "each side must be 1 to"), ("mean=nan", "finite")])
+def test_image_options_that_cannot_apply_are_one_line(tmp_path, run_cli, tiny_model_path, option, needle):
+    """Two means for one gray channel raised a numpy broadcast error (exit 4); an absurd size was killed for memory."""
+    images = _gradient_folder(tmp_path / "img")
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "--data-opt", option, "-p", "minmax",
+                            "--output", tmp_path / "q.onnx", "--no-cache", "--quiet"])
+    errors = [ln for ln in err.splitlines() if ln.startswith("onnxq: error")]
+    assert code == 1 and len(errors) == 1 and needle in errors[0], err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_images_without_mean_and_std_say_how_they_are_fed(tmp_path, run_cli, tiny_model_path):
+    """[0, 1] pixels are right for some models and wrong for the many trained on normalized inputs: said, once a run."""
+    images = _gradient_folder(tmp_path / "img")
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "-p", "minmax", "--output", tmp_path / "q.onnx",
+                            "--no-cache", "--quiet"])
+    assert code == 0, err
+    assert sum("scaled to [0, 1] with no mean/std" in ln for ln in err.splitlines()) == 1, err
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "--data-opt", "mean=0.5", "--data-opt", "std=0.25",
+                            "-p", "minmax", "--output", tmp_path / "q2.onnx", "--no-cache", "--quiet"])
+    assert code == 0 and "no mean/std" not in err, err

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import sys
 import warnings
@@ -368,8 +369,35 @@ class ImageOptions:
     def validate(self) -> None:
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("mean and std must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+
+
+#: the largest image side the images reader resizes to (a typo'd size=100000x100000 was killed by the kernel for memory)
+MAX_IMAGE_SIDE = 16384
+
+
+def _pixels(im, color: str, size: tuple[int, int]) -> np.ndarray:
+    """An image as float32 [H, W, C] in [0, 1], resized to ``size`` (W, H), by its own bit depth: Pillow's 8-bit
+    conversion saturates a 16-bit PNG to white and truncates a float TIFF to black (a constant calibration set)."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        peak = float(a.max(initial=0.0))
+        if im.mode == "F" and peak <= 1.0:
+            top = 1.0  # a float image already in [0, 1]
+        elif im.mode.startswith("I;16") or peak > 255.0:
+            top = 65535.0
+        else:
+            top = 255.0
+        g = Image.fromarray(np.clip(a / top, 0.0, 1.0), mode="F").resize(size, Image.BILINEAR)
+        a = np.asarray(g, dtype=np.float32)
+        return a if color == "gray" else np.repeat(a[:, :, None], 3, axis=2)
+    im = im.convert("L" if color == "gray" else "RGB").resize(size, Image.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / 255.0
 
 
 class ImageFolderReader(DataReader):
@@ -388,7 +416,9 @@ class ImageFolderReader(DataReader):
         p = Path(self.spec)
         if not p.is_dir():
             raise DataError(f"image folder '{p}' does not exist")
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        # hidden files and folders are never data: macOS's "._x.png" resource forks, Jupyter's .ipynb_checkpoints
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             raise DataError(f"no images in '{p}'")
         return files
@@ -398,9 +428,11 @@ class ImageFolderReader(DataReader):
         if o.size:
             try:
                 h, w = (int(v) for v in o.size.lower().split("x"))
-                return h, w
             except ValueError:
                 raise DataError(f"image size '{o.size}' is not HxW") from None
+            if not (0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE):
+                raise DataError(f"image size '{o.size}': each side must be 1 to {MAX_IMAGE_SIDE} pixels")
+            return h, w
         shape = self.inputs[0].shape
         hw = shape[2:4] if self._layout() == "nchw" else shape[1:3]
         if len(hw) == 2 and all(isinstance(d, int) for d in hw):
@@ -433,7 +465,19 @@ class ImageFolderReader(DataReader):
         o = self.options
         h, w = self._size()
         layout, color = self._layout(), self._color()
+        channels = 1 if color == "gray" else 3
+        for what, values in (("mean", o.mean), ("std", o.std)):
+            if len(values) not in (1, channels):
+                raise DataError(f"--data-opt {what} has {len(values)} values; the model's {color} images have {channels} "
+                                f"channel(s): give one value or {channels}")
         files = self.files()
+        if o.mean == (0.0,) and o.std == (1.0,) and not getattr(self, "_said_scaling", False):
+            # the images reader cannot know how the model was trained; calibrating a normalized-input model on [0, 1]
+            # pixels kept the in-sample check at cosine 1.0 while held-out accuracy fell from 99.5 % to 73 %
+            self._said_scaling = True
+            log.warning("images in '%s' are fed as %s pixels scaled to [0, 1] with no mean/std: a model trained on normalized "
+                        "inputs needs its own, e.g. --data-opt mean=0.485,0.456,0.406 --data-opt std=0.229,0.224,0.225 (ImageNet's)",
+                        self.spec, color.upper())
         root = Path(self.spec)
         for start in range(0, len(files), o.batch):
             chunk = files[start : start + o.batch]
@@ -444,8 +488,7 @@ class ImageFolderReader(DataReader):
                         warnings.simplefilter("always", Image.DecompressionBombWarning)
                         with Image.open(f) as im:
                             size = im.size
-                            im = im.convert("L" if color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
-                            a = np.asarray(im, dtype=np.float32) / 255.0
+                            a = _pixels(im, color, (w, h))
                 except Exception as exc:
                     raise DataError(f"cannot read image '{f}': {exc}") from None
                 for warned in caught:  # Pillow's raw warning becomes one onnxq line; others pass on unchanged
