@@ -155,6 +155,25 @@ def case_data_function_raising_part_way(work: Path, model: Path, calib: Path) ->
     return [model, "--data", f"{script}:feeds"]
 
 
+def case_data_function_calling_sys_exit(work: Path, model: Path, calib: Path) -> list[str]:
+    """sys.exit(0) in a data function ended the run with exit 0, no model and no message: a CI step passed."""
+    script = work / "exits.py"
+    script.write_text(
+        "import sys\nimport numpy as np\n"
+        "def feeds():\n"
+        "    yield {'input': np.zeros((4, 1, 16, 16), np.float32)}\n"
+        "    sys.exit(0)\n"
+    )
+    return [model, "--data", f"{script}:feeds"]
+
+
+def case_data_function_yielding_a_ragged_list(work: Path, model: Path, calib: Path) -> list[str]:
+    """A value numpy cannot make an array of (a ragged list; a torch tensor that requires grad) was exit 4."""
+    script = work / "ragged.py"
+    script.write_text("def feeds():\n    yield {'input': [[1.0, 2.0], [3.0]]}\n")
+    return [model, "--data", f"{script}:feeds"]
+
+
 def case_external_data_negative_offset(work: Path, model: Path, calib: Path) -> list[str]:
     """Issue 16: an external-data offset of -5 was an internal error (onnx's ValueError)."""
     import onnx
@@ -232,6 +251,8 @@ CASES: dict[str, tuple[Setup, str]] = {
     "object-array": (case_object_array, "data_000.npz"),
     "failing-data-function": (case_failing_data_function, "the database is down"),
     "data-function-raising-part-way": (case_data_function_raising_part_way, "partway.py:feeds' failed at batch 2: ValueError: boom"),
+    "data-function-calling-sys-exit": (case_data_function_calling_sys_exit, "called sys.exit(0)"),
+    "data-function-yielding-a-ragged-list": (case_data_function_yielding_a_ragged_list, "not an array numpy can read"),
     "external-data-negative-offset": (case_external_data_negative_offset, "offset"),
     "labels-mismatch": (case_labels_mismatch, "labels"),
     "bad-eval-data": (case_bad_eval_data, "shape"),

@@ -555,8 +555,8 @@ class PythonReader(DataReader):
             items = iter(self._function()())
         except DataError:
             raise
-        except Exception as exc:
-            raise DataError(f"data function '{self.spec}' failed: {type(exc).__name__}: {exc}") from None
+        except (Exception, SystemExit) as exc:  # sys.exit() in a data function ended the run with exit 0 and nothing written
+            raise DataError(f"data function '{self.spec}' failed: {_what_failed(exc)}") from None
         k = 0
         while True:
             # a generator that raises part-way is the data's fault: one line naming the spec and the batch
@@ -566,16 +566,29 @@ class PythonReader(DataReader):
                 return
             except DataError:
                 raise
-            except Exception as exc:
-                raise DataError(f"data function '{self.spec}' failed at batch {k}: {type(exc).__name__}: {exc}") from None
+            except (Exception, SystemExit) as exc:
+                raise DataError(f"data function '{self.spec}' failed at batch {k}: {_what_failed(exc)}") from None
             labels = None
             if isinstance(item, tuple) and len(item) == 2:
                 item, labels = item
             if not isinstance(item, Mapping):
-                raise DataError(f"data function '{self.spec}' yielded a {type(item).__name__} at item {k}; expected a dict of input arrays")
-            feeds, extra = _split_labels({n: np.asarray(v) for n, v in item.items()}, names)
-            yield Batch(feeds, np.asarray(labels).reshape(-1) if labels is not None else extra, source=f"item {k}")
+                raise DataError(f"data function '{self.spec}' yielded a {type(item).__name__} at item {k}; expected a dict of input "
+                                "arrays" + (" (a pair is read as (feeds, labels))" if labels is not None else ""))
+            try:
+                arrays = {n: np.asarray(v) for n, v in item.items()}
+                labels = np.asarray(labels).reshape(-1) if labels is not None else None
+            except Exception as exc:  # a tensor that requires grad, a ragged list: what numpy cannot take as an array
+                raise DataError(f"data function '{self.spec}' item {k}: a value is not an array numpy can read: "
+                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+            feeds, extra = _split_labels(arrays, names)
+            yield Batch(feeds, labels if labels is not None else extra, source=f"item {k}")
             k += 1
+
+
+def _what_failed(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
