@@ -174,6 +174,29 @@ def case_data_function_yielding_a_ragged_list(work: Path, model: Path, calib: Pa
     return [model, "--data", f"{script}:feeds"]
 
 
+def case_data_function_with_fresh_random_data(work: Path, model: Path, calib: Path) -> list[str]:
+    """Unseeded random data on each call: the check compared FP32 on one draw with the quantized model on another and
+    called a good model collapsed."""
+    script = work / "unseeded.py"
+    script.write_text("import numpy as np\ndef feeds():\n    for _ in range(4):\n"
+                      "        yield {'input': np.random.default_rng().normal(0, 1, (4, 1, 16, 16)).astype(np.float32)}\n")
+    return [model, "--data", f"{script}:feeds"]
+
+
+def case_data_function_returning_one_generator(work: Path, model: Path, calib: Path) -> list[str]:
+    """The same generator returned on every call is read once: the fidelity check saw no data and said nothing; now the
+    pass that finds it spent says so (here the run's first pass after the command's own look at the data: "empty"). A
+    module imported by name is imported once; a file.py spec is executed anew for each pass, a new generator each time."""
+    import sys
+    import uuid
+
+    name = f"oneshot_{uuid.uuid4().hex[:8]}"
+    (work / f"{name}.py").write_text("import numpy as np\nG = ({'input': np.full((4, 1, 16, 16), i / 4, np.float32)} for i in range(4))\n"
+                                     "def feeds():\n    return G\n")
+    sys.path.insert(0, str(work))
+    return [model, "--data", f"{name}:feeds"]
+
+
 def case_external_data_negative_offset(work: Path, model: Path, calib: Path) -> list[str]:
     """Issue 16: an external-data offset of -5 was an internal error (onnx's ValueError)."""
     import onnx
@@ -253,6 +276,8 @@ CASES: dict[str, tuple[Setup, str]] = {
     "data-function-raising-part-way": (case_data_function_raising_part_way, "partway.py:feeds' failed at batch 2: ValueError: boom"),
     "data-function-calling-sys-exit": (case_data_function_calling_sys_exit, "called sys.exit(0)"),
     "data-function-yielding-a-ragged-list": (case_data_function_yielding_a_ragged_list, "not an array numpy can read"),
+    "data-function-with-fresh-random-data": (case_data_function_with_fresh_random_data, "seed its random generator"),
+    "data-function-returning-one-generator": (case_data_function_returning_one_generator, "empty"),
     "external-data-negative-offset": (case_external_data_negative_offset, "offset"),
     "labels-mismatch": (case_labels_mismatch, "labels"),
     "bad-eval-data": (case_bad_eval_data, "shape"),

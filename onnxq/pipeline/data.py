@@ -63,20 +63,56 @@ class _IterableReader(DataReader):
 
 
 def batch_source(reader: DataReader, inputs, batch_size: int, limit: int | None = None):
-    """A re-iterable source of validated, re-batched calibration batches."""
+    """A re-iterable source of validated, re-batched calibration batches.
+
+    A run reads its data several times (statistics, searches, the fidelity check), and each pass must see the same
+    batches: the first batch's bytes and the number of batches of a pass read to its end are compared with the first
+    such pass. A data function returning fresh random data on each call made the check compare FP32 on one draw with
+    the quantized model on another ("collapsed" on a good model), and one returning the same generator every time gave
+    its batches once and nothing after (the check silently did not run); both are a DataError now.
+    """
+    first: dict[str, object] = {}
 
     def source() -> Iterable[Batch]:
         seen = 0
+        count = 0
         for b in rebatch(reader, inputs, batch_size):
             if limit is not None:
                 n = b.size
                 if seen >= limit:
-                    return
+                    break
                 if seen + n > limit:
                     keep = limit - seen
                     b = b.rows(0, keep)
                     n = keep
                 seen += n
+            if count == 0:
+                _same_first_batch(first, b, reader)
+            count += 1
             yield b
+        # read to its end (or its limit): as many batches as the first such pass
+        if first.setdefault("count", count) != count:
+            raise DataError(f"the data gave {first['count']} batch(es) on one pass and {count} on another ({_source_of(reader)}): "
+                            "a data function must give the same batches each time it is called (not one generator it "
+                            "returns again: it is read once)")
 
     return source
+
+
+def _source_of(reader: DataReader) -> str:
+    return f"'{reader.spec}'" if getattr(reader, "spec", None) else "the data"
+
+
+def _same_first_batch(first: dict[str, object], batch: Batch, reader: DataReader) -> None:
+    """Remember the first pass's first batch (a digest of its bytes); raise if a later pass starts with another one."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(batch.feeds):
+        arr = np.ascontiguousarray(batch.feeds[name])
+        digest.update(name.encode() + str(arr.dtype).encode() + str(arr.shape).encode())
+        digest.update(arr.tobytes())
+    value = digest.hexdigest()
+    if first.setdefault("digest", value) != value:
+        raise DataError(f"the data changed between passes over it ({_source_of(reader)}: its first batch differs): a data "
+                        "function must give the same batches each time it is called (seed its random generator)")
