@@ -45,6 +45,7 @@ def validate_batch(batch: Batch, inputs: list[InputSpec]) -> Batch:
     if unknown:
         raise DataError(f"data{where} has '{unknown[0]}', which is not a model input (inputs: {', '.join(sorted(names))})")
     n = None
+    named: dict[str, tuple[str, int, int]] = {}  # a symbolic dimension -> (input, axis, size) where it was first seen
     for spec in inputs:
         arr = batch.feeds[spec.name]
         if not isinstance(arr, np.ndarray):
@@ -61,6 +62,13 @@ def validate_batch(batch: Batch, inputs: list[InputSpec]) -> Batch:
         for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
             if isinstance(want, int) and want > 0 and got != want:
                 raise DataError(f"input '{spec.name}'{where} has shape {list(arr.shape)}, the model expects {_fmt(spec.shape)} (axis {axis})")
+            if isinstance(want, str) and want:
+                # a mask shorter than its token ids, or inputs with different numbers of samples, failed inside ONNX
+                # Runtime with a long message naming neither
+                first = named.setdefault(want, (spec.name, axis, got))
+                if first[2] != got:
+                    raise DataError(f"input '{spec.name}'{where} has {got} on axis {axis} and input '{first[0]}' has {first[2]} on axis "
+                                    f"{first[1]}: the model names both '{want}', so they must be equal")
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             bad = "NaN" if np.isnan(arr).any() else "Inf"
             raise DataError(f"input '{spec.name}'{where} contains {bad} values")
