@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+#: warnings about the data said in this process (each output's rows share one data set)
+_SAID: set[str] = set()
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,6 +132,9 @@ class OutputAccumulator:
         #: those class ids (a TopK's first index, an ArgMax label) against the data's labels: the accuracy
         self.id_correct = 0
         self.id_labelled = 0
+        #: labels that cannot be class ids of this output (strings, floats, ids past its classes), as first seen: no
+        #: accuracy is read from them (they gave 0 % for FP32 and every model, and --max-drop measured a 0-point drop)
+        self.bad_labels: str | None = None
         #: an output a Concat makes of parts of different kinds (a detector's boxes and class scores): per part, the
         #: per-sample cosines (``parts`` of :meth:`update`)
         self.part_cosines: list[list[float]] = []
@@ -201,8 +209,12 @@ class OutputAccumulator:
             self.top1_total += len(ref)
             self.confident += int(np.sum(_confident(ref)))
             if labels is not None and len(labels) == len(ref):
-                self.correct += int(np.sum(top1(got) == np.asarray(labels).reshape(-1)))
-                self.labelled += len(ref)
+                lab = np.asarray(labels).reshape(-1)
+                if _class_ids_of(lab, ref.shape[-1]):
+                    self.correct += int(np.sum(top1(got) == lab))
+                    self.labelled += len(ref)
+                elif self.bad_labels is None:
+                    self.bad_labels = f"the data's labels are not class ids 0-{ref.shape[-1] - 1} of this output (first: {lab[:3].tolist()}, {lab.dtype})"
 
     def _update_parts(self, ref: np.ndarray, got: np.ndarray, axis: int, along: int, sizes: Sequence[int]) -> None:
         if not self.part_cosines:
@@ -266,7 +278,19 @@ class OutputAccumulator:
             m["worst_class_samples"] = float(self.class_total[worst])
             if with_accuracy and self.labelled == self.top1_total:
                 m["accuracy"] = self.correct / self.labelled
+            elif with_accuracy and self.bad_labels is not None and self.bad_labels not in _SAID:
+                _SAID.add(self.bad_labels)  # once, not once for FP32 and once for each model compared with it
+                log.warning("%s: no accuracy is read from them", self.bad_labels)
         return m
+
+
+def _class_ids_of(labels: np.ndarray, classes: int) -> bool:
+    """Whether ``labels`` can be class ids of an output of ``classes`` scores: whole numbers in [0, classes)."""
+    if labels.dtype.kind not in "iuf" or not labels.size:
+        return False
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
+        return False
+    return bool(labels.min() >= 0 and labels.max() < classes)
 
 
 def _class_counts(classes: np.ndarray, same: np.ndarray) -> tuple[list[int], list[int], list[int]]:

@@ -300,3 +300,15 @@ def test_a_fixed_batch_of_one_is_judged_sample_by_sample():
     labels = [np.array([k % 4]) for k in range(len(data))]
     fp32, = evaluate(_batch1_model(), {}, lambda: (Batch(d, lab) for d, lab in zip(data, labels)), threads=())
     assert "accuracy" in fp32.outputs["logits"] and "explained_variance" not in fp32.outputs["logits"]
+
+
+@pytest.mark.parametrize("labels", [np.array(["cat"] * 8), np.full(8, 12), np.full(8, 0.5)], ids=["strings", "past-classes", "floats"])
+def test_labels_that_cannot_be_class_ids_give_no_accuracy(tiny_model, tiny_feeds, labels, caplog):
+    """String labels, ids past the output's classes and fractional labels read 0 % accuracy for FP32 and every model
+    (and --max-drop measured a 0-point drop): no accuracy is read from them, and the run says why."""
+    from onnxq.calib.readers import Batch
+
+    with caplog.at_level("WARNING"):
+        fp32, same = evaluate(tiny_model, {"same": tiny_model}, lambda: (Batch(f, labels) for f in tiny_feeds), threads=())
+    assert "accuracy" not in fp32.outputs["y"] and "top1_agreement" in fp32.outputs["y"]
+    assert sum("not class ids 0-3 of this output" in r.getMessage() for r in caplog.records) == 1
