@@ -279,3 +279,17 @@ def test_images_without_mean_and_std_say_how_they_are_fed(tmp_path, run_cli, tin
     code, _, err = run_cli(["optimize", tiny_model_path, "--data", images, "--data-opt", "mean=0.5", "--data-opt", "std=0.25",
                             "-p", "minmax", "--output", tmp_path / "q2.onnx", "--no-cache", "--quiet"])
     assert code == 0 and "no mean/std" not in err, err
+
+
+def test_npz_calibration_and_image_evaluation_share_the_image_options(tmp_path, run_cli, tiny_model_path):
+    """--data-opt applies to both data sets: mean/std for an image-folder --eval-data beside .npz calibration data was
+    refused ("data reader 'npz' has no option 'mean'"), and without them the evaluation images were fed unnormalized."""
+    images = _gradient_folder(tmp_path / "img")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(0, 1, (16, 1, 8, 8)).astype(np.float32))
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", tmp_path / "calib.npz", "--eval-data", images,
+                            "--data-opt", "mean=0.5", "--data-opt", "std=0.25", "-p", "minmax", "--output", tmp_path / "q.onnx",
+                            "--no-cache", "--quiet"])
+    assert code == 0 and "no mean/std" not in err, err
+    code, _, err = run_cli(["optimize", tiny_model_path, "--data", tmp_path / "calib.npz", "--eval-data", images,
+                            "--data-opt", "nonsense=1", "-p", "minmax", "--output", tmp_path / "q2.onnx", "--no-cache", "--quiet"])
+    assert code == 1 and "no option 'nonsense'" in err, err  # an option neither reader takes is still an error

@@ -102,7 +102,7 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
         if baseline == "ort":
             from onnxq.backends.ort_quantizer import quantize_with_ort
 
-            cal_source = data_source(calib_data, inputs, opts, reader, batch_size, max_samples)
+            cal_source = data_source(calib_data, inputs, opts, reader, batch_size, max_samples, evaluation=True)  # its options were checked by the run
             t0 = time.perf_counter()
             path = quantize_with_ort(model, Path(tmp) / "ort.onnx", cal_source)
             candidates["ort quantize_static"] = path

@@ -50,7 +50,9 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
             min_agreement: float | None, time_budget: float | None, no_check: bool,
             strict: bool, baseline: str, as_json: bool, report_html: Path | None, diagnostics: bool, quiet: bool, executor: str) -> None:
     """Quantize MODEL to QDQ form with METHOD, calibrated on --data."""
+    from onnxq.host import get_host
     from onnxq.pipeline import Fidelity, optimize
+    from onnxq.pipeline.data import calibration_options
     from onnxq.pipeline.stages import log_fidelity
     from onnxq.graph.model_io import ensure_output_path, save_model_atomic
 
@@ -94,7 +96,8 @@ def command(model: Path, methods: tuple[str, ...], opts: tuple[tuple[str, str], 
 
     with using(from_spec(executor)):  # before any work: a missing Ray is a one-line error naming the extra
         result = optimize(
-            model, None if gated else out, method=list(methods), options=options, data=data, data_options=parse_key_values(data_opt, "--data-opt"),
+            model, None if gated else out, method=list(methods), options=options, data=data, data_options=calibration_options(
+                data, parse_key_values(data_opt, "--data-opt"), get_host(), reader, eval_data),
             reader=reader, target=target, bits=int(bits), block_size=block_size, batch_size=batch_size, max_samples=max_samples, exclude=exclude,
             cache_dir=None if no_cache else (cache_dir or default_cache_dir()), force=force, show_progress=not quiet and not as_json,
             fold=not no_fold, check=not no_check and eval_data is None,  # with --eval-data the evaluation below is the check

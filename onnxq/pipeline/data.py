@@ -21,11 +21,13 @@ DataSpec = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | DataRea
 
 
 def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, Any] | None = None, reader: str | None = None,
-                evaluation: bool = False) -> DataReader:
+                evaluation: bool = False, shared_with: DataSpec | None = None) -> DataReader:
     """Turn a data spec (path, ``module:function``, ``random``, iterable of feeds, or reader) into a reader.
 
     ``evaluation``: the evaluation data, read with the calibration data's options; those its reader does not take are
-    left out (an image folder's ``color=gray`` when the evaluation data is an .npz file), not an error."""
+    left out (an image folder's ``color=gray`` when the evaluation data is an .npz file), not an error. ``shared_with``:
+    for the calibration data, the evaluation data that shares its options; an option only that data's reader takes is
+    left out here in turn (an image folder's ``mean`` beside .npz calibration data was "npz has no option 'mean'")."""
     if isinstance(data, DataReader):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -34,13 +36,31 @@ def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, A
         if cls.name == "npz" and not Path(spec).exists():
             raise DataError(f"data path '{spec}' does not exist")
         if evaluation and data_options:
-            known = {f.name for f in dataclasses.fields(cls.Options)}
+            known = _option_names(cls)
             data_options = {k: v for k, v in data_options.items() if k.replace("-", "_") in known}
+        elif data_options and shared_with is not None:
+            data_options = calibration_options(data, data_options, host, reader, shared_with)
         opts = parse_options(cls.Options, data_options, f"data reader '{cls.name}'")
         return cls(spec, opts, inputs)
     if data_options:
         raise OptionError("data options apply only to a data spec string")
     return _IterableReader(data, inputs)
+
+
+def _option_names(cls: type[DataReader]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Options)}
+
+
+def calibration_options(data: DataSpec, data_options: Mapping[str, Any], host: Host, reader: str | None,
+                        shared_with: DataSpec | None) -> dict[str, Any]:
+    """The options of ``data`` (the calibration data) when ``shared_with`` (the evaluation data) shares them: an option
+    only the evaluation data's reader takes is left out (an image folder's ``mean`` beside .npz calibration data);
+    one neither takes stays, for the calibration reader to refuse."""
+    if not isinstance(data, (str, os.PathLike)) or not isinstance(shared_with, (str, os.PathLike)):
+        return dict(data_options)
+    ours = _option_names(host.reader(reader) if reader else host.reader_for(os.fspath(data)))
+    theirs = _option_names(host.reader(reader) if reader else host.reader_for(os.fspath(shared_with)))
+    return {k: v for k, v in data_options.items() if k.replace("-", "_") in ours or k.replace("-", "_") not in theirs}
 
 
 class _IterableReader(DataReader):

@@ -217,7 +217,7 @@ def open_data(run: Run) -> None:
                             "module:function, a reader or feed dicts), or data='random' to calibrate on random inputs (a smoke run)")
         data = "random:1"  # 4-bit weight-only scales do not depend on data; one batch validates the output
         data_options = {"warn": False}
-    run.reader = make_reader(data, run.inputs, run.host, data_options, s.reader)
+    run.reader = make_reader(data, run.inputs, run.host, data_options, s.reader, shared_with=s.eval_data)
     run.source = batch_source(run.reader, run.inputs, s.batch_size, s.max_samples)
     run.first = next(iter(run.source()), None)
     if run.first is None:
