@@ -91,6 +91,9 @@ class InputSpec:
     shape: tuple[int | str | None, ...]
     #: the model declares the shape (False: unknown, ``shape`` is empty); with an empty ``shape``, a scalar input
     rank_declared: bool = False
+    #: an integer input the model uses as indices into a constant table (token ids, token types): the table's size
+    #: (random data stays below it: BERT's 2-entry token_type_ids got 0-99 and ONNX Runtime failed)
+    index_limit: int | None = None
 
 
 class DataReader:
@@ -636,7 +639,7 @@ class RandomReader(DataReader):
                 elif spec.dtype.kind == "b":
                     feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
                 else:
-                    feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
+                    feeds[spec.name] = rng.integers(0, min(100, spec.index_limit or 100), shape).astype(spec.dtype)
             yield Batch(feeds, None, source=f"random batch {start // o.batch}")
 
     def fingerprint(self) -> str | None:
