@@ -54,3 +54,16 @@ def test_states_recorded_in_use_are_quantized():
                 for _ in range(4)]
     res = onnxq.optimize(recurrent_cell(), method="minmax", data=recorded, show_progress=False)
     assert {"x", "h"} <= _quantized_inputs(res.model) and not any(e.node.startswith("input ") for e in res.report.left_in_float)
+
+
+def test_calibrating_on_a_handful_of_samples_is_said(caplog):
+    """One image calibrated a CNN to 95.5 % against FP32's 99.5 %, and nothing was said."""
+    rng = np.random.default_rng(3)
+    few = [{"x": rng.normal(0, 1, (2, 8)).astype(np.float32), "h": rng.uniform(-1, 1, (2, 16)).astype(np.float32)}]
+    with caplog.at_level("WARNING", logger="onnxq"):
+        onnxq.optimize(recurrent_cell(), method="minmax", data=few, show_progress=False, cache_dir=None)
+    assert any("calibrated on 2 sample(s)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxq"):
+        onnxq.optimize(recurrent_cell(), method="minmax", data=few * 8, show_progress=False, cache_dir=None)
+    assert not any("sample(s):" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,6 +296,10 @@ def say_unchanged(run: Run, method: QuantMethod, rewritten: onnx.ModelProto | No
         log.warning("%s changed nothing: %s", method.name, section["changed_nothing"])
 
 
+#: fewer calibration samples than this get a warning
+FEW_SAMPLES = 8
+
+
 def calibrate(run: Run) -> None:
     """Pick the calibrator (adding the default one if needed) and collect every requested statistic."""
     s, ctx = run.settings, run.ctx
@@ -305,13 +309,26 @@ def calibrate(run: Run) -> None:
         run.methods.insert(0, run.calibrator)
     requests = [r for m in run.methods for r in m.declare_statistics(ctx)]
     fingerprint = run.reader.fingerprint() if s.cache_dir is not None else None
+    samples = [0]
+
+    def counted() -> Iterator[Batch]:  # the pass counts what it reads (a cached pass reads nothing, and says nothing)
+        n = 0
+        for b in run.source():
+            n += b.size
+            yield b
+        samples[0] = max(samples[0], n)
+
     t0 = time.perf_counter()
     ctx.stats = statistics.collect(
-        ctx.model, requests, run.source, batch_size=s.batch_size, cache_dir=s.cache_dir,
+        ctx.model, requests, counted, batch_size=s.batch_size, cache_dir=s.cache_dir,
         data_fingerprint=(fingerprint + f":{s.max_samples}") if fingerprint else None,
         show_progress=s.show_progress,
     )
     run.timings["calibration"] = time.perf_counter() - t0
+    if 0 < samples[0] < FEW_SAMPLES and run.calibrator is not None:
+        # one image calibrated a CNN to 95.5 % against FP32's 99.5 % (a sample's cosine -0.92), and nothing was said
+        log.warning("calibrated on %d sample(s): activation ranges from so few are rough; a few hundred typical inputs "
+                    "make them representative", samples[0])
 
 
 def choose_qparams(run: Run) -> None:
@@ -343,6 +360,10 @@ def refine(run: Run) -> None:
     missing = run.ctx.plan.missing_qparams()
     if missing:
         raise OnnxqError(f"no quantization parameters were chosen for '{missing[0]}'")
+    for line in leave_constant_inputs_float(run.ctx):
+        if line not in run.warned_float:
+            run.warned_float.add(line)
+            log.warning(line)
     if run.profile.int32_bias or run.profile.quantize_outputs:  # the bias is added in int32 (ONNX Runtime's fused kernels)
         raised = raise_steps_for_bias(run.ctx.model, run.ctx.plan)
         said = "bias steps: " + ",".join(sorted(t for t, _, _ in raised))
@@ -387,10 +408,6 @@ def rewrite_qdq(run: Run) -> None:
     """The plan (and methods' extra commands) as Q/DQ nodes; int4 MatMulNBits; producer and metadata."""
     profile, ctx = run.profile, run.ctx
     origin = "+".join(m.name for m in run.methods)
-    for line in leave_constant_inputs_float(ctx):
-        if line not in run.warned_float:
-            run.warned_float.add(line)
-            log.warning(line)
     commands = commands_from_plan(ctx.plan, origin) + [c for m in run.methods for c in m.commands(ctx)]
     # never a silent no-op; a method that rewrote the weights itself (emb4bit's 4-bit tables) quantized something
     for line in left_float_warnings(ctx.model, ctx.plan, bool(commands) or bool(run.quantized_rewrites)):
