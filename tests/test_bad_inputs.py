@@ -135,52 +135,48 @@ def case_object_array(work: Path, model: Path, calib: Path) -> list[str]:
     return [model, "--data", folder]
 
 
-def case_failing_data_function(work: Path, model: Path, calib: Path) -> list[str]:
-    script = work / "mydata.py"
-    script.write_text("def feeds():\n    raise RuntimeError('the database is down')\n")
+def _data_function(work: Path, model: Path, name: str, source: str) -> list[str]:
+    """The arguments of a run whose --data is the function ``feeds`` of a script ``name``.py holding ``source``."""
+    script = work / f"{name}.py"
+    script.write_text(source)
     return [model, "--data", f"{script}:feeds"]
+
+
+def case_failing_data_function(work: Path, model: Path, calib: Path) -> list[str]:
+    return _data_function(work, model, "mydata", "def feeds():\n    raise RuntimeError('the database is down')\n")
 
 
 def case_data_function_raising_part_way(work: Path, model: Path, calib: Path) -> list[str]:
     """Issue 16: a generator raising after two good batches was an internal error (exit 4)."""
-    script = work / "partway.py"
-    script.write_text(
-        "import numpy as np\n"
-        "def feeds():\n"
-        "    for i in range(4):\n"
-        "        if i == 2:\n"
-        "            raise ValueError('boom')\n"
-        "        yield {'input': np.zeros((4, 1, 16, 16), np.float32)}\n"
-    )
-    return [model, "--data", f"{script}:feeds"]
+    return _data_function(work, model, "partway",
+                          "import numpy as np\n"
+                          "def feeds():\n"
+                          "    for i in range(4):\n"
+                          "        if i == 2:\n"
+                          "            raise ValueError('boom')\n"
+                          "        yield {'input': np.zeros((4, 1, 16, 16), np.float32)}\n")
 
 
 def case_data_function_calling_sys_exit(work: Path, model: Path, calib: Path) -> list[str]:
     """sys.exit(0) in a data function ended the run with exit 0, no model and no message: a CI step passed."""
-    script = work / "exits.py"
-    script.write_text(
-        "import sys\nimport numpy as np\n"
-        "def feeds():\n"
-        "    yield {'input': np.zeros((4, 1, 16, 16), np.float32)}\n"
-        "    sys.exit(0)\n"
-    )
-    return [model, "--data", f"{script}:feeds"]
+    return _data_function(work, model, "exits",
+                          "import sys\nimport numpy as np\n"
+                          "def feeds():\n"
+                          "    yield {'input': np.zeros((4, 1, 16, 16), np.float32)}\n"
+                          "    sys.exit(0)\n")
 
 
 def case_data_function_yielding_a_ragged_list(work: Path, model: Path, calib: Path) -> list[str]:
     """A value numpy cannot make an array of (a ragged list; a torch tensor that requires grad) was exit 4."""
-    script = work / "ragged.py"
-    script.write_text("def feeds():\n    yield {'input': [[1.0, 2.0], [3.0]]}\n")
-    return [model, "--data", f"{script}:feeds"]
+    return _data_function(work, model, "ragged", "def feeds():\n    yield {'input': [[1.0, 2.0], [3.0]]}\n")
 
 
 def case_data_function_with_fresh_random_data(work: Path, model: Path, calib: Path) -> list[str]:
     """Unseeded random data on each call: the check compared FP32 on one draw with the quantized model on another and
     called a good model collapsed."""
-    script = work / "unseeded.py"
-    script.write_text("import numpy as np\ndef feeds():\n    for _ in range(4):\n"
-                      "        yield {'input': np.random.default_rng().normal(0, 1, (4, 1, 16, 16)).astype(np.float32)}\n")
-    return [model, "--data", f"{script}:feeds"]
+    return _data_function(work, model, "unseeded",
+                          "import numpy as np\ndef feeds():\n    for _ in range(4):\n"
+                          "        yield {'input': np.random.default_rng().normal(0, 1, (4, 1, 16, 16)).astype(np.float32)}\n")
 
 
 def case_data_function_returning_one_generator(work: Path, model: Path, calib: Path) -> list[str]:

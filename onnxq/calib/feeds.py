@@ -7,6 +7,7 @@ static dimensions, and NaN/Inf values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -30,38 +31,41 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dims: list[int | str | None] = []
         for d in tt.shape.dim:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-        specs.append(InputSpec(vi.name, dtype, tuple(dims), rank_declared=tt.HasField("shape"),
-                               index_limit=_index_limit(model, vi.name) if dtype.kind in "iu" else None))
-    return specs
+        specs.append(InputSpec(vi.name, dtype, tuple(dims), rank_declared=tt.HasField("shape")))
+    limits = _index_limits(model, [s.name for s in specs if s.dtype.kind in "iu"])
+    return [dataclasses.replace(s, index_limit=limits[s.name]) if s.name in limits else s for s in specs]
 
 
-#: ops that pass an integer input on unchanged in value (a type, a shape)
-_SAME_VALUES = frozenset({"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"})
+def _index_limits(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """For each of ``names`` (graph inputs) used as indices into a constant table (``Gather(table, input)``, through casts and
+    reshapes), the size of its smallest such table."""
+    from onnxq.graph.index import PASS_THROUGH_OPS
 
-
-def _index_limit(model: onnx.ModelProto, name: str) -> int | None:
-    """The smallest constant table an integer input indexes (``Gather(table, input)``, through casts and reshapes)."""
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for i in node.input:
             readers.setdefault(i, []).append(node)
-    limit, stack, seen = None, [name], set()
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        for node in readers.get(t, []):
-            if node.op_type in _SAME_VALUES and node.input[0] == t:
-                stack.extend(o for o in node.output if o)
-            elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == t and node.input[0] in inits:
-                dims = inits[node.input[0]].dims
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                if dims:
-                    size = int(dims[axis % len(dims)])
-                    limit = size if limit is None else min(limit, size)
-    return limit
+    limits: dict[str, int] = {}
+    if not names:
+        return limits
+    for name in names:
+        stack, seen = [name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for node in readers.get(t, []):
+                if node.op_type in PASS_THROUGH_OPS and node.input[0] == t:
+                    stack.extend(o for o in node.output if o)
+                elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == t and node.input[0] in inits:
+                    dims = inits[node.input[0]].dims
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if dims:
+                        size = int(dims[axis % len(dims)])
+                        limits[name] = min(limits.get(name, size), size)
+    return limits
 
 
 def validate_batch(batch: Batch, inputs: list[InputSpec]) -> Batch:

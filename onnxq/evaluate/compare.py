@@ -209,7 +209,8 @@ def compare_runners(rows: Sequence[Candidate], batches: Callable[[], Iterable[Ba
     different sequence lengths are never concatenated. ``axes`` gives the sample axis of inputs
     and outputs by name (:func:`batch_axes`; default: axis 0 where its size is the batch's); ``parts``
     the outputs a Concat makes, each part also compared on its own (:func:`model_parts`); ``roles`` what the graph
-    says an output is (:func:`~onnxq.graph.index.output_roles`: an ArgMax map, a TopK's values or indices).
+    says an output is (:func:`~onnxq.graph.index.output_roles`: an ArgMax map, a TopK's values or indices, an embedding,
+    rows the data picks).
     With ``latency_feeds`` each runner also times one inference. The reference row gets no kernel
     report. Notes of skipped optional rows are appended to ``notes``.
     """
@@ -269,9 +270,7 @@ def _run_row(i: int, row: Candidate, runner: Runner, batches: Callable[[], Itera
 
 def model_axes(model: ModelLike) -> dict[str, int | None]:
     """:func:`batch_axes` of a model given in memory or as a path (its weights are not read)."""
-    if isinstance(model, onnx.ModelProto):
-        return batch_axes(model)
-    return batch_axes(onnx.load(os.fspath(model), load_external_data=False))
+    return batch_axes(_graph_of(model))
 
 
 def _graph_of(model: ModelLike) -> onnx.ModelProto:

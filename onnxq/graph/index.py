@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from onnxq.graph.model_io import tensor_array
 from onnxq.graph.prepare import tensor_types
 
-__all__ = ["FLOAT_TYPES", "GraphIndex", "concatenated_outputs", "node_attr", "output_roles"]
+__all__ = ["FLOAT_TYPES", "PASS_THROUGH_OPS", "GraphIndex", "concatenated_outputs", "node_attr", "output_roles"]
 
 #: element types onnxq treats as float activations.
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -138,14 +138,14 @@ def concatenated_outputs(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[i
 
 #: ops that pass values through unchanged (a type, a shape or an order of axes): an output behind them is what the
 #: op before them computed
-_PASS_THROUGH = frozenset({"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Expand"})
+PASS_THROUGH_OPS = frozenset({"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Expand"})
 
 
 def output_roles(model: onnx.ModelProto) -> dict[str, str]:
     """What the graph outputs that hold decisions rather than scores are, as ``{output: role}``.
 
     * ``argmax``: an ``ArgMax``/``ArgMin`` the model computes (a class id per sample, a segmentation class map, a
-      greedy CTC decode), looked through :data:`_PASS_THROUGH` ops;
+      greedy CTC decode), looked through :data:`PASS_THROUGH_OPS` ops;
     * ``topk_values`` / ``topk_indices``: a ``TopK``'s sorted values and their indices (the first column of the
       indices is the arg-max class; the values' own arg-max is their first column whatever the model does);
     * ``embedding``: a vector divided by its norm (``F.normalize``, ``LpNormalization``): its largest channel is no
@@ -162,7 +162,7 @@ def output_roles(model: onnx.ModelProto) -> dict[str, str]:
     for out in (o.name for o in g.output):
         name = out
         hit = producer.get(name)
-        while hit is not None and hit[0].op_type in _PASS_THROUGH and hit[0].input:
+        while hit is not None and hit[0].op_type in PASS_THROUGH_OPS and hit[0].input:
             name = hit[0].input[0]
             hit = producer.get(name)
         if hit is not None and hit[0].op_type in ("ArgMax", "ArgMin"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,12 +32,11 @@ def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, A
         return data
     if isinstance(data, (str, os.PathLike)):
         spec = os.fspath(data)
-        cls = host.reader(reader) if reader else host.reader_for(spec)
+        cls = _reader_class(host, reader, spec)
         if cls.name == "npz" and not Path(spec).exists():
             raise DataError(f"data path '{spec}' does not exist")
         if evaluation and data_options:
-            known = _option_names(cls)
-            data_options = {k: v for k, v in data_options.items() if k.replace("-", "_") in known}
+            data_options = {k: v for k, v in data_options.items() if _takes(cls, k)}
         elif data_options and shared_with is not None:
             data_options = calibration_options(data, data_options, host, reader, shared_with)
         opts = parse_options(cls.Options, data_options, f"data reader '{cls.name}'")
@@ -47,8 +46,14 @@ def make_reader(data: DataSpec, inputs, host: Host, data_options: Mapping[str, A
     return _IterableReader(data, inputs)
 
 
-def _option_names(cls: type[DataReader]) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls.Options)}
+def _reader_class(host: Host, reader: str | None, spec: str | os.PathLike[str]) -> type[DataReader]:
+    """The reader named by ``--reader``, else the one that accepts ``spec``."""
+    return host.reader(reader) if reader else host.reader_for(os.fspath(spec))
+
+
+def _takes(cls: type[DataReader], option: str) -> bool:
+    """Whether reader ``cls`` has the option ``option`` (``a-b`` and ``a_b`` alike)."""
+    return option.replace("-", "_") in {f.name for f in dataclasses.fields(cls.Options)}
 
 
 def calibration_options(data: DataSpec, data_options: Mapping[str, Any], host: Host, reader: str | None,
@@ -58,9 +63,8 @@ def calibration_options(data: DataSpec, data_options: Mapping[str, Any], host: H
     one neither takes stays, for the calibration reader to refuse."""
     if not isinstance(data, (str, os.PathLike)) or not isinstance(shared_with, (str, os.PathLike)):
         return dict(data_options)
-    ours = _option_names(host.reader(reader) if reader else host.reader_for(os.fspath(data)))
-    theirs = _option_names(host.reader(reader) if reader else host.reader_for(os.fspath(shared_with)))
-    return {k: v for k, v in data_options.items() if k.replace("-", "_") in ours or k.replace("-", "_") not in theirs}
+    ours, theirs = _reader_class(host, reader, data), _reader_class(host, reader, shared_with)
+    return {k: v for k, v in data_options.items() if _takes(ours, k) or not _takes(theirs, k)}
 
 
 class _IterableReader(DataReader):
@@ -125,8 +129,6 @@ def _source_of(reader: DataReader) -> str:
 
 def _same_first_batch(first: dict[str, object], batch: Batch, reader: DataReader) -> None:
     """Remember the first pass's first batch (a digest of its bytes); raise if a later pass starts with another one."""
-    import hashlib
-
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(batch.feeds):
         arr = np.ascontiguousarray(batch.feeds[name])

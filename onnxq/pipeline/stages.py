@@ -130,6 +130,12 @@ class Run:
     #: the left-float warnings (and widened bias steps) already logged (``-p auto`` shares one set across its builds: its
     #: 20-odd builds of one model said the same control-flow line each, openwakeword's hey_jarvis 17 times)
     warned_float: set[str] = field(default_factory=set)
+    def warn_once(self, line: str, key: str | None = None) -> None:
+        """Log ``line`` unless it (or ``key``, for a line whose figures vary between builds) was said in this search."""
+        if (key or line) not in self.warned_float:
+            self.warned_float.add(key or line)
+            log.warning("%s", line)
+
     #: the float model's outputs on the first batch (computed at the first quantized rewrite)
     float_outputs: list[np.ndarray] | None = None
     quantized: onnx.ModelProto | None = None
@@ -361,17 +367,14 @@ def refine(run: Run) -> None:
     if missing:
         raise OnnxqError(f"no quantization parameters were chosen for '{missing[0]}'")
     for line in leave_constant_inputs_float(run.ctx):
-        if line not in run.warned_float:
-            run.warned_float.add(line)
-            log.warning(line)
+        run.warn_once(line)
     if run.profile.int32_bias or run.profile.quantize_outputs:  # the bias is added in int32 (ONNX Runtime's fused kernels)
         raised = raise_steps_for_bias(run.ctx.model, run.ctx.plan)
-        said = "bias steps: " + ",".join(sorted(t for t, _, _ in raised))
-        if raised and said not in run.warned_float:  # once a search (-p auto builds many candidates), not once a build
-            run.warned_float.add(said)
+        if raised:  # once a search (-p auto builds many candidates, each step a little different), not once a build
             tensor, old, new = max(raised, key=lambda r: r[2] / r[1])
-            log.warning("%d activation step(s) widened so that the int32 bias of the layers reading them does not overflow "
-                        "(the activation is nearly zero on the calibration data): '%s' %.3g -> %.3g", len(raised), tensor, old, new)
+            run.warn_once(f"{len(raised)} activation step(s) widened so that the int32 bias of the layers reading them does not "
+                          f"overflow (the activation is nearly zero on the calibration data): '{tensor}' {old:.3g} -> {new:.3g}",
+                          key="bias steps: " + ",".join(sorted(t for t, _, _ in raised)))
 
 
 def error_against_float(run: Run, model: onnx.ModelProto, float_model: onnx.ModelProto | None = None) -> float:
@@ -411,9 +414,7 @@ def rewrite_qdq(run: Run) -> None:
     commands = commands_from_plan(ctx.plan, origin) + [c for m in run.methods for c in m.commands(ctx)]
     # never a silent no-op; a method that rewrote the weights itself (emb4bit's 4-bit tables) quantized something
     for line in left_float_warnings(ctx.model, ctx.plan, bool(commands) or bool(run.quantized_rewrites)):
-        if line not in run.warned_float:
-            run.warned_float.add(line)
-            log.warning(line)
+        run.warn_once(line)
     quantized = apply_commands(ctx.model, commands)
     for m in run.methods:
         quantized = qdq_rewrite(run, m, quantized)
