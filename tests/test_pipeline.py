@@ -177,8 +177,10 @@ def test_int7_weights_and_activations_stay_in_7_bits(quantize, target):
     model = quantize("trt-entropy", target, 7).model
     inits = _inits(model)
     prod = _producers(model)
-    # weights: integer initializers behind DequantizeLinear, all within [-63, 63]
-    weights = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    # weights: the integer initializers each layer reads as its input 1, all within [-63, 63] (an ort target's biases are int32)
+    weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    weights = [inits[n.input[0]] for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.output[0] in weight_inputs]
     assert len(weights) == 7  # 6 Conv + 1 Gemm
     for w in weights:
         assert w.dtype == np.int8

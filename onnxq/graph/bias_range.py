@@ -18,7 +18,7 @@ that matters next to the bias.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -26,7 +26,7 @@ import onnx
 from onnxq.graph.index import GraphIndex, node_attr
 from onnxq.graph.plan import QuantPlan
 
-__all__ = ["BIAS_LIMIT", "raise_steps_for_bias"]
+__all__ = ["BIAS_LIMIT", "Int32Bias", "bias_step", "int32_bias_layers", "quantize_bias", "raise_steps_for_bias"]
 
 #: the largest integer bias onnxq lets a layer have: 2^30, half of int32's range (the accumulator adds the products to it)
 BIAS_LIMIT = float(2**30)
@@ -63,3 +63,61 @@ def raise_steps_for_bias(model: onnx.ModelProto, plan: QuantPlan) -> list[tuple[
             site.qparams = replace(site.qparams, scale=np.full_like(site.qparams.scale, step, dtype=np.float32))
             raised.append((tensor, old, step))
     return raised
+
+
+@dataclass(frozen=True)
+class Int32Bias:
+    """A layer whose float bias a target that adds biases in int32 writes as integers (:func:`int32_bias_layers`)."""
+
+    node: str
+    bias: str  # the float bias initializer
+    activation: str  # the quantized input 0, whose step times the weight's is the bias's step
+    weight: str  # the plan's weight key
+
+
+def bias_step(activation_scale: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
+    """The int32 bias's step ``s_x · s_w`` in float32, as the runtime forms its accumulator's scale: one value for a
+    per-tensor weight, one per output channel for a per-channel one."""
+    step = np.float32(np.asarray(activation_scale, np.float32).reshape(())) * np.asarray(weight_scale, np.float32).reshape(-1)
+    return step.astype(np.float32).reshape(()) if step.size == 1 else step.astype(np.float32)
+
+
+def quantize_bias(bias: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """``round(b / step)`` as int32 (saturated; :func:`raise_steps_for_bias` keeps it within :data:`BIAS_LIMIT`)."""
+    q = np.rint(np.asarray(bias, np.float64) / np.asarray(step, np.float64))
+    return np.clip(q, -(2**31), 2**31 - 1).astype(np.int32)
+
+
+def int32_bias_layers(model: onnx.ModelProto, plan: QuantPlan) -> list[Int32Bias]:
+    """The layers of ``plan`` whose bias an int32-bias target writes as ``DequantizeLinear(int32, s_x · s_w)``.
+
+    The same layers :func:`onnxq.graph.qdq.int32_biases` finds in the written graph, found in the float model and
+    its plan, for searches that emulate the deployed model (onnxq-lapq's loss model): a Conv or a Gemm (alpha and
+    beta 1, A not transposed) whose bias is a 1-D float initializer read by it alone, whose input 0 is a quantized
+    activation and whose weight is quantized per tensor or along its output channels.
+    """
+    idx = GraphIndex(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    found = []
+    for layer in plan.layers:
+        node = idx.nodes.get(layer.node)
+        if node is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        bias = inits[node.input[2]]
+        if readers.get(bias.name) != 1 or bias.data_type != onnx.TensorProto.FLOAT or len(bias.dims) != 1:
+            continue
+        if node.op_type == "Gemm" and (node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0 or node_attr(node, "transA", 0)):
+            continue
+        weight = plan.weights.get(layer.weight) if layer.weight else None
+        act = plan.activations.get(node.input[0])
+        if weight is None or weight.qparams is None or weight.input_index != 1 or act is None or act.qparams is None:
+            continue
+        out_axis = 0 if node.op_type == "Conv" or node_attr(node, "transB", 0) else 1
+        per_tensor = np.asarray(weight.qparams.scale).size == 1 and weight.qparams.axis is None
+        if np.asarray(act.qparams.scale).size == 1 and (per_tensor or weight.qparams.axis == out_axis):
+            found.append(Int32Bias(node.name, bias.name, act.tensor, layer.weight))
+    return found

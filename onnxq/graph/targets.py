@@ -132,6 +132,8 @@ ORT_U8 = TargetProfile(
     gemm_outputs_as_matmul=True,
     int4_matmulnbits=True,
     guard_float_layers=True,
+    # the bias as ONNX Runtime's kernels add it: versions before 1.32 fuse only an int32 bias (onnxq.graph.qdq.int32_biases)
+    int32_bias=True,
     # attention's activation x activation MatMuls stay float: on all-MiniLM-L6-v2 quantizing them
     # bought no speed and cost accuracy (docs/methods.md, "Transformers")
     activation_matmul=False,

@@ -30,7 +30,7 @@ from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
 from onnxq.graph.folding import fold_affine
 from onnxq.graph.placement import build_plan, left_float_warnings, matches_exclude
-from onnxq.graph.qdq import apply_commands, commands_from_plan, keep_float_layers_float
+from onnxq.graph.qdq import apply_commands, commands_from_plan, int32_biases, keep_float_layers_float
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import check_fidelity
@@ -418,6 +418,8 @@ def rewrite_qdq(run: Run) -> None:
     quantized = apply_commands(ctx.model, commands)
     for m in run.methods:
         quantized = qdq_rewrite(run, m, quantized)
+    if profile.int32_bias:
+        quantized, _ = int32_biases(quantized)
     if profile.guard_float_layers:
         quantized, guarded = keep_float_layers_float(quantized)
         if guarded:

@@ -145,7 +145,7 @@ class Lapq(QuantMethod):
         from onnxq_lapq.loss_model import LossModel
 
         feeds, labels = _take_samples(ctx, o.samples)
-        lm = LossModel(ctx.model, ctx.plan, feeds, labels, o.loss)
+        lm = LossModel(ctx.model, ctx.plan, feeds, labels, o.loss, int32_bias=ctx.profile.int32_bias)
 
         def loss_of(alphas, steps) -> float:
             return lm.loss(self._act_qparams(ctx, alphas), self._weight_qparams(ctx, steps))

@@ -5,8 +5,9 @@ activation site gets ``Clip(lo, hi) → QuantizeLinear(scale, zero_point) → De
 all four as graph *inputs* (:class:`onnxq.search.tail.ProbedQDQ`, as detptq's tails have; the Clip realises narrowed grids such as A4 in an 8-bit container and
 is a no-op otherwise), and every quantized weight slot reads a graph input fed with the weight
 fake-quantized in numpy by the same :class:`~onnxq.qparams.QParams` arithmetic the QDQ rewrite
-uses. So each evaluation computes what the deployed QDQ graph computes (run with graph
-optimizations disabled, docs/architecture.md).
+uses. Where the target adds biases in int32 (``int32_bias``: ONNX Runtime), each such layer's bias is a graph
+input too, fed rounded to its step ``s_x · s_w`` for the qparams being tried. So each evaluation computes what the
+deployed QDQ graph computes (run with graph optimizations disabled, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 from onnxq.runtime import ort as ort_backend
 from onnxq.graph import edit
+from onnxq.graph.bias_range import Int32Bias, bias_step, int32_bias_layers, quantize_bias
 from onnxq.graph.plan import QuantPlan
 from onnxq.qparams import QParams
 from onnxq.search.tail import ProbedQDQ
@@ -26,7 +28,8 @@ from onnxq.search.tail import ProbedQDQ
 class LossModel:
     """Runs the model with given activation/weight qparams and returns the loss of its first output."""
 
-    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None, loss: str) -> None:
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None, loss: str,
+                 int32_bias: bool = False) -> None:
         self.plan = plan
         self.feeds = feeds
         m = onnx.ModelProto()
@@ -54,6 +57,13 @@ class LossModel:
             dims = list(inits[site.initializer].dims)
             g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
             nodes[site.node].input[site.input_index] = name
+        # biases the target adds in int32: rounded to the step of the qparams tried (profile.int32_bias)
+        self.bias_inputs: dict[str, tuple[Int32Bias, np.ndarray]] = {}
+        for layer in int32_bias_layers(model, plan) if int32_bias else []:
+            name = fresh(f"lapq/{layer.node}/bias")
+            self.bias_inputs[name] = (layer, np.asarray(onnx.numpy_helper.to_array(inits[layer.bias]), np.float32))
+            g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(inits[layer.bias].dims)))
+            nodes[layer.node].input[2] = name
         # each Q/DQ chain right after the producer of its tensor; the float weights, now graph inputs, go
         edit.insert_after_producers(g, chains)
         runnable = edit.cleanup(m, sort=False, keep_nodes=True)
@@ -82,6 +92,9 @@ class LossModel:
                 hit = (tag, q.fake_quantize(self.weights[key]))
                 self._wcache[key] = hit
             feeds[name] = hit[1]
+        for name, (layer, bias) in self.bias_inputs.items():
+            step = bias_step(acts[layer.activation].scale, weights[layer.weight].scale)
+            feeds[name] = (quantize_bias(bias, step) * step).astype(np.float32)
         self.evaluations += 1
         return np.concatenate([np.asarray(self.session.run([self.out_name], {**chunk, **feeds})[0], np.float64) for chunk in self.feeds])
 

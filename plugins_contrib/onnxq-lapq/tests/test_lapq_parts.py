@@ -79,7 +79,7 @@ def test_loss_model_computes_what_the_exported_qdq_model_computes(lapq_fixture):
                               options={"lapq.weight_bits": 4, "lapq.act_bits": 4, "lapq.p_points": 2, "lapq.max_evals": 40})
     assert composed.report.methods["lapq"]["powell_evaluations"] <= 40
     ctx = captured["ctx"]
-    lm = LossModel(ctx.model, ctx.plan, [{"input": f["x"]}], None, "kl")
+    lm = LossModel(ctx.model, ctx.plan, [{"input": f["x"]}], None, "kl", int32_bias=ctx.profile.int32_bias)
     got = lm.output({t: s.qparams for t, s in ctx.plan.activations.items()}, {k: s.qparams for k, s in ctx.plan.weights.items()})
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
