@@ -88,3 +88,31 @@ def test_ort_targets_write_int32_biases_the_kernels_add():
     assert np.abs(levels[0] - levels[1]).max() <= 1e-4 * np.abs(levels[0]).max()
     trt = onnxq.optimize(model, method="minmax", target="trt", data=data, show_progress=False).model
     assert not any(t.data_type == TensorProto.INT32 for t in trt.graph.initializer)  # TensorRT refuses int32 biases
+
+
+def test_a_channel_with_zero_weights_widens_its_own_step_not_its_inputs():
+    """A conv output channel whose weights are all zero (pruned, or zeroed by a folded BatchNorm) has the finest weight step
+    there is, and its bias alone set the input's step: PP-OCRv5's text detector had four in one conv, its input's step went
+    900x wider and its text mask's IoU with FP32 fell to 0.015. The zero channel's own step is widened instead (its weights
+    are zero at any step): the other channels keep their input's grid, and the zero channel still outputs its bias."""
+    rng = np.random.default_rng(0)
+    w2 = rng.normal(0, 0.5, (8, 8, 3, 3))
+    w2[0] = 0.0
+    b2 = rng.normal(0, 0.1, 8)
+    b2[0] = 1.5
+    inits = {"w1": rng.normal(0, 0.02, (8, 3, 3, 3)), "w2": w2, "b2": b2}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Conv", ["a", "w2", "b2"], ["y"], pads=[1] * 4, name="conv2")]
+    graph = helper.make_graph(nodes, "zero_channel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": rng.random((8, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    x = np.concatenate([d["x"] for d in data])
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for target in ("ort", "trt"):
+        q = onnxq.optimize(model, method="minmax", target=target, data=data, show_progress=False).model
+        got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        a, b = ref[:, 1:].reshape(len(x), -1), got[:, 1:].reshape(len(x), -1)
+        assert float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))) > 0.999, target
+        assert np.allclose(got[:, 0], 1.5, atol=1e-3), target
