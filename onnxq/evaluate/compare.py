@@ -66,8 +66,8 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
     The batch symbol is the leading dimension of the first input whose leading dimension is not a
     fixed size (``batch``, ``N``, unknown). A tensor's batch axis is where that symbol appears (a
     recurrent ``state`` of shape ``[2, batch, 128]`` has it on axis 1); without the symbol, its first
-    dimension that is not a fixed size. A scalar, or a tensor whose declared dimensions are all
-    fixed, has none (a voice-activity model's sample rate ``sr``), and is fed as it is.
+    dimension that is not a fixed size, unless it leads with a fixed 1 (a fixed batch of one: none).
+    A scalar, or a tensor whose declared dimensions are all fixed, has none (a voice-activity model's sample rate ``sr``), and is fed as it is.
     """
     inits = {t.name for t in model.graph.initializer}
     values = [vi for vi in model.graph.input if vi.name not in inits] + list(model.graph.output)
@@ -90,6 +90,10 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
             axes[vi.name] = 0  # unknown rank: the usual leading batch axis, checked against the data per batch
         elif symbol is not None and symbol in d:
             axes[vi.name] = d.index(symbol)
+        elif d and d[0] == 1:
+            # a fixed leading 1 is a fixed batch of one, each batch one sample: a free dimension after it is a width or
+            # a length (ddddocr's [1, 1, 64, width]), and reading it as samples made one 171-pixel image 171 samples
+            axes[vi.name] = None
         else:
             axes[vi.name] = next((i for i, x in enumerate(d) if not isinstance(x, int) or x <= 0), None)
     return axes
@@ -149,6 +153,10 @@ def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | 
         # a model of fixed batch 1 (each batch one sample): its leading 1 is that sample, so [1, C] logits get a top-1 and
         # an accuracy and a [1, 1] probability its explained variance across samples (a streaming VAD's speech
         # probability read cosine 1.0 at 2 dB SQNR: a single value's cosine is its sign)
+        return 0
+    if axis is None and n > 1 and np.ndim(value) >= 1 and np.shape(value)[0] == n:
+        # declared [1, C] in a model whose input batch was made dynamic by editing the input alone: the runtime gives a row
+        # per sample, and comparing the batch as one sample lost the top-1, the accuracy and --max-drop
         return 0
     return None
 

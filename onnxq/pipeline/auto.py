@@ -57,7 +57,7 @@ from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
-from onnxq.evaluate.metrics import common_part, part_cosines, row_cosines
+from onnxq.evaluate.metrics import common_part, dense_class_axis, part_cosines, row_cosines
 from onnxq.graph.index import concatenated_outputs, output_roles
 from onnxq.graph.placement import build_plan, node_pattern
 from onnxq.host import Host
@@ -329,8 +329,11 @@ class HeldOut:
                     cos[name][-1] = np.full(len(cos[name][-1]), float(np.mean(cos[name][-1])))
                 if self.all_outputs and name in self.scored:  # one value per sample is scored over the batch: it stands for each sample
                     here.append(cos[name][-1] if len(cos[name][-1]) == n else np.full(n, float(np.mean(cos[name][-1]))))
-                if i == 0 and np.ndim(r) >= 2 and np.shape(r)[-1] >= 2:
-                    ra, qa = np.argmax(r, -1), np.argmax(q, -1)
+                # the class axis: [N, C] and [N, T, C] last, an [N, C, H, W] map's channels (as the fidelity check reads
+                # it); a one-channel map (depth) has none (its arg-max over the image width missed every target)
+                cls = -1 if np.ndim(r) <= 3 else dense_class_axis(r, self.axes.get(name, 0))
+                if i == 0 and np.ndim(r) >= 2 and cls is not None and np.shape(r)[cls] >= 2:
+                    ra, qa = np.argmax(r, cls), np.argmax(q, cls)
                     ra, qa = _per_sample(ra, qa, n, self.axes.get(name, 0))
                     agree.append(np.mean(ra == qa, axis=1))
                     if np.ndim(r) == 2:

@@ -299,7 +299,8 @@ def test_a_fixed_batch_of_one_is_judged_sample_by_sample():
     assert bad.warned and any("'prob'" in w and "explained variance" in w for w in bad.warnings), bad.warnings
     labels = [np.array([k % 4]) for k in range(len(data))]
     fp32, = evaluate(_batch1_model(), {}, lambda: (Batch(d, lab) for d, lab in zip(data, labels)), threads=())
-    assert "accuracy" in fp32.outputs["logits"] and "explained_variance" not in fp32.outputs["logits"]
+    assert "accuracy" in fp32.outputs["logits"] and not fp32.outputs["logits"].get("one_value"), "logits are class scores, not a value"
+    assert fp32.outputs["prob"]["one_value"] == 1.0
 
 
 @pytest.mark.parametrize("labels", [np.array(["cat"] * 8), np.full(8, 12), np.full(8, 0.5)], ids=["strings", "past-classes", "floats"])
@@ -312,3 +313,40 @@ def test_labels_that_cannot_be_class_ids_give_no_accuracy(tiny_model, tiny_feeds
         fp32, same = evaluate(tiny_model, {"same": tiny_model}, lambda: (Batch(f, labels) for f in tiny_feeds), threads=())
     assert "accuracy" not in fp32.outputs["y"] and "top1_agreement" in fp32.outputs["y"]
     assert sum("not class ids 0-3 of this output" in r.getMessage() for r in caplog.records) == 1
+
+
+def _ctc_like(batch: int | str, out_dims: list) -> onnx.ModelProto:
+    """x [batch, 1, 8, W] -> Conv -> Relu -> 1x1 Conv to 6 classes -> mean over the height -> [N, 6, W] -> Transpose."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"]), helper.make_node("ReduceMean", ["c2", "ax"], ["m"], keepdims=0),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[0, 2, 1])]
+    graph = helper.make_graph(nodes, "ctc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_dims)],
+                              [numpy_helper.from_array(rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32), "w1"),
+                               numpy_helper.from_array(rng.normal(0, 0.5, (6, 8, 1, 1)).astype(np.float32), "w2"),
+                               numpy_helper.from_array(np.array([2], np.int64), "ax")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_fixed_batch_of_one_with_a_free_width_is_not_cut_into_columns():
+    """ddddocr's captcha reader takes [1, 1, 64, width]: the width is its first free dimension, and reading it as the
+    sample axis made one 171-pixel image 171 samples (-p auto calibrated on "5,472" samples from 32 images and judged
+    128 columns of one image). A fixed leading 1 is a fixed batch of one."""
+    model = _ctc_like(1, [1, "W", 6])
+    assert batch_axes(model)["x"] is None
+    rng = np.random.default_rng(1)
+    data = [{"x": rng.random((1, 1, 8, 40)).astype(np.float32)} for _ in range(12)]
+    fid = onnxq.optimize(model, method="minmax", data=data, eval_data=data[:9], show_progress=False).report.fidelity
+    assert fid.samples == 9
+
+
+def test_an_output_declared_with_a_stale_batch_of_one_is_compared_row_by_row():
+    """A model whose input batch was made dynamic by editing the input alone still declares its output [1, C]: the runtime
+    gives a row per sample, and the batch was compared as one sample (no top-1, no accuracy, --max-drop refused)."""
+    model = _ctc_like("N", [1, "W", 6])
+    x = np.random.default_rng(2).random((8, 1, 8, 3)).astype(np.float32)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 6]))
+    data = [{"x": x[i : i + 4]} for i in (0, 4)]
+    fid = onnxq.optimize(model, method="minmax", data=data, show_progress=False).report.fidelity
+    assert fid.samples == 8, "each row of each batch is a sample"
