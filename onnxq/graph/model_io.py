@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import mmap
 import os
 import shutil
@@ -37,6 +38,8 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from onnxq.errors import ModelError, OutputError
 from onnxq.runtime.ort import EXTERNAL_DATA_ROOT
+
+log = logging.getLogger(__name__)
 
 #: protobuf's hard limit; above it weights must live in external data files.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -116,7 +119,17 @@ def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool | No
     except Exception as exc:
         raise ModelError(f"cannot read external data of '{p}': {exc}") from None
     if check:
-        check_model(model, str(p))
+        try:
+            check_model(model, str(p))
+        except ModelError as exc:
+            if "topologically sorted" not in str(exc):
+                raise
+            # ONNX Runtime runs a graph whose nodes are listed out of order; sorting them changes nothing it computes
+            from onnxq.graph.edit import toposort
+
+            model = toposort(model)
+            check_model(model, str(p))
+            log.info("%s: its nodes were not in topological order; sorted", p)
     return model
 
 
@@ -143,8 +156,7 @@ def _check_path(p: Path) -> None:
     try:
         onnx.checker.check_model(str(p))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
-        raise ModelError(f"{p} fails the ONNX checker: {first}") from None
+        raise ModelError(f"{p} fails the ONNX checker: {_one_line(exc)}") from None
 
 
 def _set_location(tensor: onnx.TensorProto, location: str) -> None:
@@ -339,8 +351,12 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
-        raise ModelError(f"{label} fails the ONNX checker: {first}") from None
+        raise ModelError(f"{label} fails the ONNX checker: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """The checker's message on one line: its first line alone cut "... input 'x' of node: " before the node's name."""
+    return " ".join(str(exc).split()) or "validation failed"
 
 
 def _in_memory_bytes(model: onnx.ModelProto) -> int:

@@ -12,6 +12,7 @@ import logging
 
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 from onnx import helper, version_converter
 
@@ -43,9 +44,15 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     if model.ByteSize() > 2**31 - 1:
         log.info("model over 2 GB: skipping in-memory shape inference")
         return model, "none"
-    for strict, status in ((True, "full"), (False, "partial")):
+    # the file's own intermediate shapes first; then without them, which may be stale (a model edited after export
+    # declared a tensor 128 wide that is 64: inference spread it and ONNX Runtime refused onnxq's copy of a model it runs)
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    attempts = ((model, True, "full"), (bare, True, "full"), (model, False, "partial"))
+    for base, strict, status in attempts if len(model.graph.value_info) else (attempts[0], attempts[2]):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=strict, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(base, check_type=False, strict_mode=strict, data_prop=True)
             return inferred, status
         except Exception as exc:  # inference errors come in many types
             log.info("shape inference (strict=%s) failed: %s", strict, str(exc).splitlines()[0] if str(exc) else exc)
@@ -55,6 +62,86 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
 def has_float16(model: onnx.ModelProto) -> bool:
     """True if any input, output, initializer or typed intermediate of the main graph is float16."""
     return onnx.TensorProto.FLOAT16 in tensor_types(model).values()
+
+
+#: operators a model another tool already quantized holds (ONNX Runtime's operator-oriented and dynamic forms, its
+#: 4-bit MatMul)
+QUANTIZED_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearAveragePool", "QLinearGlobalAveragePool",
+    "QLinearReduceMean", "QLinearWhere", "QAttention", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "MatMulNBits", "QOrderedMatMul"})
+
+
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """Refuse a model another tool already quantized: onnxq quantizes float models.
+
+    A model from ONNX Runtime's ``quantize_static`` (QDQ) was quantized again on top of its own Q/DQ pairs, every
+    activation twice, and its ``--target trt`` output failed ``onnxq lint``; one from ``quantize_dynamic`` or in
+    operator form (QLinearConv, ConvInteger) was written back unchanged with "the output is the float model". Weights
+    the model holds as integers behind a DequantizeLinear (TFLite's int8 weights) are no such thing: their layers are
+    quantized around them.
+    """
+    constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    found: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in QUANTIZED_OPS:
+            found[n.op_type] = found.get(n.op_type, 0) + 1
+        elif n.op_type == "QuantizeLinear" and n.input and n.input[0] not in constants:
+            found["QuantizeLinear of an activation"] = found.get("QuantizeLinear of an activation", 0) + 1
+    if found:
+        what = ", ".join(f"{k} x{v}" for k, v in sorted(found.items(), key=lambda kv: -kv[1])[:3])
+        raise ModelError(f"the model is already quantized ({what}): onnxq quantizes float models; give it the float model "
+                         "this one was made from")
+
+
+#: the activations ONNX Runtime's FusedConv and FusedGemm carry, and how each is written back as its own node
+_FUSED_ACTIVATIONS = {"Relu": (), "Sigmoid": (), "Tanh": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta"), "Clip": ()}
+
+
+def unfuse_runtime_ops(model: onnx.ModelProto) -> list[str]:
+    """Write ONNX Runtime's FusedConv and FusedGemm back as Conv / Gemm and their activation, in place; returns the nodes.
+
+    A model saved by ONNX Runtime at ORT_ENABLE_EXTENDED holds them: onnxq quantizes Conv and Gemm, and 4 of a CNN's 5
+    layers stayed float with nothing said. ONNX Runtime fuses them again when it loads the quantized model. A model saved
+    at ORT_ENABLE_ALL is in its blocked NCHWc layout, which no other runtime reads: refused with what to do.
+    """
+    nchwc = [n.name or n.op_type for n in model.graph.node if n.domain == "com.microsoft.nchwc"]
+    if nchwc:
+        raise ModelError(f"the model was saved by ONNX Runtime at ORT_ENABLE_ALL (its NCHWc layout: {', '.join(nchwc[:3])}): "
+                         "quantize the model before ONNX Runtime optimizes it, or save it at ORT_ENABLE_EXTENDED or lower")
+    done, nodes = [], []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        act = attrs.get("activation", b"")
+        act = act.decode() if isinstance(act, bytes) else str(act)
+        if node.domain != "com.microsoft" or node.op_type not in ("FusedConv", "FusedGemm") or act not in _FUSED_ACTIVATIONS:
+            nodes.append(node)
+            continue
+        base = node.op_type[len("Fused"):]
+        keep = {k: v for k, v in attrs.items() if not k.startswith("activation")}
+        pre = f"{node.output[0]}_pre_{act.lower()}"
+        inputs = list(node.input[:3])
+        nodes.append(helper.make_node(base, inputs, [pre], name=node.name, **keep))
+        if base == "Conv" and len(node.input) > 3 and node.input[3]:  # FusedConv's Z: act(conv + Z)
+            summed = f"{pre}_sum"
+            nodes.append(helper.make_node("Add", [pre, node.input[3]], [summed], name=f"{node.name}/add"))
+            pre = summed
+        params = list(attrs.get("activation_params", [])) or [attrs[f"activation_{k}"] for k in ("alpha", "beta") if f"activation_{k}" in attrs]
+        extra: dict = dict(zip(_FUSED_ACTIVATIONS[act], params))
+        act_inputs = [pre]
+        if act == "Clip":
+            lo, hi = (params + [float("-inf"), float("inf")])[:2] if params else (float("-inf"), float("inf"))
+            for bound, value in (("min", lo), ("max", hi)):
+                name = f"{node.output[0]}_clip_{bound}"
+                model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), name))
+                act_inputs.append(name)
+        nodes.append(helper.make_node(act, act_inputs, [node.output[0]], name=f"{node.name}/{act.lower()}", **extra))
+        done.append(node.name)
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return done
 
 
 def check_float16_target(model: onnx.ModelProto, target: str, integer_kernels: bool, tensors: Iterable[str] | None = None) -> None:
@@ -69,11 +156,19 @@ def check_float16_target(model: onnx.ModelProto, target: str, integer_kernels: b
         return
     types = tensor_types(model)
     if tensors is None:
-        half = onnx.TensorProto.FLOAT16 in types.values()
+        kinds = set(types.values())
+        halves: list[str] = []
     else:
         inits = {t.name: t.data_type for t in model.graph.initializer}
-        half = any(types.get(t, inits.get(t)) == onnx.TensorProto.FLOAT16 for t in tensors)
-    if half:
+        kinds = {types.get(t, inits.get(t)) for t in tensors}
+        halves = [t for t in tensors if types.get(t, inits.get(t)) == onnx.TensorProto.FLOAT16]
+    if halves and onnx.TensorProto.FLOAT in kinds:
+        # a float32 model with a float16 island: name it, and the layers to keep float
+        readers = sorted({n.name for n in model.graph.node if set(n.input) & set(halves)})
+        raise ModelError(f"float16 tensors would be quantized for --target {target} ({', '.join(halves[:3])}, read by "
+                         f"{', '.join(readers[:3]) or 'no node'}; ONNX Runtime's integer kernels take float32 models): "
+                         f"{' '.join('--exclude ' + r for r in readers[:3])} keeps them float, or use --target trt")
+    if onnx.TensorProto.FLOAT16 in kinds:
         raise ModelError(f"float16 models are not supported for --target {target} yet (ONNX Runtime's integer kernels take "
                          "float32 models): quantize the float32 model, or use --target trt")
 

@@ -201,10 +201,13 @@ def load(run: Run) -> None:
 def prepare(run: Run) -> None:
     """A working copy at the opset Q/DQ needs, constants as initializers, named nodes, shapes."""
     profile = run.profile
+    graph_prepare.check_not_quantized(run.float_model)
     work = onnx.ModelProto()
     work.CopyFrom(run.float_model)
     work = graph_prepare.upgrade_opset(work, graph_prepare.MIN_INT4_OPSET if profile.weight_only else graph_prepare.MIN_QDQ_OPSET)
     graph_prepare.constants_to_initializers(work)
+    if graph_prepare.unfuse_runtime_ops(work):
+        log.info("ONNX Runtime's fused Conv/Gemm written back as Conv/Gemm and their activation, to quantize them")
     graph_prepare.initializers_as_constants(work)  # weights listed in graph.input are constants here
     name_nodes(work)  # after the opset upgrade, which may add unnamed nodes
     run.work, run.shape_status = graph_prepare.infer_shapes(work)

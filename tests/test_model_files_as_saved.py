@@ -1,0 +1,100 @@
+"""Model files as tools save them: ONNX Runtime's optimized graphs, stale intermediate shapes, nodes out of order.
+
+Each was valid for ONNX Runtime and went wrong in onnxq: a model saved at ORT_ENABLE_EXTENDED had 4 of its 5 layers
+left float (FusedConv, FusedGemm) with nothing said; one saved at ORT_ENABLE_ALL crashed easyquant; a stale
+``value_info`` made onnxq's own copy unloadable ("ONNX Runtime cannot load the model"); nodes out of topological order
+were refused with the checker's message cut before the node's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.errors import ModelError
+
+
+def _cnn() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8), "w2": rng.normal(0, 0.2, (8, 8, 3, 3)),
+             "b2": rng.normal(0, 0.1, 8), "w3": rng.normal(0, 0.1, (32, 8 * 8 * 8)), "b3": rng.normal(0, 0.1, 32),
+             "w4": rng.normal(0, 0.2, (10, 32)), "b4": rng.normal(0, 0.1, 10)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4, name="conv2"), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["g"], transB=1, name="fc1"), helper.make_node("Relu", ["g"], ["r3"], name="relu3"),
+             helper.make_node("Gemm", ["r3", "w4", "b4"], ["y"], transB=1, name="fc2")]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _data(n: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _saved_by_ort(tmp_path: Path, level: ort.GraphOptimizationLevel) -> Path:
+    src, dst = tmp_path / "float.onnx", tmp_path / f"ort-{int(level)}.onnx"
+    onnx.save(_cnn(), src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return dst
+
+
+def _outputs(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_onnx_runtimes_fused_conv_and_gemm_are_quantized(tmp_path: Path) -> None:
+    path = _saved_by_ort(tmp_path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    fused = [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type.startswith("Fused")]
+    assert fused, "precondition: ONNX Runtime fused the convs and the Gemm"
+    res = onnxq.optimize(path, method="minmax", data=_data(), show_progress=False)
+    assert res.report.quantized_weights == 4 and not res.report.left_in_float
+    assert not any(n.op_type.startswith("Fused") for n in res.model.graph.node)
+    x = _data(1, 7)[0]["x"]
+    ref, got = _outputs(_cnn(), x), _outputs(res.model, x)
+    assert float(np.mean(np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1))) > 0.999
+
+
+def test_onnx_runtimes_nchwc_layout_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = _saved_by_ort(tmp_path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    if not any(n.domain == "com.microsoft.nchwc" for n in onnx.load(str(path)).graph.node):
+        pytest.skip("this CPU's ONNX Runtime writes no NCHWc layout (it needs AVX2 or NEON)")
+    with pytest.raises(ModelError, match="ORT_ENABLE_ALL"):
+        onnxq.optimize(path, method="easyquant", data=_data(), show_progress=False)
+
+
+def test_a_stale_intermediate_shape_is_inferred_again(tmp_path: Path) -> None:
+    model = _cnn()
+    model.graph.value_info.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", 64]))  # fc1 gives 32
+    path = tmp_path / "stale.onnx"
+    onnx.save(model, path)
+    x = _data(1, 7)[0]["x"]
+    assert _outputs(path, x).shape == (8, 10), "precondition: ONNX Runtime runs the file"
+    res = onnxq.optimize(path, method="minmax", data=_data(), show_progress=False)
+    assert res.report.quantized_weights == 4 and not res.report.fidelity.failed()
+
+
+def test_nodes_out_of_topological_order_are_sorted(tmp_path: Path) -> None:
+    model = _cnn()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    path = tmp_path / "reversed.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    res = onnxq.optimize(path, method="minmax", data=_data(), show_progress=False)
+    assert res.report.quantized_weights == 4 and not res.report.fidelity.failed()
+    assert path.read_bytes() == before
