@@ -98,3 +98,23 @@ def test_nodes_out_of_topological_order_are_sorted(tmp_path: Path) -> None:
     res = onnxq.optimize(path, method="minmax", data=_data(), show_progress=False)
     assert res.report.quantized_weights == 4 and not res.report.fidelity.failed()
     assert path.read_bytes() == before
+
+
+def test_easyquant_searches_around_a_gemm_that_reads_its_input_transposed() -> None:
+    """A Gemm with transA=1 has its samples on axis 1: easyquant stacked candidate inputs on axis 0 and ONNX Runtime's
+    "GEMM: Dimension mismatch" ended the run as the user's error. The transposed reader's input keeps its calibrated
+    range; the rest is searched."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (32, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0], name="t"),
+             helper.make_node("Gemm", ["xt", "w1"], ["h"], transA=1, name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "transA", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": rng.normal(0, 1, (16, 16)).astype(np.float32)} for _ in range(4)]
+    res = onnxq.optimize(model, method="easyquant", data=data, show_progress=False)
+    assert res.report.quantized_weights == 2 and not res.report.fidelity.failed()
+    layers = res.report.methods["easyquant"]["layers"]
+    assert "transposed" in layers["fc1"]["activation_search"] and "activation_multiplier" in layers["fc2"]

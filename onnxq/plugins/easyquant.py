@@ -434,9 +434,13 @@ class EasyQuant(QuantMethod):
         if t is None or t in done or t not in readers:
             return
         done.add(t)
+        consumers = readers[t]
+        if not all(runners[c.node].samples_first for c in consumers):
+            # a Gemm reading its input transposed has its samples on axis 1; its calibrated range stays
+            report[consumers[0].node]["activation_search"] = "skipped: a reader takes the input transposed (Gemm transA)"
+            return
         x = q_run.value(t)
         n = x.shape[0]
-        consumers = readers[t]
         views = [self._windowed(runners[c.node], x, self._fp_value(st, c.objective)) for c in consumers]
         wq = [_fq_weight(ctx.weight(c.weight), plan.weights[c.weight].qparams.scale, plan.weights[c.weight].qparams, plan.weights[c.weight].axis or 0) for c in consumers]
         lo0, hi0 = a_init[t]

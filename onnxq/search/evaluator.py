@@ -474,6 +474,11 @@ class LayerRunner:
         """Candidates can be stacked along output channels (not for grouped ConvTranspose)."""
         return not (self.op == "ConvTranspose" and self.group != 1)
 
+    @property
+    def samples_first(self) -> bool:
+        """The input's samples are its axis 0, along which candidate inputs are stacked (not a Gemm with ``transA``)."""
+        return not (self.op == "Gemm" and any(a.name == "transA" and a.i for a in self.node.attribute))
+
     def windows(self, x_shape: Sequence[int], max_positions: int, seed: int, side: int = 8, min_map: int = 256) -> Windows | None:
         """Random output windows standing in for a 2-D convolution's whole output, or None.
 
