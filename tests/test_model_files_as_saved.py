@@ -118,3 +118,23 @@ def test_easyquant_searches_around_a_gemm_that_reads_its_input_transposed() -> N
     assert res.report.quantized_weights == 2 and not res.report.fidelity.failed()
     layers = res.report.methods["easyquant"]["layers"]
     assert "transposed" in layers["fc1"]["activation_search"] and "activation_multiplier" in layers["fc2"]
+
+
+def test_a_sparse_initializer_is_quantized_as_a_weight(tmp_path: Path) -> None:
+    """A weight stored as a sparse_initializer was quantized at run time as an activation (one range over all of it),
+    counted as no weight and written back float; it is a weight like the others."""
+    model = _cnn()
+    w3 = next(t for t in model.graph.initializer if t.name == "w3")
+    dense = numpy_helper.to_array(w3).copy()
+    dense[np.abs(dense) < 0.1] = 0.0  # pruned
+    flat = np.flatnonzero(dense)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.reshape(-1)[flat], "w3"),
+                                       numpy_helper.from_array(flat.astype(np.int64), "w3_indices"), list(dense.shape))
+    model.graph.initializer.remove(w3)
+    model.graph.sparse_initializer.append(sparse)
+    x = _data(1, 7)[0]["x"]
+    ref = _outputs(model, x)
+    res = onnxq.optimize(model, method="minmax", data=_data(), show_progress=False)
+    assert res.report.quantized_weights == 4 and not res.report.left_in_float
+    got = _outputs(res.model, x)
+    assert float(np.mean(np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1))) > 0.999

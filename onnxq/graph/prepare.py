@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from onnxq.errors import ModelError
 
@@ -209,7 +209,9 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     """Move top-level ``Constant`` nodes holding a tensor into initializers (in place).
 
     Exporters (paddle2onnx, torch) often write weights as Constant nodes; as initializers they can
-    be quantized, fed to single-node sessions and deduplicated like any weight. Returns the count.
+    be quantized, fed to single-node sessions and deduplicated like any weight. Sparse initializers are
+    made dense initializers too (one was quantized at run time as an activation, counted as no weight,
+    and written back float). Returns the count.
     """
     g = model.graph
     existing = {t.name for t in g.initializer}
@@ -227,7 +229,21 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     if moved:
         del g.node[:]
         g.node.extend(keep)
+    for sparse in g.sparse_initializer:  # weights stored sparse: dense here, as every other weight, so they are quantized
+        g.initializer.append(numpy_helper.from_array(_dense(sparse), sparse.values.name))
+        moved += 1
+    del g.sparse_initializer[:]
     return moved
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse initializer's dense value: indices linear ([NNZ]) or coordinates ([NNZ, rank])."""
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(sparse.dims, dtype=np.int64)), values.dtype)
+    flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
+    dense[flat] = values
+    return dense.reshape(tuple(sparse.dims))
 
 
 def initializers_as_constants(model: onnx.ModelProto) -> list[str]:
