@@ -154,6 +154,10 @@ def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | 
         # an accuracy and a [1, 1] probability its explained variance across samples (a streaming VAD's speech
         # probability read cosine 1.0 at 2 dB SQNR: a single value's cosine is its sign)
         return 0
+    if axis is None and n == 1 and np.ndim(value) == 3 and np.shape(value)[1] == 1:
+        # time-major sequence logits [T, 1, C] (a recurrent CTC reader of fixed batch one, ddddocr's): the 1 is the sample
+        # and the positions run along axis 0; compared as one flat sample, 21 % of its captchas changed unseen
+        return 1
     if axis is None and n > 1 and np.ndim(value) >= 1 and np.shape(value)[0] == n:
         # declared [1, C] in a model whose input batch was made dynamic by editing the input alone: the runtime gives a row
         # per sample, and comparing the batch as one sample lost the top-1, the accuracy and --max-drop

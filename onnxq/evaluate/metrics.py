@@ -66,12 +66,12 @@ DENSE_MIN_CLASSES = 5
 
 
 def dense_class_axis(output: np.ndarray, axis: int | None = 0) -> int | None:
-    """The class axis of an output that may hold class scores per position: a float [N, T, C] sequence (the last axis:
-    token logits, CTC) or [N, C, H, W] map (axis 1: segmentation), ``DENSE_MIN_CLASSES`` <= C <= 100,000; else None.
+    """The class axis of an output that may hold class scores per position: a float [N, T, C] or [T, N, C] sequence (the
+    last axis: token logits, CTC) or [N, C, H, W] map (axis 1: segmentation), ``DENSE_MIN_CLASSES`` <= C <= 100,000; else None.
     Whether it does hold class scores is told by how often FP32 has a clear winner (:func:`_confident`), as for [N, C]
     outputs."""
-    if axis != 0 or np.asarray(output).dtype.kind != "f" or np.ndim(output) not in (3, 4):
-        return None
+    if np.asarray(output).dtype.kind != "f" or np.ndim(output) not in (3, 4) or not (axis == 0 or (axis == 1 and np.ndim(output) == 3)):
+        return None  # [T, N, C] (time-major, samples on axis 1) has its classes last too
     c = 2 if np.ndim(output) == 3 else 1
     return c if DENSE_MIN_CLASSES <= np.shape(output)[c] <= 100_000 else None
 
