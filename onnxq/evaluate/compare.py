@@ -12,7 +12,6 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import OnnxqError
 from onnxq.evaluate.metrics import OutputAccumulator
-from onnxq.graph import model_io
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.runner import Backend, ModelLike, Runner
 

@@ -56,8 +56,9 @@ def common_part(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a)[common], np.asarray(b)[common]
 
 
-#: outputs of more values per sample than this get no explained variance (its per-element sums would hold them all)
-VARIANCE_MAX_ELEMENTS = 1 << 24
+#: outputs of more values per sample than this get no explained variance (its per-element sums, 8 bytes each, would hold
+#: them all: at most 32 MB, of which a 3 x 1024 x 1024 image takes 25)
+VARIANCE_MAX_ELEMENTS = 1 << 22
 
 #: the fewest classes an output per position is judged by its arg-max with: an RGB(A) image, a box [x, y, w, h] or a
 #: depth map has a clear largest channel at most pixels too, and nothing reads its arg-max (an image-to-image UNet, a
