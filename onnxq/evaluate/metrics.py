@@ -56,9 +56,13 @@ def common_part(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a)[common], np.asarray(b)[common]
 
 
-#: outputs of more values per sample than this get no explained variance (its per-element sums, 8 bytes each, would hold
-#: them all: at most 32 MB, of which a 3 x 1024 x 1024 image takes 25)
-VARIANCE_MAX_ELEMENTS = 1 << 22
+#: outputs of more values per sample than this get no explained variance (its three per-element sums, 8 bytes a value,
+#: would hold them all: at most 48 MB; a 3 x 640 x 640 image takes 30)
+VARIANCE_MAX_ELEMENTS = 1 << 21
+#: an element counts in the explained variance when its variance across the samples is at least this share of its mean
+#: square: one image copied 32 times varies by float round-off (1e-14) and read -5.9e11 on a good model, while a price
+#: 1000 +- 5 varies by 2.5e-5 and is still what the model is for
+VARIANCE_MIN_SHARE = 1e-6
 
 #: the fewest classes an output per position is judged by its arg-max with: an RGB(A) image, a box [x, y, w, h] or a
 #: depth map has a clear largest channel at most pixels too, and nothing reads its arg-max (an image-to-image UNet, a
@@ -121,8 +125,8 @@ class OutputAccumulator:
         #: the explained variance's sums (:meth:`_update_variance`): FP32's sum per output element over the samples (None
         #: before the first batch, False once the samples' shapes differ), and the squares of FP32's values and of the error
         self.element_sum: np.ndarray | None | bool = None
-        self.variance_signal = 0.0
-        self.variance_noise = 0.0
+        self.element_square: np.ndarray | None = None
+        self.element_noise: np.ndarray | None = None
         self.variance_samples = 0
         #: [N, T, C] / [N, C, H, W] outputs (:func:`dense_class_axis`): positions, those with a clear FP32 winner, and
         #: those of them whose quantized arg-max is the same class
@@ -238,14 +242,23 @@ class OutputAccumulator:
             if a.shape[1] > VARIANCE_MAX_ELEMENTS:
                 self.element_sum = False
                 return
-            self.element_sum = np.zeros(a.shape[1])
+            self.element_sum, self.element_square, self.element_noise = (np.zeros(a.shape[1]) for _ in range(3))
         elif self.element_sum.shape != (a.shape[1],):  # type: ignore[union-attr]
             self.element_sum = False  # samples of different sizes (sequences): no element has a mean over the samples
             return
         self.element_sum += a.sum(0)  # type: ignore[operator]
-        self.variance_signal += float(np.sum(a * a))
-        self.variance_noise += float(np.sum((a - b) ** 2))
+        self.element_square += (a * a).sum(0)  # type: ignore[operator]
+        self.element_noise += ((a - b) ** 2).sum(0)  # type: ignore[operator]
         self.variance_samples += len(a)
+
+    def _explained_variance(self) -> float | None:
+        """1 - sum (q - r)^2 / sum (r - mean over the samples of r)^2 over the elements FP32 varies across the samples (by
+        more than :data:`VARIANCE_MIN_SHARE` of their energy); None where none does."""
+        n = self.variance_samples
+        spread = self.element_square - self.element_sum**2 / n  # type: ignore[operator]
+        varies = spread > VARIANCE_MIN_SHARE * self.element_square  # type: ignore[operator]
+        total = float(spread[varies].sum())
+        return 1.0 - float(self.element_noise[varies].sum()) / total if total > 0 else None  # type: ignore[index]
 
     def _update_parts(self, ref: np.ndarray, got: np.ndarray, axis: int, along: int, sizes: Sequence[int]) -> None:
         if not self.part_cosines:
@@ -290,9 +303,9 @@ class OutputAccumulator:
             # 1 - sum (q - r)^2 / sum (r - mean over the samples of r)^2. A sigmoid output squashed to 0.5 by a collapsed
             # layer keeps every per-sample cosine at 1 and this near 0; so do a depth map, a forecast or a price whose
             # offset the cosine reads (a depth net at cosine 0.94 kept 7 % of its pixels within 5 % of the truth)
-            spread = self.variance_signal - float(np.sum(self.element_sum**2)) / self.variance_samples
-            if spread > 0:
-                m["explained_variance"] = 1.0 - self.variance_noise / spread
+            ev = self._explained_variance()
+            if ev is not None:
+                m["explained_variance"] = ev
                 m["one_value"] = float(bool(self.scalar))
         judged = [(float(np.mean(c)), k) for k, c in enumerate(self.part_cosines) if c]
         if judged:
