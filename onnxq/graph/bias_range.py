@@ -18,6 +18,7 @@ that matters next to the bias.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,7 +27,8 @@ import onnx
 from onnxq.graph.index import GraphIndex, node_attr
 from onnxq.graph.plan import QuantPlan
 
-__all__ = ["BIAS_LIMIT", "Int32Bias", "bias_step", "int32_bias_layers", "quantize_bias", "raise_steps_for_bias"]
+__all__ = ["BIAS_LIMIT", "Int32Bias", "bias_step", "int32_bias_layers", "int32_bias_slot", "quantize_bias", "raise_steps_for_bias",
+           "reader_counts"]
 
 #: the largest integer bias onnxq lets a layer have: 2^30, half of int32's range (the accumulator adds the products to it)
 BIAS_LIMIT = float(2**30)
@@ -51,8 +53,9 @@ def raise_steps_for_bias(model: onnx.ModelProto, plan: QuantPlan) -> list[tuple[
             continue
         b = np.abs(np.asarray(bias, np.float64)).reshape(-1) * abs(float(node_attr(node, "beta", 1.0)))
         sw = np.asarray(weight.qparams.scale, np.float64).reshape(-1)
-        if sw.size == b.size and b.size > 1:
-            live = _widen_dead_channels(idx, weight, b, float(np.max(act.qparams.scale)))
+        act_step = float(np.max(act.qparams.scale))
+        if sw.size == b.size and b.size > 1 and float((b / sw).max()) > act_step * BIAS_LIMIT:  # weights read only then
+            live = _widen_dead_channels(idx, weight, b, act_step)
             b, sw = b[live], np.asarray(weight.qparams.scale, np.float64).reshape(-1)[live]
         # per output channel where the weight's steps are; else the finest step bounds every channel
         per = b / sw if sw.size == b.size else b / float(sw.min()) if b.size else np.zeros(0)
@@ -134,26 +137,41 @@ def int32_bias_layers(model: onnx.ModelProto, plan: QuantPlan) -> list[Int32Bias
     """
     idx = GraphIndex(model)
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = reader_counts(model)
     found = []
     for layer in plan.layers:
         node = idx.nodes.get(layer.node)
-        if node is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
-            continue
-        bias = inits[node.input[2]]
-        if readers.get(bias.name) != 1 or bias.data_type != onnx.TensorProto.FLOAT or len(bias.dims) != 1:
-            continue
-        if node.op_type == "Gemm" and (node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0 or node_attr(node, "transA", 0)):
-            continue
+        slot = int32_bias_slot(node, inits, readers) if node is not None else None
         weight = plan.weights.get(layer.weight) if layer.weight else None
-        act = plan.activations.get(node.input[0])
-        if weight is None or weight.qparams is None or weight.input_index != 1 or act is None or act.qparams is None:
+        act = plan.activations.get(node.input[0]) if node is not None else None
+        if slot is None or weight is None or weight.qparams is None or weight.input_index != 1 or act is None or act.qparams is None:
             continue
-        out_axis = 0 if node.op_type == "Conv" or node_attr(node, "transB", 0) else 1
+        bias, out_axis = slot
         per_tensor = np.asarray(weight.qparams.scale).size == 1 and weight.qparams.axis is None
         if np.asarray(act.qparams.scale).size == 1 and (per_tensor or weight.qparams.axis == out_axis):
             found.append(Int32Bias(node.name, bias.name, act.tensor, layer.weight))
     return found
+
+
+def reader_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs read each tensor."""
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    return readers
+
+
+def int32_bias_slot(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], readers: Mapping[str, int]) -> tuple[onnx.TensorProto, int] | None:
+    """The bias a target adding biases in int32 writes as integers, and the axis of the weight's output channels; None
+    where the node has none such: a Conv or a Gemm (alpha and beta 1, A not transposed) whose bias is a 1-D float
+    initializer it alone reads. What the activation and weight steps must be is its callers' to check, on the plan
+    (:func:`int32_bias_layers`) or on the written graph (:func:`onnxq.graph.qdq.int32_biases`)."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+        return None
+    bias = inits[node.input[2]]
+    if readers.get(bias.name) != 1 or bias.data_type != onnx.TensorProto.FLOAT or len(bias.dims) != 1:
+        return None
+    if node.op_type == "Gemm" and (node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0 or node_attr(node, "transA", 0)):
+        return None
+    return bias, 0 if node.op_type == "Conv" or node_attr(node, "transB", 0) else 1

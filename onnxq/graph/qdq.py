@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.errors import PlanConflictError
 from onnxq.graph import edit
-from onnxq.graph.bias_range import bias_step, quantize_bias
+from onnxq.graph.bias_range import bias_step, int32_bias_slot, quantize_bias, reader_counts
 from onnxq.graph.edit import QDTYPE, Namer, numpy_dtype
 from onnxq.graph.model_io import is_lazy, spill, tensor_array
 from onnxq.graph.plan import QuantPlan
@@ -269,27 +269,19 @@ def int32_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, int] = defaultdict(int)
-    for n in model.graph.node:
-        for i in n.input:
-            readers[i] += 1
+    readers = reader_counts(model)
     todo = []
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits or readers[node.input[2]] != 1:
+        slot = int32_bias_slot(node, inits, readers)
+        if slot is None:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and (attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
-            continue
-        bias = inits[node.input[2]]
-        if bias.data_type != onnx.TensorProto.FLOAT or len(bias.dims) != 1:
-            continue
+        bias, out_axis = slot
         dq_x, dq_w = producers.get(node.input[0]), producers.get(node.input[1])
         if any(d is None or d.op_type != "DequantizeLinear" or len(d.input) < 2 or d.input[1] not in inits for d in (dq_x, dq_w)):
             continue
         s_x = tensor_array(inits[dq_x.input[1]])
         s_w = tensor_array(inits[dq_w.input[1]]).reshape(-1)
         w_axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
-        out_axis = 0 if node.op_type == "Conv" else (0 if attrs.get("transB", 0) else 1)
         channels = int(bias.dims[0])
         if s_x.size != 1 or not (s_w.size == 1 or (s_w.size == channels and w_axis % max(1, len(inits[dq_w.input[0]].dims)) == out_axis)):
             continue

@@ -130,12 +130,6 @@ class Run:
     #: the left-float warnings (and widened bias steps) already logged (``-p auto`` shares one set across its builds: its
     #: 20-odd builds of one model said the same control-flow line each, openwakeword's hey_jarvis 17 times)
     warned_float: set[str] = field(default_factory=set)
-    def warn_once(self, line: str, key: str | None = None) -> None:
-        """Log ``line`` unless it (or ``key``, for a line whose figures vary between builds) was said in this search."""
-        if (key or line) not in self.warned_float:
-            self.warned_float.add(key or line)
-            log.warning("%s", line)
-
     #: the float model's outputs on the first batch (computed at the first quantized rewrite)
     float_outputs: list[np.ndarray] | None = None
     quantized: onnx.ModelProto | None = None
@@ -145,6 +139,12 @@ class Run:
     fidelity: Fidelity | None = None
     #: the HTML report's data (None: not collected)
     diagnostics: Diagnostics | None = None
+
+    def warn_once(self, line: str, key: str | None = None) -> None:
+        """Log ``line`` unless it (or ``key``, for a line whose figures vary between builds) was said in this search."""
+        if (key or line) not in self.warned_float:
+            self.warned_float.add(key or line)
+            log.warning("%s", line)
 
     def install(self, model: onnx.ModelProto, replan: bool = False) -> None:
         """Make ``model`` the working model (checked by the caller); ``replan`` places it again."""
