@@ -153,6 +153,8 @@ def fidelity_lines(fid: Fidelity) -> list[str]:
         if o.position_agreement is not None:  # an ArgMax map counts every position; class scores only where FP32's winner is clear
             positions = (f", class ids equal per position {o.position_agreement:.3f}" if o.role == "argmax"
                          else f", arg-max agreement per position {o.position_agreement:.3f} (where FP32's winner is clear)")
+        if o.decoded_agreement is not None:
+            positions += f", decoded agreement {o.decoded_agreement:.3f} ({_fmt(o.decoded_exact, '.3f')} of the samples decoded as FP32's)"
         if o.worst_part_cosine is not None:
             positions += f", worst part ({o.worst_part}) cosine {o.worst_part_cosine:.4f}"
         if o.label_agreement is not None:

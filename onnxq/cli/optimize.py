@@ -31,7 +31,7 @@ from onnxq.errors import OnnxqError, OptionError, QualityGateError
 @click.option("--eval-data", default=None, help="Labelled or unlabelled evaluation data: prints FP32 vs quantized metrics.")
 @click.option("--max-drop", type=float, default=None, help="Quality gate: max accuracy drop in points (top-1 disagreement % without labels). Exit 3 if missed.")
 @click.option("--min-cosine", type=float, default=None, help="Quality gate: min cosine of the first output vs FP32. Exit 3 if missed. With -p auto: the target, on each sample's worst output (-o score_outputs).")
-@click.option("--min-agreement", type=float, default=None, help="-p auto's target: min arg-max agreement of the first output with FP32 (0..1; per position for sequences).")
+@click.option("--min-agreement", type=float, default=None, help="-p auto's target: min arg-max agreement of the first output with FP32 (0..1; per position for sequences, per character read for a CTC reader).")
 @click.option("--time-budget", type=float, default=None, help="-p auto: seconds the search may take (default: 4x what one recipe costs, at least 10 s with a target; a model whose first recipe takes under 0.3 s runs its whole portfolio first).")
 @click.option("--no-check", is_flag=True, help="Skip the fidelity check (quantized vs FP32 on --eval-data, or in-sample on a few calibration batches).")
 @click.option("--strict", is_flag=True, help="Exit 3 when the fidelity check warns or cannot run, and non-zero when the evaluation fails (the written model is kept).")

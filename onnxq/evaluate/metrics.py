@@ -69,6 +69,14 @@ VARIANCE_MIN_SHARE = 1e-6
 #: style-transfer net and a super-resolution net, 3 channels, showed a clear winner at 91 % of their pixels)
 DENSE_MIN_CLASSES = 5
 
+#: a sequence of class scores per step ([N, T, C]) or of class ids (the model's ArgMax, [N, T]) whose most frequent
+#: FP32 class takes at least this share of the steps is read as a CTC output, that class as its blank: the check then
+#: also compares the greedy decodes (arg-max, repeats merged, blank dropped). Blank steps agree whatever happens to the
+#: characters between them (71-79 % of the steps of PP-OCRv5's and ddddocr's readers)
+CTC_BLANK_SHARE = 0.5
+#: the decodes are compared on at most this many steps per model (the first samples'): 8 MB of ids each
+DECODE_MAX_STEPS = 1 << 21
+
 
 def dense_class_axis(output: np.ndarray, axis: int | None = 0) -> int | None:
     """The class axis of an output that may hold class scores per position: a float [N, T, C] or [T, N, C] sequence (the
@@ -133,6 +141,9 @@ class OutputAccumulator:
         self.positions = 0
         self.positions_clear = 0
         self.positions_same = 0
+        #: sequences (:data:`CTC_BLANK_SHARE`): per batch, FP32's and the quantized arg-max ids, one row per sample
+        self.steps: list[tuple[np.ndarray, np.ndarray]] = []
+        self.steps_kept = 0
         #: batches compared, and those whose output had another shape than FP32's (compared on the common part)
         self.batches = 0
         self.length_differs = 0
@@ -195,6 +206,8 @@ class OutputAccumulator:
                 self.firsts_equal += int(np.count_nonzero(first_r == ids))
             elif self.role == "argmax" and one_value:
                 ids = b[:, 0]
+            elif self.role == "argmax" and ref.ndim == 2 and axis is not None:
+                self._keep_steps(a, b)  # a greedy decode the model computes: [N, T] class ids
             if ids is not None and labels is not None and np.size(ids) == len(labels):
                 # a classifier exported with its ArgMax (or TopK) has no logits to read its accuracy from
                 self.id_correct += int(np.sum(np.asarray(ids).reshape(-1) == np.asarray(labels).reshape(-1)))
@@ -210,6 +223,9 @@ class OutputAccumulator:
             self.positions += len(r)
             self.positions_clear += int(clear.sum())
             self.positions_same += int((same & clear).sum())
+            if ref.ndim == 3:  # a sequence: [N, T, C], or [T, N, C] with the samples on axis 1
+                ids_r, ids_q = ref.argmax(-1), got.argmax(-1)
+                self._keep_steps(ids_r.T if axis == 1 else ids_r, ids_q.T if axis == 1 else ids_q)
         is_logits = looks_like_logits(reference) and axis == 0 and self.role not in ("topk_values", "embedding")
         self.classification = is_logits if self.classification is None else (self.classification and is_logits)
         if axis is not None and ref.ndim > 0 and np.asarray(reference).dtype.kind == "f":
@@ -229,6 +245,13 @@ class OutputAccumulator:
                     self.labelled += len(ref)
                 elif self.bad_labels is None:
                     self.bad_labels = f"the data's labels are not class ids 0-{ref.shape[-1] - 1} of this output (first: {lab[:3].tolist()}, {lab.dtype})"
+
+    def _keep_steps(self, ref_ids: np.ndarray, test_ids: np.ndarray) -> None:
+        """Keep one batch's arg-max ids per step ([samples, steps], more than one step) for the decoded agreement, up to
+        :data:`DECODE_MAX_STEPS`."""
+        if ref_ids.ndim == 2 and ref_ids.shape[1] > 1 and self.steps_kept + ref_ids.size <= DECODE_MAX_STEPS:
+            self.steps.append((np.asarray(ref_ids, np.int64), np.asarray(test_ids, np.int64)))
+            self.steps_kept += ref_ids.size
 
     def _update_variance(self, a: np.ndarray, b: np.ndarray, centre: bool) -> None:
         """Sums for the share of FP32's variation across samples the quantized output keeps (``a``, ``b``: one row per
@@ -317,6 +340,8 @@ class OutputAccumulator:
             m["position_clear_share"] = self.positions_clear / self.positions
             if self.positions_clear:
                 m["position_agreement"] = self.positions_same / self.positions_clear
+        if self.steps:
+            m.update(decoded_agreement(self.steps))
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
             m["confident_share"] = self.confident / self.top1_total
@@ -330,6 +355,75 @@ class OutputAccumulator:
                 _SAID.add(self.bad_labels)  # once, not once for FP32 and once for each model compared with it
                 log.warning("%s: no accuracy is read from them", self.bad_labels)
         return m
+
+
+def greedy_decode(ids: np.ndarray, blank: int) -> np.ndarray:
+    """A CTC reader's greedy decode of one sample's arg-max ids per step: repeats merged, then ``blank`` dropped."""
+    ids = np.asarray(ids).reshape(-1)
+    keep = np.ones(len(ids), bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    return ids[keep & (ids != blank)]
+
+
+def edit_distance(a: np.ndarray, b: np.ndarray) -> int:
+    """Levenshtein distance between two id sequences (unit costs), one numpy row of the table at a time."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    if len(a) < len(b):
+        a, b = b, a
+    if not len(b):
+        return len(a)
+    steps = np.arange(len(b) + 1)
+    prev = steps
+    for i, x in enumerate(a, 1):
+        cur = np.empty_like(prev)
+        cur[0] = i
+        cur[1:] = np.minimum(prev[:-1] + (b != x), prev[1:] + 1)  # substitution or match, deletion
+        prev = np.minimum.accumulate(cur - steps) + steps  # insertion: cur[j] = min over k <= j of cur[k] + j - k
+    return int(prev[-1])
+
+
+def ctc_blank(ids: Sequence[np.ndarray]) -> int | None:
+    """The blank of a CTC output, given FP32's arg-max ids per step (any shapes): the most frequent id when it takes at
+    least :data:`CTC_BLANK_SHARE` of the steps, else None (no CTC output)."""
+    values, counts = np.unique(np.concatenate([np.asarray(i).reshape(-1) for i in ids]) if len(ids) else np.zeros(0), return_counts=True)
+    if not len(values) or counts.max() < CTC_BLANK_SHARE * counts.sum():
+        return None
+    return int(values[counts.argmax()])
+
+
+def decoded_scores(ref_ids: np.ndarray, test_ids: np.ndarray, blank: int) -> np.ndarray:
+    """Per sample (rows of [samples, steps] arg-max ids), 1 - the edit distance between the greedy decodes over FP32's
+    decoded length (0 for a sample FP32 decodes as nothing and the test model does not), at least 0."""
+    out = np.ones(len(ref_ids))
+    for k, (x, y) in enumerate(zip(ref_ids, test_ids)):
+        dx, dy = greedy_decode(x, blank), greedy_decode(y, blank)
+        if not np.array_equal(dx, dy):
+            out[k] = max(0.0, 1.0 - edit_distance(dx, dy) / max(len(dx), 1))
+    return out
+
+
+def decoded_agreement(steps: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """For a CTC output (:data:`CTC_BLANK_SHARE`), given FP32's and the quantized arg-max ids per step (batches of
+    [samples, steps]): decoded_agreement, 1 - the edit distance between the greedy decodes over FP32's decoded length
+    (the share of read characters kept: a character error rate against FP32), decoded_exact, the share of samples
+    decoded exactly as FP32's, and ctc_blank, the class taken as the blank. Empty for other sequences (token logits
+    with no class on most steps, or nothing decoded)."""
+    blank = ctc_blank([r for r, _ in steps])
+    if blank is None:
+        return {}
+    distance = length = same = rows = 0
+    for r, q in steps:
+        for x, y in zip(r, q):
+            dx, dy = greedy_decode(x, blank), greedy_decode(y, blank)
+            length += len(dx)
+            rows += 1
+            if np.array_equal(dx, dy):
+                same += 1
+            else:
+                distance += edit_distance(dx, dy)
+    if not length:
+        return {}
+    return {"decoded_agreement": max(0.0, 1.0 - distance / length), "decoded_exact": same / rows, "ctc_blank": float(blank)}
 
 
 def _class_ids_of(labels: np.ndarray, classes: int) -> bool:

@@ -57,7 +57,7 @@ from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import DataError, OnnxqError, OptionError
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import THRESHOLDS
-from onnxq.evaluate.metrics import common_part, dense_class_axis, part_cosines, row_cosines
+from onnxq.evaluate.metrics import common_part, ctc_blank, decoded_scores, dense_class_axis, part_cosines, row_cosines
 from onnxq.graph.index import concatenated_outputs, output_roles
 from onnxq.graph.placement import build_plan, node_pattern
 from onnxq.host import Host
@@ -136,7 +136,7 @@ class AutoOptions:
     min_cosine: float | None = option(None, "target: mean per-sample cosine vs FP32 on the held-out data (of the worst output per "
                                             "sample, see score_outputs)")
     max_drop: float | None = option(None, "target: accuracy drop in points (top-1 disagreement with FP32 without labels)")
-    min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, or per position for sequences), 0..1")
+    min_agreement: float | None = option(None, "target: arg-max agreement of the first output with FP32 (top-1, per position for sequences, or a CTC reader's decoded agreement), 0..1")
     time_budget: float | None = option(None, "seconds the search may take (the chosen model's validation and save come on top); "
                                        "default: 4x what one recipe cost (reading the data, the first statistics pass and candidate), at least 10 s with a "
                                        "target; a model whose first recipe took under 0.3 s runs its whole portfolio first")
@@ -289,6 +289,23 @@ class HeldOut:
         self.refs = [ort_backend.run(sess, dict(b.feeds), self.names) for b in batches]
         self.samples = sum(sample_count(b.feeds, self.axes) for b in batches)
         self.labelled = bool(batches) and all(b.labels is not None for b in batches)
+        #: the first output is a CTC reader's (its steps' arg-max or the model's greedy ArgMax, mostly one class: the
+        #: blank): its agreement is read from the decodes, as the fidelity check reads it; None otherwise
+        self.blank = self._blank()
+
+    def _blank(self) -> int | None:
+        """The first output's CTC blank (:func:`~onnxq.evaluate.metrics.ctc_blank`), read from FP32's held-out outputs."""
+        refs = [r[0] for r in self.refs if r]
+        axis = self.axes.get(self.names[0], 0) if self.names else None
+        if not refs or axis not in (0, 1) or any(np.ndim(r) != np.ndim(refs[0]) or np.ndim(r) not in (2, 3) for r in refs):
+            return None
+        if np.shape(refs[0])[1 - axis] < 2:  # one step per sample: a class, not a sequence
+            return None
+        if np.asarray(refs[0]).dtype.kind == "f" and np.ndim(refs[0]) == 3:
+            return ctc_blank([np.argmax(r, -1) for r in refs])
+        if np.asarray(refs[0]).dtype.kind in "iu" and np.ndim(refs[0]) == 2 and self.roles.get(self.names[0]) == "argmax":
+            return ctc_blank(refs)
+        return None
 
     def score(self, model: onnx.ModelProto, limit: int | None = None) -> Scores:
         """Scores of ``model`` on the held-out data (the first ``limit`` batches when given)."""
@@ -308,6 +325,8 @@ class HeldOut:
             for i, (name, r, q) in enumerate(zip(self.names, ref, got)):
                 if np.asarray(r).dtype.kind != "f":
                     ids = _class_ids(r, q, n, self.axes.get(name, 0), self.roles.get(name))
+                    if i == 0 and ids is not None and self.blank is not None:
+                        ids = decoded_scores(*_per_sample(np.asarray(r), np.asarray(q), n, self.axes.get(name, 0)), self.blank)
                     if ids is not None:
                         # a class id per sample (the model's own ArgMax): the sample scores 1 where it is FP32's, else 0;
                         # a model with no float output tied every candidate at 1.0
@@ -335,7 +354,8 @@ class HeldOut:
                 if i == 0 and np.ndim(r) >= 2 and cls is not None and np.shape(r)[cls] >= 2:
                     ra, qa = np.argmax(r, cls), np.argmax(q, cls)
                     ra, qa = _per_sample(ra, qa, n, self.axes.get(name, 0))
-                    agree.append(np.mean(ra == qa, axis=1))
+                    # a CTC reader's blank steps agree whatever happens to the characters between them: its decodes are compared
+                    agree.append(decoded_scores(ra, qa, self.blank) if self.blank is not None and np.ndim(r) == 3 else np.mean(ra == qa, axis=1))
                     if np.ndim(r) == 2:
                         classes.append((ra[:, 0], qa[:, 0]))
                         if self.labelled and len(b.labels) == len(ra):
