@@ -137,3 +137,66 @@ def test_a_gemms_bias_is_corrected_through_its_beta(beta):
     shift_q = np.abs(np.concatenate([q.run(None, f)[0] - r.run(None, f)[0] for f in held_out]).mean(axis=0)).mean()
     assert "fc2" in fixed.report.methods["bias-correction"]["corrected"]
     assert shift_q < shift_p / 2, (shift_p, shift_q)
+
+
+def _saturating_model() -> onnx.ModelProto:
+    """[N, 16] -> MatMul + Add(bias) -> Sigmoid -> MatMul (10 scores, no bias): a gate whose inputs sit near 0, where the
+    sigmoid is steep, except on a few samples far out in its flat tail."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.normal(0, 0.25, (16, 32)), "b1": np.zeros(32), "w2": rng.normal(0, 1, (32, 10))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Sigmoid", ["hb"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "gate", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _outlier_rows(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Rows of N(0, 1), 6 % of them 30 times larger: a 90th-percentile range clips those, and the gate's error is large
+    on them alone, where the sigmoid is flat."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 16)).astype(np.float32)
+    x[rng.random(n) < 0.06] *= 30
+    return [{"x": x[i:i + 32]} for i in range(0, n, 32)]
+
+
+def test_corrections_that_make_the_output_worse_are_left_out(monkeypatch, caplog):
+    """Each correction brings its layer's mean closer to FP32's, but the network may not care about the layer's error
+    and care about the correction: here the mean error comes from the few clipped rows, in the sigmoid's flat tail, and
+    the correction moves every other row off its steep middle (PP-OCRv5's recognizer: output cosine 0.97 -> 0.81,
+    decoded characters 0.98 -> 0.11). The method measures its outputs with and without its corrections on its samples
+    and keeps them only when they help."""
+    import logging
+
+    from onnxq.plugins import bias_correction
+
+    model, calib, held_out = _saturating_model(), _outlier_rows(256, 1), _outlier_rows(512, 2)
+    options = {"percentile": 90}
+
+    def error(m: onnx.ModelProto) -> float:
+        q, r = make_session(m, "all"), make_session(model, "all")
+        diff = np.concatenate([q.run(None, f)[0] - r.run(None, f)[0] for f in held_out])
+        return float(np.mean(diff**2))
+
+    plain = optimize(model, method="percentile", options=options, data=calib, show_progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(bias_correction, "_unless_worse", lambda section, m, data: m)
+        forced = optimize(model, method=["percentile", "bias-correction"], options=options, data=calib, show_progress=False)
+    assert error(forced.model) > 1.5 * error(plain.model), "precondition: the corrections hurt on held-out rows"
+    with caplog.at_level(logging.WARNING):
+        kept = optimize(model, method=["percentile", "bias-correction"], options=options, data=calib, show_progress=False)
+    section = kept.report.methods["bias-correction"]
+    assert section["output_error_after"] > section["output_error_before"] and "further from FP32" in section["changed_nothing"]
+    assert kept.model.graph.SerializeToString() == plain.model.graph.SerializeToString()
+    assert any("bias-correction changed nothing" in r.getMessage() for r in caplog.records)
+
+
+def test_corrections_that_help_report_the_output_error_they_removed():
+    model, calib = bn_depthwise_model(), _data(64, 1)
+    section = optimize(model, method=["minmax", "bias-correction"], data=calib, target="trt", bits=7, show_progress=False).report.methods["bias-correction"]
+    assert section["corrected"] and section["output_error_after"] < section["output_error_before"] and "changed_nothing" not in section
