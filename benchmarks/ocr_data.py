@@ -448,23 +448,10 @@ def decode_rec(logits: np.ndarray, charset: Sequence[str] | None = None) -> list
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (unit costs), one numpy row at a time."""
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    bb = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
-    prev = np.arange(len(b) + 1)
-    for i, ch in enumerate(a, 1):
-        # substitution / deletion are vectorized; insertion needs a running min
-        sub = prev[:-1] + (bb != ord(ch))
-        cur = np.empty_like(prev)
-        cur[0] = i
-        cur[1:] = np.minimum(sub, prev[1:] + 1)
-        # cur[j] = min(cur[j], cur[j-1] + 1) == min over k<=j of (cur[k] + j - k)
-        cur = np.minimum.accumulate(cur - np.arange(len(cur))) + np.arange(len(cur))
-        prev = cur
-    return int(prev[-1])
+    """Levenshtein distance (unit costs) between two strings, as the fidelity check measures CTC decodes."""
+    from onnxq.evaluate.metrics import edit_distance as ids_distance
+
+    return ids_distance(*(np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32) for t in (a, b)))
 
 
 def _norm(s: str, ignore_spaces: bool) -> str:
