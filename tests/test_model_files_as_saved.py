@@ -8,6 +8,7 @@ were refused with the checker's message cut before the node's name.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,33 @@ def test_nodes_out_of_topological_order_are_sorted(tmp_path: Path) -> None:
     before = path.read_bytes()
     res = onnxq.optimize(path, method="minmax", data=_data(), show_progress=False)
     assert res.report.quantized_weights == 4 and not res.report.fidelity.failed()
+    assert path.read_bytes() == before
+
+
+def test_repeated_node_names_are_made_unique_for_the_check_and_the_evaluation(tmp_path: Path, run_cli) -> None:
+    """ONNX's checker passes a graph whose nodes share a name; ONNX Runtime refuses it. The written model had its nodes
+    renamed, but the fidelity check and the --eval-data table ran the file as it was: "the fidelity check could not run",
+    exit 0, no table; `onnxq compare` exited 1. Both run the FP32 model with the written model's names now."""
+    model = _cnn()
+    for n in model.graph.node:
+        n.name = "layer"
+    path, calib, held = tmp_path / "same-names.onnx", tmp_path / "calib.npz", tmp_path / "eval.npz"
+    onnx.save(model, path)
+    np.savez(calib, x=np.concatenate([d["x"] for d in _data()]))
+    np.savez(held, x=np.concatenate([d["x"] for d in _data(2, 5)]))
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="same node name"):
+        _outputs(path, _data(1)[0]["x"])  # precondition: ONNX Runtime refuses the file
+    res = onnxq.optimize(onnx.load(path), method="minmax", data=_data(), show_progress=False)
+    assert res.report.quantized_weights == 4 and res.report.fidelity.error is None and not res.report.fidelity.failed()
+    out = tmp_path / "q.onnx"
+    code, stdout, stderr = run_cli(["optimize", str(path), "-p", "minmax", "--data", str(calib), "--eval-data", str(held),
+                                    "--output", str(out), "--quiet", "--json"])
+    doc = json.loads(stdout)
+    assert code == 0 and doc["report"]["fidelity"]["error"] is None and doc["report"]["fidelity"]["samples"] == 16, stderr
+    assert [e["name"] for e in doc["evaluation"]][:2] == ["fp32", "onnxq ort int8"], stderr
+    code, _, stderr = run_cli(["compare", str(path), str(out), "--data", str(held)])
+    assert code == 0, stderr
     assert path.read_bytes() == before
 
 

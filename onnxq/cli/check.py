@@ -211,7 +211,7 @@ def command(model: Path, baseline: Path, data: str, data_opt: tuple[str, ...], r
     reference = model_io.load_model(reference_path)
     quantized = model_io.load_model(model)
     _, source, latency_feeds = evaluation_data(reference, data, parse_key_values(data_opt, "--data-opt"), reader, batch_size, max_samples)
-    evals = evaluate(reference_path, {row_name: model}, source, latency_feeds=latency_feeds, threads=(1,))
+    evals = evaluate(model_io.for_runtime(reference, reference_path), {row_name: model}, source, latency_feeds=latency_feeds, threads=(1,))
     row = next(e for e in evals if e.name == row_name)
     report = doc["report"]
     fid = fidelity_of(row.outputs, reference, quantized, source, in_sample=False, methods=report.get("method") or (),

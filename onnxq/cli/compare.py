@@ -92,7 +92,7 @@ def command(fp32_model: Path, quantized: tuple[Path, ...], data: str, data_opt: 
                                             trt_calibrator, fp16, workspace_mb, timing_cache, save_trt_cache, optional=("ort quantize_static",),
                                             stand_in=trt_entropy_model)
         else:
-            evals = evaluate(fp32_model, candidates, source, latency_feeds=latency_feeds,  # type: ignore[arg-type]
+            evals = evaluate(model_io.for_runtime(ref, fp32_model), candidates, source, latency_feeds=latency_feeds,  # type: ignore[arg-type]
                              backend=runtime(threads=thread_counts))
         per_layer = {}
         if layers or report_html is not None:  # the report charts them

@@ -108,7 +108,7 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
             candidates["ort quantize_static"] = path
             extra["ort quantize_static"] = {"calibration_seconds": round(time.perf_counter() - t0, 3)}
         notes: list[str] = []
-        evals = evaluate(model, candidates, ev_source, latency_feeds=latency_feeds, threads=(1,), notes=notes,
+        evals = evaluate(model_io.for_runtime(reference, model), candidates, ev_source, latency_feeds=latency_feeds, threads=(1,), notes=notes,
                          optional={"ort quantize_static": "ONNX Runtime's own quantizer wrote a model that does not run (left out of the table)"})
     for note in notes:
         log.warning("%s", note)

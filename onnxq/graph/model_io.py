@@ -113,7 +113,7 @@ def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool | No
         if check:
             _check_path(p)
         _make_lazy(model, p.parent)
-        return model
+        return unique_node_names(model, p)
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:
@@ -130,7 +130,34 @@ def load_model(path: str | os.PathLike[str], check: bool = True, lazy: bool | No
             model = toposort(model)
             check_model(model, str(p))
             log.info("%s: its nodes were not in topological order; sorted", p)
-    return model
+    return unique_node_names(model, p)
+
+
+def repeated_node_names(model: onnx.ModelProto) -> bool:
+    """Whether two top-level nodes share a (non-empty) name: ONNX's checker lets it pass, ONNX Runtime refuses to load it."""
+    names = [n.name for n in model.graph.node if n.name]
+    return len(set(names)) != len(names)
+
+
+def for_runtime(loaded: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.ModelProto | str | os.PathLike[str]:
+    """What ONNX Runtime should load of a model :func:`load_model` read from ``path``: the model as loaded (its nodes
+    sorted and their names made unique, where the file needed it: ONNX Runtime refuses such a file as it is), or the
+    path where its weights stay on disk (:func:`is_lazy`)."""
+    return path if is_lazy(loaded) else loaded
+
+
+def unique_node_names(model: onnx.ModelProto, where: object = "the model") -> onnx.ModelProto:
+    """``model``, or a copy whose repeated node names are made unique (``name``, ``name_7``...), as the written model
+    has them: the FP32 reference that calibration, the fidelity check and the evaluation run must load in ONNX Runtime."""
+    if not repeated_node_names(model):
+        return model
+    from onnxq.graph.edit import name_nodes
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    name_nodes(copy)
+    log.info("%s: node names repeat (ONNX Runtime refuses such a model); they were made unique", where)
+    return copy
 
 
 def external_data_bytes(model: onnx.ModelProto) -> int:

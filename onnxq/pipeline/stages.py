@@ -189,8 +189,8 @@ def load(run: Run) -> None:
     """Load (or check) the float model and settle the output path; the input is never overwritten."""
     s = run.settings
     if isinstance(s.model, onnx.ModelProto):
-        run.float_model = s.model
-        model_io.check_model(run.float_model)
+        model_io.check_model(s.model)
+        run.float_model = model_io.unique_node_names(s.model)  # a copy, where it renames: the caller's model stays as given
     else:
         run.in_path = Path(s.model)
         run.float_model = model_io.load_model(run.in_path)
