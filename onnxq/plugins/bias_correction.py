@@ -224,10 +224,15 @@ def _output_error(f_run: GraphRunner, q_run: GraphRunner, outputs: list[str]) ->
     for r in (f_run, q_run):
         r.run_all()
     for name in outputs:
-        f, q = f_run.value(name), q_run.value(name)
-        if f.dtype.kind == "f" and f.shape == q.shape and f.size:
-            f64 = f.astype(np.float64)
-            errors.append(float(np.sum((q - f64) ** 2) / max(float(np.sum(f64**2)), 1e-30)))
+        noise = signal = 0.0
+        # chunk by chunk: chunks may differ in shape (a decoder's prefill and decode steps)
+        for f, q in zip(f_run.values.get(name, []), q_run.values.get(name, [])):
+            if f.dtype.kind == "f" and f.shape == q.shape:
+                f64 = f.astype(np.float64)
+                noise += float(np.sum((q - f64) ** 2))
+                signal += float(np.sum(f64**2))
+        if signal > 0:
+            errors.append(noise / signal)
     return float(np.mean(errors)) if errors else 0.0
 
 

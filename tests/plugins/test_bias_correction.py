@@ -200,3 +200,17 @@ def test_corrections_that_help_report_the_output_error_they_removed():
     model, calib = bn_depthwise_model(), _data(64, 1)
     section = optimize(model, method=["minmax", "bias-correction"], data=calib, target="trt", bits=7, show_progress=False).report.methods["bias-correction"]
     assert section["corrected"] and section["output_error_after"] < section["output_error_before"] and "changed_nothing" not in section
+
+
+def test_samples_of_different_lengths_are_checked_chunk_by_chunk():
+    """A decoder's calibration steps differ in length (a 32-token prefill, then one token at a time): the check of the
+    corrections joined the output over them and failed the run with exit 4."""
+    model = _linear_model()
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[1].dim_param = "T"
+    rng = np.random.default_rng(5)
+    steps = [{"x": (rng.standard_normal((8, t, 16)) + np.linspace(-1, 1, 16)).astype(np.float32)} for t in (8, 1, 1, 5, 1)]
+    res = optimize(model, method=["minmax", "bias-correction"], data=steps, bits=7, show_progress=False)
+    section = res.report.methods["bias-correction"]
+    assert section["corrected"] and 0 < section["output_error_after"] and 0 < section["output_error_before"]
+    assert not res.report.fidelity.failed(), res.report.fidelity.warnings
