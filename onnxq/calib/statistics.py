@@ -689,9 +689,18 @@ def _collect(model: onnx.ModelProto, ranges: dict[str, StatRequest], others: lis
     if range_tensors:
         if count == 0:
             raise DataError("the calibration data is empty")
+        empty = []
         for k, t in enumerate(range_tensors):
+            if lo[k] > hi[k]:  # no element on any batch (the +inf/-inf a range starts from): nothing to range, taken as 0
+                empty.append(t)
+                lo[k] = hi[k] = 0.0
             _check_finite(t, lo[k], hi[k])
             stats[t] = TensorStats(float(lo[k]), float(hi[k]), count)
+        if empty:
+            # a decoder's cache is empty at its first step: a graph input that is so on every sample is left float with what
+            # is computed from it alone, as a constant input is (pipeline.stages.leave_constant_inputs_float)
+            log.warning("%d tensor(s) held no element on any calibration batch ('%s'%s: a decoder's cache at its first step?); "
+                        "taken as 0: calibrate with steps where they hold values", len(empty), empty[0], ", ..." if len(empty) > 1 else "")
     for gi, group in enumerate(extra):
         _run_pass(model, source, f"calibration: statistics ({gi + 2}/{len(extra) + 1})", show_progress, raw_batch if dynamic else None,
                   optimization, [], group, stats)

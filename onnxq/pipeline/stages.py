@@ -467,7 +467,8 @@ def leave_constant_inputs_float(ctx: RunContext) -> list[str]:
         del ctx.plan.activations[tensor]
         if tensor in inputs:
             value = ctx.stats[tensor].min
-            why = (f"held {value:g} in every calibration sample, so its grid is that one value; left float, with what is "
+            empty = "" if value else " (or no element: a decoder's empty cache)"
+            why = (f"held {value:g} in every calibration sample{empty}, so its grid is that one value; left float, with what is "
                    "computed from it alone (calibrate it with the values it takes in use: for a recurrent state or cache, "
                    "the states the model produces)")
             ctx.plan.skipped.append((f"input '{tensor}'", why))
