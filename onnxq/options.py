@@ -125,7 +125,9 @@ def parse_options(cls: type, values: Mapping[str, Any] | None, owner: str) -> An
         key = raw_key.replace("-", "_")
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise OptionError(f"{owner} has no option '{raw_key}' (options: {known})")
+            # `-o out.onnx`, the habit of other tools: -o is a method option here
+            path = "; -o KEY VALUE sets a method option: name the output model with --output" if raw_key.lower().endswith(".onnx") else ""
+            raise OptionError(f"{owner} has no option '{raw_key}' (options: {known}){path}")
         kwargs[key] = _convert(raw_key, hints[key], raw_value)
     instance = cls(**kwargs)
     validate = getattr(instance, "validate", None)

@@ -390,9 +390,23 @@ def test_bad_model_without_debug_in_a_real_process(run_proc, onnxq_exe, digits_m
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_debug_in_process_reraises_the_user_error(digits_calib, tmp_path):
-    from onnxq.cli.main import main
-    from onnxq.errors import ModelError
+def test_debug_prints_the_traceback_and_keeps_the_exit_code(digits_calib, tmp_path, capsys, monkeypatch):
+    """--debug adds the traceback; the exit code stays what it is without it (a bug's 4 became Python's 1, which a CI
+    step reads as a user error)."""
+    from onnxq.cli import main as cli_main
 
-    with pytest.raises(ModelError):
-        main(["--debug", "optimize", str(tmp_path / "missing.onnx"), "--data", str(digits_calib), "--output", str(tmp_path / "q.onnx")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["--debug", "optimize", str(tmp_path / "missing.onnx"), "--data", str(digits_calib), "--output", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback (most recent call last)" in err and "ModelError" in err
+    assert err.rstrip().splitlines()[-1].startswith("onnxq: error: ")
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli_main, "_invoke", broken)
+    for argv, traced in ((["--debug", "optimize"], True), (["optimize"], False)):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 4 and ("Traceback" in err) == traced and "internal error: ZeroDivisionError: a bug" in err

@@ -512,3 +512,10 @@ def test_onnxruntime_kernel_warnings_stay_off_the_command_line(run_proc, tmp_pat
                      tmp_path / "q.onnx", "--quiet"])
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime" not in proc.stderr, proc.stderr
+
+
+def test_dash_o_with_a_model_file_points_to_output(run_cli, digits_model, tmp_path):
+    """`-o out.onnx`, other tools' way to name the output, read as a method option: the error says which flag names it."""
+    code, _, stderr = run_cli(["optimize", str(digits_model), "-p", "minmax", "--data", "random", "-o", str(tmp_path / "q.onnx"), "--force"])
+    assert code == 1 and "has no option" in stderr and "--output" in stderr, stderr
+    assert not (tmp_path / "q.onnx").exists()

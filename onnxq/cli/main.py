@@ -1,6 +1,6 @@
 """Entry point of the ``onnxq`` command: the click group, logging and error handling.
 
-Exit codes: 0 ok, 1 user error (one line; ``--debug`` for the traceback), 2 usage error,
+Exit codes: 0 ok, 1 user error (one line; ``onnxq --debug ...`` prints the traceback before it, same codes), 2 usage error,
 3 quality gate failed, 4 internal error (a bug), 130 interrupted by SIGINT (Ctrl-C), 143 terminated
 by SIGTERM (``timeout``, CI cancellation): 128 + the signal number, as shells report it. An
 interrupted run prints one line, removes its temporary files and writes no output.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
 
 
 def _startup_signal(signum: int, frame: object) -> None:
@@ -153,8 +154,8 @@ def _run(argv: list[str] | None, debug: bool) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except OnnxqError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback, then the same line and exit code: --debug must not turn a bug's 4 into Python's 1
+            traceback.print_exc()
         click.echo(f"onnxq: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
@@ -165,8 +166,9 @@ def _run(argv: list[str] | None, debug: bool) -> None:
         sys.exit(128 + signum)
     except Exception as exc:
         if debug:
-            raise
-        click.echo(f"onnxq: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback; please report it)", err=True)
+            traceback.print_exc()
+        hint = "" if debug else " (run as `onnxq --debug COMMAND ...` for the traceback)"
+        click.echo(f"onnxq: internal error: {type(exc).__name__}: {exc}{hint}; please report it", err=True)
         sys.exit(4)
     sys.exit(0)
 
