@@ -215,7 +215,8 @@ def command(model: Path, baseline: Path, data: str, data_opt: tuple[str, ...], r
     row = next(e for e in evals if e.name == row_name)
     report = doc["report"]
     fid = fidelity_of(row.outputs, reference, quantized, source, in_sample=False, methods=report.get("method") or (),
-                      target=str(report.get("target") or "ort"), bits=int(report.get("bits") or 8))
+                      target=str(report.get("target") or "ort"), bits=int(report.get("bits") or 8),
+                      fp32=next(e for e in evals if e.name == "fp32").outputs)
     gated = list(metrics or DEFAULT_METRICS)
     result = CheckResult(str(reference_path), str(model), str(baseline), max_regression, gated,
                          compare_metrics(base_outputs, row.outputs, gated, max_regression), list(fid.warnings))

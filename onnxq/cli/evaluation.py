@@ -118,7 +118,8 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
     fidelity = None
     if check_methods is not None:
         row = next(e for e in evals if e.name == f"onnxq {target} int{bits}")
-        fidelity = fidelity_of(row.outputs, reference, quantized, ev_source, in_sample=False, methods=check_methods, target=target, bits=int(bits))
+        fidelity = fidelity_of(row.outputs, reference, quantized, ev_source, in_sample=False, methods=check_methods, target=target, bits=int(bits),
+                               fp32=next(e for e in evals if e.name == "fp32").outputs)
     return [dataclasses.asdict(e) for e in evals], evaluation_table(evals), gate, fidelity
 
 

@@ -81,6 +81,12 @@ class OutputFidelity:
         "top-1 threshold (the blank steps between characters agree whatever happens to the characters)", default=None)
     decoded_exact: float | None = described("CTC outputs: share of samples decoded exactly as FP32's (reported, not judged)",
                                             default=None)
+    accuracy_drop: float | None = described(
+        "class-score outputs on labelled data only: FP32's accuracy less the quantized model's, in points; judged when it "
+        "exceeds both the threshold and twice its noise (accuracy_drop_noise)", default=None)
+    accuracy_drop_noise: float | None = described(
+        "the drop's standard deviation were the changed predictions right or wrong at random: 100 sqrt(changed) / samples, "
+        "points (a few changed predictions of a small evaluation set are no measured drop)", default=None)
     one_value: bool = described("one value per sample (a probability, a score): judged by its explained variance alone, "
                                 "its per-sample cosine being the sign of a product", default=False)
     role: str | None = described(
@@ -151,6 +157,11 @@ class Thresholds:
     #: decoded agreement below this, for CTC outputs: the top-1 threshold, per character read. PP-OCRv5's recognizer on
     #: --target trt kept 0.911 per position with 16 % of its characters and 69 % of its lines read differently
     decoded_agreement: float = 0.90
+    #: accuracy drop in points above this (and twice its noise), for class scores on labelled data: on an accurate model
+    #: almost every changed prediction is an error, so top-1 agreement lets many points go (a 98 %-accurate GroupNorm net
+    #: at `-o percentile 99` lost 3.05 points with agreement 0.9625, quiet; a RegNetY 2.85 at 0.9365), where good recipes
+    #: moved accuracy by -0.75 to +0.65 on five trained nets
+    accuracy_drop: float = 2.0
     #: share of compared batches whose output length differed from FP32's above this (a decoder stopping at another
     #: step, a detector keeping another number of boxes): the top-1 threshold's tenth, per batch
     length_differs: float = 0.10
@@ -311,6 +322,9 @@ def collapsed(out: OutputFidelity, t: Thresholds = THRESHOLDS) -> str | None:
     why = []
     if out.top1_agreement is not None and out.top1_agreement < t.top1_agreement:
         why.append(f"top-1 agreement {out.top1_agreement:.3f} < {t.top1_agreement}")
+    if out.accuracy_drop is not None and out.accuracy_drop > max(t.accuracy_drop, 2 * (out.accuracy_drop_noise or 0.0)):
+        why.append(f"accuracy {out.accuracy_drop:.2f} points below FP32's on the labelled data (more than {t.accuracy_drop:g} points, "
+                   f"and than twice its noise, {2 * (out.accuracy_drop_noise or 0.0):.2f})")
     if out.length_differs is not None and out.length_differs > t.length_differs:
         why.append(f"its length differs from FP32's in {100 * out.length_differs:.0f} % of the batches (more than "
                    f"{100 * t.length_differs:.0f} %: a decoder stopping at another step, another number of detections)")
@@ -407,7 +421,7 @@ def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batch
     parts = concatenated_outputs(reference)
     evals = compare_runners(rows, source, axes=axes, parts=parts, roles=output_roles(reference))
     fid = fidelity_of(evals[1].outputs, reference, quantized, source, in_sample=in_sample, methods=methods, target=target, bits=bits,
-                      thresholds=thresholds, rows=_paired_rows(*recs), parts=parts)
+                      thresholds=thresholds, rows=_paired_rows(*recs), parts=parts, fp32=evals[0].outputs)
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
 
@@ -415,7 +429,8 @@ def check_fidelity(reference: onnx.ModelProto, quantized: onnx.ModelProto, batch
 def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.ModelProto, quantized: onnx.ModelProto,
                 batches: Callable[[], Iterable[Batch]], *, in_sample: bool, methods: Sequence[str] = (), target: str = "ort", bits: int = 8,
                 thresholds: Thresholds = THRESHOLDS, rows: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                parts: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> Fidelity:
+                parts: Mapping[str, tuple[int, tuple[int, ...]]] | None = None,
+                fp32: Mapping[str, Mapping[str, float]] | None = None) -> Fidelity:
     """The fidelity verdict from per-output metrics already measured (a comparison row's ``outputs``).
 
     ``optimize --eval-data`` judges its evaluation table's row this way instead of running the
@@ -425,7 +440,7 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
     :data:`NEIGHBOUR_SAMPLES` samples of ``batches()`` (:func:`recorded_rows`). On a collapse the
     worst layers are measured on the first of ``batches()``. ``parts``: the concatenated outputs the metrics were
     measured with (:func:`~onnxq.graph.index.concatenated_outputs`), to name a worst part without a second shape
-    inference.
+    inference. ``fp32``: FP32's own row of the same evaluation (its accuracy, for the accuracy drop on labelled data).
     """
     t0 = time.perf_counter()
     outputs = []
@@ -451,6 +466,11 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                       worst_part=_part_span(parts.get(name), m.get("worst_part")),
                                       worst_part_cosine=round(m["worst_part_cosine"], 6) if "worst_part_cosine" in m else None,
                                       role=roles.get(name)))
+    for o in outputs:
+        m, base = metrics[o.name], (fp32 or {}).get(o.name, {})
+        if o.top1_agreement is not None and "accuracy" in m and "accuracy" in base and m.get("samples"):
+            o.accuracy_drop = round(100 * (base["accuracy"] - m["accuracy"]), 4)
+            o.accuracy_drop_noise = round(100 * math.sqrt((1 - o.top1_agreement) * m["samples"]) / m["samples"], 4)
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)

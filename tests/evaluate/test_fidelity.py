@@ -513,3 +513,45 @@ def test_an_output_whose_length_the_data_decides_is_compared_on_what_both_comput
     assert "length differs" in collapsed(out)
     with pytest.raises(ValueError, match="output shapes differ"):  # another sample count is no length: still an error
         OutputAccumulator().update(same, same[:1], axis=0)
+
+
+def _class_scorer(w: np.ndarray) -> onnx.ModelProto:
+    """x [N, 10] -> MatMul(w) -> logits [N, 10]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "scorer",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w.astype(np.float32), "w")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_an_accuracy_drop_on_labelled_data_is_judged():
+    """On an accurate model nearly every changed prediction is an error, so top-1 agreement at 0.90 let points of
+    accuracy go unsaid (a 98 %-accurate net lost 3.05 points at agreement 0.9625, quiet). With labels, the drop itself is
+    judged, above 2 points and twice the noise of the changed predictions."""
+    from onnxq.calib.readers import Batch
+    from onnxq.evaluate.fidelity import check_fidelity
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 400)
+    x = (np.eye(10)[labels] * 3 + rng.normal(0, 0.5, (400, 10))).astype(np.float32)
+    labelled = [Batch({"x": x[i:i + 32]}, labels[i:i + 32]) for i in range(0, 400, 32)]
+    unlabelled = [Batch({"x": x[i:i + 32]}) for i in range(0, 400, 32)]
+    weak = np.eye(10)
+    weak[0, 0] = 0.3  # class 0 scored at a tenth of its weight: a part of its samples read as another class
+    fp32 = _class_scorer(np.eye(10))
+    fid = check_fidelity(fp32, _class_scorer(weak), lambda: iter(unlabelled), in_sample=False)
+    (out,) = fid.outputs
+    assert not fid.warned and out.top1_agreement < 0.97 and out.accuracy_drop is None, "precondition: agreement and cosine pass"
+    fid = check_fidelity(fp32, _class_scorer(weak), lambda: iter(labelled), in_sample=False)
+    (out,) = fid.outputs
+    changed = round((1 - out.top1_agreement) * 400)
+    assert out.accuracy_drop == pytest.approx(100 * changed / 400) and out.accuracy_drop_noise == pytest.approx(100 * np.sqrt(changed) / 400, abs=1e-4)
+    assert fid.warned and "points below FP32's on the labelled data" in fid.warnings[0], fid.warnings
+    near = np.eye(10)
+    near[0, 0] = 0.5  # one prediction of 400 changed: no measured drop
+    fid = check_fidelity(fp32, _class_scorer(near), lambda: iter(labelled[:2]), in_sample=False)
+    assert not fid.warned and fid.outputs[0].accuracy_drop is not None, fid.warnings
