@@ -117,6 +117,9 @@ class OutputAccumulator:
         self.noise = 0.0
         self.max_abs = 0.0
         self.cosines: list[float] = []
+        #: class scores only: the per-sample cosines after each sample's mean score is taken off (a softmax reads only the
+        #: differences); what the fidelity check's 1st-percentile rule judges for them
+        self.centred_cosines: list[float] = []
         self.top1_same = 0
         self.top1_total = 0
         self.confident = 0
@@ -231,6 +234,7 @@ class OutputAccumulator:
         if axis is not None and ref.ndim > 0 and np.asarray(reference).dtype.kind == "f":
             self._update_variance(a, b, centre=is_logits)
         if is_logits:
+            self.centred_cosines.extend(row_cosines(a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)).tolist())
             ref_top, got_top = top1(ref), top1(got)
             self.top1_same += int(np.sum(ref_top == got_top))
             for c, n_all, n_same in zip(*_class_counts(ref_top, ref_top == got_top)):
@@ -344,6 +348,8 @@ class OutputAccumulator:
             m.update(decoded_agreement(self.steps))
         if self.classification and self.top1_total:
             m["top1_agreement"] = self.top1_same / self.top1_total
+            if len(self.centred_cosines) == len(self.cosines):
+                m["cosine_p1_centred"] = float(np.percentile(self.centred_cosines, 1))
             m["confident_share"] = self.confident / self.top1_total
             worst = min(self.class_total, key=lambda c: (self.class_same[c] / self.class_total[c], -self.class_total[c]))
             m["worst_class"] = float(worst)

@@ -516,11 +516,11 @@ def test_an_output_whose_length_the_data_decides_is_compared_on_what_both_comput
 
 
 def _class_scorer(w: np.ndarray) -> onnx.ModelProto:
-    """x [N, 10] -> MatMul(w) -> logits [N, 10]."""
+    """x [N, K] -> MatMul(w [K, 10]) -> logits [N, 10]."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "scorer",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
                               [numpy_helper.from_array(w.astype(np.float32), "w")])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -555,3 +555,28 @@ def test_an_accuracy_drop_on_labelled_data_is_judged():
     near[0, 0] = 0.5  # one prediction of 400 changed: no measured drop
     fid = check_fidelity(fp32, _class_scorer(near), lambda: iter(labelled[:2]), in_sample=False)
     assert not fid.warned and fid.outputs[0].accuracy_drop is not None, fid.warnings
+
+
+def test_class_scores_are_judged_after_each_samples_mean_is_taken_off():
+    """A trained EfficientNet lifts every logit of its stripes class by about 9 (a common offset, which a softmax does not
+    read); a clipped range removed it, no top-1 changed (-0.10 points), and the 1st-percentile cosine of the raw logits
+    (0.32) called the output collapsed. Class scores are judged on their differences; a destroyed sample still is."""
+    from onnxq.calib.readers import Batch
+    from onnxq.evaluate.fidelity import THRESHOLDS, check_fidelity
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 400)
+    lifted = rng.random(400) < 0.05
+    x = np.concatenate([np.eye(10)[labels] * 3 + rng.normal(0, 0.5, (400, 10)), lifted[:, None]], axis=1).astype(np.float32)
+    batches = [Batch({"x": x[i:i + 32]}, labels[i:i + 32]) for i in range(0, 400, 32)]
+    fp32 = np.concatenate([np.eye(10), np.full((1, 10), 9.4)])
+    no_offset = fp32.copy()
+    no_offset[10] = 0.0
+    fid = check_fidelity(_class_scorer(fp32), _class_scorer(no_offset), lambda: iter(batches), in_sample=False)
+    (out,) = fid.outputs
+    assert out.cosine_p1 < THRESHOLDS.cosine_p1 and out.top1_agreement == 1.0, "precondition: the raw cosine reads the offset"
+    assert out.cosine_p1_centred == pytest.approx(1.0) and not fid.warned, fid.warnings
+    destroyed = no_offset.copy()
+    destroyed[10] = np.linspace(-9, 9, 10)  # the lifted samples' scores turned into a ramp
+    fid = check_fidelity(_class_scorer(fp32), _class_scorer(destroyed), lambda: iter(batches), in_sample=False)
+    assert fid.outputs[0].cosine_p1_centred < THRESHOLDS.cosine_p1 and fid.warned, fid.warnings
