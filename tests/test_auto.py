@@ -408,7 +408,6 @@ def test_the_subsets_statistics_come_from_the_pool_pass(monkeypatch):
     """The pool's statistics pass also gives each disjoint subset its own ranges and histograms (equal to a pass over
     that subset), so recalibrating a finalist on the subsets runs no statistics pass."""
     from onnxq.calib import statistics
-    from onnxq.pipeline import auto as auto_mod
 
     s = _search()
     plain = s.form(None)
