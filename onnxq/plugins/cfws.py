@@ -114,6 +114,11 @@ class Cfws(QuantMethod):
         lines += [f"not split {d.node} ({d.reason})" for d in decisions if not d.split]
         ctx.report[self.name]["summary"] = lines
         if not self.splits:
+            # said as a warning, not only in the summary: on a net without RepVGG's merged kernels the model is the
+            # activation calibrator's alone (five trained CNNs: byte for byte trt-entropy's)
+            ctx.report[self.name]["changed_nothing"] = (
+                f"no 3x3 conv's centre tap reaches tau ({o.tau:g}) times its off-centre taps, so no conv was split (a RepVGG "
+                f"re-parameterized kernel has such a centre); the activations are calibrated with {self._calibrator_label()}")
             return None
         return infer_shapes(model)[0]
 

@@ -31,11 +31,14 @@ class TestCfwsContract(MethodContract):
     method = "cfws"
 
 
-def test_contract_model_splits_nothing():
+def test_contract_model_splits_nothing(caplog):
+    """And says so: on a net without RepVGG kernels cfws writes its calibrator's model, which only the summary said."""
     from onnxq.testing.contract import _calibration
     from onnxq.testing.models import residual_concat_model
 
-    r = optimize(residual_concat_model(), method="cfws", data=_calibration(), target="trt", show_progress=False)
+    with caplog.at_level("WARNING", logger="onnxq"):
+        r = optimize(residual_concat_model(), method="cfws", data=_calibration(), target="trt", show_progress=False)
+    assert any(r_.getMessage().startswith("cfws changed nothing: no 3x3 conv") for r_ in caplog.records), [r_.getMessage() for r_ in caplog.records]
     report = r.report.methods["cfws"]
     assert report["split"] == []
     assert {d["node"] for d in report["not_split"]} == {"conv1", "conv2", "conv3", "conv4", "conv5"}
