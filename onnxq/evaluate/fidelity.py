@@ -16,6 +16,7 @@ Thresholds (:data:`THRESHOLDS`) were chosen by measurement: docs/methods.md, "Fi
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -456,30 +457,25 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
         parts = concatenated_outputs(reference) if any("worst_part" in m for m in metrics.values()) else {}
     roles = output_roles(reference)
     for name, m in metrics.items():
-        outputs.append(OutputFidelity(name, round(m["cosine"], 6), round(m["cosine_worst"], 6), round(m["cosine_p1"], 6),
-                                      round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
-                                      round(m["top1_agreement"], 6) if m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE else None,
-                                      not m.get("integer", False),
-                                      cosine_p1_centred=round(m["cosine_p1_centred"], 6) if "cosine_p1_centred" in m else None,
-                                      explained_variance=round(m["explained_variance"], 6) if "explained_variance" in m else None,
-                                      one_value=bool(m.get("one_value", 0.0)),
-                                      position_agreement=round(m["position_agreement"], 6)
-                                      if "position_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None,
-                                      decoded_agreement=round(m["decoded_agreement"], 6)
-                                      if "decoded_agreement" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None,
-                                      decoded_exact=round(m["decoded_exact"], 6)
-                                      if "decoded_exact" in m and m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE else None,
-                                      length_differs=round(m["length_differs"], 6) if "length_differs" in m else None,
-                                      label_agreement=round(m["label_agreement"], 6) if "label_agreement" in m else None,
-                                      exact_agreement=round(m["exact_agreement"], 6) if "exact_agreement" in m else None,
-                                      worst_part=_part_span(parts.get(name), m.get("worst_part")),
-                                      worst_part_cosine=round(m["worst_part_cosine"], 6) if "worst_part_cosine" in m else None,
-                                      role=roles.get(name)))
-    for o in outputs:
-        m, base = metrics[o.name], (fp32 or {}).get(o.name, {})
-        if o.top1_agreement is not None and "accuracy" in m and "accuracy" in base and m.get("samples"):
-            o.accuracy_drop = round(100 * (base["accuracy"] - m["accuracy"]), 4)
-            o.accuracy_drop_noise = round(100 * math.sqrt((1 - o.top1_agreement) * m["samples"]) / m["samples"], 4)
+        rounded = functools.partial(_rounded, m)
+        # class scores per position: judged where FP32 has a clear winner at most positions
+        per_position = m.get("position_clear_share", 0.0) >= CLASS_SCORES_SHARE
+        out = OutputFidelity(name, round(m["cosine"], 6), round(m["cosine_worst"], 6), round(m["cosine_p1"], 6),
+                             round(m["sqnr_db"], 3) if math.isfinite(m["sqnr_db"]) else m["sqnr_db"],
+                             rounded("top1_agreement", m.get("confident_share", 0.0) >= CLASS_SCORES_SHARE),
+                             not m.get("integer", False),
+                             cosine_p1_centred=rounded("cosine_p1_centred"), explained_variance=rounded("explained_variance"),
+                             one_value=bool(m.get("one_value", 0.0)), position_agreement=rounded("position_agreement", per_position),
+                             decoded_agreement=rounded("decoded_agreement", per_position),
+                             decoded_exact=rounded("decoded_exact", per_position), length_differs=rounded("length_differs"),
+                             label_agreement=rounded("label_agreement"), exact_agreement=rounded("exact_agreement"),
+                             worst_part=_part_span(parts.get(name), m.get("worst_part")),
+                             worst_part_cosine=rounded("worst_part_cosine"), role=roles.get(name))
+        base = (fp32 or {}).get(name, {})
+        if out.top1_agreement is not None and "accuracy" in m and "accuracy" in base and m.get("samples"):
+            out.accuracy_drop = round(100 * (base["accuracy"] - m["accuracy"]), 4)
+            out.accuracy_drop_noise = round(100 * math.sqrt((1 - out.top1_agreement) * m["samples"]) / m["samples"], 4)
+        outputs.append(out)
     embeddings = [o for o in outputs if o.scored and o.top1_agreement is None and _may_be_embedding(reference, o.name)]
     if embeddings and rows is None:
         rows = recorded_rows(reference, quantized, batches)
@@ -501,6 +497,11 @@ def fidelity_of(metrics: Mapping[str, Mapping[str, float]], reference: onnx.Mode
                                  matmul_net="MatMul" in ops and not ops & {"Conv", "ConvTranspose"})
     fid.seconds = round(time.perf_counter() - t0, 3)
     return fid
+
+
+def _rounded(metrics: Mapping[str, float], key: str, judged: bool = True) -> float | None:
+    """``metrics[key]`` to six places, or None where it was not measured or is not judged for this output."""
+    return round(metrics[key], 6) if key in metrics and judged else None
 
 
 def _part_span(parts: tuple[int, tuple[int, ...]] | None, k: float | None) -> str | None:

@@ -397,15 +397,23 @@ def ctc_blank(ids: Sequence[np.ndarray]) -> int | None:
     return int(values[counts.argmax()])
 
 
+def _decode_distances(ref_ids: np.ndarray, test_ids: np.ndarray, blank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (rows of [samples, steps] arg-max ids): the edit distance between the greedy decodes, and the length
+    of FP32's."""
+    distances, lengths = np.zeros(len(ref_ids)), np.zeros(len(ref_ids))
+    for k, (x, y) in enumerate(zip(ref_ids, test_ids)):
+        dx, dy = greedy_decode(x, blank), greedy_decode(y, blank)
+        lengths[k] = len(dx)
+        if not np.array_equal(dx, dy):
+            distances[k] = edit_distance(dx, dy)
+    return distances, lengths
+
+
 def decoded_scores(ref_ids: np.ndarray, test_ids: np.ndarray, blank: int) -> np.ndarray:
     """Per sample (rows of [samples, steps] arg-max ids), 1 - the edit distance between the greedy decodes over FP32's
     decoded length (0 for a sample FP32 decodes as nothing and the test model does not), at least 0."""
-    out = np.ones(len(ref_ids))
-    for k, (x, y) in enumerate(zip(ref_ids, test_ids)):
-        dx, dy = greedy_decode(x, blank), greedy_decode(y, blank)
-        if not np.array_equal(dx, dy):
-            out[k] = max(0.0, 1.0 - edit_distance(dx, dy) / max(len(dx), 1))
-    return out
+    distances, lengths = _decode_distances(ref_ids, test_ids, blank)
+    return np.maximum(0.0, 1.0 - distances / np.maximum(lengths, 1))
 
 
 def decoded_agreement(steps: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -417,19 +425,11 @@ def decoded_agreement(steps: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[st
     blank = ctc_blank([r for r, _ in steps])
     if blank is None:
         return {}
-    distance = length = same = rows = 0
-    for r, q in steps:
-        for x, y in zip(r, q):
-            dx, dy = greedy_decode(x, blank), greedy_decode(y, blank)
-            length += len(dx)
-            rows += 1
-            if np.array_equal(dx, dy):
-                same += 1
-            else:
-                distance += edit_distance(dx, dy)
-    if not length:
+    distances, lengths = (np.concatenate(v) for v in zip(*(_decode_distances(r, q, blank) for r, q in steps)))
+    if not lengths.sum():
         return {}
-    return {"decoded_agreement": max(0.0, 1.0 - distance / length), "decoded_exact": same / rows, "ctc_blank": float(blank)}
+    return {"decoded_agreement": max(0.0, 1.0 - float(distances.sum() / lengths.sum())),
+            "decoded_exact": float(np.mean(distances == 0)), "ctc_blank": float(blank)}
 
 
 def _class_ids_of(labels: np.ndarray, classes: int) -> bool:
