@@ -166,3 +166,35 @@ def test_a_sparse_initializer_is_quantized_as_a_weight(tmp_path: Path) -> None:
     assert res.report.quantized_weights == 4 and not res.report.left_in_float
     got = _outputs(res.model, x)
     assert float(np.mean(np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1))) > 0.999
+
+
+def _with_local_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each Conv+Relu pair called as one model-local function, as exporters write modules as functions."""
+    body = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4), helper.make_node("Relu", ["c"], ["y"])]
+    func = helper.make_function("blocks", "ConvRelu", ["x", "w", "b"], ["y"], body, [helper.make_opsetid("", 17)])
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            nodes.append(helper.make_node("ConvRelu", list(n.input), [n.output[0].replace("c", "r")], domain="blocks", name=f"block_{n.name}"))
+        elif n.op_type != "Relu" or n.name not in ("relu1", "relu2"):
+            nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.functions.append(func)
+    model.opset_import.append(helper.make_opsetid("blocks", 1))
+    return model
+
+
+@pytest.mark.parametrize("method", ["minmax", "easyquant"])
+def test_layers_inside_model_local_functions_are_quantized(tmp_path: Path, method: str) -> None:
+    path = tmp_path / "functions.onnx"
+    onnx.save(_with_local_function(_cnn()), path)
+    before = path.read_bytes()
+    x = _data(1, 7)[0]["x"]
+    np.testing.assert_allclose(_outputs(path, x), _outputs(_cnn(), x), rtol=1e-5, atol=1e-5, err_msg="precondition")
+    res = onnxq.optimize(path, method=method, data=_data(), show_progress=False)
+    assert res.report.quantized_weights == 4 and not res.report.left_in_float
+    assert not res.model.functions and not any(n.domain == "blocks" for n in res.model.graph.node)
+    ref, got = _outputs(_cnn(), x), _outputs(res.model, x)
+    assert float(np.mean(np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1))) > 0.999
+    assert path.read_bytes() == before

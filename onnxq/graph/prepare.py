@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper, numpy_helper, version_converter
 
 from onnxq.errors import ModelError
@@ -93,6 +94,28 @@ def check_not_quantized(model: onnx.ModelProto) -> None:
         what = ", ".join(f"{k} x{v}" for k, v in sorted(found.items(), key=lambda kv: -kv[1])[:3])
         raise ModelError(f"the model is already quantized ({what}): onnxq quantizes float models; give it the float model "
                          "this one was made from")
+
+
+def inline_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with its model-local functions inlined, and how many functions it had.
+
+    An exporter that writes modules as functions (torch's ``export_modules_as_functions``, onnxscript) hides their
+    layers from the graph onnxq reads: a BERT exported so had its 14 encoder MatMuls left float with nothing said, and
+    methods that run parts of the graph on their own (easyquant, gptq) stopped because ONNX Runtime no longer found
+    the functions. Inlined, the layers are the graph's own; the float model the check compares with keeps its
+    functions.
+    """
+    count = len(model.functions)
+    if not count:
+        return model, 0
+    try:
+        inlined = onnx.inliner.inline_local_functions(model, convert_version=True)
+    except Exception as exc:  # noqa: BLE001 - the inliner's errors are many and all mean the same to the user
+        raise ModelError(f"the model's {count} local functions could not be inlined ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}): export it "
+                         "without functions (torch.onnx.export without export_modules_as_functions), or inline them "
+                         "with onnx.inliner.inline_local_functions") from None
+    del inlined.functions[:]
+    return inlined, count
 
 
 #: the activations ONNX Runtime's FusedConv and FusedGemm carry, and how each is written back as its own node

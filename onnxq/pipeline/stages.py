@@ -204,6 +204,9 @@ def prepare(run: Run) -> None:
     graph_prepare.check_not_quantized(run.float_model)
     work = onnx.ModelProto()
     work.CopyFrom(run.float_model)
+    work, functions = graph_prepare.inline_functions(work)
+    if functions:
+        log.info("inlined the model's %d local functions, so that the layers inside them are quantized", functions)
     work = graph_prepare.upgrade_opset(work, graph_prepare.MIN_INT4_OPSET if profile.weight_only else graph_prepare.MIN_QDQ_OPSET)
     graph_prepare.constants_to_initializers(work)
     if graph_prepare.unfuse_runtime_ops(work):
