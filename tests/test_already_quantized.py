@@ -74,6 +74,41 @@ def test_integer_weights_behind_a_dequantize_are_not_an_already_quantized_model(
     assert res.report.quantized_activations > 0
 
 
+@pytest.mark.parametrize("kind", ["int4", "float8e4m3fn"])
+@pytest.mark.parametrize("method", ["easyquant", "gptq"])
+def test_four_bit_and_float8_weights_behind_a_dequantize_run_and_are_named(kind: str, method: str) -> None:
+    """A layer whose weight the model holds as int4 (block-wise) or float8 is kept as the model has it, with the reason;
+    easyquant and gptq, which run parts of the graph with the constants as feeds, stopped on it ("Numpy_type 273
+    can't be converted to MLDataType")."""
+    import ml_dtypes
+    import onnxruntime as ort
+
+    model = _mlp()
+    w1 = numpy_helper.to_array(model.graph.initializer[0])  # [16, 32]: one block of 16 along the input axis
+    if kind == "int4":
+        scale = (np.abs(w1).max(0, keepdims=True) / 7).astype(np.float32)
+        q = np.clip(np.round(w1 / scale), -8, 7).astype(ml_dtypes.int4)
+        dq = helper.make_node("DequantizeLinear", ["w1_q", "w1_s"], ["w1"], name="w1_dq", axis=0, block_size=16)
+    else:
+        scale = np.array(np.abs(w1).max() / 448, np.float32)
+        q = (w1 / scale).astype(ml_dtypes.float8_e4m3fn)
+        dq = helper.make_node("DequantizeLinear", ["w1_q", "w1_s"], ["w1"], name="w1_dq")
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(q, "w1_q"))
+    model.graph.initializer.append(numpy_helper.from_array(scale, "w1_s"))
+    model.graph.node.insert(0, dq)
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 21))
+    x = _data()[0]["x"]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    res = onnxq.optimize(model, method=method, data=_data(), bits=4 if method == "gptq" else 8, show_progress=False)
+    assert res.report.quantized_weights == 1  # fc2's
+    if method == "easyquant":
+        reason = next((f.reason for f in res.report.left_in_float if f.node == "fc1"), "")
+        assert kind in reason and "DequantizeLinear 'w1_dq'" in reason, res.report.left_in_float
+    got = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99
+
+
 def test_a_float16_island_in_a_float32_model_names_its_layers() -> None:
     model = _mlp()
     w2 = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float16)

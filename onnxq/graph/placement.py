@@ -57,6 +57,11 @@ def _computed_weight_reason(idx: GraphIndex, weight: str) -> str:
         if node is None or t in seen:
             continue
         seen.add(t)
+        if node.op_type == "DequantizeLinear":
+            block = node_attr(node, "block_size", 0)
+            kind = onnx.TensorProto.DataType.Name(idx.types.get(node.input[0], 0)).lower()
+            return (f"weight '{weight}' is the model's own {kind}{' block-wise' if block else ''} weight behind DequantizeLinear "
+                    f"'{node.name}', which onnxq keeps as the model has it (layers are quantized around int8 and uint8 weights only)")
         if node.op_type in KEEP_OPS:
             return (f"weight '{weight}' is computed at run time by {node.op_type} '{node.name}', which onnxq's constant "
                     "folding leaves alone (it grows a tensor from a shape); store the weight as an initializer to quantize this layer")

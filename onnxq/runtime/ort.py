@@ -196,6 +196,13 @@ def tensor_outputs(session) -> list[str]:
     return [o.name for o in session.get_outputs() if o.type.startswith("tensor")]
 
 
+
+def feedable(array: np.ndarray) -> bool:
+    """Whether ONNX Runtime's Python API takes ``array`` as a feed: numpy's own types only, not ml_dtypes' int4, uint4,
+    float8 or bfloat16 (a model's 4-bit or float8 weights behind a DequantizeLinear), which stop a run with "Numpy_type
+    ... can't be converted to MLDataType"; those go into the model as initializers instead."""
+    return array.dtype.kind in "biufc"
+
 def run(session, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
     """Run a session; ORT errors become ModelError with one line."""
     try:

@@ -27,6 +27,7 @@ import onnx
 from onnx import helper
 
 from onnxq.runtime import ort as ort_backend
+from onnxq.runtime.ort import feedable
 from onnxq.runtime.heap import cap_heap_retention
 from onnxq.errors import OnnxqError
 from onnxq.graph.edit import Namer, onnx_dtype, outer_scope_reads
@@ -238,6 +239,7 @@ class GraphRunner:
                 if name:
                     uses[name] += 1
         external: list[str] = []
+        embedded: dict[str, np.ndarray] = {}  # constants ONNX Runtime cannot take as feeds (int4, float8): never changed
         wfeeds: dict[str, tuple[str, str]] = {}
         #: activation site -> its fed parameters (scale, zero point, lo, hi)
         sites: dict[str, tuple[str, str, str, str]] = {}
@@ -253,7 +255,9 @@ class GraphRunner:
                     wfeeds[feed] = (weights[(n.name, i)], name)
                     clone.input[i] = feed
                     continue
-                if name not in produced and name not in external:
+                if name in self.consts and not feedable(self.consts[name]):
+                    embedded.setdefault(name, self.consts[name])
+                elif name not in produced and name not in external:
                     external.append(name)
                 t = acts[n.name].get(i)
                 if t is not None:
@@ -272,14 +276,16 @@ class GraphRunner:
         inputs += [helper.make_tensor_value_info(f, onnx_dtype(self.consts[src].dtype), None) for f, (_, src) in wfeeds.items()]
         for params in sites.values():
             inputs += [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f in params]
-        m = self._small_model(body, "segment", inputs, outputs)
+        m = self._small_model(body, "segment", inputs, outputs, embedded)
         return segment_session(m, self.threads), external, wfeeds, sites, outputs
 
-    def _small_model(self, nodes: list[onnx.NodeProto], name: str, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> onnx.ModelProto:
+    def _small_model(self, nodes: list[onnx.NodeProto], name: str, inputs: list[onnx.ValueInfoProto], outputs: list[str],
+                     constants: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
         """A model of ``nodes`` (the source model's opsets and IR version) whose outputs carry the
         element types :func:`_output_types` finds; ONNX Runtime infers the others (a contrib op's: ONNX's shape inference
         does not know EmbedLayerNormalization, whose mask index is int32, and a float guess failed the session)."""
-        g = helper.make_graph(nodes, name, inputs, [onnx.ValueInfoProto(name=o) for o in outputs])
+        g = helper.make_graph(nodes, name, inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in (constants or {}).items()])
         m = helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         known = _output_types(m, self.idx.types)
         for vi in m.graph.output:
@@ -305,8 +311,8 @@ class GraphRunner:
     def _session(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]):
         sess = self.sessions.get(node.name)
         if sess is None:
-            inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in feeds.items()]
-            m = self._small_model([node], node.name, inputs, [o for o in node.output if o])
+            inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), None) for k, v in feeds.items() if feedable(v)]
+            m = self._small_model([node], node.name, inputs, [o for o in node.output if o], {k: v for k, v in feeds.items() if not feedable(v)})
             sess = ort_backend.make_session(m, "disable", threads=self.threads, arena="shared")
             self.sessions[node.name] = sess
         return sess
@@ -322,7 +328,7 @@ class GraphRunner:
             for name in self._reads[node.name][len([i for i in node.input if i]):]:  # a body's reads from outside it
                 feeds[name] = self.consts[name] if name in self.consts else self.values[name][c]
             sess = self._session(node, feeds)
-            res = ort_backend.run(sess, feeds)
+            res = ort_backend.run(sess, {k: v for k, v in feeds.items() if feedable(v)})
             for o, r in zip([o for o in node.output if o], res):
                 outs[o].append(np.asarray(r))
         self.values.update(outs)
