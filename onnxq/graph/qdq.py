@@ -21,7 +21,7 @@ from onnxq.graph.bias_range import bias_step, int32_bias_slot, quantize_bias, re
 from onnxq.graph.edit import QDTYPE, Namer, numpy_dtype
 from onnxq.graph.model_io import is_lazy, spill, tensor_array
 from onnxq.graph.plan import QuantPlan
-from onnxq.graph.prepare import infer_shapes, tensor_types
+from onnxq.graph.prepare import default_opset, infer_shapes, tensor_types
 from onnxq.qparams import QParams
 
 
@@ -251,6 +251,82 @@ def keep_float_layers_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
         out.graph.node.append(helper.make_node("DequantizeLinear", ins, [guarded], name=fresh(f"{base}/DequantizeLinear"), axis=axis))
         node.input[0] = guarded
     return edit.cleanup(out), [name for name, *_ in todo]
+
+
+#: ops ONNX Runtime's QDQ propagation moves a Q/DQ pair across: they move (or, MaxPool, pick) values without changing
+#: them, so values on an integer grid stay on it and a Q/DQ pair after them is exact
+MOVE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "MaxPool"})
+
+#: the first opset whose QuantizeLinear has ``output_dtype``
+OUTPUT_DTYPE_OPSET = 21
+
+
+def propagate_across_moves(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Write the Q/DQ pairs ONNX Runtime adds across moves (:data:`MOVE_OPS`) at load into the model itself.
+
+    ONNX Runtime's QDQPropagationTransformer copies a DequantizeLinear forward past a Reshape/Transpose/... and a
+    QuantizeLinear backward before one; its QDQS8ToU8Transformer then turns int8 activations into uint8. At opset 21 and
+    later the Q it inserted keeps ``output_dtype`` INT8 while its zero point became uint8, and the session fails to
+    load ("output_dtype INT8 does not match y_zero_point type UINT8"): a decoder's projection → Reshape → Transpose
+    → rotary, written for ``--target ort-s8`` at opset 23. Written here, the pairs leave that pass nothing to insert.
+    Both directions are exact: forward, the moved values are already on the grid; backward, only where every reader of
+    the move's output is a QuantizeLinear of the same parameters. Returns the model (a copy when anything changed) and
+    the pairs added; models below opset 21 are returned as they are.
+    """
+    if default_opset(model) < OUTPUT_DTYPE_OPSET:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name for t in g.initializer}
+    fresh = Namer.of(out).fresh
+    added = 0
+    changed = True
+    while changed:
+        changed = False
+        producer = {o: n for n in g.node for o in n.output}
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                readers[i].append(n)
+        for node in list(g.node):
+            if node.op_type not in MOVE_OPS or not node.input or len(node.output) != 1:
+                continue
+            src, dst = producer.get(node.input[0]), node.output[0]
+            after = readers.get(dst, [])
+            quantized_after = [r for r in after if r.op_type == "QuantizeLinear"]
+            if _is_activation_dq(src, producer) and not quantized_after:
+                params = list(src.input[1:3])  # forward: the values read are on src's grid
+                target = dst
+            elif (quantized_after and len(quantized_after) == len(after) and node.input[0] not in inits
+                  and (src is None or src.op_type != "DequantizeLinear")
+                  and len({tuple(q.input[1:3]) for q in quantized_after}) == 1 and len(quantized_after[0].input) > 2):
+                params = list(quantized_after[0].input[1:3])  # backward: only Qs of one grid read the move
+                target = node.input[0]
+            else:
+                continue
+            base = fresh(f"{target}_moved")
+            q = fresh(f"{base}_quantized")
+            if target == dst:  # forward: move → Q → DQ → the move's readers
+                node.output[0] = fresh(f"{base}_float")
+                q_in, dq_out = node.output[0], dst
+            else:  # backward: the move's input → Q → DQ → move
+                q_in, dq_out = target, fresh(f"{base}_dequantized")
+                node.input[0] = dq_out
+            g.node.extend([helper.make_node("QuantizeLinear", [q_in, *params], [q], name=fresh(f"{base}/QuantizeLinear")),
+                           helper.make_node("DequantizeLinear", [q, *params], [dq_out], name=fresh(f"{base}/DequantizeLinear"))])
+            added += 1
+            changed = True
+            break  # the maps are stale: start over
+    return (edit.cleanup(out), added) if added else (model, 0)
+
+
+def _is_activation_dq(node: onnx.NodeProto | None, producer: dict[str, onnx.NodeProto]) -> bool:
+    """``node`` is a per-tensor DequantizeLinear of an activation (its integers come from a QuantizeLinear)."""
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return False
+    q = producer.get(node.input[0])
+    return q is not None and q.op_type == "QuantizeLinear" and not any(a.name == "axis" for a in node.attribute)
 
 
 def int32_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:

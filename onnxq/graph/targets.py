@@ -62,6 +62,10 @@ class TargetProfile:
     #: (ONNX Runtime >= 1.21, its WeightBiasQuantization optimizer: int8 per tensor), so a layer left float gets an input
     #: DequantizeLinear that optimizer does not match (:func:`onnxq.graph.qdq.keep_float_layers_float`)
     guard_float_layers: bool = False
+    #: write the Q/DQ pairs ONNX Runtime's QDQ propagation would add across Reshape/Transpose/... itself: at opset >= 21
+    #: its int8-to-uint8 pass leaves those pairs inconsistent and the session fails to load
+    #: (:func:`onnxq.graph.qdq.propagate_across_moves`)
+    explicit_propagation: bool = False
     description: str = ""
 
     def validate_bits(self) -> None:
@@ -140,7 +144,7 @@ ORT_U8 = TargetProfile(
     description="ONNX Runtime CPU: uint8 asymmetric activations, int8 per-channel weights (U8S8), integer kernels for Conv/MatMul/Gemm/Add/Concat/pooling; attention's activation x activation MatMuls stay float",
 )
 
-ORT_S8 = replace(ORT_U8, name="ort-s8", activation_signed=True, description="ONNX Runtime CPU with int8 symmetric activations (S8S8)")
+ORT_S8 = replace(ORT_U8, name="ort-s8", activation_signed=True, explicit_propagation=True, description="ONNX Runtime CPU with int8 symmetric activations (S8S8)")
 
 #: the profiles onnxq ships, by name (also registered through ``register_targets``)
 BUILTIN_PROFILES: Mapping[str, TargetProfile] = MappingProxyType({p.name: p for p in (ORT_U8, TRT, ORT_S8)})

@@ -30,7 +30,7 @@ from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
 from onnxq.graph.folding import fold_affine
 from onnxq.graph.placement import build_plan, left_float_warnings, matches_exclude
-from onnxq.graph.qdq import apply_commands, commands_from_plan, int32_biases, keep_float_layers_float
+from onnxq.graph.qdq import apply_commands, commands_from_plan, int32_biases, keep_float_layers_float, propagate_across_moves
 from onnxq.graph.rewrites import gemm_outputs_to_matmul
 from onnxq.evaluate.compare import batch_axes
 from onnxq.evaluate.fidelity import check_fidelity
@@ -426,6 +426,10 @@ def rewrite_qdq(run: Run) -> None:
         quantized = qdq_rewrite(run, m, quantized)
     if profile.int32_bias:
         quantized, _ = int32_biases(quantized)
+    if profile.explicit_propagation:
+        quantized, moved = propagate_across_moves(quantized)
+        if moved:
+            log.info("%d Q/DQ pair(s) written across Reshape/Transpose/... as ONNX Runtime's QDQ propagation would add them", moved)
     if profile.guard_float_layers:
         quantized, guarded = keep_float_layers_float(quantized)
         if guarded:

@@ -1,0 +1,78 @@
+"""``--target ort-s8`` at opset 21 and later: the Q/DQ pairs ONNX Runtime would propagate across moves are written.
+
+ONNX Runtime copies a DequantizeLinear forward past Reshape/Transpose/... (and a QuantizeLinear backward before them)
+when it loads a model, then turns int8 activations into uint8; from opset 21 the QuantizeLinear it inserted keeps
+``output_dtype`` INT8 against a uint8 zero point and the session fails to load. A decoder written at opset 23 (its
+projection → Reshape → Transpose → rotary Slice/Mul) stopped with exit 4 for ``--target ort-s8``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.graph.qdq import propagate_across_moves
+
+
+def _model(opset: int, backward: bool = True) -> onnx.ModelProto:
+    """fc1 → Reshape → Transpose → (Slice, Mul) → Concat/Add (DQ forward); with ``backward``, then Softmax → Transpose →
+    Reshape → fc2 (Q backward). (With both, ONNX Runtime 1.32 happens to load the old form.)"""
+    rng = np.random.default_rng(0)
+    consts = {"w1": rng.normal(0, 0.3, (16, 32)), "w2": rng.normal(0, 0.3, (32, 8)), "shape": np.array([0, 4, 8]),
+              "flat": np.array([0, 32]), "st": np.array([0]), "en": np.array([2]), "ax": np.array([2])}
+    inits = [numpy_helper.from_array(v.astype(np.int64 if v.dtype.kind == "i" else np.float32), k) for k, v in consts.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Reshape", ["h", "shape"], ["r"], name="split_heads"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1], name="heads_first"),
+             helper.make_node("Slice", ["t", "st", "en", "ax"], ["s"], name="half"),
+             helper.make_node("Mul", ["t", "t"], ["m"], name="square"),
+             helper.make_node("Concat", ["s", "s"], ["c"], axis=-1, name="cat"),
+             helper.make_node("Add", ["m", "c"], ["a"], name="add"),
+             helper.make_node("Softmax", ["a"], ["p"], axis=-1, name="softmax"),
+             helper.make_node("Transpose", ["p"], ["pt"], perm=[0, 2, 1], name="heads_last"),
+             helper.make_node("Reshape", ["pt", "flat"], ["f"], name="merge_heads"),
+             helper.make_node("MatMul", ["f", "w2"], ["y"], name="fc2")]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    if not backward:
+        nodes, inits = nodes[:7], inits[:1] + inits[2:3] + inits[4:]
+        output = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 8, 4])
+    graph = helper.make_graph(nodes, "moves", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])], [output], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _data(n: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, level: ort.GraphOptimizationLevel) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("opset", [21, 23])
+def test_ort_s8_output_loads_in_onnx_runtime_at_opset_21_and_later(opset: int) -> None:
+    model = _model(opset, backward=False)
+    res = onnxq.optimize(model, method="minmax", data=_data(), target="ort-s8", show_progress=False)
+    x = _data(1, 7)[0]["x"]
+    ref, got = _run(model, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), _run(res.model, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+    assert res.report.quantized_weights == 1
+
+
+def test_pairs_written_across_moves_change_no_value() -> None:
+    """Forward the moved values are on the grid already; backward only Qs of one grid read the move: the same numbers."""
+    plain = onnxq.optimize(_model(21), method="minmax", data=_data(), target="ort", show_progress=False).model
+    moved, added = propagate_across_moves(plain)
+    assert added >= 3  # forward past split_heads, backward before merge_heads and heads_last
+    readers = {i: n for n in moved.graph.node for i in n.input}
+    assert readers[next(n for n in moved.graph.node if n.name == "split_heads").output[0]].op_type == "QuantizeLinear"
+    x = _data(1, 7)[0]["x"]
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    np.testing.assert_array_equal(_run(moved, x, level), _run(plain, x, level))
+    assert propagate_across_moves(_model(20))[1] == 0
