@@ -208,6 +208,7 @@ def prepare(run: Run) -> None:
     if functions:
         log.info("inlined the model's %d local functions, so that the layers inside them are quantized", functions)
     work = graph_prepare.upgrade_opset(work, graph_prepare.MIN_INT4_OPSET if profile.weight_only else graph_prepare.MIN_QDQ_OPSET)
+    _check_qdq_kernels(work)
     graph_prepare.constants_to_initializers(work)
     if graph_prepare.unfuse_runtime_ops(work):
         log.info("ONNX Runtime's fused Conv/Gemm written back as Conv/Gemm and their activation, to quantize them")
@@ -215,6 +216,20 @@ def prepare(run: Run) -> None:
     name_nodes(work)  # after the opset upgrade, which may add unnamed nodes
     run.work, run.shape_status = graph_prepare.infer_shapes(work)
     run.inputs = model_inputs(run.work)
+
+
+def _check_qdq_kernels(model: onnx.ModelProto) -> None:
+    """Refuse, before calibrating, a model at an opset this ONNX Runtime runs in float but has no Q/DQ kernels for."""
+    opset = graph_prepare.default_opset(model)
+    if ort_backend.has_qdq_kernels(opset, model.ir_version):
+        return
+    import onnxruntime
+
+    lower = next((o for o in range(opset - 1, graph_prepare.MIN_QDQ_OPSET - 1, -1) if ort_backend.has_qdq_kernels(o, model.ir_version)), None)
+    where = f"opset {lower} or lower (onnx.version_converter.convert_version)" if lower else "an older opset"
+    raise ModelError(f"ONNX Runtime {onnxruntime.__version__} runs this opset-{opset} model in float but has no QuantizeLinear/"
+                     f"DequantizeLinear kernels at opset {opset}, so a quantized copy would not load: export or convert the "
+                     f"model to {where}, or use a newer ONNX Runtime")
 
 
 def open_data(run: Run) -> None:

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -195,6 +196,25 @@ def tensor_outputs(session) -> list[str]:
     return [o.name for o in session.get_outputs() if o.type.startswith("tensor")]
 
 
+
+
+@lru_cache(maxsize=None)
+def has_qdq_kernels(opset: int, ir_version: int) -> bool:
+    """Whether this ONNX Runtime runs QuantizeLinear and DequantizeLinear at ``opset``: a release runs float models of
+    opsets newer than its Q/DQ kernels (1.32 runs opset 28 models, its Q/DQ kernels end at 25 or so), and a model
+    quantized at such an opset failed to load only after the whole run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    try:
+        run(make_session(probe, "disable", threads=1), {"x": np.zeros(1, np.float32)})
+    except ModelError:
+        return False
+    return True
 
 def feedable(array: np.ndarray) -> bool:
     """Whether ONNX Runtime's Python API takes ``array`` as a feed: numpy's own types only, not ml_dtypes' int4, uint4,
