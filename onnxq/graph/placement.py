@@ -445,6 +445,10 @@ UNQUANTIZED_COMPUTE_OPS = ("LSTM", "GRU", "RNN", "Einsum")
 #: ONNX Runtime's fused contrib ops that hold weights: a model run through onnxruntime.transformers' optimizer has its
 #: Q, K and V projections inside Attention (DistilBERT: 4 of its 18 weight matrices, 786,432 parameters each)
 FUSED_WEIGHTED_OPS = ("Attention",)
+#: fused attention without weights (ONNX's Attention-23; ONNX Runtime's MultiHeadAttention, GroupQueryAttention): the
+#: projections around them are MatMuls onnxq quantizes, Q·Kᵀ and softmax·V inside them run in float
+FUSED_ATTENTION_OPS = {("", "Attention"), ("ai.onnx", "Attention"), ("com.microsoft", "MultiHeadAttention"),
+                       ("com.microsoft", "GroupQueryAttention")}
 
 
 def _dequantized_constant(idx: GraphIndex, name: str) -> bool:
@@ -470,7 +474,7 @@ def _nonnegative_clip(node: onnx.NodeProto, idx: GraphIndex) -> bool:
 
 
 def note_float_compute(model: onnx.ModelProto, plan: QuantPlan) -> None:
-    """List in ``plan.skipped`` every main-graph recurrent layer, Einsum and fused Attention: they run in float."""
+    """List in ``plan.skipped`` every main-graph recurrent layer, Einsum and fused attention: they run in float."""
     for node in model.graph.node:
         if node.op_type in UNQUANTIZED_COMPUTE_OPS:
             plan.skipped.append((node.name, f"{node.op_type}: not quantized by onnxq (it quantizes Conv, ConvTranspose, Gemm "
@@ -478,6 +482,10 @@ def note_float_compute(model: onnx.ModelProto, plan: QuantPlan) -> None:
         elif node.op_type in FUSED_WEIGHTED_OPS and node.domain == "com.microsoft":
             plan.skipped.append((node.name, f"{node.domain}.{node.op_type} (fused by ONNX Runtime's transformer optimizer): its "
                                             "weights stay float; quantize the model before fusing it, where they are MatMuls"))
+        elif (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
+            plan.skipped.append((node.name, f"{node.domain or 'ai.onnx'}.{node.op_type}: Q·Kᵀ and softmax·V run inside it in "
+                                            "float (the projections around it are quantized); written as MatMul, Softmax, "
+                                            "MatMul they can be quantized for --target trt"))
 
 
 #: the pseudo node name of a whole-model entry in ``plan.skipped`` (the report's left_in_float)

@@ -1,9 +1,12 @@
-"""``--target ort-s8`` at opset 21 and later: the Q/DQ pairs ONNX Runtime would propagate across moves are written.
+"""Models at the newest opsets, as newer exporters write them.
 
-ONNX Runtime copies a DequantizeLinear forward past Reshape/Transpose/... (and a QuantizeLinear backward before them)
-when it loads a model, then turns int8 activations into uint8; from opset 21 the QuantizeLinear it inserted keeps
-``output_dtype`` INT8 against a uint8 zero point and the session fails to load. A decoder written at opset 23 (its
-projection → Reshape → Transpose → rotary Slice/Mul) stopped with exit 4 for ``--target ort-s8``.
+* ``--target ort-s8`` at opset 21 and later: ONNX Runtime copies a DequantizeLinear forward past Reshape/Transpose/...
+  (and a QuantizeLinear backward before them) when it loads a model, then turns int8 activations into uint8; from
+  opset 21 the QuantizeLinear it inserted keeps ``output_dtype`` INT8 against a uint8 zero point and the session fails
+  to load. A decoder written at opset 23 (projection → Reshape → Transpose → rotary Slice/Mul) stopped with exit 4.
+  onnxq writes those pairs itself.
+* An opset ONNX Runtime runs in float without Q/DQ kernels for it (28 on 1.32) is refused before calibrating.
+* Attention-23 is listed as float compute, as LSTM and Einsum are.
 """
 
 from __future__ import annotations
@@ -99,3 +102,23 @@ def test_an_opset_onnx_runtime_runs_in_float_but_has_no_qdq_kernels_for_is_refus
     with pytest.raises(ModelError, match=r"no QuantizeLinear/DequantizeLinear kernels at opset 28.*opset \d+ or lower"):
         onnxq.optimize(model, method="minmax", data=data(), show_progress=False)
     assert not calls, "refused before calibrating"
+
+
+def test_fused_attention_of_opset_23_is_listed_as_float_compute() -> None:
+    """Attention-23 hides Q·Kᵀ and softmax·V: they run in float, said as for LSTM and Einsum (it was said nowhere)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), w) for w in ("wq", "wk", "wv", "wo")]
+    nodes = [helper.make_node("MatMul", ["x", w], [w + "_out"], name=w) for w in ("wq", "wk", "wv")]
+    nodes += [helper.make_node("Attention", ["wq_out", "wk_out", "wv_out"], ["att"], q_num_heads=2, kv_num_heads=2, name="attention"),
+              helper.make_node("MatMul", ["att", "wo"], ["y"], name="wo")]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    data = [{"x": rng.normal(0, 1, (4, 6, 8)).astype(np.float32)} for _ in range(3)]
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data[0])
+    except Exception:  # noqa: BLE001 - an ONNX Runtime before Attention-23
+        pytest.skip("this ONNX Runtime does not run Attention-23")
+    res = onnxq.optimize(model, method="minmax", data=data, show_progress=False)
+    reasons = {f.node: f.reason for f in res.report.left_in_float}
+    assert "float" in reasons.get("attention", "") and res.report.quantized_weights == 4
