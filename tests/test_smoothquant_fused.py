@@ -87,3 +87,26 @@ def test_without_fused_gelu_insertion_only_the_normalization_is_smoothed():
     report = res.report.methods["smoothquant"]
     assert [s["producer"] for s in report["sites"]] == ["SkipLayerNorm_0", "SkipLayerNorm_1"], report["sites"]
     assert any(r["tensor"] == "g" and "BiasGelu" in r["reason"] for r in report["not_smoothed"]), report["not_smoothed"]
+
+
+def test_smoothquant_on_a_float16_model_is_judged_at_float16_rounding():
+    """Smoothing rounds the scaled weights of a float16 model to float16: its outputs moved by 5e-5 to 1e-4, and the
+    float-rewrite check, at float32's 1e-5, stopped the run ("changed the float model's outputs ... this is a bug")."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones(32)
+    gamma[[3, 17]] = 20.0  # outlier channels: what smoothquant moves into the weights
+    inits = {"gamma": gamma, "beta": rng.normal(0, 0.1, 32), "w1": rng.normal(0, 0.2, (32, 64)), "w2": rng.normal(0, 0.2, (64, 8))}
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["n", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "ffn16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 6, 8])],
+                              [numpy_helper.from_array(v.astype(np.float16), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"x": rng.normal(0, 1, (8, 6, 32)).astype(np.float16)} for _ in range(4)]
+    res = onnxq.optimize(model, method=["smoothquant", "minmax"], target="trt", data=data, show_progress=False)
+    assert res.report.quantized_weights == 2
+    x = data[0]["x"]
+    ref, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].astype(np.float32)
+                for m in (model, res.model))
+    assert float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999

@@ -10,6 +10,7 @@ import onnx
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.readers import Batch
 from onnxq.errors import ModelError
+from onnxq.graph.prepare import has_float16
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.heap import return_freed_memory
 
@@ -23,6 +24,10 @@ FLOAT_REWRITE_TOLERANCE = 1e-5
 NOISE_FLOOR_FACTOR = 4.0
 #: never more than this, whatever the noise floor: a change this large is a bug
 FLOAT_REWRITE_CEILING = 1e-3
+#: a float16 model's floor: float16 keeps 11 significant bits (a relative step of 4.9e-4 per rounding), and a correct
+#: rewrite that rounds its new weights to float16 (smoothquant's scaled MatMul weights) moved a small transformer's
+#: outputs by 5e-5 to 1e-4, five to ten times the float32 floor; its ceiling is ten times this
+FLOAT16_REWRITE_TOLERANCE = 1e-3
 
 
 def check_feeds(model: onnx.ModelProto, batch: Batch) -> dict[str, np.ndarray]:
@@ -102,17 +107,21 @@ class RewriteVerdict:
 
 def float_rewrite_verdict(before: onnx.ModelProto, after: onnx.ModelProto, batch: Batch,
                           floor: float = FLOAT_REWRITE_TOLERANCE) -> RewriteVerdict:
-    """Whether ``after`` gives ``before``'s outputs within float32 rounding (:func:`check_float_rewrite`'s rule).
+    """Whether ``after`` gives ``before``'s outputs within float rounding (:func:`check_float_rewrite`'s rule; a float16
+    model's floor and ceiling are float16's, :data:`FLOAT16_REWRITE_TOLERANCE`).
 
     Within ``floor`` always; above it, within :data:`NOISE_FLOOR_FACTOR` times ``before``'s own noise floor
     (measured only then), never above :data:`FLOAT_REWRITE_CEILING`."""
+    ceiling = FLOAT_REWRITE_CEILING
+    if has_float16(before):
+        floor, ceiling = max(floor, FLOAT16_REWRITE_TOLERANCE), max(ceiling, 10 * FLOAT16_REWRITE_TOLERANCE)
     feeds = check_feeds(before, batch)
     reference = model_outputs(before, feeds)
     err = relative_error(reference, model_outputs(after, feeds))
     if err <= floor:
         return RewriteVerdict(err, floor, 0.0, floor)
-    noise = float_noise_floor(before, batch, reference) if err <= FLOAT_REWRITE_CEILING else 0.0
-    return RewriteVerdict(err, min(FLOAT_REWRITE_CEILING, max(floor, NOISE_FLOOR_FACTOR * noise)), noise, floor)
+    noise = float_noise_floor(before, batch, reference) if err <= ceiling else 0.0
+    return RewriteVerdict(err, min(ceiling, max(floor, NOISE_FLOOR_FACTOR * noise)), noise, floor)
 
 
 def _tensor_key(t: onnx.TensorProto) -> bytes:
