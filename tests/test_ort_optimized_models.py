@@ -86,11 +86,15 @@ def test_weight_only_4bit_runs_on_an_optimized_and_a_float16_model(method, half)
     assert _cosine_to_fp32(model, res.model) > 0.98
 
 
-def test_tensorrt_lint_flags_the_contrib_ops_it_cannot_import():
+def test_tensorrt_lint_flags_the_contrib_ops_it_cannot_import(caplog):
     """`--target trt` on a fused model kept Attention, SkipLayerNormalization and EmbedLayerNormalization, which
-    TensorRT's parser has no importer for, and `onnxq lint` said nothing."""
+    TensorRT's parser has no importer for, and `onnxq lint` said nothing; `optimize` says it too, as a warning (it
+    wrote the model with exit 0 and nothing said)."""
     from onnxq.graph.trt_rules import check_trt_rules
 
-    res = onnxq.optimize(_fused_encoder(), method="minmax", target="trt", data=_data(), show_progress=False)
+    with caplog.at_level("WARNING", logger="onnxq"):
+        res = onnxq.optimize(_fused_encoder(), method="minmax", target="trt", data=_data(), show_progress=False)
+    said = [r.getMessage() for r in caplog.records if "contrib ops TensorRT cannot import" in r.getMessage()]
+    assert len(said) == 1 and "Attention x1" in said[0] and "will not build" in said[0]
     flagged = {f.node for f in check_trt_rules(res.model) if f.rule == "contrib-op" and f.severity == "error"}
     assert {"EmbedLayerNormalization_0", "Attention_0", "SkipLayerNorm_0"} <= flagged

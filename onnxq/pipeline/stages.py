@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,12 @@ def prepare(run: Run) -> None:
     graph_prepare.constants_to_initializers(work)
     if graph_prepare.unfuse_runtime_ops(work):
         log.info("ONNX Runtime's fused Conv/Gemm written back as Conv/Gemm and their activation, to quantize them")
+    if profile.name == "trt":
+        contrib = Counter(n.op_type for n in work.graph.node if n.domain == "com.microsoft")
+        if contrib:  # onnxq lint's contrib-op error, said before calibrating: the output would not build
+            run.warn_once(f"the model holds ONNX Runtime contrib ops TensorRT cannot import ({', '.join(f'{k} x{v}' for k, v in contrib.most_common(4))}): "
+                          "the quantized model will not build in TensorRT; quantize the model as exported, before ONNX Runtime's "
+                          "transformer optimizer fuses it")
     graph_prepare.initializers_as_constants(work)  # weights listed in graph.input are constants here
     name_nodes(work)  # after the opset upgrade, which may add unnamed nodes
     run.work, run.shape_status = graph_prepare.infer_shapes(work)
