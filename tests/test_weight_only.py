@@ -65,7 +65,7 @@ def test_trt_target_writes_symmetric_blocked_int4_dequantize(x):
     assert len(dq) == 3 and all(any(a.name == "block_size" and a.i == 32 for a in n.attribute) for n in dq)
     ints = {t.data_type for t in q.graph.initializer if t.name.endswith("_quantized")}
     assert ints == {TensorProto.INT4}
-    assert not [f for f in check_trt_rules(q) if f.severity == "error"]
+    assert check_trt_rules(q) == []  # float activations are weight-only's design, not "put a Q/DQ pair on it"
     ref = make_session(fp).run(None, {"x": x})[0]
     assert cosine(ref, make_session(q).run(None, {"x": x})[0]) >= 0.98
 

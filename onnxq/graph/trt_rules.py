@@ -530,14 +530,22 @@ def _unquantized_weighted_input(g: _Graph) -> Iterator[tuple[str, str]]:
         if node.op_type not in _WEIGHTED_OPS:
             continue
         inputs = _data_inputs(node)
-        if not any(g.dequantized(name) for name in inputs):
-            continue
+        dqs = [q for q in (g.dequantized(name) for name in inputs) if q is not None]
+        if not dqs or all(_weight_only(g, q) for q in dqs):
+            continue  # none quantized, or a weight-only layer (4-bit or block-wise weights, float activations: W4A16)
         for name in inputs:
             if g.dequantized(name):
                 continue
             what = "weight" if g.const(name) is not None else "activation"
             yield _node_name(node), (f"{what} input '{name}' is float while another input is quantized, so "
                                      "TensorRT cannot run this layer in INT8; put a Q/DQ pair on it")
+
+
+def _weight_only(g: _Graph, dq: _QDQ) -> bool:
+    """``dq`` dequantizes a constant weight of 4 bits or in blocks: weight-only quantization, whose layer reads float
+    activations by design (TensorRT runs it as a weight-only GEMM)."""
+    four_bit = dq.qtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    return g.const(dq.data) is not None and (four_bit or dq.kind == "block" or dq.block_size > 0)
 
 
 @_rule("contrib-op", "error", "no ONNX Runtime contrib ops (com.microsoft): TensorRT's ONNX parser has no importer for them")
