@@ -41,6 +41,16 @@ def _one_error_line(code: int, err: str) -> str:
     return lines[0]
 
 
+def test_emb4bit_on_a_model_without_tables_says_so_and_why_nothing_was_quantized(tmp_path, run_cli, digits_model, digits_calib):
+    """`-p emb4bit` on a CNN (no Gather table) said "the model has no Conv, ConvTranspose, Gemm or MatMul", which is
+    false, and nothing of emb4bit itself."""
+    code, _, err = run_cli(["optimize", digits_model, "-p", "emb4bit", "--data", digits_calib,
+                            "--output", tmp_path / "q.onnx", "--no-cache"])
+    assert code == 0, err
+    assert "emb4bit changed nothing: no rank-2 float table read by a Gather" in err
+    assert "nothing was quantized: the selected methods quantize none of its layers" in err and "has no Conv" not in err
+
+
 def test_model_without_weighted_ops_warns_and_reports(tmp_path, run_cli):
     path = tmp_path / "plain.onnx"
     onnx.save_model(_no_weighted_ops_model(), str(path))

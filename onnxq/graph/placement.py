@@ -492,6 +492,12 @@ def note_float_compute(model: onnx.ModelProto, plan: QuantPlan) -> None:
 WHOLE_MODEL = "(model)"
 
 
+def _has_weighted_layers(model: onnx.ModelProto) -> bool:
+    """Whether the main graph has a Conv/ConvTranspose/Gemm/MatMul whose weight is an initializer."""
+    weights = {t.name for t in model.graph.initializer}
+    return any(n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in weights for n in model.graph.node)
+
+
 def left_float_warnings(model: onnx.ModelProto, plan: QuantPlan, quantizes_anything: bool) -> list[str]:
     """One-line warnings for what a run leaves float as a whole; called once per run with the final plan.
 
@@ -513,6 +519,9 @@ def left_float_warnings(model: onnx.ModelProto, plan: QuantPlan, quantizes_anyth
         why = f"all {len(skipped)} candidate ops were left in float (see the report's left_in_float)"
     elif plan.profile.weight_only:
         why = "4-bit weight-only quantizes MatMul with a constant 2-D float weight, and the model has none"
+    elif _has_weighted_layers(model):
+        # a method that stands in for the calibrator and quantizes no layer (emb4bit alone) cleared the plan
+        why = "the selected methods quantize none of its layers (add a calibrator, e.g. -p minmax, to quantize them)"
     else:
         why = "the model has no Conv, ConvTranspose, Gemm or MatMul with a float weight"
     message = f"nothing was quantized: {why}; the output is the float model"

@@ -746,6 +746,13 @@ class Emb4bit(QuantMethod):
         if ctx.profile.name == "trt" and report["tables"]:
             report["note"] = "TensorRT has no 4-bit gather: gbq is ONNX Runtime only, and TensorRT support of the standard-op lookup is untested"
             lines.append(report["note"])
+        if not report["tables"]:
+            fused = sorted({n.op_type for n in ctx.model.graph.node if n.op_type == "EmbedLayerNormalization"})
+            why = "; ".join(f"{t['table']}: {t['reason']}" for t in report["left_in_float"][:3]) or (
+                f"no rank-2 float table read by a Gather has {self.options.min_rows} rows or more (-o min_rows)")
+            if fused:
+                why += "; the model's tables sit inside ONNX Runtime's fused EmbedLayerNormalization: quantize the model before fusing it"
+            report["changed_nothing"] = why
         report["summary"] = lines
         ctx.report[self.name] = report
         return model if model is not ctx.model else None  # no table found: nothing changed
