@@ -64,9 +64,11 @@ def dq_matmul_to_matmulnbits(model: onnx.ModelProto, accuracy_level: int = 0) ->
         q = inits.get(dq.input[0])
         if q is None or q.data_type not in _BITS or attrs.get("axis") != 0 or not attrs.get("block_size"):
             continue
+        bs = attrs["block_size"]
+        if bs < 16 or bs & (bs - 1):
+            continue  # MatMulNBits takes power-of-two blocks of 16 or more: a model's own block of 8 stays DQ -> MatMul
         bits = _BITS[q.data_type]
         mid = 1 << (bits - 1)  # MatMulNBits' default zero point: 8 (4 bits) or 128 (8 bits)
-        bs = attrs["block_size"]
         ints = _int4_value(q)  # [K, N]
         if ints.ndim != 2:
             continue
