@@ -125,4 +125,4 @@ def test_auto_reads_a_readers_agreement_from_its_decodes():
         per_sample.append(1 - edit_distance(read, np.where(read == 3, 4, read)) / max(len(read), 1) if len(read) else 1.0)
     scores = HeldOut(fp32, batches).score(_reader(misread))
     assert scores.agreement == pytest.approx(np.mean(per_sample), abs=1e-9)
-    assert scores.agreement < THRESHOLDS.decoded_agreement < float(np.mean(np.where(symbols == 3, 0.0, 1.0))), "precondition"
+    assert scores.agreement < THRESHOLDS.position_agreement < float(np.mean(np.where(symbols == 3, 0.0, 1.0))), "precondition"
