@@ -1001,7 +1001,7 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
                 s.note(f"the target is met on samples split off the calibration data, to {s.goal.z:g} standard errors; data of "
                        f"another kind can score lower: --eval-data with samples of the deployment data judges the layers on those")
     elif s.goal.threshold is None and o.mixed and o.default_min_cosine is not None and o.default_float_layers > 0 \
-            and best.score_worst is not None and best.score_worst < o.default_min_cosine:
+            and ((best.score_worst is not None and best.score_worst < o.default_min_cosine) or _collapsed(s, best)):
         best = default_mixed(s, best, finals)
     if best is not full and best.spread is None and full.spread is not None:
         # a set of float layers is not recalibrated on the subsets (each would be one more pass per subset); how much its
@@ -1159,6 +1159,18 @@ def _heldout_read(s: Search, built: Built, in_order: bool) -> int:
     return min(used // HELD_EVERY, s.heldout.samples)
 
 
+def _collapsed(s: Search, best: AutoCandidate) -> str:
+    """Why ``best`` collapses by the fidelity check's thresholds on the held-out data ('' when it does not): its worst-case
+    cosine, or a CTC reader's decoded agreement (its first output's agreement is read from its decodes). A speech CTC
+    model kept cosine 0.985 while its decoded agreement was 0.93 (lines read right 98 % → 72 %), and the default step
+    was skipped for the budget. (Other outputs' arg-max agreement is not judged here: an embedding has one too.)"""
+    if best.score_worst is not None and best.score_worst < THRESHOLDS.cosine:
+        return f"worst-case cosine {best.score_worst:.5f} < {THRESHOLDS.cosine}"
+    if s.heldout.blank is not None and best.agreement is not None and best.agreement < THRESHOLDS.decoded_agreement:
+        return f"decoded agreement {best.agreement:.4f} < {THRESHOLDS.decoded_agreement}"
+    return ""
+
+
 def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -> AutoCandidate:
     """No target given and the best full-integer recipe is below ``default_min_cosine``: easyquant's search from a
     finalist (:func:`default_search`), then, if still below, a few layers float.
@@ -1176,7 +1188,7 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
     # every full-integer recipe collapses (the fidelity check's threshold): what the step costs is the price of a usable
     # model, not a budget question. The layout detector (7-21 s a recipe) overran its budget in the resampling and
     # returned cosine 0.71 with five heads collapsed; given the step, 0.95-0.96 without a warning
-    collapsed = o.time_budget is None and best.score_worst is not None and best.score_worst < THRESHOLDS.cosine
+    collapsed = o.time_budget is None and _collapsed(s, best)
     if o.time_budget is None:
         s.budget += MIXED_FACTOR * s.first_recipe_s
         if s.ran_whole:
@@ -1198,8 +1210,8 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         need = max(MIN_BUDGET_TARGET, collapse_evaluations(layers, o.default_float_layers) * per_eval)
         s.budget = max(s.budget, s.elapsed() + need)
         s.report.time_budget_s = round(s.budget, 1)
-        s.note(f"every full-integer recipe collapses (worst-case cosine {best.score_worst:.5f} < {THRESHOLDS.cosine}): the "
-               f"default mixed-precision step gets the time it needs whatever the budget (up to {need:.0f} s)")
+        s.note(f"every full-integer recipe collapses ({_collapsed(s, best)}): the default mixed-precision step gets the time it "
+               f"needs whatever the budget (up to {need:.0f} s)")
     least = least_mixed_evaluations(layers, _Sensitivity.steps())
     if per_eval and s.left() < least * per_eval:
         # no float layer can come out of fewer evaluations (runs of layers, one layer, the first set): started anyway,

@@ -126,3 +126,28 @@ def test_auto_reads_a_readers_agreement_from_its_decodes():
     scores = HeldOut(fp32, batches).score(_reader(misread))
     assert scores.agreement == pytest.approx(np.mean(per_sample), abs=1e-9)
     assert scores.agreement < THRESHOLDS.position_agreement < float(np.mean(np.where(symbols == 3, 0.0, 1.0))), "precondition"
+
+
+def test_auto_counts_a_reader_below_the_decoded_threshold_as_collapsed():
+    """`-p auto` gives its default mixed-precision step the time it needs when every recipe collapses; it read only the
+    cosine, and a speech CTC model at cosine 0.985 with decoded agreement 0.93 (lines read right 98 % -> 72 %) was
+    returned full integer, the step skipped for the budget."""
+    from types import SimpleNamespace
+
+    from onnxq.pipeline.auto import HeldOut, _collapsed
+    from onnxq.pipeline.report import AutoCandidate
+
+    batches, _ = _lines(seed=5)
+    reader = SimpleNamespace(heldout=HeldOut(_reader(np.arange(CLASSES)), batches))
+    assert reader.heldout.blank == BLANK, "precondition: auto reads the first output as a CTC reader's"
+    candidate = AutoCandidate(name="trt-entropy", methods=["trt-entropy"], float_layers=[], stage="portfolio", score=0.985,
+                              score_worst=0.985, spread=None, spread_bound=None, resample_scores=[], cosine=0.985, cosine_worst=0.9,
+                              cosine_p1=0.98, agreement=0.93, agreement_worst=0.5, accuracy_drop=None, worst_output=None,
+                              worst_output_cosine=None, worst_class=None, worst_class_agreement=None, meets_target=False,
+                              latency_ms=None, size_bytes=None, seconds=1.0, error=None)
+    assert "decoded agreement 0.9300" in _collapsed(reader, candidate)
+    candidate.agreement = THRESHOLDS.decoded_agreement + 0.01
+    assert _collapsed(reader, candidate) == ""
+    embedding = SimpleNamespace(heldout=SimpleNamespace(blank=None))  # an arg-max agreement of another output is not judged
+    candidate.agreement = 0.5
+    assert _collapsed(embedding, candidate) == ""
