@@ -486,6 +486,16 @@ def test_mixed_precision_meets_a_target_no_full_integer_recipe_meets():
     assert any("split off the calibration data" in n and "--eval-data" in n for n in auto.notes), auto.notes
 
 
+def test_a_missed_target_is_warned(caplog):
+    """A target no candidate met exited 0 with nothing said (``met: false`` in the JSON only)."""
+    with caplog.at_level("WARNING", logger="onnxq"):
+        res = onnxq.optimize(mlp_model(), method="auto", data=feeds([32]), options={**FAST, "min_cosine": 0.9997, "mixed": False},
+                             show_progress=False, check=False)
+    assert not res.report.auto.met
+    said = [r.getMessage() for r in caplog.records if "was not met" in r.getMessage()]
+    assert len(said) == 1 and "cosine 0.99970" in said[0] and res.report.auto.chosen in said[0], said
+
+
 def deep_model(layers: int = 20, outlier: int = 13, seed: int = 0) -> onnx.ModelProto:
     """A chain of ``layers`` 32x32 MatMul+Relu; layer ``outlier``'s input has one channel 30x larger (and its weight
     row 30x smaller, so the float model is unchanged in kind): its per-tensor input scale rounds the other channels

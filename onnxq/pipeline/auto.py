@@ -1012,6 +1012,10 @@ def search(settings: Settings, host: Host, options: Any = None) -> tuple[Run, Au
         refit(s, best)  # the float layers' model calibrated on every sample too, kept if it scores at least as well
     s.report.chosen = best.name
     s.report.met = best.meets_target or s.report.default_target  # no target given: nothing to miss (the notes say what the default step reached)
+    if not s.report.met and s.goal.threshold is not None:
+        # a missed target exited 0 with nothing on stderr (met: false in the JSON only)
+        log.warning("-p auto: the target (%s) was not met: the best candidate, %s, reached %s on the held-out data",
+                    s.goal.shown(s.goal.threshold), best.name, s.goal.shown(best.score_worst))
     s.report.float_layers = list(best.float_layers)
     s.report.reason = reason(s, best, finals)
     s.say(f"chose {best.name}: {s.report.reason}")
