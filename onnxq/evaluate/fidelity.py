@@ -243,7 +243,8 @@ class _Recording(Runner):
         out = self.inner.infer(feeds)
         n = sample_count(feeds, self.axes)
         for name, value in out.items():
-            if np.ndim(value) != 2 or np.shape(value)[0] != n or np.shape(value)[1] < EMBEDDING_MIN_WIDTH or np.asarray(value).dtype.kind != "f":
+            value = _as_rows(value)
+            if value is None or np.shape(value)[0] != n or np.shape(value)[1] < EMBEDDING_MIN_WIDTH or value.dtype.kind != "f":
                 continue
             room = min(NEIGHBOUR_SAMPLES, NEIGHBOUR_BYTES // (4 * np.shape(value)[1])) - self.kept.get(name, 0)
             if room > 0:
@@ -518,12 +519,25 @@ def _part_span(parts: tuple[int, tuple[int, ...]] | None, k: float | None) -> st
 
 
 def _may_be_embedding(model: onnx.ModelProto, name: str) -> bool:
-    """A graph output declared (or of unknown shape, so possibly) [N, D] with D >= :data:`EMBEDDING_MIN_WIDTH`."""
+    """A graph output declared (or of unknown shape, so possibly) [N, D] with D >= :data:`EMBEDDING_MIN_WIDTH`, or [N,
+    1, ..., D, ..., 1]: one axis besides the batch's longer than 1 (openwakeword's [N, 1, 1, 96] embedding was judged by
+    its cosine alone and passed at a neighbour agreement of 0.913)."""
     vi = next((o for o in model.graph.output if o.name == name), None)
     if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
         return True
-    dims = vi.type.tensor_type.shape.dim
-    return len(dims) == 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value < EMBEDDING_MIN_WIDTH)
+    dims = vi.type.tensor_type.shape.dim[1:]
+    wide = [d for d in dims if not (d.HasField("dim_value") and d.dim_value == 1)]
+    return len(dims) >= 1 and len(wide) == 1 and not (wide[0].HasField("dim_value") and wide[0].dim_value < EMBEDDING_MIN_WIDTH)
+
+
+def _as_rows(value: np.ndarray) -> np.ndarray | None:
+    """``value`` as [N, D] rows: itself when 2-D, [N, 1, ..., D, ..., 1] with the ones dropped, else None."""
+    value = np.asarray(value)
+    if value.ndim == 2:
+        return value
+    if value.ndim < 2 or sum(d > 1 for d in value.shape[1:]) > 1:
+        return None
+    return value.reshape(value.shape[0], -1)
 
 
 def _key(sqnr: float) -> float:

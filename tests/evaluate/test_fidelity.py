@@ -226,6 +226,28 @@ def test_warns_when_the_neighbours_change_though_the_cosine_holds():
     assert "percentile" in fid.suggestion
 
 
+def test_an_embedding_with_singleton_axes_is_judged_as_one(tmp_path):
+    """openwakeword's embedding is [N, 1, 1, 96]: judged by its cosine alone, it passed at a neighbour agreement of
+    0.913. The zoo's embedding reshaped to [N, 1, 1, 32] is judged by its neighbours as the [N, 32] one is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxq.evaluate.fidelity import THRESHOLDS
+
+    model = onnx.load(str(EMBEDDING))
+    out = model.graph.output[0]
+    for n in model.graph.node:
+        n.output[:] = [f"{o}_rows" if o == out.name else o for o in n.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1, 32], np.int64), "four_d"))
+    model.graph.node.append(helper.make_node("Reshape", [f"{out.name}_rows", "four_d"], [out.name], name="to_4d"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, ["N", 1, 1, 32]))
+    path = tmp_path / "embedding_4d.onnx"
+    onnx.save(model, path)
+    fid, out4 = _embedding_run(path, method="percentile", options={"percentile": 90}, target="ort")
+    assert out4.neighbour_agreement is not None and out4.neighbour_agreement < THRESHOLDS.neighbour_agreement - 0.02
+    assert fid.warned and "neighbour agreement" in fid.warnings[0]
+
+
 def test_suggestion_for_matmul_nets():
     from onnxq.evaluate.fidelity import suggest
 
