@@ -8,6 +8,7 @@ when the row's turn comes, so that at most one model (one session, one engine) i
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ import onnx
 from onnxq.backends.ort import OrtBackend
 from onnxq.calib.readers import Batch, has_sample_axis, sample_count
 from onnxq.errors import OnnxqError
-from onnxq.evaluate.metrics import OutputAccumulator
+from onnxq.evaluate.metrics import OutputAccumulator, common_part, row_cosines
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.runner import Backend, ModelLike, Runner
 
@@ -325,13 +326,20 @@ def evaluate(reference: ModelLike, candidates: dict[str, ModelLike], batches: Ca
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+#: both models' exposed layer outputs of one run of :func:`layer_errors` stay below about this many bytes: a 9-s audio
+#: clip's conv outputs are [64, 901, 161] floats a sample, and a batch of 16 of them for every layer took the
+#: diagnosis after a warning to 15 GB (it measures one sample first, then runs as many as fit)
+LAYER_ERROR_BYTES = 256 << 20
+
+
 def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors: Sequence[str], batches: Callable[[], Iterable[Batch]],
                  max_batches: int | None = None) -> dict[str, dict[str, float]]:
     """SQNR and cosine of chosen intermediate tensors (layer outputs) of the quantized model vs FP32.
 
     Both models keep the original tensor names for layer outputs, so the same names are exposed
     as extra outputs of each; tensors missing from either model are left out. Metrics accumulate
-    batch by batch (per-sample cosine over each batch's own shapes); ``max_batches`` stops early.
+    batch by batch (per-sample cosine); ``max_batches`` stops early. Each run takes as many samples as keep the exposed
+    outputs within :data:`LAYER_ERROR_BYTES` (one, until the first has been measured).
     """
     from onnxq.graph.edit import with_outputs
     from onnxq.graph.prepare import tensor_types
@@ -347,25 +355,56 @@ def layer_errors(reference: onnx.ModelProto, quantized: onnx.ModelProto, tensors
     names = [o.name for o in ref_sess.get_outputs()]
     q_names = {o.name for o in q_sess.get_outputs()}
     names = [n for n in names if n in q_names and n in set(tensors)]
-    acc = {n: OutputAccumulator() for n in names}
+    acc = {n: _LayerError() for n in names}
     if not names:
         return {}
+    per_run: int | None = None  # input bytes a run may take, once one sample's outputs are measured
     for k, batch in enumerate(batches()):
         if max_batches is not None and k >= max_batches:
             break
-        for b in split_batch(batch, axes):
-            _layer_update(acc, names, ref_sess, q_sess, b, axes)
-    out = {}
-    for n, a in acc.items():
-        m = a.result()
-        out[n] = {"sqnr_db": round(m["sqnr_db"], 3), "cosine": round(m["cosine"], 6)}
-    return out
+        for b in split_batch(batch, axes, max_bytes=1 if per_run is None else per_run):
+            out_bytes = _layer_update(acc, names, ref_sess, q_sess, b, axes)
+            if per_run is None:
+                samples = max(1, sample_count(b.feeds, axes))
+                in_bytes = max(1, sum(np.asarray(v).nbytes for v in b.feeds.values()) // samples)
+                per_run = in_bytes * max(1, int(LAYER_ERROR_BYTES // max(1, out_bytes // samples)))
+    return {n: a.result() for n, a in acc.items()}
 
 
-def _layer_update(acc: dict[str, OutputAccumulator], names: list[str], ref_sess: Any, q_sess: Any, b: Batch,
-                  axes: Mapping[str, int | None]) -> None:
+class _LayerError:
+    """SQNR and mean per-sample cosine of one layer output, accumulated sample by sample (in float64, one sample at a
+    time: an output's copy never grows with the batch)."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = 0.0
+        self.cosines: list[float] = []
+
+    def update(self, ref: np.ndarray, got: np.ndarray, axis: int | None) -> None:
+        if ref.shape != got.shape and ref.ndim == got.ndim:
+            ref, got = common_part(ref, got)  # a length the data decides (a decoder's steps): what both computed
+        rows = [np.take(ref, i, axis) for i in range(ref.shape[axis])] if axis is not None and ref.ndim else [ref]
+        others = [np.take(got, i, axis) for i in range(got.shape[axis])] if axis is not None and got.ndim else [got]
+        for r, g in zip(rows, others):
+            r, g = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+            d = r - g
+            self.signal += float(r @ r)
+            self.noise += float(d @ d)
+            self.cosines.append(float(row_cosines(r[None], g[None])[0]))
+
+    def result(self) -> dict[str, float]:
+        sqnr = math.inf if self.noise == 0 else (10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf)
+        return {"sqnr_db": round(sqnr, 3), "cosine": round(float(np.mean(self.cosines)) if self.cosines else 1.0, 6)}
+
+
+def _layer_update(acc: dict[str, _LayerError], names: list[str], ref_sess: Any, q_sess: Any, b: Batch,
+                  axes: Mapping[str, int | None]) -> int:
+    """Both models on ``b``, each layer's error added; returns the bytes of both models' layer outputs."""
     n_samples = sample_count(b.feeds, axes)
     r = ort_backend.run(ref_sess, dict(b.feeds), names)
     q = ort_backend.run(q_sess, dict(b.feeds), names)
+    out_bytes = 0
     for n, x, y in zip(names, r, q):
-        acc[n].update(x, y, 0 if np.ndim(x) and np.shape(x)[0] == n_samples else None)
+        x, y = np.asarray(x), np.asarray(y)
+        out_bytes += x.nbytes + y.nbytes
+        acc[n].update(x, y, 0 if x.ndim and x.shape[0] == n_samples else None)
+    return out_bytes

@@ -10,6 +10,7 @@ compared rows of different batches glued together as one sample.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -387,3 +388,36 @@ def test_onnx_runtimes_quantizer_failing_costs_nothing_of_onnxqs_own_check(run_c
     assert code == 0, err
     assert "quantizer failed" in err and "could not run" not in out + err
     assert "fidelity (48 evaluation samples)" in out and (tmp_path / "q.onnx").exists()
+
+
+def test_layer_errors_run_as_many_samples_as_their_outputs_allow(monkeypatch):
+    """The diagnosis after a warning exposed every layer of both models for a whole batch: on 9-s audio clips 15 GB.
+    It measures one sample, then runs as many as keep the layer outputs within LAYER_ERROR_BYTES; the figures do not
+    depend on the cut."""
+    import onnxq.evaluate.compare as cmp
+    from onnxq.calib.readers import Batch
+    from onnxq.runtime import ort as ort_backend
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 4096)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.03, (4096, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["wide"], name="fc1"), helper.make_node("MatMul", ["wide", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    quantized = onnxq.optimize(model, method="minmax", data=[{"x": rng.normal(0, 1, (16, 8)).astype(np.float32)}], show_progress=False).model
+    batches = lambda: iter([Batch({"x": rng_x}) for rng_x in np.split(np.random.default_rng(5).normal(0, 1, (48, 8)).astype(np.float32), 3)])  # noqa: E731
+    whole = cmp.layer_errors(model, quantized, ["wide", "y"], batches)
+    runs: list[int] = []
+    run = ort_backend.run
+
+    def counting(sess, feeds, names=None):
+        out = run(sess, feeds, names)
+        runs.append(sum(np.asarray(o).nbytes for o in out))
+        return out
+
+    monkeypatch.setattr(cmp.ort_backend, "run", counting)
+    monkeypatch.setattr(cmp, "LAYER_ERROR_BYTES", 100_000)  # one sample's layer outputs: 2 x 16 KB
+    cut = cmp.layer_errors(model, quantized, ["wide", "y"], batches)
+    assert cut == whole and whole["wide"]["sqnr_db"] < math.inf
+    assert max(runs) * 2 <= 100_000 and len(runs) > 6  # both models, each run within the bound; more runs than batches
