@@ -143,8 +143,20 @@ def _pieces(batches: Iterable[Batch], axes: Mapping[str, int | None] | None) -> 
         yield from split_batch(b, axes)
 
 
-def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | None] | None) -> int | None:
-    """The sample axis of one output of a batch of ``n`` samples (None: compare the whole output as one sample)."""
+def _output_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | None] | None, other: np.ndarray | None = None) -> int | None:
+    """The sample axis of one output of a batch of ``n`` samples (None: compare the whole output as one sample).
+
+    ``other``: the compared model's output; where its length along the candidate axis differs from ``value``'s, that
+    axis is a length the data decides, not the samples (a batch-1 detector's NMS list [K, 4]: with K = 1 in FP32 and 2
+    quantized, the axis read as one sample failed the whole evaluation, "output shapes differ")."""
+    found = _sample_axis(name, value, n, axes)
+    if found is not None and other is not None and np.ndim(other) == np.ndim(value) and np.shape(other)[found] != np.shape(value)[found]:
+        return None
+    return found
+
+
+def _sample_axis(name: str, value: np.ndarray, n: int, axes: Mapping[str, int | None] | None) -> int | None:
+    """:func:`_output_axis` from ``value`` alone."""
     axis = axes.get(name, 0) if axes is not None else 0
     if axis is not None and np.ndim(value) > axis and np.shape(value)[axis] == n:
         return axis
@@ -264,7 +276,7 @@ def _run_row(i: int, row: Candidate, runner: Runner, batches: Callable[[], Itera
             for name, value in res.items():
                 if name not in expected:
                     continue
-                axis = _output_axis(name, expected[name], counts[k], axes)
+                axis = _output_axis(name, expected[name], counts[k], axes, value)
                 acc.setdefault(name, OutputAccumulator((roles or {}).get(name))).update(expected[name], value, axis, labels[k],
                                                                                          (parts or {}).get(name))
         with_accuracy = bool(labels) and all(lab is not None for lab in labels)

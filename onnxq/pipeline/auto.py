@@ -351,7 +351,8 @@ class HeldOut:
                 # the class axis: [N, C] and [N, T, C] last, an [N, C, H, W] map's channels (as the fidelity check reads
                 # it); a one-channel map (depth) has none (its arg-max over the image width missed every target)
                 cls = -1 if np.ndim(r) <= 3 else dense_class_axis(r, self.axes.get(name, 0))
-                if i == 0 and np.ndim(r) >= 2 and cls is not None and np.shape(r)[cls] >= 2:
+                # an output with no row on this sample (a detector's NMS list that kept no box) has no arg-max to agree on
+                if i == 0 and np.ndim(r) >= 2 and cls is not None and np.shape(r)[cls] >= 2 and np.size(r) and np.size(q):
                     ra, qa = np.argmax(r, cls), np.argmax(q, cls)
                     ra, qa = _per_sample(ra, qa, n, self.axes.get(name, 0))
                     # a CTC reader's blank steps agree whatever happens to the characters between them: its decodes are compared
