@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.calib.readers import Batch, InputSpec
+from onnxq.calib.readers import Batch, InputSpec, samples_disagree
 from onnxq.errors import DataError
 
 
@@ -172,6 +172,13 @@ def rebatch(batches: Iterable[Batch], inputs: list[InputSpec], batch_size: int) 
                 yield validate_batch(piece, inputs)
             continue
         b = validate_batch(raw, inputs)
+        if samples_disagree(b.feeds):
+            # the inputs' leading axes hold different lengths (a graph network's atoms and edges): one sample, whole
+            if pending:
+                yield flush()
+                pending, count = [], 0
+            yield b
+            continue
         size = next(iter(b.feeds.values())).shape[0] if b.feeds else 1
         for start in range(0, size, batch_size):
             piece = Batch({k: v[start : start + batch_size] for k, v in b.feeds.items()},

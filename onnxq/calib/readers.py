@@ -61,18 +61,32 @@ class Batch:
 
 
 def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
-    """How many samples a batch holds: the size of its inputs' batch axis (1 when no input has one)."""
+    """How many samples a batch holds: the size of its inputs' batch axis (1 when no input has one, or when the inputs
+    hold different lengths on it: :func:`samples_disagree`, one sample that must not be cut)."""
+    lengths = _axis_lengths(feeds, axes)
+    return lengths[0] if lengths and len(set(lengths)) == 1 else 1
+
+
+def _axis_lengths(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None) -> list[int]:
+    out = []
     for name, value in feeds.items():
         axis = axes.get(name, 0) if axes is not None else 0
         if axis is not None and np.ndim(value) > axis:
-            return int(np.shape(value)[axis])
-    return 1
+            out.append(int(np.shape(value)[axis]))
+    return out
 
 
 def has_sample_axis(value: np.ndarray, samples: int, axis: int | None = 0) -> bool:
     """Whether ``value`` holds the batch's ``samples`` on ``axis`` (None: it has no batch axis; a scalar sample rate has
     none either): the inputs a cut into samples cuts, the others go whole into every part."""
     return axis is not None and np.ndim(value) > axis and np.shape(value)[axis] == samples
+
+
+def samples_disagree(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> bool:
+    """Whether inputs with a sample axis hold different lengths along it: then the axis is not the samples' (a graph
+    network's one graph per run: ``x [num_atoms, F]`` and ``edge_index [2, num_edges]``, whose indices point into
+    ``x``), and the batch must not be cut (cut to one atom, the edges pointed past it and the evaluation failed)."""
+    return len(set(_axis_lengths(feeds, axes))) > 1
 
 
 def sample_rows(feeds: Mapping[str, np.ndarray], start: int, stop: int | None = None) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxq.backends.ort import OrtBackend
-from onnxq.calib.readers import Batch, has_sample_axis, sample_count
+from onnxq.calib.readers import Batch, has_sample_axis, sample_count, samples_disagree
 from onnxq.errors import OnnxqError
 from onnxq.evaluate.metrics import OutputAccumulator, common_part, row_cosines
 from onnxq.runtime import ort as ort_backend
@@ -99,7 +99,10 @@ def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
 
 
 def one_sample(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
-    """The first sample of a batch (latency feeds): each input cut to one along its batch axis, the others as they are."""
+    """The first sample of a batch (latency feeds): each input cut to one along its batch axis, the others as they are
+    (all of them when the inputs' batch axes disagree in length: :func:`~onnxq.calib.readers.samples_disagree`)."""
+    if samples_disagree(feeds, axes):
+        return dict(feeds)
     out = {}
     for name, value in feeds.items():
         axis = axes.get(name, 0) if axes is not None else 0
@@ -122,7 +125,7 @@ def split_batch(batch: Batch, axes: Mapping[str, int | None] | None = None, max_
     max_bytes = MAX_INFER_INPUT_BYTES if max_bytes is None else max_bytes
     n = sample_count(batch.feeds, axes)
     size = sum(np.asarray(v).nbytes for v in batch.feeds.values())
-    if n <= 1 or size <= max_bytes:
+    if n <= 1 or size <= max_bytes or samples_disagree(batch.feeds, axes):
         return [batch]
     cut = {k: (axes.get(k, 0) if axes is not None else 0) for k in batch.feeds}
     cut = {k: a for k, a in cut.items() if has_sample_axis(batch.feeds[k], n, a)}

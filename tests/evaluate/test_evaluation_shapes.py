@@ -421,3 +421,24 @@ def test_layer_errors_run_as_many_samples_as_their_outputs_allow(monkeypatch):
     cut = cmp.layer_errors(model, quantized, ["wide", "y"], batches)
     assert cut == whole and whole["wide"]["sqnr_db"] < math.inf
     assert max(runs) * 2 <= 100_000 and len(runs) > 6  # both models, each run within the bound; more runs than batches
+
+
+def test_a_graph_network_is_evaluated_whole(tmp_path):
+    """One graph per run: ``x [num_atoms, F]`` and ``edges [num_edges]`` (indices into x) hold different lengths on
+    their free axes, so neither is the samples'. The latency feeds cut x to one atom and the edges to one, which pointed
+    past it: "indices element out of data bounds", and the fidelity check could not run (exit 0, no verdict)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["x", "edges"], ["picked"], axis=0, name="gather"),
+             helper.make_node("MatMul", ["picked", "w"], ["y"], name="message")]
+    graph = helper.make_graph(nodes, "gnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_atoms", 8]),
+                                             helper.make_tensor_value_info("edges", TensorProto.INT64, ["num_edges"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["num_edges", 4])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (8, 4)).astype(np.float32), "w")])
+    path = tmp_path / "gnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    graphs = [{"x": rng.normal(0, 1, (30, 8)).astype(np.float32), "edges": rng.integers(0, 30, 80).astype(np.int64)} for _ in range(3)]
+    for i, g in enumerate(graphs):
+        np.savez(tmp_path / f"{i}.npz", **g)
+    res = onnxq.optimize(path, method="minmax", data=graphs, eval_data=str(tmp_path), show_progress=False, cache_dir=None)
+    fid = res.report.fidelity
+    assert fid.error is None and fid.samples >= 3 and fid.outputs[0].cosine > 0.99, fid
