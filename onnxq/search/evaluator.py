@@ -35,6 +35,8 @@ from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.model_io import tensor_array
 from onnxq.graph.prepare import non_tensor_values
+from onnxq.calib.readers import sample_count
+from onnxq.evaluate.compare import batch_axes
 
 
 class GraphRunner:
@@ -64,6 +66,7 @@ class GraphRunner:
         self.position = {n.name: i for i, n in enumerate(self.nodes)}
         self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.next = 0
+
         self.values: dict[str, list[np.ndarray]] = {}
         self.remaining: dict[str, int] = defaultdict(int)
         for n in self.nodes:
@@ -74,6 +77,9 @@ class GraphRunner:
             self.remaining[name] += 1
         for name in self.idx.graph_inputs:
             self.values[name] = [np.asarray(c[name]) for c in chunks]
+        #: the graph's declared batch axes, and each chunk's sample count (:meth:`_sample_axis`)
+        self._axes = batch_axes(model)
+        self._chunk_samples = [sample_count({k: np.asarray(c[k]) for k in self.idx.graph_inputs if k in c}, self._axes) for c in chunks]
         self.consts = {t.name: tensor_array(t) for t in model.graph.initializer}  # weights on disk stay memory-mapped
         self._const_nodes: set[str] = set()
         for n in self.nodes:  # Constant nodes with a tensor value: constants from the start
@@ -109,7 +115,21 @@ class GraphRunner:
         if tensor not in self.values:
             raise OnnxqError(f"tensor '{tensor}' was already released or never computed")
         parts = self.values[tensor]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts, axis=self._sample_axis(tensor, parts))
+
+    def _sample_axis(self, tensor: str, parts: Sequence[np.ndarray]) -> int:
+        """The axis along which ``tensor``'s chunks hold their samples: the one whose size is each chunk's sample count
+        (the declared batch axis of a graph output first, then axis 0). A recurrent net's time-major [T, N, H] tensors
+        were joined on axis 0: chunks of 7 and 3 samples failed ("all the input array dimensions except for the
+        concatenation axis must match"), chunks of one size would have interleaved time steps."""
+        ndim = {np.ndim(p) for p in parts}
+        if len(ndim) != 1:
+            return 0
+        fits = [k for k in range(ndim.pop()) if all(np.shape(p)[k] == n for p, n in zip(parts, self._chunk_samples))]
+        declared = self._axes.get(tensor)
+        return declared if declared in fits else (0 if 0 in fits or not fits else fits[0])
 
     def run_all(self) -> None:
         """Execute every remaining node (afterwards :meth:`value` serves the graph outputs and ``keep``)."""

@@ -141,3 +141,34 @@ def test_a_stretch_of_only_constant_nodes():
     run = GraphRunner(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), [{"x": np.ones((2, 3), np.float32)}])
     run.run_to(0)
     np.testing.assert_array_equal(run.value("y"), np.full((2, 3), 2.0, np.float32))
+
+
+def test_time_major_values_are_joined_along_their_samples():
+    """A recurrent net's tensors are [T, N, H]: chunks of 7 and 3 samples were joined on axis 0 and easyquant stopped
+    (exit 4, "all the input array dimensions except for the concatenation axis must match"); chunks of one size would
+    have interleaved time steps. Each value is joined along the axis holding each chunk's samples."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (6, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1], name="time_major"),
+             helper.make_node("MatMul", ["t", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "tnc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [20, "batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(0, 1, (10, 6, 20)).astype(np.float32)
+    runner = GraphRunner(model, [{"x": x[:7]}, {"x": x[7:]}])
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inner = onnx.ModelProto()
+    inner.CopyFrom(model)
+    inner.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    y, r = ort.InferenceSession(inner.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y", "r"], {"x": x})
+    runner.run_all()
+    np.testing.assert_allclose(runner.value("y"), ref.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    got_r = GraphRunner(model, [{"x": x[:7]}, {"x": x[7:]}], keep=["r"])
+    got_r.run_all()
+    np.testing.assert_allclose(got_r.value("r"), r, rtol=1e-5, atol=1e-6)
