@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnxq.backends.ort import OrtBackend
+from onnxq.calib.feeds import batch_axes
 from onnxq.calib.readers import Batch, has_sample_axis, sample_count, samples_disagree
 from onnxq.errors import OnnxqError
 from onnxq.evaluate.metrics import OutputAccumulator, common_part, row_cosines
@@ -57,45 +58,6 @@ class Candidate:
     extra: dict[str, Any] = field(default_factory=dict)
     optional: bool = False
     skip_note: str = "not loaded"
-
-
-def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
-    """The sample (batch) axis of every graph input and output, from the declared shapes; None: no batch axis.
-
-    The batch symbol is the leading dimension of the first input whose leading dimension is not a
-    fixed size (``batch``, ``N``, unknown). A tensor's batch axis is where that symbol appears (a
-    recurrent ``state`` of shape ``[2, batch, 128]`` has it on axis 1); without the symbol, its first
-    dimension that is not a fixed size, unless it leads with a fixed 1 (a fixed batch of one: none).
-    A scalar, or a tensor whose declared dimensions are all fixed, has none (a voice-activity model's sample rate ``sr``), and is fed as it is.
-    """
-    inits = {t.name for t in model.graph.initializer}
-    values = [vi for vi in model.graph.input if vi.name not in inits] + list(model.graph.output)
-
-    def dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            return None  # rank unknown
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
-
-    symbol: str | None = None
-    for vi in values[: len(values) - len(model.graph.output)]:
-        d = dims(vi)
-        if d and not isinstance(d[0], int):
-            symbol = d[0]
-            break
-    axes: dict[str, int | None] = {}
-    for vi in values:
-        d = dims(vi)
-        if d is None:
-            axes[vi.name] = 0  # unknown rank: the usual leading batch axis, checked against the data per batch
-        elif symbol is not None and symbol in d:
-            axes[vi.name] = d.index(symbol)
-        elif d and d[0] == 1:
-            # a fixed leading 1 is a fixed batch of one, each batch one sample: a free dimension after it is a width or
-            # a length (ddddocr's [1, 1, 64, width]), and reading it as samples made one 171-pixel image 171 samples
-            axes[vi.name] = None
-        else:
-            axes[vi.name] = next((i for i, x in enumerate(d) if not isinstance(x, int) or x <= 0), None)
-    return axes
 
 
 def one_sample(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:

@@ -35,8 +35,8 @@ from onnxq.graph.plan import Layer, QuantPlan
 from onnxq.graph.index import GraphIndex
 from onnxq.graph.model_io import tensor_array
 from onnxq.graph.prepare import non_tensor_values
+from onnxq.calib.feeds import batch_axes
 from onnxq.calib.readers import sample_count
-from onnxq.evaluate.compare import batch_axes
 
 
 class GraphRunner:
