@@ -293,3 +293,16 @@ def test_npz_calibration_and_image_evaluation_share_the_image_options(tmp_path, 
     code, _, err = run_cli(["optimize", tiny_model_path, "--data", tmp_path / "calib.npz", "--eval-data", images,
                             "--data-opt", "nonsense=1", "-p", "minmax", "--output", tmp_path / "q2.onnx", "--no-cache", "--quiet"])
     assert code == 1 and "no option 'nonsense'" in err, err  # an option neither reader takes is still an error
+
+
+def test_sample_count_reads_the_inputs_that_hold_the_samples():
+    """Inputs of different lengths on their batch axes are one sample (a graph network's atoms and edges, the edges
+    indexing the atoms: cut, they pointed past them); an input of one (a speaker embedding broadcast to every sample)
+    does not decide the count, whichever input comes first."""
+    from onnxq.calib.readers import sample_count, samples_disagree
+
+    x, spk = np.zeros((5, 3), np.float32), np.zeros((1, 4), np.float32)
+    assert sample_count({"spk": spk, "x": x}) == sample_count({"x": x, "spk": spk}) == 5
+    atoms, edges = np.zeros((30, 8), np.float32), np.zeros(80, np.int64)
+    assert samples_disagree({"x": atoms, "edges": edges}) and sample_count({"x": atoms, "edges": edges}) == 1
+    assert sample_count({"x": atoms, "edges": edges}, {"x": 0, "edges": None}) == 30  # the edges declared without one

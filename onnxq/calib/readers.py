@@ -64,16 +64,18 @@ def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None]
     """How many samples a batch holds: the size of its inputs' batch axis (1 when no input has one, or when the inputs
     hold different lengths on it: :func:`samples_disagree`, one sample that must not be cut)."""
     lengths = _axis_lengths(feeds, axes)
-    return lengths[0] if lengths and len(set(lengths)) == 1 else 1
+    return lengths.pop() if len(lengths) == 1 else 1
 
 
-def _axis_lengths(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None) -> list[int]:
-    out = []
+def _axis_lengths(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None) -> set[int]:
+    """The lengths of the inputs' batch axes; an input of one along it (a speaker embedding broadcast to every sample)
+    counts only when every input is one."""
+    out = set()
     for name, value in feeds.items():
         axis = axes.get(name, 0) if axes is not None else 0
         if axis is not None and np.ndim(value) > axis:
-            out.append(int(np.shape(value)[axis]))
-    return out
+            out.add(int(np.shape(value)[axis]))
+    return out - {1} if len(out) > 1 else out
 
 
 def has_sample_axis(value: np.ndarray, samples: int, axis: int | None = 0) -> bool:
@@ -86,7 +88,7 @@ def samples_disagree(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | N
     """Whether inputs with a sample axis hold different lengths along it: then the axis is not the samples' (a graph
     network's one graph per run: ``x [num_atoms, F]`` and ``edge_index [2, num_edges]``, whose indices point into
     ``x``), and the batch must not be cut (cut to one atom, the edges pointed past it and the evaluation failed)."""
-    return len(set(_axis_lengths(feeds, axes))) > 1
+    return len(_axis_lengths(feeds, axes)) > 1
 
 
 def sample_rows(feeds: Mapping[str, np.ndarray], start: int, stop: int | None = None) -> dict[str, np.ndarray]:
