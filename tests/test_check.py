@@ -74,6 +74,18 @@ def test_degraded_model_fails_with_the_regression_named(run_cli, runs, digits_ev
     assert code == 0, err
 
 
+def test_the_suggestion_is_about_the_checked_models_own_recipe(run_cli, runs, digits_model, digits_calib, digits_eval):
+    """A collapsed model checked against a baseline of another recipe: the suggestion named the baseline's methods (an
+    `mse` model against an auto baseline that chose trt-entropy: "try -p mse instead of -p trt-entropy")."""
+    collapsed = runs["dir"] / "percentile60.onnx"
+    code, _ = _cli(["optimize", digits_model, "-p", "percentile", "-o", "percentile", "60", "--data", digits_calib,
+                    "--output", collapsed, "--no-check", "--no-cache"])
+    assert code == 0
+    code, out, err = run_cli(["check", collapsed, "--baseline", runs["baseline"], "--data", digits_eval])
+    assert code == 3 and "collapsed" in out + err
+    assert "-o percentile closer to 100" in out + err  # the baseline is minmax's: "try -p mse, keep the worst layer ..."
+
+
 def test_its_json_is_the_next_baseline(run_cli, runs, digits_eval):
     code, out, _ = run_cli(["check", runs["good"], "--baseline", runs["baseline"], "--data", digits_eval, "--json"])
     assert code == 0

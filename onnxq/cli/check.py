@@ -214,8 +214,13 @@ def command(model: Path, baseline: Path, data: str, data_opt: tuple[str, ...], r
     evals = evaluate(model_io.for_runtime(reference, reference_path), {row_name: model}, source, latency_feeds=latency_feeds, threads=(1,))
     row = next(e for e in evals if e.name == row_name)
     report = doc["report"]
-    fid = fidelity_of(row.outputs, reference, quantized, source, in_sample=False, methods=report.get("method") or (),
-                      target=str(report.get("target") or "ort"), bits=int(report.get("bits") or 8),
+    # the suggestion is about MODEL: the recipe onnxq wrote into its metadata, else the baseline's (an `mse` model checked
+    # against an auto baseline that chose trt-entropy was told "try -p mse instead of -p trt-entropy")
+    meta = {p.key: p.value for p in quantized.metadata_props}
+    methods = meta["onnxq.method"].split("+") if meta.get("onnxq.method") else report.get("method") or ()
+    fid = fidelity_of(row.outputs, reference, quantized, source, in_sample=False, methods=methods,
+                      target=str(meta.get("onnxq.target") or report.get("target") or "ort"),
+                      bits=int(meta.get("onnxq.bits") or report.get("bits") or 8),
                       fp32=next(e for e in evals if e.name == "fp32").outputs)
     gated = list(metrics or DEFAULT_METRICS)
     result = CheckResult(str(reference_path), str(model), str(baseline), max_regression, gated,
