@@ -54,3 +54,9 @@ class InternalError(RuntimeError):
     Not an :class:`OnnxqError`: the CLI reports it as an internal error with exit code 4, so a
     deployment script does not read a tool fault as bad input.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: what a one-line error says of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

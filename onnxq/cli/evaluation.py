@@ -20,7 +20,7 @@ from onnxq.calib.readers import Batch, DataReader, InputSpec
 from onnxq.evaluate.compare import Evaluation, batch_axes, evaluate, one_sample
 from onnxq.evaluate.fidelity import Fidelity, fidelity_of
 from onnxq.cli.common import parse_key_values
-from onnxq.errors import DataError, OptionError
+from onnxq.errors import DataError, OptionError, first_line
 from onnxq.graph import model_io
 from onnxq.host import get_host
 from onnxq.pipeline import batch_source, make_reader, optimize
@@ -107,8 +107,8 @@ def evaluate_run(model: Path, quantized: onnx.ModelProto, eval_data: str, data_o
             try:
                 path = quantize_with_ort(model, Path(tmp) / "ort.onnx", cal_source)
             except Exception as exc:  # noqa: BLE001 - the baseline is another tool: its failure must not cost onnxq's own check
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                log.warning("ONNX Runtime's own quantizer failed on this model (left out of the table): %s: %s", type(exc).__name__, first[:300])
+                log.warning("ONNX Runtime's own quantizer failed on this model (left out of the table): %s: %s", type(exc).__name__,
+                            first_line(exc)[:300])
             else:
                 candidates["ort quantize_static"] = path
                 extra["ort quantize_static"] = {"calibration_seconds": round(time.perf_counter() - t0, 3)}

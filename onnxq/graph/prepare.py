@@ -17,7 +17,7 @@ import onnx
 import onnx.inliner
 from onnx import helper, numpy_helper, version_converter
 
-from onnxq.errors import ModelError
+from onnxq.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def inline_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     try:
         inlined = onnx.inliner.inline_local_functions(model, convert_version=True)
     except Exception as exc:  # noqa: BLE001 - the inliner's errors are many and all mean the same to the user
-        raise ModelError(f"the model's {count} local functions could not be inlined ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}): export it "
+        raise ModelError(f"the model's {count} local functions could not be inlined ({first_line(exc)}): export it "
                          "without functions (torch.onnx.export without export_modules_as_functions), or inline them "
                          "with onnx.inliner.inline_local_functions") from None
     del inlined.functions[:]

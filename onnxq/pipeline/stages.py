@@ -25,7 +25,7 @@ import onnx
 from onnxq.calib import statistics
 from onnxq.calib.feeds import batch_is_dynamic, model_inputs
 from onnxq.calib.readers import Batch, DataReader, sample_count
-from onnxq.errors import DataError, InternalError, ModelError, OnnxqError, OptionError
+from onnxq.errors import DataError, InternalError, ModelError, OnnxqError, OptionError, first_line
 from onnxq.graph import model_io, prepare as graph_prepare
 from onnxq.graph.constfold import fold_constants
 from onnxq.graph.edit import name_nodes
@@ -580,7 +580,7 @@ def check(run: Run) -> None:
         run.fidelity = check_fidelity(run.float_model, run.quantized, source, in_sample=in_sample, methods=[m.name for m in run.methods],
                                       target=run.profile.name, bits=run.profile.bits, max_batches=batches, max_samples=samples)
     except Exception as exc:  # the model is saved; a check that cannot run is reported, not fatal
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         if not isinstance(exc, OnnxqError):
             msg = f"{type(exc).__name__}: {msg}"
         log.warning("the fidelity check could not run: %s", msg)

@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from onnxq.errors import OptionError
+from onnxq.errors import OptionError, first_line
 
 T = TypeVar("T")
 
@@ -88,7 +88,7 @@ class RayExecutor:
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_options or {}))
             except Exception as exc:  # no cluster at that address, a version mismatch...: the user's setting
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise OptionError(f"cannot start or join Ray{f' at {address}' if address else ''}: {first}") from None
         self._ray = ray
         self.address = address

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from onnxq.errors import ModelError
+from onnxq.errors import ModelError, first_line
 
 Optimization = Literal["disable", "basic", "extended", "all"]
 
@@ -154,7 +154,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], optimization: 
         else:
             sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from None
     if arena == "shared":
         # hand the arena's free chunks back after each run: the peak stays one run's working set
@@ -196,8 +196,6 @@ def tensor_outputs(session) -> list[str]:
     return [o.name for o in session.get_outputs() if o.type.startswith("tensor")]
 
 
-
-
 @lru_cache(maxsize=None)
 def has_qdq_kernels(opset: int, ir_version: int) -> bool:
     """Whether this ONNX Runtime runs QuantizeLinear and DequantizeLinear at ``opset``: a release runs float models of
@@ -216,18 +214,20 @@ def has_qdq_kernels(opset: int, ir_version: int) -> bool:
         return False
     return True
 
+
 def feedable(array: np.ndarray) -> bool:
     """Whether ONNX Runtime's Python API takes ``array`` as a feed: numpy's own types only, not ml_dtypes' int4, uint4,
     float8 or bfloat16 (a model's 4-bit or float8 weights behind a DequantizeLinear), which stop a run with "Numpy_type
     ... can't be converted to MLDataType"; those go into the model as initializers instead."""
     return array.dtype.kind in "biufc"
 
+
 def run(session, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
     """Run a session; ORT errors become ModelError with one line."""
     try:
         return session.run(list(outputs) if outputs else None, feeds, getattr(session, "_onnxq_run_options", None))
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise ModelError(f"ONNX Runtime failed to run the model: {msg}") from None
 
 

@@ -66,7 +66,6 @@ class GraphRunner:
         self.position = {n.name: i for i, n in enumerate(self.nodes)}
         self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.next = 0
-
         self.values: dict[str, list[np.ndarray]] = {}
         self.remaining: dict[str, int] = defaultdict(int)
         for n in self.nodes:
