@@ -8,7 +8,6 @@ when the row's turn comes, so that at most one model (one session, one engine) i
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +21,7 @@ from onnxq.backends.ort import OrtBackend
 from onnxq.calib.feeds import batch_axes
 from onnxq.calib.readers import Batch, has_sample_axis, sample_count, samples_disagree
 from onnxq.errors import OnnxqError
-from onnxq.evaluate.metrics import OutputAccumulator, common_part, row_cosines
+from onnxq.evaluate.metrics import OutputAccumulator, common_part, row_cosines, sqnr_of_sums
 from onnxq.runtime import ort as ort_backend
 from onnxq.runtime.runner import Backend, ModelLike, Runner
 
@@ -87,7 +86,7 @@ def split_batch(batch: Batch, axes: Mapping[str, int | None] | None = None, max_
     max_bytes = MAX_INFER_INPUT_BYTES if max_bytes is None else max_bytes
     n = sample_count(batch.feeds, axes)
     size = sum(np.asarray(v).nbytes for v in batch.feeds.values())
-    if n <= 1 or size <= max_bytes or samples_disagree(batch.feeds, axes):
+    if n <= 1 or size <= max_bytes:  # inputs of different lengths on their batch axes count as one sample (samples_disagree)
         return [batch]
     cut = {k: (axes.get(k, 0) if axes is not None else 0) for k in batch.feeds}
     cut = {k: a for k, a in cut.items() if has_sample_axis(batch.feeds[k], n, a)}
@@ -359,8 +358,8 @@ class _LayerError:
     def update(self, ref: np.ndarray, got: np.ndarray, axis: int | None) -> None:
         if ref.shape != got.shape and ref.ndim == got.ndim:
             ref, got = common_part(ref, got)  # a length the data decides (a decoder's steps): what both computed
-        rows = [np.take(ref, i, axis) for i in range(ref.shape[axis])] if axis is not None and ref.ndim else [ref]
-        others = [np.take(got, i, axis) for i in range(got.shape[axis])] if axis is not None and got.ndim else [got]
+        rows = np.moveaxis(ref, axis, 0) if axis is not None and ref.ndim else ref[None]  # views, one sample each
+        others = np.moveaxis(got, axis, 0) if axis is not None and got.ndim else got[None]
         for r, g in zip(rows, others):
             r, g = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
             d = r - g
@@ -369,8 +368,8 @@ class _LayerError:
             self.cosines.append(float(row_cosines(r[None], g[None])[0]))
 
     def result(self) -> dict[str, float]:
-        sqnr = math.inf if self.noise == 0 else (10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf)
-        return {"sqnr_db": round(sqnr, 3), "cosine": round(float(np.mean(self.cosines)) if self.cosines else 1.0, 6)}
+        return {"sqnr_db": round(sqnr_of_sums(self.signal, self.noise), 3),
+                "cosine": round(float(np.mean(self.cosines)) if self.cosines else 1.0, 6)}
 
 
 def _layer_update(acc: dict[str, _LayerError], names: list[str], ref_sess: Any, q_sess: Any, b: Batch,

@@ -26,8 +26,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf for identical tensors)."""
     ref = np.asarray(reference, np.float64)
-    noise = np.sum((ref - np.asarray(test, np.float64)) ** 2)
-    signal = np.sum(ref**2)
+    return sqnr_of_sums(float(np.sum(ref**2)), float(np.sum((ref - np.asarray(test, np.float64)) ** 2)))
+
+
+def sqnr_of_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from the summed squares of the reference and of the error (inf without error, -inf without signal)."""
     if noise == 0:
         return float("inf")
     if signal == 0:
@@ -304,12 +307,7 @@ class OutputAccumulator:
         length computed from the data; the figures then cover the part both computed), the worst FP32 class's top-1 agreement (worst_class, worst_class_agreement,
         worst_class_samples) and accuracy when every sample had a label."""
         cos = np.asarray(self.cosines) if self.cosines else np.ones(1)
-        if self.noise == 0:
-            sqnr = float("inf")
-        elif self.signal == 0:
-            sqnr = float("-inf")
-        else:
-            sqnr = float(10 * np.log10(self.signal / self.noise))
+        sqnr = sqnr_of_sums(self.signal, self.noise)
         m = {"cosine": float(np.mean(cos)), "cosine_worst": float(np.min(cos)), "cosine_p1": float(np.percentile(cos, 1)),
              "sqnr_db": sqnr, "max_abs_error": self.max_abs, "samples": len(self.cosines)}
         if self.integer:

@@ -529,12 +529,12 @@ def _unquantized_weighted_input(g: _Graph) -> Iterator[tuple[str, str]]:
     for node in g.nodes:
         if node.op_type not in _WEIGHTED_OPS:
             continue
-        inputs = _data_inputs(node)
-        dqs = [q for q in (g.dequantized(name) for name in inputs) if q is not None]
+        dq_of = {name: g.dequantized(name) for name in _data_inputs(node)}
+        dqs = [q for q in dq_of.values() if q is not None]
         if not dqs or all(_weight_only(g, q) for q in dqs):
             continue  # none quantized, or a weight-only layer (4-bit or block-wise weights, float activations: W4A16)
-        for name in inputs:
-            if g.dequantized(name):
+        for name, dq in dq_of.items():
+            if dq:
                 continue
             what = "weight" if g.const(name) is not None else "activation"
             yield _node_name(node), (f"{what} input '{name}' is float while another input is quantized, so "

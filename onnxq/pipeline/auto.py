@@ -1193,7 +1193,7 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
     # every full-integer recipe collapses (the fidelity check's threshold): what the step costs is the price of a usable
     # model, not a budget question. The layout detector (7-21 s a recipe) overran its budget in the resampling and
     # returned cosine 0.71 with five heads collapsed; given the step, 0.95-0.96 without a warning
-    collapsed = o.time_budget is None and _collapsed(s, best)
+    collapsed = _collapsed(s, best) if o.time_budget is None else ""
     if o.time_budget is None:
         s.budget += MIXED_FACTOR * s.first_recipe_s
         if s.ran_whole:
@@ -1215,7 +1215,7 @@ def default_mixed(s: Search, best: AutoCandidate, finals: list[AutoCandidate]) -
         need = max(MIN_BUDGET_TARGET, collapse_evaluations(layers, o.default_float_layers) * per_eval)
         s.budget = max(s.budget, s.elapsed() + need)
         s.report.time_budget_s = round(s.budget, 1)
-        s.note(f"every full-integer recipe collapses ({_collapsed(s, best)}): the default mixed-precision step gets the time it "
+        s.note(f"every full-integer recipe collapses ({collapsed}): the default mixed-precision step gets the time it "
                f"needs whatever the budget (up to {need:.0f} s)")
     least = least_mixed_evaluations(layers, _Sensitivity.steps())
     if per_eval and s.left() < least * per_eval:
