@@ -83,8 +83,9 @@ class OutputFidelity:
     decoded_agreement: float | None = described(
         "CTC outputs (a sequence whose most frequent FP32 arg-max class, the blank, takes at least half the steps; also a "
         "greedy decode the model's ArgMax computes): 1 - the edit distance between FP32's and the quantized greedy decodes "
-        "(repeats merged, blank dropped) over FP32's decoded length, the share of read characters kept; judged at the "
-        "top-1 threshold (the blank steps between characters agree whatever happens to the characters)", default=None)
+        "(repeats merged, blank dropped) over FP32's decoded length, the share of read characters kept; judged at 0.95, "
+        "at most one character in twenty changed (the blank steps between characters agree whatever happens to the "
+        "characters)", default=None)
     decoded_exact: float | None = described("CTC outputs: share of samples decoded exactly as FP32's (reported, not judged)",
                                             default=None)
     accuracy_drop: float | None = described(
